@@ -1,0 +1,125 @@
+"""Terminal output of the CLI: progress bars from library events, and report tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
+from rich.table import Table
+
+from .finetune.loop import Event
+
+_console = Console(stderr=True)
+_out = Console()
+
+
+class Progress:
+    """One bar per epoch with loss, accuracy and sparsity; a line per finished epoch."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self._bar: RichProgress | None = None
+        self._task = None
+        self._key: tuple[str, int] | None = None
+
+    def __enter__(self) -> Progress:
+        if self.enabled:
+            self._bar = RichProgress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("{task.fields[stats]}"), console=_console, transient=True,
+            )
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def on_event(self, e: Event) -> None:
+        if not self.enabled or self._bar is None:
+            return
+        if e.message:
+            self._bar.console.print(f"[bold]{e.message}[/bold]")
+            return
+        if e.end_of_epoch:
+            parts = [f"{e.phase} epoch {e.epoch + 1}/{e.epochs}", f"loss {e.loss:.4f}"]
+            if e.accuracy is not None:
+                parts.append(f"test acc {e.accuracy:.2%}")
+            if e.macs_fraction is not None:
+                parts.append(f"MACs {e.macs_fraction:.1%}")
+            if e.zero_groups is not None:
+                parts.append(f"zero groups {e.zero_groups:.1%}")
+            if e.lambdas:
+                parts.append("lambda " + ",".join(f"{k}={v:.3g}" for k, v in e.lambdas.items()))
+            self._bar.console.print("  ".join(parts))
+            if self._task is not None:
+                self._bar.remove_task(self._task)
+                self._task, self._key = None, None
+            return
+        key = (e.phase, e.epoch)
+        stats = f"loss {e.loss:.4f} acc {e.accuracy:.2%}" if e.loss is not None else ""
+        if key != self._key:
+            if self._task is not None:
+                self._bar.remove_task(self._task)
+            self._task = self._bar.add_task(f"{e.phase} {e.epoch + 1}/{e.epochs}", total=e.steps, stats=stats)
+            self._key = key
+        self._bar.update(self._task, completed=e.step, stats=stats)
+
+
+def _kept(pair: list[int]) -> str:
+    return f"{pair[0]}/{pair[1]}"
+
+
+def _num(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def print_report(report: dict[str, Any]) -> None:
+    if not report:
+        _out.print("(no report stored)")
+        return
+    table = Table(title=f"{report.get('model')} on {report.get('data')} ({report.get('method')})")
+    for col in ("layer", "filters", "channels", "kernel", "columns", "MACs", "MACs after", "GEMM MACs after",
+                "params after"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for lay in report.get("layers", []):
+        kernel = f"{lay['kernel'][0]}x{lay['kernel'][1]}"
+        if lay["kernel_after"] != lay["kernel"]:
+            kernel += f" -> {lay['kernel_after'][0]}x{lay['kernel_after'][1]}"
+        table.add_row(
+            lay["name"] + (" (removed)" if lay.get("removed") else ""), _kept(lay["filters"]),
+            _kept(lay["channels"]), kernel, _kept(lay["columns"]), _num(lay["macs"]), _num(lay["macs_after"]),
+            _num(lay["macs_gemm_after"]), f"{_num(lay['params_after'])}/{_num(lay['params'])}",
+        )
+    t = report["totals"]
+    table.add_section()
+    table.add_row("total", "", "", "", "", _num(t["macs"]), f"{_num(t['macs_after'])} ({t['macs_fraction']:.1%})",
+                  f"{_num(t['macs_gemm_after'])} ({t['macs_gemm_fraction']:.1%})",
+                  f"{_num(t['params_after'])}/{_num(t['params'])}")
+    _out.print(table)
+    lines = []
+    if report.get("blocks_total"):
+        removed = report.get("blocks_removed", [])
+        lines.append(f"residual blocks removed: {len(removed)}/{report['blocks_total']}"
+                     + (f" ({', '.join(removed)})" if removed else ""))
+    acc = {k: v for k, v in (report.get("accuracy") or {}).items() if v is not None}
+    if acc:
+        lines.append("accuracy: " + ", ".join(f"{k.replace('_', ' ')} {v:.2%}" for k, v in acc.items()))
+    groups = report.get("groups")
+    if groups:
+        kinds = ", ".join(f"{k} {v['zero']}/{v['removable']} zero" for k, v in groups["kinds"].items())
+        lines.append(f"groups: {kinds}")
+        if groups.get("not_removable"):
+            lines.append("not removable: " + ", ".join(f"{n} ({why})" for why, n in groups["not_removable"].items()))
+    if report.get("forced_groups"):
+        lines.append(f"target met by zeroing {report['forced_groups']} weakest groups after sparsify")
+    wall = report.get("wall_time_s")
+    if wall:
+        lines.append("wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in wall.items()))
+    for line in lines:
+        _out.print(line)

@@ -1,0 +1,31 @@
+"""Typed errors: the CLI turns each into one clear line and exit code 2."""
+
+from __future__ import annotations
+
+
+class SSLCompressError(Exception):
+    """Base of every error a user can cause; its message is one sentence meant for them."""
+
+
+class ConfigError(SSLCompressError):
+    """An option or recipe value is out of range or inconsistent."""
+
+
+class UnsupportedModelError(SSLCompressError):
+    """The model cannot be built, loaded or analysed."""
+
+
+class DataError(SSLCompressError):
+    """A data set spec or path is wrong or the files are unreadable."""
+
+
+class CheckpointError(SSLCompressError):
+    """A checkpoint is missing, corrupt, or belongs to another model."""
+
+
+class VerificationError(SSLCompressError):
+    """A rewritten model does not compute what the original computed."""
+
+
+class TrainingError(SSLCompressError):
+    """Training went wrong in a way a user can fix (diverged loss, empty data)."""

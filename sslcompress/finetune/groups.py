@@ -1,0 +1,223 @@
+"""Parameter groups of Structured Sparsity Learning, built from a model's channel structure.
+
+A group is a set of weight slices whose joint L2 norm the group Lasso drives to zero. Groups
+follow the graph's coupling (see structure.py): the filter group of a channel owns every slice
+that writes that channel (the conv filters and biases of all summands of a residual Add and the
+BatchNorm scale and shift of each), so a zero group gives an exactly-zero channel; the channel
+group owns every slice that reads it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import ConfigError
+from .structure import ModelStructure, analyze
+
+KINDS = ("filter", "channel", "shape", "depth", "kernel_row", "kernel_col")
+# Axis names of a slice: "out" = dim 0, "in" = dim 1, "fiber" = a column of W.flatten(1)
+# (one W[:, c, m, k] of the lowered matrix), "row" = dim 2, "col" = dim 3, "all" = the tensor.
+AXES = ("out", "in", "fiber", "row", "col", "all")
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Positions `index` along `axis` of parameter `param`."""
+
+    param: str
+    axis: str
+    index: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """One group of the group Lasso."""
+
+    name: str
+    kind: str
+    slices: tuple[Slice, ...]
+    size: int  # number of scalar parameters
+    cost: int  # multiply-accumulates per sample of the weights it owns
+    removable: bool  # whether an export could delete what a zero group frees
+    reason: str = ""  # why it is not removable
+    layers: tuple[str, ...] = ()  # conv/linear layers it touches
+    channel: int | None = None  # root channel id, for filter and channel groups
+
+
+def parse_kinds(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """'filter,channel' -> ('filter', 'channel'); 'all' -> every kind."""
+    items = [t.strip() for t in text.split(",")] if isinstance(text, str) else list(text)
+    if items == ["all"]:
+        return KINDS
+    bad = [t for t in items if t not in KINDS]
+    if bad or not items:
+        raise ConfigError(f"unknown group kind(s) {', '.join(bad) or '(none)'}; choose from {', '.join(KINDS)}")
+    return tuple(dict.fromkeys(items))
+
+
+def build_groups(model: nn.Module, input_shape: tuple[int, ...], kinds: tuple[str, ...] = KINDS,
+                 structure: ModelStructure | None = None) -> list[ParamGroup]:
+    """All groups of the requested kinds, removable or not, in a stable order."""
+    structure = structure or analyze(model, input_shape)
+    params = dict(model.named_parameters())
+    out: list[ParamGroup] = []
+    if "filter" in kinds:
+        out += _filter_groups(structure, params)
+    if "channel" in kinds:
+        out += _channel_groups(structure, params)
+    if "shape" in kinds:
+        out += _shape_groups(structure, params)
+    if "kernel_row" in kinds or "kernel_col" in kinds:
+        out += _kernel_line_groups(structure, params, kinds)
+    if "depth" in kinds:
+        out += _depth_groups(structure, params, model)
+    return out
+
+
+def _merge(slices: list[tuple[str, str, int]]) -> tuple[Slice, ...]:
+    by_key: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for param, axis, i in slices:
+        by_key[(param, axis)].append(i)
+    return tuple(Slice(p, a, tuple(sorted(ix))) for (p, a), ix in by_key.items())
+
+
+def _slice_numel(params: dict, s: Slice) -> int:
+    shape = tuple(params[s.param].shape)
+    total = 1
+    for d in shape:
+        total *= d
+    if s.axis == "all":
+        return total
+    axis_len = {"out": shape[0], "in": shape[1] if len(shape) > 1 else 1,
+                "fiber": total // shape[0], "row": shape[2] if len(shape) > 2 else 1,
+                "col": shape[3] if len(shape) > 3 else 1}[s.axis]
+    return total // axis_len * len(s.index)
+
+
+def _group(kind: str, name: str, slices: list[tuple[str, str, int]] | tuple[Slice, ...], params: dict,
+           structure: ModelStructure, removable: bool, reason: str = "", channel: int | None = None) -> ParamGroup:
+    merged = _merge(slices) if isinstance(slices, list) else slices
+    weight_of = {f"{lay.name}.weight": lay for lay in structure.layers.values()}
+    size = sum(_slice_numel(params, s) for s in merged)
+    cost = sum(_slice_numel(params, s) * weight_of[s.param].macs_per_weight
+               for s in merged if s.param in weight_of)
+    layers = tuple(dict.fromkeys(weight_of[s.param].name for s in merged if s.param in weight_of))
+    return ParamGroup(name, kind, merged, size, cost, removable, reason, layers, channel)
+
+
+def _producers(structure: ModelStructure, params: dict) -> dict[int, list[tuple[str, str, int]]]:
+    prod: dict[int, list[tuple[str, str, int]]] = defaultdict(list)
+    for lay in structure.layers.values():
+        for n, i in enumerate(lay.out_ids):
+            r = structure.root(i)
+            prod[r].append((f"{lay.name}.weight", "out", n))
+            if lay.has_bias:
+                prod[r].append((f"{lay.name}.bias", "out", n))
+    for norm in structure.norms.values():
+        if not norm.affine:
+            continue
+        for c, i in enumerate(norm.ids):
+            r = structure.root(i)
+            prod[r].append((f"{norm.name}.weight", "out", c))
+            prod[r].append((f"{norm.name}.bias", "out", c))
+    return {r: [s for s in v if s[0] in params] for r, v in prod.items()}
+
+
+def _consumers(structure: ModelStructure) -> dict[int, list[tuple[str, str, int]]]:
+    cons: dict[int, list[tuple[str, str, int]]] = defaultdict(list)
+    for lay in structure.layers.values():
+        for pos, i in enumerate(lay.in_ids):
+            cons[structure.root(i)].append((f"{lay.name}.weight", "in", pos))
+    return cons
+
+
+def _label(slices: list[tuple[str, str, int]]) -> str:
+    first = slices[0]
+    layer = first[0].rsplit(".", 1)[0]
+    others = {s[0].rsplit(".", 1)[0] for s in slices} - {layer}
+    more = f" +{len(others)} coupled" if others else ""
+    return f"{layer}[{first[2]}]{more}"
+
+
+def _filter_groups(structure: ModelStructure, params: dict) -> list[ParamGroup]:
+    groups = []
+    for r, slices in sorted(_producers(structure, params).items()):
+        if not slices:
+            continue
+        reason = structure.pinned.get(r, "")
+        groups.append(_group("filter", f"filter {_label(slices)}", slices, params, structure,
+                             removable=not reason, reason=reason, channel=r))
+    return groups
+
+
+def _channel_groups(structure: ModelStructure, params: dict) -> list[ParamGroup]:
+    groups = []
+    for r, slices in sorted(_consumers(structure).items()):
+        reason = structure.pinned.get(r, "")
+        if reason == "model input":
+            continue  # image channels of a conv input: nothing to gain, nothing an export deletes
+        layer = slices[0][0].rsplit(".", 1)[0]
+        positions = [s[2] for s in slices if s[0] == slices[0][0]]
+        label = f"{layer}[:, {positions[0]}]" if len(positions) == 1 else f"{layer}[:, {positions[0]}..{positions[-1]}]"
+        others = {s[0] for s in slices} - {slices[0][0]}
+        label += f" +{len(others)} coupled" if others else ""
+        groups.append(_group("channel", f"channel {label}", slices, params, structure,
+                             removable=not reason, reason=reason, channel=r))
+    return groups
+
+
+def _shape_groups(structure: ModelStructure, params: dict) -> list[ParamGroup]:
+    groups = []
+    for lay in structure.layers.values():
+        if lay.kind != "conv" or lay.groups != 1:
+            continue
+        _, cin, kh, kw = lay.weight_shape
+        if kh * kw == 1:
+            continue  # a 1x1 conv's columns are its input channels; channel groups cover them
+        for c in range(cin):
+            for m in range(kh):
+                for k in range(kw):
+                    col = (c * kh + m) * kw + k
+                    groups.append(_group("shape", f"shape {lay.name}[:, {c}, {m}, {k}]",
+                                         [(f"{lay.name}.weight", "fiber", col)], params, structure, True))
+    return groups
+
+
+def _kernel_line_groups(structure: ModelStructure, params: dict, kinds: tuple[str, ...]) -> list[ParamGroup]:
+    groups = []
+    for lay in structure.layers.values():
+        if lay.kind != "conv" or lay.groups != 1:
+            continue
+        _, _, kh, kw = lay.weight_shape
+        if "kernel_row" in kinds and kh > 1:
+            for m in range(kh):
+                groups.append(_group("kernel_row", f"kernel_row {lay.name}[:, :, {m}, :]",
+                                     [(f"{lay.name}.weight", "row", m)], params, structure, True))
+        if "kernel_col" in kinds and kw > 1:
+            for k in range(kw):
+                groups.append(_group("kernel_col", f"kernel_col {lay.name}[:, :, :, {k}]",
+                                     [(f"{lay.name}.weight", "col", k)], params, structure, True))
+    return groups
+
+
+def _depth_groups(structure: ModelStructure, params: dict, model: nn.Module) -> list[ParamGroup]:
+    groups = []
+    for br in structure.branches:
+        slices = tuple(Slice(f"{m}.{pname}", "all", (0,))
+                       for m in br.modules for pname, _ in model.get_submodule(m).named_parameters(recurse=False))
+        prefix = _common_prefix(br.modules)
+        groups.append(_group("depth", f"depth {prefix or br.add_node}", slices, params, structure, True))
+    return groups
+
+
+def _common_prefix(names: list[str]) -> str:
+    parts = [n.split(".") for n in names]
+    common = []
+    for tokens in zip(*parts):
+        if len(set(tokens)) != 1:
+            break
+        common.append(tokens[0])
+    return ".".join(common)

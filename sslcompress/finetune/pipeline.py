@@ -1,0 +1,400 @@
+"""The two commands as library calls: pretrain a dense baseline; SSL (or l1) fine-tuning.
+
+Phases of `run_finetune`: [pretrain when no weights] -> sparsify (group Lasso, exact zeros;
+optional budget controller) -> freeze zero groups -> fine-tune -> count, report, save. Each
+epoch ends with an atomic resume state in the run folder, so `resume=True` continues an
+interrupted run from the last finished epoch. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import FinetuneConfig, PretrainConfig, TrainOptions, to_plain
+from ..data import ImageData, load_data
+from ..errors import CheckpointError, ConfigError
+from ..flops import Counter
+from ..models import ModelSpec, build_model
+from . import distributed as D
+from ..io import atomic_torch_save, atomic_write_json
+from .checkpoint import Checkpoint, load_weights, read_weights, save_checkpoint
+from .controller import BudgetController
+from .groups import build_groups
+from .loop import Event, EventSink, current_lr, evaluate, make_optimizer, make_schedule, train_epoch
+from .masks import MaskSet, elementwise_masks
+from .regularizer import GroupLasso
+from .report import build_report
+
+PRETRAINED = "pretrained.pt"
+SPARSE = "sparse.pt"
+REPORT = "report.json"
+STATE = "state.pt"
+DEFAULT_MODEL = "lenet5"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    checkpoint: Path
+    report: dict[str, Any]
+    report_path: Path | None = None
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _emit(on_event: EventSink | None, env: D.DistEnv, event: Event) -> None:
+    if on_event is not None and env.is_main:
+        on_event(event)
+
+
+def _prepare(run, on_event) -> tuple[ImageData, ModelSpec, nn.Module, Checkpoint | None, dict | None]:
+    """Data, model spec and model (with --weights loaded) for a run."""
+    data = load_data(run.data, limit_train=run.limit_train, limit_test=run.limit_test, seed=run.seed)
+    state, ckpt = (read_weights(run.weights) if run.weights else (None, None))
+    name = run.model or (ckpt.model.name if ckpt else DEFAULT_MODEL)
+    if ckpt is not None and run.model and run.model != ckpt.model.name:
+        raise CheckpointError(f"{run.weights} is a checkpoint of {ckpt.model.name}, not of {run.model}")
+    spec = ModelSpec(name, num_classes=data.num_classes, in_channels=data.in_channels, input_size=data.image_size)
+    if ckpt is not None and (ckpt.model.num_classes, ckpt.model.in_channels) != (spec.num_classes, spec.in_channels):
+        raise CheckpointError(
+            f"{run.weights} was trained for {ckpt.model.num_classes} classes and {ckpt.model.in_channels} input "
+            f"channel(s); {data.name} has {spec.num_classes} and {spec.in_channels}")
+    model = build_model(spec).to(run.device)
+    if state is not None:
+        load_weights(model, state, source=str(run.weights))
+    return data, spec, model, ckpt, state
+
+
+def _train_phase(model, data, opts: TrainOptions, phase: str, run, env, on_event, *, start_epoch=0,
+                 opt=None, sched=None, extra_loss=None, after_step=None, end_epoch=None, save_state=None):
+    """Runs epochs [start_epoch, opts.epochs); `end_epoch(epoch, loss, acc)` may return True to stop."""
+    trained = D.wrap(model, env, run.device)
+    if opt is None:
+        opt = make_optimizer(model, opts)
+        sched = make_schedule(opt, opts, data.num_batches("train", opts.batch_size, world_size=env.world_size,
+                                                          drop_last=True))
+    for epoch in range(start_epoch, opts.epochs):
+        loss, acc = train_epoch(model, trained, data, opt, sched, batch_size=opts.batch_size, epoch=epoch,
+                                epochs=opts.epochs, phase=phase, seed=run.seed, env=env, device=run.device,
+                                extra_loss=extra_loss, after_step=after_step,
+                                on_event=(lambda e: _emit(on_event, env, e)))
+        stop = bool(end_epoch(epoch, loss, acc)) if end_epoch is not None else False
+        if save_state is not None:
+            save_state(epoch, opt, sched, stop)
+        if stop:
+            break
+    return opt, sched
+
+
+def run_pretrain(cfg: PretrainConfig, on_event: EventSink | None = None) -> RunResult:
+    """Train a dense baseline and write `<out>/pretrained.pt`."""
+    cfg.check()
+    env = D.init_from_env(cfg.run.device)
+    try:
+        _seed_everything(cfg.run.seed)
+        data, spec, model, _, _ = _prepare(cfg.run, on_event)
+        return _pretrain(model, spec, data, cfg.train, cfg.run, env, on_event, to_plain(cfg))
+    finally:
+        D.shutdown(env)
+
+
+def _pretrain(model, spec, data, opts, run, env, on_event, config_plain) -> RunResult:
+    t0 = time.perf_counter()
+
+    def end_epoch(epoch, loss, acc):
+        test_acc = evaluate(model, data, run.eval_batch_size, run.device)
+        _emit(on_event, env, Event("pretrain", epoch, opts.epochs, loss=loss, accuracy=test_acc, end_of_epoch=True))
+
+    _train_phase(model, data, opts, "pretrain", run, env, on_event, end_epoch=end_epoch)
+    acc = evaluate(model, data, run.eval_batch_size, run.device)
+    counted = Counter(model, spec.input_shape).count()
+    report = build_report(spec, data.name, counted, {"pretrained": acc}, method="dense", groups=None,
+                          extra={"wall_time_s": {"pretrain": time.perf_counter() - t0},
+                                 "world_size": env.world_size, "ranks_in_sync": D.ranks_agree(model, env)})
+    path = Path(run.out) / PRETRAINED
+    if env.is_main:
+        save_checkpoint(path, Checkpoint("pretrained", spec, model.state_dict(), config=config_plain,
+                                         metrics={"accuracy": acc}, report=report))
+    D.barrier(env)
+    return RunResult(path, report)
+
+
+class _Sparsifier:
+    """The regulariser of one run: group Lasso (ssl) or elementwise l1, proximal or subgradient."""
+
+    def __init__(self, model: nn.Module, spec: ModelSpec, cfg: FinetuneConfig):
+        self.model, self.cfg = model, cfg
+        self.counter = Counter(model, spec.input_shape)
+        self.groups = build_groups(model, spec.input_shape, cfg.structures, self.counter.structure) \
+            if cfg.method == "ssl" else []
+        self.lasso = GroupLasso(model, self.groups, cfg.weighting) if cfg.method == "ssl" else None
+        # l1 acts on conv/linear weights only, as in the paper's non-structured baseline.
+        self.l1_names = [f"{n}.weight" for n in self.counter.structure.layers]
+        params = dict(model.named_parameters())
+        self.l1_params = [params[n] for n in self.l1_names]
+        self.lambdas = ({k: cfg.lambda_for(k) for k in self.lasso.kinds} if self.lasso is not None
+                        else {"l1": cfg.lambda_for("l1") if "l1" in cfg.lambdas else cfg.strength})
+        self.grouped_params = sorted({s.param for g in (self.lasso.groups if self.lasso else []) for s in g.slices})
+        if self.lasso is not None and not self.lasso.groups:
+            raise ConfigError(f"{spec.name} has no removable {', '.join(cfg.structures)} groups to sparsify")
+
+    def extra_loss(self):
+        if self.cfg.solver != "subgradient":
+            return None
+        if self.lasso is not None:
+            return lambda: self.lasso.penalty(self.lambdas)
+        lam = self.lambdas["l1"]
+        return lambda: lam * sum(p.abs().sum() for p in self.l1_params)
+
+    def after_step(self, opt):
+        params = dict(self.model.named_parameters())
+
+        @torch.no_grad()
+        def step():
+            if self.cfg.solver == "proximal":
+                lr = current_lr(opt)
+                if self.lasso is not None:
+                    self.lasso.proximal_step(lr, self.lambdas)
+                else:
+                    t = lr * self.lambdas["l1"]
+                    for p in self.l1_params:
+                        p.copy_(p.sign() * (p.abs() - t).clamp_min(0))
+            else:
+                # The paper's solver: subgradient in the loss, then zero what fell below threshold.
+                names = self.grouped_params if self.lasso is not None else self.l1_names
+                for n in names:
+                    p = params[n]
+                    p.masked_fill_(p.abs() < self.cfg.threshold, 0.0)
+        return step
+
+    def zero_fraction(self) -> float:
+        if self.lasso is None:
+            total = sum(p.numel() for p in self.l1_params)
+            return float(sum(int((p == 0).sum()) for p in self.l1_params)) / max(1, total)
+        zeros = self.lasso.zero_groups()
+        n = sum(int(v.numel()) for v in zeros.values())
+        return float(sum(int(v.sum()) for v in zeros.values())) / max(1, n)
+
+    def macs_fraction(self) -> float:
+        c = self.counter.count()
+        return c.macs_gemm_fraction if "shape" in self.cfg.structures else c.macs_fraction
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        if self.lasso is not None:
+            return self.lasso.keep_masks()
+        return elementwise_masks(self.model, self.l1_names)
+
+    def floor(self) -> float:
+        """The smallest MAC fraction reachable: every removable group zero."""
+        probe = copy.deepcopy(self.model)
+        with torch.no_grad():
+            lasso = GroupLasso(probe, self.groups)
+            for ix in lasso.kinds.values():
+                ix.scale_(torch.zeros(ix.n))
+        counted = Counter(probe, (1,), self.counter.structure).count()
+        return counted.macs_gemm_fraction if "shape" in self.cfg.structures else counted.macs_fraction
+
+    @torch.no_grad()
+    def enforce(self, target: float) -> int:
+        """Zero the weakest removable groups (norm per MAC) until the target is met; returns how many."""
+        assert self.lasso is not None
+        ranked = []
+        for kind, ix in self.lasso.kinds.items():
+            norms = ix.sq_norms()[: ix.n].sqrt()
+            for i, g in enumerate(ix.groups):
+                if norms[i] > 0:
+                    ranked.append((float(norms[i]) / max(g.cost, 1) ** 0.5, kind, i))
+        ranked.sort()
+        forced, chunk = 0, max(1, len(ranked) // 100)
+        while self.macs_fraction() > target and forced < len(ranked):
+            batch = ranked[forced:forced + chunk]
+            for kind in {k for _, k, _ in batch}:
+                ix = self.lasso.kinds[kind]
+                scale = torch.ones(ix.n)
+                for _, k, i in batch:
+                    if k == kind:
+                        scale[i] = 0.0
+                ix.scale_(scale.to(self.lasso.kinds[kind].weight.device))
+            forced += len(batch)
+        return forced
+
+
+def run_finetune(cfg: FinetuneConfig, on_event: EventSink | None = None) -> RunResult:
+    """SSL on a pretrained model; writes `<out>/sparse.pt` and `<out>/report.json`."""
+    cfg.check()
+    env = D.init_from_env(cfg.run.device)
+    try:
+        _seed_everything(cfg.run.seed)
+        return _finetune(cfg, env, on_event)
+    finally:
+        D.shutdown(env)
+
+
+def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None) -> RunResult:
+    run = cfg.run
+    out = Path(run.out)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    data, spec, model, _, state = _prepare(run, on_event)
+    resume = _load_state(out / STATE) if cfg.resume else None
+    if cfg.resume and resume is None:
+        raise CheckpointError(f"--resume: no resume state in {out} (nothing to continue)")
+    if resume is not None:
+        if resume["model"] != spec.to_dict():
+            raise CheckpointError(f"--resume: {out / STATE} belongs to another model or data set")
+        load_weights(model, resume["model_state"], source=str(out / STATE))
+    metrics: dict[str, Any] = dict(resume["metrics"]) if resume else {}
+
+    if state is None and resume is None:
+        _emit(on_event, env, Event("info", message=f"no --weights given: pretraining a dense {spec.name} "
+                                                   f"baseline on {data.name} first"))
+        t0 = time.perf_counter()
+        pre = _pretrain(model, spec, data, cfg.pretrain, run, env, on_event, to_plain(cfg))
+        timings["pretrain"] = time.perf_counter() - t0
+        _emit(on_event, env, Event("info", message=f"pretrained baseline written to {pre.checkpoint}"))
+    if "before" not in metrics:
+        metrics["before"] = evaluate(model, data, run.eval_batch_size, run.device)
+
+    sp = _Sparsifier(model, spec, cfg)
+    controller = None
+    if cfg.target_flops is not None:
+        floor = sp.floor()
+        if cfg.target_flops < floor:
+            raise ConfigError(f"target FLOPs {cfg.target_flops:.3f} is impossible: with structures "
+                              f"{', '.join(cfg.structures)} at most {1 - floor:.1%} of the MACs can be removed")
+        controller = BudgetController(cfg.target_flops, cfg.sparsify.epochs)
+    phase = resume["phase"] if resume else "sparsify"
+    if resume:
+        sp.lambdas = dict(resume["lambdas"])
+
+    def saver(phase_name: str):
+        def save(epoch, opt, sched, stop):
+            if env.is_main:
+                atomic_torch_save({"phase": phase_name, "epoch": epoch, "stop": stop, "model": spec.to_dict(),
+                             "model_state": model.state_dict(), "optimizer": opt.state_dict(),
+                             "scheduler": sched.state_dict(), "lambdas": sp.lambdas,
+                             "metrics": metrics, "masks": masks_state}, out / STATE)
+        return save
+
+    masks_state: dict[str, torch.Tensor] = {}
+    if phase == "sparsify":
+        t0 = time.perf_counter()
+        start = 0
+        opt = sched = None
+        if resume and not resume["stop"]:
+            start = resume["epoch"] + 1
+            opt, sched = _restore_optimizer(model, cfg.sparsify, data, env, resume)
+        done_early = bool(resume and resume["stop"])
+
+        def end_sparsify(epoch, loss, acc):
+            frac = sp.macs_fraction()
+            test_acc = evaluate(model, data, run.eval_batch_size, run.device)
+            _emit(on_event, env, Event("sparsify", epoch, cfg.sparsify.epochs, loss=loss, accuracy=test_acc,
+                                       macs_fraction=frac, zero_groups=sp.zero_fraction(),
+                                       lambdas=dict(sp.lambdas), end_of_epoch=True))
+            if controller is not None:
+                if controller.met(frac):
+                    return True
+                sp.lambdas = controller.update(epoch, frac, sp.lambdas)
+            return False
+
+        if not done_early:
+            opt_box = {}
+
+            def after_step():
+                opt_box["step"]()
+
+            if opt is None:
+                opt = make_optimizer(model, cfg.sparsify)
+                sched = make_schedule(opt, cfg.sparsify, data.num_batches(
+                    "train", cfg.sparsify.batch_size, world_size=env.world_size, drop_last=True))
+            opt_box["step"] = sp.after_step(opt)
+            _train_phase(model, data, cfg.sparsify, "sparsify", run, env, on_event, start_epoch=start, opt=opt,
+                         sched=sched, extra_loss=sp.extra_loss(), after_step=after_step, end_epoch=end_sparsify,
+                         save_state=saver("sparsify"))
+        forced = 0
+        if controller is not None and not controller.met(sp.macs_fraction()):
+            forced = sp.enforce(cfg.target_flops)
+            _emit(on_event, env, Event("info", message=f"target not met by lambda alone: zeroed the {forced} "
+                                                       "weakest removable groups"))
+        metrics["forced_groups"] = forced
+        metrics["after_sparsify"] = evaluate(model, data, run.eval_batch_size, run.device)
+        metrics["macs_fraction_after_sparsify"] = sp.macs_fraction()
+        timings["sparsify"] = time.perf_counter() - t0
+        phase = "finetune"
+        resume = None
+
+    t0 = time.perf_counter()
+    masks = sp.masks() if not (resume and resume.get("masks")) else dict(resume["masks"])
+    masks_state.update(masks)
+    mask_set = MaskSet(model, masks).attach()
+    start = resume["epoch"] + 1 if resume else 0
+    opt = sched = None
+    if resume:
+        opt, sched = _restore_optimizer(model, cfg.finetune, data, env, resume)
+
+    def end_finetune(epoch, loss, acc):
+        test_acc = evaluate(model, data, run.eval_batch_size, run.device)
+        _emit(on_event, env, Event("finetune", epoch, cfg.finetune.epochs, loss=loss, accuracy=test_acc,
+                                   macs_fraction=sp.macs_fraction(), end_of_epoch=True))
+
+    if not (resume and resume["stop"]):
+        _train_phase(model, data, cfg.finetune, "finetune", run, env, on_event, start_epoch=start, opt=opt,
+                     sched=sched, after_step=mask_set.apply_, end_epoch=end_finetune, save_state=saver("finetune"))
+    mask_set.detach()
+    timings["finetune"] = time.perf_counter() - t0
+    metrics["after_finetune"] = evaluate(model, data, run.eval_batch_size, run.device)
+    in_sync = D.ranks_agree(model, env)
+    if not in_sync:
+        raise RuntimeError("ranks ended with different weights; the run is not reproducible")
+    timings["total"] = time.perf_counter() - t_start
+    counted = sp.counter.count()
+    report = build_report(
+        spec, data.name, counted,
+        {"before": metrics["before"], "after_sparsify": metrics.get("after_sparsify"),
+         "after_finetune": metrics["after_finetune"]},
+        method=cfg.method, groups=sp.lasso,
+        extra={"structures": list(cfg.structures), "lambdas": dict(sp.lambdas), "solver": cfg.solver,
+               "weighting": cfg.weighting, "target_flops": cfg.target_flops,
+               "forced_groups": metrics.get("forced_groups", 0), "masked_weights": mask_set.zeros,
+               "wall_time_s": timings, "world_size": env.world_size, "ranks_in_sync": in_sync,
+               "weight_sparsity": sp.zero_fraction() if cfg.method == "l1" else None},
+    )
+    path = out / SPARSE
+    if env.is_main:
+        save_checkpoint(path, Checkpoint("sparse", spec, model.state_dict(), masks=mask_set.state(),
+                                         config=to_plain(cfg), metrics=metrics, report=report))
+        atomic_write_json(report, out / REPORT)
+        (out / STATE).unlink(missing_ok=True)
+    D.barrier(env)
+    return RunResult(path, report, out / REPORT)
+
+
+def _restore_optimizer(model, opts, data, env, resume):
+    opt = make_optimizer(model, opts)
+    sched = make_schedule(opt, opts, data.num_batches("train", opts.batch_size, world_size=env.world_size,
+                                                      drop_last=True))
+    opt.load_state_dict(resume["optimizer"])
+    sched.load_state_dict(resume["scheduler"])
+    return opt, sched
+
+
+def _load_state(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"resume state {path} is unreadable ({exc})") from exc

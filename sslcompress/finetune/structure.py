@@ -1,0 +1,420 @@
+"""Channel structure of a PyTorch model, read from its torch.fx graph.
+
+Every channel (or feature) that flows between layers gets an integer id. Ops that pass a
+channel through unchanged and keep zero at zero (ReLU, pooling, BatchNorm, ...) keep its id;
+ops that sum tensors (residual Add) merge the ids of the summands, since a channel can only be
+deleted when it is zero in every summand. Conv and Linear layers produce fresh ids. An op we do
+not understand is a wall: the ids it reads are pinned and nothing behind it is deleted, which
+keeps every group we later call removable honest.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..errors import UnsupportedModelError
+
+# Modules whose output channel c depends only on input channel c and maps 0 to 0.
+_ZERO_PRESERVING_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Softsign, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink,
+    nn.Dropout, nn.Dropout2d, nn.AlphaDropout, nn.Identity,
+    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+)
+_ZERO_PRESERVING_FUNCTIONS = {
+    torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6, torch.nn.functional.leaky_relu,
+    torch.nn.functional.elu, torch.nn.functional.selu, torch.nn.functional.gelu, torch.nn.functional.silu,
+    torch.nn.functional.mish, torch.tanh, torch.nn.functional.hardtanh, torch.nn.functional.hardswish,
+    torch.nn.functional.dropout, torch.nn.functional.max_pool2d, torch.nn.functional.avg_pool2d,
+    torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.adaptive_max_pool2d,
+    torch.nn.functional.relu_, torch.relu_, operator.neg, torch.neg,
+}
+_ZERO_PRESERVING_METHODS = {"relu", "relu_", "tanh", "contiguous", "clone", "neg", "detach"}
+_SUM_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub}
+_SUM_METHODS = {"add", "add_", "sub", "sub_"}
+_SCALE_FUNCTIONS = {operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div}
+_SCALE_METHODS = {"mul", "mul_", "div", "div_"}
+_FLATTEN_FUNCTIONS = {torch.flatten}
+_FLATTEN_METHODS = {"flatten", "view", "reshape"}
+_CAT_FUNCTIONS = {torch.cat, torch.concat}
+_MEAN_METHODS = {"mean", "amax", "sum"}
+
+
+@dataclass
+class Layer:
+    """A Conv2d or Linear layer and the channel ids it reads and writes."""
+
+    name: str
+    kind: str  # "conv" | "linear"
+    weight_shape: tuple[int, ...]
+    has_bias: bool
+    groups: int
+    out_hw: tuple[int, int]  # output spatial size; (1, 1) for Linear
+    in_ids: list[int]  # per input channel (conv) or per input feature (linear)
+    out_ids: list[int]  # per output channel / feature
+
+    @property
+    def macs(self) -> int:
+        """Dense multiply-accumulates of one sample."""
+        w = self.weight_shape
+        per_out = 1
+        for d in w[1:]:
+            per_out *= d
+        return w[0] * per_out * self.out_hw[0] * self.out_hw[1]
+
+    @property
+    def macs_per_weight(self) -> int:
+        return self.out_hw[0] * self.out_hw[1]
+
+
+@dataclass
+class Norm:
+    """A BatchNorm whose affine parameters scale channels with these ids."""
+
+    name: str
+    ids: list[int]
+    affine: bool
+
+
+@dataclass
+class Branch:
+    """One side of a residual Add: deleting all of it leaves the other side (the shortcut)."""
+
+    add_node: str
+    modules: list[str]  # parametric modules inside the branch, in graph order
+
+
+@dataclass
+class ModelStructure:
+    """What the group builders and the MAC counter need to know about a model."""
+
+    layers: dict[str, Layer]
+    norms: dict[str, Norm]
+    branches: list[Branch]
+    parent: list[int]  # union-find over channel ids
+    pinned: dict[int, str] = field(default_factory=dict)  # root id -> why it cannot be deleted
+    input_ids: set[int] = field(default_factory=set)
+
+    def root(self, i: int) -> int:
+        parent = self.parent
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def pin_reason(self, i: int) -> str | None:
+        return self.pinned.get(self.root(i))
+
+    def roots(self) -> list[int]:
+        return sorted({self.root(i) for i in range(len(self.parent))})
+
+    @property
+    def dense_macs(self) -> int:
+        return sum(layer.macs for layer in self.layers.values())
+
+
+class _Builder:
+    """Walks the fx graph once, assigning ids; keeps the union-find and pin reasons."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.pinned: dict[int, str] = {}
+
+    def fresh(self, n: int, pinned: str | None = None) -> list[int]:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        ids = list(range(start, start + n))
+        if pinned:
+            for i in ids:
+                self.pinned[i] = pinned
+        return ids
+
+    def root(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.root(a), self.root(b)
+        if ra == rb:
+            return
+        lo, hi = min(ra, rb), max(ra, rb)
+        self.parent[hi] = lo
+        reason = self.pinned.pop(hi, None)
+        if reason and lo not in self.pinned:
+            self.pinned[lo] = reason
+
+    def pin(self, ids: list[int], reason: str) -> None:
+        for i in ids:
+            r = self.root(i)
+            self.pinned.setdefault(r, reason)
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    if meta is None or not hasattr(meta, "shape"):
+        return None
+    return tuple(int(d) for d in meta.shape)
+
+
+def _describe(node: fx.Node) -> str:
+    target = node.target
+    name = getattr(target, "__name__", None) or str(target)
+    return f"{node.op} {name}"
+
+
+def trace(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
+    """Symbolic trace plus shape propagation on a zero input of `input_shape`."""
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as exc:  # fx raises many kinds of errors for untraceable code
+        raise UnsupportedModelError(
+            f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}); "
+            "structured groups need a traceable forward without data-dependent control flow"
+        ) from exc
+    was_training = model.training
+    gm.eval()
+    try:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        with torch.no_grad():
+            ShapeProp(gm).propagate(torch.zeros(input_shape, device=device))
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} does not run on an input of shape {tuple(input_shape)} ({exc})"
+        ) from exc
+    finally:
+        gm.train(was_training)
+    return gm
+
+
+def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
+    """Channel ids, layers, norms and residual branches of `model` for inputs of `input_shape`."""
+    gm = trace(model, input_shape)
+    modules = dict(gm.named_modules())
+    b = _Builder()
+    ids_of: dict[fx.Node, object] = {}  # node -> list[int] (channel ids) | tuple of lists | None
+    layers: dict[str, Layer] = {}
+    norms: dict[str, Norm] = {}
+    input_ids: set[int] = set()
+    sum_nodes: list[fx.Node] = []
+
+    def tensor_ids(arg: object) -> list[int] | None:
+        if isinstance(arg, fx.Node):
+            val = ids_of.get(arg)
+            return val if isinstance(val, list) else None
+        return None
+
+    def wall(node: fx.Node, why: str) -> list[int] | None:
+        for arg in node.all_input_nodes:
+            ids = tensor_ids(arg)
+            if ids:
+                b.pin(ids, why)
+        shape = _shape(node)
+        if shape is None or len(shape) < 2:
+            return None
+        return b.fresh(shape[1], pinned=why)
+
+    for node in gm.graph.nodes:
+        shape = _shape(node)
+        if node.op == "placeholder":
+            if shape is None or len(shape) < 2:
+                ids_of[node] = None
+                continue
+            ids = b.fresh(shape[1], pinned="model input")
+            input_ids.update(ids)
+            ids_of[node] = ids
+        elif node.op == "get_attr":
+            ids_of[node] = None
+        elif node.op == "output":
+            for arg in node.all_input_nodes:
+                ids = tensor_ids(arg)
+                if ids:
+                    b.pin(ids, "model output")
+        elif node.op == "call_module":
+            mod = modules[str(node.target)]
+            x = tensor_ids(node.args[0]) if node.args else None
+            ids_of[node] = _module_ids(b, node, mod, x, shape, layers, norms, input_ids, wall)
+        elif node.op in ("call_function", "call_method"):
+            ids_of[node] = _function_ids(b, node, shape, tensor_ids, input_ids, wall, sum_nodes)
+        else:
+            ids_of[node] = wall(node, f"unsupported node {_describe(node)}")
+
+    branches = _residual_branches(gm, sum_nodes, modules)
+    return ModelStructure(
+        layers=layers, norms=norms, branches=branches, parent=b.parent, pinned=b.pinned,
+        input_ids=input_ids,
+    )
+
+
+def _module_ids(b, node, mod, x, shape, layers, norms, input_ids, wall):
+    name = str(node.target)
+    if isinstance(mod, nn.Conv2d):
+        if x is None or shape is None:
+            return wall(node, f"conv {name} with unknown input")
+        out_hw = (shape[2], shape[3])
+        if mod.groups != 1:
+            # Deleting a channel of a grouped conv changes its grouping; stage 2 handles it on ONNX.
+            b.pin(x, f"grouped convolution {name}")
+            out = b.fresh(mod.out_channels, pinned=f"grouped convolution {name}")
+        else:
+            out = b.fresh(mod.out_channels)
+        layers[name] = Layer(name, "conv", tuple(mod.weight.shape), mod.bias is not None, mod.groups,
+                             out_hw, list(x), out)
+        return out
+    if isinstance(mod, nn.Linear):
+        if x is None or shape is None or len(shape) != 2 or len(x) != mod.in_features:
+            return wall(node, f"linear {name} on a tensor that is not (batch, features)")
+        out = b.fresh(mod.out_features)
+        layers[name] = Layer(name, "linear", tuple(mod.weight.shape), mod.bias is not None, 1,
+                             (1, 1), list(x), out)
+        return out
+    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        if x is None:
+            return wall(node, f"batch norm {name} with unknown input")
+        norms[name] = Norm(name, list(x), mod.affine)
+        return list(x)
+    if isinstance(mod, _ZERO_PRESERVING_MODULES):
+        return list(x) if x is not None else wall(node, f"{type(mod).__name__} {name}")
+    if isinstance(mod, nn.Flatten):
+        return _flatten(b, node, x, shape, input_ids, wall)
+    return wall(node, f"{type(mod).__name__} {name} (channel mixing or f(0) != 0)")
+
+
+def _flatten(b, node, x, shape, input_ids, wall):
+    """(N, C, H, W) -> (N, C*H*W): feature f belongs to channel f // (H*W)."""
+    src = node.args[0] if node.args else None
+    src_shape = _shape(src) if isinstance(src, fx.Node) else None
+    if x is None or shape is None or src_shape is None:
+        return wall(node, f"reshape {node.name}")
+    if len(shape) != 2 or shape[0] != src_shape[0] or len(src_shape) < 2:
+        return wall(node, f"reshape {node.name} that is not a flatten to (batch, features)")
+    spatial = 1
+    for d in src_shape[2:]:
+        spatial *= d
+    if shape[1] != src_shape[1] * spatial:
+        return wall(node, f"reshape {node.name}")
+    if len(src_shape) == 2:
+        return list(x)
+    if all(i in input_ids for i in x):
+        # Pixels of the model input have no producer; each feature is its own group (the
+        # paper prunes MLP input pixels this way).
+        return b.fresh(shape[1])
+    return [i for i in x for _ in range(spatial)]
+
+
+def _function_ids(b, node, shape, tensor_ids, input_ids, wall, sum_nodes):
+    target = node.target
+    is_fn = node.op == "call_function"
+    args = node.args
+    tensors = [a for a in node.all_input_nodes if tensor_ids(a) is not None]
+
+    if (is_fn and target is getattr) or (not is_fn and target in ("size", "dim")):
+        return None
+    if is_fn and target is operator.getitem:
+        src = args[0] if args else None
+        if isinstance(src, fx.Node) and tensor_ids(src) is None:
+            return None  # indexing a size tuple or similar
+        return wall(node, f"indexing {node.name}")
+    if shape is None:
+        # Not a tensor (a size, a Python number): carries no channels.
+        return None
+    if (is_fn and target in _ZERO_PRESERVING_FUNCTIONS) or (not is_fn and target in _ZERO_PRESERVING_METHODS):
+        x = tensor_ids(args[0]) if args else None
+        if x is not None and len(x) == (shape[1] if len(shape) > 1 else -1):
+            return list(x)
+        return wall(node, f"{_describe(node)}")
+    if (is_fn and target in _SUM_FUNCTIONS) or (not is_fn and target in _SUM_METHODS):
+        a, c = (tensor_ids(args[0]), tensor_ids(args[1])) if len(args) >= 2 else (None, None)
+        if a is not None and c is not None and len(a) == len(c) and len(shape) > 1 and shape[1] == len(a):
+            for i, j in zip(a, c):
+                b.union(i, j)
+            sum_nodes.append(node)
+            return list(a)
+        return wall(node, f"{_describe(node)} with a constant or broadcast operand (0 + c != 0)")
+    if (is_fn and target in _SCALE_FUNCTIONS) or (not is_fn and target in _SCALE_METHODS):
+        if len(tensors) == 1 and isinstance(args[0], fx.Node) and not isinstance(args[1], fx.Node):
+            x = tensor_ids(args[0])
+            return list(x)
+        return wall(node, f"{_describe(node)} of two tensors")
+    if (is_fn and target in _FLATTEN_FUNCTIONS) or (not is_fn and target in _FLATTEN_METHODS):
+        x = tensor_ids(args[0]) if args else None
+        return _flatten(b, node, x, shape, input_ids, wall)
+    if is_fn and target in _CAT_FUNCTIONS:
+        seq = args[0]
+        dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
+        parts = [tensor_ids(a) for a in seq] if isinstance(seq, (list, tuple)) else [None]
+        if dim in (1, -3 if len(shape) == 4 else 1) and all(p is not None for p in parts):
+            return [i for p in parts for i in p]
+        return wall(node, f"concatenation {node.name} not along channels")
+    if not is_fn and target in _MEAN_METHODS:
+        x = tensor_ids(args[0]) if args else None
+        dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
+        dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+        src_shape = _shape(args[0])
+        if x is not None and dims and src_shape and all(d % len(src_shape) >= 2 for d in dims):
+            return list(x)
+        return wall(node, f"reduction {node.name} over channels")
+    return wall(node, f"unsupported op {_describe(node)}")
+
+
+def _residual_branches(gm: fx.GraphModule, sum_nodes: list[fx.Node], modules: dict) -> list[Branch]:
+    """For every residual sum, the side whose deletion leaves the other side as a shortcut."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    ancestors: dict[fx.Node, set[fx.Node]] = {}
+
+    def anc(n: fx.Node) -> set[fx.Node]:
+        if n not in ancestors:
+            acc: set[fx.Node] = set()
+            for a in n.all_input_nodes:
+                acc.add(a)
+                acc |= anc(a)
+            ancestors[n] = acc
+        return ancestors[n]
+
+    for n in gm.graph.nodes:  # fill in order to avoid deep recursion
+        anc(n)
+
+    branches: list[Branch] = []
+    for node in sum_nodes:
+        a, c = node.args[0], node.args[1]
+        side_a = (anc(a) | {a}) - (anc(c) | {c})
+        side_c = (anc(c) | {c}) - (anc(a) | {a})
+        candidates = []
+        for side in (side_a, side_c):
+            if not side or not _self_contained(side, node):
+                continue
+            mods = [str(n.target) for n in sorted(side, key=order.get) if n.op == "call_module"]
+            params = [m for m in mods if any(True for _ in modules[m].parameters(recurse=False))]
+            if not params or not all(_branch_op_ok(n, modules) for n in side):
+                continue
+            macs = sum(int(p.numel()) for m in params for p in modules[m].parameters(recurse=False))
+            candidates.append((macs, params))
+        if candidates:
+            # With a projection shortcut both sides hold weights; the heavier one is the branch.
+            candidates.sort(key=lambda t: -t[0])
+            branches.append(Branch(add_node=node.name, modules=candidates[0][1]))
+    return branches
+
+
+def _self_contained(side: set[fx.Node], add: fx.Node) -> bool:
+    return all(user in side or user is add for n in side for user in n.users)
+
+
+def _branch_op_ok(node: fx.Node, modules: dict) -> bool:
+    """A branch whose parameters are all zero must output exactly zero."""
+    if node.op == "call_module":
+        mod = modules[str(node.target)]
+        return isinstance(mod, (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.Flatten)
+                          + _ZERO_PRESERVING_MODULES)
+    if node.op == "call_function":
+        return node.target in _ZERO_PRESERVING_FUNCTIONS or node.target in _FLATTEN_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _ZERO_PRESERVING_METHODS or node.target in _FLATTEN_METHODS
+    return False

@@ -1,0 +1,24 @@
+"""Weight initialisation shared by the built-in architectures."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def init_weights(model: nn.Module, linear_std: float | None = None) -> None:
+    """Kaiming-normal convs and unit BN so every builtin starts from the same, well-known recipe.
+
+    ``linear_std`` switches Linear layers to normal(0, std) with zero bias (VGG's recipe);
+    otherwise they keep PyTorch's default initialisation.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear) and linear_std is not None:
+            nn.init.normal_(module.weight, 0.0, linear_std)
+            nn.init.zeros_(module.bias)
