@@ -22,7 +22,8 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except SSLCompressError as exc:
-            click.echo(f"error: {exc}", err=True)
+            # One line, whatever the message holds.
+            click.echo("error: " + " ".join(str(exc).split()), err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted; rerun with --resume to continue from the last finished epoch", err=True)

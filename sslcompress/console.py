@@ -12,7 +12,7 @@ from rich.table import Table
 from .finetune.loop import Event
 
 _console = Console(stderr=True)
-_out = Console()
+_out = Console(width=None if Console().is_terminal else 132)
 
 
 class Progress:

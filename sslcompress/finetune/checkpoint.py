@@ -57,7 +57,9 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(f"{path} is not a readable checkpoint: corrupt, truncated, or holding objects that "
+                              f"weights-only loading refuses ({type(exc).__name__}: {first})") from exc
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

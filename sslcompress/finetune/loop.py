@@ -106,9 +106,9 @@ def train_epoch(
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
-        sched.step()
         if after_step is not None:
-            after_step()
+            after_step()  # before the schedule moves on: the proximal step uses the lr of this step
+        sched.step()
         n = y.numel()
         loss_sum += float(loss.detach()) * n
         correct += float((out.detach().argmax(1) == y).sum())

@@ -278,6 +278,9 @@ def _module_ids(b, node, mod, x, shape, layers, norms, input_ids, wall):
     if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
         if x is None:
             return wall(node, f"batch norm {name} with unknown input")
+        if not mod.affine and mod.track_running_stats:
+            # Without a scale and shift to zero, eval mode maps a zero channel to -mean/std, not 0.
+            b.pin(x, f"batch norm {name} without affine parameters")
         norms[name] = Norm(name, list(x), mod.affine)
         return list(x)
     if isinstance(mod, _ZERO_PRESERVING_MODULES):
@@ -320,11 +323,14 @@ def _function_ids(b, node, shape, tensor_ids, input_ids, wall, sum_nodes):
     if is_fn and target is operator.getitem:
         src = args[0] if args else None
         if isinstance(src, fx.Node) and tensor_ids(src) is None:
-            return None  # indexing a size tuple or similar
+            # Indexing a size tuple or similar (no channels), or the tuple an unknown op returned
+            # (torch.sort, torch.chunk, ...): a tensor taken from it gets fresh pinned ids.
+            return wall(node, f"indexing {node.name}") if shape is not None and len(shape) >= 2 else None
         return wall(node, f"indexing {node.name}")
     if shape is None:
-        # Not a tensor (a size, a Python number): carries no channels.
-        return None
+        # Not a single tensor (a size, a Python number, or a tuple of tensors): carries no
+        # channels, but an op we do not know that reads channels is a wall for them.
+        return wall(node, f"unsupported op {_describe(node)}") if tensors else None
     if (is_fn and target in _ZERO_PRESERVING_FUNCTIONS) or (not is_fn and target in _ZERO_PRESERVING_METHODS):
         x = tensor_ids(args[0]) if args else None
         if x is not None and len(x) == (shape[1] if len(shape) > 1 else -1):
@@ -411,6 +417,8 @@ def _branch_op_ok(node: fx.Node, modules: dict) -> bool:
     """A branch whose parameters are all zero must output exactly zero."""
     if node.op == "call_module":
         mod = modules[str(node.target)]
+        if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)) and not mod.affine and mod.track_running_stats:
+            return False  # maps zero to -running_mean / std in eval mode
         return isinstance(mod, (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.Flatten)
                           + _ZERO_PRESERVING_MODULES)
     if node.op == "call_function":

@@ -1,0 +1,110 @@
+"""End to end on the bundled digits: pretrain, SSL, masks, resume, report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sslcompress.config import FinetuneConfig, PretrainConfig, RunOptions, TrainOptions
+from sslcompress.finetune.checkpoint import load_checkpoint
+from sslcompress.finetune.pipeline import run_finetune, run_pretrain
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre")
+    res = run_pretrain(PretrainConfig(run=RunOptions(model="lenet5", data="digits", out=str(out)),
+                                      train=TrainOptions(epochs=6, lr=0.02)))
+    return res
+
+
+def _cfg(out, weights, **kw):
+    base = dict(
+        run=RunOptions(data="digits", weights=str(weights), out=str(out)),
+        strength=0.3,
+        sparsify=TrainOptions(epochs=8, lr=0.02, weight_decay=0.0),
+        finetune=TrainOptions(epochs=3, lr=0.01, weight_decay=0.0),
+    )
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def test_pretrained_baseline_is_accurate(pretrained):
+    ckpt = load_checkpoint(pretrained.checkpoint)
+    assert ckpt.kind == "pretrained" and ckpt.model.name == "lenet5"
+    assert ckpt.metrics["accuracy"] > 0.9
+
+
+def test_ssl_cuts_macs_and_keeps_accuracy(pretrained, tmp_path):
+    res = run_finetune(_cfg(tmp_path, pretrained.checkpoint))
+    rep = res.report
+    acc = rep["accuracy"]
+    # The stated margin: at most 5 points of test accuracy lost on digits (360 test images).
+    assert acc["after_finetune"] >= acc["before"] - 0.05
+    assert rep["totals"]["macs_fraction"] < 0.6
+    conv1 = next(lay for lay in rep["layers"] if lay["name"] == "conv1")
+    conv2 = next(lay for lay in rep["layers"] if lay["name"] == "conv2")
+    assert conv1["filters"][0] < 20 and conv2["channels"][0] == conv1["filters"][0]
+    # The files: checkpoint with masks, JSON report equal to the one returned, no resume state left.
+    assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(rep))
+    assert not (tmp_path / "state.pt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    ckpt = load_checkpoint(res.checkpoint)
+    assert ckpt.kind == "sparse" and ckpt.masks
+    # Masks held through fine-tuning: every masked weight is exactly zero in the final weights.
+    for name, keep in ckpt.masks.items():
+        w = ckpt.state_dict[name]
+        assert bool((w[~keep] == 0).all()), name
+    assert rep["accuracy"]["after_finetune"] == pytest.approx(ckpt.metrics["after_finetune"])
+
+
+def test_target_flops_is_met(pretrained, tmp_path):
+    res = run_finetune(_cfg(tmp_path, pretrained.checkpoint, strength=0.05, target_flops=0.3,
+                            sparsify=TrainOptions(epochs=4, lr=0.02, weight_decay=0.0),
+                            finetune=TrainOptions(epochs=1, lr=0.01, weight_decay=0.0)))
+    assert res.report["totals"]["macs_fraction"] <= 0.3
+    assert res.report["target_flops"] == 0.3
+
+
+def test_shape_structures_cut_gemm_macs(pretrained, tmp_path):
+    res = run_finetune(_cfg(tmp_path, pretrained.checkpoint, structures=("shape",), strength=0.3,
+                            sparsify=TrainOptions(epochs=4, lr=0.02, weight_decay=0.0),
+                            finetune=TrainOptions(epochs=1, lr=0.01, weight_decay=0.0)))
+    conv2 = next(lay for lay in res.report["layers"] if lay["name"] == "conv2")
+    assert conv2["columns"][0] < conv2["columns"][1]
+    assert conv2["macs_gemm_after"] == conv2["filters"][0] * conv2["columns"][0] * 8 * 8
+
+
+def test_l1_method_gives_elementwise_zeros(pretrained, tmp_path):
+    res = run_finetune(_cfg(tmp_path, pretrained.checkpoint, method="l1", strength=0.02,
+                            sparsify=TrainOptions(epochs=3, lr=0.02, weight_decay=0.0),
+                            finetune=TrainOptions(epochs=1, lr=0.01, weight_decay=0.0)))
+    assert res.report["weight_sparsity"] > 0.3
+    ckpt = load_checkpoint(res.checkpoint)
+    zeros = sum(int((~m).sum()) for m in ckpt.masks.values())
+    assert zeros > 0
+
+
+def test_resume_continues_to_the_same_result(pretrained, tmp_path):
+    kw = dict(sparsify=TrainOptions(epochs=3, lr=0.02, weight_decay=0.0),
+              finetune=TrainOptions(epochs=2, lr=0.01, weight_decay=0.0))
+    whole = run_finetune(_cfg(tmp_path / "whole", pretrained.checkpoint, **kw))
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(event):
+        if event.phase == "sparsify" and event.epoch == 2 and event.step == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_finetune(_cfg(tmp_path / "cut", pretrained.checkpoint, **kw), interrupt)
+    assert (tmp_path / "cut" / "state.pt").exists() and not (tmp_path / "cut" / "sparse.pt").exists()
+    resumed = run_finetune(_cfg(tmp_path / "cut", pretrained.checkpoint, resume=True, **kw))
+    a = load_checkpoint(whole.checkpoint).state_dict
+    b = load_checkpoint(resumed.checkpoint).state_dict
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
