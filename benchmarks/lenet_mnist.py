@@ -155,7 +155,8 @@ def machine() -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="MNIST .npz (default ../shared/data/mnist/mnist.npz)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "lenet_mnist"))
+    ap.add_argument("--out", default=None,
+                    help="run folder (default benchmarks/out/lenet_mnist, or benchmarks/out/lenet_mnist_quick with --quick)")
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--quick", action="store_true", help="smoke run: 6000 training images, 2000 test, few epochs")
     ap.add_argument("--skip-pretrain", action="store_true", help="reuse OUT/pretrained.pt")
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: MNIST not found at {data_path}", file=sys.stderr)
         return 2
     data = f"mnist:{data_path}"
-    out = Path(args.out)
+    out = Path(args.out or REPO / "benchmarks" / "out" / ("lenet_mnist_quick" if args.quick else "lenet_mnist"))
     out.mkdir(parents=True, exist_ok=True)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)

@@ -98,8 +98,8 @@ def _check_device(device: str | None) -> None:
 
 @main.command()
 @_run_options
-@click.option("--epochs", default=None, type=click.IntRange(min=0), help="Training epochs (default 15).")
-@click.option("--lr", default=None, type=float, help="Learning rate (default 0.05, cosine schedule).")
+@click.option("--epochs", default=None, type=click.IntRange(min=0), help="Training epochs (default 10).")
+@click.option("--lr", default=None, type=float, help="Learning rate (default 0.02, cosine schedule).")
 def pretrain(**kw: Any) -> None:
     """Train a dense baseline; writes RUN/pretrained.pt."""
     from .config import PretrainConfig, build_config
@@ -226,9 +226,10 @@ def info(checkpoint: str, as_json: bool) -> None:
     """The report of any sslcompress checkpoint (layers kept, MACs, accuracy)."""
     from .console import print_report
     from .finetune.checkpoint import load_checkpoint
+    from .finetune.pipeline import checkpoint_report
 
     ckpt = load_checkpoint(checkpoint)
-    report = ckpt.report or {}
+    report = checkpoint_report(ckpt)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

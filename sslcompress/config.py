@@ -76,7 +76,7 @@ class RunOptions:
 @dataclass(frozen=True)
 class PretrainConfig:
     run: RunOptions = field(default_factory=RunOptions)
-    train: TrainOptions = field(default_factory=lambda: TrainOptions(epochs=15, lr=0.02))
+    train: TrainOptions = field(default_factory=lambda: TrainOptions(epochs=10, lr=0.02))
 
     def check(self) -> PretrainConfig:
         self.train.check("pretrain")
@@ -89,14 +89,14 @@ class FinetuneConfig:
     method: str = "ssl"
     structures: tuple[str, ...] = ("filter", "channel")
     lambdas: dict[str, float] = field(default_factory=dict)  # per structure; missing ones use `strength`
-    strength: float = 0.1
+    strength: float = 0.3
     solver: str = "proximal"
     threshold: float = 1e-4  # the paper's zeroing threshold for the subgradient solver
     weighting: str = "none"
     target_flops: float | None = None
-    pretrain: TrainOptions = field(default_factory=lambda: TrainOptions(epochs=15, lr=0.02))
-    sparsify: TrainOptions = field(default_factory=lambda: TrainOptions(epochs=20, lr=0.02, weight_decay=0.0))
-    finetune: TrainOptions = field(default_factory=lambda: TrainOptions(epochs=8, lr=0.01, weight_decay=0.0))
+    pretrain: TrainOptions = field(default_factory=lambda: TrainOptions(epochs=10, lr=0.02))
+    sparsify: TrainOptions = field(default_factory=lambda: TrainOptions(epochs=12, lr=0.02, weight_decay=0.0))
+    finetune: TrainOptions = field(default_factory=lambda: TrainOptions(epochs=6, lr=0.01, weight_decay=0.0))
     resume: bool = False
 
     def lambda_for(self, kind: str) -> float:

@@ -417,3 +417,24 @@ def test_torchvision_missing_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not torchvision_available()
     with pytest.raises(UnsupportedModelError, match="torchvision.*not importable"):
         build_model(ModelSpec("torchvision:resnet18"))
+
+
+def test_within_channel_lrn_matches_caffe_formula() -> None:
+    """Caffe WITHIN_CHANNEL: x / (1 + alpha/size^2 * sum of x^2 over a zero-padded size x size window)^beta."""
+    import numpy as np
+
+    from sslcompress.models.small import WithinChannelLRN
+
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64) * 30
+    size, alpha, beta = 3, 5e-5, 0.75
+    xn = x.numpy()
+    padded = np.pad(xn * xn, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    window = sum(padded[:, :, i:i + 7, j:j + 6] for i in range(size) for j in range(size))
+    expected = xn / (1 + alpha / size**2 * window) ** beta
+    got = WithinChannelLRN(size, alpha, beta)(x).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    # A zero channel stays zero and does not change its neighbours: channels can be deleted exactly.
+    x[:, 1] = 0
+    y = WithinChannelLRN(size, alpha, beta)(x)
+    assert bool((y[:, 1] == 0).all())
+    torch.testing.assert_close(y[:, [0, 2]], WithinChannelLRN(size, alpha, beta)(x[:, [0, 2]]))

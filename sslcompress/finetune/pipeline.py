@@ -398,3 +398,13 @@ def _load_state(path: Path) -> dict | None:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"resume state {path} is unreadable ({exc})") from exc
+
+
+def checkpoint_report(ckpt: Checkpoint) -> dict[str, Any]:
+    """The stored report, or one computed from the weights for checkpoints saved through the API."""
+    if ckpt.report:
+        return ckpt.report
+    model = ckpt.build()
+    counted = Counter(model, ckpt.model.input_shape).count()
+    return build_report(ckpt.model, "(not recorded)", counted, {}, method=ckpt.kind, groups=None,
+                        extra={"masked_weights": int(sum(int((~m).sum()) for m in ckpt.masks.values()))})

@@ -97,9 +97,10 @@ class _KindIndex:
     def sq_norms(self) -> torch.Tensor:
         """Squared norm per group (length n + 1; the last slot collects unowned positions)."""
         device = self.weight.device
-        acc = torch.zeros(self.n + 1, device=device)
+        dtype = torch.promote_types(self.members[0].param.dtype, torch.float32) if self.members else torch.float32
+        acc = torch.zeros(self.n + 1, device=device, dtype=dtype)
         for m in self.members:
-            acc = acc.index_add(0, m.gid, _sq_along(m.param, m.axis))
+            acc = acc.index_add(0, m.gid, _sq_along(m.param, m.axis).to(dtype))
         return acc
 
     @torch.no_grad()

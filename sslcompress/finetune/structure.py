@@ -156,6 +156,17 @@ class _Builder:
             self.pinned.setdefault(r, reason)
 
 
+class _Tracer(fx.Tracer):
+    """Keeps modules that declare `channelwise = True` whole, so they read as one per-channel op."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return bool(getattr(m, "channelwise", False)) or super().is_leaf_module(m, qualname)
+
+
+def _is_channelwise(mod: nn.Module) -> bool:
+    return isinstance(mod, _ZERO_PRESERVING_MODULES) or bool(getattr(mod, "channelwise", False))
+
+
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
     meta = node.meta.get("tensor_meta")
     if meta is None or not hasattr(meta, "shape"):
@@ -172,7 +183,8 @@ def _describe(node: fx.Node) -> str:
 def trace(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
     """Symbolic trace plus shape propagation on a zero input of `input_shape`."""
     try:
-        gm = fx.symbolic_trace(model)
+        graph = _Tracer().trace(model)
+        gm = fx.GraphModule(model, graph, type(model).__name__)
     except Exception as exc:  # fx raises many kinds of errors for untraceable code
         raise UnsupportedModelError(
             f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}); "
@@ -183,8 +195,9 @@ def trace(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
     try:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
+        dtype = param.dtype if param is not None and param.is_floating_point() else None
         with torch.no_grad():
-            ShapeProp(gm).propagate(torch.zeros(input_shape, device=device))
+            ShapeProp(gm).propagate(torch.zeros(input_shape, device=device, dtype=dtype))
     except Exception as exc:
         raise UnsupportedModelError(
             f"{type(model).__name__} does not run on an input of shape {tuple(input_shape)} ({exc})"
@@ -283,7 +296,7 @@ def _module_ids(b, node, mod, x, shape, layers, norms, input_ids, wall):
             b.pin(x, f"batch norm {name} without affine parameters")
         norms[name] = Norm(name, list(x), mod.affine)
         return list(x)
-    if isinstance(mod, _ZERO_PRESERVING_MODULES):
+    if _is_channelwise(mod):
         return list(x) if x is not None else wall(node, f"{type(mod).__name__} {name}")
     if isinstance(mod, nn.Flatten):
         return _flatten(b, node, x, shape, input_ids, wall)
@@ -419,8 +432,8 @@ def _branch_op_ok(node: fx.Node, modules: dict) -> bool:
         mod = modules[str(node.target)]
         if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)) and not mod.affine and mod.track_running_stats:
             return False  # maps zero to -running_mean / std in eval mode
-        return isinstance(mod, (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.Flatten)
-                          + _ZERO_PRESERVING_MODULES)
+        return isinstance(mod, (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.Flatten)) \
+            or _is_channelwise(mod)
     if node.op == "call_function":
         return node.target in _ZERO_PRESERVING_FUNCTIONS or node.target in _FLATTEN_FUNCTIONS
     if node.op == "call_method":

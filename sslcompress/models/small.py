@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._init import init_weights
@@ -74,6 +75,28 @@ class MLP(nn.Module):
         return self.fc3(x)
 
 
+class WithinChannelLRN(nn.Module):
+    """Caffe's WITHIN_CHANNEL local response normalisation.
+
+    y = x / (1 + alpha * mean over a size x size window of x^2) ** beta, the window zero-padded
+    as in Caffe. `channelwise` tells the structure analysis that channel c of the output reads
+    only channel c of the input and that 0 maps to 0, so channels pass through it.
+    """
+
+    channelwise = True
+
+    def __init__(self, size: int = 3, alpha: float = 5e-5, beta: float = 0.75) -> None:
+        super().__init__()
+        self.size, self.alpha, self.beta = size, alpha, beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        local = F.avg_pool2d(x * x, self.size, stride=1, padding=self.size // 2, count_include_pad=True)
+        return x / (1 + self.alpha * local).pow(self.beta)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, alpha={self.alpha}, beta={self.beta}"
+
+
 class ConvNet(nn.Module):
     """Caffe's cifar10_full network, the paper's CIFAR-10 ConvNet.
 
@@ -82,11 +105,9 @@ class ConvNet(nn.Module):
     by the number of input pixels it covers, which is exactly Caffe's AVE rule, so the pools match
     Caffe bit for bit up to float summation order.
 
-    The LRN layers are torch's ``LocalResponseNorm`` (Caffe's ACROSS_CHANNELS region, as in Caffe's
-    cifar10_full deploy file). Caffe's cifar10_full_train_test file, which the SSL paper trained,
-    uses ``norm_region: WITHIN_CHANNEL`` instead (a 3x3 spatial window per channel); with
-    alpha=5e-5 the two differ very little, but across-channel LRN couples neighbouring channels,
-    so removing a zeroed filter before it is not exactly output-preserving.
+    The LRN layers are Caffe's ``norm_region: WITHIN_CHANNEL`` as in cifar10_full_train_test, the
+    file the paper trained with (a 3x3 spatial window per channel). Each output channel depends on
+    its own input channel only, so deleting a channel before it is exact.
     """
 
     def __init__(self, num_classes: int, in_channels: int, input_size: tuple[int, int]) -> None:
@@ -94,11 +115,11 @@ class ConvNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, 32, kernel_size=5, padding=2)
         self.pool1 = nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True)
         self.relu1 = nn.ReLU()
-        self.norm1 = nn.LocalResponseNorm(3, alpha=5e-5, beta=0.75)
+        self.norm1 = WithinChannelLRN(3, alpha=5e-5, beta=0.75)
         self.conv2 = nn.Conv2d(32, 32, kernel_size=5, padding=2)
         self.relu2 = nn.ReLU()
         self.pool2 = nn.AvgPool2d(kernel_size=3, stride=2, ceil_mode=True)
-        self.norm2 = nn.LocalResponseNorm(3, alpha=5e-5, beta=0.75)
+        self.norm2 = WithinChannelLRN(3, alpha=5e-5, beta=0.75)
         self.conv3 = nn.Conv2d(32, 64, kernel_size=5, padding=2)
         self.relu3 = nn.ReLU()
         self.pool3 = nn.AvgPool2d(kernel_size=3, stride=2, ceil_mode=True)
