@@ -28,7 +28,7 @@ import os
 import platform
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -172,18 +172,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--finetune-lr", type=float, default=0.01)
     ap.add_argument("--fc-lambda", type=float, default=0.05,
                     help="starting group-Lasso strength of filter and channel groups (filter+channel run)")
-    ap.add_argument("--fc-target", type=float, default=0.08,
+    ap.add_argument("--fc-target", type=float, default=0.05,
                     help="target_flops of the filter+channel run (whole-model MAC fraction, fc layers included)")
     ap.add_argument("--shape-structures", default="shape,filter,channel")
     ap.add_argument("--shape-lambda", type=float, default=0.05,
                     help="starting strength of shape groups (shape run)")
     ap.add_argument("--shape-fc-lambda", type=float, default=0.05,
                     help="starting strength of filter/channel groups in the shape run")
-    ap.add_argument("--shape-target", type=float, default=0.05,
+    ap.add_argument("--shape-target", type=float, default=0.04,
                     help="target_flops of the shape run (whole-model lowered-GEMM MAC fraction)")
+    ap.add_argument("--fc-weighting", default="none", choices=["none", "sqrt", "macs"],
+                    help="group weighting of the filter+channel run")
+    ap.add_argument("--shape-weighting", default="macs", choices=["none", "sqrt", "macs"],
+                    help="group weighting of the shape run (macs: groups weighted by the MACs they cost)")
     ap.add_argument("--no-target", action="store_true", help="lambdas only, no target_flops controller")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (default 1: on 2 shared cores, 2 threads oversubscribe and "
+                         "can be several times slower)")
     args = ap.parse_args(argv)
 
+    torch.set_num_threads(args.threads)
     if args.quick:
         limits = {"limit_train": 6000, "limit_test": 2000}
         args.pretrain_epochs = min(args.pretrain_epochs, 3)
@@ -239,16 +247,18 @@ def main(argv: list[str] | None = None) -> int:
             structures = ("filter", "channel")
             lambdas = {"filter": args.fc_lambda, "channel": args.fc_lambda}
             target = None if args.no_target else args.fc_target
+            weighting = args.fc_weighting
         elif name == "ssl_shape":
             structures = tuple(s.strip() for s in args.shape_structures.split(","))
             lambdas = {k: (args.shape_lambda if k == "shape" else args.shape_fc_lambda) for k in structures}
             target = None if args.no_target else args.shape_target
+            weighting = args.shape_weighting
         else:
             print(f"error: unknown run {name!r}", file=sys.stderr)
             return 2
         settings = {
             "model": "lenet5", "data": data, **limits, "seed": args.seed, "weights": str(pretrained),
-            "structures": list(structures), "lambdas": lambdas, "solver": "proximal", "weighting": "none",
+            "structures": list(structures), "lambdas": lambdas, "solver": "proximal", "weighting": weighting,
             "target_flops": target,
             "sparsify": {"epochs": args.sparsify_epochs, "lr": args.sparsify_lr, "batch_size": args.batch_size,
                          "schedule": "cosine", "momentum": 0.9, "weight_decay": 0.0},
@@ -257,10 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         overrides = {"model": "lenet5", "data": data, "weights": str(pretrained), "out": str(out / name),
                      "seed": args.seed, **limits, "structures": structures, "lambdas": lambdas,
-                     "solver": "proximal", "target_flops": target,
+                     "solver": "proximal", "weighting": weighting, "target_flops": target,
                      "sparsify": dict(settings["sparsify"]), "finetune": dict(settings["finetune"])}
         cfg = build_config(FinetuneConfig, None, overrides)
-        log(f"{name}: structures {structures}, lambdas {lambdas}, target_flops {target}")
+        log(f"{name}: structures {structures}, lambdas {lambdas}, weighting {weighting}, target_flops {target}")
         t0 = time.perf_counter()
         res = run_finetune(cfg, on_event)
         row = summarize(name, res.report, settings, time.perf_counter() - t0)
@@ -273,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "lenet_mnist",
         "quick": args.quick,
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine(),
         "wall_time_s": wall,

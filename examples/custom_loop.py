@@ -10,7 +10,16 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from sslcompress import Checkpoint, GroupLasso, MaskSet, ModelSpec, build_groups, build_model, count, save_checkpoint
+from sslcompress import (
+    Checkpoint,
+    GroupLasso,
+    MaskSet,
+    ModelSpec,
+    build_groups,
+    build_model,
+    count,
+    save_checkpoint,
+)
 
 
 def main(out: str = "custom_sparse.pt", steps: int = 30) -> float:

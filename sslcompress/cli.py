@@ -103,8 +103,8 @@ def _check_device(device: str | None) -> None:
 def pretrain(**kw: Any) -> None:
     """Train a dense baseline; writes RUN/pretrained.pt."""
     from .config import PretrainConfig, build_config
+    from .console import Progress
     from .finetune.pipeline import run_pretrain
-    from .console import Progress, print_report
 
     recipe = _recipe(kw["recipe"])
     run = _run_overrides(kw)

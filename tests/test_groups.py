@@ -10,6 +10,16 @@ from sslcompress.finetune.groups import KINDS, Slice, build_groups, parse_kinds
 from sslcompress.finetune.structure import analyze
 from sslcompress.models import ModelSpec, build_model
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensor ops: intra-op threads only contend on a busy machine (10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 LENET_SHAPE = (1, 1, 28, 28)
 R20_SHAPE = (1, 3, 32, 32)
 
@@ -168,7 +178,7 @@ def test_resnet20_depth_groups(r20, r20_groups):
     assert len(depth) == 9
     assert [g.name for g in depth] == [f"depth {b}" for b in blocks]
     params = dict(r20.named_parameters())
-    for b, g in zip(blocks, depth):
+    for b, g in zip(blocks, depth, strict=True):
         expect = {f"{b}.{m}.{p}" for m, p in [("conv1", "weight"), ("bn1", "weight"), ("bn1", "bias"),
                                                ("conv2", "weight"), ("bn2", "weight"), ("bn2", "bias")]}
         assert {s.param for s in g.slices} == expect

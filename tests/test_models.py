@@ -438,3 +438,12 @@ def test_within_channel_lrn_matches_caffe_formula() -> None:
     y = WithinChannelLRN(size, alpha, beta)(x)
     assert bool((y[:, 1] == 0).all())
     torch.testing.assert_close(y[:, [0, 2]], WithinChannelLRN(size, alpha, beta)(x[:, [0, 2]]))
+
+
+def test_convnet_channels_pass_through_within_channel_lrn() -> None:
+    from sslcompress.finetune.structure import analyze
+
+    st = analyze(build_model(ModelSpec("convnet")), (1, 3, 32, 32))
+    assert set(st.pinned.values()) == {"model input", "model output"}
+    conv1, conv2 = st.layers["conv1"], st.layers["conv2"]
+    assert [st.root(i) for i in conv2.in_ids] == [st.root(i) for i in conv1.out_ids]

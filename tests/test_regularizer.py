@@ -14,6 +14,16 @@ from sslcompress.finetune.groups import build_groups
 from sslcompress.finetune.regularizer import GroupLasso
 from sslcompress.models import ModelSpec, build_model
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensor ops: intra-op threads only contend on a busy machine (10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 LENET_SHAPE = (1, 1, 28, 28)
 R20_SHAPE = (1, 3, 32, 32)
 
@@ -127,7 +137,7 @@ def ref_prox(params, groups, weights, lr, lam, norms=None) -> list[float]:
     """Closed-form group soft-threshold on `params` in place; returns the scale of each group."""
     norms = norms or [ref_norm(params, g) for g in groups]
     scales = []
-    for g, n, w in zip(groups, norms, weights):
+    for g, n, w in zip(groups, norms, weights, strict=True):
         scale = max(0.0, 1.0 - lr * lam * w / n) if n > 0 else 0.0
         for s in g.slices:
             ref_scale_(params[s.param], s, scale)
@@ -137,7 +147,7 @@ def ref_prox(params, groups, weights, lr, lam, norms=None) -> list[float]:
 
 def threshold_between(norms, weights) -> float:
     """A value of lr*lambda that puts roughly half the groups under the threshold, far from any tie."""
-    r = sorted(n / w for n, w in zip(norms, weights))
+    r = sorted(n / w for n, w in zip(norms, weights, strict=True))
     lo, hi = len(r) // 4, max(len(r) * 3 // 4, len(r) // 4 + 1)
     k = max(range(lo, min(hi, len(r) - 1)), key=lambda i: r[i + 1] - r[i])
     assert r[k + 1] - r[k] > 1e-5 * r[k + 1]
@@ -204,8 +214,8 @@ def test_proximal_step_matches_closed_form(kind, weighting):
     got = current(model)
     for n in params:
         assert torch.allclose(got[n], params[n], rtol=1e-5, atol=1e-7), n
-    zero = [g for g, s in zip(groups, scales) if s == 0]
-    kept = [g for g, s in zip(groups, scales) if s > 0]
+    zero = [g for g, s in zip(groups, scales, strict=True) if s == 0]
+    kept = [g for g, s in zip(groups, scales, strict=True) if s > 0]
     assert zero and kept
     for g in zero:
         for s in g.slices:
@@ -311,7 +321,7 @@ def test_penalty_and_gradient(weighting):
     for kind, lam in lambdas.items():
         groups = [g for g in all_groups if g.kind == kind and g.removable]
         weights = ref_weights(model, shape, groups, weighting)
-        for g, w in zip(groups, weights):
+        for g, w in zip(groups, weights, strict=True):
             norm = ref_norm(params, g)
             expect += lam * w * norm
             if norm == 0:

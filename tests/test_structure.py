@@ -10,6 +10,16 @@ from sslcompress.errors import UnsupportedModelError
 from sslcompress.finetune.structure import analyze
 from sslcompress.models import ModelSpec, build_model
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensor ops: intra-op threads only contend on a busy machine (10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ---------------------------------------------------------------- helpers
 
 
@@ -304,25 +314,37 @@ def test_cat_along_batch_pins():
 
 
 class Scale(nn.Module):
-    def __init__(self, two: bool):
+    def __init__(self, how: str):
         super().__init__()
         self.a = nn.Conv2d(3, 4, 1)
         self.b = nn.Conv2d(3, 4, 1)
         self.c = nn.Conv2d(4, 2, 1)
-        self.two = two
+        self.how = how
 
     def forward(self, x):
         y = self.a(x)
-        y = y * self.b(x) if self.two else y * 2.0
+        if self.how == "two":
+            y = y * self.b(x)
+        elif self.how == "mul":
+            y = y * 2.0
+        elif self.how == "div":
+            y = y / 4
+        elif self.how == "kwarg":
+            y = torch.mul(y, other=2.0)
+        elif self.how == "method":
+            y = y.mul(0.5)
         return self.c(y)
 
 
-def test_scale_by_constant_keeps_ids_product_pins():
-    st = analyze(Scale(False), (1, 3, 4, 4))
+@pytest.mark.parametrize("how", ["mul", "div", "kwarg", "method"])
+def test_scale_by_constant_keeps_ids(how):
+    st = analyze(Scale(how), (1, 3, 4, 4))
     assert st.layers["c"].in_ids == st.layers["a"].out_ids
     assert all(st.pin_reason(i) is None for i in st.layers["a"].out_ids)
 
-    st = analyze(Scale(True), (1, 3, 4, 4))
+
+def test_product_of_tensors_pins():
+    st = analyze(Scale("two"), (1, 3, 4, 4))
     for name in ("a", "b"):
         assert all("two tensors" in st.pin_reason(i) for i in st.layers[name].out_ids)
     assert all(st.pin_reason(i) for i in st.layers["c"].in_ids)
@@ -356,6 +378,13 @@ def test_analyze_restores_training_mode():
     m.eval()
     analyze(m, (1, 3, 8, 8))
     assert not m.training
+    # mixed modes (a frozen BN inside a training model) survive too
+    m.train()
+    m.b1.bn1.eval()
+    analyze(m, (1, 3, 8, 8))
+    assert m.training and m.b2.bn1.training and not m.b1.bn1.training
+    # and shape propagation does not touch BN running statistics
+    assert torch.equal(m.b1.bn1.running_mean, torch.zeros(4)) and int(m.b1.bn1.num_batches_tracked) == 0
 
 
 class PlainBN(nn.Module):

@@ -23,9 +23,9 @@ from ..config import FinetuneConfig, PretrainConfig, TrainOptions, to_plain
 from ..data import ImageData, load_data
 from ..errors import CheckpointError, ConfigError
 from ..flops import Counter
+from ..io import atomic_torch_save, atomic_write_json
 from ..models import ModelSpec, build_model
 from . import distributed as D
-from ..io import atomic_torch_save, atomic_write_json
 from .checkpoint import Checkpoint, load_weights, read_weights, save_checkpoint
 from .controller import BudgetController
 from .groups import build_groups

@@ -190,7 +190,7 @@ def trace(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
             f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}); "
             "structured groups need a traceable forward without data-dependent control flow"
         ) from exc
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # restored one by one: a frozen BN stays in eval
     gm.eval()
     try:
         param = next(model.parameters(), None)
@@ -203,7 +203,8 @@ def trace(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
             f"{type(model).__name__} does not run on an input of shape {tuple(input_shape)} ({exc})"
         ) from exc
     finally:
-        gm.train(was_training)
+        for m, training in modes.items():
+            m.training = training
     return gm
 
 
@@ -358,8 +359,9 @@ def _function_ids(b, node, shape, tensor_ids, input_ids, wall, sum_nodes):
             return list(a)
         return wall(node, f"{_describe(node)} with a constant or broadcast operand (0 + c != 0)")
     if (is_fn and target in _SCALE_FUNCTIONS) or (not is_fn and target in _SCALE_METHODS):
-        if len(tensors) == 1 and isinstance(args[0], fx.Node) and not isinstance(args[1], fx.Node):
-            x = tensor_ids(args[0])
+        x = tensor_ids(args[0]) if args else None
+        other = args[1] if len(args) > 1 else node.kwargs.get("other")  # torch.mul(x, other=2.0)
+        if len(tensors) == 1 and x is not None and isinstance(other, (int, float)):
             return list(x)
         return wall(node, f"{_describe(node)} of two tensors")
     if (is_fn and target in _FLATTEN_FUNCTIONS) or (not is_fn and target in _FLATTEN_METHODS):
