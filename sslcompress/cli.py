@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,7 @@ def pretrain(**kw: Any) -> None:
     _check_device(run["device"])
     cfg = build_config(PretrainConfig, _flatten_recipe(recipe, "train"),
                        {**run, "train": _phase(kw["epochs"], kw["lr"], kw["batch_size"])})
-    with Progress(enabled=not (kw["quiet"] or kw["as_json"])) as progress:
+    with Progress(enabled=not (kw["quiet"] or kw["as_json"]) and os.environ.get("RANK", "0") == "0") as progress:
         result = run_pretrain(cfg, progress.on_event)
     _finish(result, kw["as_json"])
 
@@ -202,7 +203,7 @@ def finetune(**kw: Any) -> None:
         "finetune": _phase(kw["finetune_epochs"], kw["finetune_lr"], bs),
     }
     cfg = build_config(FinetuneConfig, recipe, overrides)
-    with Progress(enabled=not (kw["quiet"] or kw["as_json"])) as progress:
+    with Progress(enabled=not (kw["quiet"] or kw["as_json"]) and os.environ.get("RANK", "0") == "0") as progress:
         result = run_finetune(cfg, progress.on_event)
     _finish(result, kw["as_json"])
 
@@ -210,6 +211,8 @@ def finetune(**kw: Any) -> None:
 def _finish(result, as_json: bool) -> None:
     from .console import print_report
 
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 speaks for all
     if as_json:
         click.echo(json.dumps(result.report, indent=2))
         return

@@ -23,6 +23,7 @@ class Progress:
         self._bar: RichProgress | None = None
         self._task = None
         self._key: tuple[str, int] | None = None
+        self._sparsity = ""
 
     def __enter__(self) -> Progress:
         if self.enabled:
@@ -54,12 +55,18 @@ class Progress:
             if e.lambdas:
                 parts.append("lambda " + ",".join(f"{k}={v:.3g}" for k, v in e.lambdas.items()))
             self._bar.console.print("  ".join(parts))
+            if e.macs_fraction is not None:
+                # Group sparsity is measured once per epoch; the next epoch's bar shows it.
+                self._sparsity = f"MACs {e.macs_fraction:.1%}" + (
+                    f" zero groups {e.zero_groups:.1%}" if e.zero_groups is not None else "")
             if self._task is not None:
                 self._bar.remove_task(self._task)
                 self._task, self._key = None, None
             return
         key = (e.phase, e.epoch)
         stats = f"loss {e.loss:.4f} acc {e.accuracy:.2%}" if e.loss is not None else ""
+        if e.phase in ("sparsify", "finetune") and self._sparsity:
+            stats += f"  {self._sparsity}"
         if key != self._key:
             if self._task is not None:
                 self._bar.remove_task(self._task)
