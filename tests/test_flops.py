@@ -8,14 +8,7 @@ import torch
 from sslcompress.flops import Counter, count
 from sslcompress.models import ModelSpec, build_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensor ops: intra-op threads only contend on a busy machine (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LENET_SHAPE = (1, 1, 28, 28)

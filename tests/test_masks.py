@@ -11,14 +11,7 @@ from sslcompress.finetune.masks import MaskSet, elementwise_masks
 from sslcompress.finetune.regularizer import GroupLasso
 from sslcompress.models import ModelSpec, build_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensor ops: intra-op threads only contend on a busy machine (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SHAPE = (1, 1, 28, 28)

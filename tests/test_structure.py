@@ -10,14 +10,7 @@ from sslcompress.errors import UnsupportedModelError
 from sslcompress.finetune.structure import analyze
 from sslcompress.models import ModelSpec, build_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensor ops: intra-op threads only contend on a busy machine (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- helpers
