@@ -183,7 +183,8 @@ def render(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="MNIST .npz for the LeNet batches")
-    ap.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--results", default=None,
+                    help="where the .json/.md go (default benchmarks/results; benchmarks/out with --quick)")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=2)
@@ -192,8 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-resnet", action="store_true")
     ap.add_argument("--lambda", dest="lam", type=float, default=0.01)
     ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (default 1: 2 threads on 2 shared cores oversubscribe badly)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.rounds, args.steps, args.warmup, args.resnet_rounds, args.resnet_steps = 3, 5, 1, 2, 2
 
@@ -220,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
            "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
            "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine,
            "wall_time_s": wall, "target_prox_fc_overhead": TARGET_PROX_FC, "verdict": verdict, "results": results}
-    res_dir = Path(args.results)
+    res_dir = Path(args.results or REPO / "benchmarks" / ("out" if args.quick else "results"))
     res_dir.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     (res_dir / f"regularizer_overhead{suffix}.json").write_text(json.dumps(doc, indent=2))

@@ -52,6 +52,8 @@ def _run_options(f):
                      help="TOML recipe with any of these options; flags given here win."),
         click.option("--seed", default=None, type=int, help="Random seed (default 0)."),
         click.option("--device", default=None, help="cpu (default) or cuda[:N]."),
+        click.option("--threads", default=None, type=click.IntRange(min=1),
+                     help="torch intra-op threads (default: torch's choice; 1 is faster on a busy machine)."),
         click.option("--limit-train", default=None, type=click.IntRange(min=1), help="Use only N training images."),
         click.option("--limit-test", default=None, type=click.IntRange(min=1), help="Use only N test images."),
         click.option("--batch-size", default=None, type=click.IntRange(min=1), help="Batch size of every phase."),
@@ -73,7 +75,7 @@ def _run_overrides(kw: dict[str, Any]) -> dict[str, Any]:
     out = kw.get("out") or None
     return {
         "model": kw.get("model"), "data": kw.get("data"), "weights": kw.get("weights"), "out": out,
-        "seed": kw.get("seed"), "device": kw.get("device"),
+        "seed": kw.get("seed"), "device": kw.get("device"), "threads": kw.get("threads"),
         "limit_train": kw.get("limit_train"), "limit_test": kw.get("limit_test"),
     }
 

@@ -71,6 +71,7 @@ class RunOptions:
     limit_train: int | None = None
     limit_test: int | None = None
     eval_batch_size: int = 256
+    threads: int | None = None  # torch intra-op threads; None leaves torch's default
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,10 @@ class FinetuneConfig:
     weighting: str = "none"
     target_flops: float | None = None
     pretrain: TrainOptions = field(default_factory=lambda: TrainOptions(epochs=10, lr=0.02))
-    sparsify: TrainOptions = field(default_factory=lambda: TrainOptions(epochs=12, lr=0.02, weight_decay=0.0))
+    # A constant lr while sparsifying: the proximal threshold is lr * lambda, and a decaying lr
+    # would stop the pruning in the last epochs.
+    sparsify: TrainOptions = field(default_factory=lambda: TrainOptions(epochs=12, lr=0.02, weight_decay=0.0,
+                                                                        schedule="constant"))
     finetune: TrainOptions = field(default_factory=lambda: TrainOptions(epochs=6, lr=0.01, weight_decay=0.0))
     resume: bool = False
 

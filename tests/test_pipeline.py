@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sslcompress.config import FinetuneConfig, PretrainConfig, RunOptions, TrainOptions
+from sslcompress.errors import TrainingError
 from sslcompress.finetune.checkpoint import load_checkpoint
 from sslcompress.finetune.pipeline import run_finetune, run_pretrain
 
@@ -66,6 +67,40 @@ def test_target_flops_is_met(pretrained, tmp_path):
                             finetune=TrainOptions(epochs=1, lr=0.01, weight_decay=0.0)))
     assert res.report["totals"]["macs_fraction"] <= 0.3
     assert res.report["target_flops"] == 0.3
+    _assert_connected(res.checkpoint)
+
+
+def _assert_connected(path):
+    """The output still depends on the input: removal did not cut the network."""
+    model = load_checkpoint(path).build()
+    with torch.no_grad():
+        y = model(torch.randn(2, 1, 28, 28))
+    assert not torch.equal(y[0], y[1])
+
+
+def test_forced_target_never_cuts_the_network(pretrained, tmp_path):
+    # A weak lambda leaves the target to the forced zeroing, which must stop short of cutting.
+    res = run_finetune(_cfg(tmp_path, pretrained.checkpoint, strength=0.001, target_flops=0.03,
+                            sparsify=TrainOptions(epochs=1, lr=0.02, weight_decay=0.0),
+                            finetune=TrainOptions(epochs=1, lr=0.01, weight_decay=0.0)))
+    assert res.report["forced_groups"] > 0
+    assert res.report["totals"]["macs_fraction"] <= 0.03
+    _assert_connected(res.checkpoint)
+
+
+def test_target_reachable_only_by_cutting_is_an_error(pretrained, tmp_path):
+    # One conv1 filter alone costs 14,400 of LeNet's 2,293,000 MACs (0.6%).
+    with pytest.raises(TrainingError, match="without cutting the network"):
+        run_finetune(_cfg(tmp_path, pretrained.checkpoint, strength=0.001, target_flops=0.001,
+                          sparsify=TrainOptions(epochs=1, lr=0.02, weight_decay=0.0),
+                          finetune=TrainOptions(epochs=1, lr=0.01, weight_decay=0.0)))
+    assert not (tmp_path / "sparse.pt").exists()
+
+
+def test_sparsify_that_cuts_the_network_is_an_error(pretrained, tmp_path):
+    with pytest.raises(TrainingError, match="cut the network"):
+        run_finetune(_cfg(tmp_path, pretrained.checkpoint, strength=50.0,
+                          sparsify=TrainOptions(epochs=1, lr=0.02, weight_decay=0.0)))
 
 
 def test_shape_structures_cut_gemm_macs(pretrained, tmp_path):

@@ -7,7 +7,7 @@ schedule, lambda grows by `gain`; well ahead of it, lambda shrinks, which spares
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -17,6 +17,8 @@ class BudgetController:
     gain: float = 1.5
     ramp: float = 0.6
     slack: float = 0.05
+    floor_factor: float = 1.0  # lambda never falls below this times its starting value
+    start: dict[str, float] = field(default_factory=dict)  # the starting lambdas (first update's)
 
     def wanted(self, epoch: int) -> float:
         """The MAC fraction the schedule asks for at the end of `epoch` (0-based)."""
@@ -36,4 +38,8 @@ class BudgetController:
             factor = 1.0 / self.gain
         else:
             factor = 1.0
-        return {k: v * factor for k, v in lambdas.items()}
+        if not self.start:
+            self.start = dict(lambdas)
+        # Never below the starting lambda: with a decaying lr the late epochs prune little, and a
+        # lambda lowered early on would leave the target to the forced zeroing at the end.
+        return {k: max(v * factor, self.floor_factor * self.start.get(k, v)) for k, v in lambdas.items()}

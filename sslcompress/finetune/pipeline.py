@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config import FinetuneConfig, PretrainConfig, TrainOptions, to_plain
 from ..data import ImageData, load_data
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, TrainingError
 from ..flops import Counter
 from ..io import atomic_torch_save, atomic_write_json
 from ..models import ModelSpec, build_model
@@ -61,6 +61,8 @@ def _emit(on_event: EventSink | None, env: D.DistEnv, event: Event) -> None:
 
 def _prepare(run, on_event) -> tuple[ImageData, ModelSpec, nn.Module, Checkpoint | None, dict | None]:
     """Data, model spec and model (with --weights loaded) for a run."""
+    if run.threads:
+        torch.set_num_threads(run.threads)
     data = load_data(run.data, limit_train=run.limit_train, limit_test=run.limit_test, seed=run.seed)
     state, ckpt = (read_weights(run.weights) if run.weights else (None, None))
     name = run.model or (ckpt.model.name if ckpt else DEFAULT_MODEL)
@@ -136,6 +138,7 @@ class _Sparsifier:
 
     def __init__(self, model: nn.Module, spec: ModelSpec, cfg: FinetuneConfig):
         self.model, self.cfg = model, cfg
+        self.input_shape = spec.input_shape
         self.counter = Counter(model, spec.input_shape)
         self.groups = build_groups(model, spec.input_shape, cfg.structures, self.counter.structure) \
             if cfg.method == "ssl" else []
@@ -197,7 +200,7 @@ class _Sparsifier:
         return elementwise_masks(self.model, self.l1_names)
 
     def floor(self) -> float:
-        """The smallest MAC fraction reachable: every removable group zero."""
+        """A lower bound of the MAC fraction: every removable group zero (what pinned layers keep)."""
         probe = copy.deepcopy(self.model)
         with torch.no_grad():
             lasso = GroupLasso(probe, self.groups)
@@ -207,8 +210,30 @@ class _Sparsifier:
         return counted.macs_gemm_fraction if "shape" in self.cfg.structures else counted.macs_fraction
 
     @torch.no_grad()
+    def connected(self) -> bool:
+        """Whether the output still depends on the input (two random inputs, two different outputs).
+
+        Zeroing every channel of one layer cuts the network: its output becomes a constant, and
+        removal would then delete the whole model while claiming a tiny MAC count.
+        """
+        was = self.model.training
+        self.model.eval()
+        try:
+            param = next(self.model.parameters())
+            gen = torch.Generator().manual_seed(1234)
+            x = torch.randn((2, *self.input_shape[1:]), generator=gen).to(param.device, param.dtype)
+            y = self.model(x)
+        finally:
+            self.model.train(was)
+        return not torch.equal(y[0], y[1])
+
+    @torch.no_grad()
     def enforce(self, target: float) -> int:
-        """Zero the weakest removable groups (norm per MAC) until the target is met; returns how many."""
+        """Zero the weakest removable groups (norm per MAC) until the target is met; returns how many.
+
+        Chunks that would cut the network are undone and retried group by group, skipping the
+        groups that cut it; if the target cannot be met without cutting, TrainingError.
+        """
         assert self.lasso is not None
         ranked = []
         for kind, ix in self.lasso.kinds.items():
@@ -217,18 +242,47 @@ class _Sparsifier:
                 if norms[i] > 0:
                     ranked.append((float(norms[i]) / max(g.cost, 1) ** 0.5, kind, i))
         ranked.sort()
-        forced, chunk = 0, max(1, len(ranked) // 100)
-        while self.macs_fraction() > target and forced < len(ranked):
-            batch = ranked[forced:forced + chunk]
-            for kind in {k for _, k, _ in batch}:
-                ix = self.lasso.kinds[kind]
-                scale = torch.ones(ix.n)
-                for _, k, i in batch:
-                    if k == kind:
-                        scale[i] = 0.0
-                ix.scale_(scale.to(self.lasso.kinds[kind].weight.device))
-            forced += len(batch)
+        forced, pos, chunk = 0, 0, max(1, len(ranked) // 100)
+        while self.macs_fraction() > target and pos < len(ranked):
+            batch = ranked[pos:pos + chunk]
+            pos += len(batch)
+            saved = self._zero(batch)
+            if self.connected():
+                forced += len(batch)
+                continue
+            self._restore(saved)
+            for item in batch:
+                saved = self._zero([item])
+                if self.connected():
+                    forced += 1
+                    if self.macs_fraction() <= target:
+                        break
+                else:
+                    self._restore(saved)
+        if self.macs_fraction() > target:
+            raise TrainingError(
+                f"target FLOPs {target:.3f} cannot be met without cutting the network (every channel of "
+                f"some layer zero); the closest connected model keeps {self.macs_fraction():.3f}")
         return forced
+
+    def _zero(self, items: list[tuple[float, str, int]]) -> dict[str, torch.Tensor]:
+        """Zero these groups; returns copies of the parameters touched, for _restore."""
+        params = dict(self.model.named_parameters())
+        touched = {s.param for _, kind, i in items for s in self.lasso.kinds[kind].groups[i].slices}
+        saved = {n: params[n].detach().clone() for n in touched}
+        for kind in {k for _, k, _ in items}:
+            ix = self.lasso.kinds[kind]
+            scale = torch.ones(ix.n, device=ix.weight.device)
+            for _, k, i in items:
+                if k == kind:
+                    scale[i] = 0.0
+            ix.scale_(scale)
+        return saved
+
+    def _restore(self, saved: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        for n, t in saved.items():
+            params[n].copy_(t)
 
 
 def run_finetune(cfg: FinetuneConfig, on_event: EventSink | None = None) -> RunResult:
@@ -274,7 +328,7 @@ def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None) -
         if cfg.target_flops < floor:
             raise ConfigError(f"target FLOPs {cfg.target_flops:.3f} is impossible: with structures "
                               f"{', '.join(cfg.structures)} at most {1 - floor:.1%} of the MACs can be removed")
-        controller = BudgetController(cfg.target_flops, cfg.sparsify.epochs)
+        controller = BudgetController(cfg.target_flops, cfg.sparsify.epochs, start=dict(sp.lambdas))
     phase = resume["phase"] if resume else "sparsify"
     if resume:
         sp.lambdas = dict(resume["lambdas"])
@@ -329,6 +383,10 @@ def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None) -
             forced = sp.enforce(cfg.target_flops)
             _emit(on_event, env, Event("info", message=f"target not met by lambda alone: zeroed the {forced} "
                                                        "weakest removable groups"))
+        if not sp.connected():
+            raise TrainingError(
+                "sparsify cut the network: every channel of some layer is zero, so the output no longer "
+                "depends on the input; lower the strength (--strength/--lambda) or set --target-flops")
         metrics["forced_groups"] = forced
         metrics["after_sparsify"] = evaluate(model, data, run.eval_batch_size, run.device)
         metrics["macs_fraction_after_sparsify"] = sp.macs_fraction()
