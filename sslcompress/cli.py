@@ -26,6 +26,10 @@ class _Group(click.Group):
             # One line, whatever the message holds.
             click.echo("error: " + " ".join(str(exc).split()), err=True)
             sys.exit(2)
+        except OSError as exc:
+            # A full disk, a folder we may not write: the user's to fix, so one line, no traceback.
+            click.echo(f"error: {exc.strerror or exc} ({exc.filename or 'I/O'})", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted; rerun with --resume to continue from the last finished epoch", err=True)
             sys.exit(130)

@@ -117,3 +117,11 @@ def test_impossible_target_is_refused_before_training(runner, lenet_ckpt, tmp_pa
 def test_resume_without_state_is_an_error(runner, lenet_ckpt, tmp_path):
     res = runner.invoke(main, ["finetune", "--weights", str(lenet_ckpt), "--resume", "--out", str(tmp_path / "o")])
     assert "nothing to continue" in _error_line(res)
+
+
+def test_unwritable_run_folder_is_one_line(runner, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    res = runner.invoke(main, ["pretrain", "--out", str(blocker / "run"), "--limit-train", "50", "--epochs", "0",
+                               "-q"])
+    assert "Not a directory" in _error_line(res)
