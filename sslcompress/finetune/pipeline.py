@@ -74,6 +74,8 @@ def _prepare(run, on_event) -> tuple[ImageData, ModelSpec, nn.Module, Checkpoint
     model = build_model(spec).to(run.device)
     if state is not None:
         load_weights(model, state, source=str(run.weights))
+    # Before any training: a run folder that cannot be made should fail now, not after an hour.
+    Path(run.out).mkdir(parents=True, exist_ok=True)
     return data, spec, model, ckpt, state
 
 
