@@ -57,7 +57,7 @@ def _emit(on_event: EventSink | None, env: D.DistEnv, event: Event) -> None:
         on_event(event)
 
 
-def _prepare(run, on_event) -> tuple[ImageData, ModelSpec, nn.Module, Checkpoint | None, dict | None]:
+def _prepare(run) -> tuple[ImageData, ModelSpec, nn.Module, Checkpoint | None, dict | None]:
     """Data, model spec and model (with --weights loaded) for a run."""
     if run.threads:
         torch.set_num_threads(run.threads)
@@ -106,7 +106,7 @@ def run_pretrain(cfg: PretrainConfig, on_event: EventSink | None = None) -> RunR
     env = D.init_from_env(cfg.run.device)
     try:
         _seed_everything(cfg.run.seed)
-        data, spec, model, _, _ = _prepare(cfg.run, on_event)
+        data, spec, model, _, _ = _prepare(cfg.run)
         return _pretrain(model, spec, data, cfg.train, cfg.run, env, on_event, to_plain(cfg))
     finally:
         D.shutdown(env)
@@ -149,7 +149,7 @@ def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None) -
     out = Path(run.out)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    data, spec, model, _, state = _prepare(run, on_event)
+    data, spec, model, _, state = _prepare(run)
     resume = _load_state(out / STATE) if cfg.resume else None
     if cfg.resume and resume is None:
         raise CheckpointError(f"--resume: no resume state in {out} (nothing to continue)")

@@ -33,7 +33,7 @@ class Sparsifier:
         params = dict(model.named_parameters())
         self.l1_params = [params[n] for n in self.l1_names]
         self.lambdas = ({k: cfg.lambda_for(k) for k in self.lasso.kinds} if self.lasso is not None
-                        else {"l1": cfg.lambda_for("l1") if "l1" in cfg.lambdas else cfg.strength})
+                        else {"l1": cfg.strength})
         self.grouped_params = sorted({s.param for g in (self.lasso.groups if self.lasso else []) for s in g.slices})
         if self.lasso is not None and not self.lasso.groups:
             raise ConfigError(f"{spec.name} has no removable {', '.join(cfg.structures)} groups to sparsify")
