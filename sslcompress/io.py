@@ -32,3 +32,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 def atomic_write_json(obj: Any, path: str | Path) -> None:
     _atomic(path, lambda f: json.dump(obj, f, indent=2), "w")
+
+
+def atomic_write_bytes(data: bytes, path: str | Path) -> None:
+    _atomic(path, lambda f: f.write(data), "wb")

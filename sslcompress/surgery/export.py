@@ -1,0 +1,185 @@
+"""Export a torch model to a simplified ONNX graph, and read and write ONNX files safely.
+
+The surgery works on the simplified graph: onnxsim folds BatchNorm into the preceding Conv and
+removes the Identity and Constant clutter of the TorchScript exporter, so channel analysis sees
+one weight tensor per filter.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnxsim
+import torch
+from google.protobuf.message import DecodeError
+from torch import nn
+
+from ..errors import UnsupportedModelError, VerificationError
+from ..finetune.checkpoint import load_checkpoint
+from ..io import atomic_write_bytes
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+BATCH_DIM = "batch"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """An exported model and what the export did to it.
+
+    ``bn_remaining`` counts BatchNormalization nodes left after simplification; it is 0 for a
+    plain Conv/BN net, and nonzero where a BN does not follow a Conv (it then stays a node).
+    """
+
+    model: onnx.ModelProto
+    opset: int
+    dynamic_batch: bool
+    nodes_before_simplify: int
+    nodes_after: int
+    bn_remaining: int
+
+    @property
+    def bn_folded(self) -> bool:
+        """True when no BatchNormalization node is left in the graph."""
+        return self.bn_remaining == 0
+
+
+def _count_op(model: onnx.ModelProto, op_type: str) -> int:
+    return sum(1 for node in model.graph.node if node.op_type == op_type)
+
+
+def _batch_is_dynamic(model: onnx.ModelProto) -> bool:
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    return bool(dims) and not dims[0].HasField("dim_value")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _torch_export(model: nn.Module, input_shape: tuple[int, ...], opset: int, dynamic_batch: bool) -> bytes:
+    """TorchScript export into memory; the model is put in eval mode and its mode restored after."""
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(*input_shape, generator=generator).to(_device_of(model))
+    axes = {INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}} if dynamic_batch else None
+    was_training = model.training
+    buf = io.BytesIO()
+    model.eval()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(
+                model, (example,), buf, dynamo=False, opset_version=opset,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes,
+                do_constant_folding=True,
+            )
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"torch.onnx.export failed for {type(model).__name__} at opset {opset}: {exc}"
+        ) from exc
+    finally:
+        model.train(was_training)
+    return buf.getvalue()
+
+
+def _simplify(model: onnx.ModelProto, dynamic_batch: bool) -> onnx.ModelProto:
+    """onnxsim with its own numeric check off (it prints); callers verify in ORT themselves."""
+    try:
+        simplified, ok = onnxsim.simplify(model)
+    except Exception as exc:
+        raise UnsupportedModelError(f"onnxsim could not simplify the exported model: {exc}") from exc
+    if not ok:
+        raise VerificationError("onnxsim produced a simplified model that it could not validate.")
+    if dynamic_batch and not _batch_is_dynamic(simplified):
+        raise UnsupportedModelError("onnxsim fixed the batch dimension that the export asked to keep dynamic.")
+    return simplified
+
+
+def export_onnx(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    *,
+    opset: int = 17,
+    dynamic_batch: bool = False,
+    simplify: bool = True,
+) -> ExportResult:
+    """Export ``model`` for inputs of ``input_shape`` (batch first) as one ONNX graph.
+
+    The graph has one input ``"input"`` and one output ``"output"``; with ``dynamic_batch`` their
+    dim 0 is the symbol ``"batch"``, otherwise it is ``input_shape[0]``.
+    """
+    if not input_shape or not all(isinstance(d, int) and d > 0 for d in input_shape):
+        raise UnsupportedModelError(f"An input shape must be positive integers, got {input_shape!r}.")
+    raw = onnx.load_from_string(_torch_export(model, tuple(input_shape), opset, dynamic_batch))
+    before = len(raw.graph.node)
+    out = _simplify(raw, dynamic_batch) if simplify else raw
+    return ExportResult(
+        model=out,
+        opset=opset,
+        dynamic_batch=dynamic_batch,
+        nodes_before_simplify=before,
+        nodes_after=len(out.graph.node),
+        bn_remaining=_count_op(out, "BatchNormalization"),
+    )
+
+
+def export_checkpoint(
+    path: str | Path,
+    *,
+    opset: int = 17,
+    dynamic_batch: bool = False,
+    simplify: bool = True,
+) -> ExportResult:
+    """Export the model a stage-1 checkpoint holds, at the input shape it was trained for."""
+    ckpt = load_checkpoint(path)
+    return export_onnx(
+        ckpt.build(), ckpt.model.input_shape, opset=opset, dynamic_batch=dynamic_batch, simplify=simplify
+    )
+
+
+def save_onnx(model: onnx.ModelProto, path: str | Path) -> None:
+    """Write atomically, so a reader never sees half a model under the real name."""
+    try:
+        data = model.SerializeToString()
+    except ValueError as exc:  # protobuf refuses messages over 2 GB
+        raise UnsupportedModelError(f"The model is too large to write as a single ONNX file ({exc}).") from exc
+    atomic_write_bytes(data, path)
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """Read and check an ONNX file; anything unreadable raises UnsupportedModelError."""
+    p = Path(path)
+    if not p.is_file():
+        raise UnsupportedModelError(f"ONNX file {p} not found.")
+    try:
+        model = onnx.load(str(p))
+    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+        raise UnsupportedModelError(f"{p} is not a readable ONNX model: not ONNX, or truncated ({exc}).") from exc
+    if not model.HasField("graph") or not model.graph.node:
+        raise UnsupportedModelError(f"{p} is not a readable ONNX model: it holds no graph.")
+    newest = onnx.defs.onnx_opset_version()
+    default = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    if default and default[0] > newest:
+        raise UnsupportedModelError(
+            f"{p} uses ONNX opset {default[0]}, newer than the {newest} that onnx {onnx.__version__} reads."
+        )
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise UnsupportedModelError(
+            f"{p} is an ONNX model that onnx {onnx.__version__} rejects (IR {model.ir_version}, "
+            f"opsets {_opsets(model)}): {first}"
+        ) from exc
+    return model
+
+
+def _opsets(model: onnx.ModelProto) -> str:
+    return ", ".join(f"{o.domain or 'ai.onnx'}={o.version}" for o in model.opset_import) or "none"
