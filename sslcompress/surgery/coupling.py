@@ -1,0 +1,129 @@
+"""Channel coupling of an ONNX graph: which channels of which tensors are one and the same.
+
+Every channel gets an id. Ops that keep each channel apart (activations, pooling, BatchNorm,
+elementwise ops with a per-channel constant) keep its ids; ops that combine tensors elementwise
+(Add, Sub, Mul, Div) merge the ids of their operands, since a channel can only be deleted from
+all of them at once; Concat concatenates ids; Flatten repeats each id over the spatial
+positions; Conv and Gemm write fresh ids. Anything else is a wall: what it reads and writes is
+pinned, as are the graph's inputs and outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from .channels import _HANDLERS as _STATE_HANDLERS
+from .channels import _attr, _channels_of, _const, _operand
+
+# Ops whose output channel c reads only input channel c (the first input), with any other
+# inputs constants.
+_PASS_THROUGH = {
+    "Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu", "Softplus",
+    "Identity", "Neg", "Dropout", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool",
+    "GlobalMaxPool", "BatchNormalization", "ReduceMean", "ReduceMax",
+}
+_ELEMENTWISE = {"Add", "Sub", "Mul", "Div"}
+
+
+@dataclass
+class Coupling:
+    ids: dict[str, list[int]]  # value name -> channel id per position of axis 1
+    parent: list[int]
+    pinned: dict[int, str] = field(default_factory=dict)  # root -> reason
+
+    def root(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.root(a), self.root(b)
+        if ra != rb:
+            lo, hi = min(ra, rb), max(ra, rb)
+            self.parent[hi] = lo
+            why = self.pinned.pop(hi, None)
+            if why and lo not in self.pinned:
+                self.pinned[lo] = why
+
+    def fresh(self, n: int, pinned: str | None = None) -> list[int]:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        if pinned:
+            for i in range(start, start + n):
+                self.pinned[i] = pinned
+        return list(range(start, start + n))
+
+    def pin(self, ids: list[int], why: str) -> None:
+        for i in ids:
+            self.pinned.setdefault(self.root(i), why)
+
+    def roots_of(self, name: str) -> np.ndarray:
+        return np.array([self.root(i) for i in self.ids[name]], dtype=np.int64)
+
+
+def couple(model: ir.Model) -> Coupling:
+    c = Coupling({}, [])
+    for v in model.graph.inputs:
+        n = _channels_of(v)
+        if n is not None:
+            c.ids[v.name] = c.fresh(n, pinned="graph input")
+
+    def ids(v: ir.Value | None) -> list[int] | None:
+        return c.ids.get(v.name) if v is not None else None
+
+    for node in model.graph:
+        out = node.outputs[0] if node.outputs else None
+        n_out = _channels_of(out) if out is not None else None
+        x = ids(node.inputs[0]) if node.inputs else None
+        result: list[int] | None = None
+        op = node.op_type if node.domain in ("", "ai.onnx") else None
+        if op in ("Conv", "Gemm") and n_out is not None:
+            group = int(_attr(node, "group", 1)) if op == "Conv" else 1
+            if group != 1 and x is not None:
+                c.pin(x, f"grouped Conv {node.name}")
+                result = c.fresh(n_out, pinned=f"grouped Conv {node.name}")
+            elif op == "Gemm" and (_attr(node, "transA", 0) or _const(node.inputs[1]) is None):
+                result = None
+            else:
+                result = c.fresh(n_out)
+        elif op in _PASS_THROUGH and x is not None and n_out == len(x):
+            result = list(x)
+        elif op in _ELEMENTWISE and n_out is not None:
+            operands = [ids(v) for v in node.inputs[:2]]
+            tensors = [o for o in operands if o is not None]
+            if len(tensors) == 2 and len(tensors[0]) == len(tensors[1]) == n_out:
+                for a, b in zip(*tensors, strict=True):
+                    c.union(a, b)
+                result = list(tensors[0])
+            elif len(tensors) == 1 and len(tensors[0]) == n_out and _STATE_HANDLERS.get(op) is not None:
+                other = node.inputs[1] if operands[0] is not None else node.inputs[0]
+                if _operand(other, None, n_out, len(out.shape)) is not None:
+                    result = list(tensors[0])
+        elif op == "Flatten" and x is not None and n_out is not None and int(_attr(node, "axis", 1)) == 1:
+            spatial = n_out // max(1, len(x))
+            if spatial * len(x) == n_out:
+                result = [i for i in x for _ in range(spatial)]
+        elif op == "Concat" and n_out is not None:
+            parts = [ids(v) for v in node.inputs]
+            rank = len(out.shape) if out.shape is not None else 0
+            if rank and int(_attr(node, "axis", 0)) % rank == 1 and all(p is not None for p in parts):
+                result = [i for p in parts for i in p]
+        if result is None:
+            why = f"{node.op_type} {node.name}"
+            for v in node.inputs:
+                if ids(v) is not None:
+                    c.pin(ids(v), why)
+            for v in node.outputs:
+                m = _channels_of(v)
+                if m is not None:
+                    c.ids[v.name] = c.fresh(m, pinned=why)
+            continue
+        c.ids[out.name] = result
+    for v in model.graph.outputs:
+        if v.name in c.ids:
+            c.pin(c.ids[v.name], "graph output")
+    return c

@@ -1,0 +1,125 @@
+"""Deleting dead channels from ONNX graphs: smaller tensors, the same outputs in ORT."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from sslcompress.flops import count
+from sslcompress.models import ModelSpec, build_model
+from sslcompress.surgery.export import export_onnx
+from sslcompress.surgery.prune import prune_dead_channels
+from sslcompress.surgery.verify import verify_or_raise
+
+
+def _onnx_macs(proto: onnx.ModelProto) -> int:
+    """Conv and Gemm MACs per sample, read from the graph's own shapes: an independent count."""
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(proto.graph.value_info) + list(proto.graph.output)}
+    inits = {i.name: list(i.dims) for i in proto.graph.initializer}
+    total = 0
+    for node in proto.graph.node:
+        if node.op_type == "Conv":
+            out = shapes[node.output[0]]
+            w = inits[node.input[1]]
+            total += int(np.prod(w)) * out[2] * out[3]
+        elif node.op_type == "Gemm":
+            total += int(np.prod(inits[node.input[1]]))
+    return total
+
+
+def _prune_and_check(model: nn.Module, shape):
+    proto = export_onnx(model, shape, dynamic_batch=True).model
+    res = prune_dead_channels(proto)
+    verify_or_raise(proto, res.model)
+    onnx.checker.check_model(res.model, full_check=True)
+    return proto, res
+
+
+@torch.no_grad()
+def test_lenet_dead_filters_are_deleted_and_macs_match_the_torch_count():
+    torch.manual_seed(0)
+    m = build_model(ModelSpec("lenet5", 10, 1, (28, 28))).eval()
+    m.conv1.weight[5:] = 0
+    m.conv1.bias[5:] = 0
+    m.conv2.weight[20:] = 0
+    m.conv2.bias[20:] = 0
+    m.fc1.weight[100:] = 0
+    m.fc1.bias[100:] = 0
+    proto, res = _prune_and_check(m, (1, 1, 28, 28))
+    dims = {i.name: list(i.dims) for i in res.model.graph.initializer}
+    assert dims["conv1.weight"] == [5, 1, 5, 5] and dims["conv2.weight"] == [20, 5, 5, 5]
+    assert dims["fc1.weight"] == [100, 20 * 16] and dims["fc2.weight"] == [10, 100]
+    assert res.channels_removed == 15 + 30 + 400
+    assert _onnx_macs(res.model) == count(m, (1, 1, 28, 28)).macs_after
+
+
+@torch.no_grad()
+def test_resnet20_block_internal_channels_and_shared_initializers():
+    torch.manual_seed(0)
+    m = build_model(ModelSpec("resnet20", 10, 3, (32, 32))).eval()
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.bias.uniform_(-0.2, 0.2)
+    for stage in (m.layer1, m.layer2, m.layer3):
+        for blk in stage:
+            k = blk.conv1.out_channels // 2
+            blk.conv1.weight[k:] = 0
+            blk.bn1.weight[k:] = 0
+            blk.bn1.bias[k:] = 0
+    proto, res = _prune_and_check(m, (1, 3, 32, 32))
+    assert res.channels_removed == 3 * (8 + 16 + 32)
+    assert _onnx_macs(res.model) == count(m, (1, 3, 32, 32)).macs_after
+    # Every initializer is used, and none was changed for a node that still needs the original.
+    used = {i for n in res.model.graph.node for i in n.input}
+    assert all(i.name in used for i in res.model.graph.initializer)
+
+
+@torch.no_grad()
+def test_trunk_channel_dies_only_when_zero_in_every_summand():
+    torch.manual_seed(0)
+    m = build_model(ModelSpec("resnet20", 10, 3, (32, 32))).eval()
+    # Channel 3 of stage 1's trunk: zero in the stem but not in the blocks' last BN -> stays.
+    m.conv1.weight[3] = 0
+    m.bn1.weight[3] = 0
+    m.bn1.bias[3] = 0
+    proto, res = _prune_and_check(m, (1, 3, 32, 32))
+    assert res.channels_removed == 0
+    # Zero in every summand -> deleted everywhere.
+    for blk in m.layer1:
+        blk.bn2.weight[3] = 0
+        blk.bn2.bias[3] = 0
+    proto, res = _prune_and_check(m, (1, 3, 32, 32))
+    assert res.channels_removed == 1
+
+
+def test_no_zeros_no_change():
+    torch.manual_seed(0)
+    m = build_model(ModelSpec("lenet5", 10, 1, (28, 28))).eval()
+    proto, res = _prune_and_check(m, (1, 1, 28, 28))
+    assert res.channels_removed == 0 and res.tensors_changed == 0
+    before = {i.name: list(i.dims) for i in proto.graph.initializer}
+    assert {i.name: list(i.dims) for i in res.model.graph.initializer} == before
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@torch.no_grad()
+def test_random_filter_masks_on_a_small_residual_net(seed):
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    m = build_model(ModelSpec("resnet20", 10, 3, (16, 16))).eval()
+    for mod in m.modules():
+        if isinstance(mod, nn.Conv2d) and mod.out_channels > 1:
+            dead = torch.from_numpy(rng.random(mod.out_channels) < 0.4)
+            mod.weight[dead] = 0
+        if isinstance(mod, nn.BatchNorm2d):
+            dead = torch.from_numpy(rng.random(mod.num_features) < 0.3)
+            mod.weight[dead] = 0
+            mod.bias[dead] = 0
+            mod.running_mean.uniform_(-0.3, 0.3)
+    proto, res = _prune_and_check(m, (1, 3, 16, 16))
+    assert res.channels_removed > 0
