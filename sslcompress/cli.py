@@ -247,5 +247,81 @@ def info(checkpoint: str, as_json: bool) -> None:
         print_report(report)
 
 
+def _surgery_options(f):
+    opts = [
+        click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
+                     help="Also write the report as JSON here."),
+        click.option("--force", is_flag=True, help="Write the compact model even if verification fails."),
+        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _write_compact(result, out: str, report_path: str | None, force: bool, as_json: bool,
+                   extra: dict[str, Any] | None = None) -> None:
+    from .errors import VerificationError
+    from .io import atomic_write_json
+    from .surgery.export import save_onnx
+
+    report = {**result.report, **(extra or {})}
+    v = report["verification"]
+    if not v["passed"] and not force:
+        raise VerificationError(
+            f"the compact model differs from the uncut one by {v['max_abs']:.3g} (max |output| "
+            f"{v['max_ref']:.3g}); nothing written (--force writes it anyway)")
+    save_onnx(result.model, out)
+    if report_path:
+        atomic_write_json(report, report_path)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        from .console import print_surgery_report
+
+        print_surgery_report(report)
+        click.echo(f"compact model: {out}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
+              help="Where the compact ONNX model goes.")
+@_surgery_options
+def surgery(model: str, out: str, report_path: str | None, force: bool, as_json: bool) -> None:
+    """Delete exactly-zero channels from any ONNX model, verified against it in ONNX Runtime."""
+    from .surgery.compress import compress
+
+    _write_compact(compress(model), out, report_path, force, as_json)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--onnx", "out", required=True, type=click.Path(dir_okay=False), help="The compact ONNX model.")
+@click.option("--uncut", default=None, type=click.Path(dir_okay=False), help="Also write the model before surgery.")
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(min=11))
+@click.option("--dynamic-batch", is_flag=True, help="Keep the batch dimension dynamic.")
+@_surgery_options
+def export(checkpoint: str, out: str, uncut: str | None, opset: int, dynamic_batch: bool,
+           report_path: str | None, force: bool, as_json: bool) -> None:
+    """Export a checkpoint to ONNX (eval mode, onnxsim), delete its zero channels, verify."""
+    from .finetune.checkpoint import load_checkpoint
+    from .flops import count
+    from .surgery.compress import compress
+    from .surgery.export import export_onnx, save_onnx
+
+    ckpt = load_checkpoint(checkpoint)
+    model = ckpt.build()
+    exported = export_onnx(model, ckpt.model.input_shape, opset=opset, dynamic_batch=dynamic_batch)
+    result = compress(exported.model)
+    # The checkpoint's own count of what its zero groups remove, beside what surgery removed.
+    predicted = count(model, ckpt.model.input_shape).macs_after
+    extra = {"checkpoint": checkpoint, "predicted_macs_after": predicted,
+             "macs_after_matches_prediction": predicted == result.report["totals"]["macs_after"]}
+    if uncut:
+        save_onnx(exported.model, uncut)
+    _write_compact(result, out, report_path, force, as_json, extra)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

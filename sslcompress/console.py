@@ -130,3 +130,30 @@ def print_report(report: dict[str, Any]) -> None:
         lines.append("wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in wall.items()))
     for line in lines:
         _out.print(line)
+
+
+def print_surgery_report(report: dict[str, Any]) -> None:
+    table = Table(title="surgery")
+    for col in ("layer", "op", "weight", "MACs", "MACs after"):
+        table.add_column(col, justify="left" if col in ("layer", "op") else "right")
+    for lay in report["layers"]:
+        w = "x".join(map(str, lay["weight"]))
+        if lay["weight_after"] != lay["weight"]:
+            w += " -> " + ("x".join(map(str, lay["weight_after"])) if lay["weight_after"] else "removed")
+        table.add_row(lay["name"], lay["op"], w, _num(lay["macs"]), _num(lay["macs_after"]))
+    t = report["totals"]
+    table.add_section()
+    table.add_row("total", "", "", _num(t["macs"]), f"{_num(t['macs_after'])} ({t['macs_fraction']:.1%})")
+    _out.print(table)
+    v = report["verification"]
+    _out.print(f"parameters {_num(t['params'])} -> {_num(t['params_after'])}, nodes {t['nodes']} -> "
+               f"{t['nodes_after']}, file {_num(t['bytes'])}B -> {_num(t['bytes_after'])}B, "
+               f"channels removed {t['channels_removed']}")
+    agree = f", top-1 agreement {v['top1_agreement']:.2%}" if v.get("top1_agreement") is not None else ""
+    _out.print(f"verification: {'passed' if v['passed'] else 'FAILED'} (max abs diff {v['max_abs']:.3g}, "
+               f"relative {v['rel']:.3g} over {v['inputs']} inputs{agree}); surgery "
+               f"{report['seconds']['surgery']:.2f}s")
+    if "macs_after_matches_prediction" in report:
+        status = "matches" if report["macs_after_matches_prediction"] else "differs from"
+        _out.print(f"MACs after {status} the checkpoint's count of its removable groups "
+                   f"({_num(report['predicted_macs_after'])})")

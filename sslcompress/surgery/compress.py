@@ -1,0 +1,63 @@
+"""Surgery of a whole ONNX model: passes, then verification against the uncut model, then a report."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .export import load_onnx
+from .measure import layers, parameters
+from .prune import prune_dead_channels
+from .verify import VerifyResult, compare
+
+
+@dataclass(frozen=True)
+class CompressResult:
+    model: onnx.ModelProto
+    report: dict[str, Any]
+    verification: VerifyResult
+
+
+def compress(model: onnx.ModelProto | str | Path, *, inputs: list[np.ndarray] | None = None,
+             rtol_of_max: float = 1e-4) -> CompressResult:
+    """The compact model and its report; `verification.passed` says whether it may be written."""
+    t0 = time.perf_counter()
+    proto = load_onnx(model) if isinstance(model, (str, Path)) else model
+    pruned = prune_dead_channels(proto)
+    t_surgery = time.perf_counter() - t0
+    check = compare(proto, pruned.model, inputs, rtol_of_max=rtol_of_max)
+    report = build_report(proto, pruned.model, check, channels_removed=pruned.channels_removed,
+                          seconds={"surgery": t_surgery, "total": time.perf_counter() - t0})
+    return CompressResult(pruned.model, report, check)
+
+
+def build_report(before: onnx.ModelProto, after: onnx.ModelProto, check: VerifyResult, *,
+                 channels_removed: int, seconds: dict[str, float]) -> dict[str, Any]:
+    la = {lay.name: lay for lay in layers(after)}
+    rows = []
+    for lb in layers(before):
+        a = la.get(lb.name)
+        rows.append({"name": lb.name, "op": lb.op, "weight": list(lb.weight_shape),
+                     "weight_after": list(a.weight_shape) if a else None,
+                     "macs": lb.macs, "macs_after": a.macs if a else 0})
+    macs = sum(r["macs"] for r in rows)
+    macs_after = sum(r["macs_after"] for r in rows)
+    return {
+        "layers": rows,
+        "totals": {
+            "macs": macs, "macs_after": macs_after, "macs_fraction": macs_after / macs if macs else 1.0,
+            "params": parameters(before), "params_after": parameters(after),
+            "nodes": len(before.graph.node), "nodes_after": len(after.graph.node),
+            "bytes": before.ByteSize(), "bytes_after": after.ByteSize(),
+            "channels_removed": channels_removed,
+        },
+        "verification": {"max_abs": check.max_abs, "max_ref": check.max_ref, "rel": check.rel,
+                         "top1_agreement": check.top1_agreement, "passed": check.passed,
+                         "inputs": check.n_inputs},
+        "seconds": seconds,
+    }
