@@ -123,3 +123,25 @@ def test_random_filter_masks_on_a_small_residual_net(seed):
             mod.running_mean.uniform_(-0.3, 0.3)
     proto, res = _prune_and_check(m, (1, 3, 16, 16))
     assert res.channels_removed > 0
+
+
+@torch.no_grad()
+def test_zero_residual_branches_are_deleted_whole():
+    from sslcompress.surgery.compress import compress
+
+    torch.manual_seed(0)
+    m = build_model(ModelSpec("resnet20", 10, 3, (32, 32))).eval()
+    for blk in (m.layer1[1], m.layer2[2]):
+        for p in blk.parameters():
+            p.zero_()
+    m.layer3[1].conv1.weight[:10] = 0  # and some dead channels elsewhere
+    m.layer3[1].bn1.weight[:10] = 0
+    m.layer3[1].bn1.bias[:10] = 0
+    proto = export_onnx(m, (1, 3, 32, 32), dynamic_batch=True).model
+    res = compress(proto)
+    assert res.verification.passed
+    assert len(res.report["blocks_removed"]) == 2
+    convs = sum(1 for n in res.model.graph.node if n.op_type == "Conv")
+    assert convs == sum(1 for n in proto.graph.node if n.op_type == "Conv") - 4
+    assert res.report["totals"]["channels_removed"] == 10
+    assert res.report["totals"]["macs_after"] == count(m, (1, 3, 32, 32)).macs_after

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from .depth import remove_zero_branches
 from .export import load_onnx
 from .measure import layers, parameters
 from .prune import prune_dead_channels
@@ -28,11 +29,14 @@ def compress(model: onnx.ModelProto | str | Path, *, inputs: list[np.ndarray] | 
     """The compact model and its report; `verification.passed` says whether it may be written."""
     t0 = time.perf_counter()
     proto = load_onnx(model) if isinstance(model, (str, Path)) else model
-    pruned = prune_dead_channels(proto)
+    # Branches first: a zero branch's inner tensors are wholly dead, which channel pruning leaves be.
+    depth = remove_zero_branches(proto)
+    pruned = prune_dead_channels(depth.model)
     t_surgery = time.perf_counter() - t0
     check = compare(proto, pruned.model, inputs, rtol_of_max=rtol_of_max)
     report = build_report(proto, pruned.model, check, channels_removed=pruned.channels_removed,
                           seconds={"surgery": t_surgery, "total": time.perf_counter() - t0})
+    report["blocks_removed"] = list(depth.branches_removed)
     return CompressResult(pruned.model, report, check)
 
 

@@ -1,0 +1,67 @@
+"""The pass that deletes residual branches whose output is exactly zero (depth-wise SSL).
+
+Where one operand of an Add is ZERO in every channel (and has the Add's own shape, so nothing
+depends on its broadcasting), the Add is the other operand: its users are rewired to it, the
+Add goes, and every node whose outputs no one reads any more (the branch) goes with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from .channels import ZERO, analyze
+
+
+@dataclass(frozen=True)
+class DepthResult:
+    model: onnx.ModelProto
+    branches_removed: tuple[str, ...]  # names of the Add nodes bypassed
+    nodes_removed: int
+
+
+def _same_shape(a: ir.Value, b: ir.Value) -> bool:
+    return a.shape is not None and b.shape is not None and list(a.shape) == list(b.shape)
+
+
+def remove_zero_branches(proto: onnx.ModelProto) -> DepthResult:
+    model = ir.serde.deserialize_model(proto)
+    states = analyze(model)
+    graph_outputs = {v.name for v in model.graph.outputs}
+    removed: list[str] = []
+    n_before = len(list(model.graph))
+    for node in list(model.graph):
+        if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        out = node.outputs[0]
+        if out.name in graph_outputs:
+            continue
+        for zero_side in (0, 1):
+            z, keep = node.inputs[zero_side], node.inputs[1 - zero_side]
+            ch = states.get(z.name) if z is not None else None
+            if ch is None or not np.all(ch.state == ZERO) or not _same_shape(z, out) or not _same_shape(keep, out):
+                continue
+            out.replace_all_uses_with(keep)
+            model.graph.remove(node, safe=True)
+            removed.append(node.name or out.name)
+            break
+    _remove_dead_nodes(model.graph)
+    result = ir.serde.serialize_model(model)
+    return DepthResult(result, tuple(removed), n_before - len(list(model.graph)))
+
+
+def _remove_dead_nodes(graph: ir.Graph) -> None:
+    outputs = {v.name for v in graph.outputs}
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph)):
+            if all(not v.uses() and v.name not in outputs for v in node.outputs):
+                graph.remove(node, safe=True)
+                changed = True
+    for name, value in list(graph.initializers.items()):
+        if not value.uses():
+            del graph.initializers[name]
