@@ -149,7 +149,7 @@ def print_surgery_report(report: dict[str, Any]) -> None:
     _out.print(f"parameters {_num(t['params'])} -> {_num(t['params_after'])}, nodes {t['nodes']} -> "
                f"{t['nodes_after']}, file {_num(t['bytes'])}B -> {_num(t['bytes_after'])}B, "
                f"channels removed {t['channels_removed']}, residual branches removed "
-               f"{len(report.get('blocks_removed', []))}")
+               f"{len(report.get('blocks_removed', []))}, kernels shrunk {len(report.get('kernels_shrunk', {}))}")
     agree = f", top-1 agreement {v['top1_agreement']:.2%}" if v.get("top1_agreement") is not None else ""
     _out.print(f"verification: {'passed' if v['passed'] else 'FAILED'} (max abs diff {v['max_abs']:.3g}, "
                f"relative {v['rel']:.3g} over {v['inputs']} inputs{agree}); surgery "

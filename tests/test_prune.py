@@ -145,3 +145,37 @@ def test_zero_residual_branches_are_deleted_whole():
     assert convs == sum(1 for n in proto.graph.node if n.op_type == "Conv") - 4
     assert res.report["totals"]["channels_removed"] == 10
     assert res.report["totals"]["macs_after"] == count(m, (1, 3, 32, 32)).macs_after
+
+
+@torch.no_grad()
+def test_zero_outer_kernel_rows_and_columns_shrink_the_kernel():
+    from sslcompress.surgery.compress import compress
+
+    torch.manual_seed(0)
+    m = build_model(ModelSpec("lenet5", 10, 1, (28, 28))).eval()
+    m.conv2.weight[:, :, 0, :] = 0  # no padding to give back: the input is cropped instead
+    m.conv2.weight[:, :, :, 3:] = 0
+    m.conv1.weight[:, :, 4, :] = 0
+    proto = export_onnx(m, (1, 1, 28, 28), dynamic_batch=True).model
+    res = compress(proto)
+    assert res.verification.passed and res.verification.max_abs <= 1e-6 * res.verification.max_ref + 1e-7
+    assert res.report["kernels_shrunk"] == {"/conv1/Conv": [[5, 5], [4, 5]], "/conv2/Conv": [[5, 5], [4, 3]]}
+    assert sum(1 for n in res.model.graph.node if n.op_type == "Slice") == 2
+    assert res.report["totals"]["macs_after"] == count(m, (1, 1, 28, 28)).macs_after
+
+
+@torch.no_grad()
+def test_kernel_shrink_with_padding_and_stride():
+    from sslcompress.surgery.kernels import shrink_kernels
+
+    torch.manual_seed(0)
+    m = build_model(ModelSpec("resnet20", 10, 3, (32, 32))).eval()
+    m.layer1[0].conv1.weight[:, :, 0:2, :] = 0  # one row from the padding, one cropped
+    m.layer2[0].conv1.weight[:, :, 2, :] = 0  # stride 2
+    m.layer2[0].conv1.weight[:, :, :, 0] = 0
+    proto = export_onnx(m, (1, 3, 32, 32), dynamic_batch=True).model
+    res = shrink_kernels(proto)
+    verify_or_raise(proto, res.model)
+    onnx.checker.check_model(res.model, full_check=True)
+    assert res.shrunk == {"/layer1/layer1.0/conv1/Conv": ((3, 3), (1, 3)),
+                          "/layer2/layer2.0/conv1/Conv": ((3, 3), (2, 2))}

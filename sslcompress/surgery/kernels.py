@@ -1,0 +1,92 @@
+"""The pass that shrinks kernels whose outer rows or columns are zero across all filters.
+
+Dropping kernel row 0 of a Conv moves every tap one step down (one dilation step, in general),
+which one row less of top padding undoes exactly; where there is no padding left to give back,
+a Slice that crops the input's first row does the same. The last row likewise at the bottom.
+So a 3x3 kernel becomes 3x2, 2x2, 1x3 or 1x1 and computes the same output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+
+@dataclass(frozen=True)
+class ShrinkResult:
+    model: onnx.ModelProto
+    shrunk: dict[str, tuple[tuple[int, int], tuple[int, int]]]  # node -> (kernel before, kernel after)
+
+
+def shrink_kernels(proto: onnx.ModelProto) -> ShrinkResult:
+    model = ir.serde.deserialize_model(proto)
+    shrunk = {}
+    for node in list(model.graph):
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        w_value = node.inputs[1]
+        if w_value.const_value is None or len(w_value.uses()) != 1:
+            continue
+        if node.attributes.get("auto_pad") is not None and node.attributes["auto_pad"].value not in ("NOTSET",):
+            continue
+        w = w_value.const_value.numpy()
+        if w.ndim != 4:
+            continue
+        pads = list(node.attributes["pads"].value) if "pads" in node.attributes else [0, 0, 0, 0]
+        dil = list(node.attributes["dilations"].value) if "dilations" in node.attributes else [1, 1]
+        r0, r1, c0, c1 = 0, w.shape[2], 0, w.shape[3]
+        rows = np.abs(w).sum((0, 1, 3)) > 0
+        cols = np.abs(w).sum((0, 1, 2)) > 0
+        if not rows.any():
+            continue  # an all-zero kernel is the channel passes' business
+        while r1 - r0 > 1 and not rows[r0]:
+            r0 += 1
+        while r1 - r0 > 1 and not rows[r1 - 1]:
+            r1 -= 1
+        while c1 - c0 > 1 and not cols[c0]:
+            c0 += 1
+        while c1 - c0 > 1 and not cols[c1 - 1]:
+            c1 -= 1
+        if (r0, r1, c0, c1) == (0, w.shape[2], 0, w.shape[3]):
+            continue
+        # Each dropped row/column takes one dilation step of padding, then of input, from its side.
+        shifts = [r0 * dil[0], c0 * dil[1], (w.shape[2] - r1) * dil[0], (w.shape[3] - c1) * dil[1]]
+        new_pads = [max(p - s_, 0) for p, s_ in zip(pads, shifts, strict=True)]
+        crops = [max(s_ - p, 0) for p, s_ in zip(pads, shifts, strict=True)]
+        if any(crops):
+            _crop_input(model.graph, node, crops)
+        new = np.ascontiguousarray(w[:, :, r0:r1, c0:c1])
+        w_value.const_value = ir.tensor(new, name=w_value.name)
+        w_value.shape = ir.Shape(new.shape)
+        node.attributes["kernel_shape"] = ir.AttrInt64s("kernel_shape", [r1 - r0, c1 - c0])
+        node.attributes["pads"] = ir.AttrInt64s("pads", new_pads)
+        shrunk[node.name or node.outputs[0].name] = ((w.shape[2], w.shape[3]), (r1 - r0, c1 - c0))
+    return ShrinkResult(ir.serde.serialize_model(model), shrunk)
+
+
+_BIG = np.iinfo(np.int64).max
+
+
+def _crop_input(graph: ir.Graph, node: ir.Node, crops: list[int]) -> None:
+    """Insert Slice(input)[:, :, top:-bottom, left:-right] in front of this Conv alone."""
+    top, left, bottom, right = crops
+    base = node.name or node.outputs[0].name
+    consts = {
+        "starts": np.array([top, left], np.int64),
+        "ends": np.array([-bottom if bottom else _BIG, -right if right else _BIG], np.int64),
+        "axes": np.array([2, 3], np.int64),
+    }
+    values = []
+    for key, arr in consts.items():
+        v = ir.Value(name=f"{base}.crop_{key}", shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.INT64),
+                     const_value=ir.tensor(arr, name=f"{base}.crop_{key}"))
+        graph.register_initializer(v)
+        values.append(v)
+    x = node.inputs[0]
+    crop = ir.Node("", "Slice", [x, *values], name=f"{base}.crop", num_outputs=1)
+    crop.outputs[0].name = f"{base}.cropped"
+    graph.insert_before(node, crop)
+    node.replace_input_with(0, crop.outputs[0])
