@@ -179,3 +179,36 @@ def test_kernel_shrink_with_padding_and_stride():
     onnx.checker.check_model(res.model, full_check=True)
     assert res.shrunk == {"/layer1/layer1.0/conv1/Conv": ((3, 3), (1, 3)),
                           "/layer2/layer2.0/conv1/Conv": ((3, 3), (2, 2))}
+
+
+@torch.no_grad()
+def test_constant_channels_fold_into_unpadded_consumers_and_go():
+    from sslcompress.surgery.compress import compress
+
+    torch.manual_seed(0)
+    m = build_model(ModelSpec("lenet5", 10, 1, (28, 28))).eval()
+    m.conv1.weight[10:] = 0
+    m.conv1.bias[10:] = torch.linspace(0.1, 1.0, 10)  # constant channels, read by unpadded conv2
+    m.fc1.weight[300:] = 0
+    m.fc1.bias[300:] = 0.5  # constant units: ReLU(0.5), folded into fc2's bias
+    proto = export_onnx(m, (1, 1, 28, 28), dynamic_batch=True).model
+    res = compress(proto)
+    assert res.verification.passed
+    dims = {i.name: list(i.dims) for i in res.model.graph.initializer}
+    assert dims["conv1.weight"] == [10, 1, 5, 5] and dims["conv2.weight"] == [50, 10, 5, 5]
+    assert dims["fc1.weight"] == [300, 800] and dims["fc2.weight"] == [10, 300]
+    assert res.report["constant_channels_folded"] == 10 + 200
+
+
+def test_padded_consumers_keep_constant_channels():
+    from sslcompress.surgery.prune import fold_constant_channels
+
+    torch.manual_seed(0)
+    m = build_model(ModelSpec("resnet20", 10, 3, (16, 16))).eval()
+    with torch.no_grad():
+        m.layer1[0].bn1.weight[:4] = 0
+        m.layer1[0].bn1.bias[:4] = 0.7  # constant after ReLU, but conv2 pads with zeros
+    proto = export_onnx(m, (1, 3, 16, 16), dynamic_batch=True).model
+    folded, n = fold_constant_channels(proto)
+    assert n == 0
+    verify_or_raise(proto, folded)

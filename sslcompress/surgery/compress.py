@@ -14,7 +14,7 @@ from .depth import remove_zero_branches
 from .export import load_onnx
 from .kernels import shrink_kernels
 from .measure import layers, parameters
-from .prune import prune_dead_channels
+from .prune import fold_constant_channels, prune_dead_channels
 from .verify import VerifyResult, compare
 
 
@@ -32,13 +32,15 @@ def compress(model: onnx.ModelProto | str | Path, *, inputs: list[np.ndarray] | 
     proto = load_onnx(model) if isinstance(model, (str, Path)) else model
     # Branches first: a zero branch's inner tensors are wholly dead, which channel pruning leaves be.
     depth = remove_zero_branches(proto)
-    pruned = prune_dead_channels(depth.model)
+    folded, n_folded = fold_constant_channels(depth.model)
+    pruned = prune_dead_channels(folded)
     shrunk = shrink_kernels(pruned.model)
     t_surgery = time.perf_counter() - t0
     check = compare(proto, shrunk.model, inputs, rtol_of_max=rtol_of_max)
     report = build_report(proto, shrunk.model, check, channels_removed=pruned.channels_removed,
                           seconds={"surgery": t_surgery, "total": time.perf_counter() - t0})
     report["blocks_removed"] = list(depth.branches_removed)
+    report["constant_channels_folded"] = n_folded
     report["kernels_shrunk"] = {k: [list(a), list(b)] for k, (a, b) in shrunk.shrunk.items()}
     return CompressResult(shrunk.model, report, check)
 

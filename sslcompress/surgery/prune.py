@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from .channels import ZERO, _attr, _const, analyze
+from .channels import CONSTANT, ZERO, _attr, _const, analyze
 from .coupling import couple
 
 
@@ -30,15 +30,15 @@ def dead_masks(model: ir.Model) -> tuple[dict[str, np.ndarray], int]:
     """Keep-mask (True = keep) per value with a channel axis, and how many ids die. An analysis."""
     states = analyze(model)
     c = couple(model)
-    alive: set[int] = set(c.pinned)
+    alive: set[int] = set(c.pinned) | _read_roots(model, c)
+    zero_everywhere: set[int] = {c.root(i) for i in range(len(c.parent))}
     for name, ch in states.items():
-        if name not in c.ids:
-            continue
-        roots = c.roots_of(name)
-        alive.update(roots[ch.state != ZERO].tolist())
+        if name in c.ids:
+            zero_everywhere -= set(c.roots_of(name)[ch.state != ZERO].tolist())
     for name in c.ids:
         if name not in states:
-            alive.update(c.roots_of(name).tolist())
+            zero_everywhere -= set(c.roots_of(name).tolist())
+    alive -= zero_everywhere - set(c.pinned)
     while True:  # never empty a tensor: a fully dead tensor is depth's business, not ours
         emptied = [name for name in c.ids if not np.isin(c.roots_of(name), list(alive)).any()]
         if not emptied:
@@ -49,6 +49,98 @@ def dead_masks(model: ir.Model) -> tuple[dict[str, np.ndarray], int]:
     dead = all_roots - alive
     keep = {name: ~np.isin(c.roots_of(name), list(dead)) for name in c.ids}
     return keep, len(dead)
+
+
+def _read_roots(model: ir.Model, c) -> set[int]:
+    """Channel ids some Conv or Gemm reads through a nonzero weight fibre.
+
+    Every other reader either carries the id on (and its own readers count) or is a wall that
+    pinned it, so an id outside this set and unpinned reaches no output: it is unused.
+    """
+    read: set[int] = set()
+    for node in model.graph:
+        if node.op_type not in ("Conv", "Gemm") or not node.inputs or node.inputs[0] is None:
+            continue
+        x = node.inputs[0]
+        if x.name not in c.ids:
+            continue
+        roots = c.roots_of(x.name)
+        w = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+        if w is None or (node.op_type == "Conv" and int(_attr(node, "group", 1)) != 1):
+            read.update(roots.tolist())
+            continue
+        if node.op_type == "Conv":
+            used = np.abs(w).reshape(w.shape[0], w.shape[1], -1).sum((0, 2)) > 0
+        else:
+            used = np.abs(w).sum(0 if _attr(node, "transB", 0) else 1) > 0
+        read.update(roots[used].tolist())
+    return read
+
+
+def fold_constant_channels(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Fold CONSTANT input channels of unpadded Convs and of Gemms into their biases.
+
+    A channel that holds the value v everywhere adds v * (sum of its weight fibre) to each output,
+    a constant; with no zero padding that holds at every output position, so the fibre can be
+    zeroed and the constant moved into the bias. Padded convs keep such channels (the border
+    sees the padding's zeros), as do grouped ones.
+    """
+    model = ir.serde.deserialize_model(proto)
+    states = analyze(model)
+    folded = 0
+    for node in list(model.graph):
+        if node.op_type not in ("Conv", "Gemm") or node.domain not in ("", "ai.onnx") or not node.inputs:
+            continue
+        x = node.inputs[0]
+        ch = states.get(x.name) if x is not None else None
+        w = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+        if ch is None or w is None or not np.any(ch.state == CONSTANT):
+            continue
+        if node.op_type == "Conv":
+            pads = _attr(node, "pads", None)
+            if int(_attr(node, "group", 1)) != 1 or (pads and any(pads)) or \
+                    _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+                continue
+            cols = np.nonzero((ch.state == CONSTANT) & (np.abs(w).reshape(w.shape[0], w.shape[1], -1).sum((0, 2)) > 0))[0]
+            if not len(cols):
+                continue
+            shift = (w[:, cols].reshape(w.shape[0], len(cols), -1).sum(2) * ch.value[cols]).sum(1)
+            new_w = w.copy()
+            new_w[:, cols] = 0
+        else:
+            if _attr(node, "transA", 0):
+                continue
+            wt = w.T if _attr(node, "transB", 0) else w  # (in, out)
+            cols = np.nonzero((ch.state == CONSTANT) & (np.abs(wt).sum(1) > 0))[0]
+            if not len(cols):
+                continue
+            shift = float(_attr(node, "alpha", 1.0)) * (ch.value[cols] @ wt[cols])
+            new_wt = wt.copy()
+            new_wt[cols] = 0
+            new_w = new_wt.T if _attr(node, "transB", 0) else new_wt
+            beta = float(_attr(node, "beta", 1.0))
+            if beta == 0:
+                continue
+            shift = shift / beta
+        dtype = node.inputs[1].const_value.numpy().dtype
+        _set_const(model.graph, node, 1, new_w.astype(dtype))
+        _add_to_bias(model.graph, node, shift.astype(dtype))
+        folded += len(cols)
+    return ir.serde.serialize_model(model), folded
+
+
+def _add_to_bias(graph: ir.Graph, node: ir.Node, shift: np.ndarray) -> None:
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        b = node.inputs[2].const_value.numpy()
+        _set_const(graph, node, 2, (b.reshape(-1) + shift).reshape(b.shape) if b.size == shift.size
+                   else b + shift.reshape((1, -1) if b.ndim == 2 else (-1,)))
+        return
+    name = f"{node.name or node.op_type}.folded_bias"
+    value = ir.Value(name=name, shape=ir.Shape(shift.shape), type=ir.TensorType(node.inputs[1].dtype),
+                     const_value=ir.tensor(np.ascontiguousarray(shift), name=name))
+    graph.register_initializer(value)
+    node.resize_inputs(3)
+    node.replace_input_with(2, value)
 
 
 def prune_dead_channels(proto: onnx.ModelProto) -> PruneResult:
