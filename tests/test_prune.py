@@ -212,3 +212,34 @@ def test_padded_consumers_keep_constant_channels():
     folded, n = fold_constant_channels(proto)
     assert n == 0
     verify_or_raise(proto, folded)
+
+
+def test_a_foreign_model_written_with_onnx_helper():
+    """Not from torch: initializer names, node names and layout are the writer's own."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sslcompress.surgery.compress import compress
+
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(8, 3, 3, 3)).astype(np.float32)
+    w1[[1, 4, 6]] = 0
+    b1 = rng.normal(size=8).astype(np.float32)
+    b1[[1, 4, 6]] = 0
+    w2 = rng.normal(size=(6, 8, 1, 1)).astype(np.float32)
+    wf = rng.normal(size=(6, 5)).astype(np.float32)  # Gemm without transB: (in, out)
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "A"), (b1, "B"), (w2, "C"), (wf, "D"))]
+    nodes = [
+        helper.make_node("Conv", ["x", "A", "B"], ["t1"], pads=[1, 1, 1, 1], name="first"),
+        helper.make_node("LeakyRelu", ["t1"], ["t2"], alpha=0.1),
+        helper.make_node("Conv", ["t2", "C"], ["t3"], name="second"),
+        helper.make_node("GlobalAveragePool", ["t3"], ["t4"]),
+        helper.make_node("Flatten", ["t4"], ["t5"], axis=1),
+        helper.make_node("Gemm", ["t5", "D"], ["y"], name="head"),
+    ]
+    graph = helper.make_graph(nodes, "foreign", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])], inits)
+    proto = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    res = compress(proto)
+    assert res.verification.passed
+    dims = {i.name: list(i.dims) for i in res.model.graph.initializer}
+    assert dims["A"] == [5, 3, 3, 3] and dims["B"] == [5] and dims["C"] == [6, 5, 1, 1] and dims["D"] == [6, 5]
