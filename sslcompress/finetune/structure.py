@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ..channel_ids import ChannelIds
 from ..errors import UnsupportedModelError
 
 # Modules whose output channel c depends only on input channel c and maps 0 to 0.
@@ -100,12 +101,7 @@ class ModelStructure:
     pinned: dict[int, str] = field(default_factory=dict)  # root id -> why it cannot be deleted
     input_ids: set[int] = field(default_factory=set)
 
-    def root(self, i: int) -> int:
-        parent = self.parent
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
+    root = ChannelIds.root  # the same union-find the analysis built
 
     def pin_reason(self, i: int) -> str | None:
         return self.pinned.get(self.root(i))
@@ -116,44 +112,6 @@ class ModelStructure:
     @property
     def dense_macs(self) -> int:
         return sum(layer.macs for layer in self.layers.values())
-
-
-class _Builder:
-    """Walks the fx graph once, assigning ids; keeps the union-find and pin reasons."""
-
-    def __init__(self) -> None:
-        self.parent: list[int] = []
-        self.pinned: dict[int, str] = {}
-
-    def fresh(self, n: int, pinned: str | None = None) -> list[int]:
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
-        ids = list(range(start, start + n))
-        if pinned:
-            for i in ids:
-                self.pinned[i] = pinned
-        return ids
-
-    def root(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.root(a), self.root(b)
-        if ra == rb:
-            return
-        lo, hi = min(ra, rb), max(ra, rb)
-        self.parent[hi] = lo
-        reason = self.pinned.pop(hi, None)
-        if reason and lo not in self.pinned:
-            self.pinned[lo] = reason
-
-    def pin(self, ids: list[int], reason: str) -> None:
-        for i in ids:
-            r = self.root(i)
-            self.pinned.setdefault(r, reason)
 
 
 class _Tracer(fx.Tracer):
@@ -212,7 +170,7 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
     """Channel ids, layers, norms and residual branches of `model` for inputs of `input_shape`."""
     gm = trace(model, input_shape)
     modules = dict(gm.named_modules())
-    b = _Builder()
+    b = ChannelIds()
     ids_of: dict[fx.Node, object] = {}  # node -> list[int] (channel ids) | tuple of lists | None
     layers: dict[str, Layer] = {}
     norms: dict[str, Norm] = {}

@@ -10,11 +10,10 @@ pinned, as are the graph's inputs and outputs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import onnx_ir as ir
 
+from ..channel_ids import ChannelIds
 from .channels import _HANDLERS as _STATE_HANDLERS
 from .channels import _attr, _channels_of, _const, _operand
 
@@ -28,45 +27,19 @@ _PASS_THROUGH = {
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div"}
 
 
-@dataclass
-class Coupling:
-    ids: dict[str, list[int]]  # value name -> channel id per position of axis 1
-    parent: list[int]
-    pinned: dict[int, str] = field(default_factory=dict)  # root -> reason
+class Coupling(ChannelIds):
+    """Channel ids of every value with a channel axis (value name -> id per position of axis 1)."""
 
-    def root(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.root(a), self.root(b)
-        if ra != rb:
-            lo, hi = min(ra, rb), max(ra, rb)
-            self.parent[hi] = lo
-            why = self.pinned.pop(hi, None)
-            if why and lo not in self.pinned:
-                self.pinned[lo] = why
-
-    def fresh(self, n: int, pinned: str | None = None) -> list[int]:
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
-        if pinned:
-            for i in range(start, start + n):
-                self.pinned[i] = pinned
-        return list(range(start, start + n))
-
-    def pin(self, ids: list[int], why: str) -> None:
-        for i in ids:
-            self.pinned.setdefault(self.root(i), why)
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: dict[str, list[int]] = {}
 
     def roots_of(self, name: str) -> np.ndarray:
         return np.array([self.root(i) for i in self.ids[name]], dtype=np.int64)
 
 
 def couple(model: ir.Model) -> Coupling:
-    c = Coupling({}, [])
+    c = Coupling()
     for v in model.graph.inputs:
         n = _channels_of(v)
         if n is not None:

@@ -1,0 +1,43 @@
+"""Channel ids with a union-find: the coupling bookkeeping of both the torch and the ONNX analyses.
+
+Each channel gets an integer id; channels that must be deleted together (the summands of an Add)
+are merged; a pinned id carries the reason it can never be deleted, which survives merges.
+"""
+
+from __future__ import annotations
+
+
+class ChannelIds:
+    def __init__(self, parent: list[int] | None = None, pinned: dict[int, str] | None = None) -> None:
+        self.parent: list[int] = parent if parent is not None else []
+        self.pinned: dict[int, str] = pinned if pinned is not None else {}  # root -> reason
+
+    def fresh(self, n: int, pinned: str | None = None) -> list[int]:
+        start = len(self.parent)
+        ids = list(range(start, start + n))
+        self.parent.extend(ids)
+        if pinned:
+            for i in ids:
+                self.pinned[i] = pinned
+        return ids
+
+    def root(self, i: int) -> int:
+        parent = self.parent
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.root(a), self.root(b)
+        if ra == rb:
+            return
+        lo, hi = min(ra, rb), max(ra, rb)
+        self.parent[hi] = lo
+        reason = self.pinned.pop(hi, None)
+        if reason and lo not in self.pinned:
+            self.pinned[lo] = reason
+
+    def pin(self, ids: list[int], reason: str) -> None:
+        for i in ids:
+            self.pinned.setdefault(self.root(i), reason)
