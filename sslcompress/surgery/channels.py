@@ -63,20 +63,20 @@ def handled_ops() -> tuple[str, ...]:
     return tuple(sorted(_HANDLERS))
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
+def const_array(value: ir.Value | None) -> np.ndarray | None:
     if value is None or value.const_value is None:
         return None
     return np.asarray(value.const_value.numpy(), dtype=np.float64)
 
 
-def _channels_of(value: ir.Value) -> int | None:
+def channel_count(value: ir.Value) -> int | None:
     shape = value.shape
     if shape is None or len(shape) < 2 or not isinstance(shape[1], int):
         return None
     return int(shape[1])
 
 
-def _attr(node: ir.Node, name: str, default):
+def attr_value(node: ir.Node, name: str, default):
     a = node.attributes.get(name)
     return default if a is None else a.value
 
@@ -90,10 +90,10 @@ def analyze(model: ir.Model) -> dict[str, Channels]:
             return None
         if v.name in states:
             return states[v.name]
-        c = _const(v)
+        c = const_array(v)
         if c is not None:
             return None  # initializers are read by the handlers themselves
-        n = _channels_of(v)
+        n = channel_count(v)
         return Channels.live(n) if n is not None else None
 
     for node in model.graph:  # onnx_ir iterates in topological order for a valid model
@@ -101,7 +101,7 @@ def analyze(model: ir.Model) -> dict[str, Channels]:
         handler = _HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         outs = handler(node, ins) if handler is not None else [None] * len(node.outputs)
         for v, ch in zip(node.outputs, outs, strict=False):
-            n = _channels_of(v)
+            n = channel_count(v)
             if n is None:
                 continue
             if ch is None or len(ch) != n:
@@ -125,14 +125,14 @@ def _unary(f: Callable[[np.ndarray, ir.Node], np.ndarray]) -> Handler:
 
 _UNARY = {
     "Relu": lambda v, n: np.maximum(v, 0),
-    "LeakyRelu": lambda v, n: np.where(v >= 0, v, _attr(n, "alpha", 0.01) * v),
+    "LeakyRelu": lambda v, n: np.where(v >= 0, v, attr_value(n, "alpha", 0.01) * v),
     "Sigmoid": lambda v, n: 1 / (1 + np.exp(-v)),
     "Tanh": lambda v, n: np.tanh(v),
-    "HardSigmoid": lambda v, n: np.clip(_attr(n, "alpha", 0.2) * v + _attr(n, "beta", 0.5), 0, 1),
+    "HardSigmoid": lambda v, n: np.clip(attr_value(n, "alpha", 0.2) * v + attr_value(n, "beta", 0.5), 0, 1),
     "HardSwish": lambda v, n: v * np.clip(v / 6 + 0.5, 0, 1),
-    "Elu": lambda v, n: np.where(v > 0, v, _attr(n, "alpha", 1.0) * (np.exp(v) - 1)),
-    "Selu": lambda v, n: _attr(n, "gamma", 1.0507009873554805) * np.where(
-        v > 0, v, _attr(n, "alpha", 1.6732632423543772) * (np.exp(v) - 1)),
+    "Elu": lambda v, n: np.where(v > 0, v, attr_value(n, "alpha", 1.0) * (np.exp(v) - 1)),
+    "Selu": lambda v, n: attr_value(n, "gamma", 1.0507009873554805) * np.where(
+        v > 0, v, attr_value(n, "alpha", 1.6732632423543772) * (np.exp(v) - 1)),
     "Softplus": lambda v, n: np.log1p(np.exp(v)),
     "Identity": lambda v, n: v,
     "Neg": lambda v, n: -v,
@@ -148,8 +148,8 @@ def _dropout(node, ins):
 
 @register("Clip")
 def _clip(node, ins):
-    lo = _const(node.inputs[1]) if len(node.inputs) > 1 else None
-    hi = _const(node.inputs[2]) if len(node.inputs) > 2 else None
+    lo = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    hi = const_array(node.inputs[2]) if len(node.inputs) > 2 else None
     if (len(node.inputs) > 1 and node.inputs[1] is not None and lo is None) or (
             len(node.inputs) > 2 and node.inputs[2] is not None and hi is None):
         return [None]
@@ -168,8 +168,8 @@ def _pool(node, ins):
 @register("AveragePool")
 def _avg_pool(node, ins):
     x = ins[0]
-    pads = _attr(node, "pads", None)
-    if x is not None and _attr(node, "count_include_pad", 0) and pads and any(pads):
+    pads = attr_value(node, "pads", None)
+    if x is not None and attr_value(node, "count_include_pad", 0) and pads and any(pads):
         # Zero padding enters the average: a nonzero constant channel varies at the border.
         return [x.with_live(x.state == CONSTANT)]
     return [x]
@@ -177,9 +177,9 @@ def _avg_pool(node, ins):
 
 @register("ReduceMean", "ReduceMax")
 def _reduce_space(node, ins):
-    axes = _attr(node, "axes", None)
+    axes = attr_value(node, "axes", None)
     if axes is None and len(node.inputs) > 1:
-        c = _const(node.inputs[1])
+        c = const_array(node.inputs[1])
         axes = None if c is None else [int(a) for a in np.atleast_1d(c)]
     rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
     if ins[0] is None or not axes or rank is None or any(a % rank < 2 for a in axes):
@@ -192,13 +192,13 @@ def _reduce_space(node, ins):
 @register("Conv")
 def _conv(node, ins):
     x = ins[0]
-    w = _const(node.inputs[1])
+    w = const_array(node.inputs[1])
     if x is None or w is None:
         return [None]
-    b = _const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.zeros(w.shape[0])
-    group = int(_attr(node, "group", 1))
-    pads = _attr(node, "pads", None)
-    padded = bool(pads and any(pads)) or _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID")
+    b = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.zeros(w.shape[0])
+    group = int(attr_value(node, "group", 1))
+    pads = attr_value(node, "pads", None)
+    padded = bool(pads and any(pads)) or attr_value(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID")
     out_ch, in_per_group = w.shape[0], w.shape[1]
     state = np.empty(out_ch, np.int8)
     value = np.empty(out_ch)
@@ -220,10 +220,10 @@ def _conv(node, ins):
 @register("BatchNormalization")
 def _batch_norm(node, ins):
     x = ins[0]
-    scale, bias, mean, var = (_const(v) for v in node.inputs[1:5])
+    scale, bias, mean, var = (const_array(v) for v in node.inputs[1:5])
     if x is None or any(t is None for t in (scale, bias, mean, var)):
         return [None] * len(node.outputs)
-    eps = float(_attr(node, "epsilon", 1e-5))
+    eps = float(attr_value(node, "epsilon", 1e-5))
     a = scale / np.sqrt(var + eps)
     vals = a * (np.where(x.is_known, x.value, 0.0) - mean) + bias
     out = Channels.known(vals)
@@ -234,12 +234,12 @@ def _batch_norm(node, ins):
 @register("Gemm")
 def _gemm(node, ins):
     x = ins[0]
-    w = _const(node.inputs[1])
-    if x is None or w is None or _attr(node, "transA", 0):
+    w = const_array(node.inputs[1])
+    if x is None or w is None or attr_value(node, "transA", 0):
         return [None]
-    w = w.T if _attr(node, "transB", 0) else w  # (in, out)
-    alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
-    c = _const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    w = w.T if attr_value(node, "transB", 0) else w  # (in, out)
+    alpha, beta = float(attr_value(node, "alpha", 1.0)), float(attr_value(node, "beta", 1.0))
+    c = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
     bias = np.broadcast_to(beta * c, (w.shape[1],)) if c is not None else np.zeros(w.shape[1])
     if len(node.inputs) > 2 and node.inputs[2] is not None and c is None:
         return [None]
@@ -255,7 +255,7 @@ def _gemm(node, ins):
 def _flatten(node, ins):
     x = ins[0]
     shape = node.inputs[0].shape
-    if x is None or int(_attr(node, "axis", 1)) != 1 or shape is None:
+    if x is None or int(attr_value(node, "axis", 1)) != 1 or shape is None:
         return [None]
     dims = list(shape)[2:]
     if not all(isinstance(d, int) for d in dims):
@@ -267,7 +267,7 @@ def _flatten(node, ins):
 @register("Concat")
 def _concat(node, ins):
     rank = len(node.outputs[0].shape) if node.outputs[0].shape is not None else None
-    axis = int(_attr(node, "axis", 0))
+    axis = int(attr_value(node, "axis", 0))
     if rank is None or axis % rank != 1 or any(c is None for c in ins):
         return [None]
     return [Channels(np.concatenate([c.state for c in ins]), np.concatenate([c.value for c in ins]))]
@@ -275,10 +275,10 @@ def _concat(node, ins):
 
 # ---- Binary elementwise ops, with tensors or with constants that broadcast over channels.
 
-def _operand(v: ir.Value, ch: Channels | None, n: int, out_rank: int) -> Channels | None:
+def channel_operand(v: ir.Value, ch: Channels | None, n: int, out_rank: int) -> Channels | None:
     if ch is not None:
         return ch if len(ch) == n else None
-    c = _const(v)
+    c = const_array(v)
     if c is None or c.ndim > out_rank:
         return None
     if c.size == 1:
@@ -292,12 +292,12 @@ def _operand(v: ir.Value, ch: Channels | None, n: int, out_rank: int) -> Channel
 
 def _binary(op: Callable[[np.ndarray, np.ndarray], np.ndarray], zero_absorbs: bool = False) -> Handler:
     def handler(node, ins):
-        n = _channels_of(node.outputs[0])
+        n = channel_count(node.outputs[0])
         if n is None:
             return [None]
         rank = len(node.outputs[0].shape)
-        a = _operand(node.inputs[0], ins[0], n, rank)
-        b = _operand(node.inputs[1], ins[1], n, rank)
+        a = channel_operand(node.inputs[0], ins[0], n, rank)
+        b = channel_operand(node.inputs[1], ins[1], n, rank)
         if a is None or b is None:
             return [None]
         both = a.is_known & b.is_known

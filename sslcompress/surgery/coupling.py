@@ -14,8 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..channel_ids import ChannelIds
-from .channels import _HANDLERS as _STATE_HANDLERS
-from .channels import _attr, _channels_of, _const, _operand
+from .channels import attr_value, channel_count, channel_operand, const_array
 
 # Ops whose output channel c reads only input channel c (the first input), with any other
 # inputs constants.
@@ -41,7 +40,7 @@ class Coupling(ChannelIds):
 def couple(model: ir.Model) -> Coupling:
     c = Coupling()
     for v in model.graph.inputs:
-        n = _channels_of(v)
+        n = channel_count(v)
         if n is not None:
             c.ids[v.name] = c.fresh(n, pinned="graph input")
 
@@ -50,16 +49,16 @@ def couple(model: ir.Model) -> Coupling:
 
     for node in model.graph:
         out = node.outputs[0] if node.outputs else None
-        n_out = _channels_of(out) if out is not None else None
+        n_out = channel_count(out) if out is not None else None
         x = ids(node.inputs[0]) if node.inputs else None
         result: list[int] | None = None
         op = node.op_type if node.domain in ("", "ai.onnx") else None
         if op in ("Conv", "Gemm") and n_out is not None:
-            group = int(_attr(node, "group", 1)) if op == "Conv" else 1
+            group = int(attr_value(node, "group", 1)) if op == "Conv" else 1
             if group != 1 and x is not None:
                 c.pin(x, f"grouped Conv {node.name}")
                 result = c.fresh(n_out, pinned=f"grouped Conv {node.name}")
-            elif op == "Gemm" and (_attr(node, "transA", 0) or _const(node.inputs[1]) is None):
+            elif op == "Gemm" and (attr_value(node, "transA", 0) or const_array(node.inputs[1]) is None):
                 result = None
             else:
                 result = c.fresh(n_out)
@@ -72,18 +71,18 @@ def couple(model: ir.Model) -> Coupling:
                 for a, b in zip(*tensors, strict=True):
                     c.union(a, b)
                 result = list(tensors[0])
-            elif len(tensors) == 1 and len(tensors[0]) == n_out and _STATE_HANDLERS.get(op) is not None:
+            elif len(tensors) == 1 and len(tensors[0]) == n_out:
                 other = node.inputs[1] if operands[0] is not None else node.inputs[0]
-                if _operand(other, None, n_out, len(out.shape)) is not None:
+                if channel_operand(other, None, n_out, len(out.shape)) is not None:
                     result = list(tensors[0])
-        elif op == "Flatten" and x is not None and n_out is not None and int(_attr(node, "axis", 1)) == 1:
+        elif op == "Flatten" and x is not None and n_out is not None and int(attr_value(node, "axis", 1)) == 1:
             spatial = n_out // max(1, len(x))
             if spatial * len(x) == n_out:
                 result = [i for i in x for _ in range(spatial)]
         elif op == "Concat" and n_out is not None:
             parts = [ids(v) for v in node.inputs]
             rank = len(out.shape) if out.shape is not None else 0
-            if rank and int(_attr(node, "axis", 0)) % rank == 1 and all(p is not None for p in parts):
+            if rank and int(attr_value(node, "axis", 0)) % rank == 1 and all(p is not None for p in parts):
                 result = [i for p in parts for i in p]
         if result is None:
             why = f"{node.op_type} {node.name}"
@@ -91,7 +90,7 @@ def couple(model: ir.Model) -> Coupling:
                 if ids(v) is not None:
                     c.pin(ids(v), why)
             for v in node.outputs:
-                m = _channels_of(v)
+                m = channel_count(v)
                 if m is not None:
                     c.ids[v.name] = c.fresh(m, pinned=why)
             continue

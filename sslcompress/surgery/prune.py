@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from .channels import CONSTANT, ZERO, _attr, _const, analyze
+from .channels import CONSTANT, ZERO, analyze, attr_value, const_array
 from .coupling import couple
 
 
@@ -65,14 +65,14 @@ def _read_roots(model: ir.Model, c) -> set[int]:
         if x.name not in c.ids:
             continue
         roots = c.roots_of(x.name)
-        w = _const(node.inputs[1]) if len(node.inputs) > 1 else None
-        if w is None or (node.op_type == "Conv" and int(_attr(node, "group", 1)) != 1):
+        w = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        if w is None or (node.op_type == "Conv" and int(attr_value(node, "group", 1)) != 1):
             read.update(roots.tolist())
             continue
         if node.op_type == "Conv":
             used = np.abs(w).reshape(w.shape[0], w.shape[1], -1).sum((0, 2)) > 0
         else:
-            used = np.abs(w).sum(0 if _attr(node, "transB", 0) else 1) > 0
+            used = np.abs(w).sum(0 if attr_value(node, "transB", 0) else 1) > 0
         read.update(roots[used].tolist())
     return read
 
@@ -93,13 +93,13 @@ def fold_constant_channels(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int
             continue
         x = node.inputs[0]
         ch = states.get(x.name) if x is not None else None
-        w = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+        w = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
         if ch is None or w is None or not np.any(ch.state == CONSTANT):
             continue
         if node.op_type == "Conv":
-            pads = _attr(node, "pads", None)
-            if int(_attr(node, "group", 1)) != 1 or (pads and any(pads)) or \
-                    _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            pads = attr_value(node, "pads", None)
+            if int(attr_value(node, "group", 1)) != 1 or (pads and any(pads)) or \
+                    attr_value(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
                 continue
             cols = np.nonzero((ch.state == CONSTANT) & (np.abs(w).reshape(w.shape[0], w.shape[1], -1).sum((0, 2)) > 0))[0]
             if not len(cols):
@@ -108,17 +108,17 @@ def fold_constant_channels(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int
             new_w = w.copy()
             new_w[:, cols] = 0
         else:
-            if _attr(node, "transA", 0):
+            if attr_value(node, "transA", 0):
                 continue
-            wt = w.T if _attr(node, "transB", 0) else w  # (in, out)
+            wt = w.T if attr_value(node, "transB", 0) else w  # (in, out)
             cols = np.nonzero((ch.state == CONSTANT) & (np.abs(wt).sum(1) > 0))[0]
             if not len(cols):
                 continue
-            shift = float(_attr(node, "alpha", 1.0)) * (ch.value[cols] @ wt[cols])
+            shift = float(attr_value(node, "alpha", 1.0)) * (ch.value[cols] @ wt[cols])
             new_wt = wt.copy()
             new_wt[cols] = 0
-            new_w = new_wt.T if _attr(node, "transB", 0) else new_wt
-            beta = float(_attr(node, "beta", 1.0))
+            new_w = new_wt.T if attr_value(node, "transB", 0) else new_wt
+            beta = float(attr_value(node, "beta", 1.0))
             if beta == 0:
                 continue
             shift = shift / beta
@@ -199,7 +199,7 @@ def _rewrite(graph: ir.Graph, node: ir.Node, keep: dict[str, np.ndarray]) -> int
         return 1
     if op == "Gemm":
         w = node.inputs[1].const_value.numpy()
-        if _attr(node, "transB", 0):
+        if attr_value(node, "transB", 0):
             w = w[kout] if kout is not None else w
             w = w[:, kin] if kin is not None else w
         else:
@@ -218,7 +218,7 @@ def _rewrite(graph: ir.Graph, node: ir.Node, keep: dict[str, np.ndarray]) -> int
     if op in ("Add", "Sub", "Mul", "Div") and kout is not None:
         for i in (0, 1):
             v = node.inputs[i]
-            c = _const(v)
+            c = const_array(v)
             if c is not None and c.size == len(kout) and c.size > 1:
                 arr = v.const_value.numpy()
                 shape = arr.shape
