@@ -200,8 +200,9 @@ def test_constant_channels_fold_into_unpadded_consumers_and_go():
     assert res.report["constant_channels_folded"] == 10 + 200
 
 
-def test_padded_consumers_keep_constant_channels():
-    from sslcompress.surgery.prune import fold_constant_channels
+def test_padded_consumers_get_a_constant_map():
+    from sslcompress.surgery.compress import compress
+    from sslcompress.surgery.fold import fold_constant_channels
 
     torch.manual_seed(0)
     m = build_model(ModelSpec("resnet20", 10, 3, (16, 16))).eval()
@@ -209,9 +210,34 @@ def test_padded_consumers_keep_constant_channels():
         m.layer1[0].bn1.weight[:4] = 0
         m.layer1[0].bn1.bias[:4] = 0.7  # constant after ReLU, but conv2 pads with zeros
     proto = export_onnx(m, (1, 3, 16, 16), dynamic_batch=True).model
-    folded, n = fold_constant_channels(proto)
-    assert n == 0
-    verify_or_raise(proto, folded)
+    fold = fold_constant_channels(proto)
+    assert fold.channels_folded == 4 and len(fold.bias_maps) == 1
+    verify_or_raise(proto, fold.model)
+    res = compress(proto, shape_lowering="off")
+    assert res.verification.passed and res.report["constant_maps_added"]
+    conv2 = {lay["name"]: lay for lay in res.report["layers"]}
+    shapes = [lay["weight_after"] for lay in res.report["layers"] if lay["weight"][:2] == [16, 16]]
+    assert [16, 12, 3, 3] in shapes and [12, 16, 3, 3] in shapes, conv2.keys()
+
+
+def test_constant_map_needs_static_spatial_shapes():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sslcompress.errors import UnsupportedModelError
+    from sslcompress.surgery.fold import fold_constant_channels
+
+    w1 = np.ones((4, 3, 1, 1), np.float32)
+    w1[0] = 0
+    b1 = np.array([0.5, 0, 0, 0], np.float32)
+    w2 = np.ones((2, 4, 3, 3), np.float32)
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"), numpy_helper.from_array(w2, "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["t"], name="a"),
+             helper.make_node("Conv", ["t", "w2"], ["y"], pads=[1, 1, 1, 1], name="b")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, "h", "w"])], inits)
+    proto = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    with pytest.raises(UnsupportedModelError, match="static spatial"):
+        fold_constant_channels(proto)
 
 
 def test_a_foreign_model_written_with_onnx_helper():

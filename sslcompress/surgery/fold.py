@@ -1,0 +1,132 @@
+"""The pass that folds constant channels into the layers that read them.
+
+A channel that holds the value v everywhere adds v times its weight fibre to every output of a
+Conv or Gemm that reads it. Without zero padding that is the same at every output position: a
+bias. With zero padding the border sees fewer taps, so the conv's share is a constant map over
+the output (the conv of a constant image), added after the conv; that needs static shapes. Once
+folded, the fibre is zero and the channel is read by no one, so the prune pass deletes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+
+from ..errors import UnsupportedModelError
+from .channels import CONSTANT, analyze
+from .ops.base import add_initializer, attr_value, const_array, input_or_none, set_const, static_dims
+from .ops.layers import conv_is_padded
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    model: onnx.ModelProto
+    channels_folded: int  # (layer, channel) pairs folded
+    bias_maps: tuple[str, ...]  # convs that got a constant map added after them
+
+
+def fold_constant_channels(proto: onnx.ModelProto) -> FoldResult:
+    model = ir.serde.deserialize_model(proto)
+    states = analyze(model)
+    folded = 0
+    maps: list[str] = []
+    for node in list(model.graph):
+        if node.domain not in ("", "ai.onnx") or not node.inputs or node.inputs[0] is None:
+            continue
+        ch = states.get(node.inputs[0].name)
+        w = const_array(input_or_none(node, 1))
+        if ch is None or w is None or not np.any(ch.state == CONSTANT):
+            continue
+        if node.op_type == "Conv":
+            n, with_map = _fold_conv(model.graph, node, w, ch)
+            folded += n
+            if with_map:
+                maps.append(node.name or node.outputs[0].name)
+        elif node.op_type == "Gemm":
+            folded += _fold_gemm(model.graph, node, w, ch)
+    return FoldResult(ir.serde.serialize_model(model), folded, tuple(maps))
+
+
+def _fold_conv(graph: ir.Graph, node: ir.Node, w: np.ndarray, ch) -> tuple[int, bool]:
+    if int(attr_value(node, "group", 1)) != 1 or w.ndim != 4:
+        return 0, False
+    fibres = np.abs(w).reshape(w.shape[0], w.shape[1], -1).sum(2) > 0
+    cols = np.nonzero((ch.state == CONSTANT) & fibres.any(0))[0]
+    if not len(cols):
+        return 0, False
+    dtype = node.inputs[1].const_value.numpy().dtype
+    new_w = node.inputs[1].const_value.numpy().copy()
+    new_w[:, cols] = 0
+    if not conv_is_padded(node):
+        shift = (w[:, cols].reshape(w.shape[0], len(cols), -1).sum(2) * ch.value[cols]).sum(1)
+        set_const(graph, node, 1, new_w)
+        _add_to_bias(graph, node, shift.astype(dtype))
+        return len(cols), False
+    x_dims, y_dims = static_dims(node.inputs[0], 2), static_dims(node.outputs[0], 2)
+    if x_dims is None or y_dims is None or attr_value(node, "auto_pad", "NOTSET") != "NOTSET":
+        raise UnsupportedModelError(
+            f"Conv {node.name!r} reads constant channels through zero padding, which folds only with "
+            "static spatial shapes; export the model with a fixed input size.")
+    image = torch.zeros((1, w.shape[1], *x_dims), dtype=torch.float64)
+    image[0, cols] = torch.from_numpy(ch.value[cols]).reshape(-1, 1, 1)
+    pads = list(attr_value(node, "pads", [0, 0, 0, 0]))
+    padded = torch.nn.functional.pad(image, (pads[1], pads[3], pads[0], pads[2]))
+    out = torch.nn.functional.conv2d(
+        padded, torch.from_numpy(w), stride=list(attr_value(node, "strides", [1, 1])),
+        dilation=list(attr_value(node, "dilations", [1, 1])))[0].numpy()
+    if list(out.shape[1:]) != y_dims:
+        return 0, False  # shapes we cannot reproduce: leave the channels be
+    set_const(graph, node, 1, new_w)
+    flat = out.reshape(out.shape[0], -1)
+    if np.all(flat == flat[:, :1]):
+        _add_to_bias(graph, node, flat[:, 0].astype(dtype))
+        return len(cols), False
+    _add_after(graph, node, out.astype(dtype))
+    return len(cols), True
+
+
+def _fold_gemm(graph: ir.Graph, node: ir.Node, w: np.ndarray, ch) -> int:
+    if attr_value(node, "transA", 0) or w.ndim != 2:
+        return 0
+    beta = float(attr_value(node, "beta", 1.0))
+    if beta == 0:
+        return 0
+    wt = w.T if attr_value(node, "transB", 0) else w  # (in, out)
+    cols = np.nonzero((ch.state == CONSTANT) & (np.abs(wt).sum(1) > 0))[0]
+    if not len(cols):
+        return 0
+    shift = float(attr_value(node, "alpha", 1.0)) * (ch.value[cols] @ wt[cols]) / beta
+    new_wt = wt.copy()
+    new_wt[cols] = 0
+    dtype = node.inputs[1].const_value.numpy().dtype
+    set_const(graph, node, 1, new_wt.T if attr_value(node, "transB", 0) else new_wt)
+    _add_to_bias(graph, node, shift.astype(dtype))
+    return len(cols)
+
+
+def _add_to_bias(graph: ir.Graph, node: ir.Node, shift: np.ndarray) -> None:
+    b_value = input_or_none(node, 2)
+    if b_value is not None:
+        b = b_value.const_value.numpy()
+        set_const(graph, node, 2, (b.reshape(-1) + shift).reshape(b.shape) if b.size == shift.size
+                  else b + shift.reshape((1, -1) if b.ndim == 2 else (-1,)))
+        return
+    value = add_initializer(graph, f"{node.name or node.op_type}.folded_bias", np.ascontiguousarray(shift))
+    node.resize_inputs(3)
+    node.replace_input_with(2, value)
+
+
+def _add_after(graph: ir.Graph, node: ir.Node, bias_map: np.ndarray) -> None:
+    """y -> y + map, the map broadcast over the batch; readers of y now read the sum."""
+    y = node.outputs[0]
+    name = y.name
+    total = ir.Value(name=f"{name}.with_constants", shape=y.shape, type=y.type)
+    y.replace_all_uses_with(total, replace_graph_outputs=True)
+    const = add_initializer(graph, f"{node.name or name}.constant_map", bias_map)
+    add = ir.Node("", "Add", [y, const], outputs=[total], name=f"{node.name or name}.add_constant_map")
+    graph.insert_after(node, add)
+    y.name, total.name = f"{name}.conv", name  # the graph keeps its value (and output) names

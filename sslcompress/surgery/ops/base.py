@@ -1,0 +1,232 @@
+"""What every op rule shares: channel states, the rule interface, the registry, small readers.
+
+A rule tells, for one ONNX op type, how channels (positions along axis 1) flow through it:
+
+- ``forward``: the state of each output channel (ZERO / CONSTANT(value) / LIVE) from the
+  states of the inputs and the constant parameters;
+- ``couple``: which output channels are the same channels as which input channels (they can
+  only be deleted together); None makes the node a wall, whose channels are never deleted;
+- ``backward``: which input channels the node needs in order to compute the output channels
+  that are needed downstream;
+- ``rewrite``: change the node's parameters and attributes once channels are deleted.
+
+An op without a rule is a wall; an unknown op is never taken for an elementwise one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+ZERO, CONSTANT, LIVE = 0, 1, 2
+
+Ids = list[int]
+Mask = np.ndarray  # bool, one per channel
+
+
+@dataclass
+class Channels:
+    """Per-channel knowledge of one tensor: state (ZERO/CONSTANT/LIVE) and value where known."""
+
+    state: np.ndarray  # int8, one per channel
+    value: np.ndarray  # float64; 0 for ZERO, the constant for CONSTANT, nan for LIVE
+
+    @classmethod
+    def live(cls, n: int) -> Channels:
+        return cls(np.full(n, LIVE, np.int8), np.full(n, np.nan))
+
+    @classmethod
+    def known(cls, values: np.ndarray) -> Channels:
+        values = np.asarray(values, np.float64)
+        state = np.where(values == 0, ZERO, CONSTANT).astype(np.int8)
+        return cls(state, np.where(values == 0, 0.0, values))
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+    @property
+    def is_known(self) -> np.ndarray:
+        return self.state != LIVE
+
+    @property
+    def known_values(self) -> np.ndarray:
+        """Values with LIVE channels read as 0, for arithmetic whose LIVE results are masked."""
+        return np.where(self.is_known, np.nan_to_num(self.value), 0.0)
+
+    def with_live(self, live: np.ndarray) -> Channels:
+        state = np.where(live, LIVE, self.state).astype(np.int8)
+        return Channels(state, np.where(live, np.nan, self.value))
+
+    def take(self, index) -> Channels:
+        return Channels(self.state[index], self.value[index])
+
+
+class Context:
+    """Channel ids the coupling hands a rule: fresh ones for new channels."""
+
+    def fresh(self, n: int) -> Ids:  # pragma: no cover - implemented by the coupling
+        raise NotImplementedError
+
+    def union(self, a: int, b: int) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+class OpRule:
+    """The default rule is a wall: outputs LIVE, no coupling, every input channel needed."""
+
+    def forward(self, node: ir.Node, ins: list[Channels | None]) -> list[Channels | None]:
+        return [None] * len(node.outputs)
+
+    def couple(self, node: ir.Node, ids: list[Ids | None], ctx: Context) -> list[Ids | None] | None:
+        return None
+
+    def backward(self, node: ir.Node, needed: list[Mask | None],
+                 ins: list[Channels | None]) -> list[Mask | None]:
+        return [None] * len(node.inputs)
+
+    def rewrite(self, graph: ir.Graph, node: ir.Node, keep_in: list[Mask | None],
+                keep_out: list[Mask | None]) -> bool:
+        """Adjust parameters to the kept channels; True when the node changed."""
+        return False
+
+
+class PassThrough(OpRule):
+    """Output channel c is input channel c (first input); any other inputs are constants."""
+
+    def couple(self, node, ids, ctx):
+        x = ids[0] if ids else None
+        n = channel_count(node.outputs[0])
+        if x is None or n != len(x):
+            return None
+        return [list(x)] + [None] * (len(node.outputs) - 1)
+
+    def backward(self, node, needed, ins):
+        return [needed[0]] + [None] * (len(node.inputs) - 1)
+
+
+_RULES: dict[str, OpRule] = {}
+
+
+def register(*op_types: str):
+    """Class decorator: one instance of the rule serves every op type named."""
+    def wrap(cls: type[OpRule]) -> type[OpRule]:
+        rule = cls()
+        for op in op_types:
+            _RULES[op] = rule
+        return cls
+    return wrap
+
+
+def rule_for(node: ir.Node) -> OpRule | None:
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    return _RULES.get(node.op_type)
+
+
+def handled_ops() -> tuple[str, ...]:
+    return tuple(sorted(_RULES))
+
+
+# ---- Readers shared by the rules and the passes.
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None:
+        return None
+    return np.asarray(value.const_value.numpy(), dtype=np.float64)
+
+
+def input_or_none(node: ir.Node, index: int) -> ir.Value | None:
+    return node.inputs[index] if len(node.inputs) > index else None
+
+
+def channel_count(value: ir.Value | None) -> int | None:
+    if value is None:
+        return None
+    shape = value.shape
+    if shape is None or len(shape) < 2 or not isinstance(shape[1], int):
+        return None
+    return int(shape[1])
+
+
+def rank_of(value: ir.Value | None) -> int | None:
+    if value is None or value.shape is None:
+        return None
+    return len(value.shape)
+
+
+def static_dims(value: ir.Value | None, start: int = 0) -> list[int] | None:
+    """The dims from ``start`` on when all are known integers, else None."""
+    if value is None or value.shape is None:
+        return None
+    dims = list(value.shape)[start:]
+    return [int(d) for d in dims] if all(isinstance(d, int) for d in dims) else None
+
+
+def attr_value(node: ir.Node, name: str, default):
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def set_const(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> None:
+    """Replace a constant input; an initializer shared with other nodes is copied, not changed."""
+    old = node.inputs[index]
+    dtype = old.const_value.numpy().dtype
+    array = np.ascontiguousarray(np.asarray(array).astype(dtype))
+    if len(old.uses()) == 1 and not old.is_graph_output():
+        old.const_value = ir.tensor(array, name=old.name)
+        old.shape = ir.Shape(array.shape)
+        return
+    name = unique_name(graph, f"{old.name}.{node.name or node.op_type}.{index}")
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(old.dtype),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    node.replace_input_with(index, value)
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    name = unique_name(graph, name)
+    array = np.ascontiguousarray(array)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape),
+                     type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def unique_name(graph: ir.Graph, name: str) -> str:
+    taken = set(graph.initializers)
+    if name not in taken:
+        return name
+    i = 1
+    while f"{name}.{i}" in taken:
+        i += 1
+    return f"{name}.{i}"
+
+
+def channel_constant(value: ir.Value, n: int, out_rank: int) -> tuple[Channels, int] | None:
+    """A constant operand seen per channel of an output with ``n`` channels.
+
+    Returns the channel states (a channel whose slice holds one value is known, one whose values
+    vary over space is LIVE) and the constant's own axis that runs along the channels (-1 when
+    it broadcasts over them); None when it does not broadcast onto the output.
+    """
+    c = const_array(value)
+    if c is None or c.ndim > out_rank:
+        return None
+    shape = (1,) * (out_rank - c.ndim) + c.shape
+    if shape[1] not in (1, n):
+        return None
+    full = c.reshape(shape)
+    axis = c.ndim - (out_rank - 1) if shape[1] == n and n > 1 else -1
+    per = np.moveaxis(full, 1, 0).reshape(shape[1], -1)
+    uniform = np.all(per == per[:, :1], axis=1)
+    vals = np.where(uniform, per[:, 0], 0.0)
+    if shape[1] == 1:
+        vals, uniform = np.full(n, vals[0]), np.full(n, uniform[0])
+    return Channels.known(vals).with_live(~uniform), axis
+
+
+Handler = Callable[[ir.Node, list[Channels | None]], list[Channels | None]]

@@ -1,0 +1,218 @@
+"""Elementwise ops: each output channel is computed from the same channel of the inputs.
+
+Unary ops map a known channel through f (mind f(0) != 0: Sigmoid(0) = 0.5 turns a zero channel
+into a constant one). Binary and n-ary ops merge the channel ids of their tensor operands, since a
+channel can only be deleted from all of them at once; a constant operand that broadcasts onto the
+channels is sliced along with them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from .base import (
+    ZERO,
+    Channels,
+    OpRule,
+    PassThrough,
+    attr_value,
+    channel_constant,
+    channel_count,
+    const_array,
+    rank_of,
+    register,
+    set_const,
+)
+
+
+class Unary(PassThrough):
+    f: Callable[[np.ndarray, ir.Node], np.ndarray] = staticmethod(lambda v, n: v)
+
+    def forward(self, node, ins):
+        x = ins[0]
+        if x is None:
+            return [None] * len(node.outputs)
+        out = Channels.known(self.f(x.known_values, node)).with_live(~x.is_known)
+        return [out] + [None] * (len(node.outputs) - 1)
+
+    def couple(self, node, ids, ctx):
+        # A second output (Dropout's mask) has the input's channels too; anyone reading it is a wall.
+        if any(v is not None and (v.uses() or v.is_graph_output()) for v in node.outputs[1:]):
+            return None
+        return super().couple(node, ids, ctx)
+
+
+def _unary(op: str, f: Callable[[np.ndarray, ir.Node], np.ndarray]) -> None:
+    register(op)(type(f"Unary{op}", (Unary,), {"f": staticmethod(f)}))
+
+
+_UNARY: dict[str, Callable[[np.ndarray, ir.Node], np.ndarray]] = {
+    "Relu": lambda v, n: np.maximum(v, 0),
+    "LeakyRelu": lambda v, n: np.where(v >= 0, v, attr_value(n, "alpha", 0.01) * v),
+    "Sigmoid": lambda v, n: 1 / (1 + np.exp(-v)),
+    "Tanh": lambda v, n: np.tanh(v),
+    "HardSigmoid": lambda v, n: np.clip(attr_value(n, "alpha", 0.2) * v + attr_value(n, "beta", 0.5), 0, 1),
+    "HardSwish": lambda v, n: v * np.clip(v / 6 + 0.5, 0, 1),
+    "Elu": lambda v, n: np.where(v > 0, v, attr_value(n, "alpha", 1.0) * (np.exp(v) - 1)),
+    "Selu": lambda v, n: attr_value(n, "gamma", 1.0507009873554805) * np.where(
+        v > 0, v, attr_value(n, "alpha", 1.6732632423543772) * (np.exp(v) - 1)),
+    "Softplus": lambda v, n: np.log1p(np.exp(v)),
+    "Gelu": lambda v, n: _gelu(v, attr_value(n, "approximate", "none")),
+    "Identity": lambda v, n: v,
+    "Neg": lambda v, n: -v,
+    "Dropout": lambda v, n: v,  # inference: the identity
+}
+
+
+def _gelu(v: np.ndarray, approximate: str) -> np.ndarray:
+    from math import erf, pi, sqrt
+
+    if approximate == "tanh":
+        return 0.5 * v * (1 + np.tanh(sqrt(2 / pi) * (v + 0.044715 * v ** 3)))
+    return np.array([0.5 * x * (1 + erf(x / sqrt(2))) for x in np.ravel(v)]).reshape(np.shape(v))
+
+
+for _op, _f in _UNARY.items():
+    _unary(_op, _f)
+
+
+@register("Clip")
+class Clip(Unary):
+    def forward(self, node, ins):
+        bounds = []
+        for i in (1, 2):
+            v = node.inputs[i] if len(node.inputs) > i else None
+            c = const_array(v)
+            if v is not None and c is None:
+                return [None]  # a bound computed at run time
+            bounds.append(None if c is None else float(c))
+        lo = bounds[0] if bounds[0] is not None else float(attr_value(node, "min", -np.inf))
+        hi = bounds[1] if bounds[1] is not None else float(attr_value(node, "max", np.inf))
+        x = ins[0]
+        if x is None:
+            return [None]
+        return [Channels.known(np.clip(x.known_values, lo, hi)).with_live(~x.is_known)]
+
+
+@register("PRelu")
+class PRelu(PassThrough):
+    """x where x >= 0, slope * x elsewhere; the slope may hold one value per channel."""
+
+    def forward(self, node, ins):
+        x = ins[0]
+        n = channel_count(node.outputs[0])
+        slope = channel_constant(node.inputs[1], n, rank_of(node.outputs[0])) if n and x is not None else None
+        if slope is None:
+            return [None]
+        s, _ = slope
+        v = x.known_values
+        out = Channels.known(np.where(v >= 0, v, np.nan_to_num(s.value) * v))
+        # A negative constant times a slope that varies over space is no longer constant.
+        return [out.with_live(~x.is_known | ((v < 0) & ~s.is_known))]
+
+    def couple(self, node, ids, ctx):
+        n = channel_count(node.outputs[0])
+        if n is None or channel_constant(node.inputs[1], n, rank_of(node.outputs[0])) is None:
+            return None
+        return super().couple(node, ids, ctx)
+
+    def rewrite(self, graph, node, keep_in, keep_out):
+        return _slice_constants(graph, node, keep_out[0], [1])
+
+
+def _slice_constants(graph: ir.Graph, node: ir.Node, keep: np.ndarray | None, indices: list[int]) -> bool:
+    """Slice the constant operands that hold one entry per channel along their channel axis."""
+    if keep is None or keep.all():
+        return False
+    out = node.outputs[0]
+    changed = False
+    for i in indices:
+        v = node.inputs[i] if len(node.inputs) > i else None
+        if v is None or v.const_value is None:
+            continue
+        seen = channel_constant(v, len(keep), rank_of(out))
+        if seen is None or seen[1] < 0:
+            continue
+        set_const(graph, node, i, np.compress(keep, v.const_value.numpy(), axis=seen[1]))
+        changed = True
+    return changed
+
+
+class Elementwise(OpRule):
+    """Add, Sub, Mul, Div, Sum, Max, Min: channel c of the output reads channel c of each operand."""
+
+    absorbs_zero = False  # Mul: 0 * anything = 0
+
+    def combine(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
+
+    def operands(self, node: ir.Node, ins: list[Channels | None]) -> list[Channels] | None:
+        n = channel_count(node.outputs[0])
+        rank = rank_of(node.outputs[0])
+        if n is None:
+            return None
+        ops = []
+        for v, ch in zip(node.inputs, ins, strict=False):
+            if ch is not None:
+                if len(ch) != n or rank_of(v) != rank:
+                    return None
+                ops.append(ch)
+                continue
+            seen = channel_constant(v, n, rank) if v is not None else None
+            if seen is None:
+                return None
+            ops.append(seen[0])
+        return ops
+
+    def forward(self, node, ins):
+        ops = self.operands(node, ins)
+        if not ops:
+            return [None]
+        acc = ops[0]
+        for b in ops[1:]:
+            both = acc.is_known & b.is_known
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                vals = self.combine(np.where(both, acc.value, 0.0), np.where(both, b.value, 1.0))
+            live = ~both | (both & ~np.isfinite(vals))
+            if self.absorbs_zero:
+                live &= ~((acc.state == ZERO) | (b.state == ZERO))
+            acc = Channels.known(np.where(both & np.isfinite(vals), vals, 0.0)).with_live(live)
+        return [acc]
+
+    def couple(self, node, ids, ctx):
+        if self.operands(node, [None if i is None else _placeholder(len(i)) for i in ids]) is None:
+            return None
+        tensors = [i for i in ids if i is not None]
+        if not tensors:
+            return None
+        for other in tensors[1:]:
+            for a, b in zip(tensors[0], other, strict=True):
+                ctx.union(a, b)
+        return [list(tensors[0])]
+
+    def backward(self, node, needed, ins):
+        return [needed[0] if ch is not None else None for ch in ins]
+
+    def rewrite(self, graph, node, keep_in, keep_out):
+        return _slice_constants(graph, node, keep_out[0], list(range(len(node.inputs))))
+
+
+def _placeholder(n: int) -> Channels:
+    return Channels.live(n)
+
+
+def _binary(op: str, f: Callable[[np.ndarray, np.ndarray], np.ndarray], absorbs_zero: bool = False) -> None:
+    register(op)(type(f"Elementwise{op}", (Elementwise,),
+                      {"combine": staticmethod(f), "absorbs_zero": absorbs_zero}))
+
+
+_binary("Add", np.add)
+_binary("Sum", np.add)
+_binary("Sub", np.subtract)
+_binary("Mul", np.multiply, absorbs_zero=True)
+_binary("Div", np.divide)
+_binary("Max", np.maximum)
+_binary("Min", np.minimum)
