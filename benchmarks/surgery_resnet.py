@@ -1,0 +1,498 @@
+"""Surgery on ImageNet ResNets with block-internal channels zeroed: cost of the surgery, and what it buys in ORT.
+
+Issue 3. For ResNet-18 and ResNet-50 (built-ins, torchvision layout, random init) a seeded random
+50% or 75% of the *block-internal* channels are zeroed: the outputs of every conv inside a
+residual block except the block's last one (whose output is added to the shortcut), i.e. conv1 in
+a BasicBlock and conv1, conv2 in a Bottleneck. Zeroing a channel zeroes the conv's filter and the
+following BN's gamma and beta, so after eval-mode BN folding the channel is exactly zero. All BN
+running statistics get non-trivial values (running_var ~ U(0.5, 1.5), small running_mean, gamma
+~ U(0.5, 1.5), small beta), so folding really changes the weights and the check is not trivial.
+
+Per model and kept fraction:
+
+    export_onnx(dynamic batch)                 in this process
+    compress()                                 in a spawned child: time and peak memory
+    ORT latency, uncut vs compact              in this process, interleaved round by round
+
+Surgery: `report["seconds"]` of compress (surgery passes, and surgery + verification) and the wall
+time of the whole compress() call, median over --surgery-repeats calls in one child. Peak memory:
+the child loads the ONNX model, resets its resident-set high-water mark (Linux
+/proc/self/clear_refs; falls back to the whole-process ru_maxrss), runs compress(), and reports the
+peak RSS of the process during compress (imports and the loaded model included) and the increase
+over the RSS just before the call. The compact model must pass verification, or the run aborts.
+
+Latency: CPUExecutionProvider, ORT_ENABLE_ALL, intra-op threads 1 and 2, inter-op 1, and
+`session.force_spinning_stop` = 1 (two sessions live in this process; spinning pools of idle
+sessions slow each other down, see ../shared/reference/ort-cpu-facts.md). Each round times one
+block of back-to-back runs of each session, the order alternating from round to round; the block
+length is set in the warm-up so that an uncut block lasts about --block-s. Reported: median
+per-run latency of each, speed-up = uncut median / compact median, the median and a bootstrap 95%
+interval of the per-round ratio, and efficiency = speed-up / MAC reduction (target >= 0.95).
+
+Usage (from the repository root):
+
+    python benchmarks/surgery_resnet.py            # full run: resnet18+50, keep 0.5/0.25, batch 1/8, threads 1/2
+    python benchmarks/surgery_resnet.py --quick    # smoke run: resnet18, keep 0.5, 112x112, batch 1, 1 thread
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from sslcompress.io import atomic_write_bytes, atomic_write_json
+from sslcompress.models import ModelSpec, build_model
+from sslcompress.models.imagenet import BasicBlock, Bottleneck
+from sslcompress.surgery.compress import compress
+from sslcompress.surgery.export import export_onnx, save_onnx
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET_SURGERY_S = 5.0  # ResNet-50, issue 3
+TARGET_PEAK_MIB = 2048.0  # 2 GiB, issue 3
+TARGET_EFFICIENCY = 0.95  # speed-up / MAC reduction, issue 3
+RTOL_OF_MAX = 1e-4  # the library's verification criterion, reused for the parent's own check
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def csv(text: str, kind=str) -> list:
+    return [kind(x.strip()) for x in text.split(",") if x.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# The sparse model
+
+
+def block_internal_pairs(model: nn.Module) -> list[tuple[str, nn.Conv2d, nn.BatchNorm2d]]:
+    """(name, conv, bn) of every block-internal conv: all convs of a block but its last one."""
+    pairs = []
+    for name, module in model.named_modules():
+        if isinstance(module, BasicBlock):
+            pairs.append((f"{name}.conv1", module.conv1, module.bn1))
+        elif isinstance(module, Bottleneck):
+            pairs.append((f"{name}.conv1", module.conv1, module.bn1))
+            pairs.append((f"{name}.conv2", module.conv2, module.bn2))
+    return pairs
+
+
+@torch.no_grad()
+def randomize_bn(model: nn.Module, gen: torch.Generator) -> None:
+    """Trained-looking BN statistics: with unit var and zero mean, folding would be a no-op."""
+    for bn in model.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            n = bn.num_features
+            bn.running_var.copy_(0.5 + torch.rand(n, generator=gen))
+            bn.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
+            bn.weight.copy_(0.5 + torch.rand(n, generator=gen))
+            bn.bias.copy_(0.1 * torch.randn(n, generator=gen))
+
+
+@torch.no_grad()
+def zero_channels(pairs, keep: float, gen: torch.Generator) -> tuple[int, int]:
+    """Zero a random (1 - keep) of each pair's filters and BN gamma/beta; (zeroed, total) channels."""
+    zeroed = total = 0
+    for _, conv, bn in pairs:
+        n = conv.out_channels
+        n_zero = n - round(n * keep)
+        idx = torch.randperm(n, generator=gen)[:n_zero]
+        conv.weight[idx] = 0.0
+        if conv.bias is not None:
+            conv.bias[idx] = 0.0
+        bn.weight[idx] = 0.0  # gamma 0 and beta 0: the folded bias is beta - gamma*mean/std = 0
+        bn.bias[idx] = 0.0
+        zeroed += n_zero
+        total += n
+    return zeroed, total
+
+
+def sparse_resnet(name: str, keep: float, size: int, seed: int) -> tuple[nn.Module, dict]:
+    torch.manual_seed(seed)
+    model = build_model(ModelSpec(name, num_classes=1000, in_channels=3, input_size=(size, size)))
+    gen = torch.Generator().manual_seed(seed)
+    randomize_bn(model, gen)
+    pairs = block_internal_pairs(model)
+    zeroed, total = zero_channels(pairs, keep, gen)
+    model.eval()
+    return model, {"block_internal_convs": len(pairs), "channels_zeroed": zeroed, "channels_total": total}
+
+
+# ---------------------------------------------------------------------------------------------
+# Surgery in a child process, for an honest peak-memory figure
+
+
+def _proc_status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the RSS high-water mark (Linux >= 4.0), so the peak we read is that of compress alone."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_kib(reset_ok: bool) -> int:
+    import resource
+
+    hwm = _proc_status_kib("VmHWM") if reset_ok else None
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _surgery_child(src: str, dst: str, result_path: str, repeats: int) -> None:
+    """Runs in a spawned process: load, compress `repeats` times, write the compact model and a JSON."""
+    torch.set_num_threads(1)
+    proto = onnx.load(src)
+    baseline_kib = _proc_status_kib("VmRSS") or 0
+    reset_ok = _reset_peak_rss()
+    runs = []
+    res = None
+    for _ in range(repeats):
+        del res  # free the previous result first: two compact models alive would inflate the peak
+        t0 = time.perf_counter()
+        res = compress(proto)
+        wall = time.perf_counter() - t0
+        runs.append({"wall_s": wall, **{f"{k}_s": v for k, v in res.report["seconds"].items()}})
+    peak_kib = _peak_rss_kib(reset_ok)
+    save_onnx(res.model, dst)
+    report = {k: v for k, v in res.report.items() if k != "layers"}
+    atomic_write_json({
+        "runs": runs, "report": report, "verification_passed": bool(res.verification.passed),
+        "peak_rss_mib": peak_kib / 1024, "baseline_rss_mib": baseline_kib / 1024,
+        "increase_mib": (peak_kib - baseline_kib) / 1024,
+        "peak_method": "VmHWM after clear_refs reset" if reset_ok else "ru_maxrss of the whole child",
+    }, result_path)
+
+
+def run_surgery(src: Path, dst: Path, workdir: Path, repeats: int) -> dict:
+    import json
+
+    result_path = workdir / "surgery_result.json"
+    result_path.unlink(missing_ok=True)
+    # spawn, not fork: a forked child would inherit this process's memory (torch model, exports)
+    proc = mp.get_context("spawn").Process(target=_surgery_child, args=(str(src), str(dst), str(result_path), repeats))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0 or not result_path.is_file():
+        raise SystemExit(f"error: the surgery child failed (exit code {proc.exitcode}); see its traceback above")
+    out = json.loads(result_path.read_text())
+    runs = out["runs"]
+    out["median"] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Latency in ORT
+
+
+def make_session(model_bytes: bytes, threads: int) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    # Two sessions share this process: idle spinning pools steal the cores of the timed one.
+    so.add_session_config_entry("session.force_spinning_stop", "1")
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+
+
+def _block(sess: ort.InferenceSession, feed: dict, reps: int) -> float:
+    """Seconds per run, over `reps` back-to-back runs."""
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        sess.run(None, feed)
+    return (time.perf_counter() - t0) / reps
+
+
+def check_same_outputs(uncut: ort.InferenceSession, compact: ort.InferenceSession, feed: dict) -> float:
+    """The model we time is the model that was verified: same outputs, by the library's criterion."""
+    a = uncut.run(None, feed)[0].astype(np.float64)
+    b = compact.run(None, feed)[0].astype(np.float64)
+    rel = float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-30))
+    if not rel <= RTOL_OF_MAX:
+        raise SystemExit(f"error: the compact model's outputs differ from the uncut model's (rel {rel:.3g})")
+    return rel
+
+
+def bootstrap_median_ci(values: list[float], seed: int, n: int = 2000) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the median."""
+    rng = np.random.default_rng(seed)
+    arr = np.asarray(values)
+    meds = np.median(rng.choice(arr, size=(n, arr.size), replace=True), axis=1)
+    lo, hi = np.percentile(meds, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def time_pair(uncut_bytes: bytes, compact_bytes: bytes, batch: int, size: int, threads: int,
+              rounds: int, warmup: int, block_s: float, seed: int) -> dict:
+    uncut, compact = make_session(uncut_bytes, threads), make_session(compact_bytes, threads)
+    name = uncut.get_inputs()[0].name
+    x = np.random.default_rng(seed).standard_normal((batch, 3, size, size), dtype=np.float32)
+    feed = {name: x}
+    rel = check_same_outputs(uncut, compact, feed)
+    # Warm-up rounds (first runs allocate and pick kernels); the last one sets the block length.
+    t_uncut = 0.0
+    for _ in range(max(1, warmup)):
+        t_uncut = _block(uncut, feed, 1)
+        _block(compact, feed, 1)
+    reps = max(1, round(block_s / t_uncut))
+    times_u, times_c = [], []
+    for r in range(rounds):
+        if r % 2 == 0:  # alternate which goes first: a drift in load hits both sides alike
+            tu = _block(uncut, feed, reps)
+            tc = _block(compact, feed, reps)
+        else:
+            tc = _block(compact, feed, reps)
+            tu = _block(uncut, feed, reps)
+        times_u.append(tu)
+        times_c.append(tc)
+    ratios = [u / c for u, c in zip(times_u, times_c)]
+    med_u, med_c = statistics.median(times_u), statistics.median(times_c)
+    lo, hi = bootstrap_median_ci(ratios, seed)
+    return {
+        "batch": batch, "threads": threads, "rounds": rounds, "warmup_rounds": warmup, "runs_per_block": reps,
+        "uncut_ms": 1e3 * med_u, "compact_ms": 1e3 * med_c, "speedup": med_u / med_c,
+        "round_ratio_median": statistics.median(ratios), "round_ratio_ci95": [lo, hi],
+        "round_ratio_min_max": [min(ratios), max(ratios)],
+        "uncut_ms_rounds": [1e3 * t for t in times_u], "compact_ms_rounds": [1e3 * t for t in times_c],
+        "output_rel_diff": rel,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# One model at one kept fraction
+
+
+def bench_case(name: str, keep: float, args, workdir: Path) -> dict:
+    t_case = time.perf_counter()
+    model, zeroing = sparse_resnet(name, keep, args.size, args.seed)
+    log(f"{name} keep {keep:g}: zeroed {zeroing['channels_zeroed']}/{zeroing['channels_total']} block-internal "
+        f"channels in {zeroing['block_internal_convs']} convs; exporting at {args.size}x{args.size}")
+    t0 = time.perf_counter()
+    exported = export_onnx(model, (1, 3, args.size, args.size), dynamic_batch=True)
+    export_s = time.perf_counter() - t0
+    del model
+    if not exported.bn_folded:
+        raise SystemExit(f"error: {exported.bn_remaining} BatchNormalization nodes survived the export of {name}")
+    src, dst = workdir / f"{name}_uncut.onnx", workdir / f"{name}_compact.onnx"
+    save_onnx(exported.model, src)
+    uncut_bytes = exported.model.SerializeToString()
+    del exported
+
+    log(f"{name} keep {keep:g}: export {export_s:.1f} s; compress() x{args.surgery_repeats} in a spawned child")
+    surgery = run_surgery(src, dst, workdir, args.surgery_repeats)
+    if not surgery["verification_passed"]:
+        v = surgery["report"]["verification"]
+        raise SystemExit(f"error: VERIFICATION FAILED for {name} keep {keep:g}: max abs {v['max_abs']:.3g}, "
+                         f"rel {v['rel']:.3g}; the compact model does not compute what the uncut one does"
+                         + (f"; first diverging node: {v['first_diverging_node']}" if v.get("first_diverging_node") else ""))
+    totals = surgery["report"]["totals"]
+    reduction = totals["macs"] / totals["macs_after"]
+    med = surgery["median"]
+    log(f"{name} keep {keep:g}: MACs {totals['macs'] / 1e9:.3f} G -> {totals['macs_after'] / 1e9:.3f} G "
+        f"({reduction:.2f}x); surgery {med['surgery_s']:.2f} s, compress() {med['wall_s']:.2f} s, "
+        f"peak RSS {surgery['peak_rss_mib']:.0f} MiB (+{surgery['increase_mib']:.0f}); verification passed "
+        f"(rel {surgery['report']['verification']['rel']:.2e})")
+
+    compact_bytes = dst.read_bytes()
+    latency = []
+    for batch in args.batch:
+        for threads in args.threads:
+            t0 = time.perf_counter()
+            row = time_pair(uncut_bytes, compact_bytes, batch, args.size, threads, args.rounds, args.warmup,
+                            args.block_s, args.seed)
+            row["efficiency"] = row["speedup"] / reduction
+            row["wall_s"] = time.perf_counter() - t0
+            latency.append(row)
+            log(f"{name} keep {keep:g} batch {batch} threads {threads}: uncut {row['uncut_ms']:.2f} ms, compact "
+                f"{row['compact_ms']:.2f} ms, speed-up {row['speedup']:.2f}x (round ratios "
+                f"{row['round_ratio_ci95'][0]:.2f}..{row['round_ratio_ci95'][1]:.2f}), efficiency "
+                f"{row['efficiency']:.3f} ({row['wall_s']:.0f} s)")
+    return {
+        "model": name, "keep": keep, "input": [3, args.size, args.size], "seed": args.seed, **zeroing,
+        "export_s": export_s, "macs": totals["macs"], "macs_after": totals["macs_after"], "mac_reduction": reduction,
+        "params": totals["params"], "params_after": totals["params_after"], "surgery": surgery,
+        "latency": latency, "wall_s": time.perf_counter() - t_case,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Verdicts and output
+
+
+def verdicts(cases: list[dict]) -> list[str]:
+    lines = []
+    for c in cases:
+        tag = f"{c['model']} keep {c['keep']:g}"
+        s = c["surgery"]
+        if c["model"] == "resnet50":
+            t = s["median"]["wall_s"]
+            lines.append(f"{tag}: compress() {t:.2f} s (surgery passes {s['median']['surgery_s']:.2f} s), "
+                         f"target < {TARGET_SURGERY_S:g} s: {'met' if t < TARGET_SURGERY_S else 'MISSED'}")
+        p = s["peak_rss_mib"]
+        lines.append(f"{tag}: peak RSS {p:.0f} MiB, target < {TARGET_PEAK_MIB:.0f} MiB: "
+                     f"{'met' if p < TARGET_PEAK_MIB else 'MISSED'}")
+        for r in c["latency"]:
+            e = r["efficiency"]
+            lines.append(f"{tag} batch {r['batch']} threads {r['threads']}: efficiency {e:.3f}, target >= "
+                         f"{TARGET_EFFICIENCY}: {'met' if e >= TARGET_EFFICIENCY else 'MISSED'}")
+    return lines
+
+
+def render_table(cases: list[dict]) -> str:
+    lines = ["| model | kept | MACs before (G) | MACs after (G) | MAC reduction | surgery s (compress() s) "
+             "| peak MiB (increase) | batch | threads | uncut ms | compact ms | speed-up (round-ratio 95% CI) "
+             "| efficiency |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in cases:
+        s = c["surgery"]
+        head = (f"| {c['model']} | {c['keep']:.0%} | {c['macs'] / 1e9:.3f} | {c['macs_after'] / 1e9:.3f} | "
+                f"{c['mac_reduction']:.2f}x | {s['median']['surgery_s']:.2f} ({s['median']['wall_s']:.2f}) | "
+                f"{s['peak_rss_mib']:.0f} (+{s['increase_mib']:.0f}) |")
+        for r in c["latency"]:
+            lo, hi = r["round_ratio_ci95"]
+            lines.append(f"{head} {r['batch']} | {r['threads']} | {r['uncut_ms']:.2f} | {r['compact_ms']:.2f} | "
+                         f"{r['speedup']:.2f}x ({lo:.2f}..{hi:.2f}) | {r['efficiency']:.3f} |")
+    return "\n".join(lines)
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu": cpu, "onnxruntime": ort.__version__, "onnx": onnx.__version__,
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def render_md(doc: dict) -> str:
+    m = doc["machine"]
+    quick = " (QUICK check, not a result)" if doc["quick"] else ""
+    partial = "" if doc["complete"] else "\n\n**Incomplete: the run has not finished (or failed).**"
+    return "\n".join([
+        f"# Surgery on ResNets with block-internal channels zeroed{quick}", "",
+        f"Generated by `{doc['command']}` on {doc['date_utc']}.{partial}", "",
+        render_table(doc["cases"]), "",
+        *[f"- {v}" for v in doc["verdicts"]], "",
+        "Kept = fraction of block-internal channels kept (BasicBlock conv1; Bottleneck conv1 and conv2). MACs "
+        "count every Conv/Gemm of the exported graph (stem, downsample and fc included), per image. "
+        "'surgery s' = compress()'s own report['seconds']['surgery'] (the passes); 'compress() s' = wall time of the "
+        "whole call, verification in ORT included; medians over the repeats of one spawned child. "
+        "Peak MiB = resident-set high-water mark of that child during compress() (Python, torch, ORT and the loaded "
+        "model included); increase = peak - RSS just before the call. Latency: ORT CPU EP, ORT_ENABLE_ALL, "
+        "inter-op 1, force_spinning_stop 1; median per-run time over rounds, uncut and compact timed side by side "
+        "in alternating order. Speed-up = uncut median / compact median; the interval is a bootstrap 95% "
+        "interval of the median per-round ratio. Efficiency = speed-up / MAC reduction.", "",
+        f"Settings: input {doc['settings']['size']}x{doc['settings']['size']}, seed {doc['settings']['seed']}, "
+        f"{doc['settings']['rounds']} rounds (+{doc['settings']['warmup']} warm-up), uncut block about "
+        f"{doc['settings']['block_s']} s, {doc['settings']['surgery_repeats']} compress() call(s) per case.", "",
+        f"Machine: {m['cpu']}, nproc {m['nproc']}, ORT {m['onnxruntime']}, onnx {m['onnx']}, torch {m['torch']} "
+        f"({m['torch_threads']} thread), {m['platform']}; load average at start "
+        f"{', '.join(f'{x:.2f}' for x in doc['load_average_start'])}, at end "
+        f"{', '.join(f'{x:.2f}' for x in doc['load_average_end'])}. Wall time {doc['wall_time_s']:.0f} s.", "",
+    ])
+
+
+def write_results(doc: dict, res_dir: Path, stem: str) -> None:
+    doc["load_average_end"] = list(os.getloadavg())
+    atomic_write_json(doc, res_dir / f"{stem}.json")
+    atomic_write_bytes(render_md(doc).encode(), res_dir / f"{stem}.md")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="resnet18,resnet50", help="comma list of resnet18, resnet50")
+    ap.add_argument("--keep", default="0.5,0.25", help="fractions of block-internal channels kept (comma list)")
+    ap.add_argument("--batch", default="1,8", help="batch sizes timed (comma list)")
+    ap.add_argument("--threads", default="1,2", help="ORT intra-op thread counts (comma list)")
+    ap.add_argument("--rounds", type=int, default=20, help="timed rounds per (batch, threads)")
+    ap.add_argument("--warmup", type=int, default=3, help="warm-up rounds (one run of each session)")
+    ap.add_argument("--block-s", type=float, default=0.2,
+                    help="target length of an uncut block of back-to-back runs in a round (at least one run)")
+    ap.add_argument("--size", type=int, default=224, help="input height and width")
+    ap.add_argument("--surgery-repeats", type=int, default=3, help="compress() calls per case (median time)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: resnet18, keep 0.5, 112x112, batch 1, 1 thread, 5 rounds; results to benchmarks/out")
+    ap.add_argument("--out", default=None,
+                    help="where the .json/.md go (default benchmarks/results; benchmarks/out with --quick)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.models, args.keep, args.batch, args.threads = "resnet18", "0.5", "1", "1"
+        args.rounds, args.warmup, args.size, args.surgery_repeats = min(args.rounds, 5), 1, 112, 1
+    args.models = csv(args.models)
+    args.keep, args.batch, args.threads = csv(args.keep, float), csv(args.batch, int), csv(args.threads, int)
+    unknown = [m for m in args.models if m not in ("resnet18", "resnet50")]
+    if unknown:
+        ap.error(f"unknown model(s) {unknown}: this benchmark knows resnet18 and resnet50")
+    if not all(0 < k <= 1 for k in args.keep):
+        ap.error("--keep fractions must be in (0, 1]")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(1)  # torch only builds and exports here; keep it off the cores ORT is timed on
+    res_dir = Path(args.out or REPO / "benchmarks" / ("out" if args.quick else "results"))
+    res_dir.mkdir(parents=True, exist_ok=True)
+    stem = "surgery_resnet_quick" if args.quick else "surgery_resnet"
+    t_all = time.perf_counter()
+    doc = {"benchmark": "surgery_resnet", "quick": args.quick, "complete": False,
+           "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+           "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine_info(),
+           "load_average_start": list(os.getloadavg()),
+           "settings": {k: getattr(args, k) for k in ("models", "keep", "batch", "threads", "rounds", "warmup",
+                                                       "block_s", "size", "surgery_repeats", "seed")},
+           "targets": {"surgery_s_resnet50": TARGET_SURGERY_S, "peak_rss_mib": TARGET_PEAK_MIB,
+                       "efficiency": TARGET_EFFICIENCY},
+           "peak_memory_note": "peak_rss_mib: RSS high-water mark of the spawned child during compress() "
+                               "(process baseline included); increase_mib: peak minus RSS just before the call",
+           "cases": [], "verdicts": [], "wall_time_s": 0.0}
+    log(f"ORT {ort.__version__}, nproc {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}; "
+        f"{len(args.models) * len(args.keep)} case(s) x {len(args.batch) * len(args.threads)} timings")
+    with tempfile.TemporaryDirectory(prefix="surgery_resnet_") as tmp:
+        for name in args.models:
+            for keep in args.keep:
+                doc["cases"].append(bench_case(name, keep, args, Path(tmp)))
+                doc["verdicts"] = verdicts(doc["cases"])
+                doc["wall_time_s"] = time.perf_counter() - t_all
+                write_results(doc, res_dir, stem)  # partial results survive a later failure
+    doc["complete"] = True
+    doc["wall_time_s"] = time.perf_counter() - t_all
+    write_results(doc, res_dir, stem)
+    print(render_table(doc["cases"]))
+    print()
+    print("\n".join(doc["verdicts"]))
+    log(f"done in {doc['wall_time_s']:.0f} s; wrote {res_dir / stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
