@@ -136,9 +136,12 @@ def print_surgery_report(report: dict[str, Any]) -> None:
     table = Table(title="surgery")
     for col in ("layer", "op", "weight", "MACs", "MACs after"):
         table.add_column(col, justify="left" if col in ("layer", "op") else "right")
+    lowered = {d["name"] for d in (report.get("shape_lowering") or {}).get("convs", []) if d["lowered"]}
     for lay in report["layers"]:
         w = "x".join(map(str, lay["weight"]))
-        if lay["weight_after"] != lay["weight"]:
+        if lay["name"] in lowered and lay["weight_after"]:
+            w += " -> " + "x".join(map(str, lay["weight_after"])) + " (im2col + MatMul)"
+        elif lay["weight_after"] != lay["weight"]:
             w += " -> " + ("x".join(map(str, lay["weight_after"])) if lay["weight_after"] else "removed")
         table.add_row(lay["name"], lay["op"], w, _num(lay["macs"]), _num(lay["macs_after"]))
     t = report["totals"]
@@ -150,6 +153,15 @@ def print_surgery_report(report: dict[str, Any]) -> None:
                f"{t['nodes_after']}, file {_num(t['bytes'])}B -> {_num(t['bytes_after'])}B, "
                f"channels removed {t['channels_removed']}, residual branches removed "
                f"{len(report.get('blocks_removed', []))}, kernels shrunk {len(report.get('kernels_shrunk', {}))}")
+    if report.get("constant_channels_folded"):
+        maps = report.get("constant_maps_added") or []
+        _out.print(f"constant channels folded into their readers: {report['constant_channels_folded']}"
+                   + (f" (constant maps after {', '.join(maps)})" if maps else ""))
+    blocked = report.get("blocked_by") or {}
+    if blocked:
+        _out.print("channels that could go but stay, and what keeps them: "
+                   + ", ".join(f"{n} by {why}" for why, n in blocked.items()))
+    _print_lowering(report.get("shape_lowering"))
     agree = f", top-1 agreement {v['top1_agreement']:.2%}" if v.get("top1_agreement") is not None else ""
     _out.print(f"verification: {'passed' if v['passed'] else 'FAILED'} (max abs diff {v['max_abs']:.3g}, "
                f"relative {v['rel']:.3g} over {v['inputs']} inputs{agree}); surgery "
@@ -158,3 +170,19 @@ def print_surgery_report(report: dict[str, Any]) -> None:
         status = "matches" if report["macs_after_matches_prediction"] else "differs from"
         _out.print(f"MACs after {status} the checkpoint's count of its removable groups "
                    f"({_num(report['predicted_macs_after'])})")
+
+
+def _print_lowering(lowering: dict[str, Any] | None) -> None:
+    """Convs with zero weight columns: whether each became im2col + MatMul, and the times behind it."""
+    convs = (lowering or {}).get("convs") or []
+    if not convs:
+        return
+    n = sum(d["lowered"] for d in convs)
+    table = Table(title=f"shape lowering ({lowering['mode']}): {n}/{len(convs)} convs lowered to im2col + MatMul")
+    for col in ("conv", "columns kept", "zero", "MACs lowered/dense", "dense ms", "lowered ms", "lowered", "why"):
+        table.add_column(col, justify="left" if col in ("conv", "why") else "right")
+    for d in convs:
+        ms = [f"{d[k]:.3f}" if d[k] is not None else "-" for k in ("dense_ms", "lowered_ms")]
+        table.add_row(d["name"], _kept(d["columns"]), f"{d['column_sparsity']:.0%}",
+                      f"{_num(d['macs'][1])}/{_num(d['macs'][0])}", *ms, "yes" if d["lowered"] else "no", d["reason"])
+    _out.print(table)

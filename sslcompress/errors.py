@@ -29,3 +29,7 @@ class VerificationError(SSLCompressError):
 
 class TrainingError(SSLCompressError):
     """Training went wrong in a way a user can fix (diverged loss, empty data)."""
+
+
+class SurgeryError(SSLCompressError):
+    """A surgery pass wrote an invalid graph: a bug in a rule, reported instead of a broken file."""

@@ -77,10 +77,12 @@ def test_failed_verification_writes_nothing_unless_forced(sparse_ckpt, tmp_path,
     monkeypatch.setattr(compress_mod, "prune_dead_channels", broken)
     out = tmp_path / "c.onnx"
     res = CliRunner().invoke(main, ["export", str(sparse_ckpt), "--onnx", str(out)])
-    assert "nothing written" in _one_line_error(res)
+    line = _one_line_error(res)
+    assert "nothing written" in line and "first at node '/fc2/Gemm' (Gemm, output 'output')" in line
     assert not out.exists()
     res = CliRunner().invoke(main, ["export", str(sparse_ckpt), "--onnx", str(out), "--force"])
     assert res.exit_code == 0 and out.exists() and "FAILED" in res.output
+    assert "first diverging node '/fc2/Gemm'" in res.output
 
 
 @pytest.mark.parametrize("content, words", [(None, "not found"), (b"\x00\x01garbage" * 20, "ONNX")])
@@ -102,3 +104,126 @@ def test_truncated_onnx_input(sparse_ckpt, tmp_path):
     res = CliRunner().invoke(main, ["surgery", str(cut), "-o", str(tmp_path / "o.onnx")])
     _one_line_error(res)
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.fixture(scope="module")
+def lenet_onnx(tmp_path_factory):
+    """A small sparse LeNet as ONNX bytes, for corrupting in many ways."""
+    from sslcompress.surgery.export import export_onnx
+
+    torch.manual_seed(0)
+    m = build_model(ModelSpec("lenet5", 10, 1, (28, 28)))
+    with torch.no_grad():
+        m.conv1.weight[6:] = 0
+    return export_onnx(m, (1, 1, 28, 28)).model
+
+
+def _bad_model(kind: str, good: onnx.ModelProto) -> bytes | None:
+    bad = onnx.ModelProto()
+    bad.CopyFrom(good)
+    if kind == "missing":
+        return None
+    if kind == "text":
+        return b"this is a text file, not a model\n"
+    if kind == "truncated":
+        return good.SerializeToString()[:300]
+    if kind == "opset":
+        bad.opset_import[0].version = 99
+    elif kind == "ir":
+        bad.ir_version = 99
+    elif kind == "dynamic":
+        dims = bad.graph.input[0].type.tensor_type.shape.dim
+        dims[2].dim_param, dims[3].dim_param = "height", "width"
+        del bad.graph.value_info[:]
+    return bad.SerializeToString()
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("missing", "not found"), ("text", "not a readable ONNX model"), ("truncated", "truncated"),
+    ("opset", "opset 99, newer than"), ("ir", "ir_version 99 is higher"), ("dynamic", "dynamic dimension 2"),
+])
+@pytest.mark.parametrize("existing", [False, True])
+def test_bad_model_one_line_and_nothing_written(lenet_onnx, tmp_path, kind, words, existing):
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    content = _bad_model(kind, lenet_onnx)
+    if content is not None:
+        src.write_bytes(content)
+    if existing:
+        out.write_bytes(b"an older model")
+    res = CliRunner().invoke(main, ["surgery", str(src), "-o", str(out)])
+    assert words in _one_line_error(res)
+    if existing:
+        assert out.read_bytes() == b"an older model"
+    else:
+        assert not out.exists()
+    expected = {"in.onnx"} if content is not None else set()
+    assert {p.name for p in tmp_path.iterdir()} == expected | ({"out.onnx"} if existing else set()), "no stray files"
+
+
+def test_dynamic_spatial_model_verifies_with_data(lenet_onnx, tmp_path):
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    src.write_bytes(_bad_model("dynamic", lenet_onnx))
+    res = CliRunner().invoke(main, ["surgery", str(src), "-o", str(out), "--data", "digits", "--data-limit", "3",
+                                    "--json"])
+    assert res.exit_code == 0, res.output
+    v = json.loads(res.output)["verification"]
+    assert v["passed"] and v["real_images"] == 3 and v["inputs"] == 4 + 3
+
+
+def test_surgery_with_real_data(lenet_onnx, tmp_path):
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    src.write_bytes(lenet_onnx.SerializeToString())
+    res = CliRunner().invoke(main, ["surgery", str(src), "-o", str(out), "--data", "digits", "--data-limit", "7"])
+    assert res.exit_code == 0, res.output
+    assert "real images: 7 from digits, top-1 agreement 100.00%" in res.output
+    assert out.is_file()
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("synthetic:3x32x32:10", "3x32x32 images but the model's input 'input' is 1x28x28"),
+    ("mnist:/no/such/file.npz", "/no/such/file.npz not found"),
+    ("nope", "unknown data set kind"),
+])
+def test_bad_data_is_one_line(lenet_onnx, tmp_path, spec, words):
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    src.write_bytes(lenet_onnx.SerializeToString())
+    res = CliRunner().invoke(main, ["surgery", str(src), "-o", str(out), "--data", spec])
+    assert words in _one_line_error(res)
+    assert not out.exists()
+
+
+def test_export_with_data_and_input_shape(tmp_path):
+    spec = ModelSpec("resnet20", 10, 3, (32, 32))
+    torch.manual_seed(0)
+    ckpt = tmp_path / "r.pt"
+    save_checkpoint(ckpt, Checkpoint("sparse", spec, build_model(spec).state_dict()))
+    out = tmp_path / "c.onnx"
+    res = CliRunner().invoke(main, ["export", str(ckpt), "--onnx", str(out), "--input-shape", "3,16,16",
+                                    "--dynamic-batch", "--data", "synthetic:3x16x16:10", "--data-limit", "5",
+                                    "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert report["input_shape"] == [1, 3, 16, 16] and report["data"] == "synthetic:3x16x16:10"
+    v = report["verification"]
+    assert v["passed"] and v["real_images"] == 5 and v["real_top1_agreement"] == 1.0
+    dims = onnx.load(out).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims[1:]] == [3, 16, 16]
+
+
+@pytest.mark.parametrize("shape, words", [
+    ("3,32", "three positive integers"), ("0,28,28", "three positive integers"),
+    ("a,b,c", "three positive integers"), ("1,28,28,1", "three positive integers"),
+    ("3,28,28", "cannot run on --input-shape 3,28,28"), ("1,32,32", "cannot run on --input-shape 1,32,32"),
+])
+def test_bad_input_shape_is_one_line(sparse_ckpt, tmp_path, shape, words):
+    out = tmp_path / "c.onnx"
+    res = CliRunner().invoke(main, ["export", str(sparse_ckpt), "--onnx", str(out), "--input-shape", shape])
+    assert words in _one_line_error(res)
+    assert not out.exists()
+
+
+def test_export_data_shape_mismatch(sparse_ckpt, tmp_path):
+    out = tmp_path / "c.onnx"
+    res = CliRunner().invoke(main, ["export", str(sparse_ckpt), "--onnx", str(out), "--data", "synthetic:1x32x32:10"])
+    assert "1x32x32 images but the model's input 'input' is 1x28x28" in _one_line_error(res)
+    assert not out.exists()

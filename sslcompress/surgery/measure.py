@@ -32,6 +32,9 @@ def layers(proto: onnx.ModelProto) -> list[OnnxLayer]:
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.input) < 2:
             continue
         w = inits.get(node.input[1])
+        lhs_weight = node.op_type == "MatMul" and w is None and node.input[0] in inits
+        if lhs_weight:  # a lowered conv: MatMul(weight (M, K), columns (N, K, P))
+            w = inits[node.input[0]]
         if w is None:
             continue
         if node.op_type == "Conv":
@@ -41,6 +44,9 @@ def layers(proto: onnx.ModelProto) -> list[OnnxLayer]:
         elif node.op_type == "ConvTranspose":
             x = shapes.get(node.input[0], [])
             macs = int(np.prod(w)) * (int(np.prod(x[2:])) if len(x) > 2 else 1)
+        elif lhs_weight:
+            y = shapes.get(node.output[0], [])
+            macs = int(np.prod(w)) * (y[-1] if y else 1)
         else:
             x = shapes.get(node.input[0], [])
             rows = int(np.prod(x[1:-1])) if len(x) > 2 else 1
