@@ -292,3 +292,14 @@ def test_activation_of_a_zero_channel_is_known_and_folds(op, attrs):
                    opset=20 if op == "Gelu" else 17)
     res = _compress(proto)
     assert _dims(res.model)["a"] == [3, 3, 1, 1] and _dims(res.model)["c"] == [2, 3, 1, 1]
+
+
+def test_the_readme_names_every_op_with_a_rule():
+    from pathlib import Path
+
+    from sslcompress.surgery.channels import handled_ops
+
+    text = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    para = text[text.index("Op types with a rule:"):].split("\n\n")[0]
+    missing = [op for op in handled_ops() if op not in para.replace("ReduceMax/Mean/Min/Sum", "ReduceMax ReduceMean ReduceMin ReduceSum").replace("Resize/Upsample", "Resize Upsample")]
+    assert not missing
