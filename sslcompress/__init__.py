@@ -7,6 +7,8 @@ The Python API for users with their own training loop (names load lazily, so the
     MaskSet(model, masks).attach()           frozen zeros through fine-tuning (apply_() after each step)
     count(model, input_shape)                dense and after-removal MACs / parameters
     save_checkpoint / load_checkpoint        the checkpoint the other commands read
+    export_onnx(model, input_shape)          torch -> simplified ONNX (eval mode, onnxsim)
+    compress(onnx_model_or_path)             exact surgery: compact model, report, verification
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ _EXPORTS = {
     "load_checkpoint": "sslcompress.finetune.checkpoint",
     "run_pretrain": "sslcompress.finetune.pipeline",
     "run_finetune": "sslcompress.finetune.pipeline",
+    "export_onnx": "sslcompress.surgery.export",
+    "compress": "sslcompress.surgery.compress",
 }
 
 __all__ = sorted(_EXPORTS)
