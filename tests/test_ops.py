@@ -303,3 +303,58 @@ def test_the_readme_names_every_op_with_a_rule():
     para = text[text.index("Op types with a rule:"):].split("\n\n")[0]
     missing = [op for op in handled_ops() if op not in para.replace("ReduceMax/Mean/Min/Sum", "ReduceMax ReduceMean ReduceMin ReduceSum").replace("Resize/Upsample", "Resize Upsample")]
     assert not missing
+
+
+def test_constant_nodes_and_pow_let_a_within_channel_norm_through():
+    """Caffe's within-channel LRN as exported: x / (1 + a * avgpool(x * x)) ** b, scalars as Constant nodes."""
+    a = _w(6, 3, 3, 3)
+    a[[1, 4]] = 0
+    const = [helper.make_node("Constant", [], [n], value=numpy_helper.from_array(np.array(v, np.float32), n))
+             for n, v in (("k_alpha", 1e-3), ("k_one", 1.0), ("k_beta", 0.75))]
+    nodes = const + [
+        helper.make_node("Conv", ["x", "a"], ["t1"], pads=[1, 1, 1, 1], name="a"),
+        helper.make_node("Mul", ["t1", "t1"], ["sq"]),
+        helper.make_node("AveragePool", ["sq"], ["avg"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["avg", "k_alpha"], ["sc"]),
+        helper.make_node("Add", ["sc", "k_one"], ["den0"]),
+        helper.make_node("Pow", ["den0", "k_beta"], ["den"]),
+        helper.make_node("Div", ["t1", "den"], ["t2"]),
+        helper.make_node("Conv", ["t2", "c"], ["y"], name="c")]
+    proto = _model(nodes, {"a": a, "c": _w(2, 6, 1, 1)}, (1, 3, 5, 5), (1, 2, 5, 5))
+    res = _compress(proto)
+    assert _dims(res.model)["a"] == [4, 3, 3, 3] and _dims(res.model)["c"] == [2, 4, 1, 1]
+    assert not res.report["blocked_by"]
+
+
+def test_a_gemm_on_the_graph_input_reads_only_the_features_it_uses():
+    """The paper's MLP drops input pixels: the input cannot lose channels, so a Gather selects them."""
+    w1 = _w(20, 16)  # Gemm with transB: (out, in)
+    w1[:, [0, 3, 7, 8]] = 0
+    nodes = [helper.make_node("Flatten", ["x"], ["f"]),
+             helper.make_node("Gemm", ["f", "w1", "b1"], ["h"], transB=1, name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    w2 = _w(20, 3)
+    w2[5] = 0
+    proto = _model(nodes, {"w1": w1, "b1": _w(20), "w2": w2}, (2, 1, 4, 4), (2, 3))
+    res = _compress(proto)
+    d = _dims(res.model)
+    assert d["w1"] == [19, 12] and d["w2"] == [19, 3]  # fc1's row 5 goes by pruning (nobody reads it)
+    assert res.report["features_selected"] == {"fc1": [16, 12]}
+    assert "Gather" in _ops(res.model)
+
+
+@pytest.mark.parametrize("op", ["Log", "Reciprocal"])
+def test_an_infinite_image_of_zero_stays_live(op):
+    a = _w(4, 3, 1, 1)
+    a[2] = 0
+    nodes = [helper.make_node("Conv", ["x", "a"], ["t1"], name="a"),
+             helper.make_node("Abs", ["t1"], ["t2"]),
+             helper.make_node(op, ["t2"], ["t3"]),
+             helper.make_node("Conv", ["t3", "c"], ["y"], name="c")]
+    proto = _model(nodes, {"a": a, "c": _w(2, 4, 1, 1)}, (1, 3, 4, 4), (1, 2, 4, 4))
+    import onnx_ir as ir
+
+    from sslcompress.surgery.channels import LIVE, analyze
+    states = analyze(ir.serde.deserialize_model(proto))
+    assert states["t2"].state[2] == 0 and states["t3"].state[2] == LIVE

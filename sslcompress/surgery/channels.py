@@ -12,6 +12,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from .ops import CONSTANT, LIVE, ZERO, Channels, attr_value, channel_count, const_array, handled_ops, rule_for
+from .ops.base import const_tensor
 
 __all__ = ["CONSTANT", "LIVE", "ZERO", "Channels", "analyze", "attr_value", "channel_count", "const_array",
            "handled_ops"]
@@ -26,8 +27,8 @@ def analyze(model: ir.Model) -> dict[str, Channels]:
             return None
         if v.name in states:
             return states[v.name]
-        if v.const_value is not None:
-            return None  # initializers are read by the rules themselves
+        if const_tensor(v) is not None:
+            return None  # initializers and Constant nodes are read by the rules themselves
         n = channel_count(v)
         return Channels.live(n) if n is not None else None
 

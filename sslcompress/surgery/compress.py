@@ -14,6 +14,7 @@ from ..errors import SurgeryError
 from .depth import remove_zero_branches
 from .diverge import Divergence, first_diverging_node
 from .export import load_onnx
+from .features import select_features
 from .fold import fold_constant_channels
 from .inputs import random_batches
 from .kernels import shrink_kernels
@@ -39,7 +40,8 @@ def compress(model: onnx.ModelProto | str | Path, *, inputs: list[np.ndarray] | 
     depth = remove_zero_branches(proto)
     fold = fold_constant_channels(depth.model)
     pruned = prune_dead_channels(fold.model)
-    shrunk = shrink_kernels(pruned.model)
+    features = select_features(pruned.model)
+    shrunk = shrink_kernels(features.model)
     # Last: it times the convs as they will run.
     lowered = lower_sparse_columns(shrunk.model, shape_lowering)
     compact = finish(lowered.model)
@@ -58,6 +60,7 @@ def compress(model: onnx.ModelProto | str | Path, *, inputs: list[np.ndarray] | 
     report["constant_channels_folded"] = fold.channels_folded
     report["constant_maps_added"] = list(fold.bias_maps)
     report["blocked_by"] = dict(sorted(pruned.blocked.items(), key=lambda kv: -kv[1]))
+    report["features_selected"] = {k: list(v) for k, v in features.selected.items()}
     report["kernels_shrunk"] = {k: [list(a), list(b)] for k, (a, b) in shrunk.shrunk.items()}
     report["shape_lowering"] = lowered.report()
     return CompressResult(compact, report, check)

@@ -37,6 +37,8 @@ def couple(model: ir.Model) -> Coupling:
             c.ids[v.name] = c.fresh(n, pinned="graph input")
 
     for node in model.graph:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            continue  # its output is a constant operand, read by the rules as such
         ins = [c.ids.get(v.name) if v is not None else None for v in node.inputs]
         rule = rule_for(node)
         outs = rule.couple(node, ins, c) if rule is not None and node.outputs else None

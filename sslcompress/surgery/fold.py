@@ -18,7 +18,15 @@ import torch
 
 from ..errors import UnsupportedModelError
 from .channels import CONSTANT, analyze
-from .ops.base import add_initializer, attr_value, const_array, input_or_none, set_const, static_dims
+from .ops.base import (
+    add_initializer,
+    attr_value,
+    const_array,
+    const_tensor,
+    input_or_none,
+    set_const,
+    static_dims,
+)
 from .ops.layers import conv_is_padded
 
 
@@ -58,8 +66,8 @@ def _fold_conv(graph: ir.Graph, node: ir.Node, w: np.ndarray, ch) -> tuple[int, 
     cols = np.nonzero((ch.state == CONSTANT) & fibres.any(0))[0]
     if not len(cols):
         return 0, False
-    dtype = node.inputs[1].const_value.numpy().dtype
-    new_w = node.inputs[1].const_value.numpy().copy()
+    dtype = const_tensor(node.inputs[1]).dtype
+    new_w = const_tensor(node.inputs[1]).copy()
     new_w[:, cols] = 0
     if not conv_is_padded(node):
         shift = (w[:, cols].reshape(w.shape[0], len(cols), -1).sum(2) * ch.value[cols]).sum(1)
@@ -102,7 +110,7 @@ def _fold_gemm(graph: ir.Graph, node: ir.Node, w: np.ndarray, ch) -> int:
     shift = float(attr_value(node, "alpha", 1.0)) * (ch.value[cols] @ wt[cols]) / beta
     new_wt = wt.copy()
     new_wt[cols] = 0
-    dtype = node.inputs[1].const_value.numpy().dtype
+    dtype = const_tensor(node.inputs[1]).dtype
     set_const(graph, node, 1, new_wt.T if attr_value(node, "transB", 0) else new_wt)
     _add_to_bias(graph, node, shift.astype(dtype))
     return len(cols)
@@ -111,7 +119,7 @@ def _fold_gemm(graph: ir.Graph, node: ir.Node, w: np.ndarray, ch) -> int:
 def _add_to_bias(graph: ir.Graph, node: ir.Node, shift: np.ndarray) -> None:
     b_value = input_or_none(node, 2)
     if b_value is not None:
-        b = b_value.const_value.numpy()
+        b = const_tensor(b_value)
         set_const(graph, node, 2, (b.reshape(-1) + shift).reshape(b.shape) if b.size == shift.size
                   else b + shift.reshape((1, -1) if b.ndim == 2 else (-1,)))
         return

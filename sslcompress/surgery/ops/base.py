@@ -132,10 +132,28 @@ def handled_ops() -> tuple[str, ...]:
 
 # ---- Readers shared by the rules and the passes.
 
-def const_array(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None:
+def const_tensor(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant contents in their own dtype: an initializer or a Constant node's output."""
+    if value is None:
         return None
-    return np.asarray(value.const_value.numpy(), dtype=np.float64)
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    node = value.producer()
+    if node is None or node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    for name, attr in node.attributes.items():
+        if name == "value":
+            return attr.value.numpy()
+        if name in ("value_float", "value_int"):
+            return np.asarray(attr.value, np.float32 if name == "value_float" else np.int64)
+        if name in ("value_floats", "value_ints"):
+            return np.asarray(list(attr.value), np.float32 if name == "value_floats" else np.int64)
+    return None
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    c = const_tensor(value)
+    return None if c is None else np.asarray(c, dtype=np.float64)
 
 
 def input_or_none(node: ir.Node, index: int) -> ir.Value | None:
@@ -173,9 +191,9 @@ def attr_value(node: ir.Node, name: str, default):
 def set_const(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> None:
     """Replace a constant input; an initializer shared with other nodes is copied, not changed."""
     old = node.inputs[index]
-    dtype = old.const_value.numpy().dtype
+    dtype = const_tensor(old).dtype
     array = np.ascontiguousarray(np.asarray(array).astype(dtype))
-    if len(old.uses()) == 1 and not old.is_graph_output():
+    if old.const_value is not None and len(old.uses()) == 1 and not old.is_graph_output():
         old.const_value = ir.tensor(array, name=old.name)
         old.shape = ir.Shape(array.shape)
         return

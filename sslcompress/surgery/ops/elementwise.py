@@ -22,6 +22,7 @@ from .base import (
     channel_constant,
     channel_count,
     const_array,
+    const_tensor,
     rank_of,
     register,
     set_const,
@@ -35,7 +36,10 @@ class Unary(PassThrough):
         x = ins[0]
         if x is None:
             return [None] * len(node.outputs)
-        out = Channels.known(self.f(x.known_values, node)).with_live(~x.is_known)
+        with np.errstate(all="ignore"):
+            vals = np.asarray(self.f(x.known_values, node), np.float64)
+        bad = ~np.isfinite(vals)  # log(0), 1/0: leave such a channel LIVE rather than fold an infinity
+        out = Channels.known(np.where(bad, 0.0, vals)).with_live(~x.is_known | bad)
         return [out] + [None] * (len(node.outputs) - 1)
 
     def couple(self, node, ids, ctx):
@@ -64,6 +68,12 @@ _UNARY: dict[str, Callable[[np.ndarray, ir.Node], np.ndarray]] = {
     "Identity": lambda v, n: v,
     "Neg": lambda v, n: -v,
     "Dropout": lambda v, n: v,  # inference: the identity
+    "Abs": lambda v, n: np.abs(v),
+    "Sqrt": lambda v, n: np.sqrt(v),
+    "Exp": lambda v, n: np.exp(v),
+    "Log": lambda v, n: np.log(v),
+    "Reciprocal": lambda v, n: 1 / v,
+    "Erf": lambda v, n: np.vectorize(__import__("math").erf)(v) if np.size(v) else v,
 }
 
 
@@ -136,7 +146,7 @@ def _slice_constants(graph: ir.Graph, node: ir.Node, keep: np.ndarray | None, in
         seen = channel_constant(v, len(keep), rank_of(out))
         if seen is None or seen[1] < 0:
             continue
-        set_const(graph, node, i, np.compress(keep, v.const_value.numpy(), axis=seen[1]))
+        set_const(graph, node, i, np.compress(keep, const_tensor(v), axis=seen[1]))
         changed = True
     return changed
 
@@ -216,3 +226,4 @@ _binary("Mul", np.multiply, absorbs_zero=True)
 _binary("Div", np.divide)
 _binary("Max", np.maximum)
 _binary("Min", np.minimum)
+_binary("Pow", np.power)

@@ -22,6 +22,7 @@ from .base import (
     attr_value,
     channel_count,
     const_array,
+    const_tensor,
     input_or_none,
     rank_of,
     register,
@@ -103,13 +104,13 @@ class Conv(OpRule):
 
     def rewrite(self, graph, node, keep_in, keep_out):
         kin, kout = keep_in[0], keep_out[0]
-        w = node.inputs[1].const_value.numpy()
+        w = const_tensor(node.inputs[1])
         group = int(attr_value(node, "group", 1))
         if kout is not None:
             w = w[kout]
             b = input_or_none(node, 2)
             if b is not None:
-                set_const(graph, node, 2, b.const_value.numpy()[kout])
+                set_const(graph, node, 2, const_tensor(b)[kout])
         if group == 1 and kin is not None:
             w = w[:, kin]
         elif group != 1 and kin is not None:
@@ -154,13 +155,13 @@ class ConvTranspose(OpRule):
 
     def rewrite(self, graph, node, keep_in, keep_out):
         kin, kout = keep_in[0], keep_out[0]
-        w = node.inputs[1].const_value.numpy()
+        w = const_tensor(node.inputs[1])
         w = w[kin] if kin is not None else w
         if kout is not None:
             w = w[:, kout]
             b = input_or_none(node, 2)
             if b is not None:
-                set_const(graph, node, 2, b.const_value.numpy()[kout])
+                set_const(graph, node, 2, const_tensor(b)[kout])
         set_const(graph, node, 1, w)
         return True
 
@@ -219,7 +220,7 @@ class Gemm(Dense):
 
     def rewrite(self, graph, node, keep_in, keep_out):
         kin, kout = keep_in[0], keep_out[0]
-        w = node.inputs[1].const_value.numpy()
+        w = const_tensor(node.inputs[1])
         if attr_value(node, "transB", 0):
             w = w[kout] if kout is not None else w
             w = w[:, kin] if kin is not None else w
@@ -229,7 +230,7 @@ class Gemm(Dense):
         set_const(graph, node, 1, w)
         c = input_or_none(node, 2)
         if c is not None and kout is not None:
-            b = c.const_value.numpy()
+            b = const_tensor(c)
             if b.size == len(kout):
                 set_const(graph, node, 2, b.reshape(-1)[kout].reshape((-1,) if b.ndim == 1 else (1, -1)))
         return True
@@ -245,7 +246,7 @@ class MatMul(Dense):
 
     def rewrite(self, graph, node, keep_in, keep_out):
         kin, kout = keep_in[0], keep_out[0]
-        w = node.inputs[1].const_value.numpy()
+        w = const_tensor(node.inputs[1])
         w = w[kin] if kin is not None else w
         w = w[:, kout] if kout is not None else w
         set_const(graph, node, 1, w)
@@ -277,5 +278,5 @@ class BatchNorm(PassThrough):
         if kout is None:
             return False
         for i in range(1, 5):
-            set_const(graph, node, i, node.inputs[i].const_value.numpy()[kout])
+            set_const(graph, node, i, const_tensor(node.inputs[i])[kout])
         return True

@@ -21,6 +21,7 @@ from .base import (
     attr_value,
     channel_count,
     const_array,
+    const_tensor,
     input_or_none,
     rank_of,
     register,
@@ -108,7 +109,7 @@ class Reshape(Spread):
 
     def rewrite(self, graph, node, keep_in, keep_out):
         kin, kind = keep_in[0], self._kind(node)  # shapes are still the uncut ones here
-        target = node.inputs[1].const_value.numpy().copy()
+        target = const_tensor(node.inputs[1]).copy()
         if kin is None:
             return False
         if kind == "flatten":
@@ -354,9 +355,9 @@ class Resize(PassThrough):
 
     def rewrite(self, graph, node, keep_in, keep_out):
         sizes = input_or_none(node, 3)
-        if sizes is None or sizes.const_value is None or keep_out[0] is None:
+        if sizes is None or const_tensor(sizes) is None or keep_out[0] is None:
             return False
-        s = sizes.const_value.numpy().copy()
+        s = const_tensor(sizes).copy()
         axes = attr_value(node, "axes", None)
         rank = rank_of(node.inputs[0])
         where = [i for i, a in enumerate(axes if axes is not None else range(rank)) if a % rank == 1]

@@ -1,0 +1,59 @@
+"""The pass that lets a Gemm or MatMul read only the input features it uses.
+
+Where a layer's input cannot lose channels (a graph input: the paper's MLP drops input pixels,
+or a tensor a wall pins), zero rows of its weight still cost MACs. A Gather of the used
+features in front of the layer and the weight without those rows compute the same product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from .ops.base import add_initializer, attr_value, const_tensor, input_or_none, rank_of, set_const
+
+
+@dataclass(frozen=True)
+class FeatureResult:
+    model: onnx.ModelProto
+    selected: dict[str, tuple[int, int]]  # layer -> (features before, features read now)
+
+
+def select_features(proto: onnx.ModelProto) -> FeatureResult:
+    model = ir.serde.deserialize_model(proto)
+    selected: dict[str, tuple[int, int]] = {}
+    for node in list(model.graph):
+        weight = _weight_in_out(node)
+        if weight is None:
+            continue
+        used = np.abs(weight).sum(1) > 0  # per input feature
+        if used.all() or not used.any():
+            continue
+        kept = np.nonzero(used)[0].astype(np.int64)
+        name = node.name or node.outputs[0].name
+        x = node.inputs[0]
+        picked = ir.Value(name=f"{x.name}.{name}.features", type=x.type,
+                          shape=ir.Shape([x.shape[0], len(kept)]) if x.shape is not None else None)
+        indices = add_initializer(model.graph, f"{name}.feature_indices", kept)
+        gather = ir.Node("", "Gather", [x, indices], attributes=[ir.AttrInt64("axis", 1)],
+                         outputs=[picked], name=f"{name}.select_features")
+        model.graph.insert_before(node, gather)
+        node.replace_input_with(0, picked)
+        w = const_tensor(node.inputs[1])
+        transposed = node.op_type == "Gemm" and attr_value(node, "transB", 0)
+        set_const(model.graph, node, 1, w[:, kept] if transposed else w[kept])
+        selected[name] = (len(used), len(kept))
+    return FeatureResult(ir.serde.serialize_model(model), selected)
+
+
+def _weight_in_out(node: ir.Node) -> np.ndarray | None:
+    """The weight as (in features, out) for a Gemm/MatMul of a rank-2 input by a constant."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("Gemm", "MatMul") or rank_of(node.inputs[0]) != 2:
+        return None
+    w = const_tensor(input_or_none(node, 1))
+    if w is None or w.ndim != 2 or (node.op_type == "Gemm" and attr_value(node, "transA", 0)):
+        return None
+    return w.T if node.op_type == "Gemm" and attr_value(node, "transB", 0) else w
