@@ -124,6 +124,10 @@ def _rewrite(graph: ir.Graph, node: ir.Node, keep: dict[str, np.ndarray]) -> int
 
 
 def _drop_unused_initializers(graph: ir.Graph) -> None:
+    """Constants the rewrite replaced by sliced copies: initializers and Constant nodes."""
     for name, value in list(graph.initializers.items()):
         if not value.uses() and not value.is_graph_output():
             del graph.initializers[name]
+    for node in list(graph):
+        if node.op_type == "Constant" and all(not v.uses() and not v.is_graph_output() for v in node.outputs):
+            graph.remove(node, safe=True)

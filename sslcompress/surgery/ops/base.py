@@ -197,10 +197,7 @@ def set_const(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> 
         old.const_value = ir.tensor(array, name=old.name)
         old.shape = ir.Shape(array.shape)
         return
-    name = unique_name(graph, f"{old.name}.{node.name or node.op_type}.{index}")
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(old.dtype),
-                     const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
+    value = add_initializer(graph, f"{old.name}.{node.name or node.op_type}.{index}", array)
     node.replace_input_with(index, value)
 
 

@@ -141,7 +141,7 @@ def _slice_constants(graph: ir.Graph, node: ir.Node, keep: np.ndarray | None, in
     changed = False
     for i in indices:
         v = node.inputs[i] if len(node.inputs) > i else None
-        if v is None or v.const_value is None:
+        if v is None or const_tensor(v) is None:
             continue
         seen = channel_constant(v, len(keep), rank_of(out))
         if seen is None or seen[1] < 0:

@@ -207,7 +207,8 @@ class Slice(OpRule):
     along other axes it crops every channel alike."""
 
     def _params(self, node) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-        arrays = [const_array(input_or_none(node, i)) for i in range(1, 5)]
+        # In their own int64: INT64_MAX, the usual open end, does not survive a float64 round trip.
+        arrays = [const_tensor(input_or_none(node, i)) for i in range(1, 5)]
         if len(node.inputs) < 3 or arrays[0] is None or arrays[1] is None:
             return None
         rank = rank_of(node.inputs[0])
