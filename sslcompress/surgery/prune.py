@@ -80,12 +80,13 @@ def dead_channels(model: ir.Model) -> DeadChannels:
     for root in (all_roots - wanted) & pinned:
         blocked[c.pinned[root]] = blocked.get(c.pinned[root], 0) + 1
     alive = wanted | pinned
-    while True:  # never empty a tensor: a wholly dead tensor is depth's business, not ours
+    # Never empty a tensor (ONNX has no zero-channel conv): a wholly dead one keeps one channel.
+    # A dead residual branch is depth's business; elsewhere a dead tensor means a cut network.
+    while True:
         emptied = [name for name in c.ids if not np.isin(c.roots_of(name), list(alive)).any()]
         if not emptied:
             break
-        for name in emptied:
-            alive.update(c.roots_of(name).tolist())
+        alive.add(int(c.roots_of(emptied[0])[0]))
     dead = all_roots - alive
     keep = {name: ~np.isin(c.roots_of(name), list(dead)) for name in c.ids}
     return DeadChannels(keep, len(dead), blocked)
