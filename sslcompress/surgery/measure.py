@@ -26,7 +26,7 @@ def _shapes(proto: onnx.ModelProto) -> dict[str, list[int]]:
 def layers(proto: onnx.ModelProto) -> list[OnnxLayer]:
     """Conv, ConvTranspose, Gemm and MatMul nodes with constant weights, in graph order."""
     shapes = _shapes(proto)
-    inits = {i.name: tuple(i.dims) for i in proto.graph.initializer}
+    inits = _constant_shapes(proto)
     out = []
     for node in proto.graph.node:
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.input) < 2:
@@ -55,5 +55,19 @@ def layers(proto: onnx.ModelProto) -> list[OnnxLayer]:
     return out
 
 
+def _constant_shapes(proto: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Shapes of the graph's constants: initializers and the tensors of Constant nodes."""
+    shapes = {i.name: tuple(i.dims) for i in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for a in node.attribute:
+                if a.name == "value":
+                    shapes[node.output[0]] = tuple(a.t.dims)
+                elif a.name in ("value_floats", "value_ints"):
+                    shapes[node.output[0]] = (len(a.floats) + len(a.ints),)
+    return shapes
+
+
 def parameters(proto: onnx.ModelProto) -> int:
-    return int(sum(int(np.prod(i.dims)) for i in proto.graph.initializer))
+    """Elements of every constant tensor (weights, biases, shape constants)."""
+    return int(sum(int(np.prod(s)) for s in _constant_shapes(proto).values()))
