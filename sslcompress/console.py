@@ -186,3 +186,62 @@ def _print_lowering(lowering: dict[str, Any] | None) -> None:
         table.add_row(d["name"], _kept(d["columns"]), f"{d['column_sparsity']:.0%}",
                       f"{_num(d['macs'][1])}/{_num(d['macs'][0])}", *ms, "yes" if d["lowered"] else "no", d["reason"])
     _out.print(table)
+
+
+class BenchProgress:
+    """`sslcompress bench`: one bar whose text follows the run (rounds done while timing), a line per stage."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self._bar: RichProgress | None = None
+        self._task = None
+        self._stage: str | None = None
+
+    def __enter__(self) -> BenchProgress:
+        if self.enabled:
+            self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), console=_console, transient=True)
+            self._bar.__enter__()
+            self._task = self._bar.add_task("bench", total=None)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def on_event(self, e: Any) -> None:
+        from rich.markup import escape
+        from rich.text import Text
+
+        if self._bar is None or self._task is None:
+            return
+        if e.stage != self._stage:
+            self._stage = e.stage
+            self._bar.console.print(Text.assemble((e.stage, "bold"), ": ", e.message))
+        elif e.stage in ("build", "layers", "paper") and e.total is None:
+            self._bar.console.print(Text("  " + e.message))
+        self._bar.update(self._task, description=escape(f"{e.stage}: {e.message}"), completed=e.done, total=e.total)
+
+
+def print_bench(result: Any) -> None:
+    """The bench's tables (variants, latency per provider and threads, per-layer studies), then its notes."""
+    from rich.text import Text
+
+    from .bench.report import all_tables
+    from .bench.results import UNSTRUCTURED_NOTE
+
+    for t in all_tables(result):
+        table = Table(title=t.title)
+        for i, h in enumerate(t.headers):
+            table.add_column(h, justify="left" if i == 0 or h in ("variant", "source", "conv", "layer") else "right",
+                             overflow="fold")
+        for row in t.rows:
+            table.add_row(*(Text(c) for c in row))  # no markup: paths and intervals hold brackets
+        _out.print(table)
+        for line in t.footer:
+            _out.print(Text(line))
+    if result.layers_skipped:
+        _out.print(Text("convs not in the per-layer study: "
+                        + ", ".join(f"{k} ({v})" for k, v in result.layers_skipped.items())))
+    for note in result.notes:
+        _out.print(Text(note, style="bold" if note == UNSTRUCTURED_NOTE else ""))

@@ -1,0 +1,80 @@
+"""What a bench run is asked to do: one frozen dataclass, checked before any work starts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from ..errors import ConfigError
+
+DEFAULT_BATCHES = (1, 8)
+DEFAULT_REPEAT = 20
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Options of `sslcompress bench`; paths are kept as given."""
+
+    target: str | None = None  # run folder, checkpoint or ONNX model with zeros
+    dense: str | None = None
+    unstructured: str | None = None
+    structured: str | None = None
+    providers: tuple[str, ...] = ("cpu",)
+    threads: tuple[int, ...] = (1,)
+    batches: tuple[int, ...] | None = None  # None: DEFAULT_BATCHES that every variant takes
+    warmup: int = 5
+    repeat: int | None = None  # rounds; None with min_time None: DEFAULT_REPEAT
+    min_time: float | None = None  # seconds of rounds per (provider, threads, batch)
+    sample_time: float = 0.005  # a sample lasts at least this long (back-to-back calls)
+    data: str | None = None
+    data_limit: int = 1000
+    layers: bool = False
+    paper_table: str | None = None
+    memory: bool = True
+    pin: bool = True  # the calling thread and the ORT workers on the same CPUs for every variant (CPU provider)
+    models_dir: str | None = None  # also write the three ONNX variants here
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.repeat is not None and self.min_time is not None:
+            raise ConfigError("give --repeat or --min-time, not both")
+        if self.repeat is not None and self.repeat < 1:
+            raise ConfigError(f"--repeat must be at least 1, got {self.repeat}")
+        if self.min_time is not None and self.min_time <= 0:
+            raise ConfigError(f"--min-time must be positive, got {self.min_time}")
+        if self.warmup < 0 or self.sample_time <= 0 or self.data_limit < 1:
+            raise ConfigError("--warmup >= 0, a positive sample time and --data-limit >= 1 are required")
+        for name, values in (("threads", self.threads), ("batch", self.batches or (1,))):
+            if not values or any(int(v) < 1 for v in values):
+                raise ConfigError(f"--{name} wants positive integers, got {values!r}")
+        if not self.providers:
+            raise ConfigError("give at least one --provider")
+        if self.target is None and self.paper_table is None and (self.dense is None or self.structured is None):
+            raise ConfigError("give a run folder, a checkpoint or an ONNX model to bench (or --dense and"
+                              " --structured, or --paper-table alexnet)")
+
+    @property
+    def rounds(self) -> int | None:
+        """Rounds to run, None where min_time decides."""
+        if self.min_time is not None:
+            return None
+        return self.repeat or DEFAULT_REPEAT
+
+    @property
+    def benches_models(self) -> bool:
+        return self.target is not None or self.dense is not None or self.structured is not None \
+            or self.unstructured is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("providers", "threads", "batches"):
+            d[k] = list(d[k]) if d[k] is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BenchConfig:
+        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        for k in ("providers", "threads", "batches"):
+            if kw.get(k) is not None:
+                kw[k] = tuple(kw[k])
+        return cls(**kw)

@@ -1,0 +1,285 @@
+"""One bench run: build the variants, measure what they are, time them, study their layers."""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from .config import DEFAULT_BATCHES, BenchConfig
+from .results import UNSTRUCTURED_NOTE, BenchResult, VariantInfo
+from .sessions import PROVIDERS, SESSION_CONFIG, check_provider, probe_cuda
+from .timing import CI_LEVEL, Timing, interleaved, timings
+from .variants import VariantSet, build_variants, input_shape, layer_nonzeros, nonzero_weights
+
+
+@dataclass(frozen=True)
+class BenchEvent:
+    """Progress: a stage, what it is doing, and how far it is (total None: unknown)."""
+
+    stage: str  # build, memory, accuracy, time, layers, paper
+    message: str
+    done: int = 0
+    total: int | None = None
+
+
+Listener = Callable[[BenchEvent], None]
+
+
+def plot_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_config(config: BenchConfig) -> None:
+    """Everything that can fail before any work: providers (a CUDA session is started once)."""
+    for p in config.providers:
+        if p not in PROVIDERS:
+            raise ConfigError(f"unknown --provider {p!r}; choose from {', '.join(PROVIDERS)}")
+        check_provider(p)
+    if "cuda" in config.providers:
+        probe_cuda()
+
+
+def _env() -> dict[str, Any]:
+    import onnxruntime as ort
+    import torch
+
+    from .paper import cpus
+
+    return {"onnxruntime": ort.__version__, "ort_providers": ort.get_available_providers(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "cpus": cpus(), "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def _batches(config: BenchConfig, variants: VariantSet) -> tuple[int, ...]:
+    static = {v.name: input_shape(v.model)[0] for v in variants}
+    fixed = {n: b for n, b in static.items() if b is not None}
+    if config.batches is None:
+        if not fixed:
+            return DEFAULT_BATCHES
+        if len(set(fixed.values())) > 1:
+            raise ConfigError("the variants have different static batch sizes: "
+                              + ", ".join(f"{n} {b}" for n, b in fixed.items()))
+        return (next(iter(fixed.values())),)
+    for n, b in fixed.items():
+        bad = [x for x in config.batches if x != b]
+        if bad:
+            raise ConfigError(f"the {n} model takes batches of exactly {b} images, not {bad[0]}; use --batch {b}"
+                              " or export it with a dynamic batch (export --dynamic-batch)")
+    return tuple(dict.fromkeys(config.batches))
+
+
+def _static_info(variants: VariantSet, files: dict[str, Path]) -> dict[str, VariantInfo]:
+    from ..surgery.measure import layers, parameters
+
+    out = {}
+    for v in variants:
+        out[v.name] = VariantInfo(
+            name=v.name, source=v.source, input_shape=input_shape(v.model), file_bytes=files[v.name].stat().st_size,
+            macs=int(sum(lay.macs for lay in layers(v.model))), parameters=parameters(v.model),
+            nonzero_weights=nonzero_weights(v.model), layer_nonzeros=layer_nonzeros(v.model))
+    return out
+
+
+def run_bench(config: BenchConfig, on_event: Listener | None = None) -> BenchResult:
+    """Run what `config` asks for; `on_event` hears progress. Never prints."""
+    emit = on_event or (lambda _e: None)
+    check_config(config)
+    created = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    env = _env()
+    notes: list[str] = []
+    infos: dict[str, VariantInfo] = {}
+    result_kw: dict[str, Any] = {}
+    if config.benches_models:
+        with tempfile.TemporaryDirectory(prefix="sslcompress-bench-") as tmp:
+            result_kw, infos, notes = _bench_models(config, emit, Path(tmp))
+    if config.paper_table:
+        from .paper import paper_table
+
+        emit(BenchEvent("paper", "Table 4 study"))
+        result_kw["paper"] = paper_table(
+            config.paper_table, threads=config.threads, repeat=config.rounds or 15, warmup=min(config.warmup, 3),
+            seed=config.seed, say=lambda m: emit(BenchEvent("paper", m)))
+        notes += [
+            "Table 4: AlexNet's conv shapes (torchvision, 224x224, batch 1 per GEMM) with random weights and the"
+            " paper's sparsities imposed: l1 zeros placed by magnitude (CSR), SSL zero rows and columns (compact)."
+            " Speed-up per layer = dense median / contender median in interleaved rounds; mean = arithmetic mean"
+            " over conv1-5, as the paper. The paper's CPU column is 1 thread of a Xeon E5-2630 v2 with MKL.",
+            "benchmarks/paper_table4.py is the script form (Caffe's shapes, CUDA, a results file)."]
+    if hasattr(os, "getloadavg"):
+        env["load_average_end"] = list(os.getloadavg())
+    return BenchResult(config=config, created=created, env=env,
+                       variants=tuple(infos[n] for n in ("dense", "unstructured", "structured") if n in infos),
+                       notes=tuple(notes), **result_kw)
+
+
+def _bench_models(config: BenchConfig, emit: Listener, tmp: Path
+                  ) -> tuple[dict[str, Any], dict[str, VariantInfo], list[str]]:
+    from ..surgery.export import save_onnx
+
+    variants = build_variants(config.target, dense=config.dense, unstructured=config.unstructured,
+                              structured=config.structured, say=lambda m: emit(BenchEvent("build", m)))
+    batches = _batches(config, variants)
+    files: dict[str, Path] = {}
+    for v in variants:
+        files[v.name] = tmp / f"{v.name}.onnx"
+        save_onnx(v.model, files[v.name])
+    infos = _static_info(variants, files)
+    if config.models_dir:
+        for v in variants:
+            path = Path(config.models_dir) / f"{v.name}.onnx"
+            save_onnx(v.model, path)
+            infos[v.name] = replace(infos[v.name], path=str(path))
+    notes = _notes(config, variants)
+    shape = infos["dense"].input_shape
+
+    if config.memory:
+        threads, batch = max(config.threads), max(batches)
+        for i, v in enumerate(variants):
+            from .memory import measure
+
+            emit(BenchEvent("memory", f"peak memory of {v.name} (a process of its own)", i, 3))
+            mem = measure(files[v.name], (batch, *shape[1:]), threads=threads)
+            infos[v.name] = replace(infos[v.name], memory=mem)
+        emit(BenchEvent("memory", "peak memory", 3, 3))
+
+    if config.data:
+        from .accuracy import load_test_images, top1
+        from .sessions import make_session
+
+        emit(BenchEvent("accuracy", f"loading {config.data}"))
+        images = load_test_images(config.data, shape, limit=config.data_limit, seed=config.seed)
+        for i, v in enumerate(variants):
+            emit(BenchEvent("accuracy", f"top-1 of {v.name} on {len(images.x)} {images.name} images", i, 3))
+            correct, n = top1(make_session(files[v.name], "cpu", max(config.threads)), images,
+                              input_shape(v.model)[0])
+            infos[v.name] = replace(infos[v.name], accuracy=correct / n, accuracy_images=n)
+        emit(BenchEvent("accuracy", "top-1", 3, 3))
+
+    result_kw: dict[str, Any] = {"matching": variants.matching, "unmatched": variants.unmatched,
+                                 "timings": tuple(_time(config, files, shape, batches, emit))}
+    if config.layers:
+        result_kw.update(_layers(config, variants, batches[0], emit, notes))
+    return result_kw, infos, notes
+
+
+def _plan(config: BenchConfig) -> list[tuple[str, int]]:
+    """(provider, threads) pairs: every thread count on the CPU, the largest once on CUDA."""
+    out: list[tuple[str, int]] = []
+    for p in dict.fromkeys(config.providers):
+        out += [(p, t) for t in dict.fromkeys(config.threads)] if p == "cpu" else [(p, max(config.threads))]
+    return out
+
+
+def _time(config: BenchConfig, files: dict[str, Path], shape: tuple[int | None, ...], batches: tuple[int, ...],
+          emit: Listener) -> list[Timing]:
+    plan = [(p, t, b) for p, t in _plan(config) for b in batches]
+    rng = np.random.default_rng(config.seed)
+    inputs = {b: rng.standard_normal((b, *shape[1:]), dtype=np.float32) for b in batches}
+    out: list[Timing] = []
+    for provider, threads in _plan(config):
+        out += _time_sessions(config, files, provider, threads, inputs, plan, emit)
+    return out
+
+
+def _time_sessions(config: BenchConfig, files: dict[str, Path], provider: str, threads: int,
+                   inputs: dict[int, np.ndarray], plan: list[tuple[str, int, int]], emit: Listener) -> list[Timing]:
+    """One session per variant at this (provider, threads), timed at every batch; they end with this call."""
+    from .sessions import calling_thread_on, make_session, placement, runner
+
+    where = placement(threads) if config.pin and provider == "cpu" else None
+    sessions = {name: make_session(path, provider, threads, pin=where is not None) for name, path in files.items()}
+    out: list[Timing] = []
+    for batch, x in inputs.items():
+        step = plan.index((provider, threads, batch))
+        label = f"{provider}, {threads} thread(s), batch {batch} [{step + 1}/{len(plan)}]"
+        emit(BenchEvent("time", label, 0, config.rounds))
+        runs = {name: runner(s, x, provider) for name, s in sessions.items()}
+        with calling_thread_on(where[0] if where else None):
+            raw = interleaved(runs, repeat=config.rounds, min_time=config.min_time, warmup=config.warmup,
+                              sample_time=config.sample_time,
+                              progress=lambda r, n, label=label: emit(BenchEvent("time", label, r, n)))
+        out += timings(raw, baseline="dense", provider=provider, threads=threads, batch=batch,
+                       seed=config.seed + step)
+    return out
+
+
+def _layers(config: BenchConfig, variants: VariantSet, batch: int, emit: Listener, notes: list[str]
+            ) -> dict[str, Any]:
+    import torch
+
+    from .modelstudy import study_model
+
+    devices = ["cpu"]
+    if "cuda" in config.providers:
+        if torch.cuda.is_available():
+            devices.append("cuda")
+        else:
+            notes.append("The per-layer study ran on the CPU only: this torch sees no CUDA device.")
+    rows, skipped = study_model(variants.dense.model, variants.unstructured.model, variants.structured.model,
+                                threads=tuple(dict.fromkeys(config.threads)), devices=devices, batch=batch,
+                                repeat=min(config.rounds or 10, 10), warmup=min(config.warmup, 2),
+                                seed=config.seed, say=lambda m: emit(BenchEvent("layers", m)))
+    notes += _thread_warnings(rows)
+    return {"layers": tuple(rows), "layers_skipped": skipped}
+
+
+def _thread_warnings(rows: list) -> list[str]:
+    """A note where more threads made the dense GEMMs much slower: wake-ups on a busy machine, not the GEMM."""
+    from . import layers as L
+
+    one = {r.name: r.unstructured.get(L.DENSE).median_s for r in rows if r.device == "cpu" and r.threads == 1}
+    out = []
+    for t in sorted({r.threads for r in rows if r.device == "cpu" and r.threads and r.threads > 1}):
+        ratios = [r.unstructured.get(L.DENSE).median_s / one[r.name] for r in rows
+                  if r.device == "cpu" and r.threads == t and r.name in one]
+        if ratios and max(ratios) > 3:
+            out.append(f"Per-layer study at {t} threads: the dense GEMM ran up to {max(ratios):.0f}x slower than at 1"
+                       " thread. torch's threads waited for cores that other processes held (a busy machine), so"
+                       " the speed-ups at that thread count measure the wait, not the GEMMs; read the 1-thread"
+                       " rows.")
+    return out
+
+
+def _notes(config: BenchConfig, variants: VariantSet) -> list[str]:
+    spin = ", ".join(f"{k}={v}" for k, v in SESSION_CONFIG.items())
+    notes = [
+        UNSTRUCTURED_NOTE,
+        "Sessions: graph optimisation ORT_ENABLE_ALL, intra-op threads as listed, inter-op 1, sequential, "
+        f"{spin} (pool threads spin while a run lasts and stop when it returns, so the variants' sessions, timed in"
+        " turn in one process, do not steal each other's cores)"
+        + (". Placement: the timing thread and each session's workers pinned to the same CPUs for every variant"
+           " (session.intra_op_thread_affinities), so that no variant keeps its threads on a busier core than"
+           " another's for the whole run." if config.pin else "; threads not pinned (--no-pin)."),
+        "Latency: a sample is the mean time per call of back-to-back runs lasting at least"
+        f" {config.sample_time * 1e3:g} ms (one run when slower), on one seeded random input; the variants take"
+        " turns round by round in rotating order; median, p90 and IQR are over the rounds.",
+        f"Speed-up: dense median / variant median; [lo, hi] is a {CI_LEVEL:.0%} percentile bootstrap interval"
+        f" over paired rounds (seed {config.seed}).",
+    ]
+    if config.memory:
+        notes.append("Memory: peak RSS growth of a fresh process while it creates the CPU session and runs it 3"
+                     " times (over its RSS after importing onnxruntime and making the input); host memory only.")
+    if variants.matching:
+        notes.append("The unstructured variant is not retrained: its accuracy is what magnitude pruning alone"
+                     " leaves. Your own l1-trained model (`sslcompress finetune --method l1`, exported with"
+                     " `sslcompress export --uncut`) can stand in with --unstructured.")
+    if variants.unmatched:
+        notes.append("Structured layers without a dense layer of their name (not matched by the unstructured"
+                     f" variant): {', '.join(variants.unmatched)}.")
+    short = [m.name for m in variants.matching if m.kept < m.target]
+    if short:
+        notes.append(f"Dense layers with fewer nonzeros than the structured model's: {', '.join(short)}.")
+    return notes

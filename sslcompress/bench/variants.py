@@ -1,0 +1,276 @@
+"""The three forms of one model that the bench times side by side, found or built.
+
+    dense         RUN/pretrained.pt exported; else the sparse checkpoint exported as it is (zeros inside)
+    structured    the compact model: the surgery of the sparse checkpoint's export (zero channels deleted)
+    unstructured  the dense model with as many nonzero weights as the structured model, layer by layer:
+                  each Conv/ConvTranspose/Gemm/MatMul keeps its largest-magnitude weights, as many as the
+                  structured model's layer of the same node name holds nonzero (a layer the surgery removed
+                  keeps none); biases stay as they are
+
+Every model is exported with a dynamic batch, so one file serves every --batch. Any one of them can be
+given as an ONNX file instead. A RUN_DIR_OR_CHECKPOINT may also be an ONNX file with exact zeros: it is
+then the dense model, and its surgery the structured one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..errors import CheckpointError, ConfigError, UnsupportedModelError, VerificationError
+
+log = logging.getLogger(__name__)
+
+DENSE, UNSTRUCTURED, STRUCTURED = "dense", "unstructured", "structured"
+VARIANTS = (DENSE, UNSTRUCTURED, STRUCTURED)
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    model: onnx.ModelProto
+    source: str  # one phrase: where it came from
+
+
+@dataclass(frozen=True)
+class LayerNonzeros:
+    """One weight layer of the unstructured variant: what it kept, and the structured count it matches."""
+
+    name: str
+    op: str
+    size: int  # weight elements of the dense layer
+    dense: int  # nonzeros in the dense layer
+    target: int  # nonzeros of the structured model's layer of this name (0: removed by the surgery)
+    kept: int  # nonzeros now
+
+
+@dataclass(frozen=True)
+class VariantSet:
+    dense: Variant
+    unstructured: Variant
+    structured: Variant
+    matching: tuple[LayerNonzeros, ...]  # empty when --unstructured was given
+    unmatched: tuple[str, ...]  # structured layers with no dense layer of their name
+
+    def __iter__(self):
+        return iter((self.dense, self.unstructured, self.structured))
+
+
+# ---------------------------------------------------------------- weights of a model
+def weight_layers(proto: onnx.ModelProto) -> dict[str, tuple[str, str]]:
+    """{node name: (op type, weight initializer name)} for nodes that multiply by a constant weight.
+
+    A MatMul whose left operand is the constant (a conv lowered to im2col + MatMul by the surgery) counts too.
+    """
+    inits = {t.name for t in proto.graph.initializer}
+    out: dict[str, tuple[str, str]] = {}
+    for node in proto.graph.node:
+        if node.op_type not in WEIGHT_OPS or len(node.input) < 2:
+            continue
+        name = node.name or node.output[0]
+        if node.input[1] in inits:
+            out[name] = (node.op_type, node.input[1])
+        elif node.op_type == "MatMul" and node.input[0] in inits:
+            out[name] = (node.op_type, node.input[0])
+    return out
+
+
+def _arrays(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in proto.graph.initializer}
+
+
+def layer_nonzeros(proto: onnx.ModelProto) -> dict[str, int]:
+    """Nonzero weights of each weight layer, by node name (biases not counted)."""
+    inits = _arrays(proto)
+    return {name: int(np.count_nonzero(numpy_helper.to_array(inits[w])))
+            for name, (_, w) in weight_layers(proto).items()}
+
+
+def nonzero_weights(proto: onnx.ModelProto) -> int:
+    """Nonzero weights over all weight layers, each shared initializer counted once."""
+    inits = _arrays(proto)
+    names = {w for _, w in weight_layers(proto).values()}
+    return int(sum(np.count_nonzero(numpy_helper.to_array(inits[w])) for w in names))
+
+
+def keep_largest(weight: np.ndarray, k: int) -> np.ndarray:
+    """Copy of weight with all but its k largest-magnitude entries set to zero (ties: the later entry stays)."""
+    w = np.array(weight, copy=True)
+    flat = w.reshape(-1)
+    k = max(0, min(int(k), flat.size))
+    if k < flat.size:
+        flat[np.argsort(np.abs(flat), kind="stable")[:flat.size - k]] = 0
+    return w
+
+
+def magnitude_match(dense: onnx.ModelProto, structured: onnx.ModelProto
+                    ) -> tuple[onnx.ModelProto, tuple[LayerNonzeros, ...], tuple[str, ...]]:
+    """The unstructured variant: dense weights pruned by magnitude, per layer, to the structured nonzero counts.
+
+    Returns (model, per-layer counts, names of structured layers no dense layer matched).
+    """
+    dense_layers = weight_layers(dense)
+    target = layer_nonzeros(structured)
+    shared = set(dense_layers) & set(target)
+    if target and not shared:
+        raise ConfigError("the structured model shares no layer (node) names with the dense model, so the"
+                          " unstructured variant cannot be matched to it layer by layer; give --unstructured too")
+    out = onnx.ModelProto()
+    out.CopyFrom(dense)
+    inits = _arrays(out)
+    # A weight shared by several nodes keeps the largest count any of them asks for.
+    per_init: dict[str, int] = {}
+    for name, (_, w) in dense_layers.items():
+        per_init[w] = max(per_init.get(w, 0), target.get(name, 0))
+    pruned: dict[str, np.ndarray] = {}
+    before: dict[str, int] = {}
+    for w, k in per_init.items():
+        arr = numpy_helper.to_array(inits[w])
+        before[w] = int(np.count_nonzero(arr))
+        pruned[w] = keep_largest(arr, k)
+        inits[w].CopyFrom(numpy_helper.from_array(pruned[w].astype(arr.dtype), w))
+    rows = tuple(LayerNonzeros(name, op, int(pruned[w].size), before[w], target.get(name, 0),
+                               int(np.count_nonzero(pruned[w])))
+                 for name, (op, w) in dense_layers.items())
+    unmatched = tuple(sorted(set(target) - set(dense_layers)))
+    short = [r.name for r in rows if r.kept < r.target]
+    if short:
+        log.warning("dense layers with fewer nonzeros than the structured model's: %s", ", ".join(short))
+    return out, rows, unmatched
+
+
+# ---------------------------------------------------------------- finding and building
+@dataclass(frozen=True)
+class Sources:
+    """What a RUN_DIR_OR_CHECKPOINT holds."""
+
+    sparse: Path | None  # a checkpoint whose export is cut into the structured model
+    pretrained: Path | None  # the dense checkpoint, when there is one
+    onnx: Path | None  # an uncut ONNX model given as the target
+
+
+def find_sources(target: str | Path | None) -> Sources:
+    if target is None:
+        return Sources(None, None, None)
+    p = Path(target)
+    if not p.exists():
+        raise CheckpointError(f"{p} not found: give a run folder (with sparse.pt), a checkpoint or an ONNX file")
+    if p.is_dir():
+        sparse, pre = p / "sparse.pt", p / "pretrained.pt"
+        if not sparse.is_file():
+            raise CheckpointError(f"{p} holds no sparse.pt (run `sslcompress finetune --out {p}` first), or give"
+                                  " a checkpoint file")
+        return Sources(sparse, pre if pre.is_file() else None, None)
+    if p.suffix.lower() == ".onnx":
+        return Sources(None, None, p)
+    return Sources(p, None, None)
+
+
+def _export(path: Path):
+    from ..finetune.checkpoint import load_checkpoint
+    from ..surgery.export import export_onnx
+
+    ckpt = load_checkpoint(path)
+    return export_onnx(ckpt.build(), ckpt.model.input_shape, dynamic_batch=True).model, ckpt
+
+
+def _cut(uncut: onnx.ModelProto, what: str) -> onnx.ModelProto:
+    from ..surgery.compress import compress
+
+    result = compress(uncut)
+    if not result.verification.passed:
+        v = result.verification
+        raise VerificationError(f"the surgery of {what} does not match it (max abs difference {v.max_abs:.3g});"
+                                " no structured model to time")
+    return result.model
+
+
+def load_override(path: str | Path, flag: str) -> onnx.ModelProto:
+    from ..surgery.export import load_onnx
+
+    try:
+        return load_onnx(path)
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(f"{flag}: {exc}") from exc
+
+
+def build_variants(target: str | Path | None = None, *, dense: str | Path | None = None,
+                   unstructured: str | Path | None = None, structured: str | Path | None = None,
+                   say=None) -> VariantSet:
+    """The three variants; an override path wins over what the target would give.
+
+    `say(message)` is told each step that takes a while (exports, the surgery).
+    """
+    say = say or (lambda _msg: None)
+    given = {DENSE: dense, UNSTRUCTURED: unstructured, STRUCTURED: structured}
+    models: dict[str, Variant] = {}
+    for name, path in given.items():
+        if path is not None:
+            models[name] = Variant(name, load_override(path, f"--{name}"), f"given: {path}")
+    src = find_sources(target)
+    need_cut = STRUCTURED not in models
+    need_uncut = need_cut or (DENSE not in models and src.pretrained is None)
+    uncut: onnx.ModelProto | None = None
+    uncut_what = ""
+    if need_uncut:
+        if src.onnx is not None:
+            uncut, uncut_what = load_override(src.onnx, str(src.onnx)), f"{src.onnx}"
+        elif src.sparse is not None:
+            say(f"exporting {src.sparse}")
+            uncut, ckpt = _export(src.sparse)
+            uncut_what = f"{src.sparse} ({ckpt.kind} checkpoint of {ckpt.model.name})"
+        else:
+            raise ConfigError("give a run folder, a checkpoint or an ONNX model to bench, or all of --dense"
+                              " and --structured (--unstructured is built from them when not given)")
+    if need_cut:
+        assert uncut is not None
+        say(f"cutting the zero channels out of {uncut_what}")
+        models[STRUCTURED] = Variant(STRUCTURED, _cut(uncut, uncut_what), f"surgery of {uncut_what}")
+    if DENSE not in models:
+        if src.pretrained is not None:
+            say(f"exporting {src.pretrained}")
+            proto, _ = _export(src.pretrained)
+            models[DENSE] = Variant(DENSE, proto, f"{src.pretrained} exported")
+        else:
+            assert uncut is not None
+            models[DENSE] = Variant(DENSE, uncut, f"{uncut_what} uncut" + ("" if src.onnx else ", exported"))
+    matching: tuple[LayerNonzeros, ...] = ()
+    unmatched: tuple[str, ...] = ()
+    if UNSTRUCTURED not in models:
+        say("placing the unstructured zeros by magnitude")
+        proto, matching, unmatched = magnitude_match(models[DENSE].model, models[STRUCTURED].model)
+        models[UNSTRUCTURED] = Variant(UNSTRUCTURED, proto, "dense, pruned by magnitude per layer to the"
+                                                            " structured nonzero counts")
+    check_compatible(models)
+    return VariantSet(models[DENSE], models[UNSTRUCTURED], models[STRUCTURED], matching, unmatched)
+
+
+def input_shape(proto: onnx.ModelProto) -> tuple[int | None, ...]:
+    from ..surgery.inputs import declared_shape
+
+    return declared_shape(proto)
+
+
+def check_compatible(models: dict[str, Variant]) -> None:
+    """One input each, of one static per-image shape, and the same number of outputs."""
+    shapes = {}
+    for name, v in models.items():
+        try:
+            shape = input_shape(v.model)
+        except UnsupportedModelError as exc:
+            raise UnsupportedModelError(f"the {name} model: {exc}") from exc
+        if any(d is None for d in shape[1:]):
+            raise UnsupportedModelError(f"the {name} model's input has a dynamic size"
+                                        f" ({'x'.join('?' if d is None else str(d) for d in shape)}); the bench"
+                                        " times models of one static image size (export them at one size)")
+        shapes[name] = shape
+    per_image = {name: s[1:] for name, s in shapes.items()}
+    if len(set(per_image.values())) > 1:
+        raise ConfigError("the variants take inputs of different shapes: "
+                          + ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in per_image.items()))

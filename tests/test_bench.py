@@ -1,0 +1,396 @@
+"""`sslcompress bench`: the three variants, result fields, JSON, Markdown, plots, refusals. No timing asserted."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from sslcompress.bench import layers as L
+from sslcompress.bench import sessions
+from sslcompress.bench.config import BenchConfig
+from sslcompress.bench.report import render_markdown
+from sslcompress.bench.results import BenchResult
+from sslcompress.bench.run import run_bench
+from sslcompress.bench.timing import MIN_ROUNDS, bootstrap_ratio, interleaved, timings
+from sslcompress.bench.variants import build_variants, keep_largest, layer_nonzeros, magnitude_match
+from sslcompress.cli import main
+from sslcompress.errors import ConfigError
+from sslcompress.finetune.checkpoint import Checkpoint, save_checkpoint
+from sslcompress.models import ModelSpec, build_model
+
+FAST = ["--threads", "1", "--batch", "1", "--repeat", "2", "--warmup", "0", "-q"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A finetune-like run folder: a dense LeNet (pretrained.pt) and a copy with zero channels (sparse.pt)."""
+    torch.manual_seed(0)
+    spec = ModelSpec("lenet5", 10, 1, (28, 28))
+    dense = build_model(spec)
+    sparse = build_model(spec)
+    sparse.load_state_dict(dense.state_dict())
+    with torch.no_grad():
+        sparse.conv1.weight[6:] = 0
+        sparse.conv1.bias[6:] = 0
+        sparse.conv2.weight[30:] = 0
+        sparse.conv2.bias[30:] = 0
+        sparse.fc1.weight[200:] = 0
+        sparse.fc1.bias[200:] = 0
+    d = tmp_path_factory.mktemp("run")
+    save_checkpoint(d / "pretrained.pt", Checkpoint("pretrained", spec, dense.state_dict()))
+    save_checkpoint(d / "sparse.pt", Checkpoint("sparse", spec, sparse.state_dict()))
+    return d
+
+
+@pytest.fixture(scope="module")
+def result(run_dir, tmp_path_factory):
+    models = tmp_path_factory.mktemp("models")
+    config = BenchConfig(target=str(run_dir), threads=(1,), batches=(1, 2), repeat=4, warmup=1, data="digits",
+                         data_limit=40, models_dir=str(models))
+    return run_bench(config)
+
+
+def _one_line_error(res) -> str:
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in res.output, res.output
+    return lines[0]
+
+
+# ---------------------------------------------------------------- fields
+def test_result_fields_are_present_and_consistent(result):
+    assert [v.name for v in result.variants] == ["dense", "unstructured", "structured"]
+    dense, unstr, struct = result.variants
+    assert "pretrained.pt" in dense.source and "sparse.pt" in struct.source
+    for v in result.variants:
+        assert v.file_bytes > 0 and v.macs > 0 and v.parameters > 0 and v.nonzero_weights > 0
+        assert v.input_shape[1:] == (1, 28, 28)
+        assert v.memory is not None and v.memory.peak_bytes >= v.memory.baseline_bytes > 0
+        assert v.memory.growth_bytes == v.memory.peak_bytes - v.memory.baseline_bytes
+        assert 0.0 <= v.accuracy <= 1.0 and v.accuracy_images == 40
+        assert v.path and onnx.load(v.path).graph.node
+    assert unstr.macs == dense.macs > struct.macs  # dense kernels run every weight, zero or not
+    assert struct.parameters < dense.parameters and struct.file_bytes < dense.file_bytes
+    assert result.settings() == [("cpu", 1, 1), ("cpu", 1, 2)]
+    for provider, threads, batch in result.settings():
+        base = result.timing("dense", provider, threads, batch)
+        assert base.speedup == 1.0 and base.speedup_ci == (1.0, 1.0)
+        for name in ("dense", "unstructured", "structured"):
+            t = result.timing(name, provider, threads, batch)
+            assert len(t.samples_s) == 4 and all(s > 0 for s in t.samples_s) and t.calls_per_sample >= 1
+            assert t.median_s == statistics.median(t.samples_s)
+            assert t.q1_s <= t.median_s <= t.q3_s <= max(t.samples_s) and t.p90_s >= t.median_s
+            assert t.iqr_s == pytest.approx(t.q3_s - t.q1_s)
+            assert t.throughput == pytest.approx(batch / t.median_s)
+            assert t.speedup == pytest.approx(statistics.median(base.samples_s) / statistics.median(t.samples_s),
+                                              rel=1e-12)
+            assert t.speedup_ci[0] <= t.speedup <= t.speedup_ci[1]
+    assert any("dense kernels" in n for n in result.notes)
+    assert any("session.force_spinning_stop=1" in n for n in result.notes)
+    assert result.env["onnxruntime"] and result.env["cpus"] >= 1
+
+
+def test_unstructured_has_the_structured_nonzero_count(result):
+    dense, unstr, struct = result.variants
+    assert unstr.nonzero_weights == struct.nonzero_weights < dense.nonzero_weights
+    assert set(unstr.layer_nonzeros) == set(dense.layer_nonzeros)
+    for name, n in unstr.layer_nonzeros.items():
+        assert n == struct.layer_nonzeros.get(name, 0), name
+    assert result.matching and all(m.kept == m.target for m in result.matching)
+    assert result.unmatched == ()
+
+
+def test_unstructured_keeps_the_largest_weights_and_leaves_biases(result):
+    dense = onnx.load(result.variant("dense").path)
+    unstr = onnx.load(result.variant("unstructured").path)
+    d = {t.name: numpy_helper.to_array(t) for t in dense.graph.initializer}
+    u = {t.name: numpy_helper.to_array(t) for t in unstr.graph.initializer}
+    conv1 = next(n for n in dense.graph.node if n.name == "/conv1/Conv")
+    w, wu = d[conv1.input[1]], u[conv1.input[1]]
+    kept = wu != 0
+    assert np.array_equal(wu[kept], w[kept]) and np.abs(w[~kept]).max() <= np.abs(w[kept]).min()
+    np.testing.assert_array_equal(u[conv1.input[2]], d[conv1.input[2]])
+
+
+def _model(nodes, inits, out_shape):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", out_shape])
+    g = helper.make_graph(nodes, "g", [x], [y], [numpy_helper.from_array(a, n) for n, a in inits.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_layer_the_surgery_removed_keeps_no_weight():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((4, 6)).astype(np.float32), rng.standard_normal((6, 3)).astype(np.float32)
+    dense = _model([helper.make_node("MatMul", ["x", "A"], ["h"], name="fa"),
+                    helper.make_node("MatMul", ["h", "B"], ["y"], name="fb")], {"A": a, "B": b}, 3)
+    sa = a[:, :2].copy()
+    sa[0, 0] = 0.0
+    structured = _model([helper.make_node("MatMul", ["x", "A"], ["y"], name="fa")], {"A": sa}, 2)
+    out, rows, unmatched = magnitude_match(dense, structured)
+    counts = layer_nonzeros(out)
+    assert counts == {"fa": 7, "fb": 0} and unmatched == ()
+    assert [(r.name, r.target, r.kept) for r in rows] == [("fa", 7, 7), ("fb", 0, 0)]
+    other = _model([helper.make_node("MatMul", ["x", "A"], ["y"], name="zz")], {"A": sa}, 2)
+    with pytest.raises(ConfigError, match="no layer"):
+        magnitude_match(dense, other)
+
+
+def test_keep_largest():
+    w = np.array([[3.0, -1.0], [-5.0, 0.5]], dtype=np.float32)
+    np.testing.assert_array_equal(keep_largest(w, 2), [[3.0, 0.0], [-5.0, 0.0]])
+    assert np.count_nonzero(keep_largest(w, 0)) == 0 and np.array_equal(keep_largest(w, 9), w)
+
+
+# ---------------------------------------------------------------- statistics
+def test_bootstrap_interval_holds_the_point_and_is_seeded():
+    rng = np.random.default_rng(1)
+    for n in (1, 2, 3, 7, 30):
+        d, o = list(1 + rng.random(n)), list(0.5 + rng.random(n))
+        lo, hi = bootstrap_ratio(d, o, seed=3)
+        point = statistics.median(d) / statistics.median(o)
+        assert lo <= point <= hi
+        assert bootstrap_ratio(d, o, seed=3) == (lo, hi)
+
+
+def test_interleaved_rotates_and_honours_min_time():
+    order: list[str] = []
+    runs = {n: (lambda n=n: order.append(n)) for n in "abc"}
+    raw = interleaved(runs, repeat=3, warmup=0, sample_time=1e-9)
+    assert {n: len(s) for n, (_, s) in raw.items()} == {"a": 3, "b": 3, "c": 3}
+    timed = [x for x in order[9:]]  # 3 calibration calls each come first
+    assert timed[:3] == ["a", "b", "c"] and timed[3:6] == ["b", "c", "a"] and timed[6:9] == ["c", "a", "b"]
+    raw = interleaved(runs, repeat=None, min_time=1e-6, warmup=0, sample_time=1e-9)
+    assert len(raw["a"][1]) >= MIN_ROUNDS
+    t = timings({"dense": (1, (2.0, 4.0, 3.0)), "x": (1, (1.0, 1.0, 2.0))}, baseline="dense", provider="cpu",
+                threads=1, batch=1)
+    assert t[1].speedup == 3.0 and t[1].speedup_ci[0] <= 3.0 <= t[1].speedup_ci[1]
+    with pytest.raises(ConfigError):
+        interleaved(runs, repeat=2, min_time=1.0)
+
+
+def test_session_settings():
+    so = sessions.session_options(2, pin=True)
+    assert so.intra_op_num_threads == 2 and so.inter_op_num_threads == 1
+    assert so.get_session_config_entry("session.force_spinning_stop") == "1"
+    where = sessions.placement(2)
+    if where is not None:  # two CPUs or more: the one worker on the second, ids 1-based for ORT
+        assert so.get_session_config_entry("session.intra_op_thread_affinities") == str(where[1][0] + 1)
+    assert sessions.placement(10_000) is None
+    with pytest.raises(RuntimeError):  # ORT raises for an entry that was never set
+        sessions.session_options(1, pin=True).get_session_config_entry("session.intra_op_thread_affinities")
+
+
+# ---------------------------------------------------------------- JSON and Markdown
+def test_json_round_trip(result):
+    back = BenchResult.from_json(result.to_json())
+    assert back == result
+    assert json.loads(back.to_json()) == json.loads(result.to_json())
+
+
+def test_markdown(result):
+    md = render_markdown(result)
+    assert md.startswith("# sslcompress bench: ")
+    for part in ("## variants", "## latency: cpu, 1 thread(s)", "| unstructured |", "dense kernels", "## Notes",
+                 "speed-up [95% CI]"):
+        assert part in md, part
+
+
+def test_cli_json_out_and_markdown(run_dir, tmp_path):
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    res = CliRunner().invoke(main, ["bench", str(run_dir), *FAST, "--json", "--out", str(out), "--markdown", str(md)])
+    assert res.exit_code == 0, res.output
+    printed = json.loads(res.output)
+    assert printed == json.loads(out.read_text())
+    r = BenchResult.from_dict(printed)
+    assert r.config.threads == (1,) and r.config.batches == (1,) and len(r.timings) == 3
+    assert "dense kernels" in md.read_text()
+
+
+def test_cli_table_says_unstructured_runs_dense_kernels(run_dir):
+    res = CliRunner().invoke(main, ["bench", str(run_dir / "sparse.pt"), *FAST])
+    assert res.exit_code == 0, res.output
+    assert "with the same dense kernels" in " ".join(res.output.split())
+    assert "latency: cpu, 1 thread(s)" in res.output and "structured" in res.output
+
+
+# ---------------------------------------------------------------- sources and overrides
+def test_a_checkpoint_alone_uses_its_uncut_export_as_dense(run_dir):
+    v = build_variants(run_dir / "sparse.pt")
+    assert "uncut" in v.dense.source and "surgery" in v.structured.source
+    counts = layer_nonzeros(v.unstructured.model)
+    assert counts == {n: layer_nonzeros(v.structured.model).get(n, 0) for n in counts}
+
+
+def test_overrides(result, tmp_path):
+    d, s, u = (result.variant(n).path for n in ("dense", "structured", "unstructured"))
+    v = build_variants(None, dense=d, structured=s)
+    assert v.dense.source == f"given: {d}" and v.structured.source == f"given: {s}"
+    assert layer_nonzeros(v.unstructured.model) == result.variant("unstructured").layer_nonzeros
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(main, ["bench", "--dense", d, "--structured", s, "--unstructured", u, *FAST,
+                                    "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    r = BenchResult.from_json(out.read_text())
+    assert [v.source for v in r.variants] == [f"given: {d}", f"given: {u}", f"given: {s}"]
+    assert r.matching == ()
+
+
+def test_an_onnx_target_with_zeros(run_dir, tmp_path):
+    from sslcompress.surgery.export import save_onnx
+
+    uncut = tmp_path / "uncut.onnx"  # a dense-shaped ONNX model with exact zeros, from anywhere
+    save_onnx(build_variants(run_dir / "sparse.pt").dense.model, uncut)
+    v = build_variants(uncut)
+    assert v.dense.source == f"{uncut} uncut" and v.structured.source == f"surgery of {uncut}"
+    assert sum(layer_nonzeros(v.unstructured.model).values()) == sum(layer_nonzeros(v.structured.model).values())
+
+
+# ---------------------------------------------------------------- refusals
+@pytest.mark.parametrize("args, words", [
+    (["/nonexistent/run"], "not found"),
+    (["--dense", "/nonexistent/d.onnx", "--structured", "/nonexistent/s.onnx"], "not found"),
+    (["--threads", "0"], "--threads"),
+    (["--batch", "x"], "--batch"),
+    (["--repeat", "3", "--min-time", "1"], "not both"),
+    ([], "give a run folder"),
+])
+def test_bad_inputs_are_one_line(args, words):
+    res = CliRunner().invoke(main, ["bench", *args])
+    assert words in _one_line_error(res)
+
+
+def test_not_onnx_and_empty_run_dir(run_dir, tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00\x01garbage" * 20)
+    res = CliRunner().invoke(main, ["bench", str(run_dir), "--structured", str(junk), *FAST])
+    line = _one_line_error(res)
+    assert "--structured" in line and "ONNX" in line
+    res = CliRunner().invoke(main, ["bench", str(tmp_path), *FAST])
+    assert "sparse.pt" in _one_line_error(res)
+    res = CliRunner().invoke(main, ["bench", str(junk), *FAST])
+    assert "ONNX" in _one_line_error(res)
+
+
+def test_static_batch_override_refuses_another_batch(run_dir, tmp_path):
+    from sslcompress.finetune.checkpoint import load_checkpoint
+    from sslcompress.surgery.export import export_onnx, save_onnx
+
+    ckpt = load_checkpoint(run_dir / "pretrained.pt")
+    static = tmp_path / "static.onnx"
+    save_onnx(export_onnx(ckpt.build(), (1, 1, 28, 28)).model, static)
+    res = CliRunner().invoke(main, ["bench", str(run_dir), "--dense", str(static), "--threads", "1", "--batch",
+                                    "1,4", "--repeat", "2", "-q"])
+    assert "exactly 1" in _one_line_error(res)
+
+
+def test_cuda_request_without_onnxruntime_gpu(run_dir):
+    res = CliRunner().invoke(main, ["bench", str(run_dir), "--provider", "cpu,cuda", *FAST])
+    line = _one_line_error(res)
+    assert "pip install sslcompress[gpu]" in line and "onnxruntime-gpu" in line
+
+
+def test_cuda_provider_listed_but_no_gpu(run_dir, monkeypatch):
+    monkeypatch.setattr(sessions.ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    res = CliRunner().invoke(main, ["bench", str(run_dir), "--provider", "cuda", *FAST])
+    line = _one_line_error(res)
+    assert "pip install sslcompress[gpu]" in line and "did not start" in line
+
+
+def test_unknown_provider(run_dir):
+    res = CliRunner().invoke(main, ["bench", str(run_dir), "--provider", "tpu", *FAST])
+    assert "tpu" in _one_line_error(res)
+
+
+# ---------------------------------------------------------------- per-layer studies, plot
+def test_layers_on_a_tiny_model(run_dir, tmp_path):
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(main, ["bench", str(run_dir), "--layers", *FAST, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "per-layer GEMM study: cpu, 1 thread(s)" in res.output
+    r = BenchResult.from_json(out.read_text())
+    assert [x.name for x in r.layers] == ["/conv1/Conv", "/conv2/Conv"]
+    c1, c2 = r.layers
+    assert (c1.M, c1.K, c1.N) == (20, 25, 576) and c1.compact == (6, 25)
+    assert (c2.M, c2.K, c2.N) == (50, 500, 64) and c2.compact == (30, 150)
+    for x in r.layers:
+        c = x.structured.get(L.COMPACT)
+        assert x.unstructured.get(L.DENSE).M == x.M and (c.M, c.K) == x.compact
+        assert x.unstructured.nnz == r.variant("structured").layer_nonzeros[x.name]
+        for c in (L.CSR, L.COMPACT):
+            assert x.speedup(c) > 0
+        assert x.ideal == pytest.approx(x.M * x.K / (x.compact[0] * x.compact[1]))
+    # more threads that made the dense GEMM much slower (a busy machine) earn a note
+    from dataclasses import replace
+
+    from sslcompress.bench.run import _thread_warnings
+
+    slow = replace(c1.unstructured, timings=tuple(
+        replace(t, samples_s=tuple(10 * v for v in t.samples_s)) if t.contender == L.DENSE else t
+        for t in c1.unstructured.timings))
+    assert _thread_warnings([c1]) == []
+    (note,) = _thread_warnings([c1, replace(c1, threads=2, unstructured=slow)])
+    assert "at 2 threads" in note and "10x slower" in note
+
+
+def test_embed_keeps_the_compact_shape_where_a_kept_row_is_zero():
+    from sslcompress.bench.modelstudy import embed
+
+    wc = np.arange(1, 13, dtype=np.float32).reshape(3, 4)
+    wc[1] = 0  # a filter the structured model still computes (kept by a residual coupling)
+    wc[:, 2] = 0
+    w = embed(wc, 5, 7)
+    gemm = L.LayerGemm("x", 5, 7, 4, w)
+    assert (len(gemm.kept_rows), len(gemm.kept_cols)) == (3, 4)
+    assert not w[3:].any() and not w[:, 4:].any()
+    t = L.study([gemm], (L.DENSE, L.COMPACT), repeat=1, warmup=0, sample_time=1e-4)[0]
+    assert (t.get(L.COMPACT).M, t.get(L.COMPACT).K) == (3, 4)
+
+
+@pytest.fixture()
+def tiny_alexnet(monkeypatch):
+    shapes = tuple(L.ConvShape.of(f"conv{i}", o, c, k, hw, pad=p) for i, (o, c, k, hw, p) in enumerate(
+        [(8, 3, 3, 9, 1), (12, 8, 3, 5, 1), (16, 12, 3, 4, 1), (12, 16, 3, 4, 1), (12, 12, 3, 4, 1)], start=1))
+    monkeypatch.setitem(L.ALEXNET_SHAPES, "torchvision", shapes)
+
+
+def test_paper_table_alexnet(tiny_alexnet):
+    res = CliRunner().invoke(main, ["bench", "--paper-table", "alexnet", "--threads", "1", "--repeat", "1",
+                                    "--warmup", "0", "--json"])
+    assert res.exit_code == 0, res.output
+    r = BenchResult.from_json(res.output)
+    assert r.variants == () and r.timings == () and r.paper is not None
+    (run,) = r.paper.runs
+    assert run.threads == 1 and [t.name for t in run.l1] == [p.layer for p in L.TABLE4]
+    s = run.summary()
+    assert s["paper_ssl"] == pytest.approx(L.paper_mean("cpu_ssl")) and s["ssl"] > 0 and s["l1_torch_csr"] > 0
+    md = render_markdown(r)
+    assert "Table 4 (alexnet" in md and "paper SSL x" in md
+    res = CliRunner().invoke(main, ["bench", "--paper-table", "alexnet", "--threads", "1", "--repeat", "1",
+                                    "--warmup", "0"])
+    assert res.exit_code == 0 and "Table 4" in res.output
+
+
+def test_plot(run_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "b.png"
+    res = CliRunner().invoke(main, ["bench", str(run_dir), "--layers", *FAST, "--plot", str(png)])
+    assert res.exit_code == 0, res.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    png = tmp_path / "b.png"
+    res = CliRunner().invoke(main, ["bench", str(run_dir), *FAST, "--plot", str(png)])
+    assert "pip install sslcompress[plot]" in _one_line_error(res)
+    assert not png.exists()
