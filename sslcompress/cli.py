@@ -502,5 +502,47 @@ def bench(target: str | None, dense: str | None, unstructured: str | None, struc
             click.echo(f"{what + ':':10} {path}")
 
 
+@main.command()
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the checkpoints, the ONNX models and the reports.")
+@click.option("--model", type=click.Choice(["lenet5", "resnet20"]), default="lenet5", show_default=True)
+@click.option("--threads", default="1", show_default=True, help="Thread counts to bench, e.g. 1,2.")
+@click.option("--quick", is_flag=True, help="A smoke-test size: one epoch per phase, few images, 3 rounds.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def demo(out: str, model: str, threads: str, quick: bool, quiet: bool) -> None:
+    """All three stages on the bundled digits: finetune, export (surgery), bench on the CPU."""
+    from .bench.plot import matplotlib_available, plot
+    from .bench.report import render_markdown
+    from .bench.run import run_bench
+    from .console import BenchProgress, Progress, print_bench, print_report, print_surgery_report
+    from .demo import DemoPaths, bench_config, export_stage, finetune_config
+    from .finetune.pipeline import run_finetune
+    from .io import atomic_write_bytes, atomic_write_json
+
+    paths = DemoPaths(Path(out))
+    click.echo(f"1/3 finetune: {model} on digits (baseline first), SSL, fine-tune -> {paths.sparse}")
+    with Progress(enabled=not quiet) as progress:
+        trained = run_finetune(finetune_config(paths, model, quick), progress.on_event)
+    print_report(trained.report)
+    click.echo(f"2/3 export: ONNX, surgery, verification in ONNX Runtime -> {paths.compact}")
+    cut = export_stage(paths)
+    print_surgery_report(cut.report)
+    click.echo("3/3 bench: dense vs unstructured vs structured in ONNX Runtime (CPU)")
+    with BenchProgress(enabled=not quiet) as progress:
+        result = run_bench(bench_config(paths, quick, _int_list(threads, "--threads", allow_all=True)),
+                           progress.on_event)
+    atomic_write_json(result.to_dict(), paths.bench_json)
+    atomic_write_bytes(render_markdown(result).encode(), paths.bench_markdown)
+    written = [("pretrained", paths.pretrained), ("sparse", paths.sparse), ("uncut", paths.uncut),
+               ("compact", paths.compact), ("surgery", paths.surgery_report), ("bench", paths.bench_json),
+               ("markdown", paths.bench_markdown)]
+    if matplotlib_available():
+        plot(result, paths.bench_plot)
+        written.append(("plot", paths.bench_plot))
+    print_bench(result)
+    for what, path in written:
+        click.echo(f"{what + ':':12} {path}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,11 +1,12 @@
 """Property tests of the whole surgery: random small CNNs with random structured zeros.
 
-Hypothesis draws an architecture (a stem Conv, then plain Conv-BN-ReLU blocks, residual blocks,
-two-branch Concats, 1x1 convs and pooling layers, then a pooled or flattened classifier with one
-or two Gemms) and random zero masks over it: whole filters (the conv rows and the BN's gamma and
-beta: exactly zero channels), BN-only zeros (gamma 0, beta not: constant channels), input
-channels of a conv, outer kernel rows and columns across all filters, whole residual branches
-(the branch's last BN zero) and Gemm rows and columns. BatchNorm running statistics are random.
+Hypothesis draws an architecture (a stem Conv, then plain Conv-BN-activation blocks, some grouped,
+depthwise or dilated, residual blocks, two-branch Concats, squeeze-excite gates, 1x1 convs and
+pooling layers, then a pooled or flattened classifier with one or two Gemms) and random zero
+masks over it: whole filters (the conv rows and the BN's gamma and beta: exactly zero channels),
+BN-only zeros (gamma 0, beta not: constant channels), input channels of a conv, outer kernel rows
+and columns across all filters, whole residual branches (the branch's last BN zero) and Gemm rows
+and columns. BatchNorm running statistics are random.
 Whatever is drawn, the compact model must compute what the uncut one computes in ONNX Runtime,
 be a valid ONNX model and cost no more MACs than before (the report's MACs being those of the
 graph's own Conv and Gemm layers, shapes as ORT computes them); without any zeros it must be the
@@ -21,6 +22,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -45,7 +47,7 @@ class Arch:
     size: int  # square input side
     stem: tuple[int, int, int, int, bool, bool]  # out, kernel, stride, pad, conv bias, BN
     blocks: tuple[tuple, ...]  # each a tuple whose first item names the kind
-    head: str  # "gap" | "gmp" | "flatten"
+    head: str  # "gap" | "gmp" | "flatten" | "input" (an MLP on the flattened model input)
     hidden: int | None  # Gemm+ReLU+Gemm when set, one Gemm otherwise
     classes: int
     dynamic_batch: bool
@@ -64,7 +66,7 @@ def archs(draw) -> Arch:
     size = (size0 + 2 * pad - k) // stride + 1
     blocks: list[tuple] = []
     for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(["plain", "res", "concat", "pool", "conv1x1"]))
+        kind = draw(st.sampled_from(["plain", "res", "concat", "pool", "conv1x1", "se"]))
         if kind == "plain":
             k = draw(st.sampled_from([1, 3]))
             dil = draw(st.sampled_from([1, 2])) if k > 1 else 1
@@ -74,7 +76,8 @@ def archs(draw) -> Arch:
             groups = draw(st.sampled_from([1, 1, 2, c]))  # grouped and depthwise convs too
             groups = groups if c % groups == 0 else 1
             out = groups * draw(st.integers(1, 2)) if groups > 2 else groups * max(1, draw(width) // groups)
-            blocks.append(("plain", out, k, s, pad, draw(st.booleans()), dil, groups))
+            act = draw(st.sampled_from(list(ACTS)))
+            blocks.append(("plain", out, k, s, pad, draw(st.booleans()), dil, groups, act))
             c, size = out, (size + 2 * pad - extent) // s + 1
         elif kind == "res":
             proj = draw(st.booleans())
@@ -92,29 +95,55 @@ def archs(draw) -> Arch:
             p = draw(st.sampled_from(["avg3_incl", "avg3_excl", "max3"] + (["max2", "avg2"] if size >= 2 else [])))
             blocks.append(("pool", p))
             size = size // 2 if p in ("max2", "avg2") else size
+        elif kind == "se":
+            blocks.append(("se", draw(st.integers(1, 3))))
         else:
             out = draw(width)
             blocks.append(("conv1x1", out, draw(st.booleans())))
             c = out
-    head = draw(st.sampled_from(["gap", "gmp", "flatten"]))
+    head = draw(st.sampled_from(["gap", "gmp", "flatten", "gap", "gmp", "flatten", "input"]))
+    if head == "input":  # an MLP on the pixels: a Gemm whose input (the graph's) cannot lose features
+        blocks = []
     hidden = draw(st.one_of(st.none(), st.integers(3, 8)))
     return Arch(in_ch, size0, stem, tuple(blocks), head, hidden, draw(st.integers(2, 4)), draw(st.booleans()))
 
 
+# Activations, some of which map 0 to a nonzero constant (Sigmoid): zero channels become constant.
+ACTS = {
+    "relu": torch.relu,
+    "sigmoid": torch.sigmoid,
+    "leaky": lambda x: F.leaky_relu(x, 0.1),
+    "hardswish": F.hardswish,
+    "relu6": F.relu6,
+}
+
+
 class ConvBN(nn.Module):
     def __init__(self, cin: int, cout: int, k: int, stride: int = 1, pad: int = 0, bias: bool = False,
-                 bn: bool = True, relu: bool = True, dilation: int = 1, groups: int = 1):
+                 bn: bool = True, relu: bool | str = True, dilation: int = 1, groups: int = 1):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, k, stride=stride, padding=pad, bias=bias, dilation=dilation,
                               groups=groups)
         self.bn = nn.BatchNorm2d(cout) if bn else None
-        self.relu = relu
+        self.act = ACTS[relu] if isinstance(relu, str) else (torch.relu if relu else None)
 
     def forward(self, x):
         x = self.conv(x)
         if self.bn is not None:
             x = self.bn(x)
-        return torch.relu(x) if self.relu else x
+        return self.act(x) if self.act is not None else x
+
+
+class SqueezeExcite(nn.Module):
+    """x * sigmoid(conv(relu(conv(mean over space of x)))): a Mul by a (N, C, 1, 1) gate."""
+
+    def __init__(self, c: int, r: int):
+        super().__init__()
+        self.down = ConvBN(c, r, 1, bias=True, bn=False)
+        self.up = ConvBN(r, c, 1, bias=True, bn=False, relu="sigmoid")
+
+    def forward(self, x):
+        return x * self.up(self.down(F.adaptive_avg_pool2d(x, 1)))
 
 
 class Residual(nn.Module):
@@ -162,8 +191,8 @@ class Net(nn.Module):
         body: list[nn.Module] = []
         for blk in a.blocks:
             if blk[0] == "plain":
-                _, out, k, s, p, bias, dil, groups = blk
-                body.append(ConvBN(c, out, k, s, p, bias=bias, dilation=dil, groups=groups))
+                _, out, k, s, p, bias, dil, groups, act = blk
+                body.append(ConvBN(c, out, k, s, p, bias=bias, relu=act, dilation=dil, groups=groups))
                 c, size = out, (size + 2 * p - dil * (k - 1) - 1) // s + 1
             elif blk[0] == "res":
                 _, out, s, proj = blk
@@ -176,24 +205,28 @@ class Net(nn.Module):
             elif blk[0] == "pool":
                 body.append(POOLS[blk[1]]())
                 size = size // 2 if blk[1] in ("max2", "avg2") else size
+            elif blk[0] == "se":
+                body.append(SqueezeExcite(c, blk[1]))
             else:
                 _, out, relu = blk
                 body.append(ConvBN(c, out, 1, bias=True, bn=False, relu=relu))
                 c = out
         self.body = nn.Sequential(*body)
         self.head = a.head
-        features = c * size * size if a.head == "flatten" else c
+        features = {"flatten": c * size * size, "input": a.in_ch * a.size * a.size}.get(a.head, c)
         if a.hidden:
             self.fc = nn.Sequential(nn.Linear(features, a.hidden), nn.ReLU(), nn.Linear(a.hidden, a.classes))
         else:
             self.fc = nn.Sequential(nn.Linear(features, a.classes))
 
     def forward(self, x):
+        if self.head == "input":
+            return self.fc(torch.flatten(x, 1))
         x = self.body(self.stem(x))
         if self.head == "gap":
-            x = torch.nn.functional.adaptive_avg_pool2d(x, 1)
+            x = F.adaptive_avg_pool2d(x, 1)
         elif self.head == "gmp":
-            x = torch.nn.functional.adaptive_max_pool2d(x, 1)
+            x = F.adaptive_max_pool2d(x, 1)
         return self.fc(torch.flatten(x, 1))
 
 
@@ -314,10 +347,12 @@ def true_macs(proto: onnx.ModelProto, x: np.ndarray) -> int:
     sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     shapes = {n: v.shape for n, v in zip(names, sess.run(names, {sess.get_inputs()[0].name: x}))}
-    inits = {i.name: tuple(i.dims) for i in m.graph.initializer}
+    weights = {i.name: tuple(i.dims) for i in m.graph.initializer}
+    weights.update({n.output[0]: tuple(n.attribute[0].t.dims) for n in m.graph.node
+                    if n.op_type == "Constant" and n.attribute[0].name == "value"})
     total = 0
     for node in layers:
-        w = inits[node.input[1]]
+        w = weights[node.input[1]]
         y = shapes[node.output[0]]
         spatial = int(np.prod(y[2:])) if node.op_type == "Conv" else int(np.prod(y[1:-1]))
         total += int(np.prod(w)) * spatial
@@ -373,3 +408,44 @@ def test_without_zeros_nothing_changes(arch, seed):
     assert totals["channels_removed"] == 0 and totals["params_after"] == totals["params"]
     assert res.report["blocks_removed"] == [] and res.report["constant_channels_folded"] == 0
     assert res.report["kernels_shrunk"] == {}
+
+
+def with_constant_nodes(proto: onnx.ModelProto, seed: int, p: float) -> onnx.ModelProto:
+    """The same model with some initializers moved into Constant nodes, as other exporters write them."""
+    rng = np.random.default_rng(seed)
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    moved = [t for t in out.graph.initializer if rng.random() < p]
+    if not moved:
+        return out
+    names = {t.name for t in moved}
+    keep = [t for t in out.graph.initializer if t.name not in names]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(keep)
+    nodes = [onnx.helper.make_node("Constant", [], [t.name], name=f"const_{i}",
+                                   value=onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t), t.name))
+             for i, t in enumerate(moved)]
+    rest = list(out.graph.node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes + rest)
+    onnx.checker.check_model(out, full_check=True)
+    return out
+
+
+@PROPERTY
+@given(archs(), masks(), st.sampled_from([0.3, 1.0]))
+def test_models_with_constant_nodes_compress_as_well(arch, mk, p):
+    """Weights, biases and per-channel constants in Constant nodes: still exact, valid, no dearer,
+    and the report counts the MACs of layers whose weight is a Constant node too."""
+    proto, shape = export(arch, mk)
+    proto = with_constant_nodes(proto, mk.seed, p)
+    res = compress(proto, shape_lowering="off")
+    assert res.verification.passed, res.report["verification"]
+    x = fresh_input(proto, shape, arch.dynamic_batch, mk.seed)
+    mine = compare(proto, res.model, [x], n_random=0, rtol_of_max=RTOL_OF_MAX)
+    assert mine.max_abs <= RTOL_OF_MAX * mine.max_ref, mine
+    onnx.checker.check_model(res.model, full_check=True)
+    totals = res.report["totals"]
+    assert totals["macs_after"] <= totals["macs"]
+    assert totals["macs"] == true_macs(proto, x)
+    assert totals["macs_after"] == true_macs(res.model, x)

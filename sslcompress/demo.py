@@ -1,0 +1,90 @@
+"""The three stages on the embedded default, end to end: what `sslcompress demo` runs.
+
+Fine-tune (LeNet on the bundled digits, pretraining the baseline first), export and cut, then
+bench the dense, unstructured and structured models on the CPU. Each stage is a function, so the
+CLI can show its progress; the files land in one folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import VerificationError
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    out: Path
+
+    @property
+    def sparse(self) -> Path:
+        return self.out / "sparse.pt"
+
+    @property
+    def pretrained(self) -> Path:
+        return self.out / "pretrained.pt"
+
+    @property
+    def uncut(self) -> Path:
+        return self.out / "uncut.onnx"
+
+    @property
+    def compact(self) -> Path:
+        return self.out / "compact.onnx"
+
+    @property
+    def surgery_report(self) -> Path:
+        return self.out / "surgery.json"
+
+    @property
+    def bench_json(self) -> Path:
+        return self.out / "bench.json"
+
+    @property
+    def bench_markdown(self) -> Path:
+        return self.out / "bench.md"
+
+    @property
+    def bench_plot(self) -> Path:
+        return self.out / "bench.png"
+
+
+def finetune_config(paths: DemoPaths, model: str = "lenet5", quick: bool = False):
+    """The finetune defaults; `quick` is a smoke-test size (one epoch per phase, few images, and a
+    MAC target so that one epoch of sparsify still leaves something to cut)."""
+    from .config import FinetuneConfig, build_config
+
+    overrides: dict[str, Any] = {"out": str(paths.out), "model": model}
+    if quick:
+        overrides.update({"limit_train": 256, "limit_test": 128, "pretrain": {"epochs": 1},
+                          "sparsify": {"epochs": 1}, "finetune": {"epochs": 1}, "target_flops": 0.4})
+    return build_config(FinetuneConfig, None, overrides)
+
+
+def export_stage(paths: DemoPaths, shape_lowering: str = "auto"):
+    """Export the sparse checkpoint, cut it and write the uncut and the compact model and the report."""
+    from .finetune.checkpoint import load_checkpoint
+    from .io import atomic_write_json
+    from .surgery.compress import compress
+    from .surgery.export import export_onnx, save_onnx
+
+    ckpt = load_checkpoint(paths.sparse)
+    exported = export_onnx(ckpt.build(), ckpt.model.input_shape, dynamic_batch=True)
+    result = compress(exported.model, shape_lowering=shape_lowering)
+    if not result.verification.passed:
+        v = result.verification
+        raise VerificationError(f"the compact model differs from the uncut one by {v.max_abs:.3g}; nothing written")
+    save_onnx(exported.model, paths.uncut)
+    save_onnx(result.model, paths.compact)
+    atomic_write_json(result.report, paths.surgery_report)
+    return result
+
+
+def bench_config(paths: DemoPaths, quick: bool = False, threads: tuple[int, ...] = (1,)):
+    from .bench.config import BenchConfig
+
+    return BenchConfig(target=str(paths.out), structured=str(paths.compact), data="digits",
+                       threads=threads, repeat=3 if quick else None, warmup=1 if quick else 5,
+                       memory=not quick, data_limit=128 if quick else 1000)
