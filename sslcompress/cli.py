@@ -511,9 +511,9 @@ def bench(target: str | None, dense: str | None, unstructured: str | None, struc
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def demo(out: str, model: str, threads: str, quick: bool, quiet: bool) -> None:
     """All three stages on the bundled digits: finetune, export (surgery), bench on the CPU."""
-    from .bench.plot import matplotlib_available, plot
+    from .bench.plot import plot
     from .bench.report import render_markdown
-    from .bench.run import run_bench
+    from .bench.run import plot_available, run_bench
     from .console import BenchProgress, Progress, print_bench, print_report, print_surgery_report
     from .demo import DemoPaths, bench_config, export_stage, finetune_config
     from .finetune.pipeline import run_finetune
@@ -536,7 +536,7 @@ def demo(out: str, model: str, threads: str, quick: bool, quiet: bool) -> None:
     written = [("pretrained", paths.pretrained), ("sparse", paths.sparse), ("uncut", paths.uncut),
                ("compact", paths.compact), ("surgery", paths.surgery_report), ("bench", paths.bench_json),
                ("markdown", paths.bench_markdown)]
-    if matplotlib_available():
+    if plot_available():
         plot(result, paths.bench_plot)
         written.append(("plot", paths.bench_plot))
     print_bench(result)

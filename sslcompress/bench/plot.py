@@ -19,14 +19,6 @@ class PlotUnavailableError(SSLCompressError):
     """matplotlib is not installed."""
 
 
-def matplotlib_available() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
