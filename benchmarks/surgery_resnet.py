@@ -23,7 +23,9 @@ over the RSS just before the call. The compact model must pass verification, or 
 
 Latency: CPUExecutionProvider, ORT_ENABLE_ALL, intra-op threads 1 and 2, inter-op 1, and
 `session.force_spinning_stop` = 1 (two sessions live in this process; spinning pools of idle
-sessions slow each other down, see ../shared/reference/ort-cpu-facts.md). Each round times one
+sessions slow each other down, see ../shared/reference/ort-cpu-facts.md), the workers of both
+sessions and the calling thread pinned to the same CPUs (`sslcompress bench`'s placement: unpinned,
+one session can keep its workers on a busier core for the whole run). Each round times one
 block of back-to-back runs of each session, the order alternating from round to round; the block
 length is set in the warm-up so that an uncut block lasts about --block-s. Reported: median
 per-run latency of each, speed-up = uncut median / compact median, the median and a bootstrap 95%
@@ -54,6 +56,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from sslcompress.bench import sessions as bench_sessions
 from sslcompress.io import atomic_write_bytes, atomic_write_json
 from sslcompress.models import ModelSpec, build_model
 from sslcompress.models.imagenet import BasicBlock, Bottleneck
@@ -211,13 +214,9 @@ def run_surgery(src: Path, dst: Path, workdir: Path, repeats: int) -> dict:
 
 
 def make_session(model_bytes: bytes, threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    # Two sessions share this process: idle spinning pools steal the cores of the timed one.
-    so.add_session_config_entry("session.force_spinning_stop", "1")
-    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    # The bench's own sessions: ORT_ENABLE_ALL, inter-op 1, force_spinning_stop (two sessions share this
+    # process) and the workers pinned to the same CPUs for both models (see sslcompress.bench.sessions).
+    return bench_sessions.make_session(model_bytes, "cpu", threads, pin=True)
 
 
 def _block(sess: ort.InferenceSession, feed: dict, reps: int) -> float:
@@ -250,6 +249,13 @@ def bootstrap_median_ci(values: list[float], seed: int, n: int = 2000) -> tuple[
 def time_pair(uncut_bytes: bytes, compact_bytes: bytes, batch: int, size: int, threads: int,
               rounds: int, warmup: int, block_s: float, seed: int) -> dict:
     uncut, compact = make_session(uncut_bytes, threads), make_session(compact_bytes, threads)
+    where = bench_sessions.placement(threads)
+    with bench_sessions.calling_thread_on(where[0] if where else None):
+        return _time_pair(uncut, compact, batch, size, threads, rounds, warmup, block_s, seed)
+
+
+def _time_pair(uncut, compact, batch: int, size: int, threads: int, rounds: int, warmup: int, block_s: float,
+               seed: int) -> dict:
     name = uncut.get_inputs()[0].name
     x = np.random.default_rng(seed).standard_normal((batch, 3, size, size), dtype=np.float32)
     feed = {name: x}
@@ -407,7 +413,7 @@ def render_md(doc: dict) -> str:
         "whole call, verification in ORT included; medians over the repeats of one spawned child. "
         "Peak MiB = resident-set high-water mark of that child during compress() (Python, torch, ORT and the loaded "
         "model included); increase = peak - RSS just before the call. Latency: ORT CPU EP, ORT_ENABLE_ALL, "
-        "inter-op 1, force_spinning_stop 1; median per-run time over rounds, uncut and compact timed side by side "
+        "inter-op 1, force_spinning_stop 1, threads pinned alike for both models; median per-run time over rounds, uncut and compact timed side by side "
         "in alternating order. Speed-up = uncut median / compact median; the interval is a bootstrap 95% "
         "interval of the median per-round ratio. Efficiency = speed-up / MAC reduction.", "",
         f"Settings: input {doc['settings']['size']}x{doc['settings']['size']}, seed {doc['settings']['seed']}, "
