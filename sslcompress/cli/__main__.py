@@ -1,0 +1,5 @@
+"""`python -m sslcompress.cli`."""
+
+from . import main
+
+main()

@@ -1,0 +1,160 @@
+"""surgery and export: stage 2."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from . import EPILOG_DATA, main
+
+
+def _surgery_options(f):
+    opts = [
+        click.option("--data", default=None, metavar="SPEC",
+                     help="Also verify on real test images of this data set (" + EPILOG_DATA.removeprefix(
+                         "Data sets: ").rstrip(".") + "); they must have the model's input shape."),
+        click.option("--data-limit", default=64, show_default=True, type=click.IntRange(min=1),
+                     help="At most this many real images for --data."),
+        click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
+                     help="Also write the report as JSON here."),
+        click.option("--force", is_flag=True, help="Write the compact model even if verification fails."),
+        click.option("--shape-lowering", type=click.Choice(["auto", "off", "on"]), default="auto", show_default=True,
+                     help="Rewrite convs with irregular zero weight columns as im2col of the kept columns + "
+                          "MatMul: auto where it times faster in ONNX Runtime (CPU, 1 thread), on always, off never."),
+        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _where(node: dict[str, Any]) -> str:
+    return f"node {node['node']!r} ({node['op_type']}, output {node['value']!r})"
+
+
+def _write_compact(result, out: str, report_path: str | None, force: bool, as_json: bool,
+                   extra: dict[str, Any] | None = None) -> None:
+    from ..errors import VerificationError
+    from ..io import atomic_write_json
+    from ..surgery.export import save_onnx
+
+    report = {**result.report, **(extra or {})}
+    v = report["verification"]
+    node = v.get("first_diverging_node")
+    if not v["passed"] and not force:
+        at = f", first at {_where(node)}" if node else ""
+        raise VerificationError(
+            f"the compact model differs from the uncut one by {v['max_abs']:.3g} (max |output| "
+            f"{v['max_ref']:.3g}){at}; nothing written (--force writes it anyway)")
+    save_onnx(result.model, out)
+    if report_path:
+        atomic_write_json(report, report_path)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        from ..console import print_surgery_report
+
+        print_surgery_report(report)
+        if v.get("real_images"):
+            agree = v.get("real_top1_agreement")
+            click.echo(f"real images: {v['real_images']} from {report.get('data')}"
+                       + (f", top-1 agreement {agree:.2%}" if agree is not None else ""))
+        if node:
+            click.echo(f"first diverging {_where(node)}: max abs difference {node['max_abs']:.3g}")
+        click.echo(f"compact model: {out}")
+
+
+def _real_inputs(proto, data: str | None, limit: int):
+    from ..surgery.inputs import real_inputs
+
+    return real_inputs(proto, data, limit=limit) if data else None
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
+              help="Where the compact ONNX model goes.")
+@_surgery_options
+def surgery(model: str, out: str, data: str | None, data_limit: int, report_path: str | None, force: bool,
+            shape_lowering: str, as_json: bool) -> None:
+    """Delete exactly-zero channels from any ONNX model, verified against it in ONNX Runtime."""
+    from ..surgery.compress import compress
+    from ..surgery.export import load_onnx
+
+    proto = load_onnx(model)
+    result = compress(proto, inputs=_real_inputs(proto, data, data_limit), shape_lowering=shape_lowering)
+    _write_compact(result, out, report_path, force, as_json, {"data": data} if data else None)
+
+
+def _parse_input_shape(text: str) -> tuple[int, int, int]:
+    """C,H,W (or CxHxW) as three positive ints; anything else is one clear error."""
+    from ..errors import ConfigError
+
+    parts = [p.strip() for p in text.replace("x", ",").split(",")]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 1:
+        raise ConfigError(f"--input-shape wants three positive integers C,H,W such as 3,32,32, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _check_runs(model, shape: tuple[int, ...], given: str) -> None:
+    """One forward pass at the override shape, so a misfit is one sentence, not an exporter trace."""
+    import torch
+
+    from ..errors import ConfigError
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(shape))
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ConfigError(f"the checkpoint's model cannot run on --input-shape {given}: {first}") from exc
+    finally:
+        model.train(was_training)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--onnx", "out", required=True, type=click.Path(dir_okay=False), help="The compact ONNX model.")
+@click.option("--uncut", default=None, type=click.Path(dir_okay=False), help="Also write the model before surgery.")
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(min=11))
+@click.option("--dynamic-batch", is_flag=True, help="Keep the batch dimension dynamic.")
+@click.option("--input-shape", default=None, metavar="C,H,W",
+              help="Export for inputs of this shape instead of the checkpoint's (e.g. 3,64,64).")
+@_surgery_options
+def export(checkpoint: str, out: str, uncut: str | None, opset: int, dynamic_batch: bool, input_shape: str | None,
+           data: str | None, data_limit: int, report_path: str | None, force: bool, shape_lowering: str,
+           as_json: bool) -> None:
+    """Export a checkpoint to ONNX (eval mode, onnxsim), delete its zero channels, verify."""
+    from ..finetune.checkpoint import load_checkpoint
+    from ..flops import count
+    from ..surgery.compress import compress
+    from ..surgery.export import export_onnx, save_onnx
+
+    override = _parse_input_shape(input_shape) if input_shape is not None else None
+    ckpt = load_checkpoint(checkpoint)
+    model = ckpt.build()
+    shape = (1, *override) if override else ckpt.model.input_shape
+    if override:
+        _check_runs(model, shape, input_shape)
+    exported = export_onnx(model, shape, opset=opset, dynamic_batch=dynamic_batch)
+    result = compress(exported.model, inputs=_real_inputs(exported.model, data, data_limit),
+                      shape_lowering=shape_lowering)
+    # The checkpoint's own count of what its zero groups remove, beside what surgery removed.
+    predicted = count(model, shape).macs_after
+    extra = {"checkpoint": checkpoint, "input_shape": list(shape), "predicted_macs_after": predicted,
+             "macs_after_matches_prediction": predicted == result.report["totals"]["macs_after"]}
+    if data:
+        extra["data"] = data
+    if uncut:
+        save_onnx(exported.model, uncut)
+    _write_compact(result, out, report_path, force, as_json, extra)
+
+
