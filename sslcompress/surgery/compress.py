@@ -37,7 +37,7 @@ def compress(model: onnx.ModelProto | str | Path, *, inputs: list[np.ndarray] | 
     t0 = time.perf_counter()
     proto = load_onnx(model) if isinstance(model, (str, Path)) else model
     # Branches first: a zero branch's inner tensors are wholly dead, which channel pruning leaves be.
-    depth = remove_zero_branches(proto)
+    depth = remove_zero_branches(_with_shapes(proto))
     fold = fold_constant_channels(depth.model)
     pruned = prune_dead_channels(fold.model)
     features = select_features(pruned.model)
@@ -64,6 +64,14 @@ def compress(model: onnx.ModelProto | str | Path, *, inputs: list[np.ndarray] | 
     report["kernels_shrunk"] = {k: [list(a), list(b)] for k, (a, b) in shrunk.shrunk.items()}
     report["shape_lowering"] = lowered.report()
     return CompressResult(compact, report, check)
+
+
+def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with inferred shapes: the channel analysis reads channel counts from them."""
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, RuntimeError):
+        return model  # what cannot be inferred stays unknown, and unknown channels stay
 
 
 def finish(model: onnx.ModelProto) -> onnx.ModelProto:

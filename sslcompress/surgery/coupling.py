@@ -60,7 +60,32 @@ def couple(model: ir.Model) -> Coupling:
     for v in model.graph.outputs:
         if v.name in c.ids:
             c.pin(c.ids[v.name], "graph output")
+    for name, node in _read_by_subgraphs(model.graph).items():
+        if name in c.ids:
+            c.pin(c.ids[name], f"{node.op_type} {node.name} (read inside its subgraph)")
     return c
+
+
+def _read_by_subgraphs(graph: ir.Graph) -> dict[str, ir.Node]:
+    """Values of this graph that the body of an If, Loop or Scan reads by name (outer scope), with the
+    node whose body reads them: such a read is no input of any node here, so only a pin keeps it."""
+    found: dict[str, ir.Node] = {}
+    for node in graph:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                bodies = [attr.value]
+            elif attr.type == ir.AttributeType.GRAPHS:
+                bodies = list(attr.value)
+            else:
+                continue
+            for body in bodies:
+                for inner in ir.traversal.RecursiveGraphIterator(body):
+                    for v in inner.inputs:
+                        if v is not None and v.graph is not None and v.graph is graph:
+                            found.setdefault(v.name, node)
+                        elif v is not None and v.graph is None and v.producer() is None:
+                            found.setdefault(v.name, node)  # an outer value as seen from the body
+    return found
 
 
 def _wall(node: ir.Node) -> str:

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import UnsupportedModelError
 from .channels import CONSTANT, analyze
+from .coupling import Coupling, couple
 from .ops.base import (
     add_initializer,
     attr_value,
@@ -40,6 +41,7 @@ class FoldResult:
 def fold_constant_channels(proto: onnx.ModelProto) -> FoldResult:
     model = ir.serde.deserialize_model(proto)
     states = analyze(model)
+    coupling = couple(model)
     folded = 0
     maps: list[str] = []
     for node in list(model.graph):
@@ -50,7 +52,7 @@ def fold_constant_channels(proto: onnx.ModelProto) -> FoldResult:
         if ch is None or w is None or not np.any(ch.state == CONSTANT):
             continue
         if node.op_type == "Conv":
-            n, with_map = _fold_conv(model.graph, node, w, ch)
+            n, with_map = _fold_conv(model.graph, node, w, ch, _pinned(coupling, node.inputs[0].name))
             folded += n
             if with_map:
                 maps.append(node.name or node.outputs[0].name)
@@ -59,8 +61,15 @@ def fold_constant_channels(proto: onnx.ModelProto) -> FoldResult:
     return FoldResult(ir.serde.serialize_model(model), folded, tuple(maps))
 
 
-def _fold_conv(graph: ir.Graph, node: ir.Node, w: np.ndarray, ch) -> tuple[int, bool]:
-    if int(attr_value(node, "group", 1)) != 1 or w.ndim != 4:
+def _pinned(c: Coupling, name: str) -> np.ndarray | None:
+    """Per channel of the value: pinned (it can never be deleted), where the coupling knows it."""
+    if name not in c.ids:
+        return None
+    return np.isin(c.roots_of(name), list(c.pinned))
+
+
+def _fold_conv(graph: ir.Graph, node: ir.Node, w: np.ndarray, ch, pinned: np.ndarray | None) -> tuple[int, bool]:
+    if int(attr_value(node, "group", 1)) != 1 or w.ndim != 4 or not _bias_is_constant(node):
         return 0, False
     fibres = np.abs(w).reshape(w.shape[0], w.shape[1], -1).sum(2) > 0
     cols = np.nonzero((ch.state == CONSTANT) & fibres.any(0))[0]
@@ -74,8 +83,17 @@ def _fold_conv(graph: ir.Graph, node: ir.Node, w: np.ndarray, ch) -> tuple[int, 
         set_const(graph, node, 1, new_w)
         _add_to_bias(graph, node, shift.astype(dtype))
         return len(cols), False
+    if attr_value(node, "auto_pad", "NOTSET") != "NOTSET":
+        return 0, False  # padding placed by the runtime: leave such channels be
+    if pinned is not None:
+        # A map costs parameters and an Add: pay it only for channels that can then go.
+        cols = cols[~pinned[cols]]
+        if not len(cols):
+            return 0, False
+        new_w = const_tensor(node.inputs[1]).copy()
+        new_w[:, cols] = 0
     x_dims, y_dims = static_dims(node.inputs[0], 2), static_dims(node.outputs[0], 2)
-    if x_dims is None or y_dims is None or attr_value(node, "auto_pad", "NOTSET") != "NOTSET":
+    if x_dims is None or y_dims is None:
         raise UnsupportedModelError(
             f"Conv {node.name!r} reads constant channels through zero padding, which folds only with "
             "static spatial shapes; export the model with a fixed input size.")
@@ -98,8 +116,11 @@ def _fold_conv(graph: ir.Graph, node: ir.Node, w: np.ndarray, ch) -> tuple[int, 
 
 
 def _fold_gemm(graph: ir.Graph, node: ir.Node, w: np.ndarray, ch) -> int:
-    if attr_value(node, "transA", 0) or w.ndim != 2:
+    if attr_value(node, "transA", 0) or w.ndim != 2 or not _bias_is_constant(node):
         return 0
+    c = const_array(input_or_none(node, 2))
+    if c is not None and c.size != 1 and (c.ndim == 2 and c.shape[0] != 1):
+        return 0  # a C that adds per row (M, 1), not per output column
     beta = float(attr_value(node, "beta", 1.0))
     if beta == 0:
         return 0
@@ -114,6 +135,11 @@ def _fold_gemm(graph: ir.Graph, node: ir.Node, w: np.ndarray, ch) -> int:
     set_const(graph, node, 1, new_wt.T if attr_value(node, "transB", 0) else new_wt)
     _add_to_bias(graph, node, shift.astype(dtype))
     return len(cols)
+
+
+def _bias_is_constant(node: ir.Node) -> bool:
+    b = input_or_none(node, 2)
+    return b is None or const_tensor(b) is not None
 
 
 def _add_to_bias(graph: ir.Graph, node: ir.Node, shift: np.ndarray) -> None:

@@ -301,10 +301,24 @@ def _lowered_nodes(cand: _Candidate, x: ir.Value, base: str) -> tuple[list[ir.No
 
 def _replace(graph: ir.Graph, conv: ir.Node, cand: _Candidate, base: str) -> None:
     """The Conv's place in the graph, its output name included, taken by its lowered subgraph."""
-    nodes, inits, y = _lowered_nodes(cand, conv.inputs[0], base)
+    nodes, inits, y = _lowered_nodes(cand, conv.inputs[0], _free_prefix(graph, base))
+    for n in nodes:  # the MatMul keeps the conv's name, so the report lines the two up
+        if n.op_type == "MatMul":
+            n.name = base
     for v in inits:
         graph.register_initializer(v)
     ir.convenience.replace_nodes_and_values(graph, conv, [conv], nodes, [conv.outputs[0]], [y])
+
+
+def _free_prefix(graph: ir.Graph, base: str) -> str:
+    """`base`, or `base.N`, such that no value or initializer of the graph is already named `prefix.*`."""
+    taken = set(graph.initializers) | {v.name for v in graph.inputs} | {
+        v.name for n in graph for v in n.outputs if v is not None and v.name}
+    prefix, k = base, 0
+    while any(t.startswith(prefix + ".") for t in taken):
+        k += 1
+        prefix = f"{base}.{k}"
+    return prefix
 
 
 def _drop_unused_initializers(graph: ir.Graph) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from ..errors import SurgeryError
 from .channels import ZERO, Channels, analyze
 from .coupling import Coupling, couple
 from .ops import rule_for
@@ -103,19 +104,25 @@ def prune_dead_channels(proto: onnx.ModelProto) -> PruneResult:
     dead = dead_channels(model)
     changed = 0
     if dead.n_dead:
-        for node in list(model.graph):
-            changed += _rewrite(model.graph, node, dead.keep)
+        # Every node's masks first: a rewrite may insert a node and rename the values after it.
+        plans = [(node, [dead.keep.get(v.name) if v is not None else None for v in node.inputs],
+                  [dead.keep.get(v.name) if v is not None else None for v in node.outputs])
+                 for node in list(model.graph)]
+        for node, keep_in, keep_out in plans:
+            changed += _rewrite(model.graph, node, keep_in, keep_out)
         _drop_unused_initializers(model.graph)
     out = ir.serde.serialize_model(model)
     # Shapes of every intermediate tensor changed: drop them and infer again.
     del out.graph.value_info[:]
-    out = onnx.shape_inference.infer_shapes(out, strict_mode=True)
+    try:
+        out = onnx.shape_inference.infer_shapes(out, strict_mode=True)
+    except onnx.shape_inference.InferenceError as exc:
+        raise SurgeryError(f"Pruning produced a model whose shapes do not agree ({exc}); please report this model.") from exc
     return PruneResult(out, dead.n_dead, changed, dead.blocked)
 
 
-def _rewrite(graph: ir.Graph, node: ir.Node, keep: dict[str, np.ndarray]) -> int:
-    keep_in = [keep.get(v.name) if v is not None else None for v in node.inputs]
-    keep_out = [keep.get(v.name) if v is not None else None for v in node.outputs]
+def _rewrite(graph: ir.Graph, node: ir.Node, keep_in: list[np.ndarray | None],
+             keep_out: list[np.ndarray | None]) -> int:
     if all(k is None or k.all() for k in keep_in + keep_out):
         return 0
     rule = rule_for(node)

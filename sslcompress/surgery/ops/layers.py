@@ -79,7 +79,7 @@ class Conv(OpRule):
         w = const_array(input_or_none(node, 1))
         n_out = channel_count(node.outputs[0])
         x = ids[0]
-        if w is None or n_out is None or x is None:
+        if w is None or n_out is None or x is None or (w.ndim > 0 and _bias(node, w.shape[0]) is None):
             return None
         out = ctx.fresh(n_out)
         group = int(attr_value(node, "group", 1))
@@ -143,7 +143,8 @@ class ConvTranspose(OpRule):
 
     def couple(self, node, ids, ctx):
         n_out = channel_count(node.outputs[0])
-        if self._weight(node) is None or ids[0] is None or n_out is None:
+        w = self._weight(node)
+        if w is None or ids[0] is None or n_out is None or _bias(node, w.shape[1]) is None:
             return None
         return [ctx.fresh(n_out)]
 
@@ -190,7 +191,7 @@ class Dense(OpRule):
 
     def couple(self, node, ids, ctx):
         n_out = channel_count(node.outputs[0])
-        if self.matrix(node) is None or ids[0] is None or n_out is None:
+        if self.matrix(node) is None or ids[0] is None or n_out is None or self.bias_and_scale(node, n_out) is None:
             return None
         return [ctx.fresh(n_out)]
 
@@ -214,7 +215,8 @@ class Gemm(Dense):
         if c is None:
             return np.zeros(n_out), alpha
         arr = const_array(c)
-        if arr is None or arr.size not in (1, n_out):
+        # One value per output column: a scalar, (M,) or (1, M); a (M, 1) C adds per row instead.
+        if arr is None or (arr.size != 1 and (arr.size != n_out or (arr.ndim == 2 and arr.shape[0] != 1))):
             return None
         return np.broadcast_to(beta * arr.reshape(-1), (n_out,)), alpha
 

@@ -59,7 +59,9 @@ class Spread(OpRule):
 class Flatten(Spread):
     def spatial(self, node):
         dims = static_dims(node.inputs[0], 2)
-        if int(attr_value(node, "axis", 1)) != 1 or dims is None or channel_count(node.inputs[0]) is None:
+        rank = rank_of(node.inputs[0])
+        if rank is None or int(attr_value(node, "axis", 1)) % rank != 1 or dims is None \
+                or channel_count(node.inputs[0]) is None:
             return None
         return int(np.prod(dims)) if dims else 1
 
@@ -76,9 +78,15 @@ class Reshape(Spread):
     def _kind(self, node) -> str | None:
         x, y = node.inputs[0], node.outputs[0]
         target = const_array(input_or_none(node, 1))
-        if target is None or channel_count(x) is None or channel_count(y) is None or not _same_batch(x, y):
+        if target is None or channel_count(x) is None or channel_count(y) is None:
             return None
-        if rank_of(y) == 2 and static_dims(x, 1) is not None and channel_count(y) == int(np.prod(static_dims(x, 1))):
+        features = static_dims(x, 1)
+        # (batch, C*H*W): the batch kept as it is (0, or a static size equal to it) or left to -1.
+        keeps_batch = _same_batch(x, y) or (target.size == 2 and target[0] == -1 and features is not None
+                                            and target[1] == int(np.prod(features)))
+        if not keeps_batch:
+            return None
+        if rank_of(y) == 2 and features is not None and channel_count(y) == int(np.prod(features)):
             return "flatten"
         if channel_count(y) == channel_count(x) and target.size >= 2 and target[1] in (0, -1, channel_count(x)):
             return "keep"
@@ -112,8 +120,10 @@ class Reshape(Spread):
         target = const_tensor(node.inputs[1]).copy()
         if kin is None:
             return False
-        if kind == "flatten":
+        if kind == "flatten" and target[1] != -1:
             target[1] = int(kin.sum()) * self.spatial(node)
+        elif kind == "flatten":
+            return False  # (batch, -1) fits any channel count
         elif kind == "keep" and target[1] > 0:
             target[1] = int(kin.sum())
         else:
@@ -273,13 +283,15 @@ class Slice(OpRule):
         starts[i], ends[i], steps[i] = 0, int(kin.sum()), 1
         self._set(graph, node, starts, ends, axes, steps)
         out = node.outputs[0]
-        gathered = ir.Value(name=f"{out.name}.channels", shape=out.shape, type=out.type)
-        indices = add_initializer(graph, f"{node.name or 'slice'}.channel_indices", picked.astype(np.int64))
+        name = out.name
+        gathered = ir.Value(name=f"{name}.channels", shape=out.shape, type=out.type)
+        indices = add_initializer(graph, f"{name}.channel_indices", picked.astype(np.int64))
         gather = ir.Node("", "Gather", [None, indices], attributes=[ir.AttrInt64("axis", 1)],
-                         outputs=[gathered], name=f"{node.name or 'slice'}.gather")
+                         outputs=[gathered], name=f"{name}.gather")
         out.replace_all_uses_with(gathered, replace_graph_outputs=True)
         gather.replace_input_with(0, out)
         graph.insert_after(node, gather)
+        out.name, gathered.name = f"{name}.all_channels", name  # readers (and outputs) keep the name
         return True
 
     def _set(self, graph, node, starts, ends, axes, steps) -> None:
@@ -320,9 +332,12 @@ class Pad(PassThrough):
         if not info[1] or attr_value(node, "mode", "constant") != "constant":
             return [x]
         fill = const_array(input_or_none(node, 2))
-        v = 0.0 if fill is None else float(fill.reshape(-1)[0]) if fill.size else 0.0
         if input_or_none(node, 2) is not None and fill is None:
             return [None]
+        if fill is not None and fill.size:
+            v = float(fill.reshape(-1)[0])
+        else:
+            v = float(attr_value(node, "value", 0.0))  # before opset 11 the fill is an attribute
         keep = ((x.state == ZERO) & (v == 0)) | ((x.state == CONSTANT) & (x.value == v))
         return [x.with_live(~keep)]
 
