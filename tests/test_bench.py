@@ -394,3 +394,99 @@ def test_plot_without_matplotlib(run_dir, tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["bench", str(run_dir), *FAST, "--plot", str(png)])
     assert "pip install sslcompress[plot]" in _one_line_error(res)
     assert not png.exists()
+
+
+# ---------------------------------------------------------------- edges found in review
+def _as_constant_nodes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    consts = [helper.make_node("Constant", [], [t.name], value=t) for t in out.graph.initializer]
+    del out.graph.initializer[:]
+    nodes = consts + list(out.graph.node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def _nonzeros_match(v) -> None:
+    assert layer_nonzeros(v.unstructured.model) == layer_nonzeros(v.structured.model)
+
+
+def test_weights_in_constant_nodes_and_shared_weights_are_matched_layer_by_layer(run_dir, tmp_path):
+    from sslcompress.surgery.export import save_onnx
+
+    base = build_variants(run_dir / "sparse.pt")
+    d, s = tmp_path / "d.onnx", tmp_path / "s.onnx"
+    save_onnx(_as_constant_nodes(base.dense.model), d)
+    save_onnx(_as_constant_nodes(base.structured.model), s)
+    v = build_variants(None, dense=d, structured=s)
+    _nonzeros_match(v)
+    assert sum(layer_nonzeros(v.structured.model).values()) > 0
+
+    # fc2 and fc3 read one weight in the dense model; the structured one keeps them apart
+    w = np.ones((8, 8), np.float32)
+    ws = w.copy()
+    ws[:, 4:] = 0
+    def mlp(fc2_w, fc3_w):
+        nodes = [helper.make_node("Gemm", ["x", "a"], ["h"], name="fc2"), helper.make_node("Gemm", ["h", "b"], ["y"], name="fc3")]
+        inits = [numpy_helper.from_array(fc2_w, "a")] + ([numpy_helper.from_array(fc3_w, "b")] if fc3_w is not None else [])
+        if fc3_w is None:
+            nodes[1].input[1] = "a"
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], inits)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        return m
+    save_onnx(mlp(w, None), d)
+    save_onnx(mlp(ws, w), s)
+    v = build_variants(None, dense=d, structured=s)
+    _nonzeros_match(v)
+
+
+def test_variants_must_compute_the_same_outputs_from_float_images(result, tmp_path):
+    from sslcompress.surgery.export import save_onnx
+
+    s = onnx.load(result.variant("structured").path)
+    s.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 5
+    bad = tmp_path / "s5.onnx"
+    onnx.save(s, str(bad))
+    res = CliRunner().invoke(main, ["bench", "--dense", result.variant("dense").path, "--structured", str(bad), *FAST])
+    assert "different outputs" in _one_line_error(res)
+    d = onnx.load(result.variant("dense").path)
+    d.graph.input[0].type.tensor_type.elem_type = TensorProto.DOUBLE
+    save_onnx(d, tmp_path / "d64.onnx")
+    res = CliRunner().invoke(main, ["bench", "--dense", str(tmp_path / "d64.onnx"), "--structured",
+                                    result.variant("structured").path, *FAST])
+    assert "float32" in _one_line_error(res)
+
+
+def test_a_model_without_zeros_says_so(run_dir, tmp_path):
+    r = run_bench(BenchConfig(target=str(run_dir / "pretrained.pt"), threads=(1,), batches=(1,), repeat=2, warmup=0,
+                              memory=False))
+    assert "no smaller than the dense one" in r.notes[0]
+
+
+def test_oversubscribed_threads_are_not_called_pinned(result):
+    from sslcompress.bench import run as run_mod
+
+    many = len(sessions.usable_cpus()) + 1
+    notes = run_mod._notes(BenchConfig(target="x", threads=(many,)), build_variants(None,
+                           dense=result.variant("dense").path, structured=result.variant("structured").path),
+                           {v.name: v for v in result.variants})
+    assert "oversubscribed" in notes[1] and "Placement" not in notes[1]
+
+
+def test_static_batches_score_the_same_images():
+    from sslcompress.bench.accuracy import TestImages, common_images
+
+    images = TestImages("t", np.zeros((10, 1, 2, 2), np.float32), np.zeros(10, np.int64))
+    assert len(common_images(images, [None, 4, 2]).x) == 8
+    assert len(common_images(images, [None, None]).x) == 10
+
+
+def test_a_failed_run_writes_no_models(run_dir, tmp_path):
+    models = tmp_path / "models"
+    res = CliRunner().invoke(main, ["bench", str(run_dir), "--data", "synthetic:3x9x9:4", "--models-dir",
+                                    str(models), *FAST])
+    _one_line_error(res)
+    assert not models.exists() or not any(models.iterdir())

@@ -51,3 +51,16 @@ def top1(sess, images: TestImages, static_batch: int | None = None) -> tuple[int
         logits = sess.run(None, {name: images.x[i:i + size]})[0]
         correct += int((np.asarray(logits).reshape(len(logits), -1).argmax(axis=1) == images.y[i:i + size]).sum())
     return correct, n
+
+
+def common_images(images: TestImages, static_batches: Sequence[int | None]) -> TestImages:
+    """The first images, as many as every static batch size divides, so each variant scores the same set."""
+    import math
+
+    sizes = [b for b in static_batches if b]
+    step = math.lcm(*sizes) if sizes else 1
+    n = len(images.x) - len(images.x) % step
+    if n == 0:
+        raise DataError(f"the models take batches of exactly {', '.join(map(str, sorted(set(sizes))))} images; the"
+                        f" {len(images.x)} test images loaded are too few for one batch of each")
+    return TestImages(images.name, images.x[:n], images.y[:n])

@@ -171,6 +171,9 @@ def study_model(dense: onnx.ModelProto, unstructured: onnx.ModelProto, structure
     convs, skipped = model_convs(dense)
     unstr = _weights_by_name(unstructured)
     compact = compact_weights(structured)
+    # A layer is removed when the structured model lost it while keeping the others' names; with no name in
+    # common the models were named apart, and "removed" would be a guess.
+    removed = set(convs) - set(compact) if set(convs) & set(compact) else set()
     jobs: list[tuple[ConvInfo, np.ndarray, np.ndarray | None]] = []
     for name, c in convs.items():
         m, k, n = c.shape.gemm_dims(batch)
@@ -179,6 +182,9 @@ def study_model(dense: onnx.ModelProto, unstructured: onnx.ModelProto, structure
             skipped[name] = "no conv of this name and shape in the unstructured model"
             continue
         wc = compact.get(name)
+        if wc is None and name not in removed:
+            skipped[name] = "no layer of this name in the structured model (neither kept nor removed by the surgery)"
+            continue
         if wc is not None and (wc.shape[0] > m or wc.shape[1] > k):
             skipped[name] = f"the structured layer ({wc.shape[0]} x {wc.shape[1]}) is larger than the dense one"
             continue

@@ -137,13 +137,14 @@ def _bench_models(config: BenchConfig, emit: Listener, tmp: Path
         files[v.name] = tmp / f"{v.name}.onnx"
         save_onnx(v.model, files[v.name])
     infos = _static_info(variants, files)
-    if config.models_dir:
-        for v in variants:
-            path = Path(config.models_dir) / f"{v.name}.onnx"
-            save_onnx(v.model, path)
-            infos[v.name] = replace(infos[v.name], path=str(path))
-    notes = _notes(config, variants)
+    notes = _notes(config, variants, infos)
     shape = infos["dense"].input_shape
+    images = None
+    if config.data:  # before any long work: a bad spec or shape is an error at once
+        from .accuracy import load_test_images
+
+        emit(BenchEvent("accuracy", f"loading {config.data}"))
+        images = load_test_images(config.data, shape, limit=config.data_limit, seed=config.seed)
 
     if config.memory:
         threads, batch = max(config.threads), max(batches)
@@ -155,12 +156,12 @@ def _bench_models(config: BenchConfig, emit: Listener, tmp: Path
             infos[v.name] = replace(infos[v.name], memory=mem)
         emit(BenchEvent("memory", "peak memory", 3, 3))
 
-    if config.data:
-        from .accuracy import load_test_images, top1
+    if images is not None:
+        from .accuracy import common_images, top1
         from .sessions import make_session
 
-        emit(BenchEvent("accuracy", f"loading {config.data}"))
-        images = load_test_images(config.data, shape, limit=config.data_limit, seed=config.seed)
+        # One set of images for all: a static batch B scores whole batches only, so all take the same count.
+        images = common_images(images, [input_shape(v.model)[0] for v in variants])
         for i, v in enumerate(variants):
             emit(BenchEvent("accuracy", f"top-1 of {v.name} on {len(images.x)} {images.name} images", i, 3))
             correct, n = top1(make_session(files[v.name], "cpu", max(config.threads)), images,
@@ -172,6 +173,11 @@ def _bench_models(config: BenchConfig, emit: Listener, tmp: Path
                                  "timings": tuple(_time(config, files, shape, batches, emit))}
     if config.layers:
         result_kw.update(_layers(config, variants, batches[0], emit, notes))
+    if config.models_dir:  # last: a run that fails writes nothing
+        for v in variants:
+            path = Path(config.models_dir) / f"{v.name}.onnx"
+            save_onnx(v.model, path)
+            infos[v.name] = replace(infos[v.name], path=str(path))
     return result_kw, infos, notes
 
 
@@ -253,16 +259,25 @@ def _thread_warnings(rows: list) -> list[str]:
     return out
 
 
-def _notes(config: BenchConfig, variants: VariantSet) -> list[str]:
+def _notes(config: BenchConfig, variants: VariantSet, infos: dict[str, VariantInfo]) -> list[str]:
+    from .sessions import placement, usable_cpus
+
     spin = ", ".join(f"{k}={v}" for k, v in SESSION_CONFIG.items())
+    unpinned = [t for t in dict.fromkeys(config.threads) if placement(t) is None]
+    if not config.pin:
+        placed = "; threads not pinned (--no-pin)."
+    elif unpinned:
+        placed = (f"; threads not pinned at {', '.join(map(str, unpinned))} thread(s): more threads than the"
+                  f" {len(usable_cpus())} CPU(s) this process may use, so the workers share cores (oversubscribed).")
+    else:
+        placed = (". Placement: the timing thread and each session's workers pinned to the same CPUs for every"
+                  " variant (session.intra_op_thread_affinities), so that no variant keeps its threads on a busier"
+                  " core than another's for the whole run.")
     notes = [
         UNSTRUCTURED_NOTE,
         "Sessions: graph optimisation ORT_ENABLE_ALL, intra-op threads as listed, inter-op 1, sequential, "
         f"{spin} (pool threads spin while a run lasts and stop when it returns, so the variants' sessions, timed in"
-        " turn in one process, do not steal each other's cores)"
-        + (". Placement: the timing thread and each session's workers pinned to the same CPUs for every variant"
-           " (session.intra_op_thread_affinities), so that no variant keeps its threads on a busier core than"
-           " another's for the whole run." if config.pin else "; threads not pinned (--no-pin)."),
+        " turn in one process, do not steal each other's cores)" + placed,
         "Latency: a sample is the mean time per call of back-to-back runs lasting at least"
         f" {config.sample_time * 1e3:g} ms (one run when slower), on one seeded random input; the variants take"
         " turns round by round in rotating order; median, p90 and IQR are over the rounds.",
@@ -279,6 +294,11 @@ def _notes(config: BenchConfig, variants: VariantSet) -> list[str]:
     if variants.unmatched:
         notes.append("Structured layers without a dense layer of their name (not matched by the unstructured"
                      f" variant): {', '.join(variants.unmatched)}.")
+    if infos["structured"].macs >= infos["dense"].macs and \
+            infos["structured"].nonzero_weights >= infos["dense"].nonzero_weights:
+        notes.insert(0, "The structured model is no smaller than the dense one: this model had no zero filters,"
+                        " channels or kernel lines to cut (give the sparse checkpoint of a finetune run), so all"
+                        " three variants run the same work.")
     short = [m.name for m in variants.matching if m.kept < m.target]
     if short:
         notes.append(f"Dense layers with fewer nonzeros than the structured model's: {', '.join(short)}.")

@@ -15,7 +15,7 @@ then the dense model, and its surgery the structured one.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -115,19 +115,16 @@ def magnitude_match(dense: onnx.ModelProto, structured: onnx.ModelProto
 
     Returns (model, per-layer counts, names of structured layers no dense layer matched).
     """
-    dense_layers = weight_layers(dense)
     target = layer_nonzeros(structured)
-    shared = set(dense_layers) & set(target)
-    if target and not shared:
-        raise ConfigError("the structured model shares no layer (node) names with the dense model, so the"
-                          " unstructured variant cannot be matched to it layer by layer; give --unstructured too")
-    out = onnx.ModelProto()
-    out.CopyFrom(dense)
+    out = _own_weights(dense)
+    dense_layers = weight_layers(out)
+    missing = sorted(set(target) - set(dense_layers))
+    if missing:
+        raise ConfigError("the structured model has layers the dense model has no layer (node) of that name for ("
+                          + ", ".join(missing[:5]) + ("..." if len(missing) > 5 else "") + "), so the unstructured"
+                          " variant cannot be matched to it layer by layer; give --unstructured too")
     inits = _arrays(out)
-    # A weight shared by several nodes keeps the largest count any of them asks for.
-    per_init: dict[str, int] = {}
-    for name, (_, w) in dense_layers.items():
-        per_init[w] = max(per_init.get(w, 0), target.get(name, 0))
+    per_init = {w: target.get(name, 0) for name, (_, w) in dense_layers.items()}
     pruned: dict[str, np.ndarray] = {}
     before: dict[str, int] = {}
     for w, k in per_init.items():
@@ -143,6 +140,51 @@ def magnitude_match(dense: onnx.ModelProto, structured: onnx.ModelProto
     if short:
         log.warning("dense layers with fewer nonzeros than the structured model's: %s", ", ".join(short))
     return out, rows, unmatched
+
+
+def lift_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant nodes holding a tensor become initializers: every count here reads initializers."""
+    if not any(n.op_type == "Constant" for n in proto.graph.node):
+        return proto
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    keep = []
+    for node in out.graph.node:
+        value = next((a for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
+        if value is None:
+            keep.append(node)
+            continue
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(value.t)
+        tensor.name = node.output[0]
+        out.graph.initializer.append(tensor)
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
+    return out
+
+
+def _own_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy in which no two weight layers share an initializer, so each can keep its own count."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    inits = _arrays(out)
+    seen: set[str] = set()
+    for node in out.graph.node:
+        name = node.name or node.output[0]
+        layer = weight_layers(out).get(name)
+        if layer is None:
+            continue
+        w = layer[1]
+        if w not in seen:
+            seen.add(w)
+            continue
+        copy = onnx.TensorProto()
+        copy.CopyFrom(inits[w])
+        copy.name = f"{w}.{name}"
+        out.graph.initializer.append(copy)
+        idx = list(node.input).index(w)
+        node.input[idx] = copy.name
+    return out
 
 
 # ---------------------------------------------------------------- finding and building
@@ -240,6 +282,7 @@ def build_variants(target: str | Path | None = None, *, dense: str | Path | None
         else:
             assert uncut is not None
             models[DENSE] = Variant(DENSE, uncut, f"{uncut_what} uncut" + ("" if src.onnx else ", exported"))
+    models = {k: replace(v, model=lift_constants(v.model)) for k, v in models.items()}
     matching: tuple[LayerNonzeros, ...] = ()
     unmatched: tuple[str, ...] = ()
     if UNSTRUCTURED not in models:
@@ -270,6 +313,18 @@ def check_compatible(models: dict[str, Variant]) -> None:
                                         f" ({'x'.join('?' if d is None else str(d) for d in shape)}); the bench"
                                         " times models of one static image size (export them at one size)")
         shapes[name] = shape
+    for name, v in models.items():
+        kind = v.model.graph.input[0].type.tensor_type.elem_type if v.model.graph.input else None
+        if kind != onnx.TensorProto.FLOAT:
+            raise UnsupportedModelError(f"the {name} model's input is not float32; the bench times models that"
+                                        " take float32 images")
+    outputs = {name: tuple(tuple(d.dim_value if d.HasField("dim_value") else None
+                                 for d in o.type.tensor_type.shape.dim)[1:] for o in v.model.graph.output)
+               for name, v in models.items()}
+    if len(set(outputs.values())) > 1:
+        raise ConfigError("the variants give different outputs (per image: "
+                          + ", ".join(f"{n} {list(o)}" for n, o in outputs.items()) + "); they must compute the"
+                          " same function to be compared")
     per_image = {name: s[1:] for name, s in shapes.items()}
     if len(set(per_image.values())) > 1:
         raise ConfigError("the variants take inputs of different shapes: "
