@@ -19,11 +19,17 @@ class PlotUnavailableError(SSLCompressError):
     """matplotlib is not installed."""
 
 
-def require_matplotlib() -> None:
+def plot_available() -> bool:
     try:
         import matplotlib  # noqa: F401
-    except ImportError as exc:
-        raise PlotUnavailableError(f"--plot needs matplotlib, which is not installed: {PLOT_INSTALL}") from exc
+    except ImportError:
+        return False
+    return True
+
+
+def require_matplotlib() -> None:
+    if not plot_available():
+        raise PlotUnavailableError(f"--plot needs matplotlib, which is not installed: {PLOT_INSTALL}")
 
 
 def plot(result: BenchResult, path: str | Path) -> None:

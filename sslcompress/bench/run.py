@@ -34,14 +34,6 @@ class BenchEvent:
 Listener = Callable[[BenchEvent], None]
 
 
-def plot_available() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def check_config(config: BenchConfig) -> None:
     """Everything that can fail before any work: providers (a CUDA session is started once)."""
     for p in config.providers:

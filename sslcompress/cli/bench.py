@@ -125,9 +125,9 @@ def bench(target: str | None, dense: str | None, unstructured: str | None, struc
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def demo(out: str, model: str, threads: str, quick: bool, quiet: bool) -> None:
     """All three stages on the bundled digits: finetune, export (surgery), bench on the CPU."""
-    from ..bench.plot import plot
+    from ..bench.plot import plot, plot_available
     from ..bench.report import render_markdown
-    from ..bench.run import plot_available, run_bench
+    from ..bench.run import run_bench
     from ..console import BenchProgress, Progress, print_bench, print_report, print_surgery_report
     from ..demo import DemoPaths, bench_config, export_stage, finetune_config
     from ..finetune.pipeline import run_finetune

@@ -26,6 +26,7 @@ import onnx_ir as ir
 from onnx import numpy_helper
 
 from ..errors import ConfigError
+from .ops.base import drop_unused_constants
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ def lower_sparse_columns(
             cand = by_output[node.outputs[0].name]
             # New value names start with the node's name; an output name is unique where node names are not.
             _replace(model.graph, node, cand, cand.name if names.count(cand.name) == 1 else cand.output)
-    _drop_unused_initializers(model.graph)
+    drop_unused_constants(model.graph)
     return LoweringResult(ir.serde.serialize_model(model), mode, tuple(decisions))
 
 
@@ -319,12 +320,6 @@ def _free_prefix(graph: ir.Graph, base: str) -> str:
         k += 1
         prefix = f"{base}.{k}"
     return prefix
-
-
-def _drop_unused_initializers(graph: ir.Graph) -> None:
-    for name, value in list(graph.initializers.items()):
-        if not value.uses() and not value.is_graph_output():
-            del graph.initializers[name]
 
 
 def _single_op_model(cand: _Candidate, opset: int, ir_version: int, lowered: bool) -> bytes:

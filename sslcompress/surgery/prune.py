@@ -21,6 +21,7 @@ from ..errors import SurgeryError
 from .channels import ZERO, Channels, analyze
 from .coupling import Coupling, couple
 from .ops import rule_for
+from .ops.base import drop_unused_constants
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def prune_dead_channels(proto: onnx.ModelProto) -> PruneResult:
                  for node in list(model.graph)]
         for node, keep_in, keep_out in plans:
             changed += _rewrite(model.graph, node, keep_in, keep_out)
-        _drop_unused_initializers(model.graph)
+        drop_unused_constants(model.graph)
     out = ir.serde.serialize_model(model)
     # Shapes of every intermediate tensor changed: drop them and infer again.
     del out.graph.value_info[:]
@@ -129,13 +130,3 @@ def _rewrite(graph: ir.Graph, node: ir.Node, keep_in: list[np.ndarray | None],
     if rule is None:  # cannot happen: a node without a rule pins all its channels
         raise AssertionError(f"{node.op_type} {node.name} lost channels but has no rule")
     return int(rule.rewrite(graph, node, keep_in, keep_out))
-
-
-def _drop_unused_initializers(graph: ir.Graph) -> None:
-    """Constants the rewrite replaced by sliced copies: initializers and Constant nodes."""
-    for name, value in list(graph.initializers.items()):
-        if not value.uses() and not value.is_graph_output():
-            del graph.initializers[name]
-    for node in list(graph):
-        if node.op_type == "Constant" and all(not v.uses() and not v.is_graph_output() for v in node.outputs):
-            graph.remove(node, safe=True)

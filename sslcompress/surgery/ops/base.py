@@ -201,6 +201,16 @@ def set_const(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> 
     node.replace_input_with(index, value)
 
 
+def drop_unused_constants(graph: ir.Graph) -> None:
+    """Initializers and Constant nodes a rewrite left without readers."""
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and not value.is_graph_output():
+            del graph.initializers[name]
+    for node in list(graph):
+        if node.op_type == "Constant" and all(not v.uses() and not v.is_graph_output() for v in node.outputs):
+            graph.remove(node, safe=True)
+
+
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     name = unique_name(graph, name)
     array = np.ascontiguousarray(array)
