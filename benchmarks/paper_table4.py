@@ -46,7 +46,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -58,24 +57,19 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # run from a checkout without installing the package
 
 from sslcompress.bench import layers as L  # noqa: E402
+from sslcompress.bench.paper import cpus  # noqa: E402
+from sslcompress.io import atomic_write_bytes  # noqa: E402
 
 PAPER_COL = {"cpu": "cpu", "cuda": "gpu"}
 CUDA_MODES = {"graph": "CUDA graphs (GPU time of the kernels, no launch overhead)",
               "eager": "eager (wall time per call from Python, launch overhead included)"}
 
 
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def parse_threads(text: str) -> list[int]:
     out: list[int] = []
     for part in text.split(","):
         part = part.strip().lower()
-        n = _cpus() if part == "all" else int(part)
+        n = cpus() if part == "all" else int(part)
         if n < 1:
             raise ValueError(f"thread count must be at least 1: {part}")
         if n not in out:
@@ -183,21 +177,6 @@ def render(result: dict, meta: dict) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "cuda", "all"), default="cpu",
@@ -241,13 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     def say(msg: str) -> None:
         print(msg, flush=True)
 
-    say(f"torch {torch.__version__}, cpus {_cpus()}, scipy {'yes' if L.scipy_available() else 'no'},"
+    say(f"torch {torch.__version__}, cpus {cpus()}, scipy {'yes' if L.scipy_available() else 'no'},"
         f" shapes {args.shapes}, batch {args.batch}, repeat {args.repeat}, threads {args.threads}")
     for device in devices:
         load0 = os.getloadavg()
         t0 = time.perf_counter()
         result = run_device(device, args, say)
-        machine = f"{platform.machine()} {_cpus()} cpus" + (
+        machine = f"{platform.machine()} {cpus()} cpus" + (
             f", {torch.cuda.get_device_name()}" if device == "cuda" else "")
         notes = [
             f"Shapes `{args.shapes}`: " + ("torchvision AlexNet (224x224, no groups: each layer is one GEMM, the"
@@ -276,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 "sample_time": args.sample_time, "notes": notes}
         doc = {"benchmark": "paper_table4", "quick": q, **meta, "args": {k: v for k, v in vars(args).items()},
                "env": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-                       "platform": platform.platform(), "cpus": _cpus(), "scipy": L.scipy_available(),
+                       "platform": platform.platform(), "cpus": cpus(), "scipy": L.scipy_available(),
                        "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
                        "load_average_start": list(load0), "load_average_end": list(os.getloadavg()),
                        "wall_s": time.perf_counter() - t0},
@@ -284,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                          "means": {c: L.paper_mean(c) for c in ("cpu_l1", "cpu_ssl", "gpu_l1", "gpu_ssl")}},
                **result}
         md = render(result, meta)
-        write_atomic(out / f"paper_table4_{device}.json", json.dumps(doc, indent=1) + "\n")
-        write_atomic(out / f"paper_table4_{device}.md", md)
+        atomic_write_bytes((json.dumps(doc, indent=1) + "\n").encode(), out / f"paper_table4_{device}.json")
+        atomic_write_bytes(md.encode(), out / f"paper_table4_{device}.md")
         say("")
         say(md)
         say(f"wrote {out / f'paper_table4_{device}.json'} and .md")

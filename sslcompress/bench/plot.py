@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 
 from ..errors import SSLCompressError
+from ..io import atomic_write_bytes
 from . import layers as L
 from .report import short_name
 from .results import BenchResult
@@ -98,18 +98,9 @@ def plot(result: BenchResult, path: str | Path) -> None:
             ax.set_title(f"Table 4, AlexNet: {run.threads} thread(s), CPU")
             ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    buffer = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=110, format="png")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        fig.savefig(buffer, dpi=110, format="png")
     finally:
         plt.close(fig)
+    atomic_write_bytes(buffer.getvalue(), path)
