@@ -14,6 +14,7 @@ import onnx
 import onnx_ir as ir
 
 from .channels import ZERO, analyze
+from .ops.base import drop_unused_constants
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,4 @@ def _remove_dead_nodes(graph: ir.Graph) -> None:
             if all(not v.uses() and v.name not in outputs for v in node.outputs):
                 graph.remove(node, safe=True)
                 changed = True
-    for name, value in list(graph.initializers.items()):
-        if not value.uses():
-            del graph.initializers[name]
+    drop_unused_constants(graph)
