@@ -8,23 +8,24 @@ import sys
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
+from sslcompress import runtime
 from sslcompress.bench import layers as L
-from sslcompress.bench import sessions
 from sslcompress.bench.config import BenchConfig
 from sslcompress.bench.report import render_markdown
 from sslcompress.bench.results import BenchResult
 from sslcompress.bench.run import run_bench
-from sslcompress.bench.timing import MIN_ROUNDS, bootstrap_ratio, interleaved, timings
 from sslcompress.bench.variants import build_variants, keep_largest, layer_nonzeros, magnitude_match
 from sslcompress.cli import main
 from sslcompress.errors import ConfigError
 from sslcompress.finetune.checkpoint import Checkpoint, save_checkpoint
 from sslcompress.models import ModelSpec, build_model
+from sslcompress.runtime.timing import MIN_ROUNDS, bootstrap_ratio, interleaved, timings
 
 FAST = ["--threads", "1", "--batch", "1", "--repeat", "2", "--warmup", "0", "-q"]
 
@@ -178,15 +179,15 @@ def test_interleaved_rotates_and_honours_min_time():
 
 
 def test_session_settings():
-    so = sessions.session_options(2, pin=True)
+    so = runtime.session_options(2, pin=True)
     assert so.intra_op_num_threads == 2 and so.inter_op_num_threads == 1
     assert so.get_session_config_entry("session.force_spinning_stop") == "1"
-    where = sessions.placement(2)
+    where = runtime.placement(2)
     if where is not None:  # two CPUs or more: the one worker on the second, ids 1-based for ORT
         assert so.get_session_config_entry("session.intra_op_thread_affinities") == str(where[1][0] + 1)
-    assert sessions.placement(10_000) is None
+    assert runtime.placement(10_000) is None
     with pytest.raises(RuntimeError):  # ORT raises for an entry that was never set
-        sessions.session_options(1, pin=True).get_session_config_entry("session.intra_op_thread_affinities")
+        runtime.session_options(1, pin=True).get_session_config_entry("session.intra_op_thread_affinities")
 
 
 # ---------------------------------------------------------------- JSON and Markdown
@@ -299,7 +300,7 @@ def test_cuda_request_without_onnxruntime_gpu(run_dir):
 
 
 def test_cuda_provider_listed_but_no_gpu(run_dir, monkeypatch):
-    monkeypatch.setattr(sessions.ort, "get_available_providers",
+    monkeypatch.setattr(ort, "get_available_providers",
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     res = CliRunner().invoke(main, ["bench", str(run_dir), "--provider", "cuda", *FAST])
     line = _one_line_error(res)
@@ -469,7 +470,7 @@ def test_a_model_without_zeros_says_so(run_dir, tmp_path):
 def test_oversubscribed_threads_are_not_called_pinned(result):
     from sslcompress.bench import run as run_mod
 
-    many = len(sessions.usable_cpus()) + 1
+    many = len(runtime.usable_cpus()) + 1
     notes = run_mod._notes(BenchConfig(target="x", threads=(many,)), build_variants(None,
                            dense=result.variant("dense").path, structured=result.variant("structured").path),
                            {v.name: v for v in result.variants})

@@ -22,7 +22,6 @@ reaches all of it.
 
 from __future__ import annotations
 
-import gc
 import math
 import statistics
 import time
@@ -58,6 +57,7 @@ from sslcompress.bench.table4 import (  # noqa: F401  (re-exported)
     table4_layers,
 )
 from sslcompress.errors import ConfigError, SSLCompressError
+from sslcompress.runtime.timing import rounds
 
 DENSE, CSR, SCIPY_CSR, COMPACT = "dense", "csr", "scipy_csr", "compact"
 CONTENDERS = (DENSE, CSR, SCIPY_CSR, COMPACT)
@@ -379,20 +379,8 @@ def _time_layer(layer: LayerGemm, names: Sequence[str], dev: torch.device, gen: 
         _check(layer, ops)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     plan = {c: _calibrate(op, warmup, sample_time, sync, graphs and dev.type == "cuda") for c, op in ops.items()}
-    samples: dict[str, list[float]] = {c: [] for c in names}
-    gc_was = gc.isenabled()
-    gc.disable()
-    try:
-        start, r = time.perf_counter(), 0
-        while r < repeat or time.perf_counter() - start < min_time:
-            k = r % len(names)  # rotate the order so that each contender takes each slot
-            for c in (*names[k:], *names[:k]):
-                fn, calls, reps, _ = plan[c]
-                samples[c].append(_timed(fn, reps, sync) / calls)
-            r += 1
-    finally:
-        if gc_was:
-            gc.enable()
+    samplers = {c: (lambda p=plan[c]: _timed(p[0], p[2], sync) / p[1]) for c in names}
+    samples = rounds(samplers, min_rounds=repeat, min_time=min_time)  # rotating order: each takes each slot
     dense = samples[DENSE]
     timings = tuple(
         ContenderTiming(c, *ops[c].dims, ops[c].nnz, plan[c][1] * plan[c][2], tuple(samples[c]),

@@ -86,12 +86,13 @@ def _probe(path: str, shape: tuple[int, ...], threads: int, runs: int) -> dict[s
 
     import numpy as np
 
-    from .sessions import make_session, runner
+    from ..runtime.binding import runner
+    from ..runtime.sessions import create_session
 
     x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
     hwm = _reset_peak() and _status_kib("VmHWM") is not None
     baseline = (_status_kib("VmRSS") or 0) * 1024
-    sess = make_session(path, "cpu", threads)
+    sess = create_session(path, threads=threads)
     run = runner(sess, x, "cpu")
     for _ in range(runs):
         run()

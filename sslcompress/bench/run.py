@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from ..runtime.providers import PROVIDERS, check_provider, probe_cuda
+from ..runtime.sessions import SESSION_CONFIG
+from ..runtime.timing import CI_LEVEL, Timing, interleaved, timings
 from .config import DEFAULT_BATCHES, BenchConfig
 from .results import UNSTRUCTURED_NOTE, BenchResult, VariantInfo
-from .sessions import PROVIDERS, SESSION_CONFIG, check_provider, probe_cuda
-from .timing import CI_LEVEL, Timing, interleaved, timings
 from .variants import VariantSet, build_variants, input_shape, layer_nonzeros, nonzero_weights
 
 
@@ -149,14 +150,14 @@ def _bench_models(config: BenchConfig, emit: Listener, tmp: Path
         emit(BenchEvent("memory", "peak memory", 3, 3))
 
     if images is not None:
+        from ..runtime.sessions import create_session
         from .accuracy import common_images, top1
-        from .sessions import make_session
 
         # One set of images for all: a static batch B scores whole batches only, so all take the same count.
         images = common_images(images, [input_shape(v.model)[0] for v in variants])
         for i, v in enumerate(variants):
             emit(BenchEvent("accuracy", f"top-1 of {v.name} on {len(images.x)} {images.name} images", i, 3))
-            correct, n = top1(make_session(files[v.name], "cpu", max(config.threads)), images,
+            correct, n = top1(create_session(files[v.name], threads=max(config.threads)), images,
                               input_shape(v.model)[0])
             infos[v.name] = replace(infos[v.name], accuracy=correct / n, accuracy_images=n)
         emit(BenchEvent("accuracy", "top-1", 3, 3))
@@ -195,10 +196,13 @@ def _time(config: BenchConfig, files: dict[str, Path], shape: tuple[int | None, 
 def _time_sessions(config: BenchConfig, files: dict[str, Path], provider: str, threads: int,
                    inputs: dict[int, np.ndarray], plan: list[tuple[str, int, int]], emit: Listener) -> list[Timing]:
     """One session per variant at this (provider, threads), timed at every batch; they end with this call."""
-    from .sessions import calling_thread_on, make_session, placement, runner
+    from ..runtime.binding import runner
+    from ..runtime.pinning import calling_thread_on, placement
+    from ..runtime.sessions import create_session
 
     where = placement(threads) if config.pin and provider == "cpu" else None
-    sessions = {name: make_session(path, provider, threads, pin=where is not None) for name, path in files.items()}
+    sessions = {name: create_session(path, provider=provider, threads=threads, pin=where is not None)
+                for name, path in files.items()}
     out: list[Timing] = []
     for batch, x in inputs.items():
         step = plan.index((provider, threads, batch))
@@ -252,7 +256,7 @@ def _thread_warnings(rows: list) -> list[str]:
 
 
 def _notes(config: BenchConfig, variants: VariantSet, infos: dict[str, VariantInfo]) -> list[str]:
-    from .sessions import placement, usable_cpus
+    from ..runtime.pinning import placement, usable_cpus
 
     spin = ", ".join(f"{k}={v}" for k, v in SESSION_CONFIG.items())
     unpinned = [t for t in dict.fromkeys(config.threads) if placement(t) is None]

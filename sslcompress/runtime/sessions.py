@@ -10,7 +10,7 @@ The settings that matter (measured in shared/reference/ort-cpu-facts.md):
   idle ones spin. ``session.force_spinning_stop=1`` keeps spinning while a Run lasts and stops it when Run
   returns, so sessions timed in turn in one process do not disturb each other;
 - placement (optional, the bench's default): each session's workers pinned to the CPUs that
-  `placement.placement` names (`session.intra_op_thread_affinities`).
+  `pinning.placement` names (`session.intra_op_thread_affinities`).
 
 This module imports only onnxruntime and the package's errors (never onnx: a ModelProto is recognised by
 its SerializeToString), so the memory probe (`sslcompress.bench.memory`) measures a process that holds
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import onnxruntime as ort
 
 from ..errors import ConfigError, UnsupportedModelError
-from .placement import placement
+from .pinning import placement
 from .providers import check_provider, gpu_error
 
 if TYPE_CHECKING:

@@ -1,0 +1,57 @@
+"""One callable per (session, input) that runs one synchronous inference: what a timing sample calls.
+
+CUDA: the input is copied to the device once and bound with I/O binding, the output is bound on the device
+too (no copy back per call), and each call ends with a synchronisation of the outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Io:
+    """The model's single input and first output."""
+
+    input: str
+    output: str
+    shape: tuple[int | None, ...]  # None for a symbolic dimension
+
+
+def io_of(sess: ort.InferenceSession) -> Io:
+    inputs = sess.get_inputs()
+    if len(inputs) != 1:
+        raise ConfigError(f"the bench times models with one input; this one has {len(inputs)}")
+    shape = tuple(d if isinstance(d, int) and d > 0 else None for d in inputs[0].shape)
+    return Io(inputs[0].name, sess.get_outputs()[0].name, shape)
+
+
+def runner(sess: ort.InferenceSession, x: np.ndarray, provider: str) -> Callable[[], None]:
+    """One synchronous inference on input x per call, its first output kept where the provider put it."""
+    io = io_of(sess)
+    if provider == "cpu":
+        feed = {io.input: x}
+        outputs = [io.output]
+
+        def run_cpu() -> None:
+            sess.run(outputs, feed)
+
+        return run_cpu
+    binding = sess.io_binding()
+    x_dev = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)  # copied to the GPU once, outside the timing
+    binding.bind_ortvalue_input(io.input, x_dev)
+    binding.bind_output(io.output, "cuda")
+    binding.synchronize_inputs()
+
+    def run_cuda() -> None:
+        sess.run_with_iobinding(binding)
+        binding.synchronize_outputs()  # the call is over when its outputs are ready on the device
+
+    run_cuda.keep_alive = (x_dev, binding)  # type: ignore[attr-defined]
+    return run_cuda
