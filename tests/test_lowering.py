@@ -15,8 +15,10 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from sslcompress.errors import ConfigError
+from sslcompress.runtime.providers import ProviderUnavailableError
+from sslcompress.surgery import lowering
 from sslcompress.surgery.export import export_onnx
-from sslcompress.surgery.lowering import find_candidates, lower_sparse_columns
+from sslcompress.surgery.lowering import find_candidates, lower_sparse_columns, lower_sparse_columns_ir
 from sslcompress.surgery.verify import compare
 
 
@@ -141,7 +143,7 @@ def test_convs_without_zero_columns_are_never_candidates():
     auto_pad.graph.node[0].attribute.append(helper.make_attribute("auto_pad", "SAME_UPPER"))
     for proto in (dense, depthwise, auto_pad):
         assert find_candidates(proto) == []
-        for mode in ("on", "auto"):
+        for mode in ("on", "auto", "predict"):
             res = lower_sparse_columns(proto, mode)
             assert res.model is proto and res.decisions == ()
 
@@ -169,9 +171,9 @@ def test_cuda_without_its_provider_and_bad_modes(monkeypatch):
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     proto = _conv_model(_random_keep((4, 3, 3), 0.5))
-    with pytest.raises(ConfigError, match=r"pip install sslcompress\[gpu\]"):
+    with pytest.raises(ProviderUnavailableError, match=r"pip install sslcompress\[gpu\]"):
         lower_sparse_columns(proto, "auto", provider="cuda")
-    with pytest.raises(ConfigError, match="auto, off, on"):
+    with pytest.raises(ConfigError, match="off, on, predict, auto"):
         lower_sparse_columns(proto, "sometimes")
     with pytest.raises(ConfigError, match="cpu, cuda"):
         lower_sparse_columns(proto, "on", provider="tpu")
@@ -188,7 +190,9 @@ def test_compress_reports_lowering_and_verifies():
     (row,) = res.report["layers"]
     assert row["op"] == "Conv" and row["macs_after"] == d["macs"][1] > 0
     assert res.report["totals"]["macs_after"] == d["macs"][1]
-    assert compress(proto, shape_lowering="off").report["shape_lowering"] == {"mode": "off", "convs": []}
+    assert res.report["shape_lowering"]["plan"] == [["t", True]]
+    off = compress(proto, shape_lowering="off").report["shape_lowering"]
+    assert off == {"mode": "off", "threshold": None, "plan": [], "convs": []}
 
 
 def test_cli_surgery_shape_lowering_on(tmp_path):
@@ -230,3 +234,150 @@ def test_property_lowering_is_exact(case):
         assert res.model is proto and res.decisions == ()
         return
     _assert_lowered_and_exact(proto, res)
+
+
+# ---------------------------------------------------------------- deterministic modes and plans
+def _two_convs(sparse_a: float = 0.9, sparse_b: float = 0.5) -> onnx.ModelProto:
+    """conv a (sparse_a zero columns) -> Relu -> conv b (sparse_b zero columns), static shapes."""
+    rng = np.random.default_rng(3)
+    wa = rng.standard_normal((8, 6, 3, 3)).astype(np.float32) * _random_keep((6, 3, 3), sparse_a, seed=4)
+    wb = rng.standard_normal((5, 8, 3, 3)).astype(np.float32) * _random_keep((8, 3, 3), sparse_b, seed=5)
+    nodes = [helper.make_node("Conv", ["x", "Wa"], ["a"], name="conv_a", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "Wb"], ["y"], name="conv_b", kernel_shape=[3, 3])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 10, 10])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 8, 8])
+    graph = helper.make_graph(nodes, "g", [x], [y], [numpy_helper.from_array(wa, "Wa"),
+                                                      numpy_helper.from_array(wb, "Wb")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_predict_is_the_default_and_lowers_exactly_the_candidates_over_the_threshold():
+    proto = _two_convs()
+    sparsity = {c.output: c.sparsity for c in find_candidates(proto)}
+    assert sparsity["a"] >= 0.75 > sparsity["y"] >= 0.2
+    res = lower_sparse_columns(proto)
+    assert res.mode == "predict" and res.threshold == 0.75
+    assert res.plan == (("a", True), ("y", False))
+    assert [n.name for n in res.model.graph.node if n.op_type in ("Conv", "MatMul")] == ["conv_a", "conv_b"]
+    assert _ops(res.model).count("MatMul") == 1 and _ops(res.model).count("Conv") == 1
+    again = lower_sparse_columns(proto, "predict")
+    assert again.model.SerializeToString() == res.model.SerializeToString()
+    assert compare(proto, res.model).passed
+    low = lower_sparse_columns(proto, "predict", threshold=0.2)
+    assert low.plan == (("a", True), ("y", True)) and "Conv" not in _ops(low.model)
+    high = lower_sparse_columns(proto, "predict", threshold=1.0)
+    assert high.plan == (("a", False), ("y", False)) and high.model is proto
+    report = res.report()
+    assert report["plan"] == [["a", True], ["y", False]] and json.loads(json.dumps(report)) == report
+    for bad in (0.0, 1.5, "high", True):
+        with pytest.raises(ConfigError, match="threshold"):
+            lower_sparse_columns(proto, "predict", threshold=bad)
+
+
+def test_auto_plan_replayed_gives_the_same_model(monkeypatch):
+    proto = _two_convs()
+    # Decisions as a busy machine might make them: the sparser conv measured slower, the other faster.
+    ratios = {"a": 1.1, "y": 0.5}
+
+    def fake(cand, *a, **k):
+        return lowering.CandidateTiming(1.0, ratios[cand.output], 5)
+
+    monkeypatch.setattr(lowering, "time_candidate", fake)
+    auto = lower_sparse_columns(proto, "auto")
+    assert auto.plan == (("a", False), ("y", True))
+    monkeypatch.setattr(lowering, "time_candidate", lambda *a, **k: pytest.fail("a plan is not timed"))
+    report = json.loads(json.dumps(auto.report()))
+    for plan in (report, report["plan"], dict(auto.plan), {"shape_lowering": report}):
+        replay = lower_sparse_columns(proto, plan=plan)
+        assert replay.mode == "plan" and replay.plan == auto.plan
+        assert replay.model.SerializeToString() == auto.model.SerializeToString()
+    # Given in place of the mode too: what compress passes on from the CLI's --lowering-plan.
+    assert lower_sparse_columns(proto, report).model.SerializeToString() == auto.model.SerializeToString()
+    assert compare(proto, auto.model).passed
+
+
+def test_a_real_auto_plan_replays_to_the_same_bytes():
+    proto = _two_convs()
+    auto = lower_sparse_columns(proto, "auto", per_conv_s=0.002)
+    timed = [d for d in auto.decisions if d.dense_ms is not None]
+    assert timed and all(d.lowered_ms > 0 for d in timed)
+    replay = lower_sparse_columns(proto, plan=auto.report())
+    assert replay.plan == auto.plan
+    assert replay.model.SerializeToString() == auto.model.SerializeToString()
+
+
+def test_bad_plans_are_one_clear_config_error():
+    proto = _two_convs()
+    with pytest.raises(ConfigError, match="does not have"):
+        lower_sparse_columns(proto, plan={"nowhere": True})
+    dense = _conv_model(np.ones((4, 3, 3), bool))  # its conv output "t" has no zero columns
+    with pytest.raises(ConfigError, match="no longer a candidate"):
+        lower_sparse_columns(dense, plan={"t": True})
+    with pytest.raises(ConfigError, match="not both"):
+        lower_sparse_columns(proto, "auto", plan={"a": True})
+    for bad in ({"a": "yes"}, [["a"]], 3, {"shape_lowering": {"mode": "auto"}}, [["a", True], ["a", False]]):
+        with pytest.raises(ConfigError):
+            lower_sparse_columns(proto, plan=bad)
+    # A candidate the plan does not name stays dense.
+    assert lower_sparse_columns(proto, plan={"a": True}).plan == (("a", True), ("y", False))
+
+
+def test_read_plan(tmp_path):
+    proto = _two_convs()
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps({"shape_lowering": lower_sparse_columns(proto, "on").report()}))
+    assert lowering.read_plan(path) == {"a": True, "y": True}
+    with pytest.raises(ConfigError, match="does not exist"):
+        lowering.read_plan(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not a readable JSON"):
+        lowering.read_plan(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(ConfigError, match="shape_lowering"):
+        lowering.read_plan(tmp_path / "other.json")
+
+
+# ---------------------------------------------------------------- on an onnx_ir model, in place
+def test_ir_model_is_lowered_in_place():
+    import onnx_ir as ir
+
+    proto = _two_convs()
+    model = ir.serde.deserialize_model(proto)
+    res = lower_sparse_columns_ir(model, "on")
+    assert res.model is model and res.plan == (("a", True), ("y", True))
+    assert [n.op_type for n in model.graph].count("MatMul") == 2
+    out = ir.serde.serialize_model(model)
+    assert out.SerializeToString() == lower_sparse_columns(proto, "on").model.SerializeToString()
+    assert compare(proto, out).passed
+
+
+def test_ir_model_without_shapes_gets_them_inferred():
+    import onnx_ir as ir
+
+    proto = _two_convs()
+    model = ir.serde.deserialize_model(proto)
+    relu_out = next(n for n in model.graph if n.op_type == "Relu").outputs[0]
+    relu_out.shape = None  # conv_b's input: its shape must be inferred
+    assert [c.output for c in find_candidates(model)] == ["a", "y"]
+    assert relu_out.shape is not None and list(relu_out.shape) == [1, 8, 10, 10]
+
+
+def test_cli_replays_a_plan(tmp_path):
+    from sslcompress.cli import main
+
+    src, out, rep = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(_two_convs(), src)
+    res = CliRunner().invoke(main, ["surgery", str(src), "-o", str(out), "--report", str(rep)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(rep.read_text())["shape_lowering"]
+    assert report["mode"] == "predict" and report["plan"] == [["a", True], ["y", False]]
+    first = out.read_bytes()
+    res = CliRunner().invoke(main, ["surgery", str(src), "-o", str(out), "--lowering-plan", str(rep), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["shape_lowering"]["plan"] == report["plan"] and out.read_bytes() == first
+    res = CliRunner().invoke(main, ["surgery", str(src), "-o", str(out), "--lowering-plan", str(rep),
+                                    "--shape-lowering", "on"])
+    assert res.exit_code == 2 and "not both" in res.output
+    res = CliRunner().invoke(main, ["surgery", str(src), "-o", str(out), "--lowering-plan", str(tmp_path / "no")])
+    assert res.exit_code == 2 and "does not exist" in res.output

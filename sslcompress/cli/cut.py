@@ -20,9 +20,15 @@ def _surgery_options(f):
         click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
                      help="Also write the report as JSON here."),
         click.option("--force", is_flag=True, help="Write the compact model even if verification fails."),
-        click.option("--shape-lowering", type=click.Choice(["auto", "off", "on"]), default="auto", show_default=True,
-                     help="Rewrite convs with irregular zero weight columns as im2col of the kept columns + "
-                          "MatMul: auto where it times faster in ONNX Runtime (CPU, 1 thread), on always, off never."),
+        click.option("--shape-lowering", type=click.Choice(["off", "on", "predict", "auto"]), default=None,
+                     help="Rewrite convs with irregular zero weight columns as im2col of the kept columns + MatMul: "
+                          "predict (default) where at least 75% of the columns are zero, on always, off never, auto "
+                          "where it times faster in ONNX Runtime (CPU, 1 thread; depends on the machine's load, so "
+                          "the report keeps the decisions as a plan)."),
+        click.option("--lowering-plan", "lowering_plan", default=None, type=click.Path(dir_okay=False),
+                     metavar="REPORT.json",
+                     help="Replay the shape lowering decisions of an earlier surgery report (its --report file: "
+                          "\"shape_lowering\" -> \"plan\"), without timing anything."),
         click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables."),
     ]
     for opt in reversed(opts):
@@ -66,6 +72,18 @@ def _write_compact(result, out: str, report_path: str | None, force: bool, as_js
         click.echo(f"compact model: {out}")
 
 
+def _lowering(shape_lowering: str | None, plan_path: str | None):
+    """What compress's shape_lowering takes: a mode name, or the plan read from an earlier report."""
+    from ..errors import ConfigError
+    from ..surgery.lowering import DEFAULT_MODE, read_plan
+
+    if plan_path is None:
+        return shape_lowering or DEFAULT_MODE
+    if shape_lowering is not None:
+        raise ConfigError("give --shape-lowering or --lowering-plan, not both: a plan replays decisions already made")
+    return read_plan(plan_path)
+
+
 def _real_inputs(proto, data: str | None, limit: int):
     from ..surgery.inputs import real_inputs
 
@@ -78,13 +96,14 @@ def _real_inputs(proto, data: str | None, limit: int):
               help="Where the compact ONNX model goes.")
 @_surgery_options
 def surgery(model: str, out: str, data: str | None, data_limit: int, report_path: str | None, force: bool,
-            shape_lowering: str, as_json: bool) -> None:
+            shape_lowering: str | None, lowering_plan: str | None, as_json: bool) -> None:
     """Delete exactly-zero channels from any ONNX model, verified against it in ONNX Runtime."""
     from ..surgery.compress import compress
     from ..surgery.export import load_onnx
 
+    lowering = _lowering(shape_lowering, lowering_plan)
     proto = load_onnx(model)
-    result = compress(proto, inputs=_real_inputs(proto, data, data_limit), shape_lowering=shape_lowering)
+    result = compress(proto, inputs=_real_inputs(proto, data, data_limit), shape_lowering=lowering)
     _write_compact(result, out, report_path, force, as_json, {"data": data} if data else None)
 
 
@@ -130,8 +149,8 @@ def _check_runs(model, shape: tuple[int, ...], given: str) -> None:
               help="Export for inputs of this shape instead of the checkpoint's (e.g. 3,64,64).")
 @_surgery_options
 def export(checkpoint: str, out: str, uncut: str | None, opset: int, dynamic_batch: bool, input_shape: str | None,
-           data: str | None, data_limit: int, report_path: str | None, force: bool, shape_lowering: str,
-           as_json: bool) -> None:
+           data: str | None, data_limit: int, report_path: str | None, force: bool, shape_lowering: str | None,
+           lowering_plan: str | None, as_json: bool) -> None:
     """Export a checkpoint to ONNX (eval mode, onnxsim), delete its zero channels, verify."""
     from ..finetune.checkpoint import load_checkpoint
     from ..flops import count
@@ -139,6 +158,7 @@ def export(checkpoint: str, out: str, uncut: str | None, opset: int, dynamic_bat
     from ..surgery.export import export_onnx, save_onnx
 
     override = _parse_input_shape(input_shape) if input_shape is not None else None
+    lowering = _lowering(shape_lowering, lowering_plan)
     ckpt = load_checkpoint(checkpoint)
     model = ckpt.build()
     shape = (1, *override) if override else ckpt.model.input_shape
@@ -146,7 +166,7 @@ def export(checkpoint: str, out: str, uncut: str | None, opset: int, dynamic_bat
         _check_runs(model, shape, input_shape)
     exported = export_onnx(model, shape, opset=opset, dynamic_batch=dynamic_batch)
     result = compress(exported.model, inputs=_real_inputs(exported.model, data, data_limit),
-                      shape_lowering=shape_lowering)
+                      shape_lowering=lowering)
     # The checkpoint's own count of what its zero groups remove, beside what surgery removed.
     predicted = count(model, shape).macs_after
     extra = {"checkpoint": checkpoint, "input_shape": list(shape), "predicted_macs_after": predicted,

@@ -6,40 +6,58 @@ offset) multiplies its im2col row by nothing, so only kept rows need building: P
 per kernel offset a strided Slice of the padded input and a Gather of the channels kept there,
 Concat, and one MatMul with the compact (M, K) weight. This computes the same output exactly
 (the same products, summed in another order). ORT has no sparse Conv, so this is the only way
-irregular filter-shape sparsity can pay on a CPU, and it pays only at high sparsity
-(see shared/reference/ort-cpu-facts.md): ``auto`` therefore times each candidate and lowers it
-only where the lowered form is measurably faster.
+irregular filter-shape sparsity can pay on a CPU, and it pays only at high sparsity.
+
+Which candidates to lower is decided without looking at the clock unless asked to:
+
+- ``predict`` (the default): where the column sparsity is at least ``threshold`` (0.75). In
+  shared/reference/ort-cpu-facts.md the lowered form beat dense only above about 25% column
+  sparsity for 256 channels at 14x14, 41-57% for 64 channels at 56x56 and 74% on 2 threads at
+  batch 8 (and reached at most 0.45 of ideal at 90%); 75% is past all of those.
+- ``on`` / ``off``: every candidate / none.
+- ``auto``: time each candidate alone in ORT, once, and lower where it measured ``margin``
+  faster. The result then depends on the machine and its load, so it is recorded as a plan.
+- a plan: every mode records one (the candidates' output value names, each with lowered or not,
+  ``LoweringResult.plan`` and ``report()["plan"]``); ``plan=`` replays those decisions exactly,
+  without timing, so an ``auto`` measured once gives the same model every time after.
+
+The pass works on an ``onnx_ir`` model in place (``lower_sparse_columns_ir``); ``lower_sparse_columns``
+wraps it for an ``onnx.ModelProto``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import statistics
-import time
-from collections.abc import Callable
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx import numpy_helper
 
 from ..errors import ConfigError
 from .ops.base import drop_unused_constants
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "off", "on")
+MODES = ("off", "on", "predict", "auto")
+DEFAULT_MODE = "predict"
+PLAN = "plan"  # the mode a replayed plan reports
+DEFAULT_THRESHOLD = 0.75
 PROVIDERS = ("cpu", "cuda")
-_BIG = np.iinfo(np.int64).max
+
+Plan = Mapping[str, bool]  # conv output value name -> lowered, in the graph's order
 
 
 @dataclass(frozen=True)
 class LoweringDecision:
-    """One candidate Conv: lowered or not, and why. Times are best-of-runs ms, None unless measured."""
+    """One candidate Conv: lowered or not, and why. Times are best-of-samples ms, None unless measured."""
 
-    name: str
+    name: str  # the node's name, else its output's: what the report's layer rows call it
+    output: str  # the Conv's output value name: the plan's key
     lowered: bool
     column_sparsity: float  # zero columns / all columns of the lowered weight
     columns: tuple[int, int]  # (kept, total)
@@ -51,16 +69,23 @@ class LoweringDecision:
 
 @dataclass(frozen=True)
 class LoweringResult:
-    model: onnx.ModelProto
-    mode: str
+    model: onnx.ModelProto | ir.Model  # the type it was given; an ir.Model is the same object, changed in place
+    mode: str  # off, on, predict, auto or plan (a replayed plan)
     decisions: tuple[LoweringDecision, ...]
+    threshold: float | None = None  # predict's column sparsity threshold
 
     @property
     def lowered(self) -> tuple[str, ...]:
         return tuple(d.name for d in self.decisions if d.lowered)
 
+    @property
+    def plan(self) -> tuple[tuple[str, bool], ...]:
+        """(conv output value name, lowered) for every candidate: replayed by ``plan=``."""
+        return tuple((d.output, d.lowered) for d in self.decisions)
+
     def report(self) -> dict[str, Any]:
-        return {"mode": self.mode, "convs": [{**asdict(d), "columns": list(d.columns), "macs": list(d.macs)} for d in self.decisions]}
+        return {"mode": self.mode, "threshold": self.threshold, "plan": [list(p) for p in self.plan],
+                "convs": [{**asdict(d), "columns": list(d.columns), "macs": list(d.macs)} for d in self.decisions]}
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,10 +117,13 @@ class _Candidate:
         return 1.0 - float(self.keep.sum()) / self.keep.size
 
 
+# ---------------------------------------------------------------- entry points
 def lower_sparse_columns(
     proto: onnx.ModelProto,
-    mode: str = "auto",
+    mode: str | Plan | Sequence | None = None,
     *,
+    plan: Plan | Sequence | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
     provider: str = "cpu",
     threads: int = 1,
     margin: float = 0.2,
@@ -103,126 +131,269 @@ def lower_sparse_columns(
     per_conv_s: float = 0.03,
     budget_s: float = 2.0,
 ) -> LoweringResult:
-    """Lower candidate Convs (all with ``on``; those measured faster by ``margin`` with ``auto``).
+    """``lower_sparse_columns_ir`` on a ModelProto: the same proto back where nothing was lowered."""
+    model = ir.serde.deserialize_model(proto)
+    res = lower_sparse_columns_ir(model, mode, plan=plan, threshold=threshold, provider=provider, threads=threads,
+                                  margin=margin, min_sparsity=min_sparsity, per_conv_s=per_conv_s,
+                                  budget_s=budget_s)
+    out = ir.serde.serialize_model(model) if res.lowered else proto
+    return LoweringResult(out, res.mode, res.decisions, res.threshold)
 
-    ``auto`` times only candidates with at least ``min_sparsity`` zero columns (below that the
-    lowered form never won in our measurements), each for about ``per_conv_s`` after warm-up, and
-    leaves the rest dense once ``budget_s`` is spent. A model without candidates costs one scan
-    of its Conv weights. Each candidate is timed alone, so the dense Conv pays ORT's NCHWc layout
-    reorders that a chain of convs shares, and the lowered one not those it forces on its
-    neighbours: about 10% of a 3x3 conv's time each way in our measurements, hence the 20% margin.
+
+def lower_sparse_columns_ir(
+    model: ir.Model,
+    mode: str | Plan | Sequence | None = None,
+    *,
+    plan: Plan | Sequence | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    provider: str = "cpu",
+    threads: int = 1,
+    margin: float = 0.2,
+    min_sparsity: float = 0.2,
+    per_conv_s: float = 0.03,
+    budget_s: float = 2.0,
+) -> LoweringResult:
+    """Lower candidate Convs of ``model`` in place, as ``mode`` or a replayed ``plan`` decides.
+
+    ``mode``: off, on, predict (default: column sparsity >= ``threshold``) or auto; a plan may be given
+    as ``plan=`` or in place of the mode (a mapping of conv output names to lowered, a list of such
+    pairs, or a report holding one), never together with a mode. ``auto`` times only candidates with
+    at least ``min_sparsity`` zero columns, each for about ``per_conv_s`` after warm-up on ``provider``
+    with ``threads``, leaves the rest dense once ``budget_s`` is spent, and lowers where the lowered
+    form took at most ``1 - margin`` of the dense time. Each candidate is timed alone, so the dense Conv
+    pays ORT's NCHWc layout reorders that a chain of convs shares, and the lowered one not those it
+    forces on its neighbours: about 10% of a 3x3 conv's time each way in our measurements, hence 20%.
+    A model without candidates costs one scan of its Conv weights.
     """
-    if mode not in MODES:
-        raise ConfigError(f"Shape lowering mode must be one of {', '.join(MODES)}, got {mode!r}.")
+    if mode is not None and not isinstance(mode, str):
+        if plan is not None:
+            raise ConfigError("Give a shape lowering plan once, as the mode or as plan=, not both.")
+        mode, plan = None, mode
+    if plan is not None:
+        if mode not in (None, PLAN):
+            raise ConfigError(f"Give a shape lowering mode or a plan to replay, not both (mode {mode!r}).")
+        mode, wanted = PLAN, normalize_plan(plan)
+    else:
+        mode, wanted = mode or DEFAULT_MODE, {}
+        if mode not in MODES:
+            raise ConfigError(f"Shape lowering mode must be one of {', '.join(MODES)}, got {mode!r}.")
     if provider not in PROVIDERS:
         raise ConfigError(f"Shape lowering provider must be one of {', '.join(PROVIDERS)}, got {provider!r}.")
-    if provider == "cuda":
-        import onnxruntime as ort
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0.0 < threshold <= 1.0:
+        raise ConfigError(f"The shape lowering threshold is a column sparsity in (0, 1], got {threshold!r}.")
+    if mode == "auto":
+        from ..runtime.providers import check_provider
 
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise ConfigError("Shape lowering on cuda needs onnxruntime with the CUDAExecutionProvider, which this "
-                              "installation lacks; install it with `pip install sslcompress[gpu]`.")
+        check_provider(provider)
+    kept_threshold = float(threshold) if mode == "predict" else None
     if mode == "off":
-        return LoweringResult(proto, mode, ())
-    candidates = find_candidates(proto)
+        return LoweringResult(model, mode, ())
+    candidates = find_candidates(model) if model.graph is not None else []
+    if mode == PLAN:
+        _check_plan(model, candidates, wanted)
     if not candidates:
-        return LoweringResult(proto, mode, ())
+        return LoweringResult(model, mode, (), kept_threshold)
+    decisions = _decide(model, candidates, mode, wanted, threshold=float(threshold), provider=provider,
+                        threads=threads, margin=margin, min_sparsity=min_sparsity, per_conv_s=per_conv_s,
+                        budget_s=budget_s)
+    chosen = {c.output for c, d in zip(candidates, decisions, strict=True) if d.lowered}
+    if chosen:
+        _apply(model.graph, candidates, chosen)
+    return LoweringResult(model, mode, tuple(decisions), kept_threshold)
+
+
+# ---------------------------------------------------------------- plans
+def normalize_plan(plan: Any) -> dict[str, bool]:
+    """{conv output name: lowered} from a mapping, a list of pairs or {"output", "lowered"} entries, or a
+    report that holds a plan (a lowering report, or a surgery report with "shape_lowering")."""
+    if isinstance(plan, Mapping) and "shape_lowering" in plan:
+        plan = plan["shape_lowering"]
+        if not isinstance(plan, Mapping) or "plan" not in plan:
+            raise ConfigError("The report's \"shape_lowering\" holds no \"plan\" to replay (a report from an "
+                              "older sslcompress?); run the surgery again to make one.")
+    if isinstance(plan, Mapping) and "plan" in plan and not isinstance(plan.get("plan"), bool):
+        plan = plan["plan"]
+    pairs: list[tuple[Any, Any]] = []
+    if isinstance(plan, Mapping):
+        pairs = list(plan.items())
+    elif isinstance(plan, Sequence) and not isinstance(plan, str | bytes):
+        for entry in plan:
+            if isinstance(entry, Mapping) and {"output", "lowered"} <= set(entry):
+                pairs.append((entry["output"], entry["lowered"]))
+            elif isinstance(entry, Sequence) and not isinstance(entry, str | bytes) and len(entry) == 2:
+                pairs.append((entry[0], entry[1]))
+            else:
+                raise ConfigError(f"A shape lowering plan entry is a pair [conv output name, lowered], got {entry!r}.")
+    else:
+        raise ConfigError("A shape lowering plan is a mapping of conv output names to true/false, a list of such "
+                          f"pairs, or a report holding one, not a {type(plan).__name__}.")
+    out: dict[str, bool] = {}
+    for name, lowered in pairs:
+        if not isinstance(name, str) or not isinstance(lowered, bool):
+            raise ConfigError(f"A shape lowering plan entry is a pair [conv output name, true or false], got "
+                              f"[{name!r}, {lowered!r}].")
+        if name in out and out[name] != lowered:
+            raise ConfigError(f"The shape lowering plan names the conv output {name!r} twice, once lowered and once "
+                              "not.")
+        out[name] = lowered
+    return out
+
+
+def read_plan(path: str | Path) -> dict[str, bool]:
+    """The plan of an earlier surgery report (JSON: "shape_lowering" -> "plan"), or of a plan file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"The lowering plan file {path} does not exist.") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"The lowering plan file {path} is not a readable JSON report ({exc}).") from exc
+    if isinstance(data, Mapping) and "shape_lowering" not in data and "plan" not in data:
+        raise ConfigError(f"The lowering plan file {path} holds no \"shape_lowering\" -> \"plan\"; give the JSON "
+                          "report of an earlier surgery (--report).")
+    return normalize_plan(data)
+
+
+def _check_plan(model: ir.Model, candidates: list[_Candidate], wanted: dict[str, bool]) -> None:
+    names = {c.output for c in candidates}
+    for output in wanted:
+        if output in names:
+            continue
+        convs = {n.outputs[0].name for n in model.graph if n.op_type == "Conv" and n.outputs}
+        if output in convs:
+            raise ConfigError(f"The shape lowering plan names the conv output {output!r}, which is no longer a "
+                              "candidate for lowering (its weight has no irregular zero columns left, or its shapes "
+                              "changed); make the plan again on this model.")
+        raise ConfigError(f"The shape lowering plan names the conv output {output!r}, which this model does not have;"
+                          " was the plan made for another model?")
+
+
+def _decide(model: ir.Model, candidates: list[_Candidate], mode: str, wanted: dict[str, bool], *,
+            threshold: float, provider: str, threads: int, margin: float, min_sparsity: float, per_conv_s: float,
+            budget_s: float) -> list[LoweringDecision]:
+    import time
+
     decisions = []
     t_end = time.perf_counter() + budget_s
-    opset = _opset(proto)
+    opset = _opset(model)
     for cand in candidates:
         if mode == "on":
             decisions.append(_decision(cand, True, "mode on"))
+        elif mode == PLAN:
+            if cand.output in wanted:
+                decisions.append(_decision(cand, wanted[cand.output], "the plan"))
+            else:
+                decisions.append(_decision(cand, False, "not in the plan"))
+        elif mode == "predict":
+            above = cand.sparsity >= threshold
+            decisions.append(_decision(cand, above, f"{cand.sparsity:.0%} zero columns, "
+                                       f"{'at least' if above else 'under'} the {threshold:.0%} threshold"))
         elif cand.sparsity < min_sparsity:
             decisions.append(_decision(cand, False, f"under {min_sparsity:.0%} zero columns, not timed"))
         elif time.perf_counter() > t_end:
             decisions.append(_decision(cand, False, "time budget spent, not timed"))
         else:
-            t = time_candidate(cand, opset, proto.ir_version, provider=provider, threads=threads, seconds=per_conv_s)
+            t = time_candidate(cand, opset, model.ir_version, provider=provider, threads=threads, seconds=per_conv_s)
             decisions.append(_decision(cand, t.ratio <= 1.0 - margin,
-                                       f"{t.ratio:.2f}x the dense time, best of {t.pairs}",
+                                       f"{t.ratio:.2f}x the dense time, best of {t.samples}",
                                        t.dense_ms, t.lowered_ms))
-    chosen = {c.output for c, d in zip(candidates, decisions, strict=True) if d.lowered}
-    if not chosen:
-        return LoweringResult(proto, mode, tuple(decisions))
-    model = ir.serde.deserialize_model(proto)
-    by_output = {c.output: c for c in candidates}
-    names = [c.name for c in candidates]
-    for node in list(model.graph):
-        if node.op_type == "Conv" and node.outputs and node.outputs[0].name in chosen:
-            cand = by_output[node.outputs[0].name]
-            # New value names start with the node's name; an output name is unique where node names are not.
-            _replace(model.graph, node, cand, cand.name if names.count(cand.name) == 1 else cand.output)
-    drop_unused_constants(model.graph)
-    return LoweringResult(ir.serde.serialize_model(model), mode, tuple(decisions))
+    return decisions
 
 
 def _decision(cand: _Candidate, lowered: bool, reason: str, dense_ms: float | None = None,
               lowered_ms: float | None = None) -> LoweringDecision:
     columns = (int(cand.keep.sum()), int(cand.keep.size))
-    return LoweringDecision(cand.name, lowered, cand.sparsity, columns, cand.macs, dense_ms, lowered_ms, reason)
+    return LoweringDecision(cand.name, cand.output, lowered, cand.sparsity, columns, cand.macs, dense_ms,
+                            lowered_ms, reason)
 
 
-def find_candidates(proto: onnx.ModelProto) -> list[_Candidate]:
-    """Group-1 Convs with constant weights, static input shapes and some (not all) zero columns. An analysis.
+def _apply(graph: ir.Graph, candidates: list[_Candidate], chosen: set[str]) -> None:
+    by_output = {c.output: c for c in candidates}
+    names = [c.name for c in candidates]
+    for node in list(graph):
+        if node.op_type == "Conv" and node.outputs and node.outputs[0].name in chosen:
+            cand = by_output[node.outputs[0].name]
+            # New value names start with the node's name; an output name is unique where node names are not.
+            _replace(graph, node, cand, cand.name if names.count(cand.name) == 1 else cand.output)
+    drop_unused_constants(graph)
 
-    Weights are scanned on the raw proto; shape inference runs only if some weight qualifies.
+
+# ---------------------------------------------------------------- candidates (an analysis)
+def find_candidates(model: ir.Model | onnx.ModelProto) -> list[_Candidate]:
+    """Group-1 Convs with constant weights, static input shapes and some (not all) zero columns.
+
+    Shapes are read from the values; only where a qualifying Conv's input has none does shape
+    inference run (and then writes what it found onto the model's values).
     """
-    if _opset(proto) < 11:  # Pad with a pads input
+    if isinstance(model, onnx.ModelProto):
+        model = ir.serde.deserialize_model(model)
+    if _opset(model) < 11:  # Pad with a pads input
         return []
-    inits = {t.name: t for t in proto.graph.initializer}
     found = []
-    for node in proto.graph.node:
-        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+    for node in model.graph:
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
             continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("group", 1) != 1 or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        if node.inputs[0] is None or not node.outputs or not node.outputs[0].name:
             continue
-        w_t = inits.get(node.input[1])
-        b_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        if w_t is None or len(w_t.dims) != 4 or (b_name is not None and b_name not in inits):
+        group = node.attributes.get_int("group", 1)
+        auto_pad = node.attributes.get_string("auto_pad", "NOTSET")
+        if group != 1 or auto_pad != "NOTSET":
             continue
-        w = numpy_helper.to_array(w_t)
+        w = _constant(node.inputs[1])
+        b_value = node.inputs[2] if len(node.inputs) > 2 else None
+        bias = _constant(b_value) if b_value is not None else None
+        if w is None or w.ndim != 4 or (b_value is not None and bias is None):
+            continue
         keep = np.any(w != 0, axis=0)
         if keep.all() or not keep.any():
             continue
-        bias = numpy_helper.to_array(inits[b_name]).reshape(-1) if b_name else None
-        found.append((node, attrs, w, bias, keep))
+        found.append((node, w, None if bias is None else bias.reshape(-1), keep))
     if not found:
         return []
-    shapes = _shapes(proto)
+    if any(_static_shape(node.inputs[0]) is None or _static_shape(node.inputs[0])[1] != w.shape[1]
+           for node, w, *_ in found):
+        from onnx_ir.passes.common.shape_inference import ShapeInferencePass
+
+        ShapeInferencePass(strict_mode=False)(model)
     out = []
-    for node, attrs, w, bias, keep in found:
-        shape = shapes.get(node.input[0])
-        if shape is None or len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+    for node, w, bias, keep in found:
+        shape = _static_shape(node.inputs[0])
+        if shape is None or shape[1] != w.shape[1]:
             continue
-        if shape[1] != w.shape[1]:
-            continue
-        pads = tuple(attrs.get("pads", (0, 0, 0, 0)))
+        pads = tuple(node.attributes.get_ints("pads", (0, 0, 0, 0)))
         cand = _Candidate(
-            name=node.name or node.output[0], output=node.output[0], weight=w, bias=bias,
+            name=node.name or node.outputs[0].name, output=node.outputs[0].name, weight=w, bias=bias,
             pads=(pads[0], pads[1], pads[2], pads[3]),
-            strides=tuple(attrs.get("strides", (1, 1))), dilations=tuple(attrs.get("dilations", (1, 1))),
-            input_shape=(shape[0], shape[1], shape[2], shape[3]), keep=keep,
+            strides=tuple(node.attributes.get_ints("strides", (1, 1))),
+            dilations=tuple(node.attributes.get_ints("dilations", (1, 1))),
+            input_shape=shape, keep=keep,
         )
         if min(cand.out_hw) > 0:
             out.append(cand)
     return out
 
 
-def _opset(proto: onnx.ModelProto) -> int:
-    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+def _constant(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant array (an initializer or a Constant node's), None if it is not constant."""
+    if value is None or value.is_graph_input():
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
 
 
-def _shapes(proto: onnx.ModelProto) -> dict[str, list[int | str | None]]:
-    g = onnx.shape_inference.infer_shapes(proto).graph
-    out: dict[str, list[int | str | None]] = {}
-    for v in list(g.input) + list(g.value_info) + list(g.output):
-        if not v.type.tensor_type.HasField("shape"):
-            continue
-        out[v.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                       for d in v.type.tensor_type.shape.dim]
-    return out
+def _static_shape(value: ir.Value) -> tuple[int | str | None, int, int, int] | None:
+    """(batch, C, H, W) with C, H, W known; the batch may be symbolic."""
+    shape = value.shape
+    if shape is None or len(shape) != 4:
+        return None
+    dims = [d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else None) for d in shape]
+    if not all(isinstance(d, int) and d > 0 for d in dims[1:]):
+        return None
+    batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else (dims[0] if isinstance(dims[0], str) else None)
+    return batch, dims[1], dims[2], dims[3]
+
+
+def _opset(model: ir.Model) -> int:
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
 
 
 def _lowered_nodes(cand: _Candidate, x: ir.Value, base: str) -> tuple[list[ir.Node], list[ir.Value], ir.Value]:
@@ -347,13 +518,13 @@ def _single_op_model(cand: _Candidate, opset: int, ir_version: int, lowered: boo
 
 
 @dataclass(frozen=True)
-class Timing:
-    """Best of ``pairs`` runs each: on a loaded machine the median of a few runs swung 0.3x-2.8x
-    between repeats of one measurement, the best times' ratio stayed within about +-0.05."""
+class CandidateTiming:
+    """Best of ``samples`` interleaved samples each: on a loaded machine the median of a few runs swung
+    0.3x-2.8x between repeats of one measurement, the best times' ratio stayed within about +-0.05."""
 
     dense_ms: float
     lowered_ms: float
-    pairs: int
+    samples: int
 
     @property
     def ratio(self) -> float:
@@ -361,42 +532,23 @@ class Timing:
 
 
 def time_candidate(cand: _Candidate, opset: int, ir_version: int, *, provider: str = "cpu", threads: int = 1,
-                   seconds: float = 0.03, min_pairs: int = 5, max_pairs: int = 25) -> Timing:
-    """The dense Conv alone against its lowered subgraph alone, in adjacent runs of alternating order."""
+                   seconds: float = 0.03) -> CandidateTiming:
+    """The dense Conv alone against its lowered subgraph alone, in the runtime's interleaved rounds."""
+    from ..runtime.binding import runner
+    from ..runtime.sessions import create_session
+    from ..runtime.timing import interleaved
+
     shape = (1 if not isinstance(cand.input_shape[0], int) else cand.input_shape[0], *cand.input_shape[1:])
     x = np.random.default_rng(0).standard_normal(shape).astype(cand.weight.dtype)
-    runs = [_runner(_single_op_model(cand, opset, ir_version, lowered), x, provider, threads)
-            for lowered in (False, True)]
-    for run in runs:  # warm-up: allocations, weight packing
-        run()
-    times: list[list[float]] = [[], []]
-    t_end = time.perf_counter() + seconds
-    for r in range(max_pairs):
-        for k in ((0, 1) if r % 2 == 0 else (1, 0)):
-            t = time.perf_counter()
-            runs[k]()
-            times[k].append(time.perf_counter() - t)
-        if r + 1 >= min_pairs and time.perf_counter() > t_end:
-            break
-    timing = Timing(1e3 * min(times[0]), 1e3 * min(times[1]), len(times[0]))
-    log.debug("%s: %s, medians %.3f and %.3f ms", cand.name, timing, 1e3 * statistics.median(times[0]),
-              1e3 * statistics.median(times[1]))
+    runs = {}
+    for name, lowered in (("dense", False), ("lowered", True)):
+        session = create_session(_single_op_model(cand, opset, ir_version, lowered), provider=provider,
+                                 threads=threads)
+        runs[name] = runner(session, x, provider)
+    # Samples of single calls (grouped only below 0.1 ms), at least 5 rounds and on for `seconds`.
+    raw = interleaved(runs, repeat=None, min_time=seconds, warmup=2, sample_time=1e-4)
+    (_, dense), (_, low) = raw["dense"], raw["lowered"]
+    timing = CandidateTiming(1e3 * min(dense), 1e3 * min(low), len(dense))
+    log.debug("%s: %s, medians %.3f and %.3f ms", cand.name, timing, 1e3 * float(np.median(dense)),
+              1e3 * float(np.median(low)))
     return timing
-
-
-def _runner(model: bytes, x: np.ndarray, provider: str, threads: int) -> Callable[[], Any]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    if provider == "cpu":
-        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-        feed = {"x": x}
-        return lambda: session.run(None, feed)
-    session = ort.InferenceSession(model, options, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-    binding = session.io_binding()  # input and output stay on the GPU: time the op, not the copies
-    binding.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
-    binding.bind_output("y", "cuda")
-    return lambda: session.run_with_iobinding(binding)
