@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -270,8 +271,6 @@ def _check_plan(model: ir.Model, candidates: list[_Candidate], wanted: dict[str,
 def _decide(model: ir.Model, candidates: list[_Candidate], mode: str, wanted: dict[str, bool], *,
             threshold: float, provider: str, threads: int, margin: float, min_sparsity: float, per_conv_s: float,
             budget_s: float) -> list[LoweringDecision]:
-    import time
-
     decisions = []
     t_end = time.perf_counter() + budget_s
     opset = _opset(model)
