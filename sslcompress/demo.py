@@ -63,7 +63,7 @@ def finetune_config(paths: DemoPaths, model: str = "lenet5", quick: bool = False
     return build_config(FinetuneConfig, None, overrides)
 
 
-def export_stage(paths: DemoPaths, shape_lowering: str = "auto"):
+def export_stage(paths: DemoPaths, shape_lowering: str = "predict"):
     """Export the sparse checkpoint, cut it and write the uncut and the compact model and the report."""
     from .finetune.checkpoint import load_checkpoint
     from .io import atomic_write_json

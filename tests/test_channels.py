@@ -32,7 +32,7 @@ def _all_values(proto: onnx.ModelProto, inputs: np.ndarray) -> dict[str, np.ndar
 
 
 def _check_against_ort(proto: onnx.ModelProto, shape: tuple[int, ...]) -> dict[str, int]:
-    states = analyze(ir.serde.deserialize_model(proto))
+    states = {v.name: ch for v, ch in analyze(ir.serde.deserialize_model(proto)).items()}
     x = np.random.default_rng(0).normal(size=(3, *shape[1:])).astype(np.float32) * 3
     values = _all_values(proto, x)
     counts = {"zero": 0, "constant": 0}
@@ -60,7 +60,7 @@ def test_lenet_zero_filters_and_constant_channels():
     model.conv1.bias[6:9] = 0.25
     model.fc1.weight[:40] = 0
     proto = export_onnx(model, (1, 1, 28, 28), dynamic_batch=True).model
-    states = analyze(ir.serde.deserialize_model(proto))
+    states = {v.name: ch for v, ch in analyze(ir.serde.deserialize_model(proto)).items()}
     conv1_out = next(n.outputs[0].name for n in ir.serde.deserialize_model(proto).graph if n.op_type == "Conv")
     ch = states[conv1_out]
     assert list(ch.state[3:6]) == [ZERO] * 3 and list(ch.state[6:9]) == [CONSTANT] * 3
@@ -96,7 +96,7 @@ def test_unknown_op_is_a_wall():
     g = onnx.helper.make_graph(nodes, "g", [x], [y], [w])
     proto = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)])
     proto = onnx.shape_inference.infer_shapes(proto)
-    states = analyze(ir.serde.deserialize_model(proto))
+    states = {v.name: ch for v, ch in analyze(ir.serde.deserialize_model(proto)).items()}
     assert list(states["c"].state) == [ZERO, ZERO]
     assert list(states["y"].state) == [LIVE, LIVE]  # Softsign has no handler: nothing is assumed
 

@@ -74,10 +74,13 @@ def test_a_tensor_read_inside_an_if_body_keeps_its_channels():
                              [numpy_helper.from_array(np.array([2], np.int64), "idx")])
     tail = _w(2, 6, 1, 1)
     tail[:, 1:3] = 0
+    # A condition computed at run time, so the If stays an If (a constant one would be inlined).
     nodes = [helper.make_node("Conv", ["x", "a"], ["t"]),
+             helper.make_node("ReduceMax", ["x"], ["m"], keepdims=0),
+             helper.make_node("Greater", ["m", "low"], ["cond"]),
              helper.make_node("If", ["cond"], ["y1"], then_branch=body, else_branch=body),
              helper.make_node("Conv", ["t", "tw"], ["y0"])]
-    proto = _model(nodes, {"a": _zero_filters(6, 3, 1, [1]), "cond": np.array(True), "tw": tail},
+    proto = _model(nodes, {"a": _zero_filters(6, 3, 1, [1]), "low": np.array(-1e30, np.float32), "tw": tail},
                    (2, 3, 6, 6), [(2, 2, 6, 6), (2, 1, 6, 6)])
     res = _exact(proto)
     assert _dims(res.model)["a"] == [6, 3, 1, 1]

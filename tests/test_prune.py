@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 import torch
 from torch import nn
@@ -11,6 +14,7 @@ from torch import nn
 from sslcompress.flops import count
 from sslcompress.models import ModelSpec, build_model
 from sslcompress.surgery.export import export_onnx
+from sslcompress.surgery.prepare import InferShapesPass
 from sslcompress.surgery.prune import prune_dead_channels
 from sslcompress.surgery.verify import verify_or_raise
 
@@ -31,9 +35,32 @@ def _onnx_macs(proto: onnx.ModelProto) -> int:
     return total
 
 
+@dataclass(frozen=True)
+class _Pruned:
+    model: onnx.ModelProto
+    channels_removed: int
+    tensors_changed: int
+
+
+def _run_pass(fn, proto: onnx.ModelProto):
+    """One surgery pass on a copy of ``proto``: (the model it leaves, its result)."""
+    model = ir.serde.deserialize_model(proto)
+    res = fn(model)
+    InferShapesPass()(model)
+    return ir.serde.serialize_model(model), res
+
+
+def _prune(proto: onnx.ModelProto) -> _Pruned:
+    """The prune pass alone on a copy of ``proto``, shapes inferred afresh."""
+    model = ir.serde.deserialize_model(proto)
+    res = prune_dead_channels(model)
+    InferShapesPass()(model)
+    return _Pruned(ir.serde.serialize_model(model), res.channels_removed, res.tensors_changed)
+
+
 def _prune_and_check(model: nn.Module, shape):
     proto = export_onnx(model, shape, dynamic_batch=True).model
-    res = prune_dead_channels(proto)
+    res = _prune(proto)
     verify_or_raise(proto, res.model)
     onnx.checker.check_model(res.model, full_check=True)
     return proto, res
@@ -174,9 +201,9 @@ def test_kernel_shrink_with_padding_and_stride():
     m.layer2[0].conv1.weight[:, :, 2, :] = 0  # stride 2
     m.layer2[0].conv1.weight[:, :, :, 0] = 0
     proto = export_onnx(m, (1, 3, 32, 32), dynamic_batch=True).model
-    res = shrink_kernels(proto)
-    verify_or_raise(proto, res.model)
-    onnx.checker.check_model(res.model, full_check=True)
+    shrunk, res = _run_pass(shrink_kernels, proto)
+    verify_or_raise(proto, shrunk)
+    onnx.checker.check_model(shrunk, full_check=True)
     assert res.shrunk == {"/layer1/layer1.0/conv1/Conv": ((3, 3), (1, 3)),
                           "/layer2/layer2.0/conv1/Conv": ((3, 3), (2, 2))}
 
@@ -210,9 +237,9 @@ def test_padded_consumers_get_a_constant_map():
         m.layer1[0].bn1.weight[:4] = 0
         m.layer1[0].bn1.bias[:4] = 0.7  # constant after ReLU, but conv2 pads with zeros
     proto = export_onnx(m, (1, 3, 16, 16), dynamic_batch=True).model
-    fold = fold_constant_channels(proto)
+    folded, fold = _run_pass(fold_constant_channels, proto)
     assert fold.channels_folded == 4 and len(fold.bias_maps) == 1
-    verify_or_raise(proto, fold.model)
+    verify_or_raise(proto, folded)
     res = compress(proto, shape_lowering="off")
     assert res.verification.passed and res.report["constant_maps_added"]
     conv2 = {lay["name"]: lay for lay in res.report["layers"]}
@@ -237,7 +264,7 @@ def test_constant_map_needs_static_spatial_shapes():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, "h", "w"])], inits)
     proto = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     with pytest.raises(UnsupportedModelError, match="static spatial"):
-        fold_constant_channels(proto)
+        fold_constant_channels(ir.serde.deserialize_model(proto))
 
 
 def test_a_foreign_model_written_with_onnx_helper():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 import torch
 from click.testing import CliRunner
@@ -13,8 +13,7 @@ from click.testing import CliRunner
 from sslcompress.cli import main
 from sslcompress.finetune.checkpoint import Checkpoint, save_checkpoint
 from sslcompress.models import ModelSpec, build_model
-from sslcompress.surgery import compress as compress_mod
-from sslcompress.surgery.prune import PruneResult
+from sslcompress.surgery import passes as surgery_passes
 
 
 @pytest.fixture()
@@ -62,19 +61,17 @@ def test_surgery_on_an_onnx_file(sparse_ckpt, tmp_path):
 
 
 def test_failed_verification_writes_nothing_unless_forced(sparse_ckpt, tmp_path, monkeypatch):
-    real = compress_mod.prune_dead_channels
+    real = surgery_passes.prune_dead_channels
 
-    def broken(proto):
-        res = real(proto)
-        m = onnx.ModelProto()
-        m.CopyFrom(res.model)
-        bias = next(i for i in m.graph.initializer if i.name == "fc2.bias")
-        arr = onnx.numpy_helper.to_array(bias).copy()
+    def broken(model):
+        res = real(model)
+        bias = model.graph.initializers["fc2.bias"]
+        arr = bias.const_value.numpy().copy()
         arr[0] += 10.0
-        bias.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), "fc2.bias"))
-        return PruneResult(m, res.channels_removed, res.tensors_changed)
+        bias.const_value = ir.tensor(arr, name="fc2.bias")
+        return res
 
-    monkeypatch.setattr(compress_mod, "prune_dead_channels", broken)
+    monkeypatch.setattr(surgery_passes, "prune_dead_channels", broken)
     out = tmp_path / "c.onnx"
     res = CliRunner().invoke(main, ["export", str(sparse_ckpt), "--onnx", str(out)])
     line = _one_line_error(res)

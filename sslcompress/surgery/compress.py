@@ -9,18 +9,16 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from ..errors import SurgeryError
-from .depth import remove_zero_branches
 from .diverge import Divergence, first_diverging_node
 from .export import load_onnx
-from .features import select_features
-from .fold import fold_constant_channels
 from .inputs import random_batches
-from .kernels import shrink_kernels
-from .lowering import lower_sparse_columns
-from .measure import layers, parameters
-from .prune import prune_dead_channels
+from .lowering import lower_sparse_columns_ir
+from .measure import OnnxLayer, layers_of, parameters_of
+from .passes import Surgery
+from .prepare import InferShapesPass
 from .verify import VerifyResult, compare
 
 
@@ -32,67 +30,71 @@ class CompressResult:
 
 
 def compress(model: onnx.ModelProto | str | Path, *, inputs: list[np.ndarray] | None = None,
-             rtol_of_max: float = 1e-4, shape_lowering: str = "auto") -> CompressResult:
-    """The compact model and its report; `verification.passed` says whether it may be written."""
+             rtol_of_max: float = 1e-4, shape_lowering: str = "predict",
+             lowering_plan: Any = None) -> CompressResult:
+    """The compact model and its report; `verification.passed` says whether it may be written.
+
+    The model is read into onnx_ir once, every pass changes it in place (passes.py), and it is
+    written out once. ``shape_lowering`` is off, on, predict (the default: deterministic) or auto
+    (measured on this machine; its decisions are in the report's plan), and ``lowering_plan``
+    replays the plan of an earlier report.
+    """
     t0 = time.perf_counter()
     proto = load_onnx(model) if isinstance(model, (str, Path)) else model
-    # Branches first: a zero branch's inner tensors are wholly dead, which channel pruning leaves be.
-    depth = remove_zero_branches(_with_shapes(proto))
-    fold = fold_constant_channels(depth.model)
-    pruned = prune_dead_channels(fold.model)
-    features = select_features(pruned.model)
-    shrunk = shrink_kernels(features.model)
-    # Last: it times the convs as they will run.
-    lowered = lower_sparse_columns(shrunk.model, shape_lowering)
-    compact = finish(lowered.model)
-    t_surgery = time.perf_counter() - t0
-    # Random batches (of the real inputs' shape where the model's is dynamic), then the real ones.
+    # What verification will feed, settled before any pass: a model it cannot run is refused first.
     real_batches = list(inputs or [])
     random = random_batches(proto, real_batches)
+    work = ir.serde.deserialize_model(proto)
+    surgery = Surgery()
+    surgery.prepare(work)
+    before, params_before = layers_of(work), parameters_of(work)
+    surgery.cut(work)
+    # Last: it reads the convs as they will run.
+    lowered = lower_sparse_columns_ir(work, None if lowering_plan is not None else shape_lowering, plan=lowering_plan)
+    if lowered.lowered:
+        InferShapesPass()(work)
+    after, params_after = layers_of(work), parameters_of(work)
+    compact = finish(ir.serde.serialize_model(work))
+    t_surgery = time.perf_counter() - t0
+    # Random batches (of the real inputs' shape where the model's is dynamic), then the real ones.
     check = compare(proto, compact, random + real_batches, n_random=0, rtol_of_max=rtol_of_max)
     real = compare(proto, compact, real_batches, n_random=0, rtol_of_max=rtol_of_max) if real_batches else None
     diverging = None if check.passed else first_diverging_node(
         proto, compact, random[:2] + real_batches[:2], rtol_of_max=rtol_of_max)
-    report = build_report(proto, compact, check, channels_removed=pruned.channels_removed,
+    pruned, depth, fold = surgery.prune.result, surgery.depth.result, surgery.fold.result
+    report = build_report(before, after, check, params=(params_before, params_after),
+                          nodes=(len(proto.graph.node), len(compact.graph.node)),
+                          size=(proto.ByteSize(), compact.ByteSize()),
+                          channels_removed=pruned.channels_removed,
                           seconds={"surgery": t_surgery, "total": time.perf_counter() - t0},
                           real=real, real_images=sum(len(x) for x in real_batches), diverging=diverging)
     report["blocks_removed"] = list(depth.branches_removed)
     report["constant_channels_folded"] = fold.channels_folded
     report["constant_maps_added"] = list(fold.bias_maps)
     report["blocked_by"] = dict(sorted(pruned.blocked.items(), key=lambda kv: -kv[1]))
-    report["features_selected"] = {k: list(v) for k, v in features.selected.items()}
-    report["kernels_shrunk"] = {k: [list(a), list(b)] for k, (a, b) in shrunk.shrunk.items()}
+    report["zeros_kept"] = dict(pruned.zeros_kept)
+    report["features_selected"] = {k: list(v) for k, v in surgery.features.result.selected.items()}
+    report["kernels_shrunk"] = {k: [list(a), list(b)] for k, (a, b) in surgery.kernels.result.shrunk.items()}
     report["shape_lowering"] = lowered.report()
     return CompressResult(compact, report, check)
 
 
-def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with inferred shapes: the channel analysis reads channel counts from them."""
-    try:
-        return onnx.shape_inference.infer_shapes(model)
-    except (onnx.shape_inference.InferenceError, RuntimeError):
-        return model  # what cannot be inferred stays unknown, and unknown channels stay
-
-
 def finish(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shapes inferred afresh and the full checker: a pass that wrote an invalid graph is a bug."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.value_info[:]
+    """The full checker (strict shape inference included): a pass that wrote an invalid graph is a bug."""
     try:
-        out = onnx.shape_inference.infer_shapes(out, strict_mode=True, data_prop=True)
-        onnx.checker.check_model(out, full_check=True)
+        onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise SurgeryError(f"The surgery produced an invalid model ({exc}); please report this model.") from exc
-    return out
+    return model
 
 
-def build_report(before: onnx.ModelProto, after: onnx.ModelProto, check: VerifyResult, *,
+def build_report(before: list[OnnxLayer], after: list[OnnxLayer], check: VerifyResult, *,
+                 params: tuple[int, int], nodes: tuple[int, int], size: tuple[int, int],
                  channels_removed: int, seconds: dict[str, float], real: VerifyResult | None = None,
                  real_images: int = 0, diverging: Divergence | None = None) -> dict[str, Any]:
-    la = {lay.name: lay for lay in layers(after)}
+    la = {lay.name: lay for lay in after}
     rows = []
-    for lb in layers(before):
+    for lb in before:
         a = la.get(lb.name)
         rows.append({"name": lb.name, "op": lb.op, "weight": list(lb.weight_shape),
                      "weight_after": list(a.weight_shape) if a else None,
@@ -103,9 +105,9 @@ def build_report(before: onnx.ModelProto, after: onnx.ModelProto, check: VerifyR
         "layers": rows,
         "totals": {
             "macs": macs, "macs_after": macs_after, "macs_fraction": macs_after / macs if macs else 1.0,
-            "params": parameters(before), "params_after": parameters(after),
-            "nodes": len(before.graph.node), "nodes_after": len(after.graph.node),
-            "bytes": before.ByteSize(), "bytes_after": after.ByteSize(),
+            "params": params[0], "params_after": params[1],
+            "nodes": nodes[0], "nodes_after": nodes[1],
+            "bytes": size[0], "bytes_after": size[1],
             "channels_removed": channels_removed,
         },
         "verification": {"max_abs": check.max_abs, "max_ref": check.max_ref, "rel": check.rel,

@@ -1,11 +1,12 @@
-"""Channel coupling of an ONNX graph: which channels of which tensors are one and the same.
+"""Channel coupling of an ONNX graph: which channels of which values are one and the same.
 
 Every channel gets an id; the op rules (ops/) say which output channels are which input
 channels. Elementwise ops merge the ids of their operands, since a channel can only be deleted
 from all of them at once; Concat stacks ids, Split and Slice select them, Flatten repeats each
-id over its spatial positions; Conv, Gemm and MatMul write fresh ids. An op whose rule cannot
-read the node is a wall: what it reads and writes is pinned, with the reason, as are the graph's
-inputs and outputs.
+id over its spatial positions, Transpose carries them to another axis; Conv, Gemm and MatMul
+write fresh ids. A node whose rule declines is a wall: what it reads and writes is pinned, with
+the rule's reason, as are the graph's inputs and outputs, and a value read on another axis than
+the one its channels run on.
 """
 
 from __future__ import annotations
@@ -14,62 +15,80 @@ import numpy as np
 import onnx_ir as ir
 
 from ..channel_ids import ChannelIds
-from .ops import channel_count, rule_for
+from .axes import reads_on_its_axis
+from .ops import channel_axis, channel_count, rule_for
+from .ops.base import Decline, const_tensor
 
 
 class Coupling(ChannelIds):
-    """Channel ids of every value with a channel axis (value name -> id per position of axis 1)."""
+    """Channel ids of every value with a channel axis (value -> id per position of that axis)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.ids: dict[str, list[int]] = {}
-        self.walls: set[ir.Node] = set()  # nodes whose channels are all pinned
+        self.ids: dict[ir.Value, list[int]] = {}
+        self.walls: dict[ir.Node, str] = {}  # nodes whose channels are all pinned -> why
 
-    def roots_of(self, name: str) -> np.ndarray:
-        return np.array([self.root(i) for i in self.ids[name]], dtype=np.int64)
+    def roots_of(self, value: ir.Value) -> np.ndarray:
+        return np.array([self.root(i) for i in self.ids[value]], dtype=np.int64)
+
+    def ids_of(self, value: ir.Value) -> list[int] | None:
+        return self.ids.get(value)
 
 
 def couple(model: ir.Model) -> Coupling:
+    """Ids for every value; call after the layout analysis (``analyze`` runs it)."""
     c = Coupling()
     for v in model.graph.inputs:
         n = channel_count(v)
         if n is not None:
-            c.ids[v.name] = c.fresh(n, pinned="graph input")
+            c.ids[v] = c.fresh(n, pinned="graph input")
 
     for node in model.graph:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             continue  # its output is a constant operand, read by the rules as such
-        ins = [c.ids.get(v.name) if v is not None else None for v in node.inputs]
         rule = rule_for(node)
+        fits = reads_on_its_axis(rule, node)
+        ins: list[list[int] | None] = []
+        for v, ok in zip(node.inputs, fits, strict=True):
+            ids = c.ids.get(v) if v is not None else None
+            if ids is not None and not ok:
+                c.pin(ids, f"{node.op_type} {node.name} (reads channels on another axis than "
+                           f"axis {channel_axis(v)}, where they run)")
+                ids = None
+            ins.append(ids)
         outs = rule.couple(node, ins, c) if rule is not None and node.outputs else None
-        if outs is not None:
+        if outs is not None and not isinstance(outs, Decline):
             for v, ids in zip(node.outputs, outs, strict=False):
                 n = channel_count(v)
                 if n is not None:
-                    c.ids[v.name] = ids if ids is not None and len(ids) == n else c.fresh(n, pinned=_wall(node))
+                    c.ids[v] = ids if ids is not None and len(ids) == n else c.fresh(n, pinned=_wall(node))
             continue
-        why = _wall(node)
-        c.walls.add(node)
+        why = _wall(node, outs)
+        c.walls[node] = why
         for ids in ins:
             if ids is not None:
                 c.pin(ids, why)
         for v in node.outputs:
             n = channel_count(v)
             if n is not None:
-                c.ids[v.name] = c.fresh(n, pinned=why)
+                c.ids[v] = c.fresh(n, pinned=why)
     for v in model.graph.outputs:
-        if v.name in c.ids:
-            c.pin(c.ids[v.name], "graph output")
-    for name, node in _read_by_subgraphs(model.graph).items():
-        if name in c.ids:
-            c.pin(c.ids[name], f"{node.op_type} {node.name} (read inside its subgraph)")
+        if v in c.ids:
+            c.pin(c.ids[v], "graph output")
+    for v, node in _read_by_subgraphs(model.graph).items():
+        if v in c.ids:
+            c.pin(c.ids[v], f"{node.op_type} {node.name} (read inside its subgraph)")
     return c
 
 
-def _read_by_subgraphs(graph: ir.Graph) -> dict[str, ir.Node]:
-    """Values of this graph that the body of an If, Loop or Scan reads by name (outer scope), with the
+def _read_by_subgraphs(graph: ir.Graph) -> dict[ir.Value, ir.Node]:
+    """Values of this graph that the body of an If, Loop or Scan reads from the outer scope, with the
     node whose body reads them: such a read is no input of any node here, so only a pin keeps it."""
-    found: dict[str, ir.Node] = {}
+    by_name = {v.name: v for v in graph.inputs}
+    for node in graph:
+        for v in node.outputs:
+            by_name[v.name] = v
+    found: dict[ir.Value, ir.Node] = {}
     for node in graph:
         for attr in node.attributes.values():
             if attr.type == ir.AttributeType.GRAPH:
@@ -81,13 +100,19 @@ def _read_by_subgraphs(graph: ir.Graph) -> dict[str, ir.Node]:
             for body in bodies:
                 for inner in ir.traversal.RecursiveGraphIterator(body):
                     for v in inner.inputs:
-                        if v is not None and v.graph is not None and v.graph is graph:
-                            found.setdefault(v.name, node)
-                        elif v is not None and v.graph is None and v.producer() is None:
-                            found.setdefault(v.name, node)  # an outer value as seen from the body
+                        if v is None:
+                            continue
+                        if v.graph is graph:
+                            found.setdefault(v, node)
+                        elif v.graph is None and v.producer() is None and const_tensor(v) is None \
+                                and v.name in by_name:
+                            found.setdefault(by_name[v.name], node)  # an outer value as seen from the body
     return found
 
 
-def _wall(node: ir.Node) -> str:
-    known = rule_for(node) is not None
-    return f"{node.op_type} {node.name}" + ("" if known else " (no rule for this op)")
+def _wall(node: ir.Node, answer: Decline | None = None) -> str:
+    if rule_for(node) is None:
+        return f"{node.op_type} {node.name} (no rule for this op)"
+    if isinstance(answer, Decline):
+        return f"{node.op_type} {node.name} ({answer.reason})"
+    return f"{node.op_type} {node.name}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from .channels import ZERO, analyze
@@ -19,7 +18,6 @@ from .ops.base import drop_unused_constants
 
 @dataclass(frozen=True)
 class DepthResult:
-    model: onnx.ModelProto
     branches_removed: tuple[str, ...]  # names of the Add nodes bypassed
     nodes_removed: int
 
@@ -28,21 +26,20 @@ def _same_shape(a: ir.Value, b: ir.Value) -> bool:
     return a.shape is not None and b.shape is not None and list(a.shape) == list(b.shape)
 
 
-def remove_zero_branches(proto: onnx.ModelProto) -> DepthResult:
-    model = ir.serde.deserialize_model(proto)
+def remove_zero_branches(model: ir.Model) -> DepthResult:
+    """Bypass the Adds whose one operand is ZERO throughout, in place."""
     states = analyze(model)
-    graph_outputs = {v.name for v in model.graph.outputs}
     removed: list[str] = []
     n_before = len(list(model.graph))
     for node in list(model.graph):
         if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
             continue
         out = node.outputs[0]
-        if out.name in graph_outputs:
+        if out.is_graph_output():
             continue
         for zero_side in (0, 1):
             z, keep = node.inputs[zero_side], node.inputs[1 - zero_side]
-            ch = states.get(z.name) if z is not None else None
+            ch = states.get(z) if z is not None else None
             if ch is None or not np.all(ch.state == ZERO) or not _same_shape(z, out) or not _same_shape(keep, out):
                 continue
             out.replace_all_uses_with(keep)
@@ -50,17 +47,15 @@ def remove_zero_branches(proto: onnx.ModelProto) -> DepthResult:
             removed.append(node.name or out.name)
             break
     _remove_dead_nodes(model.graph)
-    result = ir.serde.serialize_model(model)
-    return DepthResult(result, tuple(removed), n_before - len(list(model.graph)))
+    return DepthResult(tuple(removed), n_before - len(list(model.graph)))
 
 
 def _remove_dead_nodes(graph: ir.Graph) -> None:
-    outputs = {v.name for v in graph.outputs}
     changed = True
     while changed:
         changed = False
         for node in reversed(list(graph)):
-            if all(not v.uses() and v.name not in outputs for v in node.outputs):
+            if all(not v.uses() and not v.is_graph_output() for v in node.outputs):
                 graph.remove(node, safe=True)
                 changed = True
     drop_unused_constants(graph)

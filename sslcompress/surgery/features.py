@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from .ops.base import add_initializer, attr_value, const_tensor, input_or_none, rank_of, set_const
@@ -18,12 +17,11 @@ from .ops.base import add_initializer, attr_value, const_tensor, input_or_none, 
 
 @dataclass(frozen=True)
 class FeatureResult:
-    model: onnx.ModelProto
     selected: dict[str, tuple[int, int]]  # layer -> (features before, features read now)
 
 
-def select_features(proto: onnx.ModelProto) -> FeatureResult:
-    model = ir.serde.deserialize_model(proto)
+def select_features(model: ir.Model) -> FeatureResult:
+    """Gather the used features in front of each such layer, in place."""
     selected: dict[str, tuple[int, int]] = {}
     for node in list(model.graph):
         weight = _weight_in_out(node)
@@ -46,7 +44,7 @@ def select_features(proto: onnx.ModelProto) -> FeatureResult:
         transposed = node.op_type == "Gemm" and attr_value(node, "transB", 0)
         set_const(model.graph, node, 1, w[:, kept] if transposed else w[kept])
         selected[name] = (len(used), len(kept))
-    return FeatureResult(ir.serde.serialize_model(model), selected)
+    return FeatureResult(selected)
 
 
 def _weight_in_out(node: ir.Node) -> np.ndarray | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import torch
 
@@ -33,13 +32,12 @@ from .ops.layers import conv_is_padded
 
 @dataclass(frozen=True)
 class FoldResult:
-    model: onnx.ModelProto
     channels_folded: int  # (layer, channel) pairs folded
     bias_maps: tuple[str, ...]  # convs that got a constant map added after them
 
 
-def fold_constant_channels(proto: onnx.ModelProto) -> FoldResult:
-    model = ir.serde.deserialize_model(proto)
+def fold_constant_channels(model: ir.Model) -> FoldResult:
+    """Fold constant channels into the layers that read them, in place."""
     states = analyze(model)
     coupling = couple(model)
     folded = 0
@@ -47,25 +45,25 @@ def fold_constant_channels(proto: onnx.ModelProto) -> FoldResult:
     for node in list(model.graph):
         if node.domain not in ("", "ai.onnx") or not node.inputs or node.inputs[0] is None:
             continue
-        ch = states.get(node.inputs[0].name)
+        ch = states.get(node.inputs[0])
         w = const_array(input_or_none(node, 1))
         if ch is None or w is None or not np.any(ch.state == CONSTANT):
             continue
         if node.op_type == "Conv":
-            n, with_map = _fold_conv(model.graph, node, w, ch, _pinned(coupling, node.inputs[0].name))
+            n, with_map = _fold_conv(model.graph, node, w, ch, _pinned(coupling, node.inputs[0]))
             folded += n
             if with_map:
                 maps.append(node.name or node.outputs[0].name)
         elif node.op_type == "Gemm":
             folded += _fold_gemm(model.graph, node, w, ch)
-    return FoldResult(ir.serde.serialize_model(model), folded, tuple(maps))
+    return FoldResult(folded, tuple(maps))
 
 
-def _pinned(c: Coupling, name: str) -> np.ndarray | None:
+def _pinned(c: Coupling, value: ir.Value) -> np.ndarray | None:
     """Per channel of the value: pinned (it can never be deleted), where the coupling knows it."""
-    if name not in c.ids:
+    if value not in c.ids:
         return None
-    return np.isin(c.roots_of(name), list(c.pinned))
+    return np.isin(c.roots_of(value), list(c.pinned))
 
 
 def _fold_conv(graph: ir.Graph, node: ir.Node, w: np.ndarray, ch, pinned: np.ndarray | None) -> tuple[int, bool]:

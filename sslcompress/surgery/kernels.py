@@ -11,18 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 
 @dataclass(frozen=True)
 class ShrinkResult:
-    model: onnx.ModelProto
     shrunk: dict[str, tuple[tuple[int, int], tuple[int, int]]]  # node -> (kernel before, kernel after)
 
 
-def shrink_kernels(proto: onnx.ModelProto) -> ShrinkResult:
-    model = ir.serde.deserialize_model(proto)
+def shrink_kernels(model: ir.Model) -> ShrinkResult:
+    """Shrink the kernels of the model's Convs, in place."""
     shrunk = {}
     for node in list(model.graph):
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
@@ -64,7 +62,7 @@ def shrink_kernels(proto: onnx.ModelProto) -> ShrinkResult:
         node.attributes["kernel_shape"] = ir.AttrInt64s("kernel_shape", [r1 - r0, c1 - c0])
         node.attributes["pads"] = ir.AttrInt64s("pads", new_pads)
         shrunk[node.name or node.outputs[0].name] = ((w.shape[2], w.shape[3]), (r1 - r0, c1 - c0))
-    return ShrinkResult(ir.serde.serialize_model(model), shrunk)
+    return ShrinkResult(shrunk)
 
 
 _BIG = np.iinfo(np.int64).max

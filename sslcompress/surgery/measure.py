@@ -1,4 +1,9 @@
-"""MACs, parameters and per-layer shapes of an ONNX model: the numbers in a surgery report."""
+"""MACs, parameters and per-layer shapes of an ONNX model: the numbers in a surgery report.
+
+Read from an onnx_ir model whose shapes are inferred (the surgery's own, after its constants were
+folded, so a Pad built from shape arithmetic no longer hides the sizes behind it); a ModelProto is
+read the same way after shape inference.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx_ir as ir
+
+from .ops.base import const_tensor
 
 
 @dataclass(frozen=True)
@@ -16,58 +24,75 @@ class OnnxLayer:
     macs: int  # per sample
 
 
-def _shapes(proto: onnx.ModelProto) -> dict[str, list[int]]:
-    inferred = onnx.shape_inference.infer_shapes(proto)
-    g = inferred.graph
-    return {v.name: [d.dim_value if d.HasField("dim_value") else 1 for d in v.type.tensor_type.shape.dim]
-            for v in list(g.value_info) + list(g.output) + list(g.input)}
+def _dims(v: ir.Value | None) -> list[int]:
+    """Static sizes, 1 for each symbolic or unknown one (the batch: MACs are per sample)."""
+    if v is None or v.shape is None:
+        return []
+    return [d if isinstance(d, int) else 1 for d in v.shape]
 
 
-def layers(proto: onnx.ModelProto) -> list[OnnxLayer]:
+def _weight_shape(v: ir.Value | None) -> tuple[int, ...] | None:
+    if v is None:
+        return None
+    if v.const_value is not None:
+        return tuple(int(d) for d in v.const_value.shape)
+    c = const_tensor(v)
+    return None if c is None else tuple(c.shape)
+
+
+def layers_of(model: ir.Model) -> list[OnnxLayer]:
     """Conv, ConvTranspose, Gemm and MatMul nodes with constant weights, in graph order."""
-    shapes = _shapes(proto)
-    inits = _constant_shapes(proto)
     out = []
-    for node in proto.graph.node:
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.input) < 2:
+    for node in model.graph:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.inputs) < 2 \
+                or node.domain not in ("", "ai.onnx"):
             continue
-        w = inits.get(node.input[1])
-        lhs_weight = node.op_type == "MatMul" and w is None and node.input[0] in inits
+        w = _weight_shape(node.inputs[1])
+        lhs_weight = node.op_type == "MatMul" and w is None and _weight_shape(node.inputs[0]) is not None
         if lhs_weight:  # a lowered conv: MatMul(weight (M, K), columns (N, K, P))
-            w = inits[node.input[0]]
+            w = _weight_shape(node.inputs[0])
         if w is None:
             continue
         if node.op_type == "Conv":
-            y = shapes.get(node.output[0], [])
-            spatial = int(np.prod(y[2:])) if len(y) > 2 else 1
-            macs = int(np.prod(w)) * spatial
+            y = _dims(node.outputs[0])
+            macs = int(np.prod(w)) * (int(np.prod(y[2:])) if len(y) > 2 else 1)
         elif node.op_type == "ConvTranspose":
-            x = shapes.get(node.input[0], [])
+            x = _dims(node.inputs[0])
             macs = int(np.prod(w)) * (int(np.prod(x[2:])) if len(x) > 2 else 1)
         elif lhs_weight:
-            y = shapes.get(node.output[0], [])
+            y = _dims(node.outputs[0])
             macs = int(np.prod(w)) * (y[-1] if y else 1)
         else:
-            x = shapes.get(node.input[0], [])
-            rows = int(np.prod(x[1:-1])) if len(x) > 2 else 1
-            macs = int(np.prod(w)) * rows
-        out.append(OnnxLayer(node.name or node.output[0], node.op_type, w, macs))
+            x = _dims(node.inputs[0])
+            macs = int(np.prod(w)) * (int(np.prod(x[1:-1])) if len(x) > 2 else 1)
+        out.append(OnnxLayer(node.name or node.outputs[0].name, node.op_type, w, macs))
     return out
 
 
-def _constant_shapes(proto: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    """Shapes of the graph's constants: initializers and the tensors of Constant nodes."""
-    shapes = {i.name: tuple(i.dims) for i in proto.graph.initializer}
-    for node in proto.graph.node:
+def parameters_of(model: ir.Model) -> int:
+    """Elements of every constant tensor (weights, biases, shape constants)."""
+    total = sum(int(np.prod(v.const_value.shape)) for v in model.graph.initializers.values()
+                if v.const_value is not None)
+    for node in model.graph:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            for a in node.attribute:
-                if a.name == "value":
-                    shapes[node.output[0]] = tuple(a.t.dims)
-                elif a.name in ("value_floats", "value_ints"):
-                    shapes[node.output[0]] = (len(a.floats) + len(a.ints),)
-    return shapes
+            c = const_tensor(node.outputs[0])
+            total += 0 if c is None else int(c.size)
+    return int(total)
+
+
+def _read(proto: onnx.ModelProto) -> ir.Model:
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto)
+    except (onnx.shape_inference.InferenceError, RuntimeError):
+        pass  # unknown sizes count as 1
+    return ir.serde.deserialize_model(proto)
+
+
+def layers(proto: onnx.ModelProto) -> list[OnnxLayer]:
+    """:func:`layers_of` for a ModelProto."""
+    return layers_of(_read(proto))
 
 
 def parameters(proto: onnx.ModelProto) -> int:
-    """Elements of every constant tensor (weights, biases, shape constants)."""
-    return int(sum(int(np.prod(s)) for s in _constant_shapes(proto).values()))
+    """:func:`parameters_of` for a ModelProto."""
+    return parameters_of(ir.serde.deserialize_model(proto))

@@ -1,9 +1,9 @@
 """The pass that deletes dead channels: every channel no one needs, wherever it flows.
 
 Two analyses meet here. The coupling (coupling.py) gives each channel an id shared by every
-tensor it flows through; the needs (`needed_channels`), propagated backward by the op rules, say
-which channels of which tensors some output depends on. A ZERO channel is never needed: it
-contributes nothing to any reader, zero padding included. An id is dead when no tensor that
+value it flows through; the needs (`needed_channels`), propagated backward by the op rules, say
+which channels of which values some output depends on. A ZERO channel is never needed: it
+contributes nothing to any reader, zero padding included. An id is dead when no value that
 carries it needs it and nothing pins it; deleting it removes the filter that writes it, the
 parameters that follow it and the input fibre that reads it, so the pruned graph computes what
 the original computed.
@@ -14,10 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
-from ..errors import SurgeryError
+from .axes import reads_on_its_axis
 from .channels import ZERO, Channels, analyze
 from .coupling import Coupling, couple
 from .ops import rule_for
@@ -26,47 +25,51 @@ from .ops.base import drop_unused_constants
 
 @dataclass(frozen=True)
 class PruneResult:
-    model: onnx.ModelProto
     channels_removed: int  # channel ids deleted
     tensors_changed: int
-    blocked: dict[str, int] = field(default_factory=dict)  # wall -> removable ids it kept
+    blocked: dict[str, int] = field(default_factory=dict)  # wall (with its reason) -> removable ids it kept
+    zeros_kept: dict[str, int] = field(default_factory=dict)  # why -> ZERO channels found but not deleted
 
 
 @dataclass(frozen=True)
 class DeadChannels:
     """Keep-mask (True = keep) per value with a channel axis; ids deleted; what walls kept."""
 
-    keep: dict[str, np.ndarray]
+    keep: dict[ir.Value, np.ndarray]
     n_dead: int
     blocked: dict[str, int]
+    zeros_kept: dict[str, int]
 
 
-def needed_channels(model: ir.Model, states: dict[str, Channels], c: Coupling) -> dict[str, np.ndarray]:
+def needed_channels(model: ir.Model, states: dict[ir.Value, Channels], c: Coupling) -> dict[ir.Value, np.ndarray]:
     """Per value with channel ids: which channels some graph output depends on. An analysis."""
-    needed = {name: np.zeros(len(ids), bool) for name, ids in c.ids.items()}
+    needed = {v: np.zeros(len(ids), bool) for v, ids in c.ids.items()}
     for v in model.graph.outputs:
-        if v.name in needed:
-            needed[v.name][:] = True
+        if v in needed:
+            needed[v][:] = True
     for node in reversed(list(model.graph)):
         rule = rule_for(node)
         if rule is None or node in c.walls:
             wants: list[np.ndarray | None] = [None] * len(node.inputs)
         else:
-            outs = [needed.get(v.name) if v is not None else None for v in node.outputs]
-            ins = [states.get(v.name, _live(v, c)) if v is not None else None for v in node.inputs]
+            outs = [needed.get(v) if v is not None else None for v in node.outputs]
+            fits = reads_on_its_axis(rule, node)
+            ins = [(states.get(v, _live(v, c)) if ok else None) if v is not None else None
+                   for v, ok in zip(node.inputs, fits, strict=True)]
             wants = rule.backward(node, outs, ins)
+            wants = [w if ok else None for w, ok in zip(wants, fits, strict=False)]
         for v, want in zip(node.inputs, wants, strict=False):
-            if v is None or v.name not in needed:
+            if v is None or v not in needed:
                 continue
-            n = len(needed[v.name])
+            n = len(needed[v])
             want = np.ones(n, bool) if want is None or len(want) != n else want
-            st = states.get(v.name)
-            needed[v.name] |= want & (st.state != ZERO) if st is not None else want
+            st = states.get(v)
+            needed[v] |= want & (st.state != ZERO) if st is not None else want
     return needed
 
 
 def _live(v: ir.Value, c: Coupling) -> Channels | None:
-    return Channels.live(len(c.ids[v.name])) if v.name in c.ids else None
+    return Channels.live(len(c.ids[v])) if v in c.ids else None
 
 
 def dead_channels(model: ir.Model) -> DeadChannels:
@@ -75,51 +78,57 @@ def dead_channels(model: ir.Model) -> DeadChannels:
     needed = needed_channels(model, states, c)
     all_roots = {c.root(i) for i in range(len(c.parent))}
     wanted: set[int] = set()
-    for name, need in needed.items():
-        wanted.update(c.roots_of(name)[need].tolist())
+    for v, need in needed.items():
+        wanted.update(c.roots_of(v)[need].tolist())
     pinned = set(c.pinned)  # union-find keeps each reason on its class's root
     blocked: dict[str, int] = {}
     for root in (all_roots - wanted) & pinned:
         blocked[c.pinned[root]] = blocked.get(c.pinned[root], 0) + 1
     alive = wanted | pinned
-    # Never empty a tensor (ONNX has no zero-channel conv): a wholly dead one keeps one channel.
-    # A dead residual branch is depth's business; elsewhere a dead tensor means a cut network.
+    # Never empty a value (ONNX has no zero-channel conv): a wholly dead one keeps one channel.
+    # A dead residual branch is depth's business; elsewhere a dead value means a cut network.
     while True:
-        emptied = [name for name in c.ids if not np.isin(c.roots_of(name), list(alive)).any()]
+        emptied = [v for v in c.ids if not np.isin(c.roots_of(v), list(alive)).any()]
         if not emptied:
             break
         alive.add(int(c.roots_of(emptied[0])[0]))
     dead = all_roots - alive
-    keep = {name: ~np.isin(c.roots_of(name), list(dead)) for name in c.ids}
-    return DeadChannels(keep, len(dead), blocked)
+    keep = {v: ~np.isin(c.roots_of(v), list(dead)) for v in c.ids}
+    return DeadChannels(keep, len(dead), blocked, _zeros_kept(states, c, keep))
 
 
-def dead_masks(model: ir.Model) -> tuple[dict[str, np.ndarray], int]:
-    d = dead_channels(model)
-    return d.keep, d.n_dead
+def _zeros_kept(states: dict[ir.Value, Channels], c: Coupling, keep: dict[ir.Value, np.ndarray]) -> dict[str, int]:
+    """ZERO channels of weighted layers' outputs that stay, counted by why (the pin's reason, or a channel
+    some reader needs, or the last channel of a value, which is never emptied)."""
+    out: dict[str, int] = {}
+    for v, st in states.items():
+        node = v.producer()
+        if node is None or node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or v not in c.ids:
+            continue
+        zero_kept = (st.state == ZERO) & keep[v]
+        for i in np.nonzero(zero_kept)[0]:
+            root = c.root(c.ids[v][i])
+            why = c.pinned.get(root, "needed by a reader, or the last channel of a value that would be emptied")
+            out[why] = out.get(why, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
-def prune_dead_channels(proto: onnx.ModelProto) -> PruneResult:
-    """A new model without its dead channels."""
-    model = ir.serde.deserialize_model(proto)
+def prune_dead_channels(model: ir.Model) -> PruneResult:
+    """Delete the dead channels of the model, in place."""
     dead = dead_channels(model)
     changed = 0
     if dead.n_dead:
         # Every node's masks first: a rewrite may insert a node and rename the values after it.
-        plans = [(node, [dead.keep.get(v.name) if v is not None else None for v in node.inputs],
-                  [dead.keep.get(v.name) if v is not None else None for v in node.outputs])
-                 for node in list(model.graph)]
+        plans = []
+        for node in list(model.graph):
+            fits = reads_on_its_axis(rule_for(node), node)
+            plans.append((node, [dead.keep.get(v) if v is not None and ok else None
+                                 for v, ok in zip(node.inputs, fits, strict=True)],
+                          [dead.keep.get(v) if v is not None else None for v in node.outputs]))
         for node, keep_in, keep_out in plans:
             changed += _rewrite(model.graph, node, keep_in, keep_out)
         drop_unused_constants(model.graph)
-    out = ir.serde.serialize_model(model)
-    # Shapes of every intermediate tensor changed: drop them and infer again.
-    del out.graph.value_info[:]
-    try:
-        out = onnx.shape_inference.infer_shapes(out, strict_mode=True)
-    except onnx.shape_inference.InferenceError as exc:
-        raise SurgeryError(f"Pruning produced a model whose shapes do not agree ({exc}); please report this model.") from exc
-    return PruneResult(out, dead.n_dead, changed, dead.blocked)
+    return PruneResult(dead.n_dead, changed, dead.blocked, dead.zeros_kept)
 
 
 def _rewrite(graph: ir.Graph, node: ir.Node, keep_in: list[np.ndarray | None],

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from . import elementwise, layers, pooling, shape  # noqa: F401  (registration)
+from . import dims, elementwise, layers, layout, pooling, shape  # noqa: F401  (registration)
 from .base import (  # noqa: F401
     CONSTANT,
     LIVE,
     ZERO,
     Channels,
+    Decline,
     OpRule,
     attr_value,
+    channel_axis,
     channel_count,
     const_array,
     handled_ops,
+    register,
+    register_rule,
     rule_for,
 )

@@ -75,12 +75,25 @@ class Context:
 
 
 class OpRule:
-    """The default rule is a wall: outputs LIVE, no coupling, every input channel needed."""
+    """The default rule is a wall: outputs LIVE, no coupling, every input channel needed.
+
+    ``in_axes`` says on which axis the rule reads each input's channels (None: whatever axis the
+    value has, or none at all); an input whose channels run on another axis is shown to the rule
+    as unknown, and the coupling pins its channels. ``out_axes`` says where each output carries
+    its channels (the layout analysis stores it on the value).
+    """
+
+    def in_axes(self, node: ir.Node) -> list[int | None]:
+        return [None] * len(node.inputs)
+
+    def out_axes(self, node: ir.Node) -> list[int | None]:
+        return [1] * len(node.outputs)
 
     def forward(self, node: ir.Node, ins: list[Channels | None]) -> list[Channels | None]:
         return [None] * len(node.outputs)
 
-    def couple(self, node: ir.Node, ids: list[Ids | None], ctx: Context) -> list[Ids | None] | None:
+    def couple(self, node: ir.Node, ids: list[Ids | None], ctx: Context) -> list[Ids | None] | Decline | None:
+        """Output ids; a Decline (or None) makes the node a wall."""
         return None
 
     def backward(self, node: ir.Node, needed: list[Mask | None],
@@ -93,8 +106,22 @@ class OpRule:
         return False
 
 
+def follow_axis(src: ir.Value | None, dst: ir.Value | None) -> int | None:
+    """The channel axis of ``src`` as seen on ``dst`` of another rank (aligned from the right,
+    as broadcasting aligns them)."""
+    a = channel_axis(src)
+    if a is None or dst is None or dst.shape is None or src.shape is None:
+        return a
+    a = len(dst.shape) - len(src.shape) + a
+    return a if 0 < a < len(dst.shape) else None
+
+
 class PassThrough(OpRule):
     """Output channel c is input channel c (first input); any other inputs are constants."""
+
+    def out_axes(self, node):
+        return [follow_axis(node.inputs[0] if node.inputs else None, node.outputs[0])] + \
+            [1] * (len(node.outputs) - 1)
 
     def couple(self, node, ids, ctx):
         x = ids[0] if ids else None
@@ -107,27 +134,78 @@ class PassThrough(OpRule):
         return [needed[0]] + [None] * (len(node.inputs) - 1)
 
 
-_RULES: dict[str, OpRule] = {}
+@dataclass(frozen=True)
+class Decline:
+    """A rule's answer when it cannot read a node: the node is a wall, and this is why."""
+
+    reason: str
 
 
-def register(*op_types: str):
+@dataclass(frozen=True)
+class _Entry:
+    rule: OpRule
+    first: int  # the first opset version the rule reads
+    last: int | None  # the last, None for every later one
+
+
+_RULES: dict[tuple[str, str], list[_Entry]] = {}
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def _domain(domain: str) -> str:
+    return "" if domain in _DEFAULT_DOMAINS else domain
+
+
+def register_rule(op_type: str, rule: OpRule, *, domain: str = "", opsets: tuple[int, int | None] = (1, None)) -> None:
+    """The public extension point: ``rule`` reads ``op_type`` of ``domain`` at the opset versions
+    ``opsets`` (first, last; None for no last). A later registration for an overlapping range wins,
+    so a user's rule can replace a built-in one."""
+    first, last = opsets
+    if last is not None and last < first:
+        raise ValueError(f"opset range {opsets} is empty")
+    _RULES.setdefault((_domain(domain), op_type), []).insert(0, _Entry(rule, int(first), last))
+
+
+def register(*op_types: str, domain: str = "", opsets: tuple[int, int | None] = (1, None)):
     """Class decorator: one instance of the rule serves every op type named."""
     def wrap(cls: type[OpRule]) -> type[OpRule]:
         rule = cls()
         for op in op_types:
-            _RULES[op] = rule
+            register_rule(op, rule, domain=domain, opsets=opsets)
         return cls
     return wrap
 
 
-def rule_for(node: ir.Node) -> OpRule | None:
-    if node.domain not in ("", "ai.onnx"):
+def opset_of(node: ir.Node) -> int | None:
+    """The opset version the node's domain is imported at; None where its graph does not say
+    (a subgraph's imports live on the model)."""
+    if node.version is not None:
+        return int(node.version)
+    if node.graph is None:
         return None
-    return _RULES.get(node.op_type)
+    imports = node.graph.opset_imports
+    domain = _domain(node.domain)
+    for key in ((domain,) if domain else _DEFAULT_DOMAINS):
+        if key in imports:
+            return int(imports[key])
+    return None
+
+
+def rule_for(node: ir.Node) -> OpRule | None:
+    entries = _RULES.get((_domain(node.domain), node.op_type))
+    if not entries:
+        return None
+    version = opset_of(node)
+    for e in entries:
+        if version is None or (e.first <= version and (e.last is None or version <= e.last)):
+            return e.rule
+    return None
 
 
 def handled_ops() -> tuple[str, ...]:
-    return tuple(sorted(_RULES))
+    """Op types with a rule in the default domain (at some opset)."""
+    return tuple(sorted(op for (domain, op) in _RULES if domain == ""))
 
 
 # ---- Readers shared by the rules and the passes.
@@ -160,13 +238,26 @@ def input_or_none(node: ir.Node, index: int) -> ir.Value | None:
     return node.inputs[index] if len(node.inputs) > index else None
 
 
+AXIS_KEY = "sslcompress.channel_axis"  # ir.Value.meta entry: the axis that carries channels
+
+
+def channel_axis(value: ir.Value | None) -> int | None:
+    """The axis of the value that carries channels: what its producer's rule said (layout
+    analysis), axis 1 where nothing said otherwise; None for a value of rank < 2 or no shape."""
+    if value is None or value.shape is None or len(value.shape) < 2:
+        return None
+    axis = value.meta.get(AXIS_KEY)
+    if axis is None:
+        return 1
+    return axis if 0 < axis < len(value.shape) else None
+
+
 def channel_count(value: ir.Value | None) -> int | None:
-    if value is None:
+    axis = channel_axis(value)
+    if axis is None:
         return None
-    shape = value.shape
-    if shape is None or len(shape) < 2 or not isinstance(shape[1], int):
-        return None
-    return int(shape[1])
+    d = value.shape[axis]
+    return int(d) if isinstance(d, int) else None
 
 
 def rank_of(value: ir.Value | None) -> int | None:
@@ -231,27 +322,28 @@ def unique_name(graph: ir.Graph, name: str) -> str:
     return f"{name}.{i}"
 
 
-def channel_constant(value: ir.Value, n: int, out_rank: int) -> tuple[Channels, int] | None:
-    """A constant operand seen per channel of an output with ``n`` channels.
+def channel_constant(value: ir.Value, n: int, out_rank: int, axis: int = 1) -> tuple[Channels, int] | None:
+    """A constant operand seen per channel of an output with ``n`` channels on ``axis``.
 
     Returns the channel states (a channel whose slice holds one value is known, one whose values
     vary over space is LIVE) and the constant's own axis that runs along the channels (-1 when
     it broadcasts over them); None when it does not broadcast onto the output.
     """
     c = const_array(value)
-    if c is None or c.ndim > out_rank:
+    if c is None or c.ndim > out_rank or not 0 <= axis < out_rank:
         return None
     shape = (1,) * (out_rank - c.ndim) + c.shape
-    if shape[1] not in (1, n):
+    if shape[axis] not in (1, n):
         return None
     full = c.reshape(shape)
-    axis = c.ndim - (out_rank - 1) if shape[1] == n and n > 1 else -1
-    per = np.moveaxis(full, 1, 0).reshape(shape[1], -1)
+    own = axis - (out_rank - c.ndim)
+    own_axis = own if shape[axis] == n and n > 1 and own >= 0 else -1
+    per = np.moveaxis(full, axis, 0).reshape(shape[axis], -1)
     uniform = np.all(per == per[:, :1], axis=1)
     vals = np.where(uniform, per[:, 0], 0.0)
-    if shape[1] == 1:
+    if shape[axis] == 1:
         vals, uniform = np.full(n, vals[0]), np.full(n, uniform[0])
-    return Channels.known(vals).with_live(~uniform), axis
+    return Channels.known(vals).with_live(~uniform), own_axis
 
 
 Handler = Callable[[ir.Node, list[Channels | None]], list[Channels | None]]

@@ -16,13 +16,16 @@ import onnx_ir as ir
 from .base import (
     ZERO,
     Channels,
+    Decline,
     OpRule,
     PassThrough,
     attr_value,
+    channel_axis,
     channel_constant,
     channel_count,
     const_array,
     const_tensor,
+    follow_axis,
     rank_of,
     register,
     set_const,
@@ -114,7 +117,7 @@ class PRelu(PassThrough):
     def forward(self, node, ins):
         x = ins[0]
         n = channel_count(node.outputs[0])
-        slope = channel_constant(node.inputs[1], n, rank_of(node.outputs[0])) if n and x is not None else None
+        slope = _per_channel(node.inputs[1], node.outputs[0], n) if n and x is not None else None
         if slope is None:
             return [None]
         s, _ = slope
@@ -125,12 +128,19 @@ class PRelu(PassThrough):
 
     def couple(self, node, ids, ctx):
         n = channel_count(node.outputs[0])
-        if n is None or channel_constant(node.inputs[1], n, rank_of(node.outputs[0])) is None:
-            return None
+        if n is None or _per_channel(node.inputs[1], node.outputs[0], n) is None:
+            return Decline("its slope does not broadcast onto the channels")
         return super().couple(node, ids, ctx)
 
     def rewrite(self, graph, node, keep_in, keep_out):
         return _slice_constants(graph, node, keep_out[0], [1])
+
+
+def _per_channel(const: ir.Value, out: ir.Value, n: int):
+    axis, rank = channel_axis(out), rank_of(out)
+    if axis is None or rank is None:
+        return None
+    return channel_constant(const, n, rank, axis)
 
 
 def _slice_constants(graph: ir.Graph, node: ir.Node, keep: np.ndarray | None, indices: list[int]) -> bool:
@@ -143,7 +153,7 @@ def _slice_constants(graph: ir.Graph, node: ir.Node, keep: np.ndarray | None, in
         v = node.inputs[i] if len(node.inputs) > i else None
         if v is None or const_tensor(v) is None:
             continue
-        seen = channel_constant(v, len(keep), rank_of(out))
+        seen = _per_channel(v, out, len(keep))
         if seen is None or seen[1] < 0:
             continue
         set_const(graph, node, i, np.compress(keep, const_tensor(v), axis=seen[1]))
@@ -159,19 +169,23 @@ class Elementwise(OpRule):
     def combine(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
 
+    def out_axes(self, node):
+        tensors = [v for v in node.inputs if v is not None and const_tensor(v) is None]
+        return [follow_axis(tensors[0], node.outputs[0]) if tensors else 1]
+
     def operands(self, node: ir.Node, ins: list[Channels | None]) -> list[Channels] | None:
-        n = channel_count(node.outputs[0])
-        rank = rank_of(node.outputs[0])
+        out = node.outputs[0]
+        n, axis, rank = channel_count(out), channel_axis(out), rank_of(out)
         if n is None:
             return None
         ops = []
         for v, ch in zip(node.inputs, ins, strict=False):
             if ch is not None:
-                if len(ch) != n or rank_of(v) != rank:
+                if len(ch) != n or rank_of(v) != rank or channel_axis(v) != axis:
                     return None
                 ops.append(ch)
                 continue
-            seen = channel_constant(v, n, rank) if v is not None else None
+            seen = _per_channel(v, out, n) if v is not None else None
             if seen is None:
                 return None
             ops.append(seen[0])
@@ -194,10 +208,10 @@ class Elementwise(OpRule):
 
     def couple(self, node, ids, ctx):
         if self.operands(node, [None if i is None else _placeholder(len(i)) for i in ids]) is None:
-            return None
+            return Decline("its operands do not line up channel by channel")
         tensors = [i for i in ids if i is not None]
         if not tensors:
-            return None
+            return Decline("no operand's channels can be followed")
         for other in tensors[1:]:
             for a, b in zip(tensors[0], other, strict=True):
                 ctx.union(a, b)

@@ -17,6 +17,7 @@ from .base import (
     LIVE,
     ZERO,
     Channels,
+    Decline,
     OpRule,
     PassThrough,
     attr_value,
@@ -75,14 +76,23 @@ class Conv(OpRule):
             state[n], value[n] = (ZERO, 0.0) if total == 0 else (CONSTANT, total)
         return [Channels(state, value)]
 
+    def in_axes(self, node):
+        return [1] + [None] * (len(node.inputs) - 1)
+
     def couple(self, node, ids, ctx):
         w = const_array(input_or_none(node, 1))
         n_out = channel_count(node.outputs[0])
         x = ids[0]
-        if w is None or n_out is None or x is None or (w.ndim > 0 and _bias(node, w.shape[0]) is None):
-            return None
-        out = ctx.fresh(n_out)
+        if w is None:
+            return Decline("its weight is computed at run time")
+        if n_out is None:
+            return Decline("its output channel count is unknown")
+        if w.ndim > 0 and _bias(node, w.shape[0]) is None:
+            return Decline("its bias is computed at run time")
         group = int(attr_value(node, "group", 1))
+        if group != 1 and x is None:
+            return Decline("a grouped conv whose input channels cannot be followed")
+        out = ctx.fresh(n_out)
         if group != 1:
             per_in, per_out = len(x) // group, n_out // group
             for g in range(group):
@@ -141,11 +151,16 @@ class ConvTranspose(OpRule):
         live = (uses & (x.state != ZERO)[:, None]).any(0)
         return [Channels.known(b).with_live(live)]
 
+    def in_axes(self, node):
+        return [1] + [None] * (len(node.inputs) - 1)
+
     def couple(self, node, ids, ctx):
         n_out = channel_count(node.outputs[0])
         w = self._weight(node)
-        if w is None or ids[0] is None or n_out is None or _bias(node, w.shape[1]) is None:
-            return None
+        if w is None:
+            return Decline("a grouped ConvTranspose, or a weight computed at run time")
+        if n_out is None or _bias(node, w.shape[1]) is None:
+            return Decline("unknown output channels or a bias computed at run time")
         return [ctx.fresh(n_out)]
 
     def backward(self, node, needed, ins):
@@ -189,10 +204,20 @@ class Dense(OpRule):
         live = (uses & (x.state == LIVE)[:, None]).any(0)
         return [Channels.known(bias + alpha * (x.known_values @ w)).with_live(live)]
 
+    def in_axes(self, node):
+        rank = rank_of(node.inputs[0]) if node.inputs else None
+        return [None if rank is None else rank - 1] + [None] * (len(node.inputs) - 1)
+
+    def out_axes(self, node):
+        rank = rank_of(node.outputs[0])
+        return [None if rank is None else rank - 1]
+
     def couple(self, node, ids, ctx):
         n_out = channel_count(node.outputs[0])
-        if self.matrix(node) is None or ids[0] is None or n_out is None or self.bias_and_scale(node, n_out) is None:
-            return None
+        if self.matrix(node) is None:
+            return Decline("not an input times a constant matrix")
+        if n_out is None or self.bias_and_scale(node, n_out) is None:
+            return Decline("unknown output features, or a bias that is not one value per feature")
         return [ctx.fresh(n_out)]
 
     def backward(self, node, needed, ins):
@@ -242,7 +267,8 @@ class Gemm(Dense):
 class MatMul(Dense):
     def matrix(self, node):
         w = const_array(input_or_none(node, 1))
-        if w is None or w.ndim != 2 or rank_of(node.inputs[0]) != 2:
+        rank = rank_of(node.inputs[0])
+        if w is None or w.ndim != 2 or rank is None or rank < 2:
             return None
         return w
 
@@ -257,6 +283,9 @@ class MatMul(Dense):
 
 @register("BatchNormalization")
 class BatchNorm(PassThrough):
+    def in_axes(self, node):
+        return [1] + [None] * (len(node.inputs) - 1)
+
     def forward(self, node, ins):
         x = ins[0]
         params = [const_array(input_or_none(node, i)) for i in range(1, 5)]
@@ -270,9 +299,9 @@ class BatchNorm(PassThrough):
 
     def couple(self, node, ids, ctx):
         if any(v is not None and (v.uses() or v.is_graph_output()) for v in node.outputs[1:]):
-            return None  # training-mode statistics read by someone
+            return Decline("its training-mode statistics are read")
         if any(const_array(input_or_none(node, i)) is None for i in range(1, 5)):
-            return None
+            return Decline("its parameters are computed at run time")
         return super().couple(node, ids, ctx)
 
     def rewrite(self, graph, node, keep_in, keep_out):

@@ -14,9 +14,11 @@ from .base import (
     CONSTANT,
     ZERO,
     Channels,
+    Decline,
     OpRule,
     PassThrough,
     attr_value,
+    channel_axis,
     const_array,
     input_or_none,
     rank_of,
@@ -26,17 +28,23 @@ from .base import (
 
 @register("MaxPool", "GlobalAveragePool", "GlobalMaxPool")
 class Pool(PassThrough):
+    def in_axes(self, node):
+        return [1]
+
     def forward(self, node, ins):
         return [ins[0]] + [None] * (len(node.outputs) - 1)
 
     def couple(self, node, ids, ctx):
         if any(v is not None and (v.uses() or v.is_graph_output()) for v in node.outputs[1:]):
-            return None  # MaxPool's indices count positions across channels
+            return Decline("its indices, which count positions across channels, are read")
         return super().couple(node, ids, ctx)
 
 
 @register("AveragePool")
 class AveragePool(PassThrough):
+    def in_axes(self, node):
+        return [1]
+
     def forward(self, node, ins):
         x = ins[0]
         pads = attr_value(node, "pads", None)
@@ -47,15 +55,28 @@ class AveragePool(PassThrough):
 
 @register("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum")
 class ReduceSpace(PassThrough):
-    """A reduction over spatial axes only (never the batch or the channel axis)."""
+    """A reduction that leaves the batch and channel axes alone (spatial axes, wherever the
+    channels run)."""
 
-    def _ok(self, node) -> bool:
+    def _axes(self, node) -> list[int] | None:
         axes = attr_value(node, "axes", None)
         if axes is None and input_or_none(node, 1) is not None:
             c = const_array(node.inputs[1])
             axes = None if c is None else [int(a) for a in np.atleast_1d(c)]
         rank = rank_of(node.inputs[0])
-        return bool(axes) and rank is not None and all(a % rank >= 2 for a in axes)
+        if not axes or rank is None:
+            return None
+        return sorted(int(a) % rank for a in axes)
+
+    def _ok(self, node) -> bool:
+        axes, ch = self._axes(node), channel_axis(node.inputs[0])
+        return axes is not None and ch is not None and 0 not in axes and ch not in axes
+
+    def out_axes(self, node):
+        axes, ch = self._axes(node), channel_axis(node.inputs[0])
+        if axes is None or ch is None or attr_value(node, "keepdims", 1):
+            return [ch]
+        return [ch - sum(a < ch for a in axes)]
 
     def _factor(self, node) -> float | None:
         """ReduceSum multiplies a constant by the number of positions summed."""
@@ -78,13 +99,21 @@ class ReduceSpace(PassThrough):
         return [Channels.known(x.known_values * f).with_live(~x.is_known)]
 
     def couple(self, node, ids, ctx):
-        return super().couple(node, ids, ctx) if self._ok(node) else None
+        if not self._ok(node):
+            return Decline("it reduces over the batch or channel axis")
+        return super().couple(node, ids, ctx)
 
 
 @register("LRN")
 class LRN(OpRule):
+    def in_axes(self, node):
+        return [1]
+
     def forward(self, node, ins):
         x = ins[0]
         if x is None:
             return [None]
         return [Channels.known(np.zeros(len(x))).with_live(x.state != ZERO)]
+
+    def couple(self, node, ids, ctx):
+        return Decline("it mixes neighbouring channels, whose order deleting one would change")

@@ -15,10 +15,12 @@ from .base import (
     CONSTANT,
     ZERO,
     Channels,
+    Decline,
     OpRule,
     PassThrough,
     add_initializer,
     attr_value,
+    channel_axis,
     channel_count,
     const_array,
     const_tensor,
@@ -28,10 +30,14 @@ from .base import (
     set_const,
     static_dims,
 )
+from .dims import Dim, is_batch_of, merge_refs, target_of, write_dim
 
 
 class Spread(OpRule):
     """Output position p is input channel p // spatial (a flatten to (batch, C * spatial))."""
+
+    def in_axes(self, node):
+        return [1] + [None] * (len(node.inputs) - 1)
 
     def spatial(self, node) -> int | None:
         raise NotImplementedError
@@ -66,31 +72,41 @@ class Flatten(Spread):
         return int(np.prod(dims)) if dims else 1
 
 
-def _same_batch(a: ir.Value, b: ir.Value) -> bool:
-    return a.shape is not None and b.shape is not None and a.shape[0] == b.shape[0]
-
-
 @register("Reshape")
 class Reshape(Spread):
-    """A Reshape with a constant target that either flattens to (batch, features) or keeps the
-    channel axis as it is (reshaping only the spatial dims)."""
+    """A Reshape that either flattens to (batch, features) or keeps the channel axis as it is
+    (reshaping only the spatial dims). The target may be a constant or built at run time from
+    the shapes of values (``x.view(x.size(0), -1)``); the decision reads the target's entries and
+    the output's static sizes, never the names of symbolic dims."""
 
-    def _kind(self, node) -> str | None:
+    def _plan(self, node) -> tuple[str, list[Dim]] | None:
         x, y = node.inputs[0], node.outputs[0]
-        target = const_array(input_or_none(node, 1))
-        if target is None or channel_count(x) is None or channel_count(y) is None:
+        vec = target_of(node, 1)
+        n = channel_count(x)
+        if vec is None or n is None or x.shape is None or y.shape is None or len(vec) != len(y.shape) \
+                or len(vec) < 2 or int(attr_value(node, "allowzero", 0)):
             return None
+        first, second = vec[0], vec[1]
         features = static_dims(x, 1)
-        # (batch, C*H*W): the batch kept as it is (0, or a static size equal to it) or left to -1.
-        keeps_batch = _same_batch(x, y) or (target.size == 2 and target[0] == -1 and features is not None
-                                            and target[1] == int(np.prod(features)))
+        n_features = int(np.prod(features)) if features is not None else None
+        keeps_batch = first.value == 0 or is_batch_of(first, x) or (
+            first.value == -1 and second.value is not None and second.value == n_features)
         if not keeps_batch:
             return None
-        if rank_of(y) == 2 and features is not None and channel_count(y) == int(np.prod(features)):
-            return "flatten"
-        if channel_count(y) == channel_count(x) and target.size >= 2 and target[1] in (0, -1, channel_count(x)):
-            return "keep"
+        if len(vec) == 2 and n_features is not None and channel_count(y) == n_features and \
+                (second.value in (-1, n_features) or (second.ref is None and second.value is None)):
+            return "flatten", vec
+        same_channels = second.value in (0, n) or (second.ref is not None and second.ref[0] is x and
+                                                   second.ref[1] == 1)
+        if same_channels or (second.value == -1 and channel_count(y) == n):
+            return "keep", vec
+        if second.ref is not None and channel_axis(second.ref[0]) == second.ref[1] and channel_count(y) == n:
+            return "keep", vec  # the channel count of a value coupled to x (see couple)
         return None
+
+    def _kind(self, node) -> str | None:
+        plan = self._plan(node)
+        return None if plan is None else plan[0]
 
     def spatial(self, node):
         if self._kind(node) != "flatten":
@@ -105,10 +121,23 @@ class Reshape(Spread):
         return super().forward(node, ins) if kind == "flatten" else [None]
 
     def couple(self, node, ids, ctx):
-        kind = self._kind(node)
+        plan = self._plan(node)
+        vec = target_of(node, 1)
+        why = f"Reshape {node.name}"
+        if plan is None or ids[0] is None:
+            if vec is not None:
+                merge_refs(ctx, vec, None, None, why)
+            return Decline("it neither flattens (batch, features) nor keeps the channel axis")
+        kind, vec = plan
+        entry = 1 if kind == "keep" else None
+        fixed = vec[1]
+        if fixed.ref is None and fixed.value not in (0, -1) and fixed.site is None:
+            merge_refs(ctx, vec, None, None, why)
+            return Decline("its target names the channel count where it cannot be rewritten")
+        merge_refs(ctx, vec, entry, ids[0], why)
         if kind == "keep":
-            return [list(ids[0])] if ids[0] is not None else None
-        return super().couple(node, ids, ctx) if kind == "flatten" else None
+            return [list(ids[0])]
+        return super().couple(node, ids, ctx)
 
     def backward(self, node, needed, ins):
         if self._kind(node) == "keep":
@@ -116,31 +145,30 @@ class Reshape(Spread):
         return super().backward(node, needed, ins)
 
     def rewrite(self, graph, node, keep_in, keep_out):
-        kin, kind = keep_in[0], self._kind(node)  # shapes are still the uncut ones here
-        target = const_tensor(node.inputs[1]).copy()
-        if kin is None:
+        kin, plan = keep_in[0], self._plan(node)  # shapes are still the uncut ones here
+        if kin is None or plan is None:
             return False
-        if kind == "flatten" and target[1] != -1:
-            target[1] = int(kin.sum()) * self.spatial(node)
-        elif kind == "flatten":
-            return False  # (batch, -1) fits any channel count
-        elif kind == "keep" and target[1] > 0:
-            target[1] = int(kin.sum())
-        else:
-            return False
-        set_const(graph, node, 1, target)
-        return True
+        kind, vec = plan
+        d = vec[1]
+        if d.ref is not None or d.value in (0, -1):
+            return False  # read at run time, or inferred: fits any channel count
+        count = int(kin.sum()) * (self.spatial(node) if kind == "flatten" else 1)
+        return write_dim(graph, d, count)
 
 
 def _channel_axis_is(node: ir.Node, value: ir.Value, axis: int) -> bool:
-    rank = rank_of(value)
-    return rank is not None and axis % rank == 1
+    rank, ch = rank_of(value), channel_axis(value)
+    return rank is not None and ch is not None and axis % rank == ch
 
 
 @register("Concat")
 class Concat(OpRule):
+    def out_axes(self, node):
+        return [channel_axis(node.inputs[0]) if node.inputs else 1]
+
     def _ok(self, node) -> bool:
-        return _channel_axis_is(node, node.outputs[0], int(attr_value(node, "axis", 0)))
+        axis = int(attr_value(node, "axis", 0))
+        return all(v is not None and _channel_axis_is(node, v, axis) for v in [*node.inputs, node.outputs[0]])
 
     def forward(self, node, ins):
         if not self._ok(node) or any(c is None for c in ins):
@@ -149,7 +177,7 @@ class Concat(OpRule):
 
     def couple(self, node, ids, ctx):
         if not self._ok(node) or any(i is None for i in ids):
-            return None
+            return Decline("it does not stack followed channels along their own axis")
         return [[i for part in ids for i in part]]
 
     def backward(self, node, needed, ins):
@@ -162,6 +190,9 @@ class Concat(OpRule):
 @register("Split")
 class Split(OpRule):
     """Consecutive channel ranges; the sizes come from the outputs' shapes."""
+
+    def out_axes(self, node):
+        return [channel_axis(node.inputs[0])] * len(node.outputs)
 
     def _sizes(self, node) -> list[int] | None:
         if not _channel_axis_is(node, node.inputs[0], int(attr_value(node, "axis", 0))):
@@ -216,6 +247,9 @@ class Slice(OpRule):
     """A Slice with constant starts/ends/axes/steps: along the channel axis it selects channels,
     along other axes it crops every channel alike."""
 
+    def out_axes(self, node):
+        return [channel_axis(node.inputs[0])]
+
     def _params(self, node) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         # In their own int64: INT64_MAX, the usual open end, does not survive a float64 round trip.
         arrays = [const_tensor(input_or_none(node, i)) for i in range(1, 5)]
@@ -236,7 +270,7 @@ class Slice(OpRule):
         if p is None or n is None:
             return None
         starts, ends, axes, steps = p
-        hit = np.nonzero(axes == 1)[0]
+        hit = np.nonzero(axes == channel_axis(node.inputs[0]))[0]
         if not len(hit):
             return np.arange(n)
         i = hit[0]
@@ -268,7 +302,7 @@ class Slice(OpRule):
         new_index = np.cumsum(kin) - 1
         picked = new_index[sel[kin[sel]]]
         starts, ends, axes, steps = self._params(node)
-        hit = np.nonzero(axes == 1)[0]
+        hit = np.nonzero(axes == channel_axis(node.inputs[0]))[0]
         if not len(hit):
             return False
         i = hit[0]
@@ -286,7 +320,7 @@ class Slice(OpRule):
         name = out.name
         gathered = ir.Value(name=f"{name}.channels", shape=out.shape, type=out.type)
         indices = add_initializer(graph, f"{name}.channel_indices", picked.astype(np.int64))
-        gather = ir.Node("", "Gather", [None, indices], attributes=[ir.AttrInt64("axis", 1)],
+        gather = ir.Node("", "Gather", [None, indices], attributes=[ir.AttrInt64("axis", channel_axis(out))],
                          outputs=[gathered], name=f"{name}.gather")
         out.replace_all_uses_with(gathered, replace_graph_outputs=True)
         gather.replace_input_with(0, out)
@@ -319,8 +353,10 @@ class Pad(PassThrough):
         axes = np.arange(rank) if axes is None else axes.astype(np.int64) % rank
         half = len(pads) // 2
         begin, end = pads[:half], pads[half:]
+        if len(axes) != half:
+            return None
         for a, b, e in zip(axes, begin, end, strict=True):
-            if a in (0, 1) and (b or e):
+            if a in (0, channel_axis(node.inputs[0])) and (b or e):
                 return None
         return True, bool(np.any(pads))
 
@@ -347,12 +383,48 @@ class Pad(PassThrough):
 
 @register("Resize", "Upsample")
 class Resize(PassThrough):
-    """Spatial resizing with the channel axis left as it is; channel counts in `sizes` follow."""
+    """Spatial resizing with the batch and channel axes left as they are, read from the scales or
+    sizes themselves (a symbolic batch is compared by value, not by name); a channel count in
+    ``sizes`` follows the kept channels."""
+
+    def _per_axis(self, node) -> dict[int, tuple[str, object]] | None:
+        x = node.inputs[0]
+        rank = rank_of(x)
+        if rank is None:
+            return None
+        axes = attr_value(node, "axes", None)
+        axes = [int(a) % rank for a in axes] if axes is not None else list(range(rank))
+        if node.op_type == "Upsample" and input_or_none(node, 1) is None:
+            scales = attr_value(node, "scales", None)
+            scales = None if scales is None else np.asarray(list(scales), np.float64)
+        else:
+            k = 1 if node.op_type == "Upsample" or len(node.inputs) == 2 else 2
+            v = input_or_none(node, k)
+            scales = const_array(v) if v is not None else None
+            if v is not None and scales is None:
+                return None  # scales computed at run time
+        if scales is not None and scales.size:
+            return {a: ("scale", float(f)) for a, f in zip(axes, scales.reshape(-1), strict=False)}
+        sizes = target_of(node, 3) if len(node.inputs) > 3 else None
+        if sizes is None:
+            return None
+        return {a: ("size", d) for a, d in zip(axes, sizes, strict=False)}
 
     def _ok(self, node) -> bool:
-        n = channel_count(node.inputs[0])
-        y = channel_count(node.outputs[0])
-        return n is not None and n == y and _same_batch(node.inputs[0], node.outputs[0])
+        x = node.inputs[0]
+        n, ax = channel_count(x), channel_axis(x)
+        per = self._per_axis(node)
+        if n is None or per is None:
+            return False
+        for a in (0, ax):
+            kind, val = per.get(a, ("scale", 1.0))
+            if kind == "scale" and val != 1.0:
+                return False
+            if kind == "size" and a == 0 and not is_batch_of(val, x):
+                return False
+            if kind == "size" and a == ax and not (val.ref == (x, ax) or (val.value == n and val.site is not None)):
+                return False
+        return True
 
     def forward(self, node, ins):
         x = ins[0]
@@ -367,18 +439,14 @@ class Resize(PassThrough):
         return [x.with_live(x.state == CONSTANT)]  # interpolated zeros stay zero; constants round
 
     def couple(self, node, ids, ctx):
-        return super().couple(node, ids, ctx) if self._ok(node) else None
+        if not self._ok(node):
+            return Decline("it resizes the batch or channel axis, or its sizes cannot be read")
+        return super().couple(node, ids, ctx)
 
     def rewrite(self, graph, node, keep_in, keep_out):
-        sizes = input_or_none(node, 3)
-        if sizes is None or const_tensor(sizes) is None or keep_out[0] is None:
+        per = self._per_axis(node)
+        ax = channel_axis(node.inputs[0])
+        if per is None or keep_out[0] is None or per.get(ax, ("scale",))[0] != "size":
             return False
-        s = const_tensor(sizes).copy()
-        axes = attr_value(node, "axes", None)
-        rank = rank_of(node.inputs[0])
-        where = [i for i, a in enumerate(axes if axes is not None else range(rank)) if a % rank == 1]
-        if not where:
-            return False
-        s[where[0]] = int(keep_out[0].sum())
-        set_const(graph, node, 3, s)
-        return True
+        d = per[ax][1]
+        return d.ref is None and write_dim(graph, d, int(keep_out[0].sum()))

@@ -1,0 +1,156 @@
+"""Passes that make a graph readable, whoever wrote it: constants become initializers.
+
+Exporters make weights and shapes with nodes: torch's legacy exporter turns bit-identical
+initializers into ``Identity`` nodes (every zero bias, every wholly zeroed layer of one shape),
+``F.pad`` builds its pads from ``ConstantOfShape -> Concat -> Reshape -> Slice -> Transpose ->
+Reshape -> Cast``, converters ``Cast``, ``Reshape`` or ``Transpose`` weights and scale BatchNorm
+through ``Unsqueeze`` of per-channel constants, and older files (IR 3) list every initializer as a
+graph input. The channel analysis reads constants only, so these passes fold all of that first:
+
+1. initializer-backed graph inputs become plain initializers (and unused ones go);
+2. Constant nodes are lifted to initializers;
+3. shapes are inferred;
+4. entries of ``Shape`` that are static become constants (``x.size(1)`` with a dynamic batch);
+5. onnxscript's constant folding, with its size limits lifted so weights fold too (quantize
+   and dequantize nodes are kept: they are the model's quantization, not arithmetic to fold);
+6. Identity nodes and whatever no output needs go; shapes are inferred again.
+
+Every step computes what the graph computed: a folded node is evaluated on its constant inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from .ops.base import attr_value, const_tensor
+
+log = logging.getLogger(__name__)
+
+_KEEP = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+_SMALL = 1 << 16  # elements: a ConstantOfShape up to this size is shape arithmetic, not a tensor to store
+
+
+def _should_fold(node: ir.Node) -> bool | None:
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type in _KEEP:
+        return False
+    if node.op_type == "ConstantOfShape":
+        shape = const_tensor(node.inputs[0]) if node.inputs else None
+        return shape is not None and int(np.prod(shape)) <= _SMALL
+    return None
+
+
+class InitializerInputsPass(ir.passes.InPlacePass):
+    """Graph inputs that are initializers (IR < 4 lists every one) become plain initializers; those
+    nothing reads are dropped with the rest of the unused ones."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = common.RemoveInitializersFromInputsPass()(model)
+        return ir.passes.PassResult(model, result.modified)
+
+
+class StaticDimsPass(ir.passes.InPlacePass):
+    """``Gather(Shape(x), i)`` and ``Slice`` of a Shape whose entries are static become constants, so
+    ``x.size(1)`` reads as the number it is even where the batch is dynamic."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for node in list(model.graph):
+            if node.op_type not in ("Gather", "Slice") or node.domain not in ("", "ai.onnx"):
+                continue
+            entries = _static_shape_entries(node)
+            if entries is None:
+                continue
+            out = node.outputs[0]
+            value = ir.Value(name=f"{out.name}.static", shape=ir.Shape(entries.shape),
+                             type=ir.TensorType(ir.DataType.INT64), const_value=ir.tensor(entries, name=f"{out.name}.static"))
+            model.graph.register_initializer(value)
+            out.replace_all_uses_with(value, replace_graph_outputs=False)
+            modified = modified or not out.uses()
+        return ir.passes.PassResult(model, modified)
+
+
+def _static_shape_entries(node: ir.Node) -> np.ndarray | None:
+    src = node.inputs[0] if node.inputs else None
+    shape_node = src.producer() if src is not None else None
+    if shape_node is None or shape_node.op_type != "Shape" or src.is_graph_output():
+        return None
+    x = shape_node.inputs[0]
+    if x is None or x.shape is None:
+        return None
+    rank = len(x.shape)
+    start = int(attr_value(shape_node, "start", 0))
+    end = attr_value(shape_node, "end", None)
+    start = start % rank if start < 0 else min(start, rank)
+    end = rank if end is None else (int(end) % rank if int(end) < 0 else min(int(end), rank))
+    dims = list(x.shape)[start:end]
+    if node.op_type == "Gather":
+        idx = const_tensor(node.inputs[1])
+        if idx is None or int(attr_value(node, "axis", 0)) != 0 or idx.ndim > 1:
+            return None
+        picked = [dims[int(i)] if -len(dims) <= int(i) < len(dims) else None for i in np.atleast_1d(idx)]
+        arr = picked if idx.ndim == 1 else picked[:1]
+    else:
+        p = [const_tensor(node.inputs[i]) if len(node.inputs) > i and node.inputs[i] is not None else None
+             for i in range(1, 5)]
+        if p[0] is None or p[1] is None or p[0].size != 1 or (len(node.inputs) > 3 and node.inputs[3] is not None and p[2] is None):
+            return None
+        if p[2] is not None and int(p[2].reshape(-1)[0]) not in (0, -1):
+            return None
+        step = int(p[3].reshape(-1)[0]) if p[3] is not None else 1
+        arr = dims[slice(int(p[0].reshape(-1)[0]), int(p[1].reshape(-1)[0]), step)]
+        idx = np.zeros(1)
+    if any(not isinstance(d, int) for d in arr):
+        return None
+    out = np.array([int(d) for d in arr], np.int64)
+    return out.reshape(()) if node.op_type == "Gather" and idx.ndim == 0 else out
+
+
+class FoldConstantsPass(ir.passes.InPlacePass):
+    """onnxscript's constant folding with the size limits lifted, so weights made by nodes fold."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from onnxscript.optimizer import fold_constants
+
+        result = fold_constants(model, onnx_shape_inference=False, input_size_limit=1 << 62,
+                                output_size_limit=1 << 62, should_fold=_should_fold)
+        return ir.passes.PassResult(model, bool(result.modified))
+
+
+class InferShapesPass(ir.passes.InPlacePass):
+    """Shapes inferred afresh: stale shapes of intermediate values are cleared first, since a rewrite
+    changed them; graph inputs and outputs keep what they declare."""
+
+    def __init__(self, clear: bool = True) -> None:
+        super().__init__()
+        self.clear = clear
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.clear:
+            for node in model.graph:
+                for v in node.outputs:
+                    if not v.is_graph_output():
+                        v.shape = None
+        result = common.ShapeInferencePass(strict_mode=False, data_prop=True)(model)
+        return ir.passes.PassResult(model, result.modified)
+
+
+def prepare_passes() -> list[ir.passes.PassBase]:
+    """The passes that make any exporter's graph readable (see the module's docstring)."""
+    return [
+        InitializerInputsPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        InferShapesPass(clear=False),
+        StaticDimsPass(),
+        FoldConstantsPass(),
+        StaticDimsPass(),
+        FoldConstantsPass(),
+        common.IdentityEliminationPass(),
+        common.RemoveUnusedNodesPass(),
+        InferShapesPass(clear=False),
+    ]
