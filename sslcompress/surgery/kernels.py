@@ -26,7 +26,7 @@ def shrink_kernels(model: ir.Model) -> ShrinkResult:
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
             continue
         w_value = node.inputs[1]
-        if w_value.const_value is None or len(w_value.uses()) != 1:
+        if not w_value.is_initializer() or len(w_value.uses()) != 1:
             continue
         if node.attributes.get("auto_pad") is not None and node.attributes["auto_pad"].value not in ("NOTSET",):
             continue

@@ -284,7 +284,7 @@ def set_const(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> 
     old = node.inputs[index]
     dtype = const_tensor(old).dtype
     array = np.ascontiguousarray(np.asarray(array).astype(dtype))
-    if old.const_value is not None and len(old.uses()) == 1 and not old.is_graph_output():
+    if old.is_initializer() and len(old.uses()) == 1 and not old.is_graph_output():
         old.const_value = ir.tensor(array, name=old.name)
         old.shape = ir.Shape(array.shape)
         return
