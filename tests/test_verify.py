@@ -15,7 +15,6 @@ from sslcompress.surgery.compress import compress
 from sslcompress.surgery.diverge import first_diverging_node
 from sslcompress.surgery.export import export_onnx
 from sslcompress.surgery.inputs import random_batches, real_inputs
-from sslcompress.surgery.prune import PruneResult
 
 LENET = ModelSpec("lenet5", 10, 1, (28, 28))
 
@@ -97,13 +96,9 @@ def test_pruned_shapes_are_skipped(sparse):
 def test_compress_reports_the_diverging_node_only_on_failure(sparse, monkeypatch):
     ok = compress(sparse).report["verification"]
     assert ok["passed"] and ok["first_diverging_node"] is None
-    real = compress_mod.prune_dead_channels
-
-    def broken(proto):
-        res = real(proto)
-        return PruneResult(_perturbed(res.model, "conv2.bias", 5.0), res.channels_removed, res.tensors_changed)
-
-    monkeypatch.setattr(compress_mod, "prune_dead_channels", broken)
+    real = compress_mod.finish
+    # A deliberately broken surgery: the compact model's conv2 bias moved by 5.
+    monkeypatch.setattr(compress_mod, "finish", lambda model: _perturbed(real(model), "conv2.bias", 5.0))
     v = compress(sparse).report["verification"]
     assert not v["passed"]
     assert v["first_diverging_node"]["node"] == "/conv2/Conv"
@@ -157,7 +152,7 @@ def test_dynamic_spatial_input_needs_real_inputs(sparse):
     with pytest.raises(UnsupportedModelError, match="dynamic dimension 2"):
         compress(model)
     inputs = real_inputs(model, "digits", limit=3)
-    assert [b.shape for b in random_batches(model, inputs, n_random=2)] == [(2, 1, 28, 28)] * 2
+    assert [b["input"].shape for b in random_batches(model, inputs, n_random=2)] == [(2, 1, 28, 28)] * 2
     v = compress(model, inputs=inputs).report["verification"]
     assert v["passed"] and v["real_images"] == 3
 
@@ -165,6 +160,7 @@ def test_dynamic_spatial_input_needs_real_inputs(sparse):
 def test_random_batches_are_the_verification_stream(dense):
     batches = random_batches(dense, n_random=3, seed=5)
     rng = np.random.default_rng(5)
-    for b in batches:
-        np.testing.assert_array_equal(b, rng.standard_normal((1, 1, 28, 28), dtype=np.float32))
+    for b in batches:  # one feed per batch; for one float32 input, the stream of single arrays
+        assert list(b) == ["input"]
+        np.testing.assert_array_equal(b["input"], rng.standard_normal((1, 1, 28, 28), dtype=np.float32))
     assert random_batches(dense, n_random=0) == []
