@@ -9,6 +9,7 @@ The Python API for users with their own training loop (names load lazily, so the
     save_checkpoint / load_checkpoint        the checkpoint the other commands read
     export_onnx(model, input_shape)          torch -> simplified ONNX (eval mode, onnxsim)
     compress(onnx_model_or_path)             exact surgery: compact model, report, verification
+    register_rule(op_type, rule, domain=...)  teach the surgery an op of your own (see OpRule)
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ _EXPORTS = {
     "run_finetune": "sslcompress.finetune.pipeline",
     "export_onnx": "sslcompress.surgery.export",
     "compress": "sslcompress.surgery.compress",
+    "register_rule": "sslcompress.surgery.ops",
+    "OpRule": "sslcompress.surgery.ops",
+    "PassThrough": "sslcompress.surgery.ops",
+    "Unary": "sslcompress.surgery.ops",
+    "Channels": "sslcompress.surgery.ops",
+    "Decline": "sslcompress.surgery.ops",
 }
 
 __all__ = sorted(_EXPORTS)

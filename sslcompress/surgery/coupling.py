@@ -111,8 +111,10 @@ def _read_by_subgraphs(graph: ir.Graph) -> dict[ir.Value, ir.Node]:
 
 
 def _wall(node: ir.Node, answer: Decline | None = None) -> str:
+    name = f"{node.op_type} {node.name or node.outputs[0].name}"
     if rule_for(node) is None:
-        return f"{node.op_type} {node.name} (no rule for this op)"
+        domain = f" of domain {node.domain}" if node.domain not in ("", "ai.onnx") else ""
+        return f"{name} (no rule for this op{domain})"
     if isinstance(answer, Decline):
-        return f"{node.op_type} {node.name} ({answer.reason})"
-    return f"{node.op_type} {node.name}"
+        return f"{name} ({answer.reason})"
+    return f"{name} (its rule cannot read this node)"

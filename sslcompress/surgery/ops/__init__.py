@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import dims, elementwise, layers, layout, pooling, shape  # noqa: F401  (registration)
+from .elementwise import Unary  # noqa: F401
 from .base import (  # noqa: F401
     CONSTANT,
     LIVE,
@@ -10,6 +11,7 @@ from .base import (  # noqa: F401
     Channels,
     Decline,
     OpRule,
+    PassThrough,
     attr_value,
     channel_axis,
     channel_count,

@@ -83,6 +83,10 @@ class OpRule:
     its channels (the layout analysis stores it on the value).
     """
 
+    # True where the first output always has the first input's shape (elementwise unary ops): the
+    # layout analysis then fills in an output shape that shape inference could not give (custom ops).
+    same_shape = False
+
     def in_axes(self, node: ir.Node) -> list[int | None]:
         return [None] * len(node.inputs)
 

@@ -33,7 +33,11 @@ from .base import (
 
 
 class Unary(PassThrough):
+    """y = f(x) channel by channel; ``f(values, node)`` maps known channel values (derive from this
+    class for an elementwise op of your own)."""
+
     f: Callable[[np.ndarray, ir.Node], np.ndarray] = staticmethod(lambda v, n: v)
+    same_shape = True
 
     def forward(self, node, ins):
         x = ins[0]
