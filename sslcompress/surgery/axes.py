@@ -20,22 +20,14 @@ def assign_channel_axes(model: ir.Model) -> None:
         v.meta.pop(AXIS_KEY, None)
     for node in model.graph:
         rule = rule_for(node)
-        if rule is not None and rule.same_shape and node.inputs and node.inputs[0] is not None:
-            _fill_shape(node.inputs[0], node.outputs[0])
+        if rule is not None:
+            rule.fill_shapes(node)
         axes = rule.out_axes(node) if rule is not None else [1] * len(node.outputs)
         for v, axis in zip(node.outputs, axes, strict=False):
             if axis is None:
                 v.meta[AXIS_KEY] = -1  # no channel axis
             else:
                 v.meta[AXIS_KEY] = axis
-
-
-def _fill_shape(src: ir.Value, dst: ir.Value) -> None:
-    """An elementwise op's output has its input's shape: fill it in where inference could not."""
-    if dst.shape is None and src.shape is not None:
-        dst.shape = src.shape
-    if dst.type is None and src.type is not None:
-        dst.type = src.type
 
 
 def reads_on_its_axis(rule, node: ir.Node) -> list[bool]:

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 
 from ..errors import SurgeryError
 from .diverge import Divergence, first_diverging_node
 from .export import load_onnx
-from .inputs import random_batches
+from .inputs import FeedLike, as_feeds, check_verifiable, random_batches
 from .lowering import lower_sparse_columns_ir
 from .measure import OnnxLayer, layers_of, parameters_of
 from .passes import Surgery
@@ -29,7 +29,7 @@ class CompressResult:
     verification: VerifyResult
 
 
-def compress(model: onnx.ModelProto | str | Path, *, inputs: list[np.ndarray] | None = None,
+def compress(model: onnx.ModelProto | str | Path, *, inputs: Sequence[FeedLike] | None = None,
              rtol_of_max: float = 1e-4, shape_lowering: str = "predict",
              lowering_plan: Any = None) -> CompressResult:
     """The compact model and its report; `verification.passed` says whether it may be written.
@@ -42,7 +42,8 @@ def compress(model: onnx.ModelProto | str | Path, *, inputs: list[np.ndarray] | 
     t0 = time.perf_counter()
     proto = load_onnx(model) if isinstance(model, (str, Path)) else model
     # What verification will feed, settled before any pass: a model it cannot run is refused first.
-    real_batches = list(inputs or [])
+    check_verifiable(proto, inputs)
+    real_batches = as_feeds(proto, list(inputs or []))
     random = random_batches(proto, real_batches)
     work = ir.serde.deserialize_model(proto)
     surgery = Surgery()
@@ -67,7 +68,8 @@ def compress(model: onnx.ModelProto | str | Path, *, inputs: list[np.ndarray] | 
                           size=(proto.ByteSize(), compact.ByteSize()),
                           channels_removed=pruned.channels_removed,
                           seconds={"surgery": t_surgery, "total": time.perf_counter() - t0},
-                          real=real, real_images=sum(len(x) for x in real_batches), diverging=diverging)
+                          real=real, real_images=sum(len(next(iter(f.values()))) for f in real_batches if f),
+                          diverging=diverging)
     report["blocks_removed"] = list(depth.branches_removed)
     report["constant_channels_folded"] = fold.channels_folded
     report["constant_maps_added"] = list(fold.bias_maps)
@@ -111,6 +113,7 @@ def build_report(before: list[OnnxLayer], after: list[OnnxLayer], check: VerifyR
             "channels_removed": channels_removed,
         },
         "verification": {"max_abs": check.max_abs, "max_ref": check.max_ref, "rel": check.rel,
+                         "worst_output": check.where, "rtol": check.rtol,
                          "top1_agreement": check.top1_agreement, "passed": check.passed,
                          "inputs": check.n_inputs,
                          # On the real images alone (--data): how many, and how often top-1 agrees.

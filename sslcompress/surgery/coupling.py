@@ -62,6 +62,9 @@ def couple(model: ir.Model) -> Coupling:
                 n = channel_count(v)
                 if n is not None:
                     c.ids[v] = ids if ids is not None and len(ids) == n else c.fresh(n, pinned=_wall(node))
+                elif ids is not None:
+                    # Channels flow into a value whose size is unknown: no reader of it could follow them.
+                    c.pin(ids, f"{node.op_type} {node.name or v.name} (its output's channel count is unknown)")
             continue
         why = _wall(node, outs)
         c.walls[node] = why

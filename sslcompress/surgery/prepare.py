@@ -8,14 +8,12 @@ through ``Unsqueeze`` of per-channel constants, and older files (IR 3) list ever
 graph input. The channel analysis reads constants only, so these passes fold all of that first:
 
 1. initializer-backed graph inputs become plain initializers (and unused ones go);
-2. shapes are inferred;
-3. entries of ``Shape`` that are static become constants (``x.size(1)`` with a dynamic batch);
-4. onnxscript's constant folding, with its size limits lifted so weights fold too (quantize
+2. Constant nodes become initializers (shape inference reads shape operands only from those);
+3. shapes are inferred;
+4. entries of ``Shape`` that are static become constants (``x.size(1)`` with a dynamic batch);
+5. onnxscript's constant folding, with its size limits lifted so weights fold too (quantize
    and dequantize nodes are kept: they are the model's quantization, not arithmetic to fold);
-5. Identity nodes and whatever no output needs go; shapes are inferred again.
-
-Constant nodes stay as they are (the rules read them as constants); a model with nothing to fold
-comes out as it went in.
+6. Identity nodes and whatever no output needs go; shapes are inferred again.
 
 Every step computes what the graph computed: a folded node is evaluated on its constant inputs.
 """
@@ -53,6 +51,8 @@ class InitializerInputsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = common.RemoveInitializersFromInputsPass()(model)
+        if result.modified and model.ir_version < 4:
+            model.ir_version = 4  # the first IR version whose initializers need not be inputs
         return ir.passes.PassResult(model, result.modified)
 
 
@@ -146,9 +146,13 @@ def prepare_passes() -> list[ir.passes.PassBase]:
     """The passes that make any exporter's graph readable (see the module's docstring)."""
     return [
         InitializerInputsPass(),
+        # Shape inference reads constant shape operands from initializers only.
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        # Twice: sizes hidden behind a Pad built from shape arithmetic are known only once it folded.
         InferShapesPass(clear=False),
         StaticDimsPass(),
         FoldConstantsPass(),
+        InferShapesPass(clear=False),
         StaticDimsPass(),
         FoldConstantsPass(),
         common.IdentityEliminationPass(),

@@ -67,7 +67,8 @@ def shape_vector(v: ir.Value | None, _depth: int = 0) -> list[Dim] | None:
         end = attr_value(node, "end", None)
         start = start % rank if start < 0 else min(start, rank)
         end = rank if end is None else (int(end) % rank if int(end) < 0 else min(int(end), rank))
-        return [Dim(int(x.shape[i])) if isinstance(x.shape[i], int) else Dim(ref=(x, i)) for i in range(start, end)]
+        # Read at run time even where the size is static now: it follows x when x loses channels.
+        return [Dim(int(x.shape[i]) if isinstance(x.shape[i], int) else None, ref=(x, i)) for i in range(start, end)]
     if op in ("Cast", "Identity", "Squeeze", "Unsqueeze"):
         inner = shape_vector(node.inputs[0], _depth + 1)
         # Squeeze/Unsqueeze only turn a scalar into a one-entry vector and back here.
@@ -261,6 +262,9 @@ class Expand(OpRule):
             if ids[0] is None:
                 return Decline("its input's channels cannot be followed")
             d = vec[entry] if entry is not None else None
+            if d is not None and d.ref is not None and channel_axis(d.ref[0]) != d.ref[1]:
+                merge_refs(ctx, vec, None, None, why)
+                return Decline("its target names the channel count by the size of another axis")
             if d is not None and d.ref is None and d.value not in (1, -1) and d.site is None:
                 merge_refs(ctx, vec, None, None, why)
                 return Decline("its target names the channel count where it cannot be rewritten")

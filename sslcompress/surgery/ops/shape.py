@@ -83,9 +83,10 @@ class Reshape(Spread):
         x, y = node.inputs[0], node.outputs[0]
         vec = target_of(node, 1)
         n = channel_count(x)
-        if vec is None or n is None or x.shape is None or y.shape is None or len(vec) != len(y.shape) \
-                or len(vec) < 2 or int(attr_value(node, "allowzero", 0)):
+        if vec is None or n is None or x.shape is None or len(vec) < 2 or (y.shape is not None and len(vec) != len(y.shape)):
             return None
+        if int(attr_value(node, "allowzero", 0)) and any(d.value == 0 for d in vec):
+            return None  # a literal size 0, not "copy this dim"
         first, second = vec[0], vec[1]
         features = static_dims(x, 1)
         n_features = int(np.prod(features)) if features is not None else None
@@ -93,20 +94,32 @@ class Reshape(Spread):
             first.value == -1 and second.value is not None and second.value == n_features)
         if not keeps_batch:
             return None
-        if len(vec) == 2 and n_features is not None and channel_count(y) == n_features and \
-                (second.value in (-1, n_features) or (second.ref is None and second.value is None)):
+        # (batch, C*H*W): read from the target, whatever shape inference made of the output.
+        if len(vec) == 2 and n_features is not None and (second.value == -1 or (
+                second.value == n_features and second.ref is None)):
             return "flatten", vec
-        same_channels = second.value in (0, n) or (second.ref is not None and second.ref[0] is x and
-                                                   second.ref[1] == 1)
-        if same_channels or (second.value == -1 and channel_count(y) == n):
+        if y.shape is None or channel_count(y) != n:
+            return None
+        if second.ref is not None:
+            # A size read at run time names the channels: only a channel count will do (couple merges
+            # that value's channels with x's), never the size of some other axis.
+            return ("keep", vec) if channel_axis(second.ref[0]) == second.ref[1] else None
+        if second.value in (0, n, -1):
             return "keep", vec
-        if second.ref is not None and channel_axis(second.ref[0]) == second.ref[1] and channel_count(y) == n:
-            return "keep", vec  # the channel count of a value coupled to x (see couple)
         return None
 
     def _kind(self, node) -> str | None:
         plan = self._plan(node)
         return None if plan is None else plan[0]
+
+    def fill_shapes(self, node):
+        x, y = node.inputs[0], node.outputs[0]
+        known = y.shape is not None and len(y.shape) == 2 and isinstance(y.shape[1], int)
+        if not known and self._kind(node) == "flatten":
+            batch = y.shape[0] if y.shape is not None and len(y.shape) == 2 else x.shape[0]
+            y.shape = ir.Shape([batch, int(np.prod(static_dims(x, 1)))])
+            if y.type is None:
+                y.type = x.type
 
     def spatial(self, node):
         if self._kind(node) != "flatten":
