@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from .ops.base import attr_value, const_tensor
+from .ops.base import attr_value, const_tensor, refine_shape
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,22 @@ class FoldConstantsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, bool(result.modified))
 
 
+class RuleShapesPass(ir.passes.InPlacePass):
+    """Output shapes the op rules know where inference left them unknown (an Expand to a constant
+    shape at an old opset, a flatten whose target is built at run time); inference then carries them on."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from .ops import rule_for
+
+        before = [v.shape for node in model.graph for v in node.outputs]
+        for node in model.graph:
+            rule = rule_for(node)
+            if rule is not None:
+                rule.fill_shapes(node)
+        after = [v.shape for node in model.graph for v in node.outputs]
+        return ir.passes.PassResult(model, before != after)
+
+
 class InferShapesPass(ir.passes.InPlacePass):
     """Shapes inferred afresh: stale shapes of intermediate values are cleared first, since a rewrite
     changed them; graph inputs and outputs keep what they declare."""
@@ -138,7 +154,13 @@ class InferShapesPass(ir.passes.InPlacePass):
                 for v in node.outputs:
                     if not v.is_graph_output():
                         v.shape = None
+        known = {v: v.shape for node in model.graph for v in node.outputs if v.shape is not None}
         result = common.ShapeInferencePass(strict_mode=False, data_prop=True)(model)
+        # Inference invents a new symbol for every unknown size; a size the rules proved keeps its name.
+        for v, shape in known.items():
+            if v.shape is not None and shape is not None and len(v.shape) == len(shape):
+                refine_shape(v, [o if not isinstance(n, int) and not isinstance(o, int) else None
+                                 for o, n in zip(shape, v.shape, strict=True)])
         return ir.passes.PassResult(model, result.modified)
 
 
@@ -157,5 +179,7 @@ def prepare_passes() -> list[ir.passes.PassBase]:
         FoldConstantsPass(),
         common.IdentityEliminationPass(),
         common.RemoveUnusedNodesPass(),
+        InferShapesPass(clear=False),
+        RuleShapesPass(),
         InferShapesPass(clear=False),
     ]

@@ -56,7 +56,7 @@ def shape_vector(v: ir.Value | None, _depth: int = 0) -> list[Dim] | None:
         return [Dim(int(x)) for x in np.atleast_1d(c)]
     node = v.producer()
     if node is None or node.domain not in ("", "ai.onnx"):
-        return None
+        return None if node is None else _unknown_entries(v)
     op = node.op_type
     if op == "Shape":
         x = node.inputs[0]
@@ -69,6 +69,10 @@ def shape_vector(v: ir.Value | None, _depth: int = 0) -> list[Dim] | None:
         end = rank if end is None else (int(end) % rank if int(end) < 0 else min(int(end), rank))
         # Read at run time even where the size is static now: it follows x when x loses channels.
         return [Dim(int(x.shape[i]) if isinstance(x.shape[i], int) else None, ref=(x, i)) for i in range(start, end)]
+    if op == "Reshape" and v.shape is not None and len(v.shape) == 1:
+        inner = shape_vector(node.inputs[0], _depth + 1)
+        if inner is not None and isinstance(v.shape[0], int) and len(inner) == v.shape[0]:
+            return [_unsited(d) for d in inner]
     if op in ("Cast", "Identity", "Squeeze", "Unsqueeze"):
         inner = shape_vector(node.inputs[0], _depth + 1)
         # Squeeze/Unsqueeze only turn a scalar into a one-entry vector and back here.
@@ -100,6 +104,13 @@ def shape_vector(v: ir.Value | None, _depth: int = 0) -> list[Dim] | None:
                 inner = [Dim(d.value, site=(node, k, j)) for j, d in enumerate(inner)]
             out.extend(inner)
         return out
+    return _unknown_entries(v)
+
+
+def _unknown_entries(v: ir.Value) -> list[Dim] | None:
+    """Entries computed by arithmetic we do not follow: known in number, unknown in value."""
+    if v.shape is not None and len(v.shape) <= 1 and all(isinstance(d, int) for d in v.shape):
+        return [Dim() for _ in range(int(np.prod(list(v.shape))) if len(v.shape) else 1)]
     return None
 
 
@@ -212,6 +223,21 @@ class Expand(OpRule):
 
     def out_axes(self, node):
         return [follow_axis(node.inputs[0], node.outputs[0])]
+
+    def fill_shapes(self, node):
+        x, y = node.inputs[0], node.outputs[0]
+        vec = shape_vector(input_or_none(node, 1))
+        if x is None or x.shape is None or vec is None or any(d.value is None for d in vec) \
+                or any(not isinstance(d, int) for d in x.shape):
+            return
+        try:
+            shape = np.broadcast_shapes(tuple(x.shape), tuple(d.value for d in vec))
+        except ValueError:
+            return
+        if y.shape is None or list(y.shape) != list(shape):
+            y.shape = ir.Shape(list(shape))
+            if y.type is None:
+                y.type = x.type
 
     def _plan(self, node) -> tuple[str, int, list[Dim], int | None] | None:
         """(kind, output axis, target, target entry of the channel axis or None)."""

@@ -27,8 +27,9 @@ from .base import (
     const_tensor,
     follow_axis,
     rank_of,
+    refine_shape,
     register,
-    set_const,
+    take_const,
 )
 
 
@@ -160,7 +161,8 @@ def _slice_constants(graph: ir.Graph, node: ir.Node, keep: np.ndarray | None, in
         seen = _per_channel(v, out, len(keep))
         if seen is None or seen[1] < 0:
             continue
-        set_const(graph, node, i, np.compress(keep, const_tensor(v), axis=seen[1]))
+        # take_const: a quantized constant (DequantizeLinear of an initializer) stays quantized.
+        take_const(graph, node, i, lambda c, axis=seen[1]: np.compress(keep, c, axis=axis))
         changed = True
     return changed
 
@@ -176,6 +178,17 @@ class Elementwise(OpRule):
     def out_axes(self, node):
         tensors = [v for v in node.inputs if v is not None and const_tensor(v) is None]
         return [follow_axis(tensors[0], node.outputs[0]) if tensors else 1]
+
+    def fill_shapes(self, node):
+        """Operands of one rank whose sizes agree (or are 1) give the output those sizes, symbols included."""
+        shapes = [list(v.shape) for v in node.inputs if v is not None and v.shape is not None]
+        if len(shapes) != len([v for v in node.inputs if v is not None]) or len({len(s) for s in shapes}) != 1:
+            return
+        dims = []
+        for sizes in zip(*shapes, strict=True):
+            big = {d for d in sizes if d != 1}
+            dims.append(big.pop() if len(big) == 1 else (1 if not big else None))
+        refine_shape(node.outputs[0], dims)
 
     def operands(self, node: ir.Node, ins: list[Channels | None]) -> list[Channels] | None:
         out = node.outputs[0]

@@ -2,9 +2,15 @@
 
 A weighted layer writes new channels (fresh ids) and reads an input channel only through a
 nonzero weight fibre; a zero input channel contributes nothing, zero padding included, so
-deleting it with its fibre is exact. A grouped Conv keeps equal groups: each group's input and
-output channels share one id, so a group goes as a whole (for a depthwise Conv: a channel and
-its outputs).
+deleting it with its fibre is exact. A grouped Conv loses channels per group: every group it
+keeps must keep as many input channels and as many output channels as the others, so where the
+dead channels fall unevenly its ``settle`` keeps some of them (the strongest first) until the
+groups are equal again; a group with nothing left goes whole. A depthwise Conv (one input
+channel per group) loses a channel with its outputs.
+
+Weights may be constants or DequantizeLinear of constants (QDQ models): they read as their float
+values, and the rewrite picks entries of the quantized tensor and its per-channel scale
+(``take_const``), so the layer stays quantized.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from .base import (
     ZERO,
     Channels,
     Decline,
+    Keep,
     OpRule,
     PassThrough,
     attr_value,
@@ -25,9 +32,11 @@ from .base import (
     const_array,
     const_tensor,
     input_or_none,
+    quant_blocker,
     rank_of,
+    refine_shape,
     register,
-    set_const,
+    take_const,
 )
 
 
@@ -48,8 +57,70 @@ def _needed_or_all(needed, n: int) -> np.ndarray:
     return np.ones(n, bool) if needed is None else needed
 
 
+_PARAMS = {1: "weight", 2: "bias", 3: "mean", 4: "variance"}
+
+
+def _quantized_decline(node, indices=(1, 2), names=None) -> Decline | None:
+    """A Decline naming the first constant input whose quantization the surgery cannot slice."""
+    for i in indices:
+        why = quant_blocker(input_or_none(node, i))
+        if why:
+            return Decline(f"its {(names or _PARAMS).get(i, f'input {i}')} is {why}")
+    return None
+
+
+def _unread_weight(node, what: str) -> str:
+    """Why a weight reads as no constant: quantized at run time, or computed."""
+    v = input_or_none(node, 1)
+    p = v.producer() if v is not None else None
+    if p is not None and p.op_type == "DequantizeLinear":
+        return f"its weight is dequantized from a tensor or with a scale computed at run time{what}"
+    return f"its weight is computed at run time{what}"
+
+
+def _take_rows_cols(graph, node, index: int, rows, cols) -> None:
+    """Keep ``rows`` (axis 0) and ``cols`` (axis 1) of a constant input; None keeps them all."""
+    if rows is None and cols is None:
+        return
+
+    def select(a):
+        a = a[rows] if rows is not None else a
+        return a[:, cols] if cols is not None else a
+    take_const(graph, node, index, select)
+
+
+def _group_counts(mask: np.ndarray, group: int) -> np.ndarray:
+    return mask.reshape(group, -1).sum(1)
+
+
+def _strongest(candidates: np.ndarray, strength: np.ndarray, n: int) -> np.ndarray:
+    """``n`` of the candidate positions, largest strength first (ties: lowest position)."""
+    idx = np.nonzero(candidates)[0]
+    order = np.argsort(-strength[idx], kind="stable")
+    return idx[order[:n]]
+
+
 @register("Conv")
 class Conv(OpRule):
+    def fill_shapes(self, node):
+        """A spatial size that a stride-1 conv keeps (its padding makes up for its extent) stays the same
+        symbol, so a residual Add sees equal shapes even where the input size is dynamic."""
+        x, y = node.inputs[0], node.outputs[0]
+        w = input_or_none(node, 1)
+        if x is None or x.shape is None or w is None or w.shape is None or len(x.shape) != len(w.shape) \
+                or attr_value(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            return
+        spatial = len(x.shape) - 2
+        pads = list(attr_value(node, "pads", [0] * 2 * spatial))
+        strides = list(attr_value(node, "strides", [1] * spatial))
+        dil = list(attr_value(node, "dilations", [1] * spatial))
+        dims = [x.shape[0], w.shape[0]]
+        for i in range(spatial):
+            k = w.shape[2 + i]
+            keeps = strides[i] == 1 and isinstance(k, int) and pads[i] + pads[i + spatial] == dil[i] * (k - 1)
+            dims.append(x.shape[2 + i] if keeps else None)
+        refine_shape(y, dims)
+
     def forward(self, node, ins):
         x = ins[0]
         w = const_array(input_or_none(node, 1))
@@ -84,22 +155,56 @@ class Conv(OpRule):
         n_out = channel_count(node.outputs[0])
         x = ids[0]
         if w is None:
-            return Decline("its weight is computed at run time")
+            return Decline(_unread_weight(node, ""))
         if n_out is None:
             return Decline("its output channel count is unknown")
         if w.ndim > 0 and _bias(node, w.shape[0]) is None:
             return Decline("its bias is computed at run time")
+        quantized = _quantized_decline(node)
+        if quantized is not None:
+            return quantized
         group = int(attr_value(node, "group", 1))
         if group != 1 and x is None:
             return Decline("a grouped conv whose input channels cannot be followed")
         out = ctx.fresh(n_out)
-        if group != 1:
-            per_in, per_out = len(x) // group, n_out // group
+        if group != 1 and len(x) == group:
+            # Depthwise: a channel and its outputs are one; a grouped conv's groups are kept equal
+            # by settle instead, once the dead channels are known.
+            per_out = n_out // group
             for g in range(group):
-                members = x[g * per_in:(g + 1) * per_in] + out[g * per_out:(g + 1) * per_out]
-                for m in members[1:]:
-                    ctx.union(members[0], m)
+                for m in out[g * per_out:(g + 1) * per_out]:
+                    ctx.union(x[g], m)
         return [out]
+
+    def settle(self, node, keep_in, keep_out):
+        """Per group, as many kept input and output channels as the fullest group: where the dead
+        channels fall unevenly, the strongest of the others stay (any would be exact)."""
+        group = int(attr_value(node, "group", 1))
+        kin, kout = keep_in[0], keep_out[0]
+        w = const_array(input_or_none(node, 1))
+        if group == 1 or kin is None or kout is None or w is None or len(kin) == group:
+            return None
+        per_in, per_out = len(kin) // group, len(kout) // group
+        gin, gout = kin.reshape(group, per_in), kout.reshape(group, per_out)
+        active = gin.any(1) | gout.any(1)
+        if not active.any():
+            return None  # a wholly dead conv: the emptied value keeps a channel first
+        n_in = max(int(gin[active].sum(1).max()), 1)
+        n_out = max(int(gout[active].sum(1).max()), 1)
+        mag = np.abs(w.reshape(w.shape[0], w.shape[1], -1)).sum(2)  # (out, in per group)
+        more_in, more_out = np.zeros_like(kin), np.zeros_like(kout)
+        for g in np.nonzero(active)[0]:
+            rows = slice(g * per_out, (g + 1) * per_out)
+            lack = n_out - int(gout[g].sum())
+            if lack > 0:
+                more_out[rows][_strongest(~gout[g], mag[rows].sum(1), lack)] = True
+            lack = n_in - int(gin[g].sum())
+            if lack > 0:
+                more_in[g * per_in:(g + 1) * per_in][_strongest(~gin[g], mag[rows].sum(0), lack)] = True
+        if not more_in.any() and not more_out.any():
+            return None
+        return Keep([more_in] + [None] * (len(node.inputs) - 1), [more_out],
+                    f"keeps its {group} groups equal")
 
     def backward(self, node, needed, ins):
         w = const_array(node.inputs[1])
@@ -116,17 +221,28 @@ class Conv(OpRule):
         kin, kout = keep_in[0], keep_out[0]
         w = const_tensor(node.inputs[1])
         group = int(attr_value(node, "group", 1))
-        if kout is not None:
-            w = w[kout]
-            b = input_or_none(node, 2)
-            if b is not None:
-                set_const(graph, node, 2, const_tensor(b)[kout])
-        if group == 1 and kin is not None:
-            w = w[:, kin]
-        elif group != 1 and kin is not None:
-            kept_groups = int(kin.reshape(group, -1).all(1).sum())
-            node.attributes["group"] = ir.AttrInt64("group", kept_groups)
-        set_const(graph, node, 1, w)
+        if kout is not None and input_or_none(node, 2) is not None:
+            take_const(graph, node, 2, lambda a: a[kout])
+        if group == 1:
+            _take_rows_cols(graph, node, 1, kout, kin)
+            return True
+        out_ch, per_in = w.shape[0], w.shape[1]
+        kin = np.ones(per_in * group, bool) if kin is None else kin
+        kout = np.ones(out_ch, bool) if kout is None else kout
+        if per_in == 1:  # depthwise: each group's input and outputs go together
+            kept = int(kin.reshape(group, -1).all(1).sum())
+            _take_rows_cols(graph, node, 1, kout, None)
+        else:
+            gin, gout = kin.reshape(group, per_in), kout.reshape(group, -1)
+            groups = np.nonzero(gin.any(1) | gout.any(1))[0]
+            n_in, n_out = {int(gin[g].sum()) for g in groups}, {int(gout[g].sum()) for g in groups}
+            if len(n_in) > 1 or len(n_out) > 1:
+                raise AssertionError(f"Conv {node.name} would keep unequal groups ({n_in} in, {n_out} out)")
+            per_out = out_ch // group
+            picks = [(g * per_out + np.nonzero(gout[g])[0], np.nonzero(gin[g])[0]) for g in groups]
+            take_const(graph, node, 1, lambda a: np.concatenate([a[r][:, c] for r, c in picks], axis=0))
+            kept = len(groups)
+        node.attributes["group"] = ir.AttrInt64("group", kept)
         return True
 
 
@@ -161,7 +277,7 @@ class ConvTranspose(OpRule):
             return Decline("a grouped ConvTranspose, or a weight computed at run time")
         if n_out is None or _bias(node, w.shape[1]) is None:
             return Decline("unknown output channels or a bias computed at run time")
-        return [ctx.fresh(n_out)]
+        return _quantized_decline(node) or [ctx.fresh(n_out)]
 
     def backward(self, node, needed, ins):
         w = const_array(node.inputs[1])
@@ -171,14 +287,9 @@ class ConvTranspose(OpRule):
 
     def rewrite(self, graph, node, keep_in, keep_out):
         kin, kout = keep_in[0], keep_out[0]
-        w = const_tensor(node.inputs[1])
-        w = w[kin] if kin is not None else w
-        if kout is not None:
-            w = w[:, kout]
-            b = input_or_none(node, 2)
-            if b is not None:
-                set_const(graph, node, 2, const_tensor(b)[kout])
-        set_const(graph, node, 1, w)
+        _take_rows_cols(graph, node, 1, kin, kout)
+        if kout is not None and input_or_none(node, 2) is not None:
+            take_const(graph, node, 2, lambda a: a[kout])
         return True
 
 
@@ -215,10 +326,12 @@ class Dense(OpRule):
     def couple(self, node, ids, ctx):
         n_out = channel_count(node.outputs[0])
         if self.matrix(node) is None:
+            if const_tensor(input_or_none(node, 1)) is None:
+                return Decline(_unread_weight(node, ", not a constant matrix"))
             return Decline("not an input times a constant matrix")
         if n_out is None or self.bias_and_scale(node, n_out) is None:
             return Decline("unknown output features, or a bias that is not one value per feature")
-        return [ctx.fresh(n_out)]
+        return _quantized_decline(node) or [ctx.fresh(n_out)]
 
     def backward(self, node, needed, ins):
         w = self.matrix(node)
@@ -247,19 +360,15 @@ class Gemm(Dense):
 
     def rewrite(self, graph, node, keep_in, keep_out):
         kin, kout = keep_in[0], keep_out[0]
-        w = const_tensor(node.inputs[1])
         if attr_value(node, "transB", 0):
-            w = w[kout] if kout is not None else w
-            w = w[:, kin] if kin is not None else w
+            _take_rows_cols(graph, node, 1, kout, kin)
         else:
-            w = w[kin] if kin is not None else w
-            w = w[:, kout] if kout is not None else w
-        set_const(graph, node, 1, w)
+            _take_rows_cols(graph, node, 1, kin, kout)
         c = input_or_none(node, 2)
         if c is not None and kout is not None:
             b = const_tensor(c)
             if b.size == len(kout):
-                set_const(graph, node, 2, b.reshape(-1)[kout].reshape((-1,) if b.ndim == 1 else (1, -1)))
+                take_const(graph, node, 2, lambda a: a.reshape(-1)[kout].reshape((-1,) if a.ndim == 1 else (1, -1)))
         return True
 
 
@@ -274,10 +383,7 @@ class MatMul(Dense):
 
     def rewrite(self, graph, node, keep_in, keep_out):
         kin, kout = keep_in[0], keep_out[0]
-        w = const_tensor(node.inputs[1])
-        w = w[kin] if kin is not None else w
-        w = w[:, kout] if kout is not None else w
-        set_const(graph, node, 1, w)
+        _take_rows_cols(graph, node, 1, kin, kout)
         return True
 
 
@@ -302,12 +408,16 @@ class BatchNorm(PassThrough):
             return Decline("its training-mode statistics are read")
         if any(const_array(input_or_none(node, i)) is None for i in range(1, 5)):
             return Decline("its parameters are computed at run time")
-        return super().couple(node, ids, ctx)
+        quantized = _quantized_decline(node, range(1, 5), {1: "scale", 2: "bias", 3: "mean", 4: "variance"})
+        return quantized or super().couple(node, ids, ctx)
 
     def rewrite(self, graph, node, keep_in, keep_out):
         kout = keep_out[0]
         if kout is None:
             return False
         for i in range(1, 5):
-            set_const(graph, node, i, const_tensor(node.inputs[i])[kout])
+            take_const(graph, node, i, lambda a: a[kout])
         return True
+
+
+from . import quant  # noqa: E402,F401  (registration: QuantizeLinear / DequantizeLinear rules)
