@@ -161,6 +161,11 @@ def print_surgery_report(report: dict[str, Any]) -> None:
     if blocked:
         _out.print("channels that could go but stay, and what keeps them: "
                    + ", ".join(f"{n} by {why}" for why, n in blocked.items()))
+    kept = report.get("zeros_kept") or {}
+    if kept:
+        _out.print("zero channels found but kept, and why: " + ", ".join(f"{n} by {why}" for why, n in kept.items()))
+    for add, why in (report.get("zero_branches_kept") or {}).items():
+        _out.print(f"zero residual branch kept at {add}: {why}")
     _print_lowering(report.get("shape_lowering"))
     agree = f", top-1 agreement {v['top1_agreement']:.2%}" if v.get("top1_agreement") is not None else ""
     _out.print(f"verification: {'passed' if v['passed'] else 'FAILED'} (max abs diff {v['max_abs']:.3g}, "

@@ -74,7 +74,9 @@ def compress(model: onnx.ModelProto | str | Path, *, inputs: Sequence[FeedLike] 
     report["constant_channels_folded"] = fold.channels_folded
     report["constant_maps_added"] = list(fold.bias_maps)
     report["blocked_by"] = dict(sorted(pruned.blocked.items(), key=lambda kv: -kv[1]))
+    # Zeros found but not used, and why: channels of weighted layers, and zero residual branches.
     report["zeros_kept"] = dict(pruned.zeros_kept)
+    report["zero_branches_kept"] = dict(depth.branches_kept)
     report["features_selected"] = {k: list(v) for k, v in surgery.features.result.selected.items()}
     report["kernels_shrunk"] = {k: [list(a), list(b)] for k, (a, b) in surgery.kernels.result.shrunk.items()}
     report["shape_lowering"] = lowered.report()

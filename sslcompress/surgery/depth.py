@@ -7,7 +7,7 @@ Add goes, and every node whose outputs no one reads any more (the branch) goes w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
@@ -20,6 +20,7 @@ from .ops.base import drop_unused_constants
 class DepthResult:
     branches_removed: tuple[str, ...]  # names of the Add nodes bypassed
     nodes_removed: int
+    branches_kept: dict[str, str] = field(default_factory=dict)  # Add with a zero operand that stays -> why
 
 
 def _same_shape(a: ir.Value, b: ir.Value) -> bool:
@@ -30,6 +31,7 @@ def remove_zero_branches(model: ir.Model) -> DepthResult:
     """Bypass the Adds whose one operand is ZERO throughout, in place."""
     states = analyze(model)
     removed: list[str] = []
+    kept: dict[str, str] = {}
     n_before = len(list(model.graph))
     for node in list(model.graph):
         if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
@@ -40,14 +42,18 @@ def remove_zero_branches(model: ir.Model) -> DepthResult:
         for zero_side in (0, 1):
             z, keep = node.inputs[zero_side], node.inputs[1 - zero_side]
             ch = states.get(z) if z is not None else None
-            if ch is None or not np.all(ch.state == ZERO) or not _same_shape(z, out) or not _same_shape(keep, out):
+            if ch is None or not np.all(ch.state == ZERO):
+                continue
+            if not _same_shape(z, out) or not _same_shape(keep, out):
+                kept[node.name or out.name] = "its operands' shapes cannot be shown equal to the sum's"
                 continue
             out.replace_all_uses_with(keep)
             model.graph.remove(node, safe=True)
             removed.append(node.name or out.name)
             break
     _remove_dead_nodes(model.graph)
-    return DepthResult(tuple(removed), n_before - len(list(model.graph)))
+    return DepthResult(tuple(removed), n_before - len(list(model.graph)),
+                       {k: v for k, v in kept.items() if k not in removed})
 
 
 def _remove_dead_nodes(graph: ir.Graph) -> None:

@@ -9,7 +9,7 @@ says what it requires of the graph before it runs and what it ensures after. The
 - constant channels folded into the layers that read them, so they become dead;
 - dead channels pruned, then shapes inferred afresh;
 - features selected, kernels shrunk, and last the shape lowering (it reads the convs as they
-  will run), then the checker.
+  will run); compress() then writes the model out once and runs the full checker on it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import onnx_ir as ir
-import onnx_ir.passes.common as common
 
 from ..errors import SSLCompressError, SurgeryError
 from .depth import remove_zero_branches
@@ -52,14 +51,6 @@ class SurgeryPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.result = self._run(model)
         return ir.passes.PassResult(model, True)
-
-
-class CheckedPass(ir.passes.InPlacePass):
-    """The full checker on the final model: a pass that wrote an invalid graph is a bug."""
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        common.CheckerPass(full_check=True)(model)
-        return ir.passes.PassResult(model, False)
 
 
 def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> None:
