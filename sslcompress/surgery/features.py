@@ -12,7 +12,16 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from .ops.base import add_initializer, attr_value, const_tensor, input_or_none, rank_of, set_const
+from .ops.base import (
+    add_initializer,
+    attr_value,
+    const_tensor,
+    input_or_none,
+    quant_blocker,
+    rank_of,
+    take_const,
+)
+from .ops.quant import activation_dequantize, dequantize_again
 
 
 @dataclass(frozen=True)
@@ -33,16 +42,20 @@ def select_features(model: ir.Model) -> FeatureResult:
         kept = np.nonzero(used)[0].astype(np.int64)
         name = node.name or node.outputs[0].name
         x = node.inputs[0]
-        picked = ir.Value(name=f"{x.name}.{name}.features", type=x.type,
+        dq = activation_dequantize(x)  # a quantized input: gather the quantized tensor, then dequantize
+        source = dq.inputs[0] if dq is not None else x
+        picked = ir.Value(name=f"{x.name}.{name}.features", type=source.type,
                           shape=ir.Shape([x.shape[0], len(kept)]) if x.shape is not None else None)
         indices = add_initializer(model.graph, f"{name}.feature_indices", kept)
-        gather = ir.Node("", "Gather", [x, indices], attributes=[ir.AttrInt64("axis", 1)],
+        gather = ir.Node("", "Gather", [source, indices], attributes=[ir.AttrInt64("axis", 1)],
                          outputs=[picked], name=f"{name}.select_features")
         model.graph.insert_before(node, gather)
-        node.replace_input_with(0, picked)
-        w = const_tensor(node.inputs[1])
+        if dq is not None:
+            dequantize_again(model.graph, node, 0, dq, picked, keep=kept)
+        else:
+            node.replace_input_with(0, picked)
         transposed = node.op_type == "Gemm" and attr_value(node, "transB", 0)
-        set_const(model.graph, node, 1, w[:, kept] if transposed else w[kept])
+        take_const(model.graph, node, 1, lambda a, k=kept, t=transposed: a[:, k] if t else a[k])
         selected[name] = (len(used), len(kept))
     return FeatureResult(selected)
 
@@ -54,4 +67,6 @@ def _weight_in_out(node: ir.Node) -> np.ndarray | None:
     w = const_tensor(input_or_none(node, 1))
     if w is None or w.ndim != 2 or (node.op_type == "Gemm" and attr_value(node, "transA", 0)):
         return None
+    if quant_blocker(node.inputs[1]) is not None:
+        return None  # a quantization the surgery does not slice
     return w.T if node.op_type == "Gemm" and attr_value(node, "transB", 0) else w

@@ -24,6 +24,7 @@ from .ops.base import (
     const_array,
     const_tensor,
     input_or_none,
+    is_quantized_const,
     set_const,
     static_dims,
 )
@@ -48,6 +49,10 @@ def fold_constant_channels(model: ir.Model) -> FoldResult:
         ch = states.get(node.inputs[0])
         w = const_array(input_or_none(node, 1))
         if ch is None or w is None or not np.any(ch.state == CONSTANT):
+            continue
+        if is_quantized_const(input_or_none(node, 1)) or is_quantized_const(input_or_none(node, 2)):
+            # A quantized layer: a shifted bias is no longer on its quantization grid, and a float one
+            # would change how runtimes that fuse QDQ compute the layer. Its constant channels stay.
             continue
         if node.op_type == "Conv":
             n, with_map = _fold_conv(model.graph, node, w, ch, _pinned(coupling, node.inputs[0]))

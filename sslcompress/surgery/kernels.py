@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from .ops.base import const_tensor, quant_blocker, take_const
+from .ops.quant import activation_dequantize, dequantize_again
+
 
 @dataclass(frozen=True)
 class ShrinkResult:
@@ -26,12 +29,16 @@ def shrink_kernels(model: ir.Model) -> ShrinkResult:
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
             continue
         w_value = node.inputs[1]
-        if not w_value.is_initializer() or len(w_value.uses()) != 1:
+        # An initializer, or a quantized one (DequantizeLinear of initializers), read by this Conv alone.
+        quantized = not w_value.is_initializer()
+        if quantized and (quant_blocker(w_value) is not None or not _of_initializers(w_value)):
+            continue
+        if len(w_value.uses()) != 1:
             continue
         if node.attributes.get("auto_pad") is not None and node.attributes["auto_pad"].value not in ("NOTSET",):
             continue
-        w = w_value.const_value.numpy()
-        if w.ndim != 4:
+        w = const_tensor(w_value)
+        if w is None or w.ndim != 4:
             continue
         pads = list(node.attributes["pads"].value) if "pads" in node.attributes else [0, 0, 0, 0]
         dil = list(node.attributes["dilations"].value) if "dilations" in node.attributes else [1, 1]
@@ -56,9 +63,7 @@ def shrink_kernels(model: ir.Model) -> ShrinkResult:
         crops = [max(s_ - p, 0) for p, s_ in zip(pads, shifts, strict=True)]
         if any(crops):
             _crop_input(model.graph, node, crops)
-        new = np.ascontiguousarray(w[:, :, r0:r1, c0:c1])
-        w_value.const_value = ir.tensor(new, name=w_value.name)
-        w_value.shape = ir.Shape(new.shape)
+        take_const(model.graph, node, 1, lambda a, k=(r0, r1, c0, c1): a[:, :, k[0]:k[1], k[2]:k[3]])
         node.attributes["kernel_shape"] = ir.AttrInt64s("kernel_shape", [r1 - r0, c1 - c0])
         node.attributes["pads"] = ir.AttrInt64s("pads", new_pads)
         shrunk[node.name or node.outputs[0].name] = ((w.shape[2], w.shape[3]), (r1 - r0, c1 - c0))
@@ -84,7 +89,20 @@ def _crop_input(graph: ir.Graph, node: ir.Node, crops: list[int]) -> None:
         graph.register_initializer(v)
         values.append(v)
     x = node.inputs[0]
-    crop = ir.Node("", "Slice", [x, *values], name=f"{base}.crop", num_outputs=1)
+    dq = activation_dequantize(x)  # a quantized input: crop the quantized tensor, then dequantize
+    crop = ir.Node("", "Slice", [dq.inputs[0] if dq else x, *values], name=f"{base}.crop", num_outputs=1)
     crop.outputs[0].name = f"{base}.cropped"
     graph.insert_before(node, crop)
-    node.replace_input_with(0, crop.outputs[0])
+    if dq is not None:
+        crop.outputs[0].type = dq.inputs[0].type
+        dequantize_again(graph, node, 0, dq, crop.outputs[0])
+    else:
+        node.replace_input_with(0, crop.outputs[0])
+
+
+def _of_initializers(value: ir.Value) -> bool:
+    """A value made by QuantizeLinear/DequantizeLinear nodes from initializers alone."""
+    node = value.producer()
+    if node is None or node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+        return value.is_initializer()
+    return all(v is None or _of_initializers(v) for v in node.inputs)

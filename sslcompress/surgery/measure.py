@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from .ops.base import const_tensor
+from .ops.base import attr_value, const_tensor, is_quantized_const
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,8 @@ class OnnxLayer:
     op: str
     weight_shape: tuple[int, ...]
     macs: int  # per sample
+    group: int = 1  # a Conv's groups: each holds weight_shape[0] / group filters of weight_shape[1] channels
+    quantized: bool = False  # the weight is a DequantizeLinear of constants (a QDQ model)
 
 
 def _dims(v: ir.Value | None) -> list[int]:
@@ -65,8 +67,15 @@ def layers_of(model: ir.Model) -> list[OnnxLayer]:
         else:
             x = _dims(node.inputs[0])
             macs = int(np.prod(w)) * (int(np.prod(x[1:-1])) if len(x) > 2 else 1)
-        out.append(OnnxLayer(node.name or node.outputs[0].name, node.op_type, w, macs))
+        group = int(attr_value(node, "group", 1)) if node.op_type in ("Conv", "ConvTranspose") else 1
+        quantized = is_quantized_const(node.inputs[0] if lhs_weight else node.inputs[1])
+        out.append(OnnxLayer(node.name or node.outputs[0].name, node.op_type, w, macs, group, quantized))
     return out
+
+
+def quantized_weights(model: ir.Model) -> int:
+    """How many layers read their weight through DequantizeLinear (a QDQ model's quantized weights)."""
+    return sum(lay.quantized for lay in layers_of(model))
 
 
 def parameters_of(model: ir.Model) -> int:

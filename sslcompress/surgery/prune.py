@@ -85,21 +85,61 @@ def dead_channels(model: ir.Model) -> DeadChannels:
     for root in (all_roots - wanted) & pinned:
         blocked[c.pinned[root]] = blocked.get(c.pinned[root], 0) + 1
     alive = wanted | pinned
+    settled: dict[int, str] = {}  # root -> why a rule's settle kept it
     # Never empty a value (ONNX has no zero-channel conv): a wholly dead one keeps one channel.
     # A dead residual branch is depth's business; elsewhere a dead value means a cut network.
     while True:
         emptied = [v for v in c.ids if not np.isin(c.roots_of(v), list(alive)).any()]
-        if not emptied:
+        if emptied:
+            alive.add(int(c.roots_of(emptied[0])[0]))
+            continue
+        # --- settle hook: rules that can only write some cuts (a grouped Conv keeps its groups equal)
+        # keep more channels; a channel kept is kept wherever it flows, so ask again until none asks.
+        more = _settle(model, c, alive)
+        if not more:
             break
-        alive.add(int(c.roots_of(emptied[0])[0]))
+        for root, why in more.items():
+            alive.add(root)
+            settled.setdefault(root, why)
     dead = all_roots - alive
     keep = {v: ~np.isin(c.roots_of(v), list(dead)) for v in c.ids}
-    return DeadChannels(keep, len(dead), blocked, _zeros_kept(states, c, keep))
+    return DeadChannels(keep, len(dead), blocked, _zeros_kept(states, c, keep, settled))
 
 
-def _zeros_kept(states: dict[ir.Value, Channels], c: Coupling, keep: dict[ir.Value, np.ndarray]) -> dict[str, int]:
-    """ZERO channels of weighted layers' outputs that stay, counted by why (the pin's reason, or a channel
-    some reader needs, or the last channel of a value, which is never emptied)."""
+def _settle(model: ir.Model, c: Coupling, alive: set[int]) -> dict[int, str]:
+    """Roots not yet alive that some rule's ``settle`` wants kept, with the rule's reason."""
+    from .ops.base import OpRule
+
+    alive_list = list(alive)
+    more: dict[int, str] = {}
+    for node in model.graph:
+        rule = rule_for(node)
+        if rule is None or type(rule).settle is OpRule.settle or node in c.walls:
+            continue
+        fits = reads_on_its_axis(rule, node)
+
+        def mask(v):
+            return np.isin(c.roots_of(v), alive_list) if v is not None and v in c.ids else None
+        keep_in = [mask(v) if ok else None for v, ok in zip(node.inputs, fits, strict=True)]
+        keep_out = [mask(v) for v in node.outputs]
+        answer = rule.settle(node, keep_in, keep_out)
+        if answer is None:
+            continue
+        for values, masks in ((node.inputs, answer.inputs), (node.outputs, answer.outputs)):
+            for v, m in zip(values, masks, strict=False):
+                if v is None or m is None or v not in c.ids:
+                    continue
+                for root in c.roots_of(v)[m].tolist():
+                    if root not in alive:
+                        more.setdefault(int(root), f"{node.op_type} {node.name or node.outputs[0].name} "
+                                                   f"({answer.reason})")
+    return more
+
+
+def _zeros_kept(states: dict[ir.Value, Channels], c: Coupling, keep: dict[ir.Value, np.ndarray],
+                settled: dict[int, str] | None = None) -> dict[str, int]:
+    """ZERO channels of weighted layers' outputs that stay, counted by why (the pin's reason, a rule's
+    settle, or a channel some reader needs, or the last channel of a value, which is never emptied)."""
     out: dict[str, int] = {}
     for v, st in states.items():
         node = v.producer()
@@ -108,7 +148,8 @@ def _zeros_kept(states: dict[ir.Value, Channels], c: Coupling, keep: dict[ir.Val
         zero_kept = (st.state == ZERO) & keep[v]
         for i in np.nonzero(zero_kept)[0]:
             root = c.root(c.ids[v][i])
-            why = c.pinned.get(root, "needed by a reader, or the last channel of a value that would be emptied")
+            why = c.pinned.get(root) or (settled or {}).get(root) or \
+                "needed by a reader, or the last channel of a value that would be emptied"
             out[why] = out.get(why, 0) + 1
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
