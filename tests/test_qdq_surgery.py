@@ -308,6 +308,28 @@ def test_a_gemm_on_a_pinned_quantized_input_selects_the_quantized_features():
     assert reader.op_type == "DequantizeLinear"
 
 
+def test_take_const_keeps_quantization_where_the_pick_follows_its_axis_and_dequantizes_elsewhere():
+    from sslcompress.surgery.ops.base import const_tensor, take_const
+
+    def net(axis: int) -> ir.Model:
+        g = G()
+        wq, _ = g.qweight("a", _w(4, 2, 1, 1), 0.05, None, axis=axis)
+        g.node("Conv", ["x", wq], name="a", group=2)
+        return ir.serde.deserialize_model(g.model((1, 4, 3, 3), g.nodes[-1].output[0], (1, 4, 3, 3)))
+
+    def pick(a):  # rows 0, 1, 3 and, per group, other columns: along axis 0 only
+        return np.concatenate([a[[0, 1]][:, [1]], a[[3]][:, [0]]], axis=0)
+
+    for axis, stays in ((0, True), (1, False)):
+        model = net(axis)
+        conv = next(n for n in model.graph if n.op_type == "Conv")
+        want = pick(np.asarray(const_tensor(conv.inputs[1])))
+        take_const(model.graph, conv, 1, pick)
+        assert np.array_equal(const_tensor(conv.inputs[1]), want)
+        assert (conv.inputs[1].producer() is not None) == stays  # else a float initializer ...
+        assert any(n.op_type == "DequantizeLinear" for n in model.graph) == stays  # ... and no orphan DQ
+
+
 # ---- What cannot be cut exactly says why.
 
 def test_a_per_channel_scale_on_another_axis_declines():

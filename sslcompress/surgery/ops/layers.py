@@ -89,10 +89,6 @@ def _take_rows_cols(graph, node, index: int, rows, cols) -> None:
     take_const(graph, node, index, select)
 
 
-def _group_counts(mask: np.ndarray, group: int) -> np.ndarray:
-    return mask.reshape(group, -1).sum(1)
-
-
 def _strongest(candidates: np.ndarray, strength: np.ndarray, n: int) -> np.ndarray:
     """``n`` of the candidate positions, largest strength first (ties: lowest position)."""
     idx = np.nonzero(candidates)[0]
