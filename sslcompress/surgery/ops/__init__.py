@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from . import dims, elementwise, layers, layout, pooling, shape  # noqa: F401  (registration)
-from .elementwise import Unary  # noqa: F401
 from .base import (  # noqa: F401
     CONSTANT,
     LIVE,
@@ -21,3 +20,4 @@ from .base import (  # noqa: F401
     register_rule,
     rule_for,
 )
+from .elementwise import Unary  # noqa: F401
