@@ -71,6 +71,7 @@ def compress(model: onnx.ModelProto | str | Path, *, inputs: Sequence[FeedLike] 
                           real=real, real_images=sum(len(next(iter(f.values()))) for f in real_batches if f),
                           diverging=diverging)
     report["blocks_removed"] = list(depth.branches_removed)
+    report["quantized_weights"] = sum(lay.quantized for lay in before)
     report["constant_channels_folded"] = fold.channels_folded
     report["constant_maps_added"] = list(fold.bias_maps)
     report["blocked_by"] = dict(sorted(pruned.blocked.items(), key=lambda kv: -kv[1]))
@@ -101,6 +102,7 @@ def build_report(before: list[OnnxLayer], after: list[OnnxLayer], check: VerifyR
     for lb in before:
         a = la.get(lb.name)
         rows.append({"name": lb.name, "op": lb.op, "weight": list(lb.weight_shape),
+                     "group": lb.group, "group_after": a.group if a else None,
                      "weight_after": list(a.weight_shape) if a else None,
                      "macs": lb.macs, "macs_after": a.macs if a else 0})
     macs = sum(r["macs"] for r in rows)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from . import dims, elementwise, layers, layout, pooling, shape  # noqa: F401  (registration)
+from . import dims, elementwise, layers, layout, pooling, quant, shape  # noqa: F401  (registration)
 from .base import (  # noqa: F401
     CONSTANT,
     LIVE,
     ZERO,
     Channels,
     Decline,
+    Keep,
     OpRule,
     PassThrough,
     attr_value,

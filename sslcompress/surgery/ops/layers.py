@@ -415,5 +415,3 @@ class BatchNorm(PassThrough):
             take_const(graph, node, i, lambda a: a[kout])
         return True
 
-
-from . import quant  # noqa: E402,F401  (registration: QuantizeLinear / DequantizeLinear rules)

@@ -33,6 +33,7 @@ from .base import (
     quantization,
     quantize,
     rank_of,
+    refine_shape,
     register,
     take_const,
 )
@@ -40,6 +41,12 @@ from .base import (
 
 class QuantizeDequantize(PassThrough):
     """QuantizeLinear / DequantizeLinear on an activation: channel c of the output is channel c of x."""
+
+    def fill_shapes(self, node):
+        # The input's shape, not its type (ONNX shape inference does not know the com.microsoft ones).
+        x, y = node.inputs[0], node.outputs[0]
+        if x is not None and x.shape is not None:
+            refine_shape(y, list(x.shape))
 
     def _constant(self, node) -> bool:
         return bool(node.inputs) and const_tensor(node.inputs[0]) is not None
