@@ -55,8 +55,15 @@ def compress(model: onnx.ModelProto | str | Path, *, inputs: Sequence[FeedLike] 
     if lowered.lowered:
         InferShapesPass()(work)
     after, params_after = layers_of(work), parameters_of(work)
+    lowering = lowered.report()
     compact = finish(ir.serde.serialize_model(work))
+    # Nothing reads the onnx_ir model (and the weights the passes wrote) past here; verification's
+    # two ORT sessions are the peak of the call's memory, so it goes first.
+    del work, lowered
     t_surgery = time.perf_counter() - t0
+    # Counting a model's bytes encodes it: done before the ORT sessions exist, so that buffer does not
+    # add to their peak.
+    size = (proto.ByteSize(), compact.ByteSize())
     # Random batches (of the real inputs' shape where the model's is dynamic), then the real ones.
     check = compare(proto, compact, random + real_batches, n_random=0, rtol_of_max=rtol_of_max)
     real = compare(proto, compact, real_batches, n_random=0, rtol_of_max=rtol_of_max) if real_batches else None
@@ -65,7 +72,7 @@ def compress(model: onnx.ModelProto | str | Path, *, inputs: Sequence[FeedLike] 
     pruned, depth, fold = surgery.prune.result, surgery.depth.result, surgery.fold.result
     report = build_report(before, after, check, params=(params_before, params_after),
                           nodes=(len(proto.graph.node), len(compact.graph.node)),
-                          size=(proto.ByteSize(), compact.ByteSize()),
+                          size=size,
                           channels_removed=pruned.channels_removed,
                           seconds={"surgery": t_surgery, "total": time.perf_counter() - t0},
                           real=real, real_images=sum(len(next(iter(f.values()))) for f in real_batches if f),
@@ -80,7 +87,7 @@ def compress(model: onnx.ModelProto | str | Path, *, inputs: Sequence[FeedLike] 
     report["zero_branches_kept"] = dict(depth.branches_kept)
     report["features_selected"] = {k: list(v) for k, v in surgery.features.result.selected.items()}
     report["kernels_shrunk"] = {k: [list(a), list(b)] for k, (a, b) in surgery.kernels.result.shrunk.items()}
-    report["shape_lowering"] = lowered.report()
+    report["shape_lowering"] = lowering
     return CompressResult(compact, report, check)
 
 

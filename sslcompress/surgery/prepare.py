@@ -8,7 +8,9 @@ through ``Unsqueeze`` of per-channel constants, and older files (IR 3) list ever
 graph input. The channel analysis reads constants only, so these passes fold all of that first:
 
 1. initializer-backed graph inputs become plain initializers (and unused ones go);
-2. Constant nodes become initializers (shape inference reads shape operands only from those);
+2. Constant nodes become initializers (shape inference reads shape operands only from those), and
+   initializers read from the file become arrays once: the passes read every weight several times,
+   and a tensor still backed by the ModelProto copies its bytes out on every read;
 3. shapes are inferred;
 4. entries of ``Shape`` that are static become constants (``x.size(1)`` with a dynamic batch);
 5. onnxscript's constant folding, with its size limits lifted so weights fold too (quantize
@@ -54,6 +56,33 @@ class InitializerInputsPass(ir.passes.InPlacePass):
         if result.modified and model.ir_version < 4:
             model.ir_version = 4  # the first IR version whose initializers need not be inputs
         return ir.passes.PassResult(model, result.modified)
+
+
+class ArrayInitializersPass(ir.passes.InPlacePass):
+    """Initializers that still read their bytes from the ModelProto (``raw_data``, a dtype with a numpy
+    type) become arrays, read once. The arrays are read-only, as every read of ``raw_data`` is; the
+    values and their bytes are the same, so the model is unchanged."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for v in model.graph.initializers.values():
+            t = v.const_value
+            if not isinstance(t, ir.serde.TensorProtoTensor) or t.dtype not in _ARRAY_DTYPES \
+                    or not t.raw.HasField("raw_data"):
+                continue
+            array = t.numpy()
+            array.flags.writeable = False
+            v.const_value = ir.Tensor(array, dtype=t.dtype, name=t.name, doc_string=t.doc_string or None,
+                                      metadata_props=dict(t.metadata_props) or None)
+            modified = True
+        return ir.passes.PassResult(model, modified)
+
+
+_ARRAY_DTYPES = frozenset({
+    ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BOOL, ir.DataType.INT8,
+    ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32, ir.DataType.UINT32,
+    ir.DataType.INT64, ir.DataType.UINT64,
+})
 
 
 class StaticDimsPass(ir.passes.InPlacePass):
@@ -170,6 +199,7 @@ def prepare_passes() -> list[ir.passes.PassBase]:
         InitializerInputsPass(),
         # Shape inference reads constant shape operands from initializers only.
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        ArrayInitializersPass(),
         # Twice: sizes hidden behind a Pad built from shape arithmetic are known only once it folded.
         InferShapesPass(clear=False),
         StaticDimsPass(),
