@@ -17,7 +17,7 @@ import onnx_ir as ir
 from ..channel_ids import ChannelIds
 from .axes import reads_on_its_axis
 from .ops import channel_axis, channel_count, rule_for
-from .ops.base import Decline, const_tensor
+from .ops.base import Decline, const_tensor, label
 
 
 class Coupling(ChannelIds):
@@ -52,7 +52,7 @@ def couple(model: ir.Model) -> Coupling:
         for v, ok in zip(node.inputs, fits, strict=True):
             ids = c.ids.get(v) if v is not None else None
             if ids is not None and not ok:
-                c.pin(ids, f"{node.op_type} {node.name} (reads channels on another axis than "
+                c.pin(ids, f"{label(node)} (reads channels on another axis than "
                            f"axis {channel_axis(v)}, where they run)")
                 ids = None
             ins.append(ids)
@@ -64,7 +64,7 @@ def couple(model: ir.Model) -> Coupling:
                     c.ids[v] = ids if ids is not None and len(ids) == n else c.fresh(n, pinned=_wall(node))
                 elif ids is not None:
                     # Channels flow into a value whose size is unknown: no reader of it could follow them.
-                    c.pin(ids, f"{node.op_type} {node.name or v.name} (its output's channel count is unknown)")
+                    c.pin(ids, f"{label(node)} (its output's channel count is unknown)")
             continue
         why = _wall(node, outs)
         c.walls[node] = why
@@ -80,7 +80,7 @@ def couple(model: ir.Model) -> Coupling:
             c.pin(c.ids[v], "graph output")
     for v, node in _read_by_subgraphs(model.graph).items():
         if v in c.ids:
-            c.pin(c.ids[v], f"{node.op_type} {node.name} (read inside its subgraph)")
+            c.pin(c.ids[v], f"{label(node)} (read inside its subgraph)")
     return c
 
 
@@ -114,7 +114,7 @@ def _read_by_subgraphs(graph: ir.Graph) -> dict[ir.Value, ir.Node]:
 
 
 def _wall(node: ir.Node, answer: Decline | None = None) -> str:
-    name = f"{node.op_type} {node.name or node.outputs[0].name}"
+    name = label(node)
     if rule_for(node) is None:
         domain = f" of domain {node.domain}" if node.domain not in ("", "ai.onnx") else ""
         return f"{name} (no rule for this op{domain})"

@@ -205,6 +205,11 @@ def register(*op_types: str, domain: str = "", opsets: tuple[int, int | None] = 
     return wrap
 
 
+def label(node: ir.Node) -> str:
+    """How the report names a node: its op type and its name, or its first output's."""
+    return f"{node.op_type} {node.name or (node.outputs[0].name if node.outputs else '')}"
+
+
 def opset_of(node: ir.Node) -> int | None:
     """The opset version the node's domain is imported at; None where its graph does not say
     (a subgraph's imports live on the model)."""

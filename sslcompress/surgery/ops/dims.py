@@ -26,6 +26,7 @@ from .base import (
     const_tensor,
     follow_axis,
     input_or_none,
+    label,
     register,
     set_const,
 )
@@ -42,6 +43,8 @@ class Dim:
     site: tuple[ir.Node, int, int] | None = None
 
 
+# (op, input) that read a shape vector entry by entry and take charge of the channel counts in it.
+_TARGETS = {("Reshape", 1), ("Expand", 1), ("Resize", 3)}
 _PLUMBING = ("Shape", "Gather", "Slice", "Unsqueeze", "Squeeze", "Concat", "Cast", "Identity")
 
 
@@ -185,7 +188,7 @@ class Shape(OpRule):
     def couple(self, node, ids, ctx):
         x = node.inputs[0]
         if ids[0] is not None and _count_escapes(node.outputs[0], x):
-            ctx.pin(ids[0], f"Shape {node.name} (the channel count is read as data)")
+            ctx.pin(ids[0], f"{label(node)} (the channel count is read as data)")
         return [None]
 
     def backward(self, node, needed, ins):
@@ -194,7 +197,7 @@ class Shape(OpRule):
 
 def _count_escapes(out: ir.Value, x: ir.Value, _seen: set | None = None) -> bool:
     """Whether x's channel count, read by a Shape into ``out``, reaches anything but a Reshape or Expand
-    target (where their rules take charge of it)."""
+    target or Resize sizes (where their rules take charge of it)."""
     seen = _seen if _seen is not None else set()
     if out in seen:
         return False
@@ -206,7 +209,7 @@ def _count_escapes(out: ir.Value, x: ir.Value, _seen: set | None = None) -> bool
         return True
     for use in out.uses():
         user, index = use.node, use.idx
-        if user.op_type in ("Reshape", "Expand") and index == 1 and user.domain in ("", "ai.onnx"):
+        if (user.op_type, index) in _TARGETS and user.domain in ("", "ai.onnx"):
             continue
         if user.op_type in _PLUMBING and user.op_type != "Shape" and user.domain in ("", "ai.onnx"):
             if any(_count_escapes(o, x, seen) for o in user.outputs):
@@ -276,7 +279,7 @@ class Expand(OpRule):
 
     def couple(self, node, ids, ctx):
         plan = self._plan(node)
-        why = f"Expand {node.name}"
+        why = label(node)
         vec = target_of(node, 1)
         if plan is None:
             if vec is not None:

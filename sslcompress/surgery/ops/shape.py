@@ -25,6 +25,7 @@ from .base import (
     const_array,
     const_tensor,
     input_or_none,
+    label,
     rank_of,
     register,
     set_const,
@@ -136,7 +137,7 @@ class Reshape(Spread):
     def couple(self, node, ids, ctx):
         plan = self._plan(node)
         vec = target_of(node, 1)
-        why = f"Reshape {node.name}"
+        why = label(node)
         if plan is None or ids[0] is None:
             if vec is not None:
                 merge_refs(ctx, vec, None, None, why)
@@ -452,8 +453,15 @@ class Resize(PassThrough):
         return [x.with_live(x.state == CONSTANT)]  # interpolated zeros stay zero; constants round
 
     def couple(self, node, ids, ctx):
+        per = self._per_axis(node)
+        sizes = [d for kind, d in per.values() if kind == "size"] if per is not None else []
+        ax = channel_axis(node.inputs[0])
         if not self._ok(node):
+            merge_refs(ctx, sizes, None, None, label(node))
             return Decline("it resizes the batch or channel axis, or its sizes cannot be read")
+        # Sizes read at run time: the channel entry is this input's own count; any other is pinned.
+        others = [d for a, (kind, d) in per.items() if kind == "size" and a != ax]
+        merge_refs(ctx, others, None, None, label(node))
         return super().couple(node, ids, ctx)
 
     def rewrite(self, graph, node, keep_in, keep_out):
