@@ -31,10 +31,22 @@ length is set in the warm-up so that an uncut block lasts about --block-s. Repor
 per-run latency of each, speed-up = uncut median / compact median, the median and a bootstrap 95%
 interval of the per-round ratio, and efficiency = speed-up / MAC reduction (target >= 0.95).
 
+Side by side (--against REV, default cde5295, the implementation before surgery v2): instead of the
+latency run, REV is checked out into a temporary git worktree (removed at the end) and, on the same
+exported files, its compress() and this tree's run in child processes (benchmarks/surgery_child.py,
+PYTHONPATH = the tree, the same venv), alternately (old/new, then new/old) --sbs-repeats times, each
+child calling compress() --sbs-calls times (the first call cold, the others warm). Per call: wall
+time, report["seconds"], peak RSS and its increase over the RSS before the call (as above), and a
+stage breakdown (exclusive seconds per timed function, RSS at the end of each stage). Both compact
+models must pass verification and, with shape lowering off, have the same MACs. --sbs-lowering
+(default off; 'default' = each side's own default: auto for the old code, predict for the new).
+Each mode writes its own section of the results file and keeps the other's.
+
 Usage (from the repository root):
 
     python benchmarks/surgery_resnet.py            # full run: resnet18+50, keep 0.5/0.25, batch 1/8, threads 1/2
     python benchmarks/surgery_resnet.py --quick    # smoke run: resnet18, keep 0.5, 112x112, batch 1, 1 thread
+    python benchmarks/surgery_resnet.py --against --sbs-lowering off,default   # old vs new compress()
 """
 
 from __future__ import annotations
@@ -44,9 +56,11 @@ import multiprocessing as mp
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -67,6 +81,8 @@ REPO = Path(__file__).resolve().parents[1]
 TARGET_SURGERY_S = 5.0  # ResNet-50, issue 3
 TARGET_PEAK_MIB = 2048.0  # 2 GiB, issue 3
 TARGET_EFFICIENCY = 0.95  # speed-up / MAC reduction, issue 3
+TARGET_SBS_S = 2.5  # ResNet-50 compress() with one deserialization (surgery v2)
+TARGET_SBS_PEAK_MIB = 1.2 * 1024  # 1.2 GiB, the same issue
 RTOL_OF_MAX = 1e-4  # the library's verification criterion, reused for the parent's own check
 
 
@@ -293,8 +309,8 @@ def _time_pair(uncut, compact, batch: int, size: int, threads: int, rounds: int,
 # One model at one kept fraction
 
 
-def bench_case(name: str, keep: float, args, workdir: Path) -> dict:
-    t_case = time.perf_counter()
+def export_case(name: str, keep: float, args, src: Path) -> tuple[dict, float]:
+    """The sparse model exported to `src`: (zeroing counts, export seconds)."""
     model, zeroing = sparse_resnet(name, keep, args.size, args.seed)
     log(f"{name} keep {keep:g}: zeroed {zeroing['channels_zeroed']}/{zeroing['channels_total']} block-internal "
         f"channels in {zeroing['block_internal_convs']} convs; exporting at {args.size}x{args.size}")
@@ -304,10 +320,15 @@ def bench_case(name: str, keep: float, args, workdir: Path) -> dict:
     del model
     if not exported.bn_folded:
         raise SystemExit(f"error: {exported.bn_remaining} BatchNormalization nodes survived the export of {name}")
-    src, dst = workdir / f"{name}_uncut.onnx", workdir / f"{name}_compact.onnx"
     save_onnx(exported.model, src)
-    uncut_bytes = exported.model.SerializeToString()
-    del exported
+    return zeroing, export_s
+
+
+def bench_case(name: str, keep: float, args, workdir: Path) -> dict:
+    t_case = time.perf_counter()
+    src, dst = workdir / f"{name}_uncut.onnx", workdir / f"{name}_compact.onnx"
+    zeroing, export_s = export_case(name, keep, args, src)
+    uncut_bytes = src.read_bytes()
 
     log(f"{name} keep {keep:g}: export {export_s:.1f} s; compress() x{args.surgery_repeats} in a spawned child")
     surgery = run_surgery(src, dst, workdir, args.surgery_repeats)
@@ -344,6 +365,285 @@ def bench_case(name: str, keep: float, args, workdir: Path) -> dict:
         "params": totals["params"], "params_after": totals["params_after"], "surgery": surgery,
         "latency": latency, "wall_s": time.perf_counter() - t_case,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Side by side: compress() of another revision (a git worktree) against this tree's, same files
+
+
+def git(*args: str, cwd: Path = REPO) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def add_worktree(rev: str) -> tuple[Path, str]:
+    """REV checked out (detached) in a temporary git worktree: (its path, the full commit)."""
+    commit = git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    path = Path(tempfile.mkdtemp(prefix=f"surgery_resnet_{commit[:7]}_"))
+    path.rmdir()  # git worktree add wants to create it
+    git("worktree", "add", "--detach", str(path), commit)
+    return path, commit
+
+
+def remove_worktree(path: Path) -> None:
+    try:
+        git("worktree", "remove", "--force", str(path))
+    except subprocess.CalledProcessError as exc:
+        log(f"warning: could not remove the worktree {path}: {exc.stderr.strip()}")
+
+
+def run_child(src: Path, root: Path, lowering: str | None, calls: int, result: Path, save: Path | None = None) -> dict:
+    """One compress() child (benchmarks/surgery_child.py) with PYTHONPATH = root, the same venv."""
+    import json
+
+    result.unlink(missing_ok=True)
+    cmd = [sys.executable, str(REPO / "benchmarks" / "surgery_child.py"), str(src), str(result), "--root", str(root),
+           "--calls", str(calls)]
+    if lowering is not None:
+        cmd += ["--lowering", lowering]
+    if save is not None:
+        cmd += ["--save", str(save)]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    load = list(os.getloadavg())
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=result.parent, capture_output=True, text=True)
+    if proc.returncode != 0 or not result.is_file():
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"error: the compress() child for {root} failed (exit code {proc.returncode})")
+    out = json.loads(result.read_text())
+    out["load_before"] = load
+    out["child_wall_s"] = time.perf_counter() - t0
+    return out
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+# Stage labels (surgery_child.py) gathered into the parts of a compress() call, old and new alike.
+STAGE_GROUPS = [
+    ("channel passes (zero branches, fold, prune, features, kernels)",
+     ("pass: zero residual branches", "pass: constant channel folding", "pass: dead channel pruning",
+      "pass: feature selection", "pass: kernel shrinking", "remove_zero_branches", "fold_constant_channels",
+      "prune_dead_channels", "select_features", "shrink_kernels")),
+    ("prepare passes (constants to initializers, constant folding, ...)",
+     ("pass: InitializerInputsPass", "pass: RemoveInitializersFromInputsPass",
+      "pass: LiftConstantsToInitializersPass", "pass: StaticDimsPass", "pass: FoldConstantsPass",
+      "pass: IdentityEliminationPass", "pass: RemoveUnusedNodesPass", "pass: RuleShapesPass", "pass: PassManager")),
+    ("shape inference", ("onnx.infer_shapes", "pass: ShapeInferencePass", "pass: InferShapesPass", "_with_shapes")),
+    ("onnx_ir deserialize + serialize", ("onnx_ir.deserialize_model", "onnx_ir.serialize_model")),
+    ("shape lowering", ("lower_sparse_columns_ir", "lower_sparse_columns")),
+    ("checker (full, after the passes)", ("onnx.check_model", "finish")),
+    ("MACs and parameters (report)", ("layers_of", "parameters_of", "layers", "parameters", "build_report")),
+    ("verification inputs", ("check_verifiable", "as_feeds", "random_batches")),
+    ("verification: model to bytes, feeds, comparison", ("compare", "first_diverging_node")),
+    ("verification: ORT sessions (2)", ("ORT session",)),
+    ("verification: ORT runs", ("ORT run",)),
+]
+
+
+def stage_groups(call: dict) -> dict[str, float]:
+    """A call's exclusive stage seconds by part; what no timed stage covers is compress()'s own body."""
+    out = {name: 0.0 for name, _ in STAGE_GROUPS}
+    where = {label: name for name, labels in STAGE_GROUPS for label in labels}
+    for label, st in call["stages"].items():
+        name = where.get(label, "other timed stages")
+        out[name] = out.get(name, 0.0) + st["s"]
+    out["compress() body (model sizes, report)"] = call["wall_s"] - sum(st["s"] for st in call["stages"].values())
+    return out
+
+
+def peak_stage(call: dict) -> str | None:
+    """The top-level stage at whose end the call's high-water mark first showed its final value."""
+    line = call.get("timeline") or []
+    if not line:
+        return None
+    top = max(e["hwm_mib"] for e in line)
+    return next((e["stage"] for e in line if e["hwm_mib"] >= top - 0.5), None)
+
+
+def summarize_side(children: list[dict]) -> dict:
+    """Figures of one side over its children: the first call of each child is cold, the others warm."""
+    first = [c["calls"][0] for c in children]
+    warm = [k for c in children for k in c["calls"][1:]] or first
+    every = [k for c in children for k in c["calls"]]
+    return {
+        "wall_s": _spread([k["wall_s"] for k in warm]),
+        "wall_s_cold": _spread([k["wall_s"] for k in first]),
+        "surgery_s": _spread([k["seconds"]["surgery"] for k in warm]),
+        "verification_s": _spread([k["seconds"]["total"] - k["seconds"]["surgery"] for k in warm]),
+        "peak_rss_mib": _spread([k["peak_rss_mib"] for k in every]),
+        "peak_rss_mib_cold": _spread([k["peak_rss_mib"] for k in first]),
+        "increase_mib": _spread([k["increase_mib"] for k in every]),
+        "increase_mib_cold": _spread([k["increase_mib"] for k in first]),
+        "baseline_rss_mib_cold": _spread([k["baseline_rss_mib"] for k in first]),
+        "passed": all(k["passed"] for k in every), "rel_max": max(k["rel"] for k in every),
+        "macs": sorted({k["macs"] for k in every}), "macs_after": sorted({k["macs_after"] for k in every}),
+        "shape_lowering": sorted({str(k["shape_lowering"]) for k in every}),
+        "stage_groups_s": {g: statistics.median(stage_groups(k)[g] for k in warm) for g in stage_groups(warm[0])},
+        "stages_s": {label: {"s": statistics.median(k["stages"].get(label, {"s": 0.0})["s"] for k in warm),
+                             "n": warm[0]["stages"][label]["n"]}
+                     for label in warm[0]["stages"]},
+        "peak_stage": peak_stage(warm[0]), "timeline_warm": warm[0].get("timeline"),
+        "sslcompress": children[0]["sslcompress"],
+    }
+
+
+def side_by_side(args, workdir: Path) -> Iterator[dict]:
+    """Old (REV in a worktree) and new (this tree) compress() on the same files, alternately."""
+    rev_path, commit = add_worktree(args.against)
+    head = git("rev-parse", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "sslcompress"))
+    log(f"side by side: {args.against} ({commit[:10]}) in {rev_path} against this tree ({head[:10]}"
+        f"{', with uncommitted changes under sslcompress/' if dirty else ''})")
+    sides = {"old": rev_path, "new": REPO}
+    doc = {"date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+           "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine_info(),
+           "against": args.against, "old_commit": commit, "new_commit": head, "new_uncommitted": dirty,
+           "load_average_start": list(os.getloadavg()),
+           "settings": {"models": args.models, "keep": args.keep, "size": args.size, "seed": args.seed,
+                        "repeats": args.sbs_repeats, "calls_per_child": args.sbs_calls,
+                        "lowering": args.sbs_lowering},
+           "targets": {"wall_s_resnet50": TARGET_SBS_S, "peak_rss_mib_resnet50": TARGET_SBS_PEAK_MIB},
+           "cases": [], "verdicts": [], "complete": False}
+    try:
+        for name in args.models:
+            for keep in args.keep:
+                src = workdir / f"{name}_{keep:g}_uncut.onnx"
+                zeroing, _ = export_case(name, keep, args, src)
+                for lowering in args.sbs_lowering:
+                    kw = None if lowering == "default" else lowering
+                    children = {"old": [], "new": []}
+                    for r in range(args.sbs_repeats):
+                        # old/new, then new/old: a drift in the machine's load hits both sides alike
+                        for side in (("old", "new") if r % 2 == 0 else ("new", "old")):
+                            res = run_child(src, sides[side], kw, args.sbs_calls, workdir / f"child_{side}.json")
+                            children[side].append(res)
+                            c = res["calls"]
+                            log(f"{name} keep {keep:g} lowering {lowering} {side} #{r + 1}: "
+                                + ", ".join(f"{k['wall_s']:.2f} s (passes {k['seconds']['surgery']:.2f}) "
+                                            f"peak {k['peak_rss_mib']:.0f} MiB (+{k['increase_mib']:.0f})" for k in c)
+                                + f"; load {res['load_before'][0]:.2f}")
+                    case = {"model": name, "keep": keep, "lowering": lowering, **zeroing,
+                            "old": summarize_side(children["old"]), "new": summarize_side(children["new"])}
+                    slim_case(case, children)  # the summaries keep the stage medians; the JSON stays small
+                    case["children"] = children
+                    o, n = case["old"], case["new"]
+                    if not (o["passed"] and n["passed"]):
+                        raise SystemExit(f"error: VERIFICATION FAILED for {name} keep {keep:g} lowering {lowering} "
+                                         f"(old passed: {o['passed']}, new passed: {n['passed']})")
+                    case["same_macs"] = o["macs"] == n["macs"] and o["macs_after"] == n["macs_after"]
+                    if lowering == "off" and not case["same_macs"]:
+                        raise SystemExit(f"error: {name} keep {keep:g}: old and new compact models differ in MACs "
+                                         f"({o['macs_after']} vs {n['macs_after']})")
+                    doc["cases"].append(case)
+                    doc["verdicts"] = sbs_verdicts(doc["cases"])
+                    doc["load_average_end"] = list(os.getloadavg())
+                    yield doc  # partial results survive a later failure
+                src.unlink(missing_ok=True)
+    finally:
+        remove_worktree(rev_path)
+    doc["complete"] = True
+    doc["load_average_end"] = list(os.getloadavg())
+    yield doc
+
+
+def slim_case(case: dict, children: dict) -> None:
+    """Per call only the figures (stages and timelines are in the sides' summaries, timelines for ResNet-50)."""
+    for kids in children.values():
+        for kid in kids:
+            for k in kid["calls"]:
+                k.pop("timeline", None)
+                k.pop("stages", None)
+                k.pop("stage_groups_s", None)
+    if case["model"] != "resnet50":
+        for side in ("old", "new"):
+            case[side].pop("timeline_warm", None)
+
+
+def sbs_verdicts(cases: list[dict]) -> list[str]:
+    lines = []
+    for c in cases:
+        if c["model"] != "resnet50":
+            continue
+        n, o = c["new"], c["old"]
+        t, p = n["wall_s"]["median"], n["peak_rss_mib"]["max"]
+        tag = f"resnet50 keep {c['keep']:g} lowering {c['lowering']}"
+        lines.append(f"{tag}: new compress() {t:.2f} s median (old {o['wall_s']['median']:.2f} s), target <= "
+                     f"{TARGET_SBS_S:g} s: {'met' if t <= TARGET_SBS_S else 'MISSED'}")
+        lines.append(f"{tag}: new peak RSS {p:.0f} MiB at most (old {o['peak_rss_mib']['max']:.0f} MiB), target <= "
+                     f"{TARGET_SBS_PEAK_MIB:.0f} MiB: {'met' if p <= TARGET_SBS_PEAK_MIB else 'MISSED'}")
+    return lines
+
+
+def _rng(x: dict, fmt: str = "{:.2f}") -> str:
+    return f"{fmt.format(x['median'])} ({fmt.format(x['min'])}-{fmt.format(x['max'])})"
+
+
+def render_sbs(doc: dict) -> list[str]:
+    m = doc["machine"]
+    st = doc["settings"]
+    lines = [
+        f"## Side by side: this tree's surgery against {doc['against']}", "",
+        f"Generated by `{doc['command']}` on {doc['date_utc']}"
+        + ("" if doc.get("complete") else " (**incomplete**: the run has not finished, or failed)") + ".", "",
+        f"Old = `compress()` at {doc['against']} ({doc['old_commit'][:10]}, checked out in a git worktree"
+        f"{'; the implementation before surgery v2, one (de)serialization per pass' if doc['old_commit'].startswith('cde5295') else ''}"
+        f"); new = this tree ({doc['new_commit'][:10]}"
+        f"{', with uncommitted changes under sslcompress/' if doc['new_uncommitted'] else ''}). Both with `shape_lowering=\"off\"` unless the lowering column says `default` (each "
+        "side's own default: `auto`, timed in ORT, before surgery v2; `predict` since). Same ONNX files (exported once per case), "
+        f"same venv; {st['repeats']} child processes per side, run alternately (old/new, then new/old), "
+        f"{st['calls_per_child']} compress() calls per child.", "",
+        "| model | kept | lowering | side | compress() s, warm: median (range) | first call in the process s "
+        "| passes s | verification s | peak RSS MiB: median (range) | increase MiB | MACs after (G) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in doc["cases"]:
+        for side in ("old", "new"):
+            s = c[side]
+            lines.append(
+                f"| {c['model']} | {c['keep']:.0%} | {c['lowering']} | {side} | {_rng(s['wall_s'])} | "
+                f"{_rng(s['wall_s_cold'])} | {s['surgery_s']['median']:.2f} | {s['verification_s']['median']:.2f} | "
+                f"{_rng(s['peak_rss_mib'], '{:.0f}')} | {_rng(s['increase_mib'], '{:.0f}')} | "
+                f"{', '.join(f'{x / 1e9:.3f}' for x in s['macs_after'])} |")
+    lines += ["", *[f"- {v}" for v in doc["verdicts"]], "",
+              "compress() s = wall time of the whole call (passes, checker, verification in ORT, report); warm = every "
+              "call after a child's first (lazy imports and ORT's first session fall in the first, shown apart). "
+              "Passes = the call's own report['seconds']['surgery']; verification = total - surgery. Peak RSS = the "
+              "child's resident-set high-water mark during the call (VmHWM, reset through /proc/self/clear_refs just "
+              "before it; the whole process: Python, torch, ORT, the loaded ModelProto), over all calls; increase = "
+              "peak - RSS just before the call. Every compact model passed verification; with lowering off, old and "
+              "new give the same MACs.", ""]
+    big = [c for c in doc["cases"] if c["model"] == "resnet50"] or doc["cases"]
+    if big:
+        c = big[0]
+        groups = list(dict.fromkeys([*c["new"]["stage_groups_s"], *c["old"]["stage_groups_s"]]))
+        lines += [f"### Where a warm call's time goes: {c['model']}, {c['keep']:.0%} kept, lowering {c['lowering']}", "",
+                  "Exclusive seconds per stage (median over the warm calls), timed in the children "
+                  "(benchmarks/surgery_child.py).", "",
+                  "| part | old s | new s |", "|---|---|---|"]
+        for g in groups:
+            lines.append(f"| {g} | {c['old']['stage_groups_s'].get(g, 0.0):.3f} | {c['new']['stage_groups_s'].get(g, 0.0):.3f} |")
+        lines.append(f"| **whole call** | **{c['old']['wall_s']['median']:.3f}** | **{c['new']['wall_s']['median']:.3f}** |")
+        lines += ["", "New, stage by stage (count = calls per compress()):", "", "| stage | count | s |", "|---|---|---|"]
+        for label, v in sorted(c["new"]["stages_s"].items(), key=lambda kv: -kv[1]["s"]):
+            if v["s"] >= 0.001:
+                lines.append(f"| {label} | {v['n']} | {v['s']:.3f} |")
+        lines += ["", f"Peak memory: the high-water mark is reached at the end of `{c['new']['peak_stage']}` (new) and "
+                  f"`{c['old']['peak_stage']}` (old)."]
+        tl = c["new"].get("timeline_warm") or []
+        marks = [e for e in tl if e["stage"] in ("onnx_ir.deserialize_model", "onnx.check_model", "ORT session",
+                                                  "compare", "build_report")]
+        if marks:
+            lines.append("New, RSS at the end of: " + ", ".join(
+                f"{e['stage']} {e['rss_mib']:.0f} MiB" for e in marks) + ".")
+        lines.append("")
+    lines += [f"Machine: {m['cpu']}, nproc {m['nproc']}, ORT {m['onnxruntime']}, onnx {m['onnx']}, torch {m['torch']}, "
+              f"{m['platform']}. Load average (1, 5, 15 min) at start "
+              f"{', '.join(f'{x:.2f}' for x in doc['load_average_start'])}, at end "
+              f"{', '.join(f'{x:.2f}' for x in doc.get('load_average_end', doc['load_average_start']))}; the 1-minute "
+              f"load before each child is in the JSON (children[*].load_before). The machine has 2 cores shared "
+              "with other work: compare old and new within this table, not with figures taken at another time.", ""]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,13 +698,14 @@ def machine_info() -> dict:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
-def render_md(doc: dict) -> str:
+def render_latency(doc: dict) -> list[str]:
     m = doc["machine"]
-    quick = " (QUICK check, not a result)" if doc["quick"] else ""
-    partial = "" if doc["complete"] else "\n\n**Incomplete: the run has not finished (or failed).**"
-    return "\n".join([
-        f"# Surgery on ResNets with block-internal channels zeroed{quick}", "",
-        f"Generated by `{doc['command']}` on {doc['date_utc']}.{partial}", "",
+    partial = [] if doc["complete"] else ["**Incomplete: the run has not finished (or failed).**", ""]
+    commit = f" (this tree at {doc['commit'][:10]})" if doc.get("commit") else ""
+    return [
+        "## Surgery cost and ORT speed-up", "",
+        f"Generated by `{doc['command']}` on {doc['date_utc']}{commit}, with the surgery of that day.", "",
+        *partial,
         render_table(doc["cases"]), "",
         *[f"- {v}" for v in doc["verdicts"]], "",
         "Kept = fraction of block-internal channels kept (BasicBlock conv1; Bottleneck conv1 and conv2). MACs "
@@ -423,13 +724,36 @@ def render_md(doc: dict) -> str:
         f"({m['torch_threads']} thread), {m['platform']}; load average at start "
         f"{', '.join(f'{x:.2f}' for x in doc['load_average_start'])}, at end "
         f"{', '.join(f'{x:.2f}' for x in doc['load_average_end'])}. Wall time {doc['wall_time_s']:.0f} s.", "",
-    ])
+    ]
 
 
-def write_results(doc: dict, res_dir: Path, stem: str) -> None:
-    doc["load_average_end"] = list(os.getloadavg())
+def render_md(doc: dict) -> str:
+    """The side-by-side section (--against) and the latency run, each with its own command and date."""
+    quick = " (QUICK check, not a result)" if doc.get("quick") else ""
+    lines = [f"# Surgery on ResNets with block-internal channels zeroed{quick}", ""]
+    if doc.get("side_by_side"):
+        lines += render_sbs(doc["side_by_side"])
+    if doc.get("cases"):
+        lines += render_latency(doc)
+    return "\n".join(lines)
+
+
+def write_results(doc: dict, res_dir: Path, stem: str, *, end_load: bool = True) -> None:
+    if end_load:
+        doc["load_average_end"] = list(os.getloadavg())
     atomic_write_json(doc, res_dir / f"{stem}.json")
     atomic_write_bytes(render_md(doc).encode(), res_dir / f"{stem}.md")
+
+
+def read_results(res_dir: Path, stem: str) -> dict:
+    """The results file as it is (a run of one mode keeps the other mode's section), or {}."""
+    import json
+
+    path = res_dir / f"{stem}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -449,10 +773,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="smoke run: resnet18, keep 0.5, 112x112, batch 1, 1 thread, 5 rounds; results to benchmarks/out")
     ap.add_argument("--out", default=None,
                     help="where the .json/.md go (default benchmarks/results; benchmarks/out with --quick)")
+    ap.add_argument("--against", nargs="?", const="cde5295", default=None, metavar="REV",
+                    help="side by side instead of latency: compress() at REV (a temporary git worktree; default "
+                         "cde5295, the implementation before surgery v2) against this tree's, on the same files")
+    ap.add_argument("--sbs-repeats", type=int, default=3, help="--against: child processes per side (alternating)")
+    ap.add_argument("--sbs-calls", type=int, default=2,
+                    help="--against: compress() calls per child (the first is cold, the rest warm)")
+    ap.add_argument("--sbs-lowering", default="off",
+                    help="--against: shape_lowering values to compare (comma list; 'default' = each side's own)")
     args = ap.parse_args(argv)
     if args.quick:
         args.models, args.keep, args.batch, args.threads = "resnet18", "0.5", "1", "1"
         args.rounds, args.warmup, args.size, args.surgery_repeats = min(args.rounds, 5), 1, 112, 1
+        args.sbs_repeats = 1
+    args.sbs_lowering = csv(args.sbs_lowering)
+    if args.sbs_repeats < 1 or args.sbs_calls < 1:
+        ap.error("--sbs-repeats and --sbs-calls must be at least 1")
     args.models = csv(args.models)
     args.keep, args.batch, args.threads = csv(args.keep, float), csv(args.batch, int), csv(args.threads, int)
     unknown = [m for m in args.models if m not in ("resnet18", "resnet50")]
@@ -469,9 +805,20 @@ def main(argv: list[str] | None = None) -> int:
     res_dir = Path(args.out or REPO / "benchmarks" / ("out" if args.quick else "results"))
     res_dir.mkdir(parents=True, exist_ok=True)
     stem = "surgery_resnet_quick" if args.quick else "surgery_resnet"
+    previous = read_results(res_dir, stem)
+    if args.against:
+        doc = previous if previous.get("benchmark") == "surgery_resnet" else {"benchmark": "surgery_resnet"}
+        doc["quick"] = args.quick
+        with tempfile.TemporaryDirectory(prefix="surgery_resnet_") as tmp:
+            for sbs in side_by_side(args, Path(tmp)):
+                doc["side_by_side"] = sbs
+                write_results(doc, res_dir, stem, end_load=False)
+        print("\n".join(render_sbs(doc["side_by_side"])))
+        log(f"wrote {res_dir / stem}.json and .md")
+        return 0
     t_all = time.perf_counter()
     doc = {"benchmark": "surgery_resnet", "quick": args.quick, "complete": False,
-           "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+           "commit": git("rev-parse", "HEAD"), "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
            "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine_info(),
            "load_average_start": list(os.getloadavg()),
            "settings": {k: getattr(args, k) for k in ("models", "keep", "batch", "threads", "rounds", "warmup",
@@ -481,6 +828,8 @@ def main(argv: list[str] | None = None) -> int:
            "peak_memory_note": "peak_rss_mib: RSS high-water mark of the spawned child during compress() "
                                "(process baseline included); increase_mib: peak minus RSS just before the call",
            "cases": [], "verdicts": [], "wall_time_s": 0.0}
+    if previous.get("side_by_side"):
+        doc["side_by_side"] = previous["side_by_side"]  # the --against run's section stays
     log(f"ORT {ort.__version__}, nproc {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}; "
         f"{len(args.models) * len(args.keep)} case(s) x {len(args.batch) * len(args.threads)} timings")
     with tempfile.TemporaryDirectory(prefix="surgery_resnet_") as tmp:
