@@ -63,8 +63,8 @@ def test_surgery_on_an_onnx_file(sparse_ckpt, tmp_path):
 def test_failed_verification_writes_nothing_unless_forced(sparse_ckpt, tmp_path, monkeypatch):
     real = surgery_passes.prune_dead_channels
 
-    def broken(model):
-        res = real(model)
+    def broken(model, analysis=None):
+        res = real(model, analysis)
         bias = model.graph.initializers["fc2.bias"]
         arr = bias.const_value.numpy().copy()
         arr[0] += 10.0

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from .channels import ZERO, analyze
+from .analysis import Analysis, analysis_of
+from .channels import ZERO
 from .ops.base import drop_unused_constants
 
 
@@ -27,9 +28,10 @@ def _same_shape(a: ir.Value, b: ir.Value) -> bool:
     return a.shape is not None and b.shape is not None and list(a.shape) == list(b.shape)
 
 
-def remove_zero_branches(model: ir.Model) -> DepthResult:
+def remove_zero_branches(model: ir.Model, analysis: Analysis | None = None) -> DepthResult:
     """Bypass the Adds whose one operand is ZERO throughout, in place."""
-    states = analyze(model)
+    analysis = analysis_of(model, analysis)
+    states = analysis.states
     removed: list[str] = []
     kept: dict[str, str] = {}
     n_before = len(list(model.graph))
@@ -51,7 +53,9 @@ def remove_zero_branches(model: ir.Model) -> DepthResult:
             model.graph.remove(node, safe=True)
             removed.append(node.name or out.name)
             break
-    _remove_dead_nodes(model.graph)
+    if removed:
+        analysis.invalidate()
+        _remove_dead_nodes(model.graph)
     return DepthResult(tuple(removed), n_before - len(list(model.graph)),
                        {k: v for k, v in kept.items() if k not in removed})
 

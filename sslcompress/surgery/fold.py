@@ -16,8 +16,9 @@ import onnx_ir as ir
 import torch
 
 from ..errors import UnsupportedModelError
-from .channels import CONSTANT, analyze
-from .coupling import Coupling, couple
+from .analysis import Analysis, analysis_of
+from .channels import CONSTANT
+from .coupling import Coupling
 from .ops.base import (
     add_initializer,
     attr_value,
@@ -37,10 +38,13 @@ class FoldResult:
     bias_maps: tuple[str, ...]  # convs that got a constant map added after them
 
 
-def fold_constant_channels(model: ir.Model) -> FoldResult:
+def fold_constant_channels(model: ir.Model, analysis: Analysis | None = None) -> FoldResult:
     """Fold constant channels into the layers that read them, in place."""
-    states = analyze(model)
-    coupling = couple(model)
+    analysis = analysis_of(model, analysis)
+    states = analysis.states
+    if not any(np.any(ch.state == CONSTANT) for ch in states.values()):
+        return FoldResult(0, ())
+    coupling = analysis.coupling
     folded = 0
     maps: list[str] = []
     for node in list(model.graph):
@@ -61,6 +65,8 @@ def fold_constant_channels(model: ir.Model) -> FoldResult:
                 maps.append(node.name or node.outputs[0].name)
         elif node.op_type == "Gemm":
             folded += _fold_gemm(model.graph, node, w, ch)
+    if folded:
+        analysis.invalidate()
     return FoldResult(folded, tuple(maps))
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import onnx_ir as ir
 
 from ..errors import SSLCompressError, SurgeryError
+from .analysis import Analysis, analysis_of
 from .depth import remove_zero_branches
 from .features import select_features
 from .fold import fold_constant_channels
@@ -76,11 +77,17 @@ class Surgery:
     """The passes of one surgery, with their results kept for the report."""
 
     def __init__(self) -> None:
-        self.depth = SurgeryPass(remove_zero_branches, "zero residual branches")
-        self.fold = SurgeryPass(fold_constant_channels, "constant channel folding")
-        self.prune = SurgeryPass(prune_dead_channels, "dead channel pruning")
+        # One channel analysis for the three passes that read it, recomputed only after a change.
+        self._analysis: Analysis | None = None
+        self.depth = SurgeryPass(lambda m: remove_zero_branches(m, self._shared(m)), "zero residual branches")
+        self.fold = SurgeryPass(lambda m: fold_constant_channels(m, self._shared(m)), "constant channel folding")
+        self.prune = SurgeryPass(lambda m: prune_dead_channels(m, self._shared(m)), "dead channel pruning")
         self.features = SurgeryPass(select_features, "feature selection")
         self.kernels = SurgeryPass(shrink_kernels, "kernel shrinking")
+
+    def _shared(self, model: ir.Model) -> Analysis:
+        self._analysis = analysis_of(model, self._analysis)
+        return self._analysis
 
     def prepare(self, model: ir.Model) -> None:
         run_passes(model, prepare_passes())

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from .analysis import Analysis, analysis_of
 from .axes import reads_on_its_axis
-from .channels import ZERO, Channels, analyze
-from .coupling import Coupling, couple
+from .channels import ZERO, Channels
+from .coupling import Coupling
 from .ops import rule_for
 from .ops.base import drop_unused_constants
 
@@ -72,9 +73,9 @@ def _live(v: ir.Value, c: Coupling) -> Channels | None:
     return Channels.live(len(c.ids[v])) if v in c.ids else None
 
 
-def dead_channels(model: ir.Model) -> DeadChannels:
-    states = analyze(model)
-    c = couple(model)
+def dead_channels(model: ir.Model, analysis: Analysis | None = None) -> DeadChannels:
+    analysis = analysis_of(model, analysis)
+    states, c = analysis.states, analysis.coupling
     needed = needed_channels(model, states, c)
     all_roots = {c.root(i) for i in range(len(c.parent))}
     wanted: set[int] = set()
@@ -154,9 +155,10 @@ def _zeros_kept(states: dict[ir.Value, Channels], c: Coupling, keep: dict[ir.Val
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
-def prune_dead_channels(model: ir.Model) -> PruneResult:
+def prune_dead_channels(model: ir.Model, analysis: Analysis | None = None) -> PruneResult:
     """Delete the dead channels of the model, in place."""
-    dead = dead_channels(model)
+    analysis = analysis_of(model, analysis)
+    dead = dead_channels(model, analysis)
     changed = 0
     if dead.n_dead:
         # Every node's masks first: a rewrite may insert a node and rename the values after it.
@@ -169,6 +171,7 @@ def prune_dead_channels(model: ir.Model) -> PruneResult:
         for node, keep_in, keep_out in plans:
             changed += _rewrite(model.graph, node, keep_in, keep_out)
         drop_unused_constants(model.graph)
+        analysis.invalidate()
     return PruneResult(dead.n_dead, changed, dead.blocked, dead.zeros_kept)
 
 

@@ -129,19 +129,19 @@ class Conv(OpRule):
         padded = conv_is_padded(node)
         out_ch, per_group_in = w.shape[0], w.shape[1]
         per_group_out = out_ch // group
+        if len(x) != group * per_group_in:
+            return [None]
         fibre = w.reshape(out_ch, per_group_in, -1)
-        uses = np.abs(fibre).sum(2) > 0
-        state = np.empty(out_ch, np.int8)
-        value = np.empty(out_ch)
-        for n in range(out_ch):
-            g = n // per_group_out
-            xs = x.take(slice(g * per_group_in, (g + 1) * per_group_in))
-            if np.any(uses[n] & (xs.state == LIVE)) or (padded and np.any(uses[n] & (xs.state == CONSTANT))):
-                state[n], value[n] = LIVE, np.nan
-                continue
-            total = b[n] + float(np.sum(np.where(uses[n], xs.known_values, 0.0) * fibre[n].sum(1)))
-            state[n], value[n] = (ZERO, 0.0) if total == 0 else (CONSTANT, total)
-        return [Channels(state, value)]
+        uses = np.abs(fibre).sum(2) > 0  # (out, in per group)
+        # Each output channel against the input channels of its own group, all at once.
+        group_of = np.arange(out_ch) // per_group_out
+        st = x.state.reshape(group, per_group_in)[group_of]
+        kv = x.known_values.reshape(group, per_group_in)[group_of]
+        live = (uses & (st == LIVE)).any(1)
+        if padded:  # zero padding makes a constant channel's border differ
+            live |= (uses & (st == CONSTANT)).any(1)
+        total = b + (np.where(uses, kv, 0.0) * fibre.sum(2)).sum(1)
+        return [Channels.known(np.where(live, 0.0, total)).with_live(live)]
 
     def in_axes(self, node):
         return [1] + [None] * (len(node.inputs) - 1)
