@@ -49,6 +49,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError, VerificationError
 from ..runtime import create_session
+from ..runtime.pinning import usable_cpus
 from .inputs import Feed, FeedLike, as_feed, as_feeds, describe_inputs, random_array, random_batches
 
 Runner = Callable[[Any], list[np.ndarray]]
@@ -94,9 +95,14 @@ class VerifyResult:
     rtol: float | None = None
 
 
+# Verification checks values, not speed: it may use the cores it has (a few; more gain little at the
+# batch sizes it runs). Sums in another order stay within the criterion, which is float rounding.
+VERIFY_THREADS = max(1, min(4, len(usable_cpus()) or 1))
+
+
 def _session(model: onnx.ModelProto, optimization: str = "all"):
-    """A CPU session on one thread (UnsupportedModelError when ORT cannot load the model)."""
-    return create_session(model, provider="cpu", threads=1, optimization=optimization)
+    """A CPU session (UnsupportedModelError when ORT cannot load the model)."""
+    return create_session(model, provider="cpu", threads=VERIFY_THREADS, optimization=optimization)
 
 
 def _run(session, feed: Feed) -> dict[str, np.ndarray]:
@@ -110,7 +116,7 @@ def _run(session, feed: Feed) -> dict[str, np.ndarray]:
 
 
 def ort_runner(model: onnx.ModelProto) -> Runner:
-    """A CPU ORT session with full graph optimisation and one thread, as a function of one input
+    """A CPU ORT session with full graph optimisation, as a function of one input
     (a feed ``{name: array}``, or one array for a single-input model)."""
     specs = describe_inputs(model)
     session = _session(model)
