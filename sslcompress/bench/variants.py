@@ -85,18 +85,50 @@ def _arrays(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return {t.name: t for t in proto.graph.initializer}
 
 
+def _weight_values(proto: onnx.ModelProto) -> dict[str, tuple[object, np.ndarray]]:
+    """{node name: (the weight's value, its numbers)} for every layer with a constant weight, read as
+    the surgery reads it: an initializer, a Constant node, or a DequantizeLinear of constants (a QDQ
+    model's weight, as the float values ONNX Runtime computes)."""
+    import onnx_ir as ir
+
+    from ..surgery.ops.base import const_tensor
+
+    model = ir.serde.deserialize_model(proto)
+    out: dict[str, tuple[object, np.ndarray]] = {}
+    for node in model.graph:
+        if node.op_type not in WEIGHT_OPS or len(node.inputs) < 2 or node.domain not in ("", "ai.onnx"):
+            continue
+        name = node.name or node.outputs[0].name
+        for v in ((node.inputs[1], node.inputs[0]) if node.op_type == "MatMul" else (node.inputs[1],)):
+            arr = const_tensor(v)
+            if arr is not None:
+                out[name] = (v, np.asarray(arr))
+                break
+    return out
+
+
+def quantized_layers(proto: onnx.ModelProto) -> list[str]:
+    """Layers whose weight is a DequantizeLinear of constants (a QDQ model)."""
+    inits = {t.name for t in proto.graph.initializer}
+    made_by = {o: n for n in proto.graph.node for o in n.output}
+    found = []
+    for node in proto.graph.node:
+        if node.op_type in WEIGHT_OPS and len(node.input) > 1 and node.input[1] not in inits:
+            producer = made_by.get(node.input[1])
+            if producer is not None and producer.op_type == "DequantizeLinear":
+                found.append(node.name or node.output[0])
+    return found
+
+
 def layer_nonzeros(proto: onnx.ModelProto) -> dict[str, int]:
     """Nonzero weights of each weight layer, by node name (biases not counted)."""
-    inits = _arrays(proto)
-    return {name: int(np.count_nonzero(numpy_helper.to_array(inits[w])))
-            for name, (_, w) in weight_layers(proto).items()}
+    return {name: int(np.count_nonzero(arr)) for name, (_, arr) in _weight_values(proto).items()}
 
 
 def nonzero_weights(proto: onnx.ModelProto) -> int:
-    """Nonzero weights over all weight layers, each shared initializer counted once."""
-    inits = _arrays(proto)
-    names = {w for _, w in weight_layers(proto).values()}
-    return int(sum(np.count_nonzero(numpy_helper.to_array(inits[w])) for w in names))
+    """Nonzero weights over all weight layers, each shared weight counted once."""
+    unique = {id(v): arr for v, arr in _weight_values(proto).values()}
+    return int(sum(np.count_nonzero(arr) for arr in unique.values()))
 
 
 def keep_largest(weight: np.ndarray, k: int) -> np.ndarray:
@@ -286,6 +318,12 @@ def build_variants(target: str | Path | None = None, *, dense: str | Path | None
     matching: tuple[LayerNonzeros, ...] = ()
     unmatched: tuple[str, ...] = ()
     if UNSTRUCTURED not in models:
+        quantized = quantized_layers(models[DENSE].model)
+        if quantized:
+            raise ConfigError(
+                f"the unstructured variant zeroes float weights by magnitude, but {len(quantized)} layers of the "
+                f"dense model read quantized weights (QDQ, e.g. {quantized[0]!r}); give --unstructured PATH, "
+                "or bench the float model")
         say("placing the unstructured zeros by magnitude")
         proto, matching, unmatched = magnitude_match(models[DENSE].model, models[STRUCTURED].model)
         models[UNSTRUCTURED] = Variant(UNSTRUCTURED, proto, "dense, pruned by magnitude per layer to the"
