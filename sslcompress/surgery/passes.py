@@ -42,16 +42,31 @@ class SurgeryPass(ir.passes.InPlacePass):
 
     def requires(self, model: ir.Model) -> None:
         # The analyses walk nodes in order: every input must be made before it is read.
-        seen = {v for v in model.graph.inputs} | set(model.graph.initializers.values())
-        for node in model.graph:
-            for v in node.inputs:
-                if v is not None and v not in seen and v.producer() is not None and v.producer().graph is model.graph:
-                    raise SurgeryError(f"Before {self.name}: node {node.name!r} reads {v.name!r} before it is made.")
-            seen.update(node.outputs)
+        _in_order(model, f"Before {self.name}")
+
+    def ensures(self, model: ir.Model) -> None:
+        # A rewrite that inserts a node must insert it before its readers, and leave no reader without
+        # its value: the next pass walks the same order.
+        _in_order(model, f"After {self.name}")
+        outputs = {v for v in model.graph.outputs}
+        for v in outputs:
+            if v.producer() is None and v not in model.graph.inputs and not v.is_initializer():
+                raise SurgeryError(f"After {self.name}: graph output {v.name!r} is made by no node.")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.result = self._run(model)
         return ir.passes.PassResult(model, True)
+
+
+def _in_order(model: ir.Model, when: str) -> None:
+    seen = set(model.graph.inputs) | set(model.graph.initializers.values())
+    for node in model.graph:
+        for v in node.inputs:
+            producer = v.producer() if v is not None else None
+            if producer is not None and producer.graph is model.graph and v not in seen:
+                raise SurgeryError(f"{when}: node {node.name!r} reads {v.name!r} before it is made; please "
+                                   "report this model.")
+        seen.update(node.outputs)
 
 
 def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> None:
