@@ -161,6 +161,9 @@ def print_surgery_report(report: dict[str, Any]) -> None:
     if blocked:
         _out.print("channels that could go but stay, and what keeps them: "
                    + ", ".join(f"{n} by {why}" for why, n in blocked.items()))
+    if report.get("quantized_weights"):
+        _out.print(f"quantized weights (QDQ): {report['quantized_weights']} layers, cut in their quantized "
+                   "tensors with their scales and zero points")
     kept = report.get("zeros_kept") or {}
     if kept:
         _out.print("zero channels found but kept, and why: " + ", ".join(f"{n} by {why}" for why, n in kept.items()))
