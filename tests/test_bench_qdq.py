@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from test_qdq_surgery import _qdq_net
 
 from sslcompress.bench.variants import build_variants, layer_nonzeros, nonzero_weights
 from sslcompress.errors import ConfigError
 from sslcompress.surgery.compress import compress
-from test_qdq_surgery import _qdq_net
 
 
 def _dequantized_nonzeros(proto: onnx.ModelProto, layer: str) -> int:

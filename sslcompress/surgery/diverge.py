@@ -25,18 +25,8 @@ import numpy as np
 import onnx
 
 from .inputs import Feed, FeedLike, as_feeds
-from .verify import (
-    _constants,
-    _output_difference,
-    _passes,
-    _run,
-    _session,
-    exposing,
-    find_selections,
-    output_rtol,
-    pin_outputs,
-    selection_checks,
-)
+from .selections import _constants, exposing, find_selections, pin_outputs, selection_checks
+from .verify import _output_difference, _passes, _run, _session, output_rtol
 
 # Their values describe shapes or are constants: not compared (module docstring).
 NOT_COMPARED = frozenset({"Shape", "Size", "Constant", "ConstantOfShape"})
