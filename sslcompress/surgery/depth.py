@@ -3,6 +3,11 @@
 Where one operand of an Add is ZERO in every channel (and has the Add's own shape, so nothing
 depends on its broadcasting), the Add is the other operand: its users are rewired to it, the
 Add goes, and every node whose outputs no one reads any more (the branch) goes with it.
+
+In a quantized (QDQ) model an Add whose sum is requantized (a QuantizeLinear reads it, directly
+or through Relu/Clip) stays: runtimes fuse DequantizeLinear -> Add -> QuantizeLinear into one
+integer kernel (ONNX Runtime's QLinearAdd) whose rounding is not the float path's, so the sum
+without the Add can differ from it by a quantization step.
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ def remove_zero_branches(model: ir.Model, analysis: Analysis | None = None) -> D
             ch = states.get(z) if z is not None else None
             if ch is None or not np.all(ch.state == ZERO):
                 continue
+            if _requantized(out):
+                kept[node.name or out.name] = ("a quantized Add (its sum is requantized): without it the runtime "
+                                                "would round the sum differently")
+                continue
             if not _same_shape(z, out) or not _same_shape(keep, out):
                 kept[node.name or out.name] = "its operands' shapes cannot be shown equal to the sum's"
                 continue
@@ -58,6 +67,19 @@ def remove_zero_branches(model: ir.Model, analysis: Analysis | None = None) -> D
         _remove_dead_nodes(model.graph)
     return DepthResult(tuple(removed), n_before - len(list(model.graph)),
                        {k: v for k, v in kept.items() if k not in removed})
+
+
+_CLAMPS = ("Relu", "Clip")  # what a runtime folds into the requantization that follows
+
+
+def _requantized(value: ir.Value) -> bool:
+    """A QuantizeLinear reads ``value``, directly or through Relu/Clip."""
+    for node, _ in value.uses():
+        if node.op_type == "QuantizeLinear" and node.domain in ("", "ai.onnx", "com.microsoft"):
+            return True
+        if node.op_type in _CLAMPS and node.domain in ("", "ai.onnx") and _requantized(node.outputs[0]):
+            return True
+    return False
 
 
 def _remove_dead_nodes(graph: ir.Graph) -> None:
