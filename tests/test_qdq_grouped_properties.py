@@ -390,3 +390,45 @@ def test_a_zero_branch_of_a_requantized_add_stays(relu):
     res = _exact(proto, seeds=tuple(range(101, 109)))
     assert res.report["blocks_removed"] == []
     assert any("quantized Add" in why for why in res.report["zero_branches_kept"].values())
+
+
+def _int8_pair_after(op: str, x_shape, reader) -> onnx.ModelProto:
+    """x -> int8 Q/DQ -> op -> int8 Q/DQ (zero point 73) -> reader: ONNX Runtime fuses DQ -> op -> Q
+    into QLinearSoftmax once it has made the adjacent int8 pairs uint8."""
+    b = B(np.random.default_rng(11), qdq=True, opset=17, int8_act=True)
+    b.shape["x"] = x_shape
+
+    def act(x, s, z):
+        sn, zn = b.const(np.float32(s), "s"), b.const(np.int8(z), "z")
+        y = b.put(b.node("DequantizeLinear", [b.node("QuantizeLinear", [x, sn, zn]), sn, zn]), b.shape[x])
+        b.scale[y] = s
+        return y
+
+    x = act("x", 0.065, -108)
+    x = act(b.put(b.node(op, [x], **({"axis": 1} if op == "Softmax" else {})), x_shape), 0.0047, 73)
+    return b.model((2, *x_shape), reader(b, x))
+
+
+def test_features_are_not_gathered_inside_an_int8_pair():
+    def reader(b, x):
+        w = b.rng.normal(size=(12, 5)).astype(np.float32)
+        w[[0, 3, 4, 9]] = 0  # four input features no output reads
+        wn, ws = b.weight(w.T.copy(), axis=0)
+        return b.put(b.node("Gemm", [x, wn, b.bias(b.rng.normal(size=5).astype(np.float32), ws, b.scale[x])],
+                            transB=1), (5,))
+
+    res = _exact(_int8_pair_after("Softmax", (12,), reader), seeds=tuple(range(101, 109)))
+    assert res.report["features_selected"] == {}
+
+
+def test_a_kernel_is_not_cropped_inside_an_int8_pair():
+    def reader(b, x):
+        return b.conv(x, 4, k=3, pad=0, zero_p=0.0, edge_p=0.0, relu=False, fibre_p=0.0, bias_p=0.0)
+
+    proto = _int8_pair_after("Softmax", (3, 7, 7), reader)
+    w = next(i for i in proto.graph.initializer if i.name.startswith("wq"))
+    q = numpy_helper.to_array(w).copy()
+    q[:, :, 0, :] = 0  # the top row of every filter (zero point 0): 3x3 -> 2x3 needs a crop
+    w.CopyFrom(numpy_helper.from_array(q, w.name))
+    res = _exact(proto, seeds=tuple(range(101, 109)))
+    assert res.report["kernels_shrunk"] == {}

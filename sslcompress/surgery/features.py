@@ -21,7 +21,7 @@ from .ops.base import (
     rank_of,
     take_const,
 )
-from .ops.quant import activation_dequantize, dequantize_again
+from .ops.quant import activation_dequantize, dequantize_again, splits_a_signed_pair
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,8 @@ def select_features(model: ir.Model) -> FeatureResult:
         name = node.name or node.outputs[0].name
         x = node.inputs[0]
         dq = activation_dequantize(x)  # a quantized input: gather the quantized tensor, then dequantize
+        if dq is not None and splits_a_signed_pair(dq):
+            continue  # a Gather inside an int8 Q -> DQ pair would change how the runtime fuses it
         source = dq.inputs[0] if dq is not None else x
         picked = ir.Value(name=f"{x.name}.{name}.features", type=source.type,
                           shape=ir.Shape([x.shape[0], len(kept)]) if x.shape is not None else None)

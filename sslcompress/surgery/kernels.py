@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .ops.base import const_tensor, quant_blocker, take_const
-from .ops.quant import activation_dequantize, dequantize_again
+from .ops.quant import activation_dequantize, dequantize_again, splits_a_signed_pair
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,9 @@ def shrink_kernels(model: ir.Model) -> ShrinkResult:
         new_pads = [max(p - s_, 0) for p, s_ in zip(pads, shifts, strict=True)]
         crops = [max(s_ - p, 0) for p, s_ in zip(pads, shifts, strict=True)]
         if any(crops):
+            dq = activation_dequantize(node.inputs[0])
+            if dq is not None and splits_a_signed_pair(dq):
+                continue  # a Slice inside an int8 Q -> DQ pair would change how the runtime fuses it
             _crop_input(model.graph, node, crops)
         take_const(model.graph, node, 1, lambda a, k=(r0, r1, c0, c1): a[:, :, k[0]:k[1], k[2]:k[3]])
         node.attributes["kernel_shape"] = ir.AttrInt64s("kernel_shape", [r1 - r0, c1 - c0])

@@ -132,6 +132,18 @@ def activation_dequantize(value: ir.Value | None) -> ir.Node | None:
     return node
 
 
+def splits_a_signed_pair(dq: ir.Node) -> bool:
+    """Whether a node put between ``dq`` and the QuantizeLinear that makes its input would split an int8
+    Q -> DQ pair. ONNX Runtime rewrites such adjacent pairs to uint8 before it fuses QDQ groups, so a
+    split pair changes how the ops around it are fused (a QLinearSoftmax upstream becomes float
+    Softmax -> QuantizeLinear), and the model no longer rounds as it did."""
+    q = dq.inputs[0].producer() if dq.inputs and dq.inputs[0] is not None else None
+    if not is_qdq(q) or q.op_type != "QuantizeLinear":
+        return False
+    p = quantization(dq, rank_of(dq.inputs[0]))
+    return p is None or p.qtype == ir.DataType.INT8
+
+
 def dequantize_again(graph: ir.Graph, reader: ir.Node, index: int, dq: ir.Node, q: ir.Value,
                      keep: np.ndarray | None = None) -> None:
     """Input ``index`` of ``reader`` becomes a copy of ``dq`` that reads ``q`` (the quantized tensor after
