@@ -150,8 +150,15 @@ def is_batch_of(dim: Dim, x: ir.Value) -> bool:
         v, axis = dim.ref
         if axis != 0 or v.shape is None or not len(v.shape):
             return False
-        return v is x or (b is not None and v.shape[0] == b)
+        # Another value's batch is x's where both are one known size or one named symbol; two unknown
+        # sizes without a name are not the same size (onnx_ir compares them equal).
+        return v is x or (_known_dim(b) and v.shape[0] == b)
     return dim.value is not None and isinstance(b, int) and dim.value == b
+
+
+def _known_dim(d) -> bool:
+    """A size that is an integer or a named symbol."""
+    return isinstance(d, int) or (d is not None and getattr(d, "value", None) is not None)
 
 
 def channel_refs(vec: list[Dim]) -> list[tuple[int, ir.Value]]:

@@ -8,14 +8,17 @@ as axes come and go. Each channel stays itself, so these ops pass ids, states an
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 
 from .base import (
     Decline,
     PassThrough,
+    add_initializer,
     attr_value,
     channel_axis,
     const_tensor,
     input_or_none,
+    opset_of,
     rank_of,
     register,
 )
@@ -88,3 +91,27 @@ class Squeeze(Move):
             return None
         out = a - sum(r < a for r in removed)
         return out if out > 0 else None
+
+    def couple(self, node, ids, ctx):
+        x = node.inputs[0]
+        if _axes(node) is None and x is not None and x.shape is not None and 1 not in list(x.shape):
+            # Nothing to squeeze now, and no axes to write: an empty list squeezes every size 1 too.
+            return Decline("without axes it would squeeze a channel axis cut down to one channel")
+        return super().couple(node, ids, ctx)
+
+    def rewrite(self, graph, node, keep_in, keep_out):
+        """Without axes, Squeeze drops every axis of size 1 it finds at run time: a channel axis cut down
+        to one channel would go too. The axes it drops now (the shapes are still the uncut ones here)
+        are written out."""
+        x = node.inputs[0]
+        if _axes(node) is not None or x is None or x.shape is None:
+            return False
+        axes = [i for i, d in enumerate(x.shape) if d == 1]
+        version = opset_of(node)
+        if version is not None and version < 13:
+            node.attributes["axes"] = ir.AttrInt64s("axes", axes)
+        else:
+            node.resize_inputs(2)
+            node.replace_input_with(1, add_initializer(graph, f"{node.name or 'squeeze'}.axes",
+                                                       np.array(axes, np.int64)))
+        return True

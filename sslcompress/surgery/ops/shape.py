@@ -27,11 +27,12 @@ from .base import (
     input_or_none,
     label,
     rank_of,
+    refine_shape,
     register,
     set_const,
     static_dims,
 )
-from .dims import Dim, is_batch_of, merge_refs, target_of, write_dim
+from .dims import Dim, is_batch_of, merge_refs, shape_vector, target_of, write_dim
 
 
 class Spread(OpRule):
@@ -115,12 +116,41 @@ class Reshape(Spread):
 
     def fill_shapes(self, node):
         x, y = node.inputs[0], node.outputs[0]
+        self._target_shape(node)
         known = y.shape is not None and len(y.shape) == 2 and isinstance(y.shape[1], int)
         if not known and self._kind(node) == "flatten":
             batch = y.shape[0] if y.shape is not None and len(y.shape) == 2 else x.shape[0]
             y.shape = ir.Shape([batch, int(np.prod(static_dims(x, 1)))])
             if y.type is None:
                 y.type = x.type
+
+    def _target_shape(self, node) -> None:
+        """The output's sizes as the target names them: a known entry, x's own size for a copied 0, the
+        size (or symbol) of the axis a Shape reads at run time. Inference leaves the output of a target
+        read from the Shape of a value with symbolic sizes unknown; the plan reads it from here."""
+        x, y = node.inputs[0], node.outputs[0]
+        vec = shape_vector(input_or_none(node, 1))
+        if vec is None or x is None or x.shape is None or y is None or (y.shape is not None and len(y.shape) != len(vec)):
+            return
+        allowzero = int(attr_value(node, "allowzero", 0))
+        dims: list = []
+        for i, d in enumerate(vec):
+            if d.value == 0 and not allowzero:
+                dims.append(x.shape[i] if i < len(x.shape) else None)
+            elif d.ref is not None and d.ref[0].shape is not None and d.ref[1] < len(d.ref[0].shape):
+                dims.append(d.ref[0].shape[d.ref[1]])
+            elif d.value is not None and d.value >= 0:
+                dims.append(d.value)
+            else:
+                dims.append(None)
+        sizes = static_dims(x)
+        if sizes is not None and sum(not isinstance(d, int) for d in dims) == 1 and dims.count(None) == 1:
+            rest = int(np.prod([d for d in dims if d is not None]))
+            if rest and int(np.prod(sizes)) % rest == 0:
+                dims[dims.index(None)] = int(np.prod(sizes)) // rest
+        refine_shape(y, dims)
+        if y.type is None:
+            y.type = x.type
 
     def spatial(self, node):
         if self._kind(node) != "flatten":
