@@ -164,6 +164,11 @@ def print_surgery_report(report: dict[str, Any]) -> None:
     if report.get("quantized_weights"):
         _out.print(f"quantized weights (QDQ): {report['quantized_weights']} layers, cut in their quantized "
                    "tensors with their scales and zero points")
+    qop = report.get("qoperator_layers") or {}
+    if qop:
+        _out.print("quantized in the QOperator format (" + ", ".join(f"{n} {op}" for op, n in qop.items())
+                   + "): walls, nothing in them is cut; quantize with the QDQ format (quant_format=QDQ) "
+                   "for the surgery to cut quantized layers")
     kept = report.get("zeros_kept") or {}
     if kept:
         _out.print("zero channels found but kept, and why: " + ", ".join(f"{n} by {why}" for why, n in kept.items()))

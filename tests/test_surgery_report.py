@@ -45,3 +45,17 @@ def test_a_declining_rule_names_its_reason():
     reasons = " ".join(res.report["blocked_by"])
     assert "Reshape shuffle_in (it neither flattens (batch, features) nor keeps the channel axis)" in reasons
     assert res.report["zeros_kept"] and all("shuffle_in" in why for why in res.report["zeros_kept"])
+
+
+def test_a_qoperator_model_says_its_quantized_layers_are_walls():
+    w = np.random.default_rng(0).integers(-5, 5, size=(4, 3, 3, 3)).astype(np.int8)
+    w[1] = 0
+    inits = {"xs": np.array(0.05, np.float32), "xz": np.array(0, np.uint8), "w": w,
+             "ws": np.array(0.02, np.float32), "wz": np.array(0, np.int8), "ys": np.array(0.1, np.float32),
+             "yz": np.array(0, np.uint8)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["q"]),
+             helper.make_node("QLinearConv", ["q", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["qy"], pads=[1] * 4),
+             helper.make_node("DequantizeLinear", ["qy", "ys", "yz"], ["y"])]
+    res = compress(_model(nodes, inits, (1, 3, 6, 6), (1, 4, 6, 6)))
+    assert res.verification.passed and res.report["totals"]["channels_removed"] == 0
+    assert res.report["qoperator_layers"] == {"QLinearConv": 1}

@@ -49,6 +49,7 @@ def compress(model: onnx.ModelProto | str | Path, *, inputs: Sequence[FeedLike] 
     surgery = Surgery()
     surgery.prepare(work)
     before, params_before = layers_of(work), parameters_of(work)
+    qoperator = _qoperator_layers(work)
     surgery.cut(work)
     # Last: it reads the convs as they will run.
     lowered = lower_sparse_columns_ir(work, None if lowering_plan is not None else shape_lowering, plan=lowering_plan)
@@ -79,6 +80,8 @@ def compress(model: onnx.ModelProto | str | Path, *, inputs: Sequence[FeedLike] 
                           diverging=diverging)
     report["blocks_removed"] = list(depth.branches_removed)
     report["quantized_weights"] = sum(lay.quantized for lay in before)
+    # Layers quantized in the QOperator format compute in integers inside one op: walls, said so.
+    report["qoperator_layers"] = qoperator
     report["constant_channels_folded"] = fold.channels_folded
     report["constant_maps_added"] = list(fold.bias_maps)
     report["blocked_by"] = dict(sorted(pruned.blocked.items(), key=lambda kv: -kv[1]))
@@ -89,6 +92,18 @@ def compress(model: onnx.ModelProto | str | Path, *, inputs: Sequence[FeedLike] 
     report["kernels_shrunk"] = {k: [list(a), list(b)] for k, (a, b) in surgery.kernels.result.shrunk.items()}
     report["shape_lowering"] = lowering
     return CompressResult(compact, report, check)
+
+
+QOPERATOR_OPS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd",
+                 "QLinearMul", "QLinearConcat", "QLinearGlobalAveragePool", "QLinearAveragePool")
+
+
+def _qoperator_layers(model: ir.Model) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for node in model.graph:
+        if node.op_type in QOPERATOR_OPS:
+            found[node.op_type] = found.get(node.op_type, 0) + 1
+    return found
 
 
 def finish(model: onnx.ModelProto) -> onnx.ModelProto:
