@@ -632,3 +632,23 @@ def test_resize_sizes_sliced_from_a_shape_at_a_dynamic_batch():
     res = compress(model)
     assert res.verification.passed and res.report["totals"]["channels_removed"] == 2
     _same(model, res.model, {"x": np.random.default_rng(2).normal(size=(3, 1, 4, 4)).astype(np.float32)})
+
+
+def test_a_reshape_that_infers_the_channel_count_at_a_symbolic_batch_keeps_the_channel_axis():
+    # x.view(x.size(0), -1, h * w) at a symbolic batch: the -1 is C once the batch divides out.
+    w = np.random.default_rng(0).normal(size=(6, 1, 3, 3)).astype(np.float32)
+    w[[2, 3, 5]] = 0
+    nodes = [helper.make_node("Conv", ["x", "w"], ["t"], pads=[1] * 4),
+             helper.make_node("Shape", ["t"], ["s"], start=0, end=1),
+             helper.make_node("Concat", ["s", "rest"], ["tg"], axis=0),
+             helper.make_node("Reshape", ["t", "tg"], ["f"]),
+             helper.make_node("Shape", ["t"], ["s2"]),
+             helper.make_node("Reshape", ["f", "s2"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"])]
+    inits = {"w": w, "rest": np.array([-1, 20], np.int64),
+             "w2": np.random.default_rng(1).normal(size=(3, 6, 1, 1)).astype(np.float32)}
+    model = _edge_model(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 5, 4])],
+                        ["N", 3, 5, 4])
+    res = compress(model)
+    assert res.verification.passed and res.report["blocked_by"] == {} and res.report["zeros_kept"] == {}
+    _same(model, res.model, {"x": np.random.default_rng(3).normal(size=(3, 1, 5, 4)).astype(np.float32)})

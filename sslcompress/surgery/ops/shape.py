@@ -143,11 +143,8 @@ class Reshape(Spread):
                 dims.append(d.value)
             else:
                 dims.append(None)
-        sizes = static_dims(x)
-        if sizes is not None and sum(not isinstance(d, int) for d in dims) == 1 and dims.count(None) == 1:
-            rest = int(np.prod([d for d in dims if d is not None]))
-            if rest and int(np.prod(sizes)) % rest == 0:
-                dims[dims.index(None)] = int(np.prod(sizes)) // rest
+        if dims.count(None) == 1 and vec[dims.index(None)].value == -1:
+            dims[dims.index(None)] = _inferred(list(x.shape), [d for d in dims if d is not None])
         refine_shape(y, dims)
         if y.type is None:
             y.type = x.type
@@ -198,6 +195,25 @@ class Reshape(Spread):
             return False  # read at run time, or inferred: fits any channel count
         count = int(kin.sum()) * (self.spatial(node) if kind == "flatten" else 1)
         return write_dim(graph, d, count)
+
+
+def _inferred(sizes: list, named: list) -> int | None:
+    """The size a -1 entry takes: x's sizes over the target's others, equal factors (the same integer,
+    the same named symbol) cancelled first, so a symbolic batch on both sides divides out."""
+    rest = list(sizes)
+    left = []
+    for d in named:
+        same = [j for j, e in enumerate(rest) if (isinstance(d, int) and isinstance(e, int) and d == e)
+                or (not isinstance(d, int) and not isinstance(e, int) and getattr(d, "value", None) is not None
+                    and d == e)]
+        if same:
+            del rest[same[0]]
+        else:
+            left.append(d)
+    if not all(isinstance(d, int) for d in rest + left):
+        return None
+    num, den = int(np.prod(rest)), int(np.prod(left))
+    return num // den if den and num % den == 0 else None
 
 
 def _channel_axis_is(node: ir.Node, value: ir.Value, axis: int) -> bool:
