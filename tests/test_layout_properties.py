@@ -132,9 +132,7 @@ def shape_entries(w: Writer, t: T, start: int, end: int) -> str:
         (s,) = w.node("Shape", [t.name], "s", start=start, end=end)
         return s
     (s,) = w.node("Shape", [t.name], "s")
-    # A Slice of static entries of a Shape whose other entries are not: see
-    # test_resize_sizes_sliced_from_a_shape_at_a_dynamic_batch (a fix that belongs in prepare.py).
-    if end - start == 1 and (w.rng.random() < 0.5 or all(_int(d) for d in t.shape[start:end])):
+    if end - start == 1 and w.rng.random() < 0.5:
         (g,) = w.node("Gather", [s, w.const(np.array(start, np.int64), "i")], "g", axis=0)
         (u,) = w.node("Unsqueeze", [g, w.const(np.array([0], np.int64), "ax")], "u")
         return u
@@ -615,8 +613,6 @@ def test_a_reshape_to_the_shape_of_a_value_of_symbolic_sizes_keeps_the_channel_a
     _same(model, res.model, {"x": np.random.default_rng(3).normal(size=(2, 1, 4, 7)).astype(np.float32)})
 
 
-@pytest.mark.xfail(strict=True, reason="StaticDimsPass (surgery/prepare.py) registers the same constant twice: "
-                                        "its second run meets the Slice its first run already replaced")
 def test_resize_sizes_sliced_from_a_shape_at_a_dynamic_batch():
     # F.interpolate(t, size=...) as torch writes it: sizes = Concat(Shape(t)[0:1], Shape(t)[1:2], hw).
     w = np.random.default_rng(0).normal(size=(4, 1, 3, 3)).astype(np.float32)

@@ -94,6 +94,8 @@ class StaticDimsPass(ir.passes.InPlacePass):
         for node in list(model.graph):
             if node.op_type not in ("Gather", "Slice") or node.domain not in ("", "ai.onnx"):
                 continue
+            if not node.outputs[0].uses() and not node.outputs[0].is_graph_output():
+                continue  # replaced by an earlier run of this pass: nothing reads it any more
             entries = _static_shape_entries(node)
             if entries is None:
                 continue
@@ -209,7 +211,6 @@ def prepare_passes() -> list[ir.passes.PassBase]:
         FoldConstantsPass(),
         common.IdentityEliminationPass(),
         common.RemoveUnusedNodesPass(),
-        InferShapesPass(clear=False),
-        RuleShapesPass(),
-        InferShapesPass(clear=False),
+        # Shapes the rules prove let inference go further, which may let the rules prove more.
+        ir.passes.PassManager([RuleShapesPass(), InferShapesPass(clear=False)], steps=3, early_stop=True),
     ]
