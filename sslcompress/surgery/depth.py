@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common
 
 from .analysis import Analysis, analysis_of
 from .channels import ZERO
-from .ops.base import drop_unused_constants
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,8 @@ def remove_zero_branches(model: ir.Model, analysis: Analysis | None = None) -> D
             break
     if removed:
         analysis.invalidate()
-        _remove_dead_nodes(model.graph)
+        # The branch that fed the bypassed Add: every node no output needs any more, and its constants.
+        common.RemoveUnusedNodesPass()(model)
     return DepthResult(tuple(removed), n_before - len(list(model.graph)),
                        {k: v for k, v in kept.items() if k not in removed})
 
@@ -80,14 +81,3 @@ def _requantized(value: ir.Value) -> bool:
         if node.op_type in _CLAMPS and node.domain in ("", "ai.onnx") and _requantized(node.outputs[0]):
             return True
     return False
-
-
-def _remove_dead_nodes(graph: ir.Graph) -> None:
-    changed = True
-    while changed:
-        changed = False
-        for node in reversed(list(graph)):
-            if all(not v.uses() and not v.is_graph_output() for v in node.outputs):
-                graph.remove(node, safe=True)
-                changed = True
-    drop_unused_constants(graph)
