@@ -33,32 +33,7 @@ import os
 import sys
 import time
 
-
-def _status_kib(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_kib(reset_ok: bool) -> int:
-    import resource
-
-    hwm = _status_kib("VmHWM") if reset_ok else None
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+from rss import peak_kib, reset_peak, status_kib  # beside this script; imports nothing of sslcompress
 
 
 class Stages:
@@ -93,8 +68,8 @@ class Stages:
                     self.stack[-1][2] += elapsed
                 if len(self.stack) <= 1:  # top-level stages (inside compress): where the memory goes
                     self.timeline.append({"stage": name, "end_s": time.perf_counter() - self.t0,
-                                          "rss_mib": (_status_kib("VmRSS") or 0) / 1024,
-                                          "hwm_mib": (_status_kib("VmHWM") or 0) / 1024})
+                                          "rss_mib": (status_kib("VmRSS") or 0) / 1024,
+                                          "hwm_mib": (status_kib("VmHWM") or 0) / 1024})
 
         timed._stage_wrapped = True
         return timed
@@ -164,13 +139,13 @@ def main() -> int:
     for _ in range(args.calls):
         del res  # free the previous result first: two compact models alive would inflate the peak
         res = None
-        baseline = _status_kib("VmRSS") or 0
-        reset_ok = _reset_peak()
+        baseline = status_kib("VmRSS") or 0
+        reset_ok = reset_peak()
         stages.reset()
         t0 = time.perf_counter()
         res = cm.compress(proto, **kwargs)
         wall = time.perf_counter() - t0
-        peak = _peak_kib(reset_ok)
+        peak = peak_kib(reset_ok)
         totals, ver = res.report["totals"], res.report["verification"]
         calls.append({
             "wall_s": wall, "seconds": dict(res.report["seconds"]),

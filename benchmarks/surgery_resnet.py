@@ -68,6 +68,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from rss import peak_kib, reset_peak, status_kib  # beside this script
 from torch import nn
 
 from sslcompress.bench import sessions as bench_sessions
@@ -155,40 +156,12 @@ def sparse_resnet(name: str, keep: float, size: int, seed: int) -> tuple[nn.Modu
 # Surgery in a child process, for an honest peak-memory figure
 
 
-def _proc_status_kib(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the RSS high-water mark (Linux >= 4.0), so the peak we read is that of compress alone."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_kib(reset_ok: bool) -> int:
-    import resource
-
-    hwm = _proc_status_kib("VmHWM") if reset_ok else None
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 def _surgery_child(src: str, dst: str, result_path: str, repeats: int) -> None:
     """Runs in a spawned process: load, compress `repeats` times, write the compact model and a JSON."""
     torch.set_num_threads(1)
     proto = onnx.load(src)
-    baseline_kib = _proc_status_kib("VmRSS") or 0
-    reset_ok = _reset_peak_rss()
+    baseline_kib = status_kib("VmRSS") or 0
+    reset_ok = reset_peak()
     runs = []
     res = None
     for _ in range(repeats):
@@ -197,13 +170,13 @@ def _surgery_child(src: str, dst: str, result_path: str, repeats: int) -> None:
         res = compress(proto)
         wall = time.perf_counter() - t0
         runs.append({"wall_s": wall, **{f"{k}_s": v for k, v in res.report["seconds"].items()}})
-    peak_kib = _peak_rss_kib(reset_ok)
+    peak = peak_kib(reset_ok)
     save_onnx(res.model, dst)
     report = {k: v for k, v in res.report.items() if k != "layers"}
     atomic_write_json({
         "runs": runs, "report": report, "verification_passed": bool(res.verification.passed),
-        "peak_rss_mib": peak_kib / 1024, "baseline_rss_mib": baseline_kib / 1024,
-        "increase_mib": (peak_kib - baseline_kib) / 1024,
+        "peak_rss_mib": peak / 1024, "baseline_rss_mib": baseline_kib / 1024,
+        "increase_mib": (peak - baseline_kib) / 1024,
         "peak_method": "VmHWM after clear_refs reset" if reset_ok else "ru_maxrss of the whole child",
     }, result_path)
 

@@ -91,24 +91,12 @@ class LoweringResult:
 
 
 # ---------------------------------------------------------------- entry points
-def lower_sparse_columns(
-    proto: onnx.ModelProto,
-    mode: str | Plan | Sequence | None = None,
-    *,
-    plan: Plan | Sequence | None = None,
-    threshold: float = DEFAULT_THRESHOLD,
-    provider: str = "cpu",
-    threads: int = 1,
-    margin: float = 0.2,
-    min_sparsity: float = 0.2,
-    per_conv_s: float = 0.03,
-    budget_s: float = 2.0,
-) -> LoweringResult:
-    """``lower_sparse_columns_ir`` on a ModelProto: the same proto back where nothing was lowered."""
+def lower_sparse_columns(proto: onnx.ModelProto, mode: str | Plan | Sequence | None = None,
+                         **options: Any) -> LoweringResult:
+    """``lower_sparse_columns_ir`` (same options) on a ModelProto: the same proto back where nothing
+    was lowered."""
     model = ir.serde.deserialize_model(proto)
-    res = lower_sparse_columns_ir(model, mode, plan=plan, threshold=threshold, provider=provider, threads=threads,
-                                  margin=margin, min_sparsity=min_sparsity, per_conv_s=per_conv_s,
-                                  budget_s=budget_s)
+    res = lower_sparse_columns_ir(model, mode, **options)
     out = ir.serde.serialize_model(model) if res.lowered else proto
     return LoweringResult(out, res.mode, res.decisions, res.threshold)
 

@@ -28,7 +28,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from .ops.base import attr_value, const_tensor, refine_shape
+from .ops.base import const_tensor, refine_shape
+from .ops.dims import shape_vector
 
 log = logging.getLogger(__name__)
 
@@ -109,39 +110,17 @@ class StaticDimsPass(ir.passes.InPlacePass):
 
 
 def _static_shape_entries(node: ir.Node) -> np.ndarray | None:
+    """The entries a Gather or Slice picks from a Shape, where every one of them is a static size."""
     src = node.inputs[0] if node.inputs else None
     shape_node = src.producer() if src is not None else None
     if shape_node is None or shape_node.op_type != "Shape" or src.is_graph_output():
         return None
-    x = shape_node.inputs[0]
-    if x is None or x.shape is None:
+    vec = shape_vector(node.outputs[0])
+    if vec is None or any(d.value is None for d in vec):
         return None
-    rank = len(x.shape)
-    start = int(attr_value(shape_node, "start", 0))
-    end = attr_value(shape_node, "end", None)
-    start = start % rank if start < 0 else min(start, rank)
-    end = rank if end is None else (int(end) % rank if int(end) < 0 else min(int(end), rank))
-    dims = list(x.shape)[start:end]
-    if node.op_type == "Gather":
-        idx = const_tensor(node.inputs[1])
-        if idx is None or int(attr_value(node, "axis", 0)) != 0 or idx.ndim > 1:
-            return None
-        picked = [dims[int(i)] if -len(dims) <= int(i) < len(dims) else None for i in np.atleast_1d(idx)]
-        arr = picked if idx.ndim == 1 else picked[:1]
-    else:
-        p = [const_tensor(node.inputs[i]) if len(node.inputs) > i and node.inputs[i] is not None else None
-             for i in range(1, 5)]
-        if p[0] is None or p[1] is None or p[0].size != 1 or (len(node.inputs) > 3 and node.inputs[3] is not None and p[2] is None):
-            return None
-        if p[2] is not None and int(p[2].reshape(-1)[0]) not in (0, -1):
-            return None
-        step = int(p[3].reshape(-1)[0]) if p[3] is not None else 1
-        arr = dims[slice(int(p[0].reshape(-1)[0]), int(p[1].reshape(-1)[0]), step)]
-        idx = np.zeros(1)
-    if any(not isinstance(d, int) for d in arr):
-        return None
-    out = np.array([int(d) for d in arr], np.int64)
-    return out.reshape(()) if node.op_type == "Gather" and idx.ndim == 0 else out
+    out = np.array([d.value for d in vec], np.int64)
+    scalar = node.op_type == "Gather" and (idx := const_tensor(node.inputs[1])) is not None and idx.ndim == 0
+    return out.reshape(()) if scalar else out
 
 
 class FoldConstantsPass(ir.passes.InPlacePass):
