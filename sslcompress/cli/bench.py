@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -28,6 +29,38 @@ def _int_list(text: str, flag: str, allow_all: bool = False) -> tuple[int, ...]:
     if not out:
         raise ConfigError(f"{flag} is empty")
     return tuple(out)
+
+
+def _bench_inputs(target: str | None, dense: str | None, unstructured: str | None,
+                  structured: str | None) -> list[tuple[str, str | None]]:
+    inputs: list[tuple[str, str | None]] = [("RUN_DIR_OR_CHECKPOINT", target), ("--dense", dense),
+                                            ("--unstructured", unstructured), ("--structured", structured)]
+    if target and Path(target).is_dir():  # a run folder: the checkpoints read from it
+        from ..finetune.pipeline import PRETRAINED, SPARSE
+
+        inputs += [(f"RUN_DIR_OR_CHECKPOINT ({name})", str(Path(target) / name)) for name in (SPARSE, PRETRAINED)]
+    return inputs
+
+
+def _bench_outputs(out: str | None, markdown: str | None, plot: str | None,
+                   models_dir: str | None) -> list[tuple[str, str | None]]:
+    outputs: list[tuple[str, str | None]] = [("--out", out), ("--markdown", markdown), ("--plot", plot)]
+    if models_dir:
+        outputs += [(f"--models-dir ({name}.onnx)", str(Path(models_dir) / f"{name}.onnx"))
+                    for name in ("dense", "unstructured", "structured")]
+    return outputs
+
+
+def _plot_bytes(result) -> bytes:
+    """The PNG chart as bytes, so it is written together with the other outputs."""
+    import tempfile
+
+    from ..bench.plot import plot as write_plot
+
+    with tempfile.TemporaryDirectory(prefix="sslcompress-plot-") as tmp:
+        path = Path(tmp) / "plot.png"
+        write_plot(result, path)
+        return path.read_bytes()
 
 
 @main.command()
@@ -83,8 +116,10 @@ def bench(target: str | None, dense: str | None, unstructured: str | None, struc
     from ..bench.plot import require_matplotlib
     from ..bench.run import run_bench
     from ..console import BenchProgress, print_bench
-    from ..io import atomic_write_bytes, atomic_write_json
+    from ..io import atomic_write_group, check_distinct_paths
 
+    check_distinct_paths(_bench_outputs(out, markdown, plot, models_dir), _bench_inputs(target, dense, unstructured,
+                                                                                        structured))
     config = BenchConfig(
         target=target, dense=dense, unstructured=unstructured, structured=structured,
         providers=tuple(dict.fromkeys(p.strip().lower() for v in (providers or ("cpu",)) for p in v.split(",")
@@ -97,16 +132,16 @@ def bench(target: str | None, dense: str | None, unstructured: str | None, struc
         require_matplotlib()
     with BenchProgress(enabled=not (quiet or as_json)) as progress:
         result = run_bench(config, progress.on_event)
+    outputs: list[tuple[str, bytes]] = []  # rendered first, then written all or none
     if out:
-        atomic_write_json(result.to_dict(), out)
+        outputs.append((out, (json.dumps(result.to_dict(), indent=2)).encode()))
     if markdown:
         from ..bench.report import render_markdown
 
-        atomic_write_bytes(render_markdown(result).encode(), markdown)
+        outputs.append((markdown, render_markdown(result).encode()))
     if plot:
-        from ..bench.plot import plot as write_plot
-
-        write_plot(result, plot)
+        outputs.append((plot, _plot_bytes(result)))
+    atomic_write_group(outputs)
     if as_json:
         click.echo(result.to_json())
         return

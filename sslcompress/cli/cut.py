@@ -40,11 +40,20 @@ def _where(node: dict[str, Any]) -> str:
     return f"node {node['node']!r} ({node['op_type']}, output {node['value']!r})"
 
 
+def _onnx_bytes(model) -> bytes:
+    from ..errors import UnsupportedModelError
+
+    try:
+        return model.SerializeToString()
+    except ValueError as exc:  # protobuf refuses messages over 2 GB
+        raise UnsupportedModelError(f"The model is too large to write as a single ONNX file ({exc}).") from exc
+
+
 def _write_compact(result, out: str, report_path: str | None, force: bool, as_json: bool,
-                   extra: dict[str, Any] | None = None) -> None:
+                   extra: dict[str, Any] | None = None, uncut: tuple[str, Any] | None = None) -> None:
+    """Verify first; then the compact model, the report and the uncut model (when given) all or none."""
     from ..errors import VerificationError
-    from ..io import atomic_write_json
-    from ..surgery.export import save_onnx
+    from ..io import atomic_write_group
 
     report = {**result.report, **(extra or {})}
     v = report["verification"]
@@ -54,9 +63,12 @@ def _write_compact(result, out: str, report_path: str | None, force: bool, as_js
         raise VerificationError(
             f"the compact model differs from the uncut one by {v['max_abs']:.3g} (max |output| "
             f"{v['max_ref']:.3g}){at}; nothing written (--force writes it anyway)")
-    save_onnx(result.model, out)
+    outputs = [(out, _onnx_bytes(result.model))]
+    if uncut is not None:
+        outputs.append((uncut[0], _onnx_bytes(uncut[1])))
     if report_path:
-        atomic_write_json(report, report_path)
+        outputs.append((report_path, json.dumps(report, indent=2).encode()))
+    atomic_write_group(outputs)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -98,9 +110,12 @@ def _real_inputs(proto, data: str | None, limit: int):
 def surgery(model: str, out: str, data: str | None, data_limit: int, report_path: str | None, force: bool,
             shape_lowering: str | None, lowering_plan: str | None, as_json: bool) -> None:
     """Delete exactly-zero channels from any ONNX model, verified against it in ONNX Runtime."""
+    from ..io import check_distinct_paths
     from ..surgery.compress import compress
     from ..surgery.export import load_onnx
 
+    check_distinct_paths([("-o/--output", out), ("--report", report_path)],
+                         [("MODEL", model), ("--lowering-plan", lowering_plan)])
     lowering = _lowering(shape_lowering, lowering_plan)
     proto = load_onnx(model)
     result = compress(proto, inputs=_real_inputs(proto, data, data_limit), shape_lowering=lowering)
@@ -154,9 +169,12 @@ def export(checkpoint: str, out: str, uncut: str | None, opset: int, dynamic_bat
     """Export a checkpoint to ONNX (eval mode, onnxsim), delete its zero channels, verify."""
     from ..finetune.checkpoint import load_checkpoint
     from ..flops import count
+    from ..io import check_distinct_paths
     from ..surgery.compress import compress
-    from ..surgery.export import export_onnx, save_onnx
+    from ..surgery.export import export_onnx
 
+    check_distinct_paths([("--onnx", out), ("--uncut", uncut), ("--report", report_path)],
+                         [("CHECKPOINT", checkpoint), ("--lowering-plan", lowering_plan)])
     override = _parse_input_shape(input_shape) if input_shape is not None else None
     lowering = _lowering(shape_lowering, lowering_plan)
     ckpt = load_checkpoint(checkpoint)
@@ -173,8 +191,7 @@ def export(checkpoint: str, out: str, uncut: str | None, opset: int, dynamic_bat
              "macs_after_matches_prediction": predicted == result.report["totals"]["macs_after"]}
     if data:
         extra["data"] = data
-    if uncut:
-        save_onnx(exported.model, uncut)
-    _write_compact(result, out, report_path, force, as_json, extra)
+    _write_compact(result, out, report_path, force, as_json, extra,
+                   uncut=(uncut, exported.model) if uncut else None)
 
 

@@ -75,6 +75,14 @@ def _check_device(device: str | None) -> None:
             raise SSLCompressError(f"--device {device} asked for CUDA, but this torch sees no CUDA GPU")
 
 
+def _check_weights_not_overwritten(cfg, written: tuple[str, ...]) -> None:
+    """--weights must not be a file this run writes into --out (it would replace the model it started from)."""
+    from ..io import check_distinct_paths
+
+    out = Path(cfg.run.out)
+    check_distinct_paths([(f"--out ({name})", str(out / name)) for name in written], [("--weights", cfg.run.weights)])
+
+
 @main.command()
 @_run_options
 @click.option("--epochs", default=None, type=click.IntRange(min=0), help="Training epochs (default 10).")
@@ -92,6 +100,9 @@ def pretrain(**kw: Any) -> None:
     _check_device(run["device"])
     cfg = build_config(PretrainConfig, _flatten_recipe(recipe, "train"),
                        {**run, "train": _phase(kw["epochs"], kw["lr"], kw["batch_size"])})
+    from ..finetune.pipeline import PRETRAINED
+
+    _check_weights_not_overwritten(cfg, (PRETRAINED,))
     with Progress(enabled=not (kw["quiet"] or kw["as_json"]) and os.environ.get("RANK", "0") == "0") as progress:
         result = run_pretrain(cfg, progress.on_event)
     _finish(result, kw["as_json"])
@@ -181,6 +192,9 @@ def finetune(**kw: Any) -> None:
         "finetune": _phase(kw["finetune_epochs"], kw["finetune_lr"], bs),
     }
     cfg = build_config(FinetuneConfig, recipe, overrides)
+    from ..finetune.pipeline import PRETRAINED, REPORT, SPARSE, STATE
+
+    _check_weights_not_overwritten(cfg, (PRETRAINED, SPARSE, REPORT, STATE))
     with Progress(enabled=not (kw["quiet"] or kw["as_json"]) and os.environ.get("RANK", "0") == "0") as progress:
         result = run_finetune(cfg, progress.on_event)
     _finish(result, kw["as_json"])
