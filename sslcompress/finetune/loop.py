@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import TrainOptions
 from ..data import ImageData
-from ..errors import TrainingError
+from ..errors import ConfigError, TrainingError
 from .distributed import DistEnv, all_sum, broadcast_buffers
 
 
@@ -61,6 +61,29 @@ def make_schedule(opt: torch.optim.Optimizer, opts: TrainOptions, steps_per_epoc
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def check_steps(data: ImageData, opts: TrainOptions, phase: str, *, world_size: int = 1,
+                limit_train: int | None = None) -> None:
+    """ConfigError when a phase with epochs to run would take no optimizer step: every epoch drops
+    its last partial batch, so a batch larger than the (per-rank) training set trains nothing."""
+    if opts.epochs <= 0 or data.num_batches("train", opts.batch_size, world_size=world_size, drop_last=True) > 0:
+        return
+    n = data.num_batches("train", 1, world_size=world_size, drop_last=True)  # images per rank
+    images = f"{n} training images" + (f" per rank ({world_size} ranks)" if world_size > 1 else "")
+    limit = f" (--limit-train {limit_train})" if limit_train is not None else ""
+    raise ConfigError(f"{phase} would take no optimizer step: --batch-size {opts.batch_size} is larger than the "
+                      f"{images}{limit}; lower --batch-size to at most {n}, or train on more images")
+
+
+def check_finite_weights(model: nn.Module, phase: str) -> None:
+    """TrainingError naming the first NaN or infinite weight or buffer, so nothing is saved from it."""
+    for kind, named in (("weight", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise TrainingError(f"{phase} diverged: {bad} value(s) of the {kind} {name} became NaN or infinite; "
+                                    "the model was not saved; lower the learning rate")
 
 
 def current_lr(opt: torch.optim.Optimizer) -> float:
@@ -123,14 +146,25 @@ def train_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageData, batch_size: int, device: str) -> float:
-    """Top-1 accuracy on the whole test split (every rank scores all of it: exact and identical)."""
+def evaluate(model: nn.Module, data: ImageData, batch_size: int, device: str, *, phase: str | None = None) -> float:
+    """Top-1 accuracy on the whole test split (every rank scores all of it: exact and identical).
+
+    With ``phase``, the weights and every test logit must be finite (TrainingError otherwise): a
+    model trained in that phase is checked before anything is saved from it.
+    """
+    if phase is not None:
+        check_finite_weights(model, phase)
     was = model.training
     model.eval()
     correct, seen = 0.0, 0.0
     for x, y in data.batches("test", batch_size):
         x, y = x.to(device), y.to(device)
-        correct += float((model(x).argmax(1) == y).sum())
+        logits = model(x)
+        if phase is not None and not bool(torch.isfinite(logits).all()):
+            model.train(was)
+            raise TrainingError(f"{phase} diverged: the model gives NaN or infinite outputs on the test images; "
+                                "the model was not saved; lower the learning rate")
+        correct += float((logits.argmax(1) == y).sum())
         seen += y.numel()
     model.train(was)
     return correct / seen if seen else float("nan")

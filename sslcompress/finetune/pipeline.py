@@ -27,7 +27,16 @@ from ..models import ModelSpec, build_model
 from . import distributed as D
 from .checkpoint import Checkpoint, load_weights, read_weights, save_checkpoint
 from .controller import BudgetController
-from .loop import Event, EventSink, evaluate, make_optimizer, make_schedule, train_epoch
+from .loop import (
+    Event,
+    EventSink,
+    check_finite_weights,
+    check_steps,
+    evaluate,
+    make_optimizer,
+    make_schedule,
+    train_epoch,
+)
 from .masks import MaskSet
 from .report import build_report
 from .sparsifier import Sparsifier
@@ -57,8 +66,12 @@ def _emit(on_event: EventSink | None, env: D.DistEnv, event: Event) -> None:
         on_event(event)
 
 
-def _prepare(run) -> tuple[ImageData, ModelSpec, nn.Module, Checkpoint | None, dict | None]:
-    """Data, model spec and model (with --weights loaded) for a run."""
+def _prepare(run, world_size: int = 1, phases=None) -> tuple[ImageData, ModelSpec, nn.Module, Checkpoint | None, dict | None]:
+    """Data, model spec and model (with --weights loaded) for a run.
+
+    ``phases(state)`` lists the (name, options) of the phases to run, given the --weights state (None
+    without); each must take at least one optimizer step, refused before the run folder is made.
+    """
     if run.threads:
         torch.set_num_threads(run.threads)
     data = load_data(run.data, limit_train=run.limit_train, limit_test=run.limit_test, seed=run.seed)
@@ -74,6 +87,8 @@ def _prepare(run) -> tuple[ImageData, ModelSpec, nn.Module, Checkpoint | None, d
     model = build_model(spec).to(run.device)
     if state is not None:
         load_weights(model, state, source=str(run.weights))
+    for name, opts in (phases(state) if phases is not None else []):
+        check_steps(data, opts, name, world_size=world_size, limit_train=run.limit_train)
     # Before any training: a run folder that cannot be made should fail now, not after an hour.
     Path(run.out).mkdir(parents=True, exist_ok=True)
     return data, spec, model, ckpt, state
@@ -82,6 +97,8 @@ def _prepare(run) -> tuple[ImageData, ModelSpec, nn.Module, Checkpoint | None, d
 def _train_phase(model, data, opts: TrainOptions, phase: str, run, env, on_event, *, start_epoch=0,
                  opt=None, sched=None, extra_loss=None, after_step=None, end_epoch=None, save_state=None):
     """Runs epochs [start_epoch, opts.epochs); `end_epoch(epoch, loss, acc)` may return True to stop."""
+    if start_epoch < opts.epochs:
+        check_steps(data, opts, phase, world_size=env.world_size, limit_train=run.limit_train)
     trained = D.wrap(model, env, run.device)
     if opt is None:
         opt = make_optimizer(model, opts)
@@ -92,6 +109,7 @@ def _train_phase(model, data, opts: TrainOptions, phase: str, run, env, on_event
                                 epochs=opts.epochs, phase=phase, seed=run.seed, env=env, device=run.device,
                                 extra_loss=extra_loss, after_step=after_step,
                                 on_event=(lambda e: _emit(on_event, env, e)))
+        check_finite_weights(model, phase)  # before the epoch's evaluation and resume state
         stop = bool(end_epoch(epoch, loss, acc)) if end_epoch is not None else False
         if save_state is not None:
             save_state(epoch, opt, sched, stop)
@@ -106,7 +124,7 @@ def run_pretrain(cfg: PretrainConfig, on_event: EventSink | None = None) -> RunR
     env = D.init_from_env(cfg.run.device)
     try:
         _seed_everything(cfg.run.seed)
-        data, spec, model, _, _ = _prepare(cfg.run)
+        data, spec, model, _, _ = _prepare(cfg.run, env.world_size, lambda _state: [("pretrain", cfg.train)])
         return _pretrain(model, spec, data, cfg.train, cfg.run, env, on_event, to_plain(cfg))
     finally:
         D.shutdown(env)
@@ -116,11 +134,11 @@ def _pretrain(model, spec, data, opts, run, env, on_event, config_plain) -> RunR
     t0 = time.perf_counter()
 
     def end_epoch(epoch, loss, acc):
-        test_acc = evaluate(model, data, run.eval_batch_size, run.device)
+        test_acc = evaluate(model, data, run.eval_batch_size, run.device, phase="pretrain")
         _emit(on_event, env, Event("pretrain", epoch, opts.epochs, loss=loss, accuracy=test_acc, end_of_epoch=True))
 
     _train_phase(model, data, opts, "pretrain", run, env, on_event, end_epoch=end_epoch)
-    acc = evaluate(model, data, run.eval_batch_size, run.device)
+    acc = evaluate(model, data, run.eval_batch_size, run.device, phase="pretrain")
     counted = Counter(model, spec.input_shape).count()
     report = build_report(spec, data.name, counted, {"pretrained": acc}, method="dense", groups=None,
                           extra={"wall_time_s": {"pretrain": time.perf_counter() - t0},
@@ -149,7 +167,11 @@ def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None) -
     out = Path(run.out)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    data, spec, model, _, state = _prepare(run)
+    def phases(state):  # pretraining only without --weights (and not when resuming)
+        first = [("pretrain", cfg.pretrain)] if state is None and not cfg.resume else []
+        return [*first, ("sparsify", cfg.sparsify), ("finetune", cfg.finetune)]
+
+    data, spec, model, _, state = _prepare(run, env.world_size, phases)
     resume = _load_state(out / STATE) if cfg.resume else None
     if cfg.resume and resume is None:
         raise CheckpointError(f"--resume: no resume state in {out} (nothing to continue)")
@@ -202,7 +224,7 @@ def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None) -
 
         def end_sparsify(epoch, loss, acc):
             frac = sp.macs_fraction()
-            test_acc = evaluate(model, data, run.eval_batch_size, run.device)
+            test_acc = evaluate(model, data, run.eval_batch_size, run.device, phase="sparsify")
             _emit(on_event, env, Event("sparsify", epoch, cfg.sparsify.epochs, loss=loss, accuracy=test_acc,
                                        macs_fraction=frac, zero_groups=sp.zero_fraction(),
                                        lambdas=dict(sp.lambdas), end_of_epoch=True))
@@ -236,7 +258,7 @@ def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None) -
                 "sparsify cut the network: every channel of some layer is zero, so the output no longer "
                 "depends on the input; lower the strength (--strength/--lambda) or set --target-flops")
         metrics["forced_groups"] = forced
-        metrics["after_sparsify"] = evaluate(model, data, run.eval_batch_size, run.device)
+        metrics["after_sparsify"] = evaluate(model, data, run.eval_batch_size, run.device, phase="sparsify")
         metrics["macs_fraction_after_sparsify"] = sp.macs_fraction()
         timings["sparsify"] = time.perf_counter() - t0
         phase = "finetune"
@@ -252,7 +274,7 @@ def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None) -
         opt, sched = _restore_optimizer(model, cfg.finetune, data, env, resume)
 
     def end_finetune(epoch, loss, acc):
-        test_acc = evaluate(model, data, run.eval_batch_size, run.device)
+        test_acc = evaluate(model, data, run.eval_batch_size, run.device, phase="finetune")
         _emit(on_event, env, Event("finetune", epoch, cfg.finetune.epochs, loss=loss, accuracy=test_acc,
                                    macs_fraction=sp.macs_fraction(), end_of_epoch=True))
 
@@ -261,7 +283,7 @@ def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None) -
                      sched=sched, after_step=mask_set.apply_, end_epoch=end_finetune, save_state=saver("finetune"))
     mask_set.detach()
     timings["finetune"] = time.perf_counter() - t0
-    metrics["after_finetune"] = evaluate(model, data, run.eval_batch_size, run.device)
+    metrics["after_finetune"] = evaluate(model, data, run.eval_batch_size, run.device, phase="finetune")
     in_sync = D.ranks_agree(model, env)
     if not in_sync:
         raise RuntimeError("ranks ended with different weights; the run is not reproducible")

@@ -63,6 +63,17 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _check_finite(model: nn.Module) -> None:
+    """Refuse a model with a NaN or infinite weight or buffer: it computes nothing worth exporting."""
+    for kind, named in (("weight", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise UnsupportedModelError(
+                    f"The model's {kind} {name!r} holds {bad} NaN or infinite value(s) of {t.numel()}; "
+                    "a model that is not finite cannot be exported (retrain it, e.g. with a lower learning rate).")
+
+
 def _torch_export(model: nn.Module, input_shape: tuple[int, ...], opset: int, dynamic_batch: bool) -> bytes:
     """TorchScript export into memory; the model is put in eval mode and its mode restored after."""
     generator = torch.Generator().manual_seed(0)
@@ -117,6 +128,7 @@ def export_onnx(
     """
     if not input_shape or not all(isinstance(d, int) and d > 0 for d in input_shape):
         raise UnsupportedModelError(f"An input shape must be positive integers, got {input_shape!r}.")
+    _check_finite(model)
     raw = onnx.load_from_string(_torch_export(model, tuple(input_shape), opset, dynamic_batch))
     before = len(raw.graph.node)
     out = _simplify(raw, dynamic_batch) if simplify else raw

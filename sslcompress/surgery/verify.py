@@ -2,7 +2,7 @@
 
 The criterion holds each output on its own scale, ``max |a - b| <= rtol * max |a|``, so float
 rounding from a reordered sum passes while any real change of the function fails; a NaN or
-infinity where the other model has none counts as an infinite difference.
+infinity in either output counts as an infinite difference (NaN in both models is a failure).
 
 The tolerance ``rtol`` depends on the output's dtype (:func:`output_rtol`), never loosened for
 float32: float32 and float64 outputs are held to ``rtol_of_max`` (1e-4 by default, about 840 units
@@ -67,6 +67,7 @@ class VerifyResult:
     n_inputs: int
     where: str | None = None
     rtol: float | None = None
+    nonfinite: str | None = None  # the first output that held a NaN or infinity (in either model)
 
 
 # Verification checks values, not speed: it may use the cores it has (a few; more gain little at the
@@ -123,9 +124,10 @@ def torch_runner(model: nn.Module) -> Runner:
 
 
 def _output_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """(max |a - b|, max |a|) over the finite entries; a NaN or infinity in one output and not at the
-    same place in the other is an infinite difference, so it can never hide behind a maximum.
-    Integer and bool values that differ differ by at least 1, whatever float64 makes of them."""
+    """(max |a - b|, max |a|) over the finite entries; a NaN or infinity anywhere, in either output,
+    is an infinite difference: a model whose outputs are not finite computes nothing worth keeping,
+    so NaN in both models is a failure, never a match. Integer and bool values that differ differ
+    by at least 1, whatever float64 makes of them."""
     a, b = np.asarray(a), np.asarray(b)
     if not a.size:
         return 0.0, 0.0
@@ -136,13 +138,14 @@ def _output_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
             return 0.0, scale
         return max(float(np.max(np.abs(a64 - b64))), 1.0), scale
     fin_a, fin_b = np.isfinite(a64), np.isfinite(b64)
-    same_special = ~fin_a & ~fin_b & ((a64 == b64) | (np.isnan(a64) & np.isnan(b64)))
-    if np.any((fin_a != fin_b) | (~fin_a & ~same_special)):
-        return math.inf, float(np.max(np.abs(a64[fin_a]))) if fin_a.any() else 0.0
-    both = fin_a & fin_b
-    if not both.any():
-        return 0.0, 0.0
-    return float(np.max(np.abs(a64[both] - b64[both]))), float(np.max(np.abs(a64[both])))
+    scale = float(np.max(np.abs(a64[fin_a]))) if fin_a.any() else 0.0
+    if not (fin_a.all() and fin_b.all()):
+        return math.inf, scale
+    return float(np.max(np.abs(a64 - b64))), scale
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    return x.dtype.kind not in "fc" or bool(np.isfinite(x).all())
 
 
 def _passes(diff: float, scale: float, rtol: float) -> bool:
@@ -157,6 +160,7 @@ class _Tally:
         self.worst: dict[str, list[float]] = {}  # what -> [max abs diff, max |ref|, rtol]
         self.agree = 0
         self.rows = 0
+        self.nonfinite: str | None = None
 
     def add(self, what: str, diff: float, scale: float, rtol: float) -> None:
         w = self.worst.setdefault(what, [0.0, 0.0, rtol])
@@ -169,6 +173,8 @@ class _Tally:
             a, b = np.asarray(a), np.asarray(b)
             if a.shape != b.shape:
                 raise VerificationError(f"The {name} has shape {b.shape}, the reference gives {a.shape}.")
+            if self.nonfinite is None and not (_all_finite(a) and _all_finite(b)):
+                self.nonfinite = name
             self.add(name, *_output_difference(a, b), output_rtol(a.dtype, self.rtol_of_max))
         if ref:
             self.top1(np.asarray(ref[0]), np.asarray(cand[0]))
@@ -202,6 +208,7 @@ class _Tally:
             n_inputs=n_inputs,
             where=where,
             rtol=rtol,
+            nonfinite=self.nonfinite,
         )
 
 
@@ -270,6 +277,10 @@ def raise_if_failed(result: VerifyResult, rtol_of_max: float, what: str = "The c
     if not result.passed:
         rtol = result.rtol if result.rtol is not None else rtol_of_max
         at = f" at {result.where}" if result.where else ""
+        if result.nonfinite is not None:
+            raise VerificationError(
+                f"{what} cannot be verified: the reference or the candidate gives NaN or infinity at "
+                f"{result.nonfinite}, and a model whose outputs are not finite is never accepted.")
         if rtol == 0:
             raise VerificationError(
                 f"{what} does not match the reference: max abs difference {result.max_abs:.3g}{at}, "
