@@ -4,6 +4,7 @@ refuses a NaN weight, and verification fails on a NaN or infinity in either mode
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from click.testing import CliRunner
@@ -137,3 +138,19 @@ def test_finite_outputs_still_pass():
     res = compare_runners(lambda x: [np.array([1.0, 2.0])], lambda x: [np.array([1.0, 2.0 + 1e-6])],
                           [np.zeros(1)], 1e-4)
     assert res.passed and res.nonfinite is None
+
+
+def test_surgery_of_a_model_with_a_nan_weight_says_so_and_writes_nothing(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.ones((4, 3, 1, 1), np.float32)
+    w[2, 0] = np.nan
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])],
+                          [numpy_helper.from_array(w, "w")])
+    src, out = tmp_path / "nan.onnx", tmp_path / "cut.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    res = CliRunner().invoke(main, ["surgery", str(src), "-o", str(out)])
+    assert res.exit_code == 2 and not out.exists()
+    assert "NaN or infinity at output 'y'" in res.output and "nothing written" in res.output

@@ -58,6 +58,10 @@ def _write_compact(result, out: str, report_path: str | None, force: bool, as_js
     report = {**result.report, **(extra or {})}
     v = report["verification"]
     node = v.get("first_diverging_node")
+    if not v["passed"] and not force and v.get("nonfinite_output"):
+        raise VerificationError(
+            f"a model gives NaN or infinity at {v['nonfinite_output']}, and a model whose outputs are not "
+            "finite is never accepted; nothing written (--force writes it anyway)")
     if not v["passed"] and not force:
         at = f", first at {_where(node)}" if node else ""
         raise VerificationError(

@@ -140,6 +140,8 @@ def build_report(before: list[OnnxLayer], after: list[OnnxLayer], check: VerifyR
         },
         "verification": {"max_abs": check.max_abs, "max_ref": check.max_ref, "rel": check.rel,
                          "worst_output": check.where, "rtol": check.rtol,
+                         # The first output that held a NaN or infinity (in either model): never accepted.
+                         "nonfinite_output": check.nonfinite,
                          "top1_agreement": check.top1_agreement, "passed": check.passed,
                          "inputs": check.n_inputs,
                          # On the real images alone (--data): how many, and how often top-1 agrees.
