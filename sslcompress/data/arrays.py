@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,33 @@ from sslcompress.errors import DataError
 
 SPLIT_KEYS = ("x_train", "y_train", "x_test", "y_test")
 _RESIZE_CHUNK = 4096
+MAX_DATA_BYTES_ENV = "SSLCOMPRESS_MAX_DATA_BYTES"
+DEFAULT_MAX_DATA_BYTES = 8 * 2**30  # decompressed bytes one data set may expand to
+MAX_CLASSES = 100_000  # a class count inferred from labels above this is refused
+
+
+def max_data_bytes() -> int:
+    """The limit on decompressed data: SSLCOMPRESS_MAX_DATA_BYTES if set, else DEFAULT_MAX_DATA_BYTES."""
+    text = os.environ.get(MAX_DATA_BYTES_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_DATA_BYTES
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise DataError(f"{MAX_DATA_BYTES_ENV} must be a positive number of bytes, got {text!r}.")
+    return value
+
+
+def check_data_bytes(spec: str, what: str, nbytes: int) -> None:
+    """Refuse data that would decompress to more than max_data_bytes(), before it is allocated."""
+    limit = max_data_bytes()
+    if nbytes > limit:
+        raise DataError(
+            f"{spec}: {what} would take {nbytes} bytes in memory, over the limit of {limit} "
+            f"(raise it with {MAX_DATA_BYTES_ENV} if the data set really is that large)."
+        )
 
 
 @dataclass(frozen=True)
@@ -49,6 +78,7 @@ def read_npz(spec: str, path: Path) -> dict[str, np.ndarray]:
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise DataError(f"{spec}: {path} holds a single array, not an .npz archive with {', '.join(SPLIT_KEYS)}.")
     with loaded as archive:
+        _check_npz_sizes(spec, path, archive.zip)
         missing = [k for k in SPLIT_KEYS if k not in archive.files]
         if missing:
             raise DataError(
@@ -59,6 +89,39 @@ def read_npz(spec: str, path: Path) -> dict[str, np.ndarray]:
             return {k: archive[k] for k in SPLIT_KEYS}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise DataError(f"{spec}: {path} has an unreadable array ({exc}).") from exc
+
+
+def _check_npz_sizes(spec: str, path: Path, archive: zipfile.ZipFile) -> None:
+    """Read each split's .npy header and refuse, before any array is allocated, one whose declared
+    shape needs more bytes than its archive member holds, or a total over the decompressed limit."""
+    total = 0
+    for key in SPLIT_KEYS:
+        try:
+            info = archive.getinfo(f"{key}.npy")
+        except KeyError:
+            continue
+        if info.compress_type == zipfile.ZIP_STORED and info.file_size > info.compress_size:
+            raise DataError(f"{spec}: {path} member {key} claims {info.file_size} bytes but stores {info.compress_size}.")
+        try:
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+                else:
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+                header = member.tell() if member.seekable() else 0
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise DataError(f"{spec}: {path} has an unreadable array ({exc}).") from exc
+        if dtype.hasobject:
+            raise DataError(f"{spec}: {path} array {key} holds Python objects; expected numeric arrays.")
+        need = math.prod(int(d) for d in shape) * dtype.itemsize
+        if need > info.file_size - header:
+            raise DataError(
+                f"{spec}: {path} array {key} declares shape {tuple(shape)} ({need} bytes) but its member "
+                f"holds only {info.file_size - header} bytes."
+            )
+        total += need
+    check_data_bytes(spec, f"{path}", total)
 
 
 def to_uint8(spec: str, what: str, arr: np.ndarray) -> np.ndarray:
@@ -143,6 +206,11 @@ def splits_from_arrays(
     y_test = labels_to_int64(spec, "y_test", arrays["y_test"], x_test.shape[0], num_classes)
     if num_classes is None:
         num_classes = int(max(int(y_train.max()), int(y_test.max()))) + 1
+        if num_classes > MAX_CLASSES:
+            raise DataError(
+                f"{spec}: the largest label is {num_classes - 1}, i.e. {num_classes} classes, over the limit of "
+                f"{MAX_CLASSES}; labels must be class indices 0..K-1."
+            )
     return Splits(x_train, y_train, x_test, y_test, num_classes, augment)
 
 

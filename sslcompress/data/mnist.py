@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sslcompress.data.arrays import Splits, existing_path, read_npz, splits_from_arrays
+from sslcompress.data.arrays import Splits, check_data_bytes, existing_path, read_npz, splits_from_arrays
 from sslcompress.errors import DataError
 
 IDX_FILES = {
@@ -23,29 +23,44 @@ _IDX_UBYTE = 0x08
 
 
 def read_idx(spec: str, path: Path, ndim: int) -> np.ndarray:
-    """One IDX file (optionally gzipped): magic 0x0000 08 NDIM, big-endian uint32 dims, then uint8 data."""
+    """One IDX file (optionally gzipped): magic 0x0000 08 NDIM, big-endian uint32 dims, then uint8 data.
+
+    The dims are checked before the data is read: against the file's size for a plain file, against
+    the decompressed-data limit for a .gz, which is then inflated no further than the dims need.
+    """
+    gz = path.suffix == ".gz"
     try:
-        opener = gzip.open if path.suffix == ".gz" else open
+        opener = gzip.open if gz else open
         with opener(path, "rb") as handle:
-            data = handle.read()
-    except (OSError, EOFError, zlib.error) as exc:
+            head = handle.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0:
+                raise DataError(f"{spec}: {path} is not an IDX file (bad magic number).")
+            if head[2] != _IDX_UBYTE:
+                raise DataError(
+                    f"{spec}: {path} stores type code 0x{head[2]:02x}; only unsigned bytes (0x08) are supported."
+                )
+            if head[3] != ndim:
+                raise DataError(f"{spec}: {path} has {head[3]} dimensions; expected {ndim}.")
+            raw_dims = handle.read(4 * ndim)
+            if len(raw_dims) < 4 * ndim:
+                raise DataError(f"{spec}: {path} is truncated inside its header.")
+            dims = struct.unpack(f">{ndim}I", raw_dims)
+            expected = math.prod(dims)
+            header = 4 + 4 * ndim
+            if gz:
+                check_data_bytes(spec, f"{path} (dimensions {dims})", expected)
+            elif header + expected != path.stat().st_size:
+                raise DataError(
+                    f"{spec}: {path} holds {path.stat().st_size - header} data bytes but its dimensions "
+                    f"{dims} need {expected}."
+                )
+            data = handle.read(expected + 1)
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise DataError(f"{spec}: cannot read IDX file {path} ({exc}).") from exc
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise DataError(f"{spec}: {path} is not an IDX file (bad magic number).")
-    if data[2] != _IDX_UBYTE:
-        raise DataError(f"{spec}: {path} stores type code 0x{data[2]:02x}; only unsigned bytes (0x08) are supported.")
-    if data[3] != ndim:
-        raise DataError(f"{spec}: {path} has {data[3]} dimensions; expected {ndim}.")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(f"{spec}: {path} is truncated inside its header.")
-    dims = struct.unpack(f">{ndim}I", data[4:header])
-    expected = math.prod(dims)
-    if len(data) - header != expected:
-        raise DataError(
-            f"{spec}: {path} holds {len(data) - header} data bytes but its dimensions {dims} need {expected}."
-        )
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+    if len(data) != expected:
+        held = f"more than {expected}" if len(data) > expected else str(len(data))
+        raise DataError(f"{spec}: {path} holds {held} data bytes but its dimensions {dims} need {expected}.")
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def _idx_folder(spec: str, root: Path) -> Path:

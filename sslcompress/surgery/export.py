@@ -8,14 +8,16 @@ one weight tensor per filter.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath, PureWindowsPath
 
 import onnx
 import onnxsim
 import torch
 from google.protobuf.message import DecodeError
+from onnx import external_data_helper
 from torch import nn
 
 from ..errors import UnsupportedModelError, VerificationError
@@ -171,9 +173,15 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     if not p.is_file():
         raise UnsupportedModelError(f"ONNX file {p} not found.")
     try:
-        model = onnx.load(str(p))
+        model = onnx.load(str(p), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         raise UnsupportedModelError(f"{p} is not a readable ONNX model: not ONNX, or truncated ({exc}).") from exc
+    external = _checked_external_data(model, p)
+    if external:
+        try:
+            external_data_helper.load_external_data_for_model(model, str(p.parent))
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise UnsupportedModelError(f"{p}: its external data cannot be read ({exc}).") from exc
     if not model.HasField("graph") or not model.graph.node:
         raise UnsupportedModelError(f"{p} is not a readable ONNX model: it holds no graph.")
     newest = onnx.defs.onnx_opset_version()
@@ -191,6 +199,76 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
             f"opsets {_opsets(model)}): {first}"
         ) from exc
     return model
+
+
+_PACKED_4BIT = {
+    getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, name)
+}
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes the tensor's declared dims and type need as raw data; None for a type with no fixed size."""
+    count = math.prod(int(d) for d in tensor.dims)
+    if tensor.data_type in _PACKED_4BIT:
+        return (count + 1) // 2
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+    return count * itemsize
+
+
+def _checked_external_data(model: onnx.ModelProto, path: Path) -> int:
+    """Check every external-data entry before anything is read, and return how many there are.
+
+    A location must be a relative path inside the model's folder (no ``..``, not absolute, no symlink
+    that leads out), name an existing file, and offset plus length must lie within that file; an
+    entry without a length gets the length its dims need, so no read runs past the tensor.
+    """
+    folder = path.parent.resolve()
+    count = 0
+    for tensor in external_data_helper._get_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        count += 1
+        entries = {e.key: e.value for e in tensor.external_data}
+        where = f"{path}: tensor {tensor.name!r}"
+        location = entries.get("location", "")
+        rel = PurePath(location)
+        if not location or rel.is_absolute() or PureWindowsPath(location).is_absolute() or ".." in rel.parts \
+                or ".." in PureWindowsPath(location).parts:
+            raise UnsupportedModelError(
+                f"{where} keeps its data at {location!r}; external data must be a relative path inside the "
+                "model's folder, without '..'.")
+        target = folder / rel
+        resolved = target.resolve()
+        if not resolved.is_relative_to(folder):
+            raise UnsupportedModelError(
+                f"{where} keeps its data at {location!r}, which leads to {resolved} outside the model's folder "
+                f"{folder}; refusing to follow it.")
+        if not resolved.is_file():
+            raise UnsupportedModelError(f"{where} keeps its data in {target}, which is missing or not a file.")
+        try:
+            offset = int(entries.get("offset", 0))
+            length = int(entries["length"]) if "length" in entries else None
+        except ValueError as exc:
+            raise UnsupportedModelError(f"{where} has an external-data offset or length that is not a number.") from exc
+        size = resolved.stat().st_size
+        needed = _tensor_bytes(tensor)
+        if length is None:
+            if needed is None:
+                raise UnsupportedModelError(f"{where} has external data of a variable-size type and no length.")
+            length = needed
+            tensor.external_data.add(key="length", value=str(length))
+        if offset < 0 or length < 0 or offset + length > size:
+            raise UnsupportedModelError(
+                f"{where} claims bytes {offset}..{offset + length} of {target}, which holds only {size} bytes.")
+        if needed is not None and length != needed:
+            raise UnsupportedModelError(
+                f"{where} has {length} bytes of external data but its dims {list(tensor.dims)} need {needed}.")
+    return count
 
 
 def _opsets(model: onnx.ModelProto) -> str:

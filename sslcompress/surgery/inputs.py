@@ -25,6 +25,7 @@ refused: ONNX Runtime's Python API takes no bfloat16 array (ml_dtypes' type is n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ from ..errors import DataError, UnsupportedModelError
 
 REAL_BATCH = 16  # images per real batch when the model's batch dimension is dynamic
 INT_HIGH = 8  # integer inputs are drawn from [0, INT_HIGH)
+MAX_RANDOM_ELEMENTS = 2**28  # one random input (batch included) holds at most this many elements
 
 Feed = dict[str, np.ndarray]
 # What the verification functions take as one input: a feed, or one array for a single-input model.
@@ -238,6 +240,12 @@ def _shapes(specs: Sequence[InputSpec], real: Feed | None, batch: int) -> dict[s
             else:
                 raise _dynamic(s, i, specs)
         shapes[s.name] = tuple(dims)
+    for name, shape in shapes.items():
+        count = math.prod(shape)
+        if count > MAX_RANDOM_ELEMENTS:
+            raise UnsupportedModelError(
+                f"Input {name!r} would be {_fmt(shape)} = {count} elements per random input, over the limit of "
+                f"{MAX_RANDOM_ELEMENTS}; a declared shape that large cannot be verified with random inputs.")
     return shapes
 
 
