@@ -190,3 +190,62 @@ def to_plain(cfg) -> dict[str, Any]:
     if "structures" in d:
         d["structures"] = list(d["structures"])
     return d
+
+
+# The command-line flag behind each option of a finetune run, for messages that name what the user typed;
+# options without a flag are named by their recipe key.
+FLAGS = {
+    "run.model": "--model", "run.data": "--data", "run.weights": "--weights", "run.seed": "--seed",
+    "run.limit_train": "--limit-train", "run.limit_test": "--limit-test", "method": "--method",
+    "structures": "-s/--structures", "lambdas": "--lambda", "strength": "--strength", "solver": "--solver",
+    "threshold": "--threshold", "weighting": "--weighting", "target_flops": "--target-flops",
+    "pretrain.epochs": "--pretrain-epochs", "sparsify.epochs": "--sparsify-epochs",
+    "finetune.epochs": "--finetune-epochs", "sparsify.lr": "--lr", "finetune.lr": "--finetune-lr",
+    "pretrain.batch_size": "--batch-size", "sparsify.batch_size": "--batch-size",
+    "finetune.batch_size": "--batch-size",
+}
+
+# Options that may change between an interrupted run and its --resume: where it runs and how fast,
+# never what it computes.
+RESUME_FREE = ("resume", "run.out", "run.device", "run.threads", "run.eval_batch_size")
+
+
+def resume_fingerprint(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The options a resumed run must share with the run it continues, flat as {'sparsify.lr': 0.02, ...}."""
+    flat: dict[str, Any] = {}
+    for key, value in to_plain(cfg).items():
+        if isinstance(value, dict) and key != "lambdas":
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    for key in RESUME_FREE:
+        flat.pop(key, None)
+    if flat.get("run.weights"):
+        flat["run.weights"] = str(Path(flat["run.weights"]).expanduser().resolve())
+    if isinstance(flat.get("lambdas"), dict):
+        flat["lambdas"] = {str(k): float(v) for k, v in sorted(flat["lambdas"].items())}
+    return flat
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "(not given)"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items()) or "(none)"
+    return str(value)
+
+
+def check_resume_fingerprint(stored: Any, current: dict[str, Any], where: str) -> None:
+    """ConfigError naming the first option whose value differs from the one the interrupted run used."""
+    if not isinstance(stored, dict):
+        raise ConfigError(f"--resume: {where} does not record the options of its run (written by an older "
+                          "sslcompress); start over without --resume")
+    for key in sorted(set(stored) | set(current)):
+        old, new = stored.get(key), current.get(key)
+        if old != new:
+            flag = FLAGS.get(key, f"the recipe key {key}")
+            raise ConfigError(f"--resume: the interrupted run used {flag} {_shown(old)}, this one gives "
+                              f"{_shown(new)}; resume with the options it started with, or start over "
+                              "without --resume")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +104,14 @@ def pretrain(**kw: Any) -> None:
     from ..finetune.pipeline import PRETRAINED
 
     _check_weights_not_overwritten(cfg, (PRETRAINED,))
-    with Progress(enabled=not (kw["quiet"] or kw["as_json"]) and os.environ.get("RANK", "0") == "0") as progress:
-        result = run_pretrain(cfg, progress.on_event)
+    try:
+        with Progress(enabled=not (kw["quiet"] or kw["as_json"]) and os.environ.get("RANK", "0") == "0") as progress:
+            result = run_pretrain(cfg, progress.on_event)
+    except KeyboardInterrupt:
+        # pretrain keeps no resume state: say so rather than point at a --resume it does not have.
+        click.echo("interrupted; pretrain cannot be resumed: rerun the same command to train from the start "
+                   "(or run finetune without --weights, which can be resumed)", err=True)
+        sys.exit(130)
     _finish(result, kw["as_json"])
 
 

@@ -2,8 +2,9 @@
 
 Phases of `run_finetune`: [pretrain when no weights] -> sparsify (group Lasso, exact zeros;
 optional budget controller) -> freeze zero groups -> fine-tune -> count, report, save. Each
-epoch ends with an atomic resume state in the run folder, so `resume=True` continues an
-interrupted run from the last finished epoch. Only rank 0 writes files.
+epoch of every phase ends with an atomic resume state in the run folder, holding the run's
+options too, so `resume=True` continues an interrupted run from the last finished epoch and
+refuses options other than those it started with. Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import FinetuneConfig, PretrainConfig, TrainOptions, to_plain
+from ..config import (
+    FinetuneConfig,
+    PretrainConfig,
+    TrainOptions,
+    check_resume_fingerprint,
+    resume_fingerprint,
+    to_plain,
+)
 from ..data import ImageData, load_data
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..flops import Counter
@@ -130,14 +138,16 @@ def run_pretrain(cfg: PretrainConfig, on_event: EventSink | None = None) -> RunR
         D.shutdown(env)
 
 
-def _pretrain(model, spec, data, opts, run, env, on_event, config_plain) -> RunResult:
+def _pretrain(model, spec, data, opts, run, env, on_event, config_plain, *, start_epoch=0, opt=None, sched=None,
+              save_state=None) -> RunResult:
     t0 = time.perf_counter()
 
     def end_epoch(epoch, loss, acc):
         test_acc = evaluate(model, data, run.eval_batch_size, run.device, phase="pretrain")
         _emit(on_event, env, Event("pretrain", epoch, opts.epochs, loss=loss, accuracy=test_acc, end_of_epoch=True))
 
-    _train_phase(model, data, opts, "pretrain", run, env, on_event, end_epoch=end_epoch)
+    _train_phase(model, data, opts, "pretrain", run, env, on_event, start_epoch=start_epoch, opt=opt, sched=sched,
+                 end_epoch=end_epoch, save_state=save_state)
     acc = evaluate(model, data, run.eval_batch_size, run.device, phase="pretrain")
     counted = Counter(model, spec.input_shape).count()
     report = build_report(spec, data.name, counted, {"pretrained": acc}, method="dense", groups=None,
@@ -167,27 +177,50 @@ def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None) -
     out = Path(run.out)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    def phases(state):  # pretraining only without --weights (and not when resuming)
+    def phases(state):  # pretraining only without --weights (a resumed pretraining checks its own steps)
         first = [("pretrain", cfg.pretrain)] if state is None and not cfg.resume else []
         return [*first, ("sparsify", cfg.sparsify), ("finetune", cfg.finetune)]
 
-    data, spec, model, _, state = _prepare(run, env.world_size, phases)
+    # A changed option is refused before any data is loaded or model built.
     resume = _load_state(out / STATE) if cfg.resume else None
     if cfg.resume and resume is None:
         raise CheckpointError(f"--resume: no resume state in {out} (nothing to continue)")
+    fingerprint = resume_fingerprint(cfg)
+    if resume is not None:
+        check_resume_fingerprint(resume["config"], fingerprint, str(out / STATE))
+    data, spec, model, _, state = _prepare(run, env.world_size, phases)
     if resume is not None:
         if resume["model"] != spec.to_dict():
             raise CheckpointError(f"--resume: {out / STATE} belongs to another model or data set")
         load_weights(model, resume["model_state"], source=str(out / STATE))
     metrics: dict[str, Any] = dict(resume["metrics"]) if resume else {}
+    masks_state: dict[str, torch.Tensor] = {}
+    lambdas_now: dict[str, Any] = {"get": dict}  # the sparsifier's lambdas once it exists
 
-    if state is None and resume is None:
-        _emit(on_event, env, Event("info", message=f"no --weights given: pretraining a dense {spec.name} "
-                                                   f"baseline on {data.name} first"))
+    def saver(phase_name: str):
+        def save(epoch, opt, sched, stop):
+            if env.is_main:
+                atomic_torch_save({"phase": phase_name, "epoch": epoch, "stop": stop, "model": spec.to_dict(),
+                                   "config": fingerprint, "model_state": model.state_dict(),
+                                   "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                   "lambdas": lambdas_now["get"](), "metrics": metrics,
+                                   "masks": masks_state}, out / STATE)
+        return save
+
+    if state is None and (resume is None or resume["phase"] == "pretrain"):
+        start, opt, sched = 0, None, None
+        if resume is None:
+            _emit(on_event, env, Event("info", message=f"no --weights given: pretraining a dense {spec.name} "
+                                                       f"baseline on {data.name} first"))
+        else:
+            start = resume["epoch"] + 1
+            opt, sched = _restore_optimizer(model, cfg.pretrain, data, env, resume)
         t0 = time.perf_counter()
-        pre = _pretrain(model, spec, data, cfg.pretrain, run, env, on_event, to_plain(cfg))
+        pre = _pretrain(model, spec, data, cfg.pretrain, run, env, on_event, to_plain(cfg), start_epoch=start,
+                        opt=opt, sched=sched, save_state=saver("pretrain"))
         timings["pretrain"] = time.perf_counter() - t0
         _emit(on_event, env, Event("info", message=f"pretrained baseline written to {pre.checkpoint}"))
+        resume = None
     if "before" not in metrics:
         metrics["before"] = evaluate(model, data, run.eval_batch_size, run.device)
 
@@ -202,17 +235,7 @@ def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None) -
     phase = resume["phase"] if resume else "sparsify"
     if resume:
         sp.lambdas = dict(resume["lambdas"])
-
-    def saver(phase_name: str):
-        def save(epoch, opt, sched, stop):
-            if env.is_main:
-                atomic_torch_save({"phase": phase_name, "epoch": epoch, "stop": stop, "model": spec.to_dict(),
-                             "model_state": model.state_dict(), "optimizer": opt.state_dict(),
-                             "scheduler": sched.state_dict(), "lambdas": sp.lambdas,
-                             "metrics": metrics, "masks": masks_state}, out / STATE)
-        return save
-
-    masks_state: dict[str, torch.Tensor] = {}
+    lambdas_now["get"] = lambda: dict(sp.lambdas)
     if phase == "sparsify":
         t0 = time.perf_counter()
         start = 0
@@ -323,9 +346,21 @@ def _load_state(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"resume state {path} is unreadable ({exc})") from exc
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(f"resume state {path} is unreadable ({type(exc).__name__}: {first})") from exc
+    missing = [k for k in _STATE_KEYS if not isinstance(raw, dict) or k not in raw]
+    if missing:
+        raise CheckpointError(f"resume state {path} lacks {', '.join(missing)} (damaged, or written by an older "
+                              "sslcompress); start over without --resume")
+    if raw["phase"] not in ("pretrain", "sparsify", "finetune"):
+        raise CheckpointError(f"resume state {path} names an unknown phase {raw['phase']!r}")
+    return raw
+
+
+_STATE_KEYS = ("phase", "epoch", "stop", "model", "config", "model_state", "optimizer", "scheduler", "lambdas",
+               "metrics", "masks")
 
 
 def checkpoint_report(ckpt: Checkpoint) -> dict[str, Any]:
