@@ -7,6 +7,7 @@ interrupted save never leaves half a checkpoint under the real name.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ from ..models import ModelSpec, build_model
 
 FORMAT = "sslcompress-checkpoint"
 VERSION = 1
+KINDS = ("pretrained", "sparse")
+# What torch.load(weights_only=True) reads back: anything else would make a file load_checkpoint refuses.
+_SCALARS = (str, int, float, bool, type(None))
 
 
 @dataclass
@@ -39,7 +43,57 @@ class Checkpoint:
         return model.eval()
 
 
+def _check_plain(where: str, value: Any) -> None:
+    """CheckpointError unless `value` is plain data (scalars, tensors, lists, tuples, sets, dicts)."""
+    if type(value) in _SCALARS or isinstance(value, torch.Tensor):
+        return
+    if type(value) in (list, tuple, set):
+        for i, v in enumerate(value):
+            _check_plain(f"{where}[{i}]" if type(value) is not set else f"an item of {where}", v)
+        return
+    if type(value) is dict:
+        for k, v in value.items():
+            if type(k) not in _SCALARS:
+                raise CheckpointError(f"{where} has a key of type {type(k).__name__}; a checkpoint holds only "
+                                      "str, int, float, bool or None keys.")
+            _check_plain(f"{where}[{k!r}]", v)
+        return
+    raise CheckpointError(f"{where} is a {type(value).__name__}; a checkpoint holds only plain data (str, int, float, "
+                          "bool, None, tensors, and lists, tuples, sets or dicts of them), so convert it first.")
+
+
+def _check_tensors(where: str, value: Any) -> None:
+    if not isinstance(value, Mapping):
+        raise CheckpointError(f"the checkpoint's {where} must map names to tensors, got {type(value).__name__}.")
+    for k, v in value.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"the checkpoint's {where} must map str names to tensors; "
+                                  f"{k!r} holds a {type(v).__name__}.")
+
+
+def _check_saveable(ckpt: Checkpoint) -> None:
+    """Refuse what load_checkpoint would refuse, before anything is written."""
+    if not isinstance(ckpt, Checkpoint):
+        raise CheckpointError(f"save_checkpoint takes a Checkpoint, got {type(ckpt).__name__}.")
+    if ckpt.kind not in KINDS:
+        raise CheckpointError(f"a checkpoint's kind must be one of {', '.join(KINDS)}, got {ckpt.kind!r}.")
+    if not isinstance(ckpt.model, ModelSpec):
+        raise CheckpointError(f"a checkpoint's model must be a ModelSpec, got {type(ckpt.model).__name__}.")
+    _check_tensors("state_dict", ckpt.state_dict)
+    _check_tensors("masks", ckpt.masks)
+    unknown = [k for k in ckpt.masks if k not in ckpt.state_dict]
+    if unknown:
+        raise CheckpointError(f"the checkpoint's masks name {unknown[0]}, which its state_dict lacks.")
+    for name in ("config", "metrics", "report"):
+        value = getattr(ckpt, name)
+        if not isinstance(value, Mapping):
+            raise CheckpointError(f"the checkpoint's {name} must be a dict, got {type(value).__name__}.")
+        _check_plain(name, dict(value))
+
+
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
+    """Write `ckpt` so that load_checkpoint reads it back; CheckpointError for contents it could not."""
+    _check_saveable(ckpt)
     atomic_torch_save({
         "format": FORMAT,
         "version": VERSION,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedModelError
 from .structure import ModelStructure, analyze
 
 KINDS = ("filter", "channel", "shape", "depth", "kernel_row", "kernel_col")
@@ -58,9 +58,20 @@ def parse_kinds(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def build_groups(model: nn.Module, input_shape: tuple[int, ...], kinds: tuple[str, ...] = KINDS,
+def build_groups(model: nn.Module, input_shape: tuple[int, ...], kinds: str | tuple[str, ...] = KINDS,
                  structure: ModelStructure | None = None) -> list[ParamGroup]:
     """All groups of the requested kinds, removable or not, in a stable order."""
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"build_groups takes a torch.nn.Module, got {type(model).__name__}.")
+    if (not isinstance(input_shape, (tuple, list)) or not input_shape
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape)):
+        raise UnsupportedModelError(f"An input shape must be positive integers, got {input_shape!r}.")
+    if isinstance(kinds, (str, tuple, list)):
+        kinds = parse_kinds(kinds)
+    else:
+        raise ConfigError(f"group kinds must be a tuple of names from {', '.join(KINDS)}, got {type(kinds).__name__}.")
+    if structure is not None and not isinstance(structure, ModelStructure):
+        raise ConfigError(f"structure must be a ModelStructure from analyze() or None, got {type(structure).__name__}.")
     structure = structure or analyze(model, input_shape)
     params = dict(model.named_parameters())
     out: list[ParamGroup] = []

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
+
+from ..errors import ConfigError
+
+
+class UnknownMaskError(ConfigError, KeyError):
+    """Masks name a parameter the model lacks (a KeyError too, as before it was a ConfigError)."""
+
+    __str__ = BaseException.__str__
 
 
 class MaskSet:
@@ -15,10 +25,19 @@ class MaskSet:
     """
 
     def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]):
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"MaskSet takes a torch.nn.Module, got {type(model).__name__}.")
+        if not isinstance(masks, Mapping):
+            raise ConfigError(f"masks must map parameter names to tensors, got {type(masks).__name__}.")
         params = dict(model.named_parameters())
         missing = [n for n in masks if n not in params]
         if missing:
-            raise KeyError(f"masks name parameters the model lacks: {', '.join(missing[:3])}")
+            raise UnknownMaskError(f"masks name parameters the model lacks: {', '.join(map(str, missing[:3]))}.")
+        for n, m in masks.items():
+            if not isinstance(m, torch.Tensor):
+                raise ConfigError(f"the mask of {n} must be a tensor, got {type(m).__name__}.")
+            if tuple(m.shape) != tuple(params[n].shape):
+                raise ConfigError(f"the mask of {n} has shape {tuple(m.shape)}, the parameter {tuple(params[n].shape)}.")
         self.masks = {n: m.to(device=params[n].device, dtype=torch.bool) for n, m in masks.items()}
         self._params = {n: params[n] for n in self.masks}
         self._hooks: list = []

@@ -8,13 +8,16 @@ channel share a weight), so the proximal step applies the kinds one after anothe
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from numbers import Real
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .groups import ParamGroup
+from .groups import KINDS, ParamGroup
 
 WEIGHTINGS = ("none", "sqrt", "macs")
 
@@ -119,6 +122,26 @@ class _KindIndex:
             target.mul_(s)
 
 
+def _check_number(what: str, value: object) -> float:
+    """`value` as a float when it is a finite number >= 0; ConfigError otherwise."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ConfigError(f"{what} must be a number, got {type(value).__name__}.")
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{what} must be finite and >= 0, got {value}.")
+    return float(value)
+
+
+def _check_lambdas(lambdas: object) -> dict[str, float]:
+    if not isinstance(lambdas, Mapping):
+        raise ConfigError(f"lambdas must map group kinds to strengths, got {type(lambdas).__name__}.")
+    bad = [str(k) for k in lambdas if k not in KINDS]
+    if bad:
+        raise ConfigError(f"lambdas name unknown group kind(s) {', '.join(bad)}; choose from {', '.join(KINDS)}.")
+    return {k: _check_number(f"lambda of {k}", v) for k, v in lambdas.items()}
+
+
 def _weights(groups: list[ParamGroup], weighting: str) -> torch.Tensor:
     if weighting == "none" or not groups:
         return torch.ones(len(groups))
@@ -138,11 +161,23 @@ class GroupLasso:
     def __init__(self, model: nn.Module, groups: list[ParamGroup], weighting: str = "none"):
         if weighting not in WEIGHTINGS:
             raise ConfigError(f"unknown group weighting {weighting!r}; choose from {', '.join(WEIGHTINGS)}")
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"GroupLasso takes a torch.nn.Module, got {type(model).__name__}.")
+        if isinstance(groups, (str, bytes)) or not hasattr(groups, "__iter__"):
+            raise ConfigError(f"GroupLasso takes a list of groups from build_groups, got {type(groups).__name__}.")
+        groups = list(groups)
+        params = dict(model.named_parameters())
+        for g in groups:
+            if not isinstance(g, ParamGroup):
+                raise ConfigError(f"GroupLasso takes ParamGroup items from build_groups, got {type(g).__name__}.")
+            lacking = [s.param for s in g.slices if s.param not in params]
+            if lacking:
+                raise ConfigError(f"group {g.name!r} names parameter {lacking[0]} that the model lacks "
+                                  "(groups built from another model?).")
         self.model = model
         self.all_groups = list(groups)
         self.groups = [g for g in groups if g.removable]
         self.weighting = weighting
-        params = dict(model.named_parameters())
         by_kind: dict[str, list[ParamGroup]] = {}
         for g in self.groups:
             by_kind.setdefault(g.kind, []).append(g)
@@ -160,6 +195,7 @@ class GroupLasso:
 
     def penalty(self, lambdas: dict[str, float]) -> torch.Tensor:
         """sum_k lambda_k * sum_g w_g ||W_g||_2, differentiable (subgradient 0 at a zero group)."""
+        lambdas = _check_lambdas(lambdas)
         total = None
         for k, ix in self.kinds.items():
             lam = lambdas.get(k, 0.0)
@@ -176,6 +212,8 @@ class GroupLasso:
     @torch.no_grad()
     def proximal_step(self, lr: float, lambdas: dict[str, float]) -> None:
         """Group soft-thresholding W_g <- max(0, 1 - lr*lambda*w_g/||W_g||) W_g, kind by kind."""
+        lr = _check_number("the learning rate", lr)
+        lambdas = _check_lambdas(lambdas)
         for k, ix in self.kinds.items():
             lam = lambdas.get(k, 0.0)
             if lam <= 0 or ix.n == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -11,7 +12,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from ..errors import SurgeryError
+from ..errors import ConfigError, DataError, SurgeryError, UnsupportedModelError
 from .diverge import Divergence, first_diverging_node
 from .export import load_onnx
 from .inputs import FeedLike, as_feeds, check_verifiable, random_batches
@@ -20,6 +21,20 @@ from .measure import OnnxLayer, layers_of, parameters_of
 from .passes import Surgery
 from .prepare import InferShapesPass
 from .verify import VerifyResult, compare
+
+
+def _check_arguments(model: Any, inputs: Any, rtol_of_max: Any) -> None:
+    """The package's own errors for arguments of the wrong type or range, before any work."""
+    if not isinstance(model, (onnx.ModelProto, str, Path)):
+        hint = " (pass its .model)" if isinstance(getattr(model, "model", None), onnx.ModelProto) else ""
+        raise UnsupportedModelError(f"compress takes an onnx.ModelProto or the path of an .onnx file, "
+                                    f"got {type(model).__name__}{hint}.")
+    if isinstance(rtol_of_max, bool) or not isinstance(rtol_of_max, (int, float)):
+        raise ConfigError(f"rtol_of_max must be a number, got {type(rtol_of_max).__name__}.")
+    if not (math.isfinite(rtol_of_max) and rtol_of_max > 0):
+        raise ConfigError(f"rtol_of_max must be a finite number > 0, got {rtol_of_max}.")
+    if inputs is not None and (isinstance(inputs, (str, bytes, dict)) or not isinstance(inputs, Sequence)):
+        raise DataError(f"inputs must be a list of batches (arrays or name -> array dicts), got {type(inputs).__name__}.")
 
 
 @dataclass(frozen=True)
@@ -39,6 +54,7 @@ def compress(model: onnx.ModelProto | str | Path, *, inputs: Sequence[FeedLike] 
     (measured on this machine; its decisions are in the report's plan), and ``lowering_plan``
     replays the plan of an earlier report.
     """
+    _check_arguments(model, inputs, rtol_of_max)
     t0 = time.perf_counter()
     proto = load_onnx(model) if isinstance(model, (str, Path)) else model
     # What verification will feed, settled before any pass: a model it cannot run is refused first.
