@@ -187,3 +187,15 @@ def test_train_weights_inside_out_refused(command, sparse_ckpt, tmp_path):
     _refused(CliRunner().invoke(main, [command, "--weights", str(target), "--out", str(tmp_path)]),
              "--weights", "--out")
     assert target.read_bytes() == before
+
+
+def test_ctrl_c_in_a_command_without_resume_does_not_promise_one(uncut_onnx, tmp_path, monkeypatch):
+    from sslcompress.surgery import compress as compress_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compress_module, "compress", interrupted)
+    res = CliRunner().invoke(main, ["surgery", str(uncut_onnx), "-o", str(tmp_path / "c.onnx")])
+    assert res.exit_code == 130 and "only finetune can --resume" in res.output
+    assert not (tmp_path / "c.onnx").exists()

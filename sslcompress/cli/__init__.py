@@ -31,7 +31,10 @@ class _Group(click.Group):
             click.echo(f"error: {exc.strerror or exc} ({exc.filename or 'I/O'})", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo("interrupted; rerun with --resume to continue from the last finished epoch", err=True)
+            if ctx.invoked_subcommand == "finetune":
+                click.echo("interrupted; rerun with --resume to continue from the last finished epoch", err=True)
+            else:  # no other command keeps a resume state
+                click.echo("interrupted; rerun the command to start over (only finetune can --resume)", err=True)
             sys.exit(130)
 
 
