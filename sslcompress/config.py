@@ -30,6 +30,73 @@ from .finetune.groups import KINDS, parse_kinds
 SCHEDULES = ("cosine", "step", "constant")
 METHODS = ("ssl", "l1")
 SOLVERS = ("proximal", "subgradient")
+WEIGHTINGS = ("none", "sqrt", "macs")
+# Every float option ends up in float32 arithmetic (lr * gradient, lr * lambda): a larger value overflows there.
+FLOAT32_MAX = 3.4028234663852886e38
+SEED_MAX = 2**32 - 1  # numpy's seeding takes 32 bits
+
+
+def option_name(key: str) -> str:
+    """How a message names an option: its recipe key, with the command-line flag behind it where there is one."""
+    flag = FLAGS.get(key)
+    if key.startswith("lambdas."):
+        flag = f"--lambda {key.removeprefix('lambdas.')}=VALUE"
+    key = key.removeprefix("run.")  # a recipe gives run options at its top level
+    return f"{key} ({flag})" if flag else key
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(key: str, value: Any, low: int, high: int | None = None, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise ConfigError(f"{option_name(key)} must be a whole number {bound}, got {value!r}")
+
+
+def check_number(key: str, value: Any, low: float = 0.0, high: float = FLOAT32_MAX, *, low_open: bool = False,
+                 high_open: bool = False, optional: bool = False) -> None:
+    """A real number in the interval (a bool or a string is not one; NaN and infinity never are)."""
+    if value is None and optional:
+        return
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > low if low_open else value >= low) and (value < high if high_open else value <= high))
+    if not ok:
+        if low == 0 and high == FLOAT32_MAX and not high_open:
+            want = f"a {'positive' if low_open else 'non-negative'} number (at most {FLOAT32_MAX:.3g})"
+        else:
+            want = f"a number in {'(' if low_open else '['}{low:.3g}, {high:.3g}{')' if high_open else ']'}"
+        raise ConfigError(f"{option_name(key)} must be {want}, got {value!r}")
+
+
+def check_text(key: str, value: Any, choices: tuple[str, ...] | None = None, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value or (choices is not None and value not in choices):
+        want = f"one of {', '.join(choices)}" if choices else "a non-empty string"
+        raise ConfigError(f"{option_name(key)} must be {want}, got {value!r}")
+
+
+def check_device(key: str, device: Any) -> None:
+    """cpu, or cuda[:N] on a torch that sees that GPU."""
+    check_text(key, device)
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{option_name(key)} must be cpu, cuda or cuda:N, got {device!r}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{option_name(key)} {device} asked for CUDA, but this torch sees no CUDA GPU")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ConfigError(f"{option_name(key)} {device}: this machine has {torch.cuda.device_count()} CUDA "
+                              "GPU(s), numbered from 0")
 
 
 @dataclass(frozen=True)
@@ -44,18 +111,12 @@ class TrainOptions:
     schedule: str = "cosine"
 
     def check(self, phase: str) -> None:
-        if self.epochs < 0:
-            raise ConfigError(f"{phase}.epochs must be >= 0, got {self.epochs}")
-        if self.batch_size <= 0:
-            raise ConfigError(f"{phase}.batch_size must be > 0, got {self.batch_size}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"{phase}.lr must be a positive number, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"{phase}.momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"{phase}.weight_decay must be >= 0, got {self.weight_decay}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"{phase}.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        check_int(f"{phase}.epochs", self.epochs, 0)
+        check_int(f"{phase}.batch_size", self.batch_size, 1)
+        check_number(f"{phase}.lr", self.lr, low_open=True)
+        check_number(f"{phase}.momentum", self.momentum, 0.0, 1.0, high_open=True)
+        check_number(f"{phase}.weight_decay", self.weight_decay)
+        check_text(f"{phase}.schedule", self.schedule, SCHEDULES)
 
 
 @dataclass(frozen=True)
@@ -73,6 +134,18 @@ class RunOptions:
     eval_batch_size: int = 256
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
 
+    def check(self) -> None:
+        check_text("run.model", self.model, optional=True)
+        check_text("run.data", self.data)
+        check_text("run.weights", self.weights, optional=True)
+        check_text("run.out", self.out)
+        check_int("run.seed", self.seed, 0, SEED_MAX)
+        check_device("run.device", self.device)
+        check_int("run.limit_train", self.limit_train, 1, optional=True)
+        check_int("run.limit_test", self.limit_test, 1, optional=True)
+        check_int("run.eval_batch_size", self.eval_batch_size, 1)
+        check_int("run.threads", self.threads, 1, optional=True)
+
 
 @dataclass(frozen=True)
 class PretrainConfig:
@@ -80,7 +153,9 @@ class PretrainConfig:
     train: TrainOptions = field(default_factory=lambda: TrainOptions(epochs=10, lr=0.02))
 
     def check(self) -> PretrainConfig:
-        self.train.check("pretrain")
+        _check_parts(self, ("run", RunOptions), ("train", TrainOptions))
+        self.run.check()
+        self.train.check("train")
         return self
 
 
@@ -107,25 +182,37 @@ class FinetuneConfig:
         return float(self.lambdas.get(kind, self.strength))
 
     def check(self) -> FinetuneConfig:
-        if self.method not in METHODS:
-            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.solver not in SOLVERS:
-            raise ConfigError(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        _check_parts(self, ("run", RunOptions), *((p, TrainOptions) for p in ("pretrain", "sparsify", "finetune")))
+        self.run.check()
+        check_text("method", self.method, METHODS)
+        check_text("solver", self.solver, SOLVERS)
+        check_text("weighting", self.weighting, WEIGHTINGS)
         parse_kinds(self.structures)
-        for kind, lam in {**self.lambdas, "strength": self.strength}.items():
-            if kind != "strength" and kind not in KINDS:
+        if not isinstance(self.lambdas, dict):
+            raise ConfigError(f"{option_name('lambdas')} must map structures to numbers such as {{filter = 0.1}}, "
+                              f"got {self.lambdas!r}")
+        for kind, lam in self.lambdas.items():
+            if kind not in KINDS:
                 raise ConfigError(f"lambda given for unknown structure {kind!r}; choose from {', '.join(KINDS)}")
-            if not (lam >= 0 and math.isfinite(lam)):
-                raise ConfigError(f"lambda for {kind} must be a non-negative number, got {lam}")
-        if self.target_flops is not None and not 0 < self.target_flops <= 1:
-            raise ConfigError(f"target FLOPs fraction must be in (0, 1], got {self.target_flops}")
+            check_number(f"lambdas.{kind}", lam)
+        check_number("strength", self.strength)
+        check_number("target_flops", self.target_flops, 0.0, 1.0, low_open=True, optional=True)
         if self.target_flops is not None and self.method != "ssl":
             raise ConfigError("--target-flops needs --method ssl: non-structured zeros remove no MACs")
-        if self.threshold < 0:
-            raise ConfigError(f"threshold must be >= 0, got {self.threshold}")
+        check_number("threshold", self.threshold)
+        if not isinstance(self.resume, bool):
+            raise ConfigError(f"resume must be true or false, got {self.resume!r}")
         for phase in ("pretrain", "sparsify", "finetune"):
             getattr(self, phase).check(phase)
         return self
+
+
+def _check_parts(cfg, *parts: tuple[str, type]) -> None:
+    """Each part of a config is the dataclass it should be (the Python API may hand anything)."""
+    for name, cls in parts:
+        if not isinstance(getattr(cfg, name), cls):
+            raise ConfigError(f"{type(cfg).__name__}.{name} must be a {cls.__name__}, "
+                              f"got {type(getattr(cfg, name)).__name__}")
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
@@ -153,7 +240,10 @@ def build_config(cls, recipe: dict[str, Any] | None, overrides: dict[str, Any]):
     for source in (recipe or {}, {k: v for k, v in overrides.items() if v is not None}):
         for key, value in source.items():
             if isinstance(value, dict) and key != "lambdas":
-                merged.setdefault(key, {}).update(value)
+                table = merged.setdefault(key, {})
+                if not isinstance(table, dict):
+                    raise ConfigError(f"{key} must be a table of options such as [{key}], got {table!r}")
+                table.update(value)
             else:
                 merged[key] = value
     cfg = cls()
@@ -175,7 +265,7 @@ def build_config(cls, recipe: dict[str, Any] | None, overrides: dict[str, Any]):
         elif key == "lambdas":
             if not isinstance(value, dict):
                 raise ConfigError("lambdas must be a table such as {filter = 0.1}")
-            top[key] = {str(k): float(v) for k, v in value.items()}
+            top[key] = {str(k): v for k, v in value.items()}  # check() wants a number for each
         else:
             top[key] = value
     try:
@@ -202,7 +292,8 @@ FLAGS = {
     "pretrain.epochs": "--pretrain-epochs", "sparsify.epochs": "--sparsify-epochs",
     "finetune.epochs": "--finetune-epochs", "sparsify.lr": "--lr", "finetune.lr": "--finetune-lr",
     "pretrain.batch_size": "--batch-size", "sparsify.batch_size": "--batch-size",
-    "finetune.batch_size": "--batch-size",
+    "finetune.batch_size": "--batch-size", "run.out": "--out", "run.device": "--device",
+    "run.threads": "--threads", "train.epochs": "--epochs", "train.lr": "--lr", "train.batch_size": "--batch-size",
 }
 
 # Options that may change between an interrupted run and its --resume: where it runs and how fast,

@@ -1,26 +1,76 @@
-"""Atomic writes: a temporary file in the target folder, then a rename, so no reader ever sees half a file."""
+"""Files written whole or not at all, and the litter a killed process leaves behind cleared.
+
+Atomic writes: a temporary file in the target folder, then a rename, so no reader ever sees half a file.
+Temporary files and folders carry the writer's process id (`.NAME.PID.XXXX.tmp`), so whoever writes the same
+output next removes those of processes that no longer run (a SIGKILL leaves them; nothing else does).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
+import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+_TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive, and not ours to clean
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | Path, name: str | None = None) -> list[Path]:
+    """Remove the temporary files of dead writers in `folder` (of output `name` only, when given)."""
+    removed: list[Path] = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP_FILE.match(entry.name)
+        if m is None or (name is not None and m["name"] != name) or _alive(int(m["pid"])):
+            continue
+        with contextlib.suppress(OSError):
+            entry.unlink()
+            removed.append(entry)
+    return removed
+
+
+def _temp_for(path: Path) -> tuple[int, str]:
+    remove_stale_temps(path.parent, path.name)
+    return tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+
 
 def _atomic(path: str | Path, write, mode: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_for(path)
     try:
         with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as exc:  # name the output the user gave, not our temporary file
+                raise OSError(exc.errno, exc.strerror, str(path)) from exc
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
@@ -31,7 +81,11 @@ def _atomic(path: str | Path, write, mode: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    _atomic(path, lambda f: torch.save(obj, f), "wb")
+    # Serialised in memory first: torch's zip writer turns a failed write (a full disk) into a RuntimeError
+    # that hides the errno; a plain write of the bytes raises the OSError the CLI reports in one line.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    _atomic(path, lambda f: f.write(buffer.getbuffer()), "wb")
 
 
 def atomic_write_json(obj: Any, path: str | Path) -> None:
@@ -83,7 +137,7 @@ def atomic_write_group(items: Sequence[tuple[str | Path, bytes]]) -> None:
         for path, data in items:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            fd, tmp = _temp_for(path)
             temps.append((tmp, path))
             try:
                 with os.fdopen(fd, "wb") as f:
@@ -101,3 +155,76 @@ def atomic_write_group(items: Sequence[tuple[str | Path, bytes]]) -> None:
         for tmp, _ in temps:
             Path(tmp).unlink(missing_ok=True)
         raise
+
+
+_TEMP_DIR = re.compile(r"^(?P<prefix>.+)-(?P<pid>\d+)-[^-]+$")
+
+
+@contextlib.contextmanager
+def private_temp_dir(prefix: str) -> Iterator[Path]:
+    """A temporary folder `PREFIX-PID-XXXX`, removed on exit; folders of the same prefix whose process is gone
+    (killed before it could clean up) are removed first."""
+    root = Path(tempfile.gettempdir())
+    with contextlib.suppress(OSError):
+        for entry in root.iterdir():
+            m = _TEMP_DIR.match(entry.name)
+            if m and m["prefix"] == prefix and entry.is_dir() and not _alive(int(m["pid"])):
+                shutil.rmtree(entry, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{prefix}-{os.getpid()}-", dir=root))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+LOCK_NAME = ".sslcompress.lock"
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | Path) -> Iterator[None]:
+    """Hold `folder` for one run: a second run into the same folder is refused while this one lives.
+
+    An advisory lock (flock) on FOLDER/.sslcompress.lock: the kernel drops it when the process dies, however it
+    dies, so a killed run never blocks the next. The file is removed when the run ends.
+    """
+    from .errors import ConfigError
+
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): runs are not guarded against each other there
+        yield
+        return
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(f"another sslcompress run (process {holder}) is writing to {folder}; wait for it "
+                              "to finish or give another --out") from None
+        # The holder before us may have removed the file between our open and our lock: lock the file that is
+        # there now, or try again.
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        remove_stale_temps(folder)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
+        if created:  # a run refused before it wrote anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()

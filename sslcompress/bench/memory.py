@@ -53,13 +53,27 @@ def measure(model_path: str | Path, shape: tuple[int, ...], *, threads: int, run
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                              cwd=str(Path(__file__).resolve().parents[2]))
+                              cwd=str(Path(__file__).resolve().parents[2]), preexec_fn=_die_with_parent)
     except subprocess.TimeoutExpired as exc:
         raise SSLCompressError(f"the memory probe of {model_path} ran past {timeout:.0f} s") from exc
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
         raise SSLCompressError(f"the memory probe of {model_path} failed: {last}")
     return MemoryUse(**json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def _die_with_parent() -> None:
+    """In the child, before the probe starts: the kernel kills it when the bench dies (Linux), so a killed
+    bench leaves no probe running on."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 # ---------------------------------------------------------------- the probe (runs in the child)

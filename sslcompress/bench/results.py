@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .config import BenchConfig
@@ -69,6 +69,8 @@ class BenchResult:
     layers_skipped: dict[str, str] | None = None
     paper: PaperTable | None = None
     notes: tuple[str, ...] = ()
+    # The ONNX bytes of each variant when config.models_dir asks for them (not part of the JSON).
+    models: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
 
     # ------------------------------------------------------------ lookups
     def variant(self, name: str) -> VariantInfo:

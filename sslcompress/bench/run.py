@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -14,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from ..io import atomic_write_group, private_temp_dir
 from ..runtime.providers import PROVIDERS, check_provider, probe_cuda
 from ..runtime.sessions import SESSION_CONFIG
 from ..runtime.timing import CI_LEVEL, Timing, interleaved, timings
@@ -86,8 +86,13 @@ def _static_info(variants: VariantSet, files: dict[str, Path]) -> dict[str, Vari
     return out
 
 
-def run_bench(config: BenchConfig, on_event: Listener | None = None) -> BenchResult:
-    """Run what `config` asks for; `on_event` hears progress. Never prints."""
+def run_bench(config: BenchConfig, on_event: Listener | None = None, *, write_models: bool = True) -> BenchResult:
+    """Run what `config` asks for; `on_event` hears progress. Never prints.
+
+    With `config.models_dir`, the three ONNX variants are written there at the end, all or none; with
+    `write_models=False` they are only kept in `result.models`, for a caller that writes them together with
+    its other outputs.
+    """
     emit = on_event or (lambda _e: None)
     check_config(config)
     created = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -96,8 +101,8 @@ def run_bench(config: BenchConfig, on_event: Listener | None = None) -> BenchRes
     infos: dict[str, VariantInfo] = {}
     result_kw: dict[str, Any] = {}
     if config.benches_models:
-        with tempfile.TemporaryDirectory(prefix="sslcompress-bench-") as tmp:
-            result_kw, infos, notes = _bench_models(config, emit, Path(tmp))
+        with private_temp_dir("sslcompress-bench") as tmp:
+            result_kw, infos, notes = _bench_models(config, emit, tmp)
     if config.paper_table:
         from .paper import paper_table
 
@@ -113,6 +118,8 @@ def run_bench(config: BenchConfig, on_event: Listener | None = None) -> BenchRes
             "benchmarks/paper_table4.py is the script form (Caffe's shapes, CUDA, a results file)."]
     if hasattr(os, "getloadavg"):
         env["load_average_end"] = list(os.getloadavg())
+    if write_models and result_kw.get("models"):
+        atomic_write_group(model_files(config, result_kw["models"]))
     return BenchResult(config=config, created=created, env=env,
                        variants=tuple(infos[n] for n in ("dense", "unstructured", "structured") if n in infos),
                        notes=tuple(notes), **result_kw)
@@ -166,12 +173,18 @@ def _bench_models(config: BenchConfig, emit: Listener, tmp: Path
                                  "timings": tuple(_time(config, files, shape, batches, emit))}
     if config.layers:
         result_kw.update(_layers(config, variants, batches[0], emit, notes))
-    if config.models_dir:  # last: a run that fails writes nothing
+    if config.models_dir:  # kept as bytes: whoever writes the results writes them in the same group
+        models: dict[str, bytes] = {}
         for v in variants:
-            path = Path(config.models_dir) / f"{v.name}.onnx"
-            save_onnx(v.model, path)
-            infos[v.name] = replace(infos[v.name], path=str(path))
+            models[v.name] = files[v.name].read_bytes()
+            infos[v.name] = replace(infos[v.name], path=str(Path(config.models_dir) / f"{v.name}.onnx"))
+        result_kw["models"] = models
     return result_kw, infos, notes
+
+
+def model_files(config: BenchConfig, models: dict[str, bytes]) -> list[tuple[Path, bytes]]:
+    """(path, bytes) of each variant kept for `config.models_dir`."""
+    return [(Path(config.models_dir or ".") / f"{name}.onnx", data) for name, data in models.items()]
 
 
 def _plan(config: BenchConfig) -> list[tuple[str, int]]:

@@ -271,7 +271,9 @@ def load_override(path: str | Path, flag: str) -> onnx.ModelProto:
     try:
         return load_onnx(path)
     except UnsupportedModelError as exc:
-        raise UnsupportedModelError(f"{flag}: {exc}") from exc
+        if flag.startswith("-"):  # the message names the file; say which option gave it
+            raise UnsupportedModelError(f"{flag}: {exc}") from exc
+        raise
 
 
 def build_variants(target: str | Path | None = None, *, dense: str | Path | None = None,

@@ -5,7 +5,9 @@ One module per stage: train (pretrain, finetune, info), cut (surgery, export), b
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from typing import Any
 
 import click
@@ -16,8 +18,50 @@ EPILOG_DATA = ("Data sets: digits (default, bundled with scikit-learn), mnist:PA
                "imagefolder:PATH, npz:PATH, synthetic[:CxHxW:K].")
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _usage_line(exc: click.ClickException) -> str:
+    """click's three-line usage error as our one line: what was wrong, in which command, where help is."""
+    ctx = getattr(exc, "ctx", None)
+    where = ctx.command_path if ctx is not None else "sslcompress"
+    message = _one_line(exc.format_message()).rstrip(".")
+    return f"error: {where}: {message[:1].lower() + message[1:]} (see '{where} --help')"
+
+
+def _terminated(signum: int, _frame: Any) -> None:
+    # SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C: temporary files and folders are removed and
+    # the run folder is released, instead of the process vanishing mid-write.
+    raise KeyboardInterrupt
+
+
 class _Group(click.Group):
     """Turns our typed errors into one line on stderr and exit code 2, never a traceback."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _terminated)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # `sslcompress` alone: the help is the answer
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(_usage_line(exc) if isinstance(exc, click.UsageError) else f"error: {_one_line(exc.format_message())}",
+                       err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

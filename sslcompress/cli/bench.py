@@ -53,12 +53,11 @@ def _bench_outputs(out: str | None, markdown: str | None, plot: str | None,
 
 def _plot_bytes(result) -> bytes:
     """The PNG chart as bytes, so it is written together with the other outputs."""
-    import tempfile
-
     from ..bench.plot import plot as write_plot
+    from ..io import private_temp_dir
 
-    with tempfile.TemporaryDirectory(prefix="sslcompress-plot-") as tmp:
-        path = Path(tmp) / "plot.png"
+    with private_temp_dir("sslcompress-plot") as tmp:
+        path = tmp / "plot.png"
         write_plot(result, path)
         return path.read_bytes()
 
@@ -114,7 +113,7 @@ def bench(target: str | None, dense: str | None, unstructured: str | None, struc
     """
     from ..bench.config import BenchConfig
     from ..bench.plot import require_matplotlib
-    from ..bench.run import run_bench
+    from ..bench.run import model_files, run_bench
     from ..console import BenchProgress, print_bench
     from ..io import atomic_write_group, check_distinct_paths
 
@@ -131,8 +130,8 @@ def bench(target: str | None, dense: str | None, unstructured: str | None, struc
     if plot:
         require_matplotlib()
     with BenchProgress(enabled=not (quiet or as_json)) as progress:
-        result = run_bench(config, progress.on_event)
-    outputs: list[tuple[str, bytes]] = []  # rendered first, then written all or none
+        result = run_bench(config, progress.on_event, write_models=False)
+    outputs: list[tuple[str | Path, bytes]] = list(model_files(config, result.models))  # all written, or none
     if out:
         outputs.append((out, (json.dumps(result.to_dict(), indent=2)).encode()))
     if markdown:

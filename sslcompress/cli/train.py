@@ -68,14 +68,6 @@ def _recipe(path: str | None) -> dict[str, Any] | None:
     return read_recipe(path) if path else None
 
 
-def _check_device(device: str | None) -> None:
-    if device and device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SSLCompressError(f"--device {device} asked for CUDA, but this torch sees no CUDA GPU")
-
-
 def _check_weights_not_overwritten(cfg, written: tuple[str, ...]) -> None:
     """--weights must not be a file this run writes into --out (it would replace the model it started from)."""
     from ..io import check_distinct_paths
@@ -98,7 +90,6 @@ def pretrain(**kw: Any) -> None:
     run = _run_overrides(kw)
     run["out"] = run["out"] or (recipe or {}).get("out") or _default_out(kw["model"] or (recipe or {}).get("model"),
                                                                           kw["data"] or (recipe or {}).get("data"))
-    _check_device(run["device"])
     cfg = build_config(PretrainConfig, _flatten_recipe(recipe, "train"),
                        {**run, "train": _phase(kw["epochs"], kw["lr"], kw["batch_size"])})
     from ..finetune.pipeline import PRETRAINED
@@ -187,7 +178,6 @@ def finetune(**kw: Any) -> None:
     run = _run_overrides(kw)
     run["out"] = run["out"] or recipe.get("out") or _default_out(kw["model"] or recipe.get("model"),
                                                                   kw["data"] or recipe.get("data"))
-    _check_device(run["device"])
     bs = kw["batch_size"]
     overrides = {
         **run,

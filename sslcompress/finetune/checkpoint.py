@@ -7,6 +7,7 @@ interrupted save never leaves half a checkpoint under the real name.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,13 +108,33 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
     }, path)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def load_failure(path: Path, exc: BaseException, what: str = "a readable checkpoint") -> str:
+    """Why torch.load(weights_only=True) refused `path`, in one sentence of ours.
+
+    torch's own text is several paragraphs of advice, some of it to load the file with code execution on;
+    sslcompress never does that, so only the refused object is named.
+    """
+    text = _ANSI.sub("", str(exc))
+    if "Weights only load failed" in text:
+        found = _REFUSED_GLOBAL.search(text)
+        held = f" ({found.group(1)})" if found else ""
+        return (f"{path} is not {what}: it holds pickled Python objects{held}, which sslcompress never "
+                "unpickles (that could run code); save the weights with torch.save(model.state_dict(), PATH) "
+                "and give that file")
+    first = (text.strip().splitlines() or [type(exc).__name__])[0]
+    first = re.split(r"(?<=\.)\s", first)[0][:160].rstrip(".")  # its first sentence is the fact
+    return f"{path} is not {what}: corrupt or truncated ({type(exc).__name__}: {first})"
+
+
 def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise CheckpointError(f"{path} is not a readable checkpoint: corrupt, truncated, or holding objects that "
-                              f"weights-only loading refuses ({type(exc).__name__}: {first})") from exc
+        raise CheckpointError(load_failure(path, exc)) from exc
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

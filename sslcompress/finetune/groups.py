@@ -49,7 +49,12 @@ class ParamGroup:
 
 def parse_kinds(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """'filter,channel' -> ('filter', 'channel'); 'all' -> every kind."""
-    items = [t.strip() for t in text.split(",")] if isinstance(text, str) else list(text)
+    if isinstance(text, str):
+        items = [t.strip() for t in text.split(",")]
+    elif isinstance(text, (tuple, list)) and all(isinstance(t, str) for t in text):
+        items = [t.strip() for t in text]
+    else:
+        raise ConfigError(f"structures must be names such as 'filter,channel' or a list of them, got {text!r}")
     if items == ["all"]:
         return KINDS
     bad = [t for t in items if t not in KINDS]

@@ -123,7 +123,7 @@ def train_epoch(
         out = trained(x)
         loss = F.cross_entropy(out, y)
         if not torch.isfinite(loss):
-            raise TrainingError(f"{phase} diverged: the loss became {float(loss)} in epoch {epoch + 1}, step "
+            raise TrainingError(f"{phase} diverged: the loss became {float(loss.detach())} in epoch {epoch + 1}, step "
                                 f"{step + 1}; lower the learning rate (now {current_lr(opt):g})")
         total = loss + extra_loss() if extra_loss is not None else loss
         opt.zero_grad(set_to_none=True)

@@ -9,6 +9,7 @@ refuses options other than those it started with. Only rank 0 writes files.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from dataclasses import dataclass
@@ -28,12 +29,12 @@ from ..config import (
     to_plain,
 )
 from ..data import ImageData, load_data
-from ..errors import CheckpointError, ConfigError, TrainingError
+from ..errors import CheckpointError, ConfigError, SSLCompressError, TrainingError
 from ..flops import Counter
-from ..io import atomic_torch_save, atomic_write_json
+from ..io import atomic_torch_save, atomic_write_json, run_lock
 from ..models import ModelSpec, build_model
 from . import distributed as D
-from .checkpoint import Checkpoint, load_weights, read_weights, save_checkpoint
+from .checkpoint import Checkpoint, load_failure, load_weights, read_weights, save_checkpoint
 from .controller import BudgetController
 from .loop import (
     Event,
@@ -126,14 +127,20 @@ def _train_phase(model, data, opts: TrainOptions, phase: str, run, env, on_event
     return opt, sched
 
 
+def _hold(out: str, env: D.DistEnv):
+    """The run folder, held by rank 0 against a second run into it."""
+    return run_lock(out) if env.is_main else contextlib.nullcontext()
+
+
 def run_pretrain(cfg: PretrainConfig, on_event: EventSink | None = None) -> RunResult:
     """Train a dense baseline and write `<out>/pretrained.pt`."""
     cfg.check()
     env = D.init_from_env(cfg.run.device)
     try:
-        _seed_everything(cfg.run.seed)
-        data, spec, model, _, _ = _prepare(cfg.run, env.world_size, lambda _state: [("pretrain", cfg.train)])
-        return _pretrain(model, spec, data, cfg.train, cfg.run, env, on_event, to_plain(cfg))
+        with _hold(cfg.run.out, env):
+            _seed_everything(cfg.run.seed)
+            data, spec, model, _, _ = _prepare(cfg.run, env.world_size, lambda _state: [("pretrain", cfg.train)])
+            return _pretrain(model, spec, data, cfg.train, cfg.run, env, on_event, to_plain(cfg))
     finally:
         D.shutdown(env)
 
@@ -165,14 +172,28 @@ def run_finetune(cfg: FinetuneConfig, on_event: EventSink | None = None) -> RunR
     """SSL on a pretrained model; writes `<out>/sparse.pt` and `<out>/report.json`."""
     cfg.check()
     env = D.init_from_env(cfg.run.device)
+    owns_state = [False]  # set once the resume state in the folder is this run's own
     try:
-        _seed_everything(cfg.run.seed)
-        return _finetune(cfg, env, on_event)
+        with _hold(cfg.run.out, env):
+            _seed_everything(cfg.run.seed)
+            try:
+                return _finetune(cfg, env, on_event, owns_state)
+            except SSLCompressError as exc:
+                # A refusal after training began would come back on --resume (its options cannot change), so
+                # its resume state goes; an interruption (Ctrl-C, a kill) keeps it.
+                if owns_state[0] and env.is_main:
+                    (Path(cfg.run.out) / STATE).unlink(missing_ok=True)
+                    baseline = Path(cfg.run.out) / PRETRAINED
+                    if cfg.run.weights is None and baseline.is_file():
+                        raise type(exc)(f"{exc}; the dense baseline it trained first is kept in {baseline}: "
+                                        "give it as --weights to start from there") from exc
+                raise
     finally:
         D.shutdown(env)
 
 
-def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None) -> RunResult:
+def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None, owns_state: list[bool]
+              ) -> RunResult:
     run = cfg.run
     out = Path(run.out)
     t_start = time.perf_counter()
@@ -193,12 +214,14 @@ def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None) -
         if resume["model"] != spec.to_dict():
             raise CheckpointError(f"--resume: {out / STATE} belongs to another model or data set")
         load_weights(model, resume["model_state"], source=str(out / STATE))
+        owns_state[0] = True
     metrics: dict[str, Any] = dict(resume["metrics"]) if resume else {}
     masks_state: dict[str, torch.Tensor] = {}
     lambdas_now: dict[str, Any] = {"get": dict}  # the sparsifier's lambdas once it exists
 
     def saver(phase_name: str):
         def save(epoch, opt, sched, stop):
+            owns_state[0] = True
             if env.is_main:
                 atomic_torch_save({"phase": phase_name, "epoch": epoch, "stop": stop, "model": spec.to_dict(),
                                    "config": fingerprint, "model_state": model.state_dict(),
@@ -225,6 +248,11 @@ def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None) -
         metrics["before"] = evaluate(model, data, run.eval_batch_size, run.device)
 
     sp = Sparsifier(model, spec, cfg)
+    if resume is None and not sp.connected():  # no strength is to blame here: the weights came that way
+        source = f"the weights of {run.weights}" if run.weights else "the model"
+        raise TrainingError(f"{source} already compute a constant before sparsify (every channel of some layer "
+                            "is zero, so the output does not depend on the input); give weights whose every "
+                            "layer has a nonzero channel")
     controller = None
     if cfg.target_flops is not None:
         floor = sp.floor()
@@ -348,8 +376,7 @@ def _load_state(path: Path) -> dict | None:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise CheckpointError(f"resume state {path} is unreadable ({type(exc).__name__}: {first})") from exc
+        raise CheckpointError("resume state: " + load_failure(path, exc, "a readable resume state")) from exc
     missing = [k for k in _STATE_KEYS if not isinstance(raw, dict) or k not in raw]
     if missing:
         raise CheckpointError(f"resume state {path} lacks {', '.join(missing)} (damaged, or written by an older "

@@ -19,6 +19,7 @@ little else.
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,19 @@ OPTIMIZATION = {
 SESSION_CONFIG = {"session.force_spinning_stop": "1"}
 
 
+# ORT's status text: "[ONNXRuntimeError] : 1 : FAIL : <message>", where the message may quote the C++ source
+# ("/onnxruntime_src/.../reshape_helper.h:91 onnxruntime::ReshapeHelper::ReshapeHelper(...) <what failed>").
+_STATUS_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
+_SOURCE_PLACE = re.compile(r"\S+\.(?:h|cc|cpp|cu):\d+\s+(?:[\w:~<>,*& ]+?\([^()]*\)\s*)?")
+
+
+def ort_message(exc: BaseException, limit: int = 240) -> str:
+    """An ONNX Runtime exception as one short line: its status prefix and C++ source places dropped."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = _SOURCE_PLACE.sub("", _STATUS_PREFIX.sub("", text)).strip()
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
 def session_options(threads: int = 1, pin: bool = False, *, optimization: str = "all",
                     spinning_stop: bool = True) -> ort.SessionOptions:
     """The options every session of the package uses; `pin` places the pool's workers as `placement` says."""
@@ -54,7 +68,9 @@ def session_options(threads: int = 1, pin: bool = False, *, optimization: str = 
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    so.log_severity_level = 3  # errors only: ORT's warnings go to stderr past the CLI
+    # Fatal only: ORT's own log lines would reach stderr before the CLI's one line; its errors come back as
+    # exceptions, which the package words itself.
+    so.log_severity_level = 4
     if spinning_stop:
         for key, value in SESSION_CONFIG.items():
             so.add_session_config_entry(key, value)
@@ -94,7 +110,7 @@ def create_session(model: bytes | str | Path | onnx.ModelProto, *, provider: str
             warnings.simplefilter("ignore")
             sess = ort.InferenceSession(source, sess_options=options, providers=[name])
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/RuntimeError types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = ort_message(exc)
         if provider == "cuda" and _loads_on_cpu(source):
             raise gpu_error(f"CUDAExecutionProvider could not start ({first})") from exc
         raise UnsupportedModelError(f"ONNX Runtime cannot load the model: {first}") from exc

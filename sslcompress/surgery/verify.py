@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import VerificationError
 from ..runtime import create_session
 from ..runtime.pinning import usable_cpus
+from ..runtime.sessions import ort_message
 from .inputs import Feed, FeedLike, as_feed, as_feeds, describe_inputs, random_array, random_batches
 
 Runner = Callable[[Any], list[np.ndarray]]
@@ -86,7 +87,7 @@ def _run(session, feed: Feed) -> dict[str, np.ndarray]:
         return {n: np.asarray(v) for n, v in zip(names, session.run(None, feed))}
     except Exception as exc:
         shapes = ", ".join(f"{k} {v.dtype.name}[{'x'.join(map(str, v.shape))}]" for k, v in feed.items())
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        first = ort_message(exc, limit=300)
         raise VerificationError(f"ONNX Runtime failed on the inputs {shapes}: {first}") from exc
 
 
