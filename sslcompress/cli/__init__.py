@@ -72,7 +72,8 @@ class _Group(click.Group):
             sys.exit(2)
         except OSError as exc:
             # A full disk, a folder we may not write: the user's to fix, so one line, no traceback.
-            click.echo(f"error: {exc.strerror or exc} ({exc.filename or 'I/O'})", err=True)
+            reason = exc.strerror or _one_line(str(exc))
+            click.echo(f"error: {exc.filename}: {reason}" if exc.filename else f"error: {reason}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             if ctx.invoked_subcommand == "finetune":

@@ -29,7 +29,7 @@ from ..config import (
     to_plain,
 )
 from ..data import ImageData, load_data
-from ..errors import CheckpointError, ConfigError, SSLCompressError, TrainingError
+from ..errors import CheckpointError, ConfigError, SSLCompressError, TrainingError, UnsupportedModelError
 from ..flops import Counter
 from ..io import atomic_torch_save, atomic_write_json, run_lock
 from ..models import ModelSpec, build_model
@@ -96,11 +96,35 @@ def _prepare(run, world_size: int = 1, phases=None) -> tuple[ImageData, ModelSpe
     model = build_model(spec).to(run.device)
     if state is not None:
         load_weights(model, state, source=str(run.weights))
+    check_trainable(model, spec, run.device)
     for name, opts in (phases(state) if phases is not None else []):
         check_steps(data, opts, name, world_size=world_size, limit_train=run.limit_train)
     # Before any training: a run folder that cannot be made should fail now, not after an hour.
     Path(run.out).mkdir(parents=True, exist_ok=True)
     return data, spec, model, ckpt, state
+
+
+def check_trainable(model: nn.Module, spec: ModelSpec, device: str) -> None:
+    """A model training can work on: it has parameters that learn, and it maps a batch of the data's images to
+    one score per class. A user's model that does not would otherwise fail deep in the first step."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UnsupportedModelError(f"model {spec.name} has no trainable parameters (none, or all with "
+                                    "requires_grad=False): there is nothing to train")
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros((2, *spec.input_shape[1:]), device=device))
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's forward is theirs to see, in one line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UnsupportedModelError(f"model {spec.name} cannot run on the data's images (a batch of shape "
+                                    f"2x{'x'.join(map(str, spec.input_shape[1:]))}): {first}") from exc
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, spec.num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UnsupportedModelError(f"model {spec.name} must give one score per class, shape (batch, "
+                                    f"{spec.num_classes}), for the data's images; it gives {got}")
 
 
 def _train_phase(model, data, opts: TrainOptions, phase: str, run, env, on_event, *, start_epoch=0,
