@@ -161,3 +161,38 @@ def test_external_data_past_the_file_end_is_refused(tmp_path: Path) -> None:
         load_onnx(_external_model(tmp_path, "w.bin", offset=8, length=16))
     with pytest.raises(UnsupportedModelError, match="need 16"):
         load_onnx(_external_model(tmp_path, "w.bin", length=8))
+
+
+class _HugeArray:
+    """Pickles as numpy's own `_reconstruct(ndarray, shape, dtype)` call with a shape of 80 GB."""
+
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+
+        return _reconstruct, (np.ndarray, (10**10,), b"d")
+
+
+def test_cifar_batch_declaring_a_huge_array_is_refused_unallocated(tmp_path: Path) -> None:
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    small = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}
+    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"):
+        (folder / name).write_bytes(pickle.dumps(small, protocol=2))
+    assert load_data(f"cifar10:{tmp_path}").num_classes == 10  # the small batches load
+    (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": _HugeArray(), b"labels": [0]}, protocol=2))
+    with pytest.raises(DataError, match="data_batch_3.*bytes declared in a file of"):
+        load_data(f"cifar10:{tmp_path}")
+
+
+def test_cifar_batches_over_the_data_limit_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"):
+        (folder / name).write_bytes(pickle.dumps({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0] * 4}))
+    monkeypatch.setenv(MAX_DATA_BYTES_ENV, "10000")
+    with pytest.raises(DataError, match=MAX_DATA_BYTES_ENV):
+        load_data(f"cifar10:{tmp_path}")

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from sslcompress.data.arrays import Splits, existing_path, read_npz, splits_from_arrays
+from sslcompress.data.arrays import Splits, check_data_bytes, existing_path, read_npz, splits_from_arrays
 from sslcompress.errors import DataError
 
 BATCH_FOLDER = "cifar-10-batches-py"
@@ -37,15 +37,39 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """The CIFAR format is a pickle; this unpickler builds only numpy arrays, so a file cannot run code."""
+    """The CIFAR format is a pickle; this unpickler builds only numpy arrays, so a file cannot run code.
+
+    Arrays come from bytes in the file, except that `_reconstruct(ndarray, shape, dtype)` allocates the shape it
+    is given before any data arrives: a shape larger than the file itself is refused, so a small file cannot ask
+    for gigabytes.
+    """
 
     allowed = _numpy_globals()
 
+    def __init__(self, handle, *, max_bytes: int, **kw: Any) -> None:
+        super().__init__(handle, **kw)
+        self.max_bytes = max_bytes
+
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return self.allowed[(module, name)]
+            found = self.allowed[(module, name)]
         except KeyError:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}") from None
+        if name == "_reconstruct":
+            return self._bounded_reconstruct(found)
+        return found
+
+    def _bounded_reconstruct(self, reconstruct: Any) -> Any:
+        def build(subtype: Any, shape: Any, dtype: Any) -> Any:
+            dims = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
+            if not all(isinstance(d, int) and d >= 0 for d in dims):
+                raise pickle.UnpicklingError(f"an array shape {shape!r} that is not sizes")
+            nbytes = int(np.prod(dims, dtype=object)) * np.dtype(dtype).itemsize
+            if nbytes > self.max_bytes:
+                raise pickle.UnpicklingError(f"an array of {nbytes} bytes declared in a file of {self.max_bytes}")
+            return reconstruct(subtype, shape, dtype)
+
+        return build
 
 
 def _get(batch: dict[Any, Any], key: str) -> Any:
@@ -61,8 +85,9 @@ def read_batch(spec: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{spec}: CIFAR-10 batch file {path} not found.")
     try:
         with open(path, "rb") as handle:
-            batch = _ArrayUnpickler(handle, encoding="bytes").load()
-    except (OSError, EOFError, ValueError, TypeError, AttributeError, pickle.UnpicklingError) as exc:
+            batch = _ArrayUnpickler(handle, max_bytes=path.stat().st_size, encoding="bytes").load()
+    except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError,
+            pickle.UnpicklingError) as exc:
         raise DataError(f"{spec}: cannot unpickle CIFAR-10 batch {path} ({exc}).") from exc
     if not isinstance(batch, dict):
         raise DataError(f"{spec}: {path} holds a {type(batch).__name__}; expected a dict with b'data' and b'labels'.")
@@ -93,6 +118,10 @@ def load_cifar10_splits(spec: str, path: str | None) -> Splits:
     root = existing_path(spec, path)
     if root.is_dir():
         folder = _batch_folder(spec, root)
+        files = [folder / name for name in (*TRAIN_BATCHES, TEST_BATCH)]
+        # Each batch is bounded by its file's size (read_batch); together they are bounded like any data set.
+        check_data_bytes(spec, f"the CIFAR-10 batches in {folder}",
+                         sum(f.stat().st_size for f in files if f.is_file()))
         train = [read_batch(spec, folder / name) for name in TRAIN_BATCHES]
         x_test, y_test = read_batch(spec, folder / TEST_BATCH)
         arrays = {
