@@ -1,4 +1,4 @@
-"""The extension point: a rule of one's own for an op the surgery does not know (the README's example)."""
+"""The extension point: a rule of one's own for an op the surgery does not know (the example in docs/surgery.md)."""
 
 from __future__ import annotations
 
