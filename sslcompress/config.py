@@ -151,11 +151,14 @@ class RunOptions:
 class PretrainConfig:
     run: RunOptions = field(default_factory=RunOptions)
     train: TrainOptions = field(default_factory=lambda: TrainOptions(epochs=10, lr=0.02))
+    resume: bool = False
 
     def check(self) -> PretrainConfig:
         _check_parts(self, ("run", RunOptions), ("train", TrainOptions))
         self.run.check()
         self.train.check("train")
+        if not isinstance(self.resume, bool):
+            raise ConfigError(f"resume must be true or false, got {self.resume!r}")
         return self
 
 
@@ -301,7 +304,7 @@ FLAGS = {
 RESUME_FREE = ("resume", "run.out", "run.device", "run.threads", "run.eval_batch_size")
 
 
-def resume_fingerprint(cfg: FinetuneConfig) -> dict[str, Any]:
+def resume_fingerprint(cfg: FinetuneConfig | PretrainConfig) -> dict[str, Any]:
     """The options a resumed run must share with the run it continues, flat as {'sparsify.lr': 0.02, ...}."""
     flat: dict[str, Any] = {}
     for key, value in to_plain(cfg).items():

@@ -213,6 +213,7 @@ def test_a_failed_checkpoint_write_is_one_line_naming_the_output(tmp_path):
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert str(out / "pretrained.pt") in lines[0] and ".tmp" not in lines[0]
+    # The first file over the limit is the resume state written after the first epoch.
+    assert str(out / "state.pt") in lines[0] and "File too large" in lines[0] and ".tmp" not in lines[0]
     assert (out / "pretrained.pt").read_bytes() == b"the previous checkpoint"
     assert sorted(p.name for p in out.iterdir()) == ["pretrained.pt"]  # no temporary file, no lock left

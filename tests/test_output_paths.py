@@ -182,5 +182,5 @@ def test_ctrl_c_in_a_command_without_resume_does_not_promise_one(uncut_onnx, tmp
 
     monkeypatch.setattr(compress_module, "compress", interrupted)
     res = CliRunner().invoke(main, ["surgery", str(uncut_onnx), "-o", str(tmp_path / "c.onnx")])
-    assert res.exit_code == 130 and "only finetune can --resume" in res.output
+    assert res.exit_code == 130 and "only pretrain and finetune can --resume" in res.output
     assert not (tmp_path / "c.onnx").exists()

@@ -150,8 +150,32 @@ def test_pretraining_inside_finetune_resumes_to_the_same_result(tmp_path, monkey
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
-def test_pretrain_interrupt_does_not_promise_resume(tmp_path, monkeypatch):
-    _interrupt_at(monkeypatch, "pretrain", 0)
-    res = CliRunner().invoke(main, ["pretrain", "--epochs", "1", "--out", str(tmp_path / "p"), *FAST])
-    assert res.exit_code == 130, res.output
-    assert "cannot be resumed" in res.output and "rerun with --resume" not in res.output
+def test_pretrain_resumes_to_the_same_checkpoint(tmp_path, monkeypatch):
+    args = ["pretrain", "--epochs", "3", *FAST]
+    whole = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+    with monkeypatch.context() as m:
+        _interrupt_at(m, "pretrain", 2)
+        res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "cut")])
+    assert res.exit_code == 130 and "rerun with --resume" in res.output, res.output
+    state = torch.load(tmp_path / "cut" / "state.pt", weights_only=True)
+    assert (state["command"], state["phase"], state["epoch"]) == ("pretrain", "pretrain", 1)
+    # Another learning rate is refused by name; the same options finish the run.
+    line = _error_line(CliRunner().invoke(main, [*args, "--lr", "0.5", "--out", str(tmp_path / "cut"), "--resume"]))
+    assert "--lr" in line, line
+    res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "cut"), "--resume"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["pretrained.pt"]
+    a = load_checkpoint(tmp_path / "whole" / "pretrained.pt").state_dict
+    b = load_checkpoint(tmp_path / "cut" / "pretrained.pt").state_dict
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_state_of_the_other_command_is_refused(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _interrupt_at(m, "pretrain", 1)
+        assert CliRunner().invoke(main, ["pretrain", "--epochs", "2", *FAST, "--out", str(out)]).exit_code == 130
+    line = _error_line(CliRunner().invoke(main, ["finetune", *FAST, "--out", str(out), "--resume"]))
+    assert "sslcompress pretrain --out" in line and "--resume" in line, line
+    assert (out / "state.pt").is_file()  # refused, not consumed

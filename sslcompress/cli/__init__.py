@@ -5,6 +5,7 @@ One module per stage: train (pretrain, finetune, info), cut (surgery, export), b
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -30,9 +31,24 @@ def _usage_line(exc: click.ClickException) -> str:
     return f"error: {where}: {message[:1].lower() + message[1:]} (see '{where} --help')"
 
 
+_stopping = threading.Event()  # set once an interruption reached the command's handler and cleanup runs
+
+
 def _terminated(signum: int, _frame: Any) -> None:
-    # SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C: temporary files and folders are removed and
-    # the run folder is released, instead of the process vanishing mid-write.
+    """SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C: temporary files and folders are removed and
+    the run folder is released, instead of the process vanishing mid-write."""
+    if _stopping.is_set():
+        return
+    # An exception raised from a signal handler can be lost inside C code (an extension module's import
+    # swallows it): until the stop is seen to arrive, the signal is sent again every half second.
+    if not getattr(_terminated, "watching", False):
+        _terminated.watching = True  # type: ignore[attr-defined]
+
+        def again() -> None:
+            while not _stopping.wait(0.5):
+                os.kill(os.getpid(), signum)
+
+        threading.Thread(target=again, daemon=True).start()
     raise KeyboardInterrupt
 
 
@@ -76,10 +92,12 @@ class _Group(click.Group):
             click.echo(f"error: {exc.filename}: {reason}" if exc.filename else f"error: {reason}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            if ctx.invoked_subcommand == "finetune":
+            _stopping.set()
+            if ctx.invoked_subcommand in ("finetune", "pretrain"):
                 click.echo("interrupted; rerun with --resume to continue from the last finished epoch", err=True)
             else:  # no other command keeps a resume state
-                click.echo("interrupted; rerun the command to start over (only finetune can --resume)", err=True)
+                click.echo("interrupted; rerun the command to start over (only pretrain and finetune can "
+                           "--resume)", err=True)
             sys.exit(130)
 
 

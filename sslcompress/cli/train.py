@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +79,7 @@ def _check_weights_not_overwritten(cfg, written: tuple[str, ...]) -> None:
 @_run_options
 @click.option("--epochs", default=None, type=click.IntRange(min=0), help="Training epochs (default 10).")
 @click.option("--lr", default=None, type=float, help="Learning rate (default 0.02, cosine schedule).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last finished epoch.")
 def pretrain(**kw: Any) -> None:
     """Train a dense baseline; writes RUN/pretrained.pt."""
     from ..config import PretrainConfig, build_config
@@ -91,18 +91,13 @@ def pretrain(**kw: Any) -> None:
     run["out"] = run["out"] or (recipe or {}).get("out") or _default_out(kw["model"] or (recipe or {}).get("model"),
                                                                           kw["data"] or (recipe or {}).get("data"))
     cfg = build_config(PretrainConfig, _flatten_recipe(recipe, "train"),
-                       {**run, "train": _phase(kw["epochs"], kw["lr"], kw["batch_size"])})
-    from ..finetune.pipeline import PRETRAINED
+                       {**run, "train": _phase(kw["epochs"], kw["lr"], kw["batch_size"]),
+                        "resume": kw["resume"] or None})
+    from ..finetune.pipeline import PRETRAINED, STATE
 
-    _check_weights_not_overwritten(cfg, (PRETRAINED,))
-    try:
-        with Progress(enabled=not (kw["quiet"] or kw["as_json"]) and os.environ.get("RANK", "0") == "0") as progress:
-            result = run_pretrain(cfg, progress.on_event)
-    except KeyboardInterrupt:
-        # pretrain keeps no resume state: say so rather than point at a --resume it does not have.
-        click.echo("interrupted; pretrain cannot be resumed: rerun the same command to train from the start "
-                   "(or run finetune without --weights, which can be resumed)", err=True)
-        sys.exit(130)
+    _check_weights_not_overwritten(cfg, (PRETRAINED, STATE))
+    with Progress(enabled=not (kw["quiet"] or kw["as_json"]) and os.environ.get("RANK", "0") == "0") as progress:
+        result = run_pretrain(cfg, progress.on_event)
     _finish(result, kw["as_json"])
 
 
@@ -120,7 +115,9 @@ def _flatten_recipe(recipe: dict[str, Any] | None, phase_key: str) -> dict[str, 
     train = dict(recipe.get("pretrain", {}) if phase_key == "train" else {})
     train.update(recipe.get("train", {}))
     train.update({k: v for k, v in recipe.items() if k in train_keys})
-    unknown = set(recipe) - run_keys - train_keys - {"train", "pretrain"}
+    if "resume" in recipe:
+        out["resume"] = recipe["resume"]
+    unknown = set(recipe) - run_keys - train_keys - {"train", "pretrain", "resume"}
     if unknown:
         raise SSLCompressError(f"unknown recipe key(s) for pretrain: {', '.join(sorted(unknown))}")
     if train:

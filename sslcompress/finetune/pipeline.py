@@ -157,16 +157,76 @@ def _hold(out: str, env: D.DistEnv):
 
 
 def run_pretrain(cfg: PretrainConfig, on_event: EventSink | None = None) -> RunResult:
-    """Train a dense baseline and write `<out>/pretrained.pt`."""
+    """Train a dense baseline and write `<out>/pretrained.pt`; `resume=True` continues an interrupted one."""
     cfg.check()
     env = D.init_from_env(cfg.run.device)
+    owns_state = [False]
     try:
         with _hold(cfg.run.out, env):
             _seed_everything(cfg.run.seed)
-            data, spec, model, _, _ = _prepare(cfg.run, env.world_size, lambda _state: [("pretrain", cfg.train)])
-            return _pretrain(model, spec, data, cfg.train, cfg.run, env, on_event, to_plain(cfg))
+            try:
+                return _pretrain_run(cfg, env, on_event, owns_state)
+            except SSLCompressError:
+                if owns_state[0] and env.is_main:  # as in run_finetune: a refusal would only come back
+                    (Path(cfg.run.out) / STATE).unlink(missing_ok=True)
+                raise
     finally:
         D.shutdown(env)
+
+
+def _resume_state(cfg: PretrainConfig | FinetuneConfig, command: str) -> tuple[dict | None, dict[str, Any]]:
+    """The resume state `cfg.resume` asks for (checked against the options given) and this run's fingerprint.
+
+    A changed option is refused before any data is loaded or model built.
+    """
+    out = Path(cfg.run.out)
+    fingerprint = resume_fingerprint(cfg)
+    if not cfg.resume:
+        return None, fingerprint
+    resume = _load_state(out / STATE)
+    if resume is None:
+        raise CheckpointError(f"--resume: no resume state in {out} (nothing to continue)")
+    written_by = resume.get("command", "finetune")  # states without the key come from finetune
+    if written_by != command:
+        raise CheckpointError(f"--resume: the resume state in {out} is of an interrupted `{written_by}` run; "
+                              f"continue it with `sslcompress {written_by} --out {out} --resume`")
+    check_resume_fingerprint(resume["config"], fingerprint, str(out / STATE))
+    return resume, fingerprint
+
+
+def _state_saver(command: str, phase: str, spec: ModelSpec, model: nn.Module, fingerprint: dict[str, Any],
+                 env: D.DistEnv, out: Path, owns_state: list[bool], extra=lambda: {}):
+    """The end-of-epoch hook that writes the resume state (rank 0), atomically."""
+    def save(epoch, opt, sched, stop):
+        owns_state[0] = True
+        if env.is_main:
+            atomic_torch_save({"command": command, "phase": phase, "epoch": epoch, "stop": stop,
+                               "model": spec.to_dict(), "config": fingerprint, "model_state": model.state_dict(),
+                               "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                               "lambdas": {}, "metrics": {}, "masks": {}, **extra()}, out / STATE)
+    return save
+
+
+def _pretrain_run(cfg: PretrainConfig, env: D.DistEnv, on_event: EventSink | None, owns_state: list[bool]
+                  ) -> RunResult:
+    out = Path(cfg.run.out)
+    resume, fingerprint = _resume_state(cfg, "pretrain")
+    data, spec, model, _, _ = _prepare(cfg.run, env.world_size, lambda _state: [("pretrain", cfg.train)])
+    start, opt, sched = 0, None, None
+    if resume is not None:
+        if resume["model"] != spec.to_dict():
+            raise CheckpointError(f"--resume: {out / STATE} belongs to another model or data set")
+        load_weights(model, resume["model_state"], source=str(out / STATE))
+        owns_state[0] = True
+        start = resume["epoch"] + 1
+        opt, sched = _restore_optimizer(model, cfg.train, data, env, resume)
+    result = _pretrain(model, spec, data, cfg.train, cfg.run, env, on_event, to_plain(cfg), start_epoch=start,
+                       opt=opt, sched=sched,
+                       save_state=_state_saver("pretrain", "pretrain", spec, model, fingerprint, env, out, owns_state))
+    if env.is_main:
+        (out / STATE).unlink(missing_ok=True)
+    D.barrier(env)
+    return result
 
 
 def _pretrain(model, spec, data, opts, run, env, on_event, config_plain, *, start_epoch=0, opt=None, sched=None,
@@ -226,13 +286,7 @@ def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None, o
         first = [("pretrain", cfg.pretrain)] if state is None and not cfg.resume else []
         return [*first, ("sparsify", cfg.sparsify), ("finetune", cfg.finetune)]
 
-    # A changed option is refused before any data is loaded or model built.
-    resume = _load_state(out / STATE) if cfg.resume else None
-    if cfg.resume and resume is None:
-        raise CheckpointError(f"--resume: no resume state in {out} (nothing to continue)")
-    fingerprint = resume_fingerprint(cfg)
-    if resume is not None:
-        check_resume_fingerprint(resume["config"], fingerprint, str(out / STATE))
+    resume, fingerprint = _resume_state(cfg, "finetune")
     data, spec, model, _, state = _prepare(run, env.world_size, phases)
     if resume is not None:
         if resume["model"] != spec.to_dict():
@@ -244,15 +298,8 @@ def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None, o
     lambdas_now: dict[str, Any] = {"get": dict}  # the sparsifier's lambdas once it exists
 
     def saver(phase_name: str):
-        def save(epoch, opt, sched, stop):
-            owns_state[0] = True
-            if env.is_main:
-                atomic_torch_save({"phase": phase_name, "epoch": epoch, "stop": stop, "model": spec.to_dict(),
-                                   "config": fingerprint, "model_state": model.state_dict(),
-                                   "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                   "lambdas": lambdas_now["get"](), "metrics": metrics,
-                                   "masks": masks_state}, out / STATE)
-        return save
+        return _state_saver("finetune", phase_name, spec, model, fingerprint, env, out, owns_state,
+                            lambda: {"lambdas": lambdas_now["get"](), "metrics": metrics, "masks": masks_state})
 
     if state is None and (resume is None or resume["phase"] == "pretrain"):
         start, opt, sched = 0, None, None
