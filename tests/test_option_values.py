@@ -217,3 +217,40 @@ def test_a_failed_checkpoint_write_is_one_line_naming_the_output(tmp_path):
     assert str(out / "state.pt") in lines[0] and "File too large" in lines[0] and ".tmp" not in lines[0]
     assert (out / "pretrained.pt").read_bytes() == b"the previous checkpoint"
     assert sorted(p.name for p in out.iterdir()) == ["pretrained.pt"]  # no temporary file, no lock left
+
+
+@pytest.fixture(scope="module")
+def small_onnx(tmp_path_factory):
+    from sslcompress.finetune.checkpoint import Checkpoint, save_checkpoint
+    from sslcompress.models import ModelSpec, build_model
+
+    folder = tmp_path_factory.mktemp("onnx")
+    torch.manual_seed(0)
+    spec = ModelSpec("lenet5", 10, 1, (28, 28))
+    save_checkpoint(folder / "sparse.pt", Checkpoint("sparse", spec, build_model(spec).state_dict()))
+    res = CliRunner().invoke(main, ["export", str(folder / "sparse.pt"), "--onnx", str(folder / "c.onnx"),
+                                    "--uncut", str(folder / "u.onnx")])
+    assert res.exit_code == 0, res.output
+    return folder
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--threads", str(len(os.sched_getaffinity(0)) + 1)], "CPU(s) this process may use"),
+    (["--min-time", "nan"], "--min-time"),
+    (["--min-time", "inf"], "--min-time"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(2**33)], "--seed"),
+])
+def test_bench_values_refused(small_onnx, tmp_path, args, words):
+    res = CliRunner().invoke(main, ["bench", str(small_onnx / "u.onnx"), "--batch", "1", "-q", *args,
+                                    "--out", str(tmp_path / "r.json")])
+    assert words in _one_error_line(res)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_export_opset_beyond_the_exporter_is_one_line_and_silent(small_onnx, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sslcompress.cli", "export", str(small_onnx / "sparse.pt"),
+                           "--onnx", str(tmp_path / "m.onnx"), "--opset", "99"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1 and "--opset must be from 11 to" in proc.stderr

@@ -9,6 +9,7 @@ from ..errors import ConfigError
 
 DEFAULT_BATCHES = (1, 8)
 DEFAULT_REPEAT = 20
+MAX_MIN_TIME = 3600.0  # seconds per setting: an hour of rounds is already far past any stable median
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,11 @@ class BenchConfig:
             raise ConfigError("give --repeat or --min-time, not both")
         if self.repeat is not None and self.repeat < 1:
             raise ConfigError(f"--repeat must be at least 1, got {self.repeat}")
-        if self.min_time is not None and self.min_time <= 0:
-            raise ConfigError(f"--min-time must be positive, got {self.min_time}")
-        if self.warmup < 0 or self.sample_time <= 0 or self.data_limit < 1:
+        if self.min_time is not None and not (0 < self.min_time <= MAX_MIN_TIME):
+            raise ConfigError(f"--min-time must be a number of seconds in (0, {MAX_MIN_TIME:g}], got {self.min_time}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ConfigError(f"--seed must be a whole number from 0 to {2**32 - 1}, got {self.seed!r}")
+        if self.warmup < 0 or not 0 < self.sample_time <= MAX_MIN_TIME or self.data_limit < 1:
             raise ConfigError("--warmup >= 0, a positive sample time and --data-limit >= 1 are required")
         for name, values in (("threads", self.threads), ("batch", self.batches or (1,))):
             if not values or any(int(v) < 1 for v in values):

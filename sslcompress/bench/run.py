@@ -43,6 +43,11 @@ def check_config(config: BenchConfig) -> None:
         check_provider(p)
     if "cuda" in config.providers:
         probe_cuda()
+    from .paper import cpus
+
+    if "cpu" in config.providers and max(config.threads) > cpus():
+        # More ORT workers than CPUs time the scheduler's sharing, not the model.
+        raise ConfigError(f"--threads {max(config.threads)} is more than the {cpus()} CPU(s) this process may use")
 
 
 def _env() -> dict[str, Any]:

@@ -7,8 +7,11 @@ one weight tensor per filter.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PureWindowsPath
@@ -20,7 +23,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 from torch import nn
 
-from ..errors import UnsupportedModelError, VerificationError
+from ..errors import ConfigError, UnsupportedModelError, VerificationError
 from ..finetune.checkpoint import load_checkpoint
 from ..io import atomic_write_bytes
 
@@ -76,6 +79,34 @@ def _check_finite(model: nn.Module) -> None:
                     "a model that is not finite cannot be exported (retrain it, e.g. with a lower learning rate).")
 
 
+# The opsets torch's TorchScript exporter writes (it warns and fails past its newest).
+EXPORT_MIN_OPSET = 11
+try:
+    from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as EXPORT_MAX_OPSET
+except ImportError:  # where torch does not name it: the newest it wrote when this was written
+    EXPORT_MAX_OPSET = 20
+
+
+@contextlib.contextmanager
+def _exporter_output_silenced():
+    """torch's exporter writes its IR graph to file descriptor 1 when it fails (from C++, past sys.stdout), and
+    warnings to 2: neither reaches the user, whose error is the one line made from the exception."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+
+
 def _torch_export(model: nn.Module, input_shape: tuple[int, ...], opset: int, dynamic_batch: bool) -> bytes:
     """TorchScript export into memory; the model is put in eval mode and its mode restored after."""
     generator = torch.Generator().manual_seed(0)
@@ -85,9 +116,8 @@ def _torch_export(model: nn.Module, input_shape: tuple[int, ...], opset: int, dy
     buf = io.BytesIO()
     model.eval()
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        with warnings.catch_warnings(), torch.no_grad(), _exporter_output_silenced():
+            warnings.simplefilter("ignore")
             torch.onnx.export(
                 model, (example,), buf, dynamo=False, opset_version=opset,
                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes,
@@ -130,6 +160,9 @@ def export_onnx(
     """
     if not input_shape or not all(isinstance(d, int) and d > 0 for d in input_shape):
         raise UnsupportedModelError(f"An input shape must be positive integers, got {input_shape!r}.")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not EXPORT_MIN_OPSET <= opset <= EXPORT_MAX_OPSET:
+        raise ConfigError(f"--opset must be from {EXPORT_MIN_OPSET} to {EXPORT_MAX_OPSET} (what torch's exporter "
+                          f"writes), got {opset!r}")
     _check_finite(model)
     raw = onnx.load_from_string(_torch_export(model, tuple(input_shape), opset, dynamic_batch))
     before = len(raw.graph.node)
