@@ -1,9 +1,31 @@
-"""Shared fixtures."""
+"""Shared fixtures.
+
+Every test runs torch (and BLAS/OpenMP in subprocesses) and the surgery's verification sessions
+with one intra-op thread: the tensors are small, and on a busy 2-core machine more threads only
+contend (up to 10x slower).
+"""
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_var] = "1"  # before torch is imported; inherited by the CLI subprocesses
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sslcompress.surgery import verify as _verify  # noqa: E402
+
+torch.set_num_threads(1)
+_verify.VERIFY_THREADS = 1  # read at each session; by default up to 4 (the machine's cores)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """A run with --threads N sets torch's process-wide count; the next test starts at one again."""
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

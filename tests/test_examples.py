@@ -17,7 +17,7 @@ def test_custom_loop_example(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     torch.manual_seed(0)
-    fraction = mod.main(str(tmp_path / "s.pt"), steps=30)
+    fraction = mod.main(str(tmp_path / "s.pt"), steps=15)
     assert 0 < fraction < 1
     ckpt = load_checkpoint(tmp_path / "s.pt")
     for name, keep in ckpt.masks.items():

@@ -1,4 +1,8 @@
-"""End to end on the bundled digits: pretrain, SSL, masks, resume, report."""
+"""End to end on the bundled digits: pretrain, SSL, masks, resume, report.
+
+The runs train on a fixed subset of the training images (all 360 test images), in batches of 16:
+a few seconds each on one thread, yet enough steps for SSL to prune and the model to learn.
+"""
 
 from __future__ import annotations
 
@@ -12,21 +16,29 @@ from sslcompress.errors import TrainingError
 from sslcompress.finetune.checkpoint import load_checkpoint
 from sslcompress.finetune.pipeline import run_finetune, run_pretrain
 
+LIMIT_TRAIN = 480  # of 1437 training images
+BATCH = 16  # 30 steps an epoch: SSL's proximal threshold is lr * lambda per step
+
+
+def _opts(epochs, lr, **kw) -> TrainOptions:
+    return TrainOptions(epochs=epochs, lr=lr, batch_size=BATCH, **kw)
+
 
 @pytest.fixture(scope="session")
 def pretrained(tmp_path_factory):
     out = tmp_path_factory.mktemp("pre")
-    res = run_pretrain(PretrainConfig(run=RunOptions(model="lenet5", data="digits", out=str(out)),
-                                      train=TrainOptions(epochs=6, lr=0.02)))
+    res = run_pretrain(PretrainConfig(run=RunOptions(model="lenet5", data="digits", out=str(out),
+                                                     limit_train=LIMIT_TRAIN),
+                                      train=_opts(4, 0.02)))
     return res
 
 
 def _cfg(out, weights, **kw):
     base = dict(
-        run=RunOptions(data="digits", weights=str(weights), out=str(out)),
+        run=RunOptions(data="digits", weights=str(weights), out=str(out), limit_train=LIMIT_TRAIN),
         strength=0.3,
-        sparsify=TrainOptions(epochs=8, lr=0.02, weight_decay=0.0),
-        finetune=TrainOptions(epochs=3, lr=0.01, weight_decay=0.0),
+        sparsify=_opts(8, 0.02, weight_decay=0.0),
+        finetune=_opts(3, 0.01, weight_decay=0.0),
     )
     base.update(kw)
     return FinetuneConfig(**base)
@@ -63,8 +75,8 @@ def test_ssl_cuts_macs_and_keeps_accuracy(pretrained, tmp_path):
 
 def test_target_flops_is_met(pretrained, tmp_path):
     res = run_finetune(_cfg(tmp_path, pretrained.checkpoint, strength=0.05, target_flops=0.3,
-                            sparsify=TrainOptions(epochs=4, lr=0.02, weight_decay=0.0),
-                            finetune=TrainOptions(epochs=1, lr=0.01, weight_decay=0.0)))
+                            sparsify=_opts(4, 0.02, weight_decay=0.0),
+                            finetune=_opts(1, 0.01, weight_decay=0.0)))
     assert res.report["totals"]["macs_fraction"] <= 0.3
     assert res.report["target_flops"] == 0.3
     _assert_connected(res.checkpoint)
@@ -81,8 +93,8 @@ def _assert_connected(path):
 def test_forced_target_never_cuts_the_network(pretrained, tmp_path):
     # A weak lambda leaves the target to the forced zeroing, which must stop short of cutting.
     res = run_finetune(_cfg(tmp_path, pretrained.checkpoint, strength=0.001, target_flops=0.03,
-                            sparsify=TrainOptions(epochs=1, lr=0.02, weight_decay=0.0),
-                            finetune=TrainOptions(epochs=1, lr=0.01, weight_decay=0.0)))
+                            sparsify=_opts(1, 0.02, weight_decay=0.0),
+                            finetune=_opts(1, 0.01, weight_decay=0.0)))
     assert res.report["forced_groups"] > 0
     assert res.report["totals"]["macs_fraction"] <= 0.03
     _assert_connected(res.checkpoint)
@@ -92,21 +104,21 @@ def test_target_reachable_only_by_cutting_is_an_error(pretrained, tmp_path):
     # One conv1 filter alone costs 14,400 of LeNet's 2,293,000 MACs (0.6%).
     with pytest.raises(TrainingError, match="without cutting the network"):
         run_finetune(_cfg(tmp_path, pretrained.checkpoint, strength=0.001, target_flops=0.001,
-                          sparsify=TrainOptions(epochs=1, lr=0.02, weight_decay=0.0),
-                          finetune=TrainOptions(epochs=1, lr=0.01, weight_decay=0.0)))
+                          sparsify=_opts(1, 0.02, weight_decay=0.0),
+                          finetune=_opts(1, 0.01, weight_decay=0.0)))
     assert not (tmp_path / "sparse.pt").exists()
 
 
 def test_sparsify_that_cuts_the_network_is_an_error(pretrained, tmp_path):
     with pytest.raises(TrainingError, match="cut the network"):
         run_finetune(_cfg(tmp_path, pretrained.checkpoint, strength=50.0,
-                          sparsify=TrainOptions(epochs=1, lr=0.02, weight_decay=0.0)))
+                          sparsify=_opts(1, 0.02, weight_decay=0.0)))
 
 
 def test_shape_structures_cut_gemm_macs(pretrained, tmp_path):
     res = run_finetune(_cfg(tmp_path, pretrained.checkpoint, structures=("shape",), strength=0.3,
-                            sparsify=TrainOptions(epochs=4, lr=0.02, weight_decay=0.0),
-                            finetune=TrainOptions(epochs=1, lr=0.01, weight_decay=0.0)))
+                            sparsify=_opts(4, 0.02, weight_decay=0.0),
+                            finetune=_opts(1, 0.01, weight_decay=0.0)))
     conv2 = next(lay for lay in res.report["layers"] if lay["name"] == "conv2")
     assert conv2["columns"][0] < conv2["columns"][1]
     assert conv2["macs_gemm_after"] == conv2["filters"][0] * conv2["columns"][0] * 8 * 8
@@ -114,8 +126,8 @@ def test_shape_structures_cut_gemm_macs(pretrained, tmp_path):
 
 def test_l1_method_gives_elementwise_zeros(pretrained, tmp_path):
     res = run_finetune(_cfg(tmp_path, pretrained.checkpoint, method="l1", strength=0.02,
-                            sparsify=TrainOptions(epochs=3, lr=0.02, weight_decay=0.0),
-                            finetune=TrainOptions(epochs=1, lr=0.01, weight_decay=0.0)))
+                            sparsify=_opts(3, 0.02, weight_decay=0.0),
+                            finetune=_opts(1, 0.01, weight_decay=0.0)))
     assert res.report["weight_sparsity"] > 0.3
     ckpt = load_checkpoint(res.checkpoint)
     zeros = sum(int((~m).sum()) for m in ckpt.masks.values())
@@ -123,8 +135,8 @@ def test_l1_method_gives_elementwise_zeros(pretrained, tmp_path):
 
 
 def test_resume_continues_to_the_same_result(pretrained, tmp_path):
-    kw = dict(sparsify=TrainOptions(epochs=3, lr=0.02, weight_decay=0.0),
-              finetune=TrainOptions(epochs=2, lr=0.01, weight_decay=0.0))
+    kw = dict(sparsify=_opts(3, 0.02, weight_decay=0.0),
+              finetune=_opts(2, 0.01, weight_decay=0.0))
     whole = run_finetune(_cfg(tmp_path / "whole", pretrained.checkpoint, **kw))
 
     class Stop(Exception):
