@@ -5,6 +5,7 @@ One module per stage: train (pretrain, finetune, info), cut (surgery, export), b
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -64,6 +65,16 @@ class _Group(click.Group):
             previous = signal.signal(signal.SIGTERM, _terminated)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except (SystemExit, KeyboardInterrupt) as exc:
+            if getattr(_terminated, "watching", False):
+                # Stopped by SIGTERM, cleanup done while unwinding: leave now. An interruption that an extension
+                # module swallowed can resurface during the interpreter's shutdown and turn exit code 130 into
+                # a death by SIGINT.
+                for stream in (sys.stdout, sys.stderr):
+                    with contextlib.suppress(Exception):
+                        stream.flush()
+                os._exit(exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 130)
+            raise
         except click.exceptions.NoArgsIsHelpError as exc:  # `sslcompress` alone: the help is the answer
             exc.show()
             sys.exit(exc.exit_code)
