@@ -138,7 +138,7 @@ class Counter:
         n_out, n_in = w.shape[0], w.shape[1]
         kernel = (w.shape[2], w.shape[3]) if w.dim() == 4 else (1, 1)
         params = w.numel() + (n_out if lay.has_bias else 0)
-        hw = lay.out_hw[0] * lay.out_hw[1]
+        hw = lay.macs_per_weight  # output positions over every call of the layer
         cols_total = w[0].numel()
         if lay.name in removed_layers:
             return LayerCount(lay.name, lay.kind, (0, n_out), (0, len(lay.in_ids)), kernel, (0, 0),
@@ -146,8 +146,9 @@ class Counter:
         keep_out = [n for n, i in enumerate(lay.out_ids) if st.root(i) not in dead]
         keep_in = [c for c, i in enumerate(lay.in_ids) if st.root(i) not in dead]
         if lay.kind == "linear":
-            macs_after = len(keep_out) * len(keep_in)
-            params_after = macs_after + (len(keep_out) if lay.has_bias else 0)
+            weights_after = len(keep_out) * len(keep_in)
+            macs_after = weights_after * hw  # hw: the number of calls for a Linear
+            params_after = weights_after + (len(keep_out) if lay.has_bias else 0)
             return LayerCount(lay.name, lay.kind, (len(keep_out), n_out), (len(keep_in), n_in), kernel, kernel,
                               (len(keep_in), n_in), lay.macs, macs_after, macs_after, params, params_after, False)
         if lay.groups != 1:

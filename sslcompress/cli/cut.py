@@ -88,6 +88,25 @@ def _write_compact(result, out: str, report_path: str | None, force: bool, as_js
         click.echo(f"compact model: {out}")
 
 
+def _check_prediction(dense: int, after: int, totals: dict[str, Any], force: bool) -> None:
+    """The MACs the training counted (and a --target-flops steered) must be the ONNX model's: the same dense
+    count, and no more after the cut. Fewer after the cut is what folding constant channels adds."""
+    from ..errors import VerificationError
+
+    if force:
+        return
+    if totals["macs"] != dense:
+        raise VerificationError(
+            f"the exported model computes {totals['macs']} MACs, the checkpoint's count says {dense}: the "
+            "training counted another model than the one exported (an op its count misses), so its budget "
+            "steered the wrong number; nothing written (--force writes it anyway)")
+    if totals["macs_after"] > after:
+        raise VerificationError(
+            f"the compact model keeps {totals['macs_after']} MACs, the checkpoint predicted {after}: the "
+            "surgery kept channels the training counted as removed (see the report's blocked_by); nothing "
+            "written (--force writes it anyway)")
+
+
 def _lowering(shape_lowering: str | None, plan_path: str | None):
     """What compress's shape_lowering takes: a mode name, or the plan read from an earlier report."""
     from ..errors import ConfigError
@@ -190,11 +209,14 @@ def export(checkpoint: str, out: str, uncut: str | None, opset: int, dynamic_bat
     result = compress(exported.model, inputs=_real_inputs(exported.model, data, data_limit),
                       shape_lowering=lowering)
     # The checkpoint's own count of what its zero groups remove, beside what surgery removed.
-    predicted = count(model, shape).macs_after
-    extra = {"checkpoint": checkpoint, "input_shape": list(shape), "predicted_macs_after": predicted,
-             "macs_after_matches_prediction": predicted == result.report["totals"]["macs_after"]}
+    counted = count(model, shape)
+    predicted = counted.macs_after
+    totals = result.report["totals"]
+    extra = {"checkpoint": checkpoint, "input_shape": list(shape), "predicted_macs": counted.macs,
+             "predicted_macs_after": predicted, "macs_after_matches_prediction": predicted == totals["macs_after"]}
     if data:
         extra["data"] = data
+    _check_prediction(counted.macs, predicted, totals, force)
     _write_compact(result, out, report_path, force, as_json, extra,
                    uncut=(uncut, exported.model) if uncut else None)
 

@@ -58,19 +58,27 @@ class Layer:
     out_hw: tuple[int, int]  # output spatial size; (1, 1) for Linear
     in_ids: list[int]  # per input channel (conv) or per input feature (linear)
     out_ids: list[int]  # per output channel / feature
+    # Output sizes of further calls of the same module (weights shared, so the same channel ids): each call
+    # costs its own MACs.
+    more_hw: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def calls(self) -> int:
+        return 1 + len(self.more_hw)
 
     @property
     def macs(self) -> int:
-        """Dense multiply-accumulates of one sample."""
+        """Dense multiply-accumulates of one sample, over every call of the layer."""
         w = self.weight_shape
         per_out = 1
         for d in w[1:]:
             per_out *= d
-        return w[0] * per_out * self.out_hw[0] * self.out_hw[1]
+        return w[0] * per_out * self.macs_per_weight
 
     @property
     def macs_per_weight(self) -> int:
-        return self.out_hw[0] * self.out_hw[1]
+        """Multiply-accumulates one weight costs per sample: one per output position of every call."""
+        return sum(h * w for h, w in [self.out_hw, *self.more_hw])
 
 
 @dataclass
@@ -227,6 +235,8 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
 
 def _module_ids(b, node, mod, x, shape, layers, norms, input_ids, wall):
     name = str(node.target)
+    if name in layers and isinstance(mod, (nn.Conv2d, nn.Linear)):
+        return _called_again(b, node, layers[name], x, shape, wall)
     if isinstance(mod, nn.Conv2d):
         if x is None or shape is None:
             return wall(node, f"conv {name} with unknown input")
@@ -260,6 +270,23 @@ def _module_ids(b, node, mod, x, shape, layers, norms, input_ids, wall):
     if isinstance(mod, nn.Flatten):
         return _flatten(b, node, x, shape, input_ids, wall)
     return wall(node, f"{type(mod).__name__} {name} (channel mixing or f(0) != 0)")
+
+
+def _called_again(b, node, first: Layer, x, shape, wall):
+    """A layer module called once more: the same weights, so the same filters and input channels.
+
+    Input channel j of this call and of the first are one channel as far as deletion goes (deleting it
+    removes weight column j for both), so their ids are merged, and this call's outputs carry the first
+    call's output ids. The call's MACs count beside the first's.
+    """
+    if x is None or shape is None or len(x) != len(first.in_ids):
+        return wall(node, f"{first.kind} {first.name} called again on an input of another width")
+    if first.kind == "linear" and len(shape) != 2:
+        return wall(node, f"linear {first.name} called again on a tensor that is not (batch, features)")
+    for a, c in zip(first.in_ids, x):
+        b.union(a, c)
+    first.more_hw.append((shape[2], shape[3]) if first.kind == "conv" else (1, 1))
+    return list(first.out_ids)
 
 
 def _flatten(b, node, x, shape, input_ids, wall):
