@@ -132,3 +132,36 @@ def test_export_refuses_a_count_the_onnx_model_disagrees_with(tmp_path):
     res = CliRunner().invoke(main, ["export", str(tmp_path / "m.pt"), "--onnx", str(out), "--force"])
     assert res.exit_code == 0, res.output
     assert out.exists()
+
+
+class Upsampling(nn.Module):
+    """An encoder-decoder step: F.interpolate and nn.Upsample resample each channel alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.mid = nn.Conv2d(8, 8, 3, padding=1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.dec = nn.Conv2d(8, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 10)
+
+    def forward(self, x):
+        x = F.relu(self.enc(x))
+        x = F.interpolate(F.relu(self.mid(x)), scale_factor=2.0, mode="bilinear", align_corners=False)
+        x = F.relu(self.dec(self.up(F.max_pool2d(x, 2))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_interpolated_channels_are_removable_and_cut_exactly():
+    torch.manual_seed(0)
+    model = Upsampling().eval()
+    removable = {g.name for g in build_groups(model, SHAPE, ("filter",)) if g.removable}
+    assert any(n.startswith("filter mid[") for n in removable) and any(n.startswith("filter enc[") for n in removable)
+    with torch.no_grad():
+        model.mid.weight[:4] = 0
+        model.mid.bias[:4] = 0
+    counted = count(model, SHAPE)
+    result = compress(export_onnx(model, SHAPE).model)
+    assert result.verification.passed
+    assert counted.macs == result.report["totals"]["macs"]
+    assert counted.macs_after == result.report["totals"]["macs_after"] < counted.macs

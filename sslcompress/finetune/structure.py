@@ -26,6 +26,7 @@ _ZERO_PRESERVING_MODULES: tuple[type[nn.Module], ...] = (
     nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Softsign, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink,
     nn.Dropout, nn.Dropout2d, nn.AlphaDropout, nn.Identity,
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,  # each channel resampled alone; 0 stays 0
 )
 _ZERO_PRESERVING_FUNCTIONS = {
     torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6, torch.nn.functional.leaky_relu,
@@ -34,6 +35,7 @@ _ZERO_PRESERVING_FUNCTIONS = {
     torch.nn.functional.dropout, torch.nn.functional.max_pool2d, torch.nn.functional.avg_pool2d,
     torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.adaptive_max_pool2d,
     torch.nn.functional.relu_, torch.relu_, operator.neg, torch.neg,
+    torch.nn.functional.interpolate, torch.nn.functional.upsample,
 }
 _ZERO_PRESERVING_METHODS = {"relu", "relu_", "tanh", "contiguous", "clone", "neg", "detach"}
 _SUM_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub}
