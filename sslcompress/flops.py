@@ -151,6 +151,15 @@ class Counter:
             params_after = weights_after + (len(keep_out) if lay.has_bias else 0)
             return LayerCount(lay.name, lay.kind, (len(keep_out), n_out), (len(keep_in), n_in), kernel, kernel,
                               (len(keep_in), n_in), lay.macs, macs_after, macs_after, params, params_after, False)
+        if lay.groups != 1 and lay.out_ids == lay.in_ids:
+            # Depthwise: one k x k filter per channel it carries on.
+            keep = [n for n, i in enumerate(lay.out_ids) if st.root(i) not in dead]
+            per_filter = kernel[0] * kernel[1]
+            macs_after = len(keep) * per_filter * hw
+            params_after = len(keep) * per_filter + (len(keep) if lay.has_bias else 0)
+            return LayerCount(lay.name, lay.kind, (len(keep), n_out), (len(keep), n_out), kernel, kernel,
+                              (cols_total, cols_total), lay.macs, macs_after, macs_after, params, params_after,
+                              False)
         if lay.groups != 1:
             # Grouped convs are pinned whole: nothing in them is deleted.
             return LayerCount(lay.name, lay.kind, (n_out, n_out), (n_in * lay.groups, n_in * lay.groups), kernel,

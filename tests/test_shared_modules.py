@@ -165,3 +165,77 @@ def test_interpolated_channels_are_removable_and_cut_exactly():
     assert result.verification.passed
     assert counted.macs == result.report["totals"]["macs"]
     assert counted.macs_after == result.report["totals"]["macs_after"] < counted.macs
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand, depthwise 3x3, 1x1 project, with BatchNorm and a residual."""
+
+    def __init__(self, c: int = 8, expand: int = 4):
+        super().__init__()
+        hidden = c * expand
+        self.stem = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(c)
+        self.expand = nn.Conv2d(c, hidden, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False)
+        self.bn2 = nn.BatchNorm2d(hidden)
+        self.project = nn.Conv2d(hidden, c, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+        self.dw_biased = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = F.relu6(self.bn0(self.stem(x)))
+        y = F.relu6(self.bn1(self.expand(x)))
+        y = F.relu6(self.bn2(self.dw(y)))
+        x = x + self.bn3(self.project(y))
+        x = F.relu(self.dw_biased(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def _random_bn(model):
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+
+
+def test_depthwise_channels_are_removable_and_cut_exactly():
+    torch.manual_seed(0)
+    model = InvertedResidual().eval()
+    with torch.no_grad():
+        _random_bn(model)
+    filters = [g for g in build_groups(model, SHAPE, ("filter",)) if g.removable]
+    hidden = [g for g in filters if g.name.startswith("filter expand[")]
+    assert len(hidden) == 32  # every hidden channel of the block, its depthwise filter with it
+    assert all({"expand.weight", "dw.weight", "bn1.weight", "bn2.bias"} <= {s.param for s in g.slices} for g in hidden)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for g in hidden[::2] + [g for g in filters if g.name.startswith("filter stem[")][:1]:
+            for s in g.slices:
+                params[s.param][list(s.index)] = 0
+    counted = count(model, SHAPE)
+    assert counted.layer("dw").filters == (16, 32)
+    result = compress(export_onnx(model, SHAPE).model)
+    assert result.verification.passed
+    assert counted.macs == result.report["totals"]["macs"]
+    assert counted.macs_after == result.report["totals"]["macs_after"] < counted.macs
+
+
+def test_a_depthwise_bias_keeps_its_channel_alive():
+    torch.manual_seed(0)
+    model = InvertedResidual().eval()
+    groups = [g for g in build_groups(model, SHAPE, ("filter",)) if g.removable]
+    stem0 = next(g for g in groups if g.name.startswith("filter stem[0]"))
+    assert {"dw_biased.weight", "dw_biased.bias"} <= {s.param for s in stem0.slices}
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for s in stem0.slices:
+            if s.param != "dw_biased.bias":
+                params[s.param][list(s.index)] = 0
+    counted = count(model, SHAPE)
+    assert counted.layer("dw_biased").filters == (8, 8)  # bias 0 nonzero: the channel is a constant, kept
+    result = compress(export_onnx(model, SHAPE).model)
+    assert result.verification.passed
+    assert result.report["totals"]["macs_after"] <= counted.macs_after

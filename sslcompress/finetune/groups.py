@@ -145,6 +145,8 @@ def _producers(structure: ModelStructure, params: dict) -> dict[int, list[tuple[
 def _consumers(structure: ModelStructure) -> dict[int, list[tuple[str, str, int]]]:
     cons: dict[int, list[tuple[str, str, int]]] = defaultdict(list)
     for lay in structure.layers.values():
+        if lay.groups != 1:
+            continue  # a depthwise conv carries its channel on: its filter is a producer slice, not a reader
         for pos, i in enumerate(lay.in_ids):
             cons[structure.root(i)].append((f"{lay.name}.weight", "in", pos))
     return cons

@@ -243,6 +243,12 @@ def _module_ids(b, node, mod, x, shape, layers, norms, input_ids, wall):
         if x is None or shape is None:
             return wall(node, f"conv {name} with unknown input")
         out_hw = (shape[2], shape[3])
+        if mod.groups != 1 and mod.groups == mod.in_channels == mod.out_channels:
+            # Depthwise: output channel c reads input channel c alone, so it is that channel carried on (one
+            # id). It is zero when its input is and its bias is; deleting it deletes one filter, one group.
+            layers[name] = Layer(name, "conv", tuple(mod.weight.shape), mod.bias is not None, mod.groups,
+                                 out_hw, list(x), list(x))
+            return list(x)
         if mod.groups != 1:
             # Deleting a channel of a grouped conv changes its grouping; stage 2 handles it on ONNX.
             b.pin(x, f"grouped convolution {name}")
