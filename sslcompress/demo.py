@@ -1,8 +1,9 @@
 """The three stages on the embedded default, end to end: what `sslcompress demo` runs.
 
-Fine-tune (LeNet on the bundled digits, pretraining the baseline first), export and cut, then
-bench the dense, unstructured and structured models on the CPU. Each stage is a function, so the
-CLI can show its progress; the files land in one folder.
+Fine-tune (LeNet on the bundled digits, pretraining the baseline first), export and cut, train the
+unstructured baseline (the same nonzeros per layer, by magnitude, then the same fine-tuning), then bench
+the dense, unstructured and structured models on the CPU. Each stage is a function, so the CLI can show its
+progress; the files land in one folder.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ class DemoPaths:
     @property
     def pretrained(self) -> Path:
         return self.out / "pretrained.pt"
+
+    @property
+    def unstructured(self) -> Path:
+        return self.out / "unstructured.pt"
 
     @property
     def uncut(self) -> Path:
@@ -80,6 +85,13 @@ def export_stage(paths: DemoPaths, shape_lowering: str = "predict"):
     save_onnx(result.model, paths.compact)
     atomic_write_json(result.report, paths.surgery_report)
     return result
+
+
+def unstructured_stage(paths: DemoPaths, on_event=None):
+    """The unstructured baseline at the sparse model's nonzeros, trained as the sparse model was fine-tuned."""
+    from .finetune.unstructured import train_unstructured
+
+    return train_unstructured(paths.pretrained, paths.sparse, paths.unstructured, on_event=on_event)
 
 
 def bench_config(paths: DemoPaths, quick: bool = False, threads: tuple[int, ...] = (1,)):

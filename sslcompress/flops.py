@@ -77,6 +77,26 @@ class Counter:
 
     @torch.no_grad()
     def count(self) -> ModelCount:
+        st = self.structure
+        dead, removed_layers, blocks_removed, removed_modules = self._dead(with_blocks=True)
+        layer_counts = [self._count_layer(lay, dead, removed_layers) for lay in st.layers.values()]
+        params_total = sum(p.numel() for p in self.model.parameters())
+        params_after = params_total - sum(lc.params - lc.params_after for lc in layer_counts)
+        params_after -= self._norm_params_removed(dead, removed_modules)
+        return ModelCount(
+            layers=tuple(layer_counts),
+            macs=sum(lc.macs for lc in layer_counts),
+            macs_after=sum(lc.macs_after for lc in layer_counts),
+            macs_gemm_after=sum(lc.macs_gemm_after for lc in layer_counts),
+            params=params_total,
+            params_after=params_after,
+            blocks_removed=tuple(blocks_removed),
+            blocks_total=len(self._depth),
+            dead_channels=len(dead),
+        )
+
+    def _dead(self, with_blocks: bool = False):
+        """The channel ids that go (zero filters, unread channels, and the cascade) and the layers that go."""
         st, params = self.structure, self.params
         removed_modules: set[str] = set()
         blocks_removed = []
@@ -104,22 +124,29 @@ class Counter:
             if not newly:
                 break
             dead |= newly
+        if with_blocks:
+            return dead, removed_layers, blocks_removed, removed_modules
+        return dead, removed_layers
 
-        layer_counts = [self._count_layer(lay, dead, removed_layers) for lay in st.layers.values()]
-        params_total = sum(p.numel() for p in self.model.parameters())
-        params_after = params_total - sum(lc.params - lc.params_after for lc in layer_counts)
-        params_after -= self._norm_params_removed(dead, removed_modules)
-        return ModelCount(
-            layers=tuple(layer_counts),
-            macs=sum(lc.macs for lc in layer_counts),
-            macs_after=sum(lc.macs_after for lc in layer_counts),
-            macs_gemm_after=sum(lc.macs_gemm_after for lc in layer_counts),
-            params=params_total,
-            params_after=params_after,
-            blocks_removed=tuple(blocks_removed),
-            blocks_total=len(self._depth),
-            dead_channels=len(dead),
-        )
+    @torch.no_grad()
+    def nonzeros_after(self) -> dict[str, int]:
+        """Nonzero weights each layer keeps once its dead channels are deleted, by weight name: what the
+        compact model holds (an unstructured model at the same sparsity keeps as many)."""
+        dead, removed_layers = self._dead()
+        st, out = self.structure, {}
+        for lay in st.layers.values():
+            name = f"{lay.name}.weight"
+            w = self.params[name].detach()
+            if lay.name in removed_layers:
+                out[name] = 0
+                continue
+            keep_out = [n for n, i in enumerate(lay.out_ids) if st.root(i) not in dead]
+            if lay.groups != 1:  # depthwise or grouped: rows only
+                out[name] = int(w[keep_out].count_nonzero()) if lay.out_ids == lay.in_ids else int(w.count_nonzero())
+                continue
+            keep_in = [c for c, i in enumerate(lay.in_ids) if st.root(i) not in dead]
+            out[name] = int(w[keep_out][:, keep_in].count_nonzero())
+        return out
 
     def _norm_params_removed(self, dead: set[int], removed_modules: set[str]) -> int:
         n = 0

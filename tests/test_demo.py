@@ -10,11 +10,11 @@ from click.testing import CliRunner
 from sslcompress.cli import main
 
 
-def test_demo_quick_runs_all_three_stages(tmp_path):
+def test_demo_quick_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
     res = CliRunner().invoke(main, ["demo", "--out", str(out), "--quick", "-q"])
     assert res.exit_code == 0, res.output
-    for name in ("pretrained.pt", "sparse.pt", "uncut.onnx", "compact.onnx", "surgery.json", "bench.json", "bench.md"):
+    for name in ("pretrained.pt", "sparse.pt", "unstructured.pt", "uncut.onnx", "compact.onnx", "surgery.json", "bench.json", "bench.md"):
         assert (out / name).is_file(), name
         assert str(out / name) in res.output
     surgery = json.loads((out / "surgery.json").read_text())
@@ -22,5 +22,10 @@ def test_demo_quick_runs_all_three_stages(tmp_path):
     compact, uncut = onnx.load(str(out / "compact.onnx")), onnx.load(str(out / "uncut.onnx"))
     assert compact.ByteSize() < uncut.ByteSize()
     bench = json.loads((out / "bench.json").read_text())
-    assert {v["name"] for v in bench["variants"]} == {"dense", "unstructured", "structured"}
-    assert "1/3 finetune" in res.output and "2/3 export" in res.output and "3/3 bench" in res.output
+    variants = {v["name"]: v for v in bench["variants"]}
+    assert set(variants) == {"dense", "unstructured", "structured"}
+    # The unstructured variant is the trained baseline, at exactly the compact model's nonzeros.
+    assert "unstructured.pt" in variants["unstructured"]["source"]
+    assert variants["unstructured"]["nonzero_weights"] == variants["structured"]["nonzero_weights"]
+    for stage in ("1/4 finetune", "2/4 export", "3/4 unstructured", "4/4 bench"):
+        assert stage in res.output

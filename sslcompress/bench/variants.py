@@ -227,6 +227,7 @@ class Sources:
     sparse: Path | None  # a checkpoint whose export is cut into the structured model
     pretrained: Path | None  # the dense checkpoint, when there is one
     onnx: Path | None  # an uncut ONNX model given as the target
+    unstructured: Path | None = None  # the trained unstructured baseline of a run folder, when there is one
 
 
 def find_sources(target: str | Path | None) -> Sources:
@@ -240,7 +241,9 @@ def find_sources(target: str | Path | None) -> Sources:
         if not sparse.is_file():
             raise CheckpointError(f"{p} holds no sparse.pt (run `sslcompress finetune --out {p}` first), or give"
                                   " a checkpoint file")
-        return Sources(sparse, pre if pre.is_file() else None, None)
+        unstructured = p / "unstructured.pt"
+        return Sources(sparse, pre if pre.is_file() else None, None,
+                       unstructured if unstructured.is_file() else None)
     if p.suffix.lower() == ".onnx":
         return Sources(None, None, p)
     return Sources(p, None, None)
@@ -319,6 +322,12 @@ def build_variants(target: str | Path | None = None, *, dense: str | Path | None
     models = {k: replace(v, model=lift_constants(v.model)) for k, v in models.items()}
     matching: tuple[LayerNonzeros, ...] = ()
     unmatched: tuple[str, ...] = ()
+    if UNSTRUCTURED not in models and src.unstructured is not None:
+        say(f"exporting {src.unstructured}")
+        proto, _ = _export(src.unstructured)
+        models[UNSTRUCTURED] = Variant(UNSTRUCTURED, lift_constants(proto),
+                                       f"{src.unstructured}: the structured nonzeros per layer, placed by magnitude,"
+                                       " then fine-tuned")
     if UNSTRUCTURED not in models:
         quantized = quantized_layers(models[DENSE].model)
         if quantized:

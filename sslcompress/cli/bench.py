@@ -163,25 +163,32 @@ def demo(out: str, model: str, threads: str, quick: bool, quiet: bool) -> None:
     from ..bench.report import render_markdown
     from ..bench.run import run_bench
     from ..console import BenchProgress, Progress, print_bench, print_report, print_surgery_report
-    from ..demo import DemoPaths, bench_config, export_stage, finetune_config
+    from ..demo import DemoPaths, bench_config, export_stage, finetune_config, unstructured_stage
     from ..finetune.pipeline import run_finetune
     from ..io import atomic_write_bytes, atomic_write_json
 
     paths = DemoPaths(Path(out))
-    click.echo(f"1/3 finetune: {model} on digits (baseline first), SSL, fine-tune -> {paths.sparse}")
+    click.echo(f"1/4 finetune: {model} on digits (baseline first), SSL, fine-tune -> {paths.sparse}")
     with Progress(enabled=not quiet) as progress:
         trained = run_finetune(finetune_config(paths, model, quick), progress.on_event)
     print_report(trained.report)
-    click.echo(f"2/3 export: ONNX, surgery, verification in ONNX Runtime -> {paths.compact}")
+    click.echo(f"2/4 export: ONNX, surgery, verification in ONNX Runtime -> {paths.compact}")
     cut = export_stage(paths)
     print_surgery_report(cut.report)
-    click.echo("3/3 bench: dense vs unstructured vs structured in ONNX Runtime (CPU)")
+    click.echo("3/4 unstructured baseline: gradual magnitude pruning to the compact model's nonzeros per layer "
+               f"over the sparsify epochs, then the same fine-tuning -> {paths.unstructured}")
+    with Progress(enabled=not quiet) as progress:
+        baseline = unstructured_stage(paths, progress.on_event)
+    click.echo(f"unstructured: top-1 {baseline.accuracy:.2%} (one-shot pruning without training would leave "
+               f"{baseline.accuracy_pruned:.2%})")
+    click.echo("4/4 bench: dense vs unstructured vs structured in ONNX Runtime (CPU)")
     with BenchProgress(enabled=not quiet) as progress:
         result = run_bench(bench_config(paths, quick, _int_list(threads, "--threads", allow_all=True)),
                            progress.on_event)
     atomic_write_json(result.to_dict(), paths.bench_json)
     atomic_write_bytes(render_markdown(result).encode(), paths.bench_markdown)
-    written = [("pretrained", paths.pretrained), ("sparse", paths.sparse), ("uncut", paths.uncut),
+    written = [("pretrained", paths.pretrained), ("sparse", paths.sparse), ("unstructured", paths.unstructured),
+               ("uncut", paths.uncut),
                ("compact", paths.compact), ("surgery", paths.surgery_report), ("bench", paths.bench_json),
                ("markdown", paths.bench_markdown)]
     if plot_available():

@@ -22,7 +22,7 @@ from ..models import ModelSpec, build_model
 
 FORMAT = "sslcompress-checkpoint"
 VERSION = 1
-KINDS = ("pretrained", "sparse")
+KINDS = ("pretrained", "sparse", "unstructured")  # unstructured: the baseline at the sparse model's nonzeros
 # What torch.load(weights_only=True) reads back: anything else would make a file load_checkpoint refuses.
 _SCALARS = (str, int, float, bool, type(None))
 
