@@ -239,3 +239,63 @@ def test_a_depthwise_bias_keeps_its_channel_alive():
     result = compress(export_onnx(model, SHAPE).model)
     assert result.verification.passed
     assert result.report["totals"]["macs_after"] <= counted.macs_after
+
+
+class SqueezeExcite(nn.Module):
+    """A conv gated by squeeze-and-excitation: as 1x1 convs (MobileNetV3, EfficientNet) or as Linears."""
+
+    def __init__(self, linear: bool):
+        super().__init__()
+        self.linear = linear
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        if linear:
+            self.fc1, self.fc2 = nn.Linear(16, 4), nn.Linear(4, 16)
+        else:
+            self.fc1, self.fc2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.gate = nn.Sigmoid()
+        self.head = nn.Conv2d(16, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        if self.linear:
+            s = self.fc2(F.relu(self.fc1(x.mean((2, 3)))))
+            x = x * self.gate(s).view(s.shape[0], 16, 1, 1)
+        else:
+            s = self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True))))
+            x = x * torch.sigmoid(s)
+        x = F.relu(self.head(x))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_squeeze_excite_gated_channels_are_removable_and_cut_exactly(linear):
+    torch.manual_seed(0)
+    model = SqueezeExcite(linear).eval()
+    groups = [g for g in build_groups(model, SHAPE, ("filter",)) if g.removable]
+    gated = [g for g in groups if g.name.startswith("filter conv[")]
+    assert len(gated) == 16  # every gated channel, its excitation row with it
+    assert all({"conv.weight", "fc2.weight", "fc2.bias"} <= {s.param for s in g.slices} for g in gated)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for g in gated[:10]:
+            for s in g.slices:
+                params[s.param][list(s.index)] = 0
+    counted = count(model, SHAPE)
+    assert counted.layer("conv").filters == (6, 16) and counted.layer("fc2").filters == (6, 16)
+    result = compress(export_onnx(model, SHAPE).model)
+    assert result.verification.passed
+    assert counted.macs == result.report["totals"]["macs"]
+    assert result.report["totals"]["macs_after"] <= counted.macs_after < counted.macs
+
+
+def test_a_sigmoid_read_elsewhere_stays_a_wall():
+    class Leaky(SqueezeExcite):
+        def forward(self, x):
+            x = F.relu(self.conv(x))
+            s = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+            x = x * s + s  # the gate also added: sigmoid(0) = 0.5 would survive a deleted channel
+            return self.fc(F.relu(self.head(x)).mean((2, 3)))
+
+    model = Leaky(False).eval()
+    assert not [g for g in build_groups(model, SHAPE, ("filter",)) if g.removable and g.name.startswith("filter conv[")]

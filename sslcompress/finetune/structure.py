@@ -186,6 +186,7 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
     norms: dict[str, Norm] = {}
     input_ids: set[int] = set()
     sum_nodes: list[fx.Node] = []
+    gates: set[fx.Node] = set()
 
     def tensor_ids(arg: object) -> list[int] | None:
         if isinstance(arg, fx.Node):
@@ -219,6 +220,12 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
                 ids = tensor_ids(arg)
                 if ids:
                     b.pin(ids, "model output")
+        elif _gate_product(node, modules) is not None:
+            # A sigmoid gate feeding x * gate only (squeeze-and-excitation): its channels follow x's.
+            ids_of[node] = tensor_ids(node.args[0]) if node.args else None
+            gates.add(node)
+        elif (gated := _gated_operand(node, gates)) is not None:
+            ids_of[node] = _gated_product(b, node, shape, tensor_ids, gated, wall)
         elif node.op == "call_module":
             mod = modules[str(node.target)]
             x = tensor_ids(node.args[0]) if node.args else None
@@ -303,6 +310,9 @@ def _flatten(b, node, x, shape, input_ids, wall):
     src_shape = _shape(src) if isinstance(src, fx.Node) else None
     if x is None or shape is None or src_shape is None:
         return wall(node, f"reshape {node.name}")
+    if (len(shape) >= 2 and len(src_shape) >= 2 and shape[:2] == src_shape[:2]
+            and all(d == 1 for d in (*shape[2:], *src_shape[2:]))):
+        return list(x)  # (N, C) <-> (N, C, 1, 1): the same channels, size-1 dims added or dropped
     if len(shape) != 2 or shape[0] != src_shape[0] or len(src_shape) < 2:
         return wall(node, f"reshape {node.name} that is not a flatten to (batch, features)")
     spatial = 1
@@ -376,6 +386,76 @@ def _function_ids(b, node, shape, tensor_ids, input_ids, wall, sum_nodes):
             return list(x)
         return wall(node, f"reduction {node.name} over channels")
     return wall(node, f"unsupported op {_describe(node)}")
+
+
+_GATE_FUNCTIONS = {torch.sigmoid, torch.nn.functional.sigmoid, torch.nn.functional.hardsigmoid}
+_GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
+_RESHAPE_METHODS = {"view", "reshape"}
+_PRODUCT_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
+
+
+def _is_gate_op(node: fx.Node, modules: dict) -> bool:
+    if node.op == "call_function":
+        return node.target in _GATE_FUNCTIONS
+    if node.op == "call_method":
+        return node.target == "sigmoid"
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), _GATE_MODULES)
+    return False
+
+
+def _is_product(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _PRODUCT_FUNCTIONS) or \
+        (node.op == "call_method" and node.target in ("mul", "mul_"))
+
+
+def _gate_product(node: fx.Node, modules: dict) -> fx.Node | None:
+    """For a sigmoid whose value, reshaped or not, is only a factor of one product of two tensors: that product.
+
+    Such a gate scales each channel of the other factor, so a zero channel there stays zero whatever the gate
+    says (sigmoid(0) = 0.5 is finite): the gate's channel is deleted with it. Anything else a sigmoid feeds
+    sees f(0) != 0, and the sigmoid stays a wall.
+    """
+    if not _is_gate_op(node, modules):
+        return None
+    at = node
+    while len(at.users) == 1:
+        (user,) = at.users
+        if _is_product(user):
+            factors = [a for a in user.args[:2] if isinstance(a, fx.Node)]
+            return user if len(factors) == 2 and at in factors and factors[0] is not factors[1] else None
+        if user.op == "call_method" and user.target in _RESHAPE_METHODS and user.args[0] is at:
+            at = user
+            continue
+        return None
+    return None
+
+
+def _gated_operand(node: fx.Node, gates: set[fx.Node]) -> fx.Node | None:
+    """The factor of this product that is a gate (through its reshapes), if any."""
+    if not _is_product(node):
+        return None
+    for arg in node.args[:2]:
+        at = arg
+        while isinstance(at, fx.Node):
+            if at in gates:
+                return arg
+            if at.op == "call_method" and at.target in _RESHAPE_METHODS:
+                at = at.args[0]
+                continue
+            break
+    return None
+
+
+def _gated_product(b, node: fx.Node, shape, tensor_ids, gate_arg: fx.Node, wall):
+    """x * gate: x's channel c and the gate's channel c are one channel; the product carries x's ids."""
+    other = next(a for a in node.args[:2] if a is not gate_arg)
+    x, g = tensor_ids(other), tensor_ids(gate_arg)
+    if x is None or g is None or shape is None or len(shape) < 2 or not len(x) == len(g) == shape[1]:
+        return wall(node, f"gating product {node.name} of other widths")
+    for i, j in zip(x, g):
+        b.union(i, j)
+    return list(x)
 
 
 def _residual_branches(gm: fx.GraphModule, sum_nodes: list[fx.Node], modules: dict) -> list[Branch]:
