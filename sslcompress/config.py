@@ -172,7 +172,10 @@ class FinetuneConfig:
     solver: str = "proximal"
     threshold: float = 1e-4  # the paper's zeroing threshold for the subgradient solver
     weighting: str = "none"
-    target_flops: float | None = None
+    target_flops: float | None = None  # at most this fraction of the dense MACs remains
+    target_params: float | None = None  # at most this fraction of the parameters remains
+    align: int | None = None  # widths kept are multiples of this (None or 1: any width)
+    budget_every: int | None = None  # optimizer steps between budget checks; None: 25, at least 4 an epoch
     pretrain: TrainOptions = field(default_factory=lambda: TrainOptions(epochs=10, lr=0.02))
     # A constant lr while sparsifying: the proximal threshold is lr * lambda, and a decaying lr
     # would stop the pruning in the last epochs.
@@ -183,6 +186,11 @@ class FinetuneConfig:
 
     def lambda_for(self, kind: str) -> float:
         return float(self.lambdas.get(kind, self.strength))
+
+    def targets(self) -> dict[str, float]:
+        """The budget asked for: the most of the dense MACs and/or parameters that may remain."""
+        asked = {"macs": self.target_flops, "params": self.target_params}
+        return {k: float(v) for k, v in asked.items() if v is not None}
 
     def check(self) -> FinetuneConfig:
         _check_parts(self, ("run", RunOptions), *((p, TrainOptions) for p in ("pretrain", "sparsify", "finetune")))
@@ -200,8 +208,17 @@ class FinetuneConfig:
             check_number(f"lambdas.{kind}", lam)
         check_number("strength", self.strength)
         check_number("target_flops", self.target_flops, 0.0, 1.0, low_open=True, optional=True)
-        if self.target_flops is not None and self.method != "ssl":
-            raise ConfigError("--target-flops needs --method ssl: non-structured zeros remove no MACs")
+        check_number("target_params", self.target_params, 0.0, 1.0, low_open=True, optional=True)
+        check_int("align", self.align, 1, 4096, optional=True)
+        check_int("budget_every", self.budget_every, 1, optional=True)
+        for key, flag, what in (("target_flops", "--target-flops", "MACs"),
+                                ("target_params", "--target-params", "parameters"),
+                                ("align", "--align", "widths")):
+            if getattr(self, key) is not None and self.method != "ssl":
+                raise ConfigError(f"{flag} needs --method ssl: non-structured zeros remove no {what}")
+        if (self.align or 1) > 1 and not {"filter", "channel"} & set(parse_kinds(self.structures)):
+            raise ConfigError(f"--align {self.align} needs filter or channel among the structures (-s): "
+                              f"{','.join(self.structures)} never change a width")
         check_number("threshold", self.threshold)
         if not isinstance(self.resume, bool):
             raise ConfigError(f"resume must be true or false, got {self.resume!r}")
@@ -292,6 +309,7 @@ FLAGS = {
     "run.limit_train": "--limit-train", "run.limit_test": "--limit-test", "method": "--method",
     "structures": "-s/--structures", "lambdas": "--lambda", "strength": "--strength", "solver": "--solver",
     "threshold": "--threshold", "weighting": "--weighting", "target_flops": "--target-flops",
+    "target_params": "--target-params", "align": "--align", "budget_every": "--budget-every",
     "pretrain.epochs": "--pretrain-epochs", "sparsify.epochs": "--sparsify-epochs",
     "finetune.epochs": "--finetune-epochs", "sparsify.lr": "--lr", "finetune.lr": "--finetune-lr",
     "pretrain.batch_size": "--batch-size", "sparsify.batch_size": "--batch-size",

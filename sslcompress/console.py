@@ -105,9 +105,10 @@ def print_report(report: dict[str, Any]) -> None:
         )
     t = report["totals"]
     table.add_section()
+    params_fraction = t["params_after"] / t["params"] if t.get("params") else 1.0
     table.add_row("total", "", "", "", "", _num(t["macs"]), f"{_num(t['macs_after'])} ({t['macs_fraction']:.1%})",
                   f"{_num(t['macs_gemm_after'])} ({t['macs_gemm_fraction']:.1%})",
-                  f"{_num(t['params_after'])}/{_num(t['params'])}")
+                  f"{_num(t['params_after'])}/{_num(t['params'])} ({params_fraction:.1%})")
     _out.print(table)
     lines = []
     if report.get("blocks_total"):
@@ -123,13 +124,46 @@ def print_report(report: dict[str, Any]) -> None:
         lines.append(f"groups: {kinds}")
         if groups.get("not_removable"):
             lines.append("not removable: " + ", ".join(f"{n} ({why})" for why, n in groups["not_removable"].items()))
+    budget = report.get("budget")
+    if budget:
+        lines.append(_budget_line(budget))
+    if report.get("widths"):
+        lines.append(_widths_line(report["widths"], report.get("align")))
     if report.get("forced_groups"):
-        lines.append(f"target met by zeroing {report['forced_groups']} weakest groups after sparsify")
+        lines.append(f"{report['forced_groups']} groups zeroed by rank (weakest first) to land on the budget or "
+                     "the alignment")
     wall = report.get("wall_time_s")
     if wall:
         lines.append("wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in wall.items()))
     for line in lines:
         _out.print(line)
+
+
+def _budget_line(budget: dict[str, Any]) -> str:
+    """Asked against reached, per metric: `budget: MACs 59.6% (asked 60.0%), parameters 71.2% (not asked)`."""
+    parts = []
+    for key, name in (("macs", "GEMM MACs" if budget.get("measure") == "gemm macs" else "MACs"),
+                      ("params", "parameters")):
+        row = budget.get(key)
+        if not row:
+            continue
+        asked = f"asked {row['asked']:.1%}" if row.get("asked") is not None else "not asked"
+        parts.append(f"{name} {row['reached']:.1%} ({asked})")
+    met = budget.get("met_at")
+    where = f"; met in sparsify epoch {met['epoch'] + 1}, step {met['step']}" if met else ""
+    return "budget: " + ", ".join(parts) + where
+
+
+def _widths_line(widths: list[dict[str, Any]], align: Any) -> str:
+    """Every width kept (a unit of coupled layers named by its first), and the ones alignment leaves as they are."""
+    shown = []
+    for w in widths:
+        name = w["layers"][0] + (f" +{len(w['layers']) - 1}" if len(w["layers"]) > 1 else "")
+        mark = "" if w.get("aligned") in (True, None) else " (not a multiple)"
+        if w.get("exempt") and not w["exempt"].startswith("pinned"):
+            mark = f" ({w['exempt']})"
+        shown.append(f"{name} {w['kept']}/{w['total']}{mark}")
+    return f"widths kept (multiples of {align}): " + ", ".join(shown)
 
 
 def print_surgery_report(report: dict[str, Any]) -> None:

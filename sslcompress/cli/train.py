@@ -154,7 +154,15 @@ def _parse_lambdas(items: tuple[str, ...]) -> dict[str, float] | None:
 @click.option("--weighting", type=click.Choice(["none", "sqrt", "macs"]), default=None,
               help="Group weights: none, sqrt(group size), or the MACs a group costs.")
 @click.option("--target-flops", default=None, type=float,
-              help="Adjust lambda until at most this fraction of the dense MACs remains, e.g. 0.2.")
+              help="Adjust lambda until at most this fraction of the dense MACs remains, e.g. 0.2; the run "
+                   "lands within one point below it.")
+@click.option("--target-params", default=None, type=float,
+              help="The same for the parameters: at most this fraction remains (with --target-flops, both).")
+@click.option("--align", default=None, type=int, metavar="N",
+              help="Keep every prunable width (channels a layer writes) a multiple of N; pinned widths and "
+                   "widths below N stay as they are.")
+@click.option("--budget-every", default=None, type=int, metavar="STEPS",
+              help="Optimizer steps between budget checks (default 25, at least four checks an epoch).")
 @click.option("--pretrain-epochs", default=None, type=click.IntRange(min=0))
 @click.option("--sparsify-epochs", default=None, type=click.IntRange(min=0))
 @click.option("--finetune-epochs", default=None, type=click.IntRange(min=0))
@@ -180,7 +188,8 @@ def finetune(**kw: Any) -> None:
         **run,
         "structures": kw["structures"], "lambdas": _parse_lambdas(kw["lambdas"]), "strength": kw["strength"],
         "method": kw["method"], "solver": kw["solver"], "threshold": kw["threshold"],
-        "weighting": kw["weighting"], "target_flops": kw["target_flops"], "resume": kw["resume"] or None,
+        "weighting": kw["weighting"], "target_flops": kw["target_flops"], "target_params": kw["target_params"],
+        "align": kw["align"], "budget_every": kw["budget_every"], "resume": kw["resume"] or None,
         "pretrain": _phase(kw["pretrain_epochs"], None, bs),
         "sparsify": _phase(kw["sparsify_epochs"], kw["lr"], bs),
         "finetune": _phase(kw["finetune_epochs"], kw["finetune_lr"], bs),

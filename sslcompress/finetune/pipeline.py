@@ -1,7 +1,8 @@
 """The two commands as library calls: pretrain a dense baseline; SSL (or l1) fine-tuning.
 
 Phases of `run_finetune`: [pretrain when no weights] -> sparsify (group Lasso, exact zeros;
-optional budget controller) -> freeze zero groups -> fine-tune -> count, report, save. Each
+optional budget of MACs and/or parameters, checked every few dozen steps; optional width
+alignment) -> freeze zero groups -> fine-tune -> count, report, save. Each
 epoch of every phase ends with an atomic resume state in the run folder, holding the run's
 options too, so `resume=True` continues an interrupted run from the last finished epoch and
 refuses options other than those it started with. Only rank 0 writes files.
@@ -35,7 +36,7 @@ from ..io import atomic_torch_save, atomic_write_json, run_lock
 from ..models import ModelSpec, build_model
 from . import distributed as D
 from .checkpoint import Checkpoint, load_failure, load_weights, read_weights, save_checkpoint
-from .controller import BudgetController
+from .controller import Budget, BudgetController, check_interval
 from .loop import (
     Event,
     EventSink,
@@ -48,7 +49,7 @@ from .loop import (
 )
 from .masks import MaskSet
 from .report import build_report
-from .sparsifier import Sparsifier
+from .sparsifier import BudgetWatch, Sparsifier
 
 PRETRAINED = "pretrained.pt"
 SPARSE = "sparse.pt"
@@ -324,14 +325,20 @@ def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None, o
         raise TrainingError(f"{source} already compute a constant before sparsify (every channel of some layer "
                             "is zero, so the output does not depend on the input); give weights whose every "
                             "layer has a nonzero channel")
-    controller = None
-    if cfg.target_flops is not None:
-        floor = sp.floor()
-        if cfg.target_flops < floor:
-            raise ConfigError(f"target FLOPs {cfg.target_flops:.3f} is impossible: with structures "
-                              f"{', '.join(cfg.structures)} at most {1 - floor:.1%} of the MACs can be removed")
-        controller = BudgetController(cfg.target_flops, cfg.sparsify.epochs, start=dict(sp.lambdas))
+    budget = Budget(cfg.targets()) if cfg.targets() else None
+    controllers: dict[str, BudgetController] = {}
+    if budget is not None:
+        floors = sp.floors()
+        names = {"macs": ("FLOPs", "MACs"), "params": ("parameters", "parameters")}
+        for metric, target in budget.targets.items():
+            if target < floors[metric]:
+                asked, what = names[metric]
+                raise ConfigError(f"target {asked} {target:.3f} is impossible: with structures "
+                                  f"{', '.join(cfg.structures)} at most {1 - floors[metric]:.1%} of the {what} "
+                                  "can be removed")
+            controllers[metric] = BudgetController(target, cfg.sparsify.epochs, start=dict(sp.lambdas))
     phase = resume["phase"] if resume else "sparsify"
+    steps = data.num_batches("train", cfg.sparsify.batch_size, world_size=env.world_size, drop_last=True)
     if resume:
         sp.lambdas = dict(resume["lambdas"])
     lambdas_now["get"] = lambda: dict(sp.lambdas)
@@ -343,45 +350,61 @@ def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None, o
             start = resume["epoch"] + 1
             opt, sched = _restore_optimizer(model, cfg.sparsify, data, env, resume)
         done_early = bool(resume and resume["stop"])
+        watch = None
+        if budget is not None and not done_early and start < cfg.sparsify.epochs:
+            watch = BudgetWatch(sp, budget, controllers, steps_per_epoch=steps, every=cfg.budget_every,
+                                align=cfg.align, epoch=start)
+
+        def tell():
+            for message in (watch.take_messages() if watch is not None else []):
+                _emit(on_event, env, Event("info", message=message))
 
         def end_sparsify(epoch, loss, acc):
+            stop = watch.end_epoch() if watch is not None else False
+            tell()
             frac = sp.macs_fraction()
             test_acc = evaluate(model, data, run.eval_batch_size, run.device, phase="sparsify")
             _emit(on_event, env, Event("sparsify", epoch, cfg.sparsify.epochs, loss=loss, accuracy=test_acc,
                                        macs_fraction=frac, zero_groups=sp.zero_fraction(),
                                        lambdas=dict(sp.lambdas), end_of_epoch=True))
-            if controller is not None:
-                if controller.met(frac):
-                    return True
-                sp.lambdas = controller.update(epoch, frac, sp.lambdas)
-            return False
+            if watch is not None:
+                metrics["forced_groups"] = metrics.get("forced_groups", 0) + watch.forced
+                watch.forced = 0
+                if watch.met_at is not None:
+                    metrics["budget_met_at"] = dict(watch.met_at)
+            return stop
 
         if not done_early:
             opt_box = {}
 
             def after_step():
-                opt_box["step"]()
+                if watch is None or not watch.holding:
+                    opt_box["step"]()
+                if watch is not None:
+                    watch.after_step()
+                    tell()
 
             if opt is None:
                 opt = make_optimizer(model, cfg.sparsify)
-                sched = make_schedule(opt, cfg.sparsify, data.num_batches(
-                    "train", cfg.sparsify.batch_size, world_size=env.world_size, drop_last=True))
+                sched = make_schedule(opt, cfg.sparsify, steps)
             opt_box["step"] = sp.after_step(opt)
             _train_phase(model, data, cfg.sparsify, "sparsify", run, env, on_event, start_epoch=start, opt=opt,
                          sched=sched, extra_loss=sp.extra_loss(), after_step=after_step, end_epoch=end_sparsify,
                          save_state=saver("sparsify"))
-        forced = 0
-        if controller is not None and not controller.met(sp.macs_fraction()):
-            forced = sp.enforce(cfg.target_flops)
-            _emit(on_event, env, Event("info", message=f"target not met by lambda alone: zeroed the {forced} "
+        forced = sp.align_down(cfg.align)
+        if budget is not None and not budget.met(sp.fractions()):
+            zeroed = sp.enforce(budget, cfg.align)
+            forced += zeroed
+            _emit(on_event, env, Event("info", message=f"budget not met by lambda alone: zeroed the {zeroed} "
                                                        "weakest removable groups"))
         if not sp.connected():
             raise TrainingError(
                 "sparsify cut the network: every channel of some layer is zero, so the output no longer "
                 "depends on the input; lower the strength (--strength/--lambda) or set --target-flops")
-        metrics["forced_groups"] = forced
+        metrics["forced_groups"] = metrics.get("forced_groups", 0) + forced
         metrics["after_sparsify"] = evaluate(model, data, run.eval_batch_size, run.device, phase="sparsify")
         metrics["macs_fraction_after_sparsify"] = sp.macs_fraction()
+        metrics["fractions_after_sparsify"] = sp.fractions()
         timings["sparsify"] = time.perf_counter() - t0
         phase = "finetune"
         resume = None
@@ -411,13 +434,22 @@ def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None, o
         raise RuntimeError("ranks ended with different weights; the run is not reproducible")
     timings["total"] = time.perf_counter() - t_start
     counted = sp.counter.count()
+    budget_row = None
+    if budget is not None:
+        reached = sp.fractions()
+        budget_row = {m: {"asked": budget.targets.get(m), "reached": reached[m]} for m in reached}
+        budget_row.update({"measure": "gemm macs" if "shape" in cfg.structures else "macs",
+                           "tolerance": budget.tolerance, "met_at": metrics.get("budget_met_at"),
+                           "checked_every": check_interval(steps, cfg.budget_every)})
     report = build_report(
         spec, data.name, counted,
         {"before": metrics["before"], "after_sparsify": metrics.get("after_sparsify"),
          "after_finetune": metrics["after_finetune"]},
         method=cfg.method, groups=sp.lasso,
         extra={"structures": list(cfg.structures), "lambdas": dict(sp.lambdas), "solver": cfg.solver,
-               "weighting": cfg.weighting, "target_flops": cfg.target_flops,
+               "weighting": cfg.weighting, "target_flops": cfg.target_flops, "target_params": cfg.target_params,
+               "budget": budget_row,
+               "align": cfg.align, "widths": sp.widths(cfg.align) if (cfg.align or 1) > 1 else None,
                "forced_groups": metrics.get("forced_groups", 0), "masked_weights": mask_set.zeros,
                "wall_time_s": timings, "world_size": env.world_size, "ranks_in_sync": in_sync,
                "weight_sparsity": sp.zero_fraction() if cfg.method == "l1" else None},

@@ -1,4 +1,9 @@
-"""The run report: plain data (JSON and checkpoint friendly); the CLI renders it as tables."""
+"""The run report: plain data (JSON and checkpoint friendly); the CLI renders it as tables.
+
+A finetune run with a budget adds `budget`: per metric (macs, params) the fraction asked (None when
+not asked) and reached; with --align, `widths` lists every width kept (the layers that write one
+channel set, kept/total, whether it is a multiple of the alignment, or why alignment leaves it).
+"""
 
 from __future__ import annotations
 
@@ -49,6 +54,7 @@ def build_report(spec: ModelSpec, data: str, counted: ModelCount, accuracy: dict
             "macs": counted.macs, "macs_after": counted.macs_after, "macs_gemm_after": counted.macs_gemm_after,
             "macs_fraction": counted.macs_fraction, "macs_gemm_fraction": counted.macs_gemm_fraction,
             "params": counted.params, "params_after": counted.params_after,
+            "params_fraction": counted.params_after / counted.params if counted.params else 1.0,
             "dead_channels": counted.dead_channels,
         },
         "accuracy": accuracy,

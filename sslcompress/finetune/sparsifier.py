@@ -1,9 +1,12 @@
 """The regulariser of one run and what it decides: group Lasso or l1, proximal or subgradient,
-the MAC fraction it reached, the masks it leaves, and the forced zeroing of a budget."""
+the MAC and parameter fractions it reached, the masks it leaves, the widths it aligns, and the
+zeroing by rank that lands a budget."""
 
 from __future__ import annotations
 
 import copy
+import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -12,10 +15,35 @@ from ..config import FinetuneConfig
 from ..errors import ConfigError, TrainingError
 from ..flops import Counter
 from ..models import ModelSpec
+from .controller import Budget, BudgetController, check_interval, next_interval
 from .groups import build_groups
 from .loop import current_lr
-from .masks import elementwise_masks
+from .masks import MaskSet, elementwise_masks
 from .regularizer import GroupLasso
+
+Ref = tuple[str, int]  # a removable group: its kind and its index among the lasso's groups of that kind
+# Items the final ranking may skip in a row because each alone would land too far below the budget,
+# before it settles for the one that lands closest.
+MAX_MISSES = 32
+
+
+@dataclass(frozen=True)
+class Unit:
+    """The layers that write one set of channels (residual adds couple them): one width to keep aligned."""
+
+    layers: tuple[str, ...]
+    roots: tuple[int, ...]  # root channel ids, in the first layer's output order
+    refs: tuple[Ref | None, ...]  # per channel, the group that zeroes it; None where no chosen group can
+    exempt: str = ""  # why alignment leaves the width as it is
+
+
+@dataclass(frozen=True)
+class _Item:
+    """What the final ranking zeroes in one go: a group, or with --align a block of a width's channels."""
+
+    score: float
+    refs: tuple[Ref, ...]
+    est: dict[str, float]  # about what removing it saves, as fractions of the dense MACs and parameters
 
 
 class Sparsifier:
@@ -37,6 +65,9 @@ class Sparsifier:
         self.grouped_params = sorted({s.param for g in (self.lasso.groups if self.lasso else []) for s in g.slices})
         if self.lasso is not None and not self.lasso.groups:
             raise ConfigError(f"{spec.name} has no removable {', '.join(cfg.structures)} groups to sparsify")
+        self._units: dict[int, list[Unit]] = {}
+        self._dense: tuple[int, int] | None = None
+        self._costs: dict[int, tuple[float, float]] | None = None
 
     def extra_loss(self):
         if self.cfg.solver != "subgradient":
@@ -84,15 +115,43 @@ class Sparsifier:
             return self.lasso.keep_masks()
         return elementwise_masks(self.model, self.l1_names)
 
+    def fractions(self, align: int | None = None) -> dict[str, float]:
+        """The MAC fraction (GEMM MACs with shape groups) and the parameter fraction that remain.
+
+        With `align`, those the weights would keep once every width is rounded down to a multiple of it.
+        """
+        rounding = self.rounding(align) if align and align > 1 and self.lasso is not None else []
+        saved = self._zero(rounding)
+        try:
+            return self._fractions(self.counter.count())
+        finally:
+            self._restore(saved)
+
+    def _fractions(self, counted) -> dict[str, float]:
+        macs = counted.macs_gemm_fraction if "shape" in self.cfg.structures else counted.macs_fraction
+        return {"macs": macs, "params": counted.params_after / counted.params if counted.params else 1.0}
+
     def floor(self) -> float:
         """A lower bound of the MAC fraction: every removable group zero (what pinned layers keep)."""
+        return self.floors()["macs"]
+
+    def floors(self) -> dict[str, float]:
+        """Lower bounds of the MAC and parameter fractions: every removable group zero."""
         probe = copy.deepcopy(self.model)
         with torch.no_grad():
             lasso = GroupLasso(probe, self.groups)
             for ix in lasso.kinds.values():
                 ix.scale_(torch.zeros(ix.n))
-        counted = Counter(probe, (1,), self.counter.structure).count()
-        return counted.macs_gemm_fraction if "shape" in self.cfg.structures else counted.macs_fraction
+        return self._fractions(Counter(probe, (1,), self.counter.structure).count())
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of every weight and buffer, for `restore`."""
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    @torch.no_grad()
+    def restore(self, saved: dict[str, torch.Tensor]) -> None:
+        for k, v in self.model.state_dict().items():
+            v.copy_(saved[k])
 
     @torch.no_grad()
     def connected(self) -> bool:
@@ -112,59 +171,365 @@ class Sparsifier:
             self.model.train(was)
         return not torch.equal(y[0], y[1])
 
-    @torch.no_grad()
-    def enforce(self, target: float) -> int:
-        """Zero the weakest removable groups (norm per MAC) until the target is met; returns how many.
+    # --- widths -------------------------------------------------------------------------------------------
 
-        Chunks that would cut the network are undone and retried group by group, skipping the
-        groups that cut it; if the target cannot be met without cutting, TrainingError.
+    def units(self, align: int) -> list[Unit]:
+        """Every width of the model (the channel set one or more layers write) and whether `align` applies."""
+        if align in self._units:
+            return self._units[align]
+        st = self.counter.structure
+        zeroer: dict[int, Ref] = {}
+        for kind in ("channel", "filter"):  # the filter group wins: it makes the channel exactly zero
+            ix = self.lasso.kinds.get(kind) if self.lasso is not None else None
+            for i, g in enumerate(ix.groups if ix is not None else []):
+                if g.channel is not None:
+                    zeroer[g.channel] = (kind, i)
+        by_roots: dict[tuple[int, ...], list[str]] = {}
+        for lay in st.layers.values():
+            by_roots.setdefault(tuple(dict.fromkeys(st.root(i) for i in lay.out_ids)), []).append(lay.name)
+        units = []
+        for roots, layers in by_roots.items():
+            refs = tuple(zeroer.get(r) for r in roots)
+            pinned = sorted({st.pinned[r] for r in roots if r in st.pinned})
+            if pinned:
+                exempt = "pinned (" + "; ".join(pinned) + ")"
+            elif any(ref is None for ref in refs):
+                exempt = f"no {'/'.join(self.cfg.structures)} group removes its channels"
+            elif len(roots) < align:
+                exempt = f"narrower than {align}"
+            else:
+                exempt = ""
+            units.append(Unit(tuple(layers), roots, refs, exempt))
+        self._units[align] = units
+        return units
+
+    def _dead(self, norms: dict[str, torch.Tensor]) -> set[int]:
+        """Root channels a zero filter or channel group has removed."""
+        dead: set[int] = set()
+        for kind in ("filter", "channel"):
+            ix = self.lasso.kinds.get(kind)
+            if ix is None:
+                continue
+            zero = (norms[kind] == 0).tolist()
+            dead.update(g.channel for g, z in zip(ix.groups, zero) if z and g.channel is not None)
+        return dead
+
+    @staticmethod
+    def _live(unit: Unit, norms: dict[str, torch.Tensor], dead: set[int]) -> list[tuple[float, Ref]]:
+        """The channels of `unit` still there, weakest first, with the norm of the group that zeroes each."""
+        live = [(float(norms[ref[0]][ref[1]]), ref) for r, ref in zip(unit.roots, unit.refs)
+                if ref is not None and r not in dead]
+        return sorted(live)
+
+    def rounding(self, align: int) -> list[Ref]:
+        """The groups to zero so that every aligned width falls to the multiple of `align` below it,
+        the weakest channels of each going; a width below `align` stays."""
+        if self.lasso is None or align <= 1:
+            return []
+        norms = self.lasso.norms()
+        dead = self._dead(norms)
+        out: list[Ref] = []
+        for unit in self.units(align):
+            if unit.exempt:
+                continue
+            live = self._live(unit, norms, dead)
+            extra = len(live) % align
+            if len(live) >= align and extra:
+                out += [ref for _, ref in live[:extra]]
+        return out
+
+    @torch.no_grad()
+    def align_down(self, align: int | None) -> int:
+        """Round every aligned width down to a multiple of `align`; returns how many groups that zeroed."""
+        if not align or align <= 1 or self.lasso is None:
+            return 0
+        zeroed = 0
+        for _ in range(3):  # a zeroing can kill a channel elsewhere too (a layer left without outputs)
+            refs = self.rounding(align)
+            if not refs:
+                break
+            self._zero(refs)
+            zeroed += len(refs)
+        return zeroed
+
+    def widths(self, align: int) -> list[dict]:
+        """Kept and total width of every unit, as the counter sees them, and whether each is a multiple of `align`."""
+        layers = {lc.name: lc for lc in self.counter.count().layers}
+        rows = []
+        for unit in self.units(align):
+            counts = [layers[n].filters for n in unit.layers if n in layers]
+            kept = max((k for k, _ in counts), default=0)
+            total = max((t for _, t in counts), default=0)
+            exempt = unit.exempt or (f"fewer than {align} left" if 0 < kept < align else "")
+            rows.append({"layers": list(unit.layers), "kept": kept, "total": total,
+                         "aligned": kept % align == 0 if not exempt else None, "exempt": exempt})
+        return rows
+
+    # --- the final ranking ----------------------------------------------------------------------------------
+
+    def _dense_totals(self) -> tuple[int, int]:
+        if self._dense is None:
+            c = self.counter.count()
+            self._dense = (max(1, c.macs), max(1, c.params))
+        return self._dense
+
+    def _channel_costs(self) -> dict[int, tuple[float, float]]:
+        """Per root channel, the MACs and parameters of every weight that writes or reads it: what removing
+        the channel saves (a filter group's own weights are only the writing half)."""
+        if self._costs is None:
+            st = self.counter.structure
+            params = dict(self.model.named_parameters())
+            costs: dict[int, list[float]] = {}
+            for lay in st.layers.values():
+                if lay.groups != 1:
+                    continue  # grouped convs are pinned whole
+                numel = params[f"{lay.name}.weight"].numel()
+                for ids, bias in ((lay.out_ids, 1 if lay.has_bias else 0), (lay.in_ids, 0)):
+                    for i in ids:
+                        row = costs.setdefault(st.root(i), [0.0, 0.0])
+                        row[0] += lay.macs / len(ids)
+                        row[1] += numel / len(ids) + bias
+            self._costs = {r: (m, p) for r, (m, p) in costs.items()}
+        return self._costs
+
+    def _ranked(self, weights: dict[str, float], align: int | None) -> list[_Item]:
+        """Every nonzero removable group (with `align`: every block of `align` channels of an aligned width,
+        never its last), weakest first: by norm per square root of what it saves of the dense MACs and
+        parameters, each metric weighted by `weights` (how much of it is still to go)."""
+        norms = self.lasso.norms()
+        macs, params = self._dense_totals()
+        channel = self._channel_costs()
+
+        def saves(kind: str, i: int) -> tuple[float, float]:
+            g = self.lasso.kinds[kind].groups[i]
+            if kind in ("filter", "channel") and g.channel in channel:
+                return channel[g.channel]
+            return float(g.cost), float(g.size)
+
+        def item(refs: list[Ref]) -> _Item:
+            saved = [saves(k, i) for k, i in refs]
+            est = {"macs": sum(m for m, _ in saved) / macs, "params": sum(p for _, p in saved) / params}
+            worth = sum(w * est[m] for m, w in weights.items())
+            norm = math.sqrt(sum(float(norms[k][i]) ** 2 for k, i in refs))
+            return _Item(norm / max(worth, 1e-12) ** 0.5, tuple(refs), est)
+
+        items, blocked = [], set()
+        if align and align > 1:
+            dead = self._dead(norms)
+            for unit in self.units(align):
+                if unit.exempt:
+                    continue
+                blocked.update(unit.roots)
+                live = self._live(unit, norms, dead)
+                live = live[len(live) % align:]
+                for b in range(0, len(live) - align, align):
+                    items.append(item([ref for _, ref in live[b:b + align]]))
+        for kind, ix in self.lasso.kinds.items():
+            for i, g in enumerate(ix.groups):
+                if float(norms[kind][i]) > 0 and not (kind in ("filter", "channel") and g.channel in blocked):
+                    items.append(item([(kind, i)]))
+        items.sort(key=lambda it: it.score)
+        return items
+
+    @torch.no_grad()
+    def enforce(self, target: float | Budget, align: int | None = None) -> int:
+        """Zero the weakest removable groups (norm per MAC, or per parameter when parameters are asked)
+        until the budget is met, landing as close below it as the groups allow; returns how many were zeroed.
+
+        Groups go in chunks whose estimated saving is half the remaining gap (halved again when a chunk
+        lands below the budget), so the last ones go one by one; a group that alone would land more than
+        the budget's tolerance below it is passed over for the next ones, and taken only when nothing else
+        within reach meets the budget. With `align`, whole blocks of `align` channels of a
+        width go together, so widths stay multiples of it. A zeroing that cuts the network (the output no
+        longer depends on the input) is undone; if the budget cannot be met without cutting, TrainingError.
         """
         assert self.lasso is not None
-        ranked = []
-        for kind, ix in self.lasso.kinds.items():
-            norms = ix.sq_norms()[: ix.n].sqrt()
-            for i, g in enumerate(ix.groups):
-                if norms[i] > 0:
-                    ranked.append((float(norms[i]) / max(g.cost, 1) ** 0.5, kind, i))
-        ranked.sort()
-        forced, pos, chunk = 0, 0, max(1, len(ranked) // 100)
-        while self.macs_fraction() > target and pos < len(ranked):
-            batch = ranked[pos:pos + chunk]
-            pos += len(batch)
-            saved = self._zero(batch)
+        budget = target if isinstance(target, Budget) else Budget({"macs": float(target)})
+        fr = self.fractions()
+        if budget.met(fr):
+            return 0
+        # With two targets a group is worth what it takes off each, relative to what each still needs.
+        gaps = budget.gaps(fr)
+        ranked = self._ranked({m: 1.0 / g for m, g in gaps.items() if g > 0}, align)
+        forced, pos = 0, 0
+        misses: list[tuple[float, _Item]] = []
+
+        def attempt(batch: list[_Item]) -> dict[str, float] | None:
+            """Zero `batch`; keep it and return the fractions if it stays connected and does not undershoot."""
+            saved = self._zero([r for it in batch for r in it.refs])
             if self.connected():
-                forced += len(batch)
-                continue
+                now = self.fractions()
+                if not budget.undershot(now):
+                    return now
+                if len(batch) == 1:
+                    misses.append((budget.slack(now), batch[0]))
             self._restore(saved)
-            for item in batch:
-                saved = self._zero([item])
-                if self.connected():
-                    forced += 1
-                    if self.macs_fraction() <= target:
+            return None
+
+        while True:
+            in_a_row = 0
+            while not budget.met(fr) and pos < len(ranked) and not (misses and in_a_row >= MAX_MISSES):
+                gaps = budget.gaps(fr)
+                metric = max(gaps, key=gaps.__getitem__)
+                take, est = 1, ranked[pos].est[metric]
+                while pos + take < len(ranked) and est + ranked[pos + take].est[metric] <= gaps[metric] / 2:
+                    est += ranked[pos + take].est[metric]
+                    take += 1
+                # A chunk that undershoots (an estimate too low) or cuts the network is halved and tried again.
+                while True:
+                    batch = ranked[pos:pos + take]
+                    now = attempt(batch)
+                    if now is not None:
+                        forced += sum(len(it.refs) for it in batch)
+                        fr, in_a_row = now, 0
+                        pos += take
                         break
+                    if take == 1:
+                        pos += 1
+                        in_a_row += 1
+                        break
+                    take //= 2
+            # Nothing within reach lands inside the tolerance: take what goes least below the budget (each
+            # alone met it when tried, and zeroing more only lowers the fractions).
+            misses.sort(key=lambda m: -m[0])
+            for _, it in misses:
+                if budget.met(fr):
+                    break
+                saved = self._zero(list(it.refs))
+                if self.connected():
+                    forced += len(it.refs)
+                    fr = self.fractions()
                 else:
                     self._restore(saved)
-        if self.macs_fraction() > target:
+            misses.clear()
+            if budget.met(fr) or pos >= len(ranked):
+                break
+        if not budget.met(fr):
             raise TrainingError(
-                f"target FLOPs {target:.3f} cannot be met without cutting the network (every channel of "
-                f"some layer zero); the closest connected model keeps {self.macs_fraction():.3f}")
+                f"target {budget.describe()} cannot be met without cutting the network (every channel of "
+                f"some layer zero); the closest connected model keeps {fr['macs']:.3f} of the MACs and "
+                f"{fr['params']:.3f} of the parameters")
         return forced
 
-    def _zero(self, items: list[tuple[float, str, int]]) -> dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def _zero(self, refs: list[Ref]) -> dict[str, torch.Tensor]:
         """Zero these groups; returns copies of the parameters touched, for _restore."""
+        if not refs:
+            return {}
         params = dict(self.model.named_parameters())
-        touched = {s.param for _, kind, i in items for s in self.lasso.kinds[kind].groups[i].slices}
+        touched = {s.param for kind, i in refs for s in self.lasso.kinds[kind].groups[i].slices}
         saved = {n: params[n].detach().clone() for n in touched}
-        for kind in {k for _, k, _ in items}:
+        for kind in {k for k, _ in refs}:
             ix = self.lasso.kinds[kind]
             scale = torch.ones(ix.n, device=ix.weight.device)
-            for _, k, i in items:
+            for k, i in refs:
                 if k == kind:
                     scale[i] = 0.0
             ix.scale_(scale)
         return saved
 
+    @torch.no_grad()
     def _restore(self, saved: dict[str, torch.Tensor]) -> None:
         params = dict(self.model.named_parameters())
         for n, t in saved.items():
             params[n].copy_(t)
+
+
+class BudgetWatch:
+    """Checks the budget every few optimizer steps of sparsify, moves lambda with the controllers' schedule,
+    and once the budget is met stops lambda (zero) and holds the zero groups at zero until the epoch ends.
+
+    A strong lambda can remove far more than asked between two checks, and a zero weight cannot be given
+    back its trained value: so the weights of the last check above the budget are kept, and a check that
+    finds the budget overshot by more than its tolerance goes back to them and zeroes the weakest groups
+    from there instead, which lands on the budget. Checks close in as the fraction nears the target.
+    Each epoch starts afresh (its first check `interval` steps in, a copy of its first weights), so a run
+    resumed at an epoch boundary checks where the uninterrupted run did.
+    """
+
+    def __init__(self, sp: Sparsifier, budget: Budget, controllers: dict[str, BudgetController], *,
+                 steps_per_epoch: int, every: int | None, align: int | None, epoch: int):
+        self.sp, self.budget, self.controllers, self.align = sp, budget, controllers, align
+        self.steps = max(1, steps_per_epoch)
+        self.interval = check_interval(self.steps, every)
+        self.held: MaskSet | None = None
+        self.met_at: dict[str, int] | None = None
+        self.forced = 0  # groups zeroed by rank to land on the budget
+        self.messages: list[str] = []
+        self.start_epoch(epoch)
+
+    @property
+    def holding(self) -> bool:
+        return self.held is not None
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch, self.step = epoch, 0
+        if self.held is not None:
+            return
+        self.last_step = 0
+        self.last_slack = self.budget.slack(self.sp.fractions(self.align))
+        self.copy = self.sp.snapshot()
+        self.next_check = self.interval
+        if self.last_slack <= 0:  # met before any step of this epoch (weights that came sparse enough)
+            self._hold(self.sp.fractions(self.align))
+
+    def after_step(self) -> None:
+        """After each optimizer step (and the sparsifier's step, which is skipped while holding)."""
+        self.step += 1
+        if self.held is not None:
+            self.held.apply_()
+        elif self.step >= self.next_check:
+            self.check()
+
+    def end_epoch(self) -> bool:
+        """A last check for the steps since the previous one; True once the budget is met (sparsify stops)."""
+        if self.held is None and self.step > self.last_step:
+            self.check()
+        if self.held is None:
+            self.start_epoch(self.epoch + 1)
+        return self.held is not None
+
+    def take_messages(self) -> list[str]:
+        out, self.messages = self.messages, []
+        return out
+
+    def check(self) -> None:
+        fr = self.sp.fractions(self.align)
+        slack = self.budget.slack(fr)
+        if slack <= 0:
+            self._hold(fr)
+            return
+        span = (self.step - self.last_step) / self.steps
+        elapsed = self.epoch + self.step / self.steps
+        # The metric furthest behind its schedule decides.
+        factor = max(c.factor(elapsed, fr[m], span) for m, c in self.controllers.items())
+        self.sp.lambdas = next(iter(self.controllers.values())).scaled(self.sp.lambdas, factor)
+        self.next_check = self.step + next_interval(self.last_slack, slack, self.step - self.last_step,
+                                                    self.interval)
+        self.last_step, self.last_slack = self.step, slack
+        self.copy = self.sp.snapshot()
+
+    def _hold(self, fr: dict[str, float]) -> None:
+        note = ""
+        if self.budget.undershot(fr) and self.step > 0:
+            went = self.sp.snapshot()
+            self.sp.restore(self.copy)
+            try:
+                zeroed = self.sp.align_down(self.align) + self.sp.enforce(self.budget, self.align)
+            except TrainingError:
+                self.sp.restore(went)  # the overshot weights are connected; the ranking found no other way
+            else:
+                self.forced += zeroed
+                note = (f"; the last {self.step - self.last_step} steps went {-self.budget.slack(fr) * 100:.1f} "
+                        f"points past it, so the weights went back to the check before and the {zeroed} weakest "
+                        "groups were zeroed instead")
+        else:
+            self.forced += self.sp.align_down(self.align)
+        fr = self.sp.fractions()
+        self.sp.lambdas = {k: 0.0 for k in self.sp.lambdas}
+        self.held = MaskSet(self.sp.model, self.sp.masks())
+        self.met_at = {"epoch": self.epoch, "step": self.step}
+        self.messages.append(
+            f"budget ({self.budget.describe()}) met in sparsify epoch {self.epoch + 1}, step {self.step}/"
+            f"{self.steps}: MACs {fr['macs']:.1%}, parameters {fr['params']:.1%}{note}; lambda stops, and the "
+            "zero groups stay zero for the rest of sparsify")

@@ -1,0 +1,231 @@
+"""Budgets of MACs and parameters, and aligned widths.
+
+The budget is checked every few optimizer steps of sparsify, so a lambda strong enough to go through the
+whole budget in one epoch is stopped within it; every run lands at or below what it asks, and at most one
+point below (one alignment step with --align). LeNet-5 on a fixed subset of the bundled digits, and a
+ResNet-20 from its initial weights, in batches of 16: a second or two a run on one thread.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from sslcompress.cli import main
+from sslcompress.config import (
+    FinetuneConfig,
+    PretrainConfig,
+    RunOptions,
+    TrainOptions,
+    build_config,
+    check_resume_fingerprint,
+    resume_fingerprint,
+)
+from sslcompress.errors import ConfigError, TrainingError
+from sslcompress.finetune.checkpoint import load_checkpoint
+from sslcompress.finetune.pipeline import run_finetune, run_pretrain
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LIMIT_TRAIN = 480  # 30 steps an epoch in batches of 16
+BATCH = 16
+POINT = 0.01
+
+
+def _opts(epochs, lr=0.02, **kw) -> TrainOptions:
+    return TrainOptions(epochs=epochs, lr=lr, batch_size=BATCH, weight_decay=0.0, **kw)
+
+
+@pytest.fixture(scope="module")
+def lenet(tmp_path_factory):
+    out = tmp_path_factory.mktemp("budget-pre")
+    return run_pretrain(PretrainConfig(run=RunOptions(model="lenet5", data="digits", out=str(out),
+                                                      limit_train=LIMIT_TRAIN),
+                                       train=_opts(2))).checkpoint
+
+
+def _lenet_run(out, weights, **kw):
+    base = dict(run=RunOptions(data="digits", weights=str(weights), out=str(out), limit_train=LIMIT_TRAIN),
+                sparsify=_opts(2), finetune=_opts(1, 0.01))
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def _resnet_run(out, **kw):
+    """ResNet-20 from its initial weights (no pretraining): what sparsify does with lambda is all that counts."""
+    base = dict(run=RunOptions(model="resnet20", data="digits", out=str(out), limit_train=256, limit_test=64),
+                structures=("depth", "filter"), pretrain=_opts(0), sparsify=_opts(1, 0.05), finetune=_opts(0))
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def _messages(events):
+    return [e.message for e in events if e.message]
+
+
+def _assert_landed(report):
+    """Every asked fraction met, and the one that binds at most one point below what was asked."""
+    budget = report["budget"]
+    asked = {m: budget[m]["asked"] for m in ("macs", "params") if budget[m]["asked"] is not None}
+    reached = {m: budget[m]["reached"] for m in asked}
+    assert all(reached[m] <= asked[m] for m in asked), budget
+    assert max(reached[m] - asked[m] for m in asked) >= -POINT, budget
+    totals = report["totals"]
+    assert budget["macs"]["reached"] == pytest.approx(totals["macs_fraction"])
+    assert budget["params"]["reached"] == pytest.approx(totals["params_after"] / totals["params"])
+
+
+def _assert_connected(path, shape):
+    model = load_checkpoint(path).build()
+    with torch.no_grad():
+        y = model(torch.randn(2, *shape))
+    assert not torch.equal(y[0], y[1])
+
+
+def test_a_lambda_that_goes_through_the_budget_in_one_epoch_is_stopped_within_it(tmp_path):
+    # -s depth,filter at a lambda that, unchecked, removes the whole network in its first epoch.
+    with pytest.raises(TrainingError, match="cut the network"):
+        run_finetune(_resnet_run(tmp_path / "unchecked", strength=6.0))
+    events = []
+    res = run_finetune(_resnet_run(tmp_path / "checked", strength=6.0, target_flops=0.6), events.append)
+    _assert_landed(res.report)
+    met = res.report["budget"]["met_at"]
+    assert met["epoch"] == 0 and met["step"] < 16  # 16 steps an epoch, checked every 4
+    assert res.report["budget"]["checked_every"] == 4
+    assert any("met in sparsify epoch 1, step" in m for m in _messages(events))
+    _assert_connected(res.checkpoint, (1, 28, 28))
+
+
+def test_a_params_budget_is_checked_within_the_epoch(lenet, tmp_path):
+    one_epoch = dict(strength=1.0, sparsify=_opts(1), finetune=_opts(0))
+    unchecked = run_finetune(_lenet_run(tmp_path / "unchecked", lenet, **one_epoch)).report
+    assert unchecked["totals"]["params_fraction"] < 0.4  # an epoch of this lambda goes far past 50%
+    res = run_finetune(_lenet_run(tmp_path / "checked", lenet, target_params=0.5, **one_epoch))
+    _assert_landed(res.report)
+    assert res.report["budget"]["met_at"]["epoch"] == 0
+    assert res.report["target_params"] == 0.5
+
+
+@pytest.mark.parametrize("kw", [
+    dict(strength=0.05, target_flops=0.5),  # lambda too weak: the ranking lands it
+    dict(strength=0.6, target_flops=0.6),  # lambda gets there in sparsify
+    dict(strength=0.6, target_params=0.3),
+    dict(strength=0.05, target_flops=0.5, target_params=0.5),
+], ids=["flops-ranked", "flops-lambda", "params", "both"])
+def test_budgets_land_within_a_point(lenet, tmp_path, kw):
+    res = run_finetune(_lenet_run(tmp_path, lenet, **kw))
+    _assert_landed(res.report)
+    _assert_connected(res.checkpoint, (1, 28, 28))
+
+
+def _assert_aligned(report, align):
+    widths = report["widths"]
+    assert report["align"] == align and widths
+    for w in widths:
+        if w["exempt"]:
+            assert w["aligned"] is None and (w["exempt"].startswith("pinned") or w["total"] < align
+                                             or w["kept"] < align), w
+        else:
+            assert w["kept"] % align == 0 and w["aligned"], w
+    layers = {lay["name"]: lay for lay in report["layers"]}
+    for w in widths:
+        if not w["exempt"]:
+            assert all(layers[n]["filters"][0] % align == 0 for n in w["layers"]), w
+    return widths
+
+
+def test_align_keeps_widths_multiples_and_lands_within_a_step(lenet, tmp_path):
+    res = run_finetune(_lenet_run(tmp_path, lenet, strength=0.05, target_flops=0.5, align=8))
+    widths = {w["layers"][0]: w for w in _assert_aligned(res.report, 8)}
+    assert widths["fc2"]["exempt"].startswith("pinned")  # the model output keeps its 10 classes
+    reached = res.report["budget"]["macs"]["reached"]
+    assert reached <= 0.5
+    # One alignment step here: fc1's blocks of 8 rows, or less than a point.
+    assert reached >= 0.5 - POINT
+
+
+def test_align_without_a_budget_rounds_widths_down(lenet, tmp_path):
+    res = run_finetune(_lenet_run(tmp_path, lenet, strength=0.3, align=8))
+    _assert_aligned(res.report, 8)
+    assert res.report["budget"] is None
+
+
+def test_align_on_a_resnet_with_coupled_widths(tmp_path):
+    res = run_finetune(_resnet_run(tmp_path, structures=("filter", "channel"), strength=1.0, target_flops=0.5,
+                                   align=8))
+    widths = _assert_aligned(res.report, 8)
+    stem = next(w for w in widths if "conv1" in w["layers"])
+    assert len(stem["layers"]) > 1  # the residual adds make the stem and every layer1 block one width
+    _assert_landed(res.report)
+
+
+def test_a_resumed_budget_run_ends_as_the_uninterrupted_one(lenet, tmp_path):
+    # Lambda grows at every check of the first two epochs; the budget is met in the third.
+    kw = dict(strength=0.3, target_flops=0.87, sparsify=_opts(3), finetune=_opts(1, 0.01))
+    whole = run_finetune(_lenet_run(tmp_path / "whole", lenet, **kw))
+    assert whole.report["budget"]["met_at"]["epoch"] == 2
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(event):
+        if event.phase == "sparsify" and event.epoch == 1 and event.step == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_finetune(_lenet_run(tmp_path / "cut", lenet, **kw), interrupt)
+    resumed = run_finetune(_lenet_run(tmp_path / "cut", lenet, resume=True, **kw))
+    a, b = load_checkpoint(whole.checkpoint).state_dict, load_checkpoint(resumed.checkpoint).state_dict
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert whole.report["budget"] == resumed.report["budget"]
+
+
+@pytest.mark.parametrize("recipe, words", [
+    ("target_params = 0", "target_params (--target-params) must be a number in (0, 1]"),
+    ("target_params = 1.5", "target_params (--target-params)"),
+    ('target_params = "half"', "target_params (--target-params)"),
+    ("align = 0", "align (--align) must be a whole number"),
+    ("align = 2.5", "align (--align)"),
+    ("align = true", "align (--align)"),
+    ("budget_every = 0", "budget_every (--budget-every) must be a whole number >= 1"),
+    ('method = "l1"\ntarget_params = 0.5', "--target-params needs --method ssl"),
+    ('method = "l1"\nalign = 8', "--align needs --method ssl"),
+    ('structures = ["shape"]\nalign = 8', "needs filter or channel"),
+])
+def test_recipe_values_refused(tmp_path, recipe, words):
+    path = tmp_path / "recipe.toml"
+    path.write_text(recipe + "\n")
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["finetune", "--recipe", str(path), "--out", str(out), "-q"])
+    assert res.exit_code == 2, res.output
+    assert words in res.output.strip().splitlines()[-1]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--target-params", "0"], "(0, 1]"),
+    (["--target-params", "nan"], "--target-params"),
+    (["--align", "0"], "--align"),
+    (["--align", "-8"], "--align"),
+    (["--budget-every", "0"], "--budget-every"),
+    (["--method", "l1", "--align", "4"], "needs --method ssl"),
+])
+def test_flag_values_refused(tmp_path, args, words):
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["finetune", *args, "--limit-train", "64", "--out", str(out), "-q"])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and words in lines[0], res.output
+    assert not out.exists()
+
+
+def test_good_values_accepted_and_resume_refuses_a_changed_budget():
+    cfg = build_config(FinetuneConfig, {"target_params": 0.4, "align": 8, "budget_every": 10}, {"target_flops": 0.5})
+    assert cfg.targets() == {"macs": 0.5, "params": 0.4} and cfg.align == 8 and cfg.budget_every == 10
+    for change, flag in (({"align": 16}, "--align"), ({"target_params": 0.3}, "--target-params"),
+                         ({"budget_every": 5}, "--budget-every")):
+        other = build_config(FinetuneConfig, {"target_params": 0.4, "align": 8, "budget_every": 10, **change},
+                             {"target_flops": 0.5})
+        with pytest.raises(ConfigError, match=flag):
+            check_resume_fingerprint(resume_fingerprint(cfg), resume_fingerprint(other), "state.pt")
