@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .finetune.groups import KINDS, parse_kinds
+from .group_kinds import KINDS, parse_kinds
 
 SCHEDULES = ("cosine", "step", "constant")
 METHODS = ("ssl", "l1")

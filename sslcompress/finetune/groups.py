@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
+from ..group_kinds import KINDS, parse_kinds
 from .structure import ModelStructure, analyze
 
-KINDS = ("filter", "channel", "shape", "depth", "kernel_row", "kernel_col")
 # Axis names of a slice: "out" = dim 0, "in" = dim 1, "fiber" = a column of W.flatten(1)
 # (one W[:, c, m, k] of the lowered matrix), "row" = dim 2, "col" = dim 3, "all" = the tensor.
 AXES = ("out", "in", "fiber", "row", "col", "all")
@@ -45,22 +45,6 @@ class ParamGroup:
     reason: str = ""  # why it is not removable
     layers: tuple[str, ...] = ()  # conv/linear layers it touches
     channel: int | None = None  # root channel id, for filter and channel groups
-
-
-def parse_kinds(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """'filter,channel' -> ('filter', 'channel'); 'all' -> every kind."""
-    if isinstance(text, str):
-        items = [t.strip() for t in text.split(",")]
-    elif isinstance(text, (tuple, list)) and all(isinstance(t, str) for t in text):
-        items = [t.strip() for t in text]
-    else:
-        raise ConfigError(f"structures must be names such as 'filter,channel' or a list of them, got {text!r}")
-    if items == ["all"]:
-        return KINDS
-    bad = [t for t in items if t not in KINDS]
-    if bad or not items:
-        raise ConfigError(f"unknown group kind(s) {', '.join(bad) or '(none)'}; choose from {', '.join(KINDS)}")
-    return tuple(dict.fromkeys(items))
 
 
 def build_groups(model: nn.Module, input_shape: tuple[int, ...], kinds: str | tuple[str, ...] = KINDS,

@@ -31,12 +31,12 @@ from ..config import (
 )
 from ..data import ImageData, load_data
 from ..errors import CheckpointError, ConfigError, SSLCompressError, TrainingError, UnsupportedModelError
-from ..flops import Counter
 from ..io import atomic_torch_save, atomic_write_json, run_lock
 from ..models import ModelSpec, build_model
 from . import distributed as D
 from .checkpoint import Checkpoint, load_failure, load_weights, read_weights, save_checkpoint
 from .controller import Budget, BudgetController, check_interval
+from .counting import Counter
 from .loop import (
     Event,
     EventSink,

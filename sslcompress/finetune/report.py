@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import Counter as Tally
 from typing import Any
 
-from ..flops import ModelCount
 from ..models import ModelSpec
+from .counting import ModelCount
 from .regularizer import GroupLasso
 
 

@@ -13,9 +13,9 @@ from torch import nn
 
 from ..config import FinetuneConfig
 from ..errors import ConfigError, TrainingError
-from ..flops import Counter
 from ..models import ModelSpec
 from .controller import Budget, BudgetController, check_interval, next_interval
+from .counting import Counter
 from .groups import build_groups
 from .loop import current_lr
 from .masks import MaskSet, elementwise_masks

@@ -23,9 +23,9 @@ from torch import nn
 from ..config import TrainOptions
 from ..data import load_data
 from ..errors import CheckpointError
-from ..flops import Counter
 from . import distributed as D
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .counting import Counter
 from .loop import (
     Event,
     EventSink,

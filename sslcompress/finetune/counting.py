@@ -1,0 +1,229 @@
+"""One MAC and parameter counter: dense, and after every removal the zeros in the weights allow.
+
+"After" means what an exact export can delete: channels whose filter group or channel group is
+zero (and not pinned by the graph), residual branches whose parameters are all zero, outer
+kernel rows and columns that are zero across the kept filters. Two MAC figures are reported per
+conv: `macs_after` counts the smaller dense Conv (channels x kernel extent), `macs_gemm_after`
+the paper's measure, the lowered GEMM with zero columns removed too (what filter-shape sparsity
+buys when the export lowers the conv to an im2col of kept columns).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .groups import ParamGroup, build_groups
+from .structure import ModelStructure, analyze
+
+
+@dataclass(frozen=True)
+class LayerCount:
+    name: str
+    kind: str  # "conv" | "linear"
+    filters: tuple[int, int]  # kept, total (output channels / features)
+    channels: tuple[int, int]  # kept, total (input channels / features)
+    kernel: tuple[int, int]  # kernel size before
+    kernel_after: tuple[int, int]  # extent of nonzero rows / columns after
+    columns: tuple[int, int]  # nonzero columns of the lowered weight among kept channels, total
+    macs: int
+    macs_after: int
+    macs_gemm_after: int
+    params: int
+    params_after: int
+    removed: bool  # deleted whole (inside a zero residual branch or no live output)
+
+
+@dataclass(frozen=True)
+class ModelCount:
+    layers: tuple[LayerCount, ...]
+    macs: int
+    macs_after: int
+    macs_gemm_after: int
+    params: int  # every parameter of the model
+    params_after: int
+    blocks_removed: tuple[str, ...]
+    blocks_total: int
+    dead_channels: int  # channel ids an export deletes
+
+    @property
+    def macs_fraction(self) -> float:
+        return self.macs_after / self.macs if self.macs else 1.0
+
+    @property
+    def macs_gemm_fraction(self) -> float:
+        return self.macs_gemm_after / self.macs if self.macs else 1.0
+
+    def layer(self, name: str) -> LayerCount:
+        for lay in self.layers:
+            if lay.name == name:
+                return lay
+        raise KeyError(name)
+
+
+class Counter:
+    """Counts a model repeatedly (every epoch) without re-tracing it."""
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], structure: ModelStructure | None = None):
+        self.model = model
+        self.structure = structure or analyze(model, input_shape)
+        self.params = dict(model.named_parameters())
+        groups = build_groups(model, input_shape, ("filter", "channel", "depth"), self.structure)
+        self._filters = [g for g in groups if g.kind == "filter" and g.removable]
+        self._channels = [g for g in groups if g.kind == "channel" and g.removable]
+        self._depth = [g for g in groups if g.kind == "depth"]
+
+    @torch.no_grad()
+    def count(self) -> ModelCount:
+        st = self.structure
+        dead, removed_layers, blocks_removed, removed_modules = self._dead(with_blocks=True)
+        layer_counts = [self._count_layer(lay, dead, removed_layers) for lay in st.layers.values()]
+        params_total = sum(p.numel() for p in self.model.parameters())
+        params_after = params_total - sum(lc.params - lc.params_after for lc in layer_counts)
+        params_after -= self._norm_params_removed(dead, removed_modules)
+        return ModelCount(
+            layers=tuple(layer_counts),
+            macs=sum(lc.macs for lc in layer_counts),
+            macs_after=sum(lc.macs_after for lc in layer_counts),
+            macs_gemm_after=sum(lc.macs_gemm_after for lc in layer_counts),
+            params=params_total,
+            params_after=params_after,
+            blocks_removed=tuple(blocks_removed),
+            blocks_total=len(self._depth),
+            dead_channels=len(dead),
+        )
+
+    def _dead(self, with_blocks: bool = False):
+        """The channel ids that go (zero filters, unread channels, and the cascade) and the layers that go."""
+        st, params = self.structure, self.params
+        removed_modules: set[str] = set()
+        blocks_removed = []
+        for g in self._depth:
+            if _is_zero(g, params):
+                blocks_removed.append(g.name.removeprefix("depth "))
+                removed_modules.update(s.param.rsplit(".", 1)[0] for s in g.slices)
+        dead: set[int] = {g.channel for g in self._filters if _is_zero(g, params)}
+        dead |= {g.channel for g in self._channels if _is_zero(g, params)}
+        removed_layers = {n for n in st.layers if n in removed_modules}
+        consumers = {g.channel: g for g in self._channels}
+        # Cascade: a layer with no live output is deleted, so what only it read is unused too.
+        while True:
+            for name, lay in st.layers.items():
+                if name not in removed_layers and all(st.root(i) in dead for i in lay.out_ids):
+                    removed_layers.add(name)
+            newly = set()
+            for r, g in consumers.items():
+                if r in dead:
+                    continue
+                readers_alive = [s for s in g.slices
+                                 if s.param.rsplit(".", 1)[0] not in removed_layers and _slice_nonzero(s, params)]
+                if not readers_alive:
+                    newly.add(r)
+            if not newly:
+                break
+            dead |= newly
+        if with_blocks:
+            return dead, removed_layers, blocks_removed, removed_modules
+        return dead, removed_layers
+
+    @torch.no_grad()
+    def nonzeros_after(self) -> dict[str, int]:
+        """Nonzero weights each layer keeps once its dead channels are deleted, by weight name: what the
+        compact model holds (an unstructured model at the same sparsity keeps as many)."""
+        dead, removed_layers = self._dead()
+        st, out = self.structure, {}
+        for lay in st.layers.values():
+            name = f"{lay.name}.weight"
+            w = self.params[name].detach()
+            if lay.name in removed_layers:
+                out[name] = 0
+                continue
+            keep_out = [n for n, i in enumerate(lay.out_ids) if st.root(i) not in dead]
+            if lay.groups != 1:  # depthwise or grouped: rows only
+                out[name] = int(w[keep_out].count_nonzero()) if lay.out_ids == lay.in_ids else int(w.count_nonzero())
+                continue
+            keep_in = [c for c, i in enumerate(lay.in_ids) if st.root(i) not in dead]
+            out[name] = int(w[keep_out][:, keep_in].count_nonzero())
+        return out
+
+    def _norm_params_removed(self, dead: set[int], removed_modules: set[str]) -> int:
+        n = 0
+        for norm in self.structure.norms.values():
+            if not norm.affine:
+                continue
+            if norm.name in removed_modules:
+                n += 2 * len(norm.ids)
+            else:
+                n += 2 * sum(1 for i in norm.ids if self.structure.root(i) in dead)
+        return n
+
+    def _count_layer(self, lay, dead: set[int], removed_layers: set[str]) -> LayerCount:
+        st = self.structure
+        w = self.params[f"{lay.name}.weight"].detach()
+        n_out, n_in = w.shape[0], w.shape[1]
+        kernel = (w.shape[2], w.shape[3]) if w.dim() == 4 else (1, 1)
+        params = w.numel() + (n_out if lay.has_bias else 0)
+        hw = lay.macs_per_weight  # output positions over every call of the layer
+        cols_total = w[0].numel()
+        if lay.name in removed_layers:
+            return LayerCount(lay.name, lay.kind, (0, n_out), (0, len(lay.in_ids)), kernel, (0, 0),
+                              (0, cols_total), lay.macs, 0, 0, params, 0, True)
+        keep_out = [n for n, i in enumerate(lay.out_ids) if st.root(i) not in dead]
+        keep_in = [c for c, i in enumerate(lay.in_ids) if st.root(i) not in dead]
+        if lay.kind == "linear":
+            weights_after = len(keep_out) * len(keep_in)
+            macs_after = weights_after * hw  # hw: the number of calls for a Linear
+            params_after = weights_after + (len(keep_out) if lay.has_bias else 0)
+            return LayerCount(lay.name, lay.kind, (len(keep_out), n_out), (len(keep_in), n_in), kernel, kernel,
+                              (len(keep_in), n_in), lay.macs, macs_after, macs_after, params, params_after, False)
+        if lay.groups != 1 and lay.out_ids == lay.in_ids:
+            # Depthwise: one k x k filter per channel it carries on.
+            keep = [n for n, i in enumerate(lay.out_ids) if st.root(i) not in dead]
+            per_filter = kernel[0] * kernel[1]
+            macs_after = len(keep) * per_filter * hw
+            params_after = len(keep) * per_filter + (len(keep) if lay.has_bias else 0)
+            return LayerCount(lay.name, lay.kind, (len(keep), n_out), (len(keep), n_out), kernel, kernel,
+                              (cols_total, cols_total), lay.macs, macs_after, macs_after, params, params_after,
+                              False)
+        if lay.groups != 1:
+            # Grouped convs are pinned whole: nothing in them is deleted.
+            return LayerCount(lay.name, lay.kind, (n_out, n_out), (n_in * lay.groups, n_in * lay.groups), kernel,
+                              kernel, (cols_total, cols_total), lay.macs, lay.macs, lay.macs, params, params, False)
+        sub = w[keep_out][:, keep_in]
+        rows_nz = sub.abs().sum((0, 1, 3)).nonzero().flatten().tolist() if sub.numel() else []
+        cols_nz = sub.abs().sum((0, 1, 2)).nonzero().flatten().tolist() if sub.numel() else []
+        kh = rows_nz[-1] - rows_nz[0] + 1 if rows_nz else 0
+        kw = cols_nz[-1] - cols_nz[0] + 1 if cols_nz else 0
+        columns = int((sub.reshape(sub.shape[0], -1).abs().sum(0) > 0).sum()) if sub.numel() else 0
+        macs_after = len(keep_out) * len(keep_in) * kh * kw * hw
+        params_after = len(keep_out) * len(keep_in) * kh * kw + (len(keep_out) if lay.has_bias else 0)
+        return LayerCount(lay.name, lay.kind, (len(keep_out), n_out), (len(keep_in), n_in), kernel, (kh, kw),
+                          (columns, cols_total), lay.macs, macs_after, len(keep_out) * columns * hw,
+                          params, params_after, False)
+
+
+def count(model: nn.Module, input_shape: tuple[int, ...]) -> ModelCount:
+    """Dense and after-removal MACs and parameters of `model` for one input of `input_shape`."""
+    return Counter(model, input_shape).count()
+
+
+def _is_zero(group: ParamGroup, params: dict) -> bool:
+    return not any(_slice_nonzero(s, params) for s in group.slices)
+
+
+def _slice_nonzero(s, params: dict) -> bool:
+    p = params[s.param].detach()
+    if s.axis == "all":
+        return bool(p.any())
+    idx = torch.tensor(s.index, device=p.device)
+    if s.axis == "out":
+        return bool(p.index_select(0, idx).any())
+    if s.axis == "in":
+        return bool(p.index_select(1, idx).any())
+    if s.axis == "fiber":
+        return bool(p.reshape(p.shape[0], -1).index_select(1, idx).any())
+    if s.axis == "row":
+        return bool(p.index_select(2, idx).any())
+    return bool(p.index_select(3, idx).any())
