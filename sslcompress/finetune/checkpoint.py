@@ -36,12 +36,53 @@ class Checkpoint:
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
+    # A thinned model's plan (ThinPlan.to_dict()): state_dict and masks then hold the thinned tensors.
+    thin: dict[str, Any] = field(default_factory=dict)
 
-    def build(self) -> nn.Module:
-        """The model with these weights (eval mode)."""
+    def thin_plan(self):
+        from .thin import ThinPlan
+
+        return ThinPlan.from_dict(self.thin) if self.thin else None
+
+    def dense_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights in the model's own architecture: a thinned checkpoint's deleted channels come back as
+        exact zeros (what the masked model held there), so export, surgery and bench see the model as trained."""
+        plan = self.thin_plan()
+        return expand_tensors(self.state_dict, plan) if plan is not None else self.state_dict
+
+    def build(self, *, thinned: bool = False) -> nn.Module:
+        """The model with these weights (eval mode): in its own architecture with zeros where channels were
+        deleted, or, with `thinned`, the smaller model training ran on."""
+        plan = self.thin_plan()
+        if thinned and plan is not None:
+            from .thin import rebuild
+
+            model = rebuild(self.model, plan)
+            load_weights(model, self.state_dict, source=f"thinned checkpoint of {self.model.name}")
+            return model.eval()
         model = build_model(self.model)
-        load_weights(model, self.state_dict, source=f"checkpoint of {self.model.name}")
+        load_weights(model, self.dense_state_dict(), source=f"checkpoint of {self.model.name}")
         return model.eval()
+
+
+def expand_tensors(tensors: Mapping[str, torch.Tensor], plan) -> dict[str, torch.Tensor]:
+    """Thinned tensors put back at their full shapes, zeros where the plan deleted (slice_tensors' inverse
+    up to the deleted values, which were zero in the masked model)."""
+    out = {}
+    for name, t in tensors.items():
+        dims = plan.keep.get(name)
+        if not dims or not isinstance(t, torch.Tensor) or t.dim() != len(plan.shapes[name]):
+            out[name] = t
+            continue
+        cur = t
+        for d in sorted(dims):
+            shape = list(cur.shape)
+            shape[d] = plan.shapes[name][d]
+            full = torch.zeros(shape, dtype=cur.dtype, device=cur.device)
+            full.index_copy_(d, torch.as_tensor(dims[d], dtype=torch.long, device=cur.device), cur)
+            cur = full
+        out[name] = cur
+    return out
 
 
 def _check_plain(where: str, value: Any) -> None:
@@ -85,7 +126,9 @@ def _check_saveable(ckpt: Checkpoint) -> None:
     unknown = [k for k in ckpt.masks if k not in ckpt.state_dict]
     if unknown:
         raise CheckpointError(f"the checkpoint's masks name {unknown[0]}, which its state_dict lacks.")
-    for name in ("config", "metrics", "report"):
+    if ckpt.thin:
+        ckpt.thin_plan()  # CheckpointError for a malformed plan
+    for name in ("config", "metrics", "report", "thin"):
         value = getattr(ckpt, name)
         if not isinstance(value, Mapping):
             raise CheckpointError(f"the checkpoint's {name} must be a dict, got {type(value).__name__}.")
@@ -105,6 +148,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
         "config": ckpt.config,
         "metrics": ckpt.metrics,
         "report": ckpt.report,
+        "thin": ckpt.thin,
     }, path)
 
 
@@ -156,6 +200,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             config=dict(raw.get("config") or {}),
             metrics=dict(raw.get("metrics") or {}),
             report=dict(raw.get("report") or {}),
+            thin=dict(raw.get("thin") or {}),
         )
     except Exception as exc:
         raise CheckpointError(f"{p} is a damaged sslcompress checkpoint ({exc})") from exc
@@ -169,7 +214,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Checkpoint 
     raw = _torch_load(p)
     if isinstance(raw, dict) and raw.get("format") == FORMAT:
         ckpt = load_checkpoint(p)
-        return ckpt.state_dict, ckpt
+        return ckpt.dense_state_dict(), ckpt
     if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
         raw = raw["state_dict"]
     if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):

@@ -34,7 +34,7 @@ from ..errors import CheckpointError, ConfigError, SSLCompressError, TrainingErr
 from ..io import atomic_torch_save, atomic_write_json, run_lock
 from ..models import ModelSpec, build_model
 from . import distributed as D
-from .checkpoint import Checkpoint, load_failure, load_weights, read_weights, save_checkpoint
+from .checkpoint import Checkpoint, expand_tensors, load_failure, load_weights, read_weights, save_checkpoint
 from .controller import Budget, BudgetController, check_interval
 from .counting import Counter
 from .loop import (
@@ -50,6 +50,7 @@ from .loop import (
 from .masks import MaskSet
 from .report import build_report
 from .sparsifier import BudgetWatch, Sparsifier
+from .thin import ThinPlan, apply_plan, slice_tensors, thin
 
 PRETRAINED = "pretrained.pt"
 SPARSE = "sparse.pt"
@@ -289,10 +290,17 @@ def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None, o
 
     resume, fingerprint = _resume_state(cfg, "finetune")
     data, spec, model, _, state = _prepare(run, env.world_size, phases)
+    thinned: dict[str, Any] = {"plan": None}  # the ThinPlan once fine-tuning runs on the thinned model
     if resume is not None:
         if resume["model"] != spec.to_dict():
             raise CheckpointError(f"--resume: {out / STATE} belongs to another model or data set")
-        load_weights(model, resume["model_state"], source=str(out / STATE))
+        if resume.get("thin"):
+            # Fine-tuning was running thinned: the model in its own architecture first (for the counts), thinned
+            # again where fine-tuning starts.
+            thinned["plan"] = ThinPlan.from_dict(resume["thin"])
+            load_weights(model, expand_tensors(resume["model_state"], thinned["plan"]), source=str(out / STATE))
+        else:
+            load_weights(model, resume["model_state"], source=str(out / STATE))
         owns_state[0] = True
     metrics: dict[str, Any] = dict(resume["metrics"]) if resume else {}
     masks_state: dict[str, torch.Tensor] = {}
@@ -300,7 +308,8 @@ def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None, o
 
     def saver(phase_name: str):
         return _state_saver("finetune", phase_name, spec, model, fingerprint, env, out, owns_state,
-                            lambda: {"lambdas": lambdas_now["get"](), "metrics": metrics, "masks": masks_state})
+                            lambda: {"lambdas": lambdas_now["get"](), "metrics": metrics, "masks": masks_state,
+                                     "thin": thinned["plan"].to_dict() if thinned["plan"] is not None else {}})
 
     if state is None and (resume is None or resume["phase"] == "pretrain"):
         start, opt, sched = 0, None, None
@@ -410,7 +419,21 @@ def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None, o
         resume = None
 
     t0 = time.perf_counter()
-    masks = sp.masks() if not (resume and resume.get("masks")) else dict(resume["masks"])
+    # Counted before thinning, in the model's own architecture: fine-tuning never revives a masked zero, so
+    # these counts hold for the final model too.
+    counted = sp.counter.count()
+    reached = sp.fractions()
+    widths = sp.widths(cfg.align) if (cfg.align or 1) > 1 else None
+    group_zeros = sp.lasso
+    if resume and thinned["plan"] is not None:
+        apply_plan(model, thinned["plan"])
+        load_weights(model, resume["model_state"], source=str(out / STATE))
+        masks = dict(resume["masks"])
+    else:
+        masks = sp.masks() if not (resume and resume.get("masks")) else dict(resume["masks"])
+        if cfg.thin and cfg.method == "ssl":
+            masks = _thin(model, spec, masks, thinned, metrics, env, on_event)
+    masks_state.clear()
     masks_state.update(masks)
     mask_set = MaskSet(model, masks).attach()
     start = resume["epoch"] + 1 if resume else 0
@@ -421,7 +444,7 @@ def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None, o
     def end_finetune(epoch, loss, acc):
         test_acc = evaluate(model, data, run.eval_batch_size, run.device, phase="finetune")
         _emit(on_event, env, Event("finetune", epoch, cfg.finetune.epochs, loss=loss, accuracy=test_acc,
-                                   macs_fraction=sp.macs_fraction(), end_of_epoch=True))
+                                   macs_fraction=counted.macs_after / max(1, counted.macs), end_of_epoch=True))
 
     if not (resume and resume["stop"]):
         _train_phase(model, data, cfg.finetune, "finetune", run, env, on_event, start_epoch=start, opt=opt,
@@ -433,10 +456,8 @@ def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None, o
     if not in_sync:
         raise RuntimeError("ranks ended with different weights; the run is not reproducible")
     timings["total"] = time.perf_counter() - t_start
-    counted = sp.counter.count()
     budget_row = None
     if budget is not None:
-        reached = sp.fractions()
         budget_row = {m: {"asked": budget.targets.get(m), "reached": reached[m]} for m in reached}
         budget_row.update({"measure": "gemm macs" if "shape" in cfg.structures else "macs",
                            "tolerance": budget.tolerance, "met_at": metrics.get("budget_met_at"),
@@ -445,11 +466,11 @@ def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None, o
         spec, data.name, counted,
         {"before": metrics["before"], "after_sparsify": metrics.get("after_sparsify"),
          "after_finetune": metrics["after_finetune"]},
-        method=cfg.method, groups=sp.lasso,
+        method=cfg.method, groups=group_zeros,
         extra={"structures": list(cfg.structures), "lambdas": dict(sp.lambdas), "solver": cfg.solver,
                "weighting": cfg.weighting, "target_flops": cfg.target_flops, "target_params": cfg.target_params,
                "budget": budget_row,
-               "align": cfg.align, "widths": sp.widths(cfg.align) if (cfg.align or 1) > 1 else None,
+               "align": cfg.align, "widths": widths, "thinned": metrics.get("thinned"),
                "forced_groups": metrics.get("forced_groups", 0), "masked_weights": mask_set.zeros,
                "wall_time_s": timings, "world_size": env.world_size, "ranks_in_sync": in_sync,
                "weight_sparsity": sp.zero_fraction() if cfg.method == "l1" else None},
@@ -457,11 +478,31 @@ def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None, o
     path = out / SPARSE
     if env.is_main:
         save_checkpoint(path, Checkpoint("sparse", spec, model.state_dict(), masks=mask_set.state(),
-                                         config=to_plain(cfg), metrics=metrics, report=report))
+                                         config=to_plain(cfg), metrics=metrics, report=report,
+                                         thin=thinned["plan"].to_dict() if thinned["plan"] is not None else {}))
         atomic_write_json(report, out / REPORT)
         (out / STATE).unlink(missing_ok=True)
     D.barrier(env)
     return RunResult(path, report, out / REPORT)
+
+
+def _thin(model, spec, masks, thinned, metrics, env, on_event) -> dict[str, torch.Tensor]:
+    """Slice the zero channels out of the model before fine-tuning; returns the masks cut the same way.
+
+    Checked in `thin`: the thinned model must give the masked model's outputs, else it stays as it was and
+    the run says why (fine-tuning then runs on the full model, as it would without --thin).
+    """
+    result = thin(model, spec.input_shape)
+    if not result.applied:
+        metrics["thinned"] = {"applied": False, "reason": result.reason}
+        _emit(on_event, env, Event("info", message=f"fine-tuning the full model: {result.reason}"))
+        return masks
+    thinned["plan"] = result.plan
+    metrics["thinned"] = {"applied": True, "params_before": result.params_before,
+                          "params_after": result.params_after, "summary": result.plan.summary()}
+    _emit(on_event, env, Event("info", message=f"fine-tuning the thinned model: {result.params_before} -> "
+                                               f"{result.params_after} parameters; {result.plan.summary()}"))
+    return slice_tensors(masks, result.plan)
 
 
 def _restore_optimizer(model, opts, data, env, resume):
