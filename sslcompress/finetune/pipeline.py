@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -278,63 +278,116 @@ def run_finetune(cfg: FinetuneConfig, on_event: EventSink | None = None) -> RunR
         D.shutdown(env)
 
 
+@dataclass
+class _FinetuneRun:
+    """What the phases of one finetune run share; each phase reads it and leaves its results in it."""
+
+    cfg: FinetuneConfig
+    env: D.DistEnv
+    on_event: EventSink | None
+    owns_state: list[bool]
+    fingerprint: dict[str, Any]
+    resume: dict | None  # the resume state while the phase it names has not finished; None after
+    data: ImageData
+    spec: ModelSpec
+    model: nn.Module
+    weights_given: bool
+    t_start: float = field(default_factory=time.perf_counter)
+    timings: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    masks_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    plan: ThinPlan | None = None  # once fine-tuning runs on the thinned model
+    sp: Sparsifier | None = None
+    budget: Budget | None = None
+    steps: int = 0  # sparsify steps per epoch
+    counted: Any = None  # the count before thinning, in the model's own architecture
+    reached: dict[str, float] = field(default_factory=dict)
+    widths: Any = None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.run.out)
+
+    def emit(self, event: Event) -> None:
+        _emit(self.on_event, self.env, event)
+
+    def resumes(self, phase: str) -> bool:
+        return self.resume is not None and self.resume["phase"] == phase
+
+    def saver(self, phase: str):
+        return _state_saver("finetune", phase, self.spec, self.model, self.fingerprint, self.env, self.out,
+                            self.owns_state,
+                            lambda: {"lambdas": dict(self.sp.lambdas) if self.sp is not None else {},
+                                     "metrics": self.metrics, "masks": self.masks_state,
+                                     "thin": self.plan.to_dict() if self.plan is not None else {}})
+
+
 def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None, owns_state: list[bool]
               ) -> RunResult:
-    run = cfg.run
-    out = Path(run.out)
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
+    """pretrain (without --weights) -> sparsify -> thin -> fine-tune -> report, each resumable."""
+    r = _start(cfg, env, on_event, owns_state)
+    if not r.weights_given and (r.resume is None or r.resumes("pretrain")):
+        _pretrain_phase(r)
+    if "before" not in r.metrics:
+        r.metrics["before"] = evaluate(r.model, r.data, cfg.run.eval_batch_size, cfg.run.device)
+    _sparsify_phase(r)
+    masks = _thin_phase(r)
+    mask_set = _finetune_phase(r, masks)
+    return _finish(r, mask_set)
+
+
+def _start(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None, owns_state: list[bool]
+           ) -> _FinetuneRun:
+    """Options checked against a resume state, data and model prepared, the resumed weights loaded."""
     def phases(state):  # pretraining only without --weights (a resumed pretraining checks its own steps)
         first = [("pretrain", cfg.pretrain)] if state is None and not cfg.resume else []
         return [*first, ("sparsify", cfg.sparsify), ("finetune", cfg.finetune)]
 
     resume, fingerprint = _resume_state(cfg, "finetune")
-    data, spec, model, _, state = _prepare(run, env.world_size, phases)
-    thinned: dict[str, Any] = {"plan": None}  # the ThinPlan once fine-tuning runs on the thinned model
+    data, spec, model, _, state = _prepare(cfg.run, env.world_size, phases)
+    r = _FinetuneRun(cfg, env, on_event, owns_state, fingerprint, resume, data, spec, model, state is not None)
     if resume is not None:
         if resume["model"] != spec.to_dict():
-            raise CheckpointError(f"--resume: {out / STATE} belongs to another model or data set")
+            raise CheckpointError(f"--resume: {r.out / STATE} belongs to another model or data set")
         if resume.get("thin"):
             # Fine-tuning was running thinned: the model in its own architecture first (for the counts), thinned
             # again where fine-tuning starts.
-            thinned["plan"] = ThinPlan.from_dict(resume["thin"])
-            load_weights(model, expand_tensors(resume["model_state"], thinned["plan"]), source=str(out / STATE))
+            r.plan = ThinPlan.from_dict(resume["thin"])
+            load_weights(model, expand_tensors(resume["model_state"], r.plan), source=str(r.out / STATE))
         else:
-            load_weights(model, resume["model_state"], source=str(out / STATE))
+            load_weights(model, resume["model_state"], source=str(r.out / STATE))
         owns_state[0] = True
-    metrics: dict[str, Any] = dict(resume["metrics"]) if resume else {}
-    masks_state: dict[str, torch.Tensor] = {}
-    lambdas_now: dict[str, Any] = {"get": dict}  # the sparsifier's lambdas once it exists
+        r.metrics = dict(resume["metrics"])
+    return r
 
-    def saver(phase_name: str):
-        return _state_saver("finetune", phase_name, spec, model, fingerprint, env, out, owns_state,
-                            lambda: {"lambdas": lambdas_now["get"](), "metrics": metrics, "masks": masks_state,
-                                     "thin": thinned["plan"].to_dict() if thinned["plan"] is not None else {}})
 
-    if state is None and (resume is None or resume["phase"] == "pretrain"):
-        start, opt, sched = 0, None, None
-        if resume is None:
-            _emit(on_event, env, Event("info", message=f"no --weights given: pretraining a dense {spec.name} "
-                                                       f"baseline on {data.name} first"))
-        else:
-            start = resume["epoch"] + 1
-            opt, sched = _restore_optimizer(model, cfg.pretrain, data, env, resume)
-        t0 = time.perf_counter()
-        pre = _pretrain(model, spec, data, cfg.pretrain, run, env, on_event, to_plain(cfg), start_epoch=start,
-                        opt=opt, sched=sched, save_state=saver("pretrain"))
-        timings["pretrain"] = time.perf_counter() - t0
-        _emit(on_event, env, Event("info", message=f"pretrained baseline written to {pre.checkpoint}"))
-        resume = None
-    if "before" not in metrics:
-        metrics["before"] = evaluate(model, data, run.eval_batch_size, run.device)
+def _pretrain_phase(r: _FinetuneRun) -> None:
+    cfg = r.cfg
+    start, opt, sched = 0, None, None
+    if r.resume is None:
+        r.emit(Event("info", message=f"no --weights given: pretraining a dense {r.spec.name} baseline on "
+                                     f"{r.data.name} first"))
+    else:
+        start = r.resume["epoch"] + 1
+        opt, sched = _restore_optimizer(r.model, cfg.pretrain, r.data, r.env, r.resume)
+    t0 = time.perf_counter()
+    pre = _pretrain(r.model, r.spec, r.data, cfg.pretrain, cfg.run, r.env, r.on_event, to_plain(cfg),
+                    start_epoch=start, opt=opt, sched=sched, save_state=r.saver("pretrain"))
+    r.timings["pretrain"] = time.perf_counter() - t0
+    r.emit(Event("info", message=f"pretrained baseline written to {pre.checkpoint}"))
+    r.resume = None
 
-    sp = Sparsifier(model, spec, cfg)
-    if resume is None and not sp.connected():  # no strength is to blame here: the weights came that way
+
+def _sparsify_phase(r: _FinetuneRun) -> None:
+    """The regulariser and its budget; the sparsify epochs (unless resumed past them); the budget landed."""
+    cfg, run, model, data, env = r.cfg, r.cfg.run, r.model, r.data, r.env
+    sp = r.sp = Sparsifier(model, r.spec, cfg)
+    if r.resume is None and not sp.connected():  # no strength is to blame here: the weights came that way
         source = f"the weights of {run.weights}" if run.weights else "the model"
         raise TrainingError(f"{source} already compute a constant before sparsify (every channel of some layer "
                             "is zero, so the output does not depend on the input); give weights whose every "
                             "layer has a nonzero channel")
-    budget = Budget(cfg.targets()) if cfg.targets() else None
+    budget = r.budget = Budget(cfg.targets()) if cfg.targets() else None
     controllers: dict[str, BudgetController] = {}
     if budget is not None:
         floors = sp.floors()
@@ -346,162 +399,172 @@ def _finetune(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None, o
                                   f"{', '.join(cfg.structures)} at most {1 - floors[metric]:.1%} of the {what} "
                                   "can be removed")
             controllers[metric] = BudgetController(target, cfg.sparsify.epochs, start=dict(sp.lambdas))
-    phase = resume["phase"] if resume else "sparsify"
-    steps = data.num_batches("train", cfg.sparsify.batch_size, world_size=env.world_size, drop_last=True)
-    if resume:
-        sp.lambdas = dict(resume["lambdas"])
-    lambdas_now["get"] = lambda: dict(sp.lambdas)
-    if phase == "sparsify":
-        t0 = time.perf_counter()
-        start = 0
-        opt = sched = None
-        if resume and not resume["stop"]:
-            start = resume["epoch"] + 1
-            opt, sched = _restore_optimizer(model, cfg.sparsify, data, env, resume)
-        done_early = bool(resume and resume["stop"])
-        watch = None
-        if budget is not None and not done_early and start < cfg.sparsify.epochs:
-            watch = BudgetWatch(sp, budget, controllers, steps_per_epoch=steps, every=cfg.budget_every,
-                                align=cfg.align, epoch=start)
-
-        def tell():
-            for message in (watch.take_messages() if watch is not None else []):
-                _emit(on_event, env, Event("info", message=message))
-
-        def end_sparsify(epoch, loss, acc):
-            stop = watch.end_epoch() if watch is not None else False
-            tell()
-            frac = sp.macs_fraction()
-            test_acc = evaluate(model, data, run.eval_batch_size, run.device, phase="sparsify")
-            _emit(on_event, env, Event("sparsify", epoch, cfg.sparsify.epochs, loss=loss, accuracy=test_acc,
-                                       macs_fraction=frac, zero_groups=sp.zero_fraction(),
-                                       lambdas=dict(sp.lambdas), end_of_epoch=True))
-            if watch is not None:
-                metrics["forced_groups"] = metrics.get("forced_groups", 0) + watch.forced
-                watch.forced = 0
-                if watch.met_at is not None:
-                    metrics["budget_met_at"] = dict(watch.met_at)
-            return stop
-
-        if not done_early:
-            opt_box = {}
-
-            def after_step():
-                if watch is None or not watch.holding:
-                    opt_box["step"]()
-                if watch is not None:
-                    watch.after_step()
-                    tell()
-
-            if opt is None:
-                opt = make_optimizer(model, cfg.sparsify)
-                sched = make_schedule(opt, cfg.sparsify, steps)
-            opt_box["step"] = sp.after_step(opt)
-            _train_phase(model, data, cfg.sparsify, "sparsify", run, env, on_event, start_epoch=start, opt=opt,
-                         sched=sched, extra_loss=sp.extra_loss(), after_step=after_step, end_epoch=end_sparsify,
-                         save_state=saver("sparsify"))
-        forced = sp.align_down(cfg.align)
-        if budget is not None and not budget.met(sp.fractions()):
-            zeroed = sp.enforce(budget, cfg.align)
-            forced += zeroed
-            _emit(on_event, env, Event("info", message=f"budget not met by lambda alone: zeroed the {zeroed} "
-                                                       "weakest removable groups"))
-        if not sp.connected():
-            raise TrainingError(
-                "sparsify cut the network: every channel of some layer is zero, so the output no longer "
-                "depends on the input; lower the strength (--strength/--lambda) or set --target-flops")
-        metrics["forced_groups"] = metrics.get("forced_groups", 0) + forced
-        metrics["after_sparsify"] = evaluate(model, data, run.eval_batch_size, run.device, phase="sparsify")
-        metrics["macs_fraction_after_sparsify"] = sp.macs_fraction()
-        metrics["fractions_after_sparsify"] = sp.fractions()
-        timings["sparsify"] = time.perf_counter() - t0
-        phase = "finetune"
-        resume = None
-
+    r.steps = data.num_batches("train", cfg.sparsify.batch_size, world_size=env.world_size, drop_last=True)
+    if r.resume:
+        sp.lambdas = dict(r.resume["lambdas"])
+    if r.resume is not None and not r.resumes("sparsify"):
+        return  # resumed in fine-tuning: sparsify finished before the interruption
+    resume, metrics = r.resume, r.metrics
     t0 = time.perf_counter()
-    # Counted before thinning, in the model's own architecture: fine-tuning never revives a masked zero, so
-    # these counts hold for the final model too.
-    counted = sp.counter.count()
-    reached = sp.fractions()
-    widths = sp.widths(cfg.align) if (cfg.align or 1) > 1 else None
-    group_zeros = sp.lasso
-    if resume and thinned["plan"] is not None:
-        apply_plan(model, thinned["plan"])
-        load_weights(model, resume["model_state"], source=str(out / STATE))
-        masks = dict(resume["masks"])
-    else:
-        masks = sp.masks() if not (resume and resume.get("masks")) else dict(resume["masks"])
-        if cfg.thin and cfg.method == "ssl":
-            masks = _thin(model, spec, masks, thinned, metrics, env, on_event)
-    masks_state.clear()
-    masks_state.update(masks)
+    start = 0
+    opt = sched = None
+    if resume and not resume["stop"]:
+        start = resume["epoch"] + 1
+        opt, sched = _restore_optimizer(model, cfg.sparsify, data, env, resume)
+    done_early = bool(resume and resume["stop"])
+    watch = None
+    if budget is not None and not done_early and start < cfg.sparsify.epochs:
+        watch = BudgetWatch(sp, budget, controllers, steps_per_epoch=r.steps, every=cfg.budget_every,
+                            align=cfg.align, epoch=start)
+
+    def tell():
+        for message in (watch.take_messages() if watch is not None else []):
+            r.emit(Event("info", message=message))
+
+    def end_sparsify(epoch, loss, acc):
+        stop = watch.end_epoch() if watch is not None else False
+        tell()
+        test_acc = evaluate(model, data, run.eval_batch_size, run.device, phase="sparsify")
+        r.emit(Event("sparsify", epoch, cfg.sparsify.epochs, loss=loss, accuracy=test_acc,
+                     macs_fraction=sp.macs_fraction(), zero_groups=sp.zero_fraction(), lambdas=dict(sp.lambdas),
+                     end_of_epoch=True))
+        if watch is not None:
+            metrics["forced_groups"] = metrics.get("forced_groups", 0) + watch.forced
+            watch.forced = 0
+            if watch.met_at is not None:
+                metrics["budget_met_at"] = dict(watch.met_at)
+        return stop
+
+    if not done_early:
+        opt_box = {}
+
+        def after_step():
+            if watch is None or not watch.holding:
+                opt_box["step"]()
+            if watch is not None:
+                watch.after_step()
+                tell()
+
+        if opt is None:
+            opt = make_optimizer(model, cfg.sparsify)
+            sched = make_schedule(opt, cfg.sparsify, r.steps)
+        opt_box["step"] = sp.after_step(opt)
+        _train_phase(model, data, cfg.sparsify, "sparsify", run, env, r.on_event, start_epoch=start, opt=opt,
+                     sched=sched, extra_loss=sp.extra_loss(), after_step=after_step, end_epoch=end_sparsify,
+                     save_state=r.saver("sparsify"))
+    forced = sp.align_down(cfg.align)
+    if budget is not None and not budget.met(sp.fractions()):
+        zeroed = sp.enforce(budget, cfg.align)
+        forced += zeroed
+        r.emit(Event("info", message=f"budget not met by lambda alone: zeroed the {zeroed} weakest removable "
+                                     "groups"))
+    if not sp.connected():
+        raise TrainingError(
+            "sparsify cut the network: every channel of some layer is zero, so the output no longer "
+            "depends on the input; lower the strength (--strength/--lambda) or set --target-flops")
+    metrics["forced_groups"] = metrics.get("forced_groups", 0) + forced
+    metrics["after_sparsify"] = evaluate(model, data, run.eval_batch_size, run.device, phase="sparsify")
+    metrics["macs_fraction_after_sparsify"] = sp.macs_fraction()
+    metrics["fractions_after_sparsify"] = sp.fractions()
+    r.timings["sparsify"] = time.perf_counter() - t0
+    r.resume = None
+
+
+def _thin_phase(r: _FinetuneRun) -> dict[str, torch.Tensor]:
+    """The counts (before thinning, in the model's own architecture: fine-tuning never revives a masked zero,
+    so they hold for the final model too), then the masks, with the model thinned where it can be."""
+    sp, cfg = r.sp, r.cfg
+    r.counted, r.reached = sp.counter.count(), sp.fractions()
+    r.widths = sp.widths(cfg.align) if (cfg.align or 1) > 1 else None
+    if r.resume and r.plan is not None:
+        apply_plan(r.model, r.plan)
+        load_weights(r.model, r.resume["model_state"], source=str(r.out / STATE))
+        return dict(r.resume["masks"])
+    masks = dict(r.resume["masks"]) if r.resume and r.resume.get("masks") else sp.masks()
+    if cfg.thin and cfg.method == "ssl" and r.resume is None:
+        masks = _thin(r, masks)
+    return masks
+
+
+def _finetune_phase(r: _FinetuneRun, masks: dict[str, torch.Tensor]) -> MaskSet:
+    cfg, run, model, data = r.cfg, r.cfg.run, r.model, r.data
+    t0 = time.perf_counter()
+    r.masks_state.clear()
+    r.masks_state.update(masks)
     mask_set = MaskSet(model, masks).attach()
+    resume = r.resume
     start = resume["epoch"] + 1 if resume else 0
     opt = sched = None
     if resume:
-        opt, sched = _restore_optimizer(model, cfg.finetune, data, env, resume)
+        opt, sched = _restore_optimizer(model, cfg.finetune, data, r.env, resume)
+    fraction = r.counted.macs_after / max(1, r.counted.macs)
 
     def end_finetune(epoch, loss, acc):
         test_acc = evaluate(model, data, run.eval_batch_size, run.device, phase="finetune")
-        _emit(on_event, env, Event("finetune", epoch, cfg.finetune.epochs, loss=loss, accuracy=test_acc,
-                                   macs_fraction=counted.macs_after / max(1, counted.macs), end_of_epoch=True))
+        r.emit(Event("finetune", epoch, cfg.finetune.epochs, loss=loss, accuracy=test_acc, macs_fraction=fraction,
+                     end_of_epoch=True))
 
     if not (resume and resume["stop"]):
-        _train_phase(model, data, cfg.finetune, "finetune", run, env, on_event, start_epoch=start, opt=opt,
-                     sched=sched, after_step=mask_set.apply_, end_epoch=end_finetune, save_state=saver("finetune"))
+        _train_phase(model, data, cfg.finetune, "finetune", run, r.env, r.on_event, start_epoch=start, opt=opt,
+                     sched=sched, after_step=mask_set.apply_, end_epoch=end_finetune, save_state=r.saver("finetune"))
     mask_set.detach()
-    timings["finetune"] = time.perf_counter() - t0
-    metrics["after_finetune"] = evaluate(model, data, run.eval_batch_size, run.device, phase="finetune")
-    in_sync = D.ranks_agree(model, env)
+    r.timings["finetune"] = time.perf_counter() - t0
+    r.metrics["after_finetune"] = evaluate(model, data, run.eval_batch_size, run.device, phase="finetune")
+    return mask_set
+
+
+def _finish(r: _FinetuneRun, mask_set: MaskSet) -> RunResult:
+    """The report, the checkpoint (the thinned weights and their plan) and report.json, by rank 0."""
+    cfg, env, sp, metrics, budget = r.cfg, r.env, r.sp, r.metrics, r.budget
+    in_sync = D.ranks_agree(r.model, env)
     if not in_sync:
         raise RuntimeError("ranks ended with different weights; the run is not reproducible")
-    timings["total"] = time.perf_counter() - t_start
+    r.timings["total"] = time.perf_counter() - r.t_start
     budget_row = None
     if budget is not None:
-        budget_row = {m: {"asked": budget.targets.get(m), "reached": reached[m]} for m in reached}
+        budget_row = {m: {"asked": budget.targets.get(m), "reached": r.reached[m]} for m in r.reached}
         budget_row.update({"measure": "gemm macs" if "shape" in cfg.structures else "macs",
                            "tolerance": budget.tolerance, "met_at": metrics.get("budget_met_at"),
-                           "checked_every": check_interval(steps, cfg.budget_every)})
+                           "checked_every": check_interval(r.steps, cfg.budget_every)})
     report = build_report(
-        spec, data.name, counted,
+        r.spec, r.data.name, r.counted,
         {"before": metrics["before"], "after_sparsify": metrics.get("after_sparsify"),
          "after_finetune": metrics["after_finetune"]},
-        method=cfg.method, groups=group_zeros,
+        method=cfg.method, groups=sp.lasso,
         extra={"structures": list(cfg.structures), "lambdas": dict(sp.lambdas), "solver": cfg.solver,
                "weighting": cfg.weighting, "target_flops": cfg.target_flops, "target_params": cfg.target_params,
-               "budget": budget_row,
-               "align": cfg.align, "widths": widths, "thinned": metrics.get("thinned"),
+               "budget": budget_row, "align": cfg.align, "widths": r.widths, "thinned": metrics.get("thinned"),
                "forced_groups": metrics.get("forced_groups", 0), "masked_weights": mask_set.zeros,
-               "wall_time_s": timings, "world_size": env.world_size, "ranks_in_sync": in_sync,
+               "wall_time_s": r.timings, "world_size": env.world_size, "ranks_in_sync": in_sync,
                "weight_sparsity": sp.zero_fraction() if cfg.method == "l1" else None},
     )
-    path = out / SPARSE
+    path = r.out / SPARSE
     if env.is_main:
-        save_checkpoint(path, Checkpoint("sparse", spec, model.state_dict(), masks=mask_set.state(),
+        save_checkpoint(path, Checkpoint("sparse", r.spec, r.model.state_dict(), masks=mask_set.state(),
                                          config=to_plain(cfg), metrics=metrics, report=report,
-                                         thin=thinned["plan"].to_dict() if thinned["plan"] is not None else {}))
-        atomic_write_json(report, out / REPORT)
-        (out / STATE).unlink(missing_ok=True)
+                                         thin=r.plan.to_dict() if r.plan is not None else {}))
+        atomic_write_json(report, r.out / REPORT)
+        (r.out / STATE).unlink(missing_ok=True)
     D.barrier(env)
-    return RunResult(path, report, out / REPORT)
+    return RunResult(path, report, r.out / REPORT)
 
 
-def _thin(model, spec, masks, thinned, metrics, env, on_event) -> dict[str, torch.Tensor]:
+def _thin(r: _FinetuneRun, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Slice the zero channels out of the model before fine-tuning; returns the masks cut the same way.
 
     Checked in `thin`: the thinned model must give the masked model's outputs, else it stays as it was and
-    the run says why (fine-tuning then runs on the full model, as it would without --thin).
+    the run says why (fine-tuning then runs on the full model, as it would with --no-thin).
     """
-    result = thin(model, spec.input_shape)
+    result = thin(r.model, r.spec.input_shape)
     if not result.applied:
-        metrics["thinned"] = {"applied": False, "reason": result.reason}
-        _emit(on_event, env, Event("info", message=f"fine-tuning the full model: {result.reason}"))
+        r.metrics["thinned"] = {"applied": False, "reason": result.reason}
+        r.emit(Event("info", message=f"fine-tuning the full model: {result.reason}"))
         return masks
-    thinned["plan"] = result.plan
-    metrics["thinned"] = {"applied": True, "params_before": result.params_before,
-                          "params_after": result.params_after, "summary": result.plan.summary()}
-    _emit(on_event, env, Event("info", message=f"fine-tuning the thinned model: {result.params_before} -> "
-                                               f"{result.params_after} parameters; {result.plan.summary()}"))
+    r.plan = result.plan
+    r.metrics["thinned"] = {"applied": True, "params_before": result.params_before,
+                            "params_after": result.params_after, "summary": result.plan.summary()}
+    r.emit(Event("info", message=f"fine-tuning the thinned model: {result.params_before} -> "
+                                 f"{result.params_after} parameters; {result.plan.summary()}"))
     return slice_tensors(masks, result.plan)
 
 
