@@ -387,18 +387,7 @@ def _sparsify_phase(r: _FinetuneRun) -> None:
         raise TrainingError(f"{source} already compute a constant before sparsify (every channel of some layer "
                             "is zero, so the output does not depend on the input); give weights whose every "
                             "layer has a nonzero channel")
-    budget = r.budget = Budget(cfg.targets()) if cfg.targets() else None
-    controllers: dict[str, BudgetController] = {}
-    if budget is not None:
-        floors = sp.floors()
-        names = {"macs": ("FLOPs", "MACs"), "params": ("parameters", "parameters")}
-        for metric, target in budget.targets.items():
-            if target < floors[metric]:
-                asked, what = names[metric]
-                raise ConfigError(f"target {asked} {target:.3f} is impossible: with structures "
-                                  f"{', '.join(cfg.structures)} at most {1 - floors[metric]:.1%} of the {what} "
-                                  "can be removed")
-            controllers[metric] = BudgetController(target, cfg.sparsify.epochs, start=dict(sp.lambdas))
+    budget, controllers = _budget(r)
     r.steps = data.num_batches("train", cfg.sparsify.batch_size, world_size=env.world_size, drop_last=True)
     if r.resume:
         sp.lambdas = dict(r.resume["lambdas"])
@@ -452,9 +441,36 @@ def _sparsify_phase(r: _FinetuneRun) -> None:
         _train_phase(model, data, cfg.sparsify, "sparsify", run, env, r.on_event, start_epoch=start, opt=opt,
                      sched=sched, extra_loss=sp.extra_loss(), after_step=after_step, end_epoch=end_sparsify,
                      save_state=r.saver("sparsify"))
+    _land(r)
+    r.timings["sparsify"] = time.perf_counter() - t0
+    r.resume = None
+
+
+def _budget(r: _FinetuneRun) -> tuple[Budget | None, dict[str, BudgetController]]:
+    """The budget the options ask for, refused when the structures cannot reach it, and its controllers."""
+    cfg, sp = r.cfg, r.sp
+    budget = r.budget = Budget(cfg.targets()) if cfg.targets() else None
+    controllers: dict[str, BudgetController] = {}
+    if budget is None:
+        return None, controllers
+    floors = sp.floors()
+    names = {"macs": ("FLOPs", "MACs"), "params": ("parameters", "parameters")}
+    for metric, target in budget.targets.items():
+        if target < floors[metric]:
+            asked, what = names[metric]
+            raise ConfigError(f"target {asked} {target:.3f} is impossible: with structures "
+                              f"{', '.join(cfg.structures)} at most {1 - floors[metric]:.1%} of the {what} "
+                              "can be removed")
+        controllers[metric] = BudgetController(target, cfg.sparsify.epochs, start=dict(sp.lambdas))
+    return budget, controllers
+
+
+def _land(r: _FinetuneRun) -> None:
+    """After the sparsify epochs: widths aligned, the budget met by ranking, the network still connected."""
+    cfg, run, sp, metrics = r.cfg, r.cfg.run, r.sp, r.metrics
     forced = sp.align_down(cfg.align)
-    if budget is not None and not budget.met(sp.fractions()):
-        zeroed = sp.enforce(budget, cfg.align)
+    if r.budget is not None and not r.budget.met(sp.fractions()):
+        zeroed = sp.enforce(r.budget, cfg.align)
         forced += zeroed
         r.emit(Event("info", message=f"budget not met by lambda alone: zeroed the {zeroed} weakest removable "
                                      "groups"))
@@ -463,11 +479,9 @@ def _sparsify_phase(r: _FinetuneRun) -> None:
             "sparsify cut the network: every channel of some layer is zero, so the output no longer "
             "depends on the input; lower the strength (--strength/--lambda) or set --target-flops")
     metrics["forced_groups"] = metrics.get("forced_groups", 0) + forced
-    metrics["after_sparsify"] = evaluate(model, data, run.eval_batch_size, run.device, phase="sparsify")
+    metrics["after_sparsify"] = evaluate(r.model, r.data, run.eval_batch_size, run.device, phase="sparsify")
     metrics["macs_fraction_after_sparsify"] = sp.macs_fraction()
     metrics["fractions_after_sparsify"] = sp.fractions()
-    r.timings["sparsify"] = time.perf_counter() - t0
-    r.resume = None
 
 
 def _thin_phase(r: _FinetuneRun) -> dict[str, torch.Tensor]:
