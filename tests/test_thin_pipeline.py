@@ -100,3 +100,10 @@ def test_resumed_thinned_fine_tuning_ends_where_the_whole_run_does(thinned_run, 
     a = load_checkpoint(out / "sparse.pt").state_dict
     b = load_checkpoint(tmp_path / "cut" / "sparse.pt").state_dict
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_report_sets_one_shot_pruning_of_the_same_budget_beside_sparsify(thinned_run):
+    _, result = thinned_run
+    accuracy = result.report["accuracy"]
+    assert 0.0 <= accuracy["one_shot_same_budget"] <= 1.0
+    assert list(accuracy) == ["before", "one_shot_same_budget", "after_sparsify", "after_finetune"]
