@@ -59,24 +59,35 @@ def _temp_for(path: Path) -> tuple[int, str]:
     return tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
 
 
-def _atomic(path: str | Path, write, mode: str) -> None:
-    path = Path(path)
+def _write_temp(path: Path, write, mode: str) -> Path:
+    """`write(file)` into a temporary file beside `path`, synced, with the mode a plain open() would give;
+    returns its path. On failure the temporary file is gone and an OSError names `path`, not it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _temp_for(path)
     try:
-        with os.fdopen(fd, mode) as f:
-            try:
+        try:
+            with os.fdopen(fd, mode) as f:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
-            except OSError as exc:  # name the output the user gave, not our temporary file
-                raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        except OSError as exc:  # name the output the user gave, not our temporary file
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
-        os.replace(tmp, path)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def _atomic(path: str | Path, write, mode: str) -> None:
+    path = Path(path)
+    tmp = _write_temp(path, write, mode)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -132,28 +143,16 @@ def check_distinct_paths(outputs: Sequence[tuple[str, str | Path | None]],
 def atomic_write_group(items: Sequence[tuple[str | Path, bytes]]) -> None:
     """Write several files all-or-nothing: every one to a temporary file in its own folder first, then
     rename them together. If a write fails, every temporary file is removed and every old file stays."""
-    temps: list[tuple[str, Path]] = []
+    temps: list[tuple[Path, Path]] = []
     try:
         for path, data in items:
             path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = _temp_for(path)
-            temps.append((tmp, path))
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-            except OSError as exc:  # name the output the user gave, not our temporary file
-                raise OSError(exc.errno, exc.strerror, str(path)) from exc
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
+            temps.append((_write_temp(path, lambda f, data=data: f.write(data), "wb"), path))
         for tmp, path in temps:
             os.replace(tmp, path)
     except BaseException:
         for tmp, _ in temps:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
         raise
 
 
