@@ -63,6 +63,16 @@ class ModelCount:
         raise KeyError(name)
 
 
+@dataclass(frozen=True)
+class Removal:
+    """What deleting the zero groups removes: root channel ids, layers, residual branches and their modules."""
+
+    channels: frozenset[int]
+    layers: frozenset[str]
+    blocks: tuple[str, ...]
+    modules: frozenset[str]
+
+
 class Counter:
     """Counts a model repeatedly (every epoch) without re-tracing it."""
 
@@ -78,7 +88,8 @@ class Counter:
     @torch.no_grad()
     def count(self) -> ModelCount:
         st = self.structure
-        dead, removed_layers, blocks_removed, removed_modules = self._dead(with_blocks=True)
+        gone = self.removal()
+        dead, removed_layers, blocks_removed, removed_modules = gone.channels, gone.layers, gone.blocks, gone.modules
         layer_counts = [self._count_layer(lay, dead, removed_layers) for lay in st.layers.values()]
         params_total = sum(p.numel() for p in self.model.parameters())
         params_after = params_total - sum(lc.params - lc.params_after for lc in layer_counts)
@@ -95,8 +106,9 @@ class Counter:
             dead_channels=len(dead),
         )
 
-    def _dead(self, with_blocks: bool = False):
-        """The channel ids that go (zero filters, unread channels, and the cascade) and the layers that go."""
+    def removal(self) -> Removal:
+        """What the export deletes, by the weights as they are now: channel ids (zero filters, unread channels,
+        and the cascade), layers, and residual branches."""
         st, params = self.structure, self.params
         removed_modules: set[str] = set()
         blocks_removed = []
@@ -124,15 +136,14 @@ class Counter:
             if not newly:
                 break
             dead |= newly
-        if with_blocks:
-            return dead, removed_layers, blocks_removed, removed_modules
-        return dead, removed_layers
+        return Removal(frozenset(dead), frozenset(removed_layers), tuple(blocks_removed), frozenset(removed_modules))
 
     @torch.no_grad()
     def nonzeros_after(self) -> dict[str, int]:
         """Nonzero weights each layer keeps once its dead channels are deleted, by weight name: what the
         compact model holds (an unstructured model at the same sparsity keeps as many)."""
-        dead, removed_layers = self._dead()
+        gone = self.removal()
+        dead, removed_layers = gone.channels, gone.layers
         st, out = self.structure, {}
         for lay in st.layers.values():
             name = f"{lay.name}.weight"

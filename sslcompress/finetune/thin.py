@@ -146,7 +146,7 @@ def _depthwise(lay: Layer) -> bool:
 
 def _removable_ids(model: nn.Module, input_shape: tuple[int, ...], st: ModelStructure) -> set[int]:
     """Root ids the MAC counter deletes and a torch model can lose by slicing its tensors."""
-    dead, _ = Counter(model, input_shape, st)._dead()
+    dead = Counter(model, input_shape, st).removal().channels
     # A channel can be sliced out only where some layer writes it: ids that enter otherwise (model input,
     # the pixels an MLP flattens, the output of an op we do not know) come from a tensor we cannot shrink.
     written = {i for lay in st.layers.values() if lay.groups == 1 for i in lay.out_ids}
