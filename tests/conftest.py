@@ -56,3 +56,41 @@ def broken_surgery(monkeypatch):
         return res
 
     monkeypatch.setattr(surgery_passes, "prune_dead_channels", broken)
+
+
+@pytest.fixture()
+def sparse_ckpt(tmp_path):
+    """A LeNet-5 checkpoint whose conv1 filters 6.. are exactly zero: something for the surgery to cut."""
+    from sslcompress.finetune.checkpoint import Checkpoint, save_checkpoint
+    from sslcompress.models import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    spec = ModelSpec("lenet5", 10, 1, (28, 28))
+    m = build_model(spec)
+    with torch.no_grad():
+        m.conv1.weight[6:] = 0
+        m.conv1.bias[6:] = 0
+    path = tmp_path / "sparse.pt"
+    save_checkpoint(path, Checkpoint("sparse", spec, m.state_dict()))
+    return path
+
+
+@pytest.fixture()
+def fail_writes(monkeypatch):
+    """`fail_writes(name)`: from then on, writing the temporary file of an output named `name` fails as a
+    full disk does (ENOSPC), so tests see what the atomic writers leave behind."""
+    import sslcompress.io as sio
+
+    real = sio.os.fdopen
+
+    def arm(name: str) -> None:
+        def fdopen(fd, mode="r", *a, **k):
+            f = real(fd, mode, *a, **k)
+            if name in sio.os.readlink(f"/proc/self/fd/{fd}"):
+                f.close()
+                raise OSError(28, "No space left on device")
+            return f
+
+        monkeypatch.setattr(sio.os, "fdopen", fdopen)
+
+    return arm

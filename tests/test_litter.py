@@ -191,32 +191,11 @@ def test_memory_probe_child_dies_with_a_killed_bench(tmp_path):
     _wait_for(gone, timeout=30)
 
 
-def test_bench_models_dir_is_written_with_the_other_outputs(tmp_path, monkeypatch):
+def test_bench_models_dir_is_written_with_the_other_outputs(tmp_path, monkeypatch, sparse_ckpt, fail_writes):
     """--models-dir belongs to the all-or-none group: a failed --markdown write leaves no model behind."""
-    import torch
-
-    from sslcompress.finetune.checkpoint import Checkpoint, save_checkpoint
-    from sslcompress.models import ModelSpec, build_model
-
-    torch.manual_seed(0)
-    spec = ModelSpec("lenet5", 10, 1, (28, 28))
-    m = build_model(spec)
-    with torch.no_grad():
-        m.conv1.weight[3:] = 0
-        m.conv1.bias[3:] = 0
-    ckpt = tmp_path / "sparse.pt"
-    save_checkpoint(ckpt, Checkpoint("sparse", spec, m.state_dict()))
+    ckpt = sparse_ckpt
     models, md = tmp_path / "models", tmp_path / "r.md"
-    real = sio.os.fdopen
-
-    def fdopen(fd, mode="r", *a, **k):
-        f = real(fd, mode, *a, **k)
-        if md.name in sio.os.readlink(f"/proc/self/fd/{fd}"):
-            f.close()
-            raise OSError(28, "No space left on device")
-        return f
-
-    monkeypatch.setattr(sio.os, "fdopen", fdopen)
+    fail_writes(md.name)
     fast = ["--threads", "1", "--batch", "1", "--repeat", "2", "--warmup", "0", "-q"]
     res = CliRunner().invoke(main, ["bench", str(ckpt), *fast, "--models-dir", str(models), "--markdown", str(md)])
     assert res.exit_code == 2, res.output

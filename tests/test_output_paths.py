@@ -3,28 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from click.testing import CliRunner
 
-import sslcompress.io as sio
 from sslcompress.cli import main
-from sslcompress.finetune.checkpoint import Checkpoint, save_checkpoint
-from sslcompress.models import ModelSpec, build_model
 
 FAST = ["--threads", "1", "--batch", "1", "--repeat", "2", "--warmup", "0", "-q"]
-
-
-@pytest.fixture()
-def sparse_ckpt(tmp_path):
-    torch.manual_seed(0)
-    spec = ModelSpec("lenet5", 10, 1, (28, 28))
-    m = build_model(spec)
-    with torch.no_grad():
-        m.conv1.weight[6:] = 0
-        m.conv1.bias[6:] = 0
-    path = tmp_path / "sparse.pt"
-    save_checkpoint(path, Checkpoint("sparse", spec, m.state_dict()))
-    return path
 
 
 @pytest.fixture()
@@ -112,19 +95,10 @@ def test_export_failed_verification_keeps_old_uncut(sparse_ckpt, tmp_path, broke
     assert uncut.read_bytes() == b"old uncut" and not out.exists()
 
 
-def test_surgery_failing_report_writer_leaves_old_model(uncut_onnx, tmp_path, monkeypatch):
+def test_surgery_failing_report_writer_leaves_old_model(uncut_onnx, tmp_path, fail_writes):
     out, rep = tmp_path / "c.onnx", tmp_path / "r.json"
     out.write_bytes(b"old compact")
-    real = sio.os.fdopen
-
-    def fdopen(fd, mode="r", *a, **k):
-        f = real(fd, mode, *a, **k)
-        if str(rep.name) in sio.os.readlink(f"/proc/self/fd/{fd}"):
-            f.close()
-            raise OSError(28, "No space left on device")
-        return f
-
-    monkeypatch.setattr(sio.os, "fdopen", fdopen)
+    fail_writes(rep.name)
     res = CliRunner().invoke(main, ["surgery", str(uncut_onnx), "-o", str(out), "--report", str(rep)])
     line = _refused(res, str(rep))
     assert ".tmp" not in line
