@@ -44,6 +44,12 @@ def _one_error_line(res) -> str:
     (["--lambda", "filter=nan"], "--lambda filter="),
     (["--seed", "-1"], "--seed"),
     (["--seed", str(2**40)], "--seed"),
+    (["--target-params", "0"], "(0, 1]"),
+    (["--target-params", "nan"], "--target-params"),
+    (["--align", "0"], "--align"),
+    (["--align", "-8"], "--align"),
+    (["--budget-every", "0"], "--budget-every"),
+    (["--method", "l1", "--align", "4"], "needs --method ssl"),
 ])
 def test_flag_values_refused(tmp_path, args, words):
     out = tmp_path / "run"
@@ -89,6 +95,17 @@ def test_cuda_without_gpu_refused(tmp_path):
     ("model = 7", "model (--model)"),
     ('resume = "yes"', "resume"),
     ("sparsify = 3", "sparsify"),
+    ("target_params = 0", "target_params (--target-params) must be a number in (0, 1]"),
+    ("target_params = 1.5", "target_params (--target-params)"),
+    ('target_params = "half"', "target_params (--target-params)"),
+    ("align = 0", "align (--align) must be a whole number"),
+    ("align = 2.5", "align (--align)"),
+    ("align = true", "align (--align)"),
+    ("budget_every = 0", "budget_every (--budget-every) must be a whole number >= 1"),
+    ('method = "l1"\ntarget_params = 0.5', "--target-params needs --method ssl"),
+    ('method = "l1"\nalign = 8', "--align needs --method ssl"),
+    ('structures = ["shape"]\nalign = 8', "needs filter or channel"),
+    ('thin = "yes"', "thin (--thin/--no-thin)"),
 ])
 def test_recipe_values_refused(tmp_path, recipe, words):
     path = tmp_path / "recipe.toml"
