@@ -74,6 +74,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from surgery_resnet import csv, log, randomize_bn  # beside this script: the same helpers and BN statistics
 from torch import nn
 
 from sslcompress.finetune.groups import ParamGroup, build_groups
@@ -102,14 +103,6 @@ COMPARISONS = (("unaligned", "align8"), ("unaligned", "align16"), ("align8-1", "
 RTOL_OF_MAX = 1e-4  # the library's verification criterion, reused for the check before timing
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def csv(text: str, kind=str) -> list:
-    return [kind(x.strip()) for x in text.split(",") if x.strip()]
-
-
 def git(*argv: str) -> str | None:
     try:
         return subprocess.run(["git", *argv], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
@@ -119,18 +112,6 @@ def git(*argv: str) -> str | None:
 
 # ---------------------------------------------------------------------------------------------
 # The model and its widths
-
-
-@torch.no_grad()
-def randomize_bn(model: nn.Module, gen: torch.Generator) -> None:
-    """Trained-looking BN statistics: with unit var and zero mean, folding would be a no-op."""
-    for bn in model.modules():
-        if isinstance(bn, nn.BatchNorm2d):
-            n = bn.num_features
-            bn.running_var.copy_(0.5 + torch.rand(n, generator=gen))
-            bn.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
-            bn.weight.copy_(0.5 + torch.rand(n, generator=gen))
-            bn.bias.copy_(0.1 * torch.randn(n, generator=gen))
 
 
 def dense_model(name: str, seed: int) -> tuple[nn.Module, ModelSpec]:
