@@ -29,7 +29,9 @@ class DemoPaths:
 
     @property
     def unstructured(self) -> Path:
-        return self.out / "unstructured.pt"
+        from .finetune.unstructured import UNSTRUCTURED
+
+        return self.out / UNSTRUCTURED
 
     @property
     def uncut(self) -> Path:

@@ -241,7 +241,9 @@ def find_sources(target: str | Path | None) -> Sources:
         if not sparse.is_file():
             raise CheckpointError(f"{p} holds no sparse.pt (run `sslcompress finetune --out {p}` first), or give"
                                   " a checkpoint file")
-        unstructured = p / "unstructured.pt"
+        from ..finetune.unstructured import UNSTRUCTURED as BASELINE
+
+        unstructured = p / BASELINE
         return Sources(sparse, pre if pre.is_file() else None, None,
                        unstructured if unstructured.is_file() else None)
     if p.suffix.lower() == ".onnx":
@@ -268,13 +270,15 @@ def _cut(uncut: onnx.ModelProto, what: str) -> onnx.ModelProto:
     return result.model
 
 
-def load_override(path: str | Path, flag: str) -> onnx.ModelProto:
+def load_override(path: str | Path, flag: str | None = None) -> onnx.ModelProto:
+    """An ONNX model the user named; `flag` is the option that named it, said in the error (a positional
+    target needs no prefix: the message already names the file)."""
     from ..surgery.export import load_onnx
 
     try:
         return load_onnx(path)
     except UnsupportedModelError as exc:
-        if flag.startswith("-"):  # the message names the file; say which option gave it
+        if flag is not None:
             raise UnsupportedModelError(f"{flag}: {exc}") from exc
         raise
 
@@ -299,7 +303,7 @@ def build_variants(target: str | Path | None = None, *, dense: str | Path | None
     uncut_what = ""
     if need_uncut:
         if src.onnx is not None:
-            uncut, uncut_what = load_override(src.onnx, str(src.onnx)), f"{src.onnx}"
+            uncut, uncut_what = load_override(src.onnx), f"{src.onnx}"
         elif src.sparse is not None:
             say(f"exporting {src.sparse}")
             uncut, ckpt = _export(src.sparse)

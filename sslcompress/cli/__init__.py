@@ -33,6 +33,7 @@ def _usage_line(exc: click.ClickException) -> str:
 
 
 _stopping = threading.Event()  # set once an interruption reached the command's handler and cleanup runs
+_signalled = threading.Event()  # set by the first SIGTERM: its watcher resends it until the stop arrives
 
 
 def _terminated(signum: int, _frame: Any) -> None:
@@ -42,8 +43,8 @@ def _terminated(signum: int, _frame: Any) -> None:
         return
     # An exception raised from a signal handler can be lost inside C code (an extension module's import
     # swallows it): until the stop is seen to arrive, the signal is sent again every half second.
-    if not getattr(_terminated, "watching", False):
-        _terminated.watching = True  # type: ignore[attr-defined]
+    if not _signalled.is_set():
+        _signalled.set()
 
         def again() -> None:
             while not _stopping.wait(0.5):
@@ -66,7 +67,7 @@ class _Group(click.Group):
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except (SystemExit, KeyboardInterrupt) as exc:
-            if getattr(_terminated, "watching", False):
+            if _signalled.is_set():
                 # Stopped by SIGTERM, cleanup done while unwinding: leave now. An interruption that an extension
                 # module swallowed can resurface during the interpreter's shutdown and turn exit code 130 into
                 # a death by SIGINT.
