@@ -33,3 +33,9 @@ class TrainingError(SSLCompressError):
 
 class SurgeryError(SSLCompressError):
     """A surgery pass wrote an invalid graph: a bug in a rule, reported instead of a broken file."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's first line, cut to `limit` characters (its type's name when it says nothing): what a
+    one-line message of ours quotes from a library's error."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

@@ -163,7 +163,7 @@ def _check_runs(model, shape: tuple[int, ...], given: str) -> None:
     """One forward pass at the override shape, so a misfit is one sentence, not an exporter trace."""
     import torch
 
-    from ..errors import ConfigError
+    from ..errors import ConfigError, first_line
 
     was_training = model.training
     model.eval()
@@ -171,7 +171,7 @@ def _check_runs(model, shape: tuple[int, ...], given: str) -> None:
         with torch.no_grad():
             model(torch.zeros(shape))
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc)
         raise ConfigError(f"the checkpoint's model cannot run on --input-shape {given}: {first}") from exc
     finally:
         model.train(was_training)

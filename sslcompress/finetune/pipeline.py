@@ -31,7 +31,14 @@ from ..config import (
     to_plain,
 )
 from ..data import ImageData, load_data
-from ..errors import CheckpointError, ConfigError, SSLCompressError, TrainingError, UnsupportedModelError
+from ..errors import (
+    CheckpointError,
+    ConfigError,
+    SSLCompressError,
+    TrainingError,
+    UnsupportedModelError,
+    first_line,
+)
 from ..io import atomic_torch_save, atomic_write_json, run_lock
 from ..models import ModelSpec, build_model
 from . import distributed as D
@@ -119,7 +126,7 @@ def check_trainable(model: nn.Module, spec: ModelSpec, device: str) -> None:
         with torch.no_grad():
             out = model(torch.zeros((2, *spec.input_shape[1:]), device=device))
     except Exception as exc:  # noqa: BLE001 - any failure of the user's forward is theirs to see, in one line
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc)
         raise UnsupportedModelError(f"model {spec.name} cannot run on the data's images (a batch of shape "
                                     f"2x{'x'.join(map(str, spec.input_shape[1:]))}): {first}") from exc
     finally:

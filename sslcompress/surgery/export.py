@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 from torch import nn
 
-from ..errors import ConfigError, UnsupportedModelError, VerificationError
+from ..errors import ConfigError, UnsupportedModelError, VerificationError, first_line
 from ..finetune.checkpoint import load_checkpoint
 from ..io import atomic_write_bytes
 
@@ -226,7 +226,7 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, RuntimeError) as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = first_line(exc)
         raise UnsupportedModelError(
             f"{p} is an ONNX model that onnx {onnx.__version__} rejects (IR {model.ir_version}, "
             f"opsets {_opsets(model)}): {first}"
