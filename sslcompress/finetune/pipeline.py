@@ -56,6 +56,7 @@ from .loop import (
     train_epoch,
 )
 from .masks import MaskSet
+from .progressive import MIN_SAVING, ProgressiveThinner, compose
 from .report import build_report
 from .sparsifier import BudgetWatch, Sparsifier
 from .thin import ThinPlan, apply_plan, slice_tensors, thin
@@ -311,6 +312,7 @@ class _FinetuneRun:
     counted: Any = None  # the count before thinning, in the model's own architecture
     reached: dict[str, float] = field(default_factory=dict)
     widths: Any = None
+    dense_totals: tuple[int, int] = (1, 1)  # MACs and parameters of the dense model in its own architecture
 
     @property
     def out(self) -> Path:
@@ -387,10 +389,12 @@ def _pretrain_phase(r: _FinetuneRun) -> None:
 
 
 def _sparsify_phase(r: _FinetuneRun) -> None:
-    """The regulariser and its budget; the sparsify epochs (unless resumed past them); the budget landed."""
+    """The regulariser and its budget; the sparsify epochs (unless resumed past them), the model thinned as
+    channels die; the budget landed."""
     cfg, run, model, data, env = r.cfg, r.cfg.run, r.model, r.data, r.env
-    sp = r.sp = Sparsifier(model, r.spec, cfg)
-    if r.resume is None and not sp.connected():  # no strength is to blame here: the weights came that way
+    r.sp = Sparsifier(model, r.spec, cfg)
+    r.dense_totals = r.sp.dense_totals()
+    if r.resume is None and not r.sp.connected():  # no strength is to blame here: the weights came that way
         source = f"the weights of {run.weights}" if run.weights else "the model"
         raise TrainingError(f"{source} already compute a constant before sparsify (every channel of some layer "
                             "is zero, so the output does not depend on the input); give weights whose every "
@@ -400,9 +404,11 @@ def _sparsify_phase(r: _FinetuneRun) -> None:
         _one_shot(r)
     r.steps = data.num_batches("train", cfg.sparsify.batch_size, world_size=env.world_size, drop_last=True)
     if r.resume:
-        sp.lambdas = dict(r.resume["lambdas"])
+        r.sp.lambdas = dict(r.resume["lambdas"])
     if r.resume is not None and not r.resumes("sparsify"):
         return  # resumed in fine-tuning: sparsify finished before the interruption
+    if r.resume is not None and r.plan is not None:
+        _rethin(r)  # the interrupted sparsify had thinned the model
     resume, metrics = r.resume, r.metrics
     t0 = time.perf_counter()
     start = 0
@@ -413,20 +419,40 @@ def _sparsify_phase(r: _FinetuneRun) -> None:
     done_early = bool(resume and resume["stop"])
     watch = None
     if budget is not None and not done_early and start < cfg.sparsify.epochs:
-        watch = BudgetWatch(sp, budget, controllers, steps_per_epoch=r.steps, every=cfg.budget_every,
+        watch = BudgetWatch(r.sp, budget, controllers, steps_per_epoch=r.steps, every=cfg.budget_every,
                             align=cfg.align, epoch=start)
+    thinner = _thinner(r)
+    box: dict[str, Any] = {}
 
     def tell():
         for message in (watch.take_messages() if watch is not None else []):
             r.emit(Event("info", message=message))
 
+    def thin_now(min_saving: float) -> None:
+        if thinner is None or not thinner.worth_it(r.sp, min_saving):
+            return
+        done = thinner.thin(r.sp, box["opt"])
+        if done is None:
+            r.emit(Event("info", message=f"sparsify goes on with the full model: {thinner.failed}"))
+            return
+        r.sp, r.plan = done.sparsifier, thinner.plan
+        box["step"] = r.sp.after_step(box["opt"])
+        if watch is not None:
+            watch.rebind(r.sp)
+        r.emit(Event("info", message=f"sparsify thinned the model: {done.params_before} -> {done.params_after} "
+                                     f"parameters; {done.summary}"))
+
     def end_sparsify(epoch, loss, acc):
         stop = watch.end_epoch() if watch is not None else False
+        if watch is not None:
+            watch.checked = False  # the epoch's last check: the next epoch's first steps are not at a check
         tell()
+        if not stop and epoch + 1 < cfg.sparsify.epochs:
+            thin_now(0.0)  # before the resume state: a resumed run starts from the same thinned model
         test_acc = evaluate(model, data, run.eval_batch_size, run.device, phase="sparsify")
         r.emit(Event("sparsify", epoch, cfg.sparsify.epochs, loss=loss, accuracy=test_acc,
-                     macs_fraction=sp.macs_fraction(), zero_groups=sp.zero_fraction(), lambdas=dict(sp.lambdas),
-                     end_of_epoch=True))
+                     macs_fraction=r.sp.macs_fraction(), zero_groups=r.sp.zero_fraction(),
+                     lambdas=dict(r.sp.lambdas), end_of_epoch=True))
         if watch is not None:
             metrics["forced_groups"] = metrics.get("forced_groups", 0) + watch.forced
             watch.forced = 0
@@ -435,25 +461,49 @@ def _sparsify_phase(r: _FinetuneRun) -> None:
         return stop
 
     if not done_early:
-        opt_box = {}
-
         def after_step():
             if watch is None or not watch.holding:
-                opt_box["step"]()
+                box["step"]()
             if watch is not None:
                 watch.after_step()
                 tell()
+                if watch.checked:  # the weights a check just kept: thinning here leaves its copy valid
+                    watch.checked = False
+                    thin_now(MIN_SAVING)
 
         if opt is None:
             opt = make_optimizer(model, cfg.sparsify)
             sched = make_schedule(opt, cfg.sparsify, r.steps)
-        opt_box["step"] = sp.after_step(opt)
+        box["opt"], box["step"] = opt, r.sp.after_step(opt)
+        penalty = r.sp.extra_loss()
+        # The penalty of whichever sparsifier is current: thinning replaces it mid-phase.
+        extra_loss = (lambda: r.sp.extra_loss()()) if penalty is not None else None
         _train_phase(model, data, cfg.sparsify, "sparsify", run, env, r.on_event, start_epoch=start, opt=opt,
-                     sched=sched, extra_loss=sp.extra_loss(), after_step=after_step, end_epoch=end_sparsify,
+                     sched=sched, extra_loss=extra_loss, after_step=after_step, end_epoch=end_sparsify,
                      save_state=r.saver("sparsify"))
+    if thinner is not None and thinner.count:
+        metrics["thinned_in_sparsify"] = thinner.count
     _land(r)
     r.timings["sparsify"] = time.perf_counter() - t0
     r.resume = None
+
+
+def _thinner(r: _FinetuneRun) -> ProgressiveThinner | None:
+    """Thinning during sparsify, unless thinning is off, the method is l1 (no channel dies whole), or DDP runs
+    (its wrapper holds the parameters it was built with until the phase ends)."""
+    if not (r.cfg.thin and r.cfg.method == "ssl") or r.env.world_size > 1:
+        return None
+    return ProgressiveThinner(r.spec, r.cfg, r.dense_totals, r.plan)
+
+
+def _rethin(r: _FinetuneRun) -> None:
+    """A resumed sparsify whose model was thinned: the full model (loaded by _start) cut to the plan again and
+    the resumed weights loaded into it, with a sparsifier of the thinned model."""
+    lambdas = r.sp.lambdas
+    apply_plan(r.model, r.plan)
+    load_weights(r.model, r.resume["model_state"], source=str(r.out / STATE))
+    r.sp = Sparsifier(r.model, r.spec, r.cfg, reference=r.dense_totals)
+    r.sp.lambdas = lambdas
 
 
 def _budget(r: _FinetuneRun) -> tuple[Budget | None, dict[str, BudgetController]]:
@@ -509,17 +559,32 @@ def _land(r: _FinetuneRun) -> None:
 def _thin_phase(r: _FinetuneRun) -> dict[str, torch.Tensor]:
     """The counts (before thinning, in the model's own architecture: fine-tuning never revives a masked zero,
     so they hold for the final model too), then the masks, with the model thinned where it can be."""
-    sp, cfg = r.sp, r.cfg
+    cfg, live = r.cfg, r.sp
+    if r.plan is not None and r.resume is None:
+        r.sp = _full_sparsifier(r)  # sparsify thinned the model: count and report in its own architecture
+    sp = r.sp
     r.counted, r.reached = sp.counter.count(), sp.fractions()
     r.widths = sp.widths(cfg.align) if (cfg.align or 1) > 1 else None
     if r.resume and r.plan is not None:
         apply_plan(r.model, r.plan)
         load_weights(r.model, r.resume["model_state"], source=str(r.out / STATE))
         return dict(r.resume["masks"])
-    masks = dict(r.resume["masks"]) if r.resume and r.resume.get("masks") else sp.masks()
+    masks = dict(r.resume["masks"]) if r.resume and r.resume.get("masks") else live.masks()
     if cfg.thin and cfg.method == "ssl" and r.resume is None:
         masks = _thin(r, masks)
     return masks
+
+
+def _full_sparsifier(r: _FinetuneRun) -> Sparsifier:
+    """A sparsifier over the model in its own architecture holding the thinned model's weights (zeros where
+    thinning cut), for the counts and the report."""
+    with torch.random.fork_rng(devices=[]):  # building draws initial weights; the run's random stream stays
+        full = build_model(r.spec)
+    full = full.to(next(r.model.parameters()).device)
+    load_weights(full, expand_tensors(r.model.state_dict(), r.plan), source="the thinned model")
+    sp = Sparsifier(full, r.spec, r.cfg)
+    sp.lambdas = dict(r.sp.lambdas)
+    return sp
 
 
 def _finetune_phase(r: _FinetuneRun, masks: dict[str, torch.Tensor]) -> MaskSet:
@@ -589,19 +654,27 @@ def _thin(r: _FinetuneRun, masks: dict[str, torch.Tensor]) -> dict[str, torch.Te
     """Slice the zero channels out of the model before fine-tuning; returns the masks cut the same way.
 
     Checked in `thin`: the thinned model must give the masked model's outputs, else it stays as it was and
-    the run says why (fine-tuning then runs on the full model, as it would with --no-thin).
+    the run says why (fine-tuning then runs on the model sparsify left, as it would with --no-thin).
     """
+    earlier = r.plan  # what sparsify already thinned
     result = thin(r.model, r.spec.input_shape)
-    if not result.applied:
+    if not result.applied and earlier is None:
         r.metrics["thinned"] = {"applied": False, "reason": result.reason}
         r.emit(Event("info", message=f"fine-tuning the full model: {result.reason}"))
         return masks
-    r.plan = result.plan
-    r.metrics["thinned"] = {"applied": True, "params_before": result.params_before,
-                            "params_after": result.params_after, "summary": result.plan.summary()}
-    r.emit(Event("info", message=f"fine-tuning the thinned model: {result.params_before} -> "
-                                 f"{result.params_after} parameters; {result.plan.summary()}"))
-    return slice_tensors(masks, result.plan)
+    if result.applied:
+        r.plan = compose(earlier, result.plan) if earlier is not None else result.plan
+        masks = slice_tensors(masks, result.plan)
+    else:
+        r.emit(Event("info", message=f"thinning after sparsify left the model as sparsify did: {result.reason}"))
+    params_before = r.dense_totals[1] if earlier is not None else result.params_before
+    params_after = sum(p.numel() for p in r.model.parameters())
+    r.metrics["thinned"] = {"applied": True, "params_before": params_before, "params_after": params_after,
+                            "summary": r.plan.summary(),
+                            "during_sparsify": r.metrics.get("thinned_in_sparsify", 0)}
+    r.emit(Event("info", message=f"fine-tuning the thinned model: {params_before} -> {params_after} parameters; "
+                                 f"{r.plan.summary()}"))
+    return masks
 
 
 def _restore_optimizer(model, opts, data, env, resume):

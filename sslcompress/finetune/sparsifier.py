@@ -49,7 +49,10 @@ class _Item:
 class Sparsifier:
     """The regulariser of one run: group Lasso (ssl) or elementwise l1, proximal or subgradient."""
 
-    def __init__(self, model: nn.Module, spec: ModelSpec, cfg: FinetuneConfig):
+    def __init__(self, model: nn.Module, spec: ModelSpec, cfg: FinetuneConfig, *,
+                 reference: tuple[int, int] | None = None):
+        """`reference`: the MACs and parameters of the dense model in its own architecture, when `model` is that
+        model already thinned; every fraction is of them, so a budget means the same before and after thinning."""
         self.model, self.cfg = model, cfg
         self.input_shape = spec.input_shape
         self.counter = Counter(model, spec.input_shape)
@@ -66,7 +69,7 @@ class Sparsifier:
         if self.lasso is not None and not self.lasso.groups:
             raise ConfigError(f"{spec.name} has no removable {', '.join(cfg.structures)} groups to sparsify")
         self._units: dict[int, list[Unit]] = {}
-        self._dense: tuple[int, int] | None = None
+        self._dense: tuple[int, int] | None = reference
         self._costs: dict[int, tuple[float, float]] | None = None
 
     def extra_loss(self):
@@ -107,8 +110,7 @@ class Sparsifier:
         return float(sum(int(v.sum()) for v in zeros.values())) / max(1, n)
 
     def macs_fraction(self) -> float:
-        c = self.counter.count()
-        return c.macs_gemm_fraction if "shape" in self.cfg.structures else c.macs_fraction
+        return self._fractions(self.counter.count())["macs"]
 
     def masks(self) -> dict[str, torch.Tensor]:
         if self.lasso is not None:
@@ -128,8 +130,9 @@ class Sparsifier:
             self._restore(saved)
 
     def _fractions(self, counted) -> dict[str, float]:
-        macs = counted.macs_gemm_fraction if "shape" in self.cfg.structures else counted.macs_fraction
-        return {"macs": macs, "params": counted.params_after / counted.params if counted.params else 1.0}
+        macs, params = self.dense_totals()
+        after = counted.macs_gemm_after if "shape" in self.cfg.structures else counted.macs_after
+        return {"macs": after / macs, "params": counted.params_after / params}
 
     def floor(self) -> float:
         """A lower bound of the MAC fraction: every removable group zero (what pinned layers keep)."""
@@ -267,7 +270,7 @@ class Sparsifier:
 
     # --- the final ranking ----------------------------------------------------------------------------------
 
-    def _dense_totals(self) -> tuple[int, int]:
+    def dense_totals(self) -> tuple[int, int]:
         if self._dense is None:
             c = self.counter.count()
             self._dense = (max(1, c.macs), max(1, c.params))
@@ -297,7 +300,7 @@ class Sparsifier:
         never its last), weakest first: by norm per square root of what it saves of the dense MACs and
         parameters, each metric weighted by `weights` (how much of it is still to go)."""
         norms = self.lasso.norms()
-        macs, params = self._dense_totals()
+        macs, params = self.dense_totals()
         channel = self._channel_costs()
 
         def saves(kind: str, i: int) -> tuple[float, float]:
@@ -456,6 +459,7 @@ class BudgetWatch:
         self.met_at: dict[str, int] | None = None
         self.forced = 0  # groups zeroed by rank to land on the budget
         self.messages: list[str] = []
+        self.checked = False  # a check just passed above the budget (its weights are the copy): a safe point to thin
         self.start_epoch(epoch)
 
     @property
@@ -508,6 +512,13 @@ class BudgetWatch:
                                                     self.interval)
         self.last_step, self.last_slack = self.step, slack
         self.copy = self.sp.snapshot()
+        self.checked = True
+
+    def rebind(self, sp: Sparsifier) -> None:
+        """Go on with the sparsifier of the thinned model; thinned at a check, so the copy is those weights."""
+        self.sp = sp
+        self.copy = sp.snapshot()
+        self.checked = False
 
     def _hold(self, fr: dict[str, float]) -> None:
         note = ""
