@@ -288,6 +288,13 @@ def render_case(case: dict) -> list[str]:
         lines.append(f"| {LABELS.get(m, m)}{mark} | {_pct(r['error'])} | {_pct(r['macs_fraction'])}{met} | "
                      f"{r['params']} | {compact_widths(r['widths'])} | {r['cpu_s']:.1f} ({r['wall_s']:.1f}) | "
                      f"{ratio} | {_speed(r, 1)} | {_speed(r, 64)} |")
+    parts = []
+    for m, r in case["rows"].items():
+        b = r.get("cpu_breakdown_s")
+        if b:
+            parts.append(f"{LABELS.get(m, m)} " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in b.items()))
+    if parts:
+        lines += ["", "Train CPU seconds by part: " + "; ".join(parts) + "."]
     return lines
 
 
@@ -437,8 +444,11 @@ def run_ours(args, budget: float, out: Path) -> tuple[dict, nn.Module]:
     cfg = build_config(FinetuneConfig, None, ours_overrides(args, budget, out))
     epochs = {"sparsify": 0, "finetune": 0}
     history: list[dict] = []
+    marks: dict[str, float] = {}  # process CPU time at each phase's first optimizer step
 
     def on_event(e) -> None:
+        if e.phase in ("sparsify", "finetune") and e.phase not in marks:
+            marks[e.phase] = time.process_time()
         if e.phase == "info":
             log(f"ours {budget:g}: {e.message}")
         elif e.end_of_epoch:
@@ -452,11 +462,17 @@ def run_ours(args, budget: float, out: Path) -> tuple[dict, nn.Module]:
     log(f"ours {budget:g}: run_finetune into {out}")
     c0, w0 = time.process_time(), time.perf_counter()
     res = run_finetune(cfg, on_event)
-    cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+    c1 = time.process_time()
+    cpu, wall = c1 - c0, time.perf_counter() - w0
+    s0, f0 = marks.get("sparsify", c1), marks.get("finetune", c1)
+    # Up to the first sparsify step: data, model, groups, the evaluation before and the one-shot probe; up to
+    # the first fine-tune step: sparsify, its budget checks, landing and thinning; then fine-tuning, the
+    # report and the checkpoint.
+    breakdown = {"setup": s0 - c0, "sparsify": f0 - s0, "finetune_and_report": c1 - f0}
     rep = res.report
     model = load_checkpoint(res.checkpoint).build()  # its own architecture, zeros where channels went
-    row = {"method": "ours", "cpu_s": cpu, "wall_s": wall, "epochs": {**epochs, "total": sum(epochs.values())},
-           "history": history, "accuracy_torch": rep["accuracy"].get("after_finetune"),
+    row = {"method": "ours", "cpu_s": cpu, "wall_s": wall, "cpu_breakdown_s": breakdown,
+           "epochs": {**epochs, "total": sum(epochs.values())}, "history": history, "accuracy_torch": rep["accuracy"].get("after_finetune"),
            "accuracy_before": rep["accuracy"].get("before"), "accuracy_after_sparsify":
            rep["accuracy"].get("after_sparsify"), "one_shot_same_budget": rep["accuracy"].get("one_shot_same_budget"),
            "report_macs_fraction": rep["totals"]["macs_fraction"], "report_macs_after": rep["totals"]["macs_after"],
@@ -500,6 +516,7 @@ def run_tp(method: str, args, spec: ModelSpec, target: int, epochs: int) -> tupl
         log(f"{method}: finetune epoch {epoch + 1}/{epochs}, loss {loss:.4f}, test acc {acc:.4f}")
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
     row = {"method": method, "cpu_s": cpu, "wall_s": wall, "prune_cpu_s": prune_cpu,
+           "cpu_breakdown_s": {"data_search_prune": prune_cpu, "finetune": cpu - prune_cpu},
            "epochs": {"finetune": epochs, "total": epochs}, "history": history,
            "accuracy_torch": history[-1]["test_accuracy"] if history else accuracy_pruned,
            "accuracy_pruned": accuracy_pruned, "pruning_ratio": search.ratio, "target_met": search.met,
@@ -671,7 +688,8 @@ def run_case(args, budget: float, spec: ModelSpec, dense: dict, dense_bytes: byt
                                               "sparsify_lr", "finetune_epochs", "lr", "strength", "weighting",
                                               "align", "rounds", "warmup", "sample_s", "limit_train", "limit_test",
                                               "eval_batch_size")}
-    settings.update(pretrained=str(args.pretrained), tp_epochs=tp_epochs, methods=list(args.methods))
+    pre = Path(args.pretrained)
+    settings.update(pretrained=str(pre.relative_to(REPO)) if pre.is_relative_to(REPO) else str(pre), tp_epochs=tp_epochs, methods=list(args.methods))
     return {"model": args.model, "budget": budget, "data_name": dense["data_name"], "target_macs": target,
             "mac_counter": "sslcompress.flops.count (torch models); compress() report in onnx_macs",
             "dense": dense_case, "rows": rows, "settings": settings, "machine": info,
