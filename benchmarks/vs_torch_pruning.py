@@ -107,7 +107,7 @@ MODELS: dict[str, dict[str, Any]] = {
                "pretrain_epochs": 12, "pretrain_lr": 0.03, "sparsify_epochs": 10, "finetune_epochs": 8,
                "sparsify_lr": 0.01, "lr": 0.01, "strength": 0.005, "weighting": "macs", "batch_size": 64},
     "resnet20": {"data": f"cifar10:{SHARED / 'cifar10' / 'cifar10_jpeg_q75.npz'}", "budgets": (0.5, 0.3),
-                 "pretrain_epochs": 30, "pretrain_lr": 0.1, "sparsify_epochs": 6, "finetune_epochs": 6,
+                 "pretrain_epochs": 15, "pretrain_lr": 0.1, "sparsify_epochs": 6, "finetune_epochs": 6,
                  "sparsify_lr": 0.05, "lr": 0.01, "strength": 0.02, "weighting": "macs", "batch_size": 64},
 }
 # --quick: LeNet-5 on the bundled digits (1437 training images), a few epochs, a few timing rounds.
@@ -353,7 +353,7 @@ def render_md(doc: dict) -> str:
                 f"{c['rows']['ours']['epochs']['sparsify'] if 'ours' in c['rows'] else '-'}), start lambda "
                 f"{s['strength']:g}, weighting {s['weighting']}, then fine-tune {s['finetune_epochs']} epochs at lr "
                 f"{s['lr']:g} cosine; Torch-Pruning: {s.get('tp_epochs', '-')} epochs at lr {s['lr']:g} cosine "
-                f"(as many as ours trained in all), SGD Nesterov momentum 0.9, no weight decay, both sides; align "
+                f"({s.get('tp_epochs_from', '-')}), SGD Nesterov momentum 0.9, no weight decay, both sides; align "
                 f"{s.get('align') or 'none'}; ORT {s['rounds']} rounds. Pretrained: {s['pretrained']}.")
         lines += ["", "#### Machine", ""]
         for c in mc:
@@ -471,10 +471,11 @@ def run_ours(args, budget: float, out: Path) -> tuple[dict, nn.Module]:
     breakdown = {"setup": s0 - c0, "sparsify": f0 - s0, "finetune_and_report": c1 - f0}
     rep = res.report
     model = load_checkpoint(res.checkpoint).build()  # its own architecture, zeros where channels went
+    acc = rep["accuracy"]
     row = {"method": "ours", "cpu_s": cpu, "wall_s": wall, "cpu_breakdown_s": breakdown,
-           "epochs": {**epochs, "total": sum(epochs.values())}, "history": history, "accuracy_torch": rep["accuracy"].get("after_finetune"),
-           "accuracy_before": rep["accuracy"].get("before"), "accuracy_after_sparsify":
-           rep["accuracy"].get("after_sparsify"), "one_shot_same_budget": rep["accuracy"].get("one_shot_same_budget"),
+           "epochs": {**epochs, "total": sum(epochs.values())}, "history": history,
+           "accuracy_torch": acc.get("after_finetune"), "accuracy_before": acc.get("before"),
+           "accuracy_after_sparsify": acc.get("after_sparsify"), "one_shot_same_budget": acc.get("one_shot_same_budget"),
            "report_macs_fraction": rep["totals"]["macs_fraction"], "report_macs_after": rep["totals"]["macs_after"],
            "report_params_after": rep["totals"]["params_after"], "budget_report": rep.get("budget"),
            "forced_groups": rep.get("forced_groups"), "thinned": rep.get("thinned"),
@@ -671,7 +672,12 @@ def run_case(args, budget: float, spec: ModelSpec, dense: dict, dense_bytes: byt
     if target is None:
         target = math.floor(budget * dense["macs"])
         log(f"no ours row for this case: Torch-Pruning aims at budget x dense = {target} MACs")
-    tp_epochs = ours_epochs if ours_epochs is not None else args.sparsify_epochs + args.finetune_epochs
+    if args.tp_epochs:
+        tp_epochs, tp_from = args.tp_epochs, "--tp-epochs"
+    elif ours_epochs is not None:
+        tp_epochs, tp_from = ours_epochs, "as many as ours trained in all"
+    else:
+        tp_epochs, tp_from = args.sparsify_epochs + args.finetune_epochs, "S+F, no ours row"
     for method in (m for m in args.methods if m != "ours"):
         row, model = run_tp(method, args, spec, target, tp_epochs)
         models[method] = onnx_row(row, model, spec, dense["onnx_macs"], dense["macs"], images, args, skip,
@@ -689,7 +695,8 @@ def run_case(args, budget: float, spec: ModelSpec, dense: dict, dense_bytes: byt
                                               "align", "rounds", "warmup", "sample_s", "limit_train", "limit_test",
                                               "eval_batch_size")}
     pre = Path(args.pretrained)
-    settings.update(pretrained=str(pre.relative_to(REPO)) if pre.is_relative_to(REPO) else str(pre), tp_epochs=tp_epochs, methods=list(args.methods))
+    settings.update(pretrained=str(pre.relative_to(REPO)) if pre.is_relative_to(REPO) else str(pre),
+                    tp_epochs=tp_epochs, tp_epochs_from=tp_from, methods=list(args.methods))
     return {"model": args.model, "budget": budget, "data_name": dense["data_name"], "target_macs": target,
             "mac_counter": "sslcompress.flops.count (torch models); compress() report in onnx_macs",
             "dense": dense_case, "rows": rows, "settings": settings, "machine": info,
@@ -709,6 +716,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--sparsify-epochs", type=int, default=None, help="S: ours' sparsify epochs")
     ap.add_argument("--finetune-epochs", type=int, default=None,
                     help="F: ours' fine-tune epochs (Torch-Pruning fine-tunes as many epochs as ours trained)")
+    ap.add_argument("--tp-epochs", type=int, default=None,
+                    help="Torch-Pruning's fine-tune epochs (default: the epochs ours trained in this case, "
+                         "sparsify epochs run + F; S+F without an ours row)")
     ap.add_argument("--sparsify-lr", type=float, default=None, help="ours' sparsify lr (constant)")
     ap.add_argument("--lr", type=float, default=None, help="fine-tune lr (cosine), ours and Torch-Pruning's")
     ap.add_argument("--strength", type=float, default=None, help="ours' start lambda (the budget steers it)")
@@ -748,6 +758,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--methods takes {', '.join(METHODS)}; got {', '.join(unknown) or 'none'}")
     if not all(0 < b < 1 for b in args.budgets):
         ap.error("--budgets must be fractions in (0, 1)")
+    if args.tp_epochs is not None and args.tp_epochs < 1:
+        ap.error("--tp-epochs must be at least 1")
     if args.rounds < 1 or args.threads < 1 or args.sample_s <= 0 or args.warmup < 0:
         ap.error("--rounds >= 1, --threads >= 1, --sample-s > 0 and --warmup >= 0 are required")
     stem_out = f"{STEM}_quick" if args.quick else STEM
@@ -806,7 +818,8 @@ def main(argv: list[str] | None = None) -> int:
                "cases": merge_cases(list(old_doc.get("cases", [])), [json.loads(json.dumps(c)) for c in new_cases])}
         atomic_write_json(doc, json_path)  # after every case: a later failure keeps the cases done
         atomic_write_bytes(render_md(doc).encode(), md_path)
-        print("\n".join(render_case(case) + [""] + render_verdicts(case) + [""]))
+        shown = next(c for c in doc["cases"] if case_key(c["model"], c["budget"]) == case_key(args.model, budget))
+        print("\n".join(render_case(shown) + [""] + render_verdicts(shown) + [""]), flush=True)
     log(f"done in {time.perf_counter() - t_all:.0f} s; wrote {json_path} and {md_path}")
     return 0
 
