@@ -191,7 +191,7 @@ def compact_widths(widths: dict[str, int]) -> str:
     """Kept output channels per layer in a table cell.
 
     CIFAR ResNets: per stage, the trunk width (what the blocks' last convs write, one width for the
-    stage through the residual adds) and the inner width of each block, e.g. "16 [9 12 8] | 32 [...]";
+    stage through the residual adds) and the inner width of each block, e.g. "16 [9 12 8]; 32 [...]";
     the stem is stage 1's trunk. Other models: the widths in order, joined by '-'.
     """
     stages: dict[int, dict[str, Any]] = {}
@@ -207,7 +207,8 @@ def compact_widths(widths: dict[str, int]) -> str:
             st["trunk"] = w
     if not stages:
         return "-".join(str(w) for w in widths.values())
-    return " | ".join(f"{st['trunk']} [{' '.join(map(str, st['inner']))}]" for _, st in sorted(stages.items()))
+    # ';' between stages: a '|' would end the markdown table's cell.
+    return "; ".join(f"{st['trunk']} [{' '.join(map(str, st['inner']))}]" for _, st in sorted(stages.items()))
 
 
 def case_key(model: str, budget: float) -> str:
@@ -285,6 +286,8 @@ def render_case(case: dict) -> list[str]:
         ratio = "-" if m == "ours" or ours is None or not r.get("cpu_s") else f"{ours['cpu_s'] / r['cpu_s']:.2f}"
         mark = " (carried over)" if r.get("carried_from") else ""
         met = "" if r.get("target_met", True) else " (above our MACs)"
+        if r.get("onnx_macs") is not None and r.get("onnx_macs_fraction") is not None and r["onnx_macs"] != r["macs"]:
+            met += f" (ONNX {_pct(r['onnx_macs_fraction'])})"  # the compact export kept other MACs than counted
         lines.append(f"| {LABELS.get(m, m)}{mark} | {_pct(r['error'])} | {_pct(r['macs_fraction'])}{met} | "
                      f"{r['params']} | {compact_widths(r['widths'])} | {r['cpu_s']:.1f} ({r['wall_s']:.1f}) | "
                      f"{ratio} | {_speed(r, 1)} | {_speed(r, 64)} |")
@@ -328,7 +331,7 @@ def render_md(doc: dict) -> str:
              "Error: top-1 error of the final compact ONNX model in ONNX Runtime on the whole test split. MACs %: "
              "of the dense model, counted by `sslcompress.flops.count` on the torch models (ours: the zeroed "
              "model in its own architecture; Torch-Pruning: its physically pruned module); the ONNX count of "
-             "compress()'s report is in the JSON. Params: parameters of the compact ONNX model (BatchNorm "
+             "compress()'s report is in the JSON, and shown beside where it differs. Params: parameters of the compact ONNX model (BatchNorm "
              "folded). Kept widths: output channels kept per layer, the classifier left out (CIFAR ResNets: "
              "per stage, trunk width [inner width of each block]). Train CPU: process CPU seconds from loading "
              "the data to the end of fine-tuning, per-epoch evaluations included. ORT speed-up: dense median "

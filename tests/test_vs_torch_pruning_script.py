@@ -68,7 +68,7 @@ def test_compact_widths(V):
             resnet[f"layer{s}.{b}.conv2"] = trunk
         if s > 1:
             resnet[f"layer{s}.0.downsample.0"] = trunk
-    assert V.compact_widths(resnet) == "12 [9 8 7] | 25 [20 21 19] | 51 [44 48 46]"
+    assert V.compact_widths(resnet) == "12 [9 8 7]; 25 [20 21 19]; 51 [44 48 46]"
 
 
 def _row(method, error, macs, cpu):
@@ -132,6 +132,8 @@ def test_render_md(V):
     assert "| TP L1 global | 1.20% | 9.90% |" in md and "| 1.20 |" in md
     assert "error target **met**" in md and "CPU target **met**" in md
     assert "(above our MACs)" in md and "error target not evaluated" in md
+    doc["cases"][0]["rows"]["ours"].update(onnx_macs=101, onnx_macs_fraction=0.101)
+    assert "| 10.00% (ONNX 10.10%) |" in V.render_md(doc)
 
 
 def test_parse_args_defaults(V):
