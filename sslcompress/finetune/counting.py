@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import grouped
 from .groups import ParamGroup, build_groups
 from .structure import ModelStructure, analyze
 
@@ -84,6 +85,16 @@ class Counter:
         self._filters = [g for g in groups if g.kind == "filter" and g.removable]
         self._channels = [g for g in groups if g.kind == "channel" and g.removable]
         self._depth = [g for g in groups if g.kind == "depth"]
+        # Every reader of an unpinned channel: its channel group's fibres (removable or not: a channel a grouped
+        # conv reads too is not removed by its channel group alone) and the grouped convs that read it.
+        self._read_by = {g.channel: g for g in groups if g.kind == "channel" and g.channel not in self.structure.pinned}
+        self._grouped_reads = {r: v for r, v in grouped.grouped_readers(self.structure).items()
+                               if r not in self.structure.pinned}
+        # Channels no layer reads and nothing pins (the part of a split that the forward drops): the surgery
+        # deletes them, since no output needs them.
+        st = self.structure
+        read = {st.root(i) for lay in st.layers.values() if not lay.carries_channels for i in lay.in_ids}
+        self._unread = frozenset(r for r in st.roots() if r not in read and r not in st.pinned)
 
     @torch.no_grad()
     def count(self) -> ModelCount:
@@ -106,9 +117,10 @@ class Counter:
             dead_channels=len(dead),
         )
 
-    def removal(self) -> Removal:
+    def removal(self, *, equal_groups: bool = True) -> Removal:
         """What the export deletes, by the weights as they are now: channel ids (zero filters, unread channels,
-        and the cascade), layers, and residual branches."""
+        and the cascade), layers, and residual branches. With `equal_groups` off, dead channels a grouped conv
+        would keep to keep its groups equal are in too (thinning picks its own, see thin._align_grouped)."""
         st, params = self.structure, self.params
         removed_modules: set[str] = set()
         blocks_removed = []
@@ -118,25 +130,38 @@ class Counter:
                 removed_modules.update(s.param.rsplit(".", 1)[0] for s in g.slices)
         dead: set[int] = {g.channel for g in self._filters if _is_zero(g, params)}
         dead |= {g.channel for g in self._channels if _is_zero(g, params)}
-        removed_layers = {n for n in st.layers if n in removed_modules}
-        consumers = {g.channel: g for g in self._channels}
+        dead |= self._unread
+        removed_layers = self._removed_layers(dead, removed_modules)
         # Cascade: a layer with no live output is deleted, so what only it read is unused too.
         while True:
-            for name, lay in st.layers.items():
-                if name not in removed_layers and all(st.root(i) in dead for i in lay.out_ids):
-                    removed_layers.add(name)
-            newly = set()
-            for r, g in consumers.items():
-                if r in dead:
-                    continue
-                readers_alive = [s for s in g.slices
-                                 if s.param.rsplit(".", 1)[0] not in removed_layers and _slice_nonzero(s, params)]
-                if not readers_alive:
-                    newly.add(r)
+            newly = {r for r in self._read_by.keys() | self._grouped_reads.keys()
+                     if r not in dead and not self._read(r, dead, removed_layers)}
             if not newly:
                 break
             dead |= newly
+            removed_layers = self._removed_layers(dead, removed_modules)
+        # A grouped conv keeps its groups equal: some dead channels stay (and may keep a layer).
+        if equal_groups:
+            dead -= grouped.settle(st, params, dead, removed_layers)
+        removed_layers = self._removed_layers(dead, removed_modules)
         return Removal(frozenset(dead), frozenset(removed_layers), tuple(blocks_removed), frozenset(removed_modules))
+
+    def _removed_layers(self, dead: set[int], removed_modules: set[str]) -> set[str]:
+        """Layers inside a zero residual branch, and layers with no live output."""
+        st = self.structure
+        return {n for n, lay in st.layers.items()
+                if n in removed_modules or all(st.root(i) in dead for i in lay.out_ids)}
+
+    def _read(self, r: int, dead: set[int], removed_layers: set[str]) -> bool:
+        """Whether a layer still there reads channel `r` through a nonzero weight fibre."""
+        params, st = self.params, self.structure
+        g = self._read_by.get(r)
+        if g is not None and any(s.param.rsplit(".", 1)[0] not in removed_layers and _slice_nonzero(s, params)
+                                 for s in g.slices):
+            return True
+        return any(lay.name not in removed_layers
+                   and grouped.reads(lay, params[f"{lay.name}.weight"].detach(), pos, dead, st.root)
+                   for lay, pos in self._grouped_reads.get(r, ()))
 
     @torch.no_grad()
     def nonzeros_after(self) -> dict[str, int]:
@@ -152,8 +177,11 @@ class Counter:
                 out[name] = 0
                 continue
             keep_out = [n for n, i in enumerate(lay.out_ids) if st.root(i) not in dead]
-            if lay.groups != 1:  # depthwise or grouped: rows only
-                out[name] = int(w[keep_out].count_nonzero()) if lay.out_ids == lay.in_ids else int(w.count_nonzero())
+            if lay.carries_channels:  # depthwise: rows only
+                out[name] = int(w[keep_out].count_nonzero())
+                continue
+            if lay.grouped:
+                out[name] = int(grouped.kept_weight(lay, w, dead, st.root).count_nonzero())
                 continue
             keep_in = [c for c, i in enumerate(lay.in_ids) if st.root(i) not in dead]
             out[name] = int(w[keep_out][:, keep_in].count_nonzero())
@@ -189,19 +217,27 @@ class Counter:
             params_after = weights_after + (len(keep_out) if lay.has_bias else 0)
             return LayerCount(lay.name, lay.kind, (len(keep_out), n_out), (len(keep_in), n_in), kernel, kernel,
                               (len(keep_in), n_in), lay.macs, macs_after, macs_after, params, params_after, False)
-        if lay.groups != 1 and lay.out_ids == lay.in_ids:
-            # Depthwise: one k x k filter per channel it carries on.
+        if lay.carries_channels:
+            # Depthwise: one k x k filter per output, each output its input channel carried on.
             keep = [n for n, i in enumerate(lay.out_ids) if st.root(i) not in dead]
+            kept_in = len(dict.fromkeys(st.root(lay.out_ids[n]) for n in keep))
             per_filter = kernel[0] * kernel[1]
             macs_after = len(keep) * per_filter * hw
             params_after = len(keep) * per_filter + (len(keep) if lay.has_bias else 0)
-            return LayerCount(lay.name, lay.kind, (len(keep), n_out), (len(keep), n_out), kernel, kernel,
+            return LayerCount(lay.name, lay.kind, (len(keep), n_out), (kept_in, len(lay.in_ids)), kernel, kernel,
                               (cols_total, cols_total), lay.macs, macs_after, macs_after, params, params_after,
                               False)
-        if lay.groups != 1:
-            # Grouped convs are pinned whole: nothing in them is deleted.
-            return LayerCount(lay.name, lay.kind, (n_out, n_out), (n_in * lay.groups, n_in * lay.groups), kernel,
-                              kernel, (cols_total, cols_total), lay.macs, lay.macs, lay.macs, params, params, False)
+        if lay.grouped:
+            # Per kept group its kept filters over its kept inputs (equal in every group); like any conv, the
+            # kernel shrinks to its nonzero rows and columns. The surgery lowers only group-1 convs to a GEMM.
+            sub = grouped.kept_weight(lay, w, dead, st.root)
+            kh, kw = _kernel_extent(sub)
+            weights_after = sub.shape[0] * sub.shape[1] * kh * kw
+            macs_after = weights_after * hw
+            params_after = weights_after + (len(keep_out) if lay.has_bias else 0)
+            return LayerCount(lay.name, lay.kind, (len(keep_out), n_out), (len(keep_in), len(lay.in_ids)), kernel,
+                              (kh, kw), (cols_total, cols_total), lay.macs, macs_after, macs_after, params,
+                              params_after, False)
         sub = w[keep_out][:, keep_in]
         rows_nz = sub.abs().sum((0, 1, 3)).nonzero().flatten().tolist() if sub.numel() else []
         cols_nz = sub.abs().sum((0, 1, 2)).nonzero().flatten().tolist() if sub.numel() else []
@@ -213,6 +249,15 @@ class Counter:
         return LayerCount(lay.name, lay.kind, (len(keep_out), n_out), (len(keep_in), n_in), kernel, (kh, kw),
                           (columns, cols_total), lay.macs, macs_after, len(keep_out) * columns * hw,
                           params, params_after, False)
+
+
+def _kernel_extent(sub: torch.Tensor) -> tuple[int, int]:
+    """Rows and columns from the first to the last nonzero one of a conv weight (0, 0 when all zero)."""
+    if not sub.numel():
+        return 0, 0
+    rows = sub.abs().sum((0, 1, 3)).nonzero().flatten().tolist()
+    cols = sub.abs().sum((0, 1, 2)).nonzero().flatten().tolist()
+    return (rows[-1] - rows[0] + 1 if rows else 0), (cols[-1] - cols[0] + 1 if cols else 0)
 
 
 def count(model: nn.Module, input_shape: tuple[int, ...]) -> ModelCount:

@@ -130,7 +130,9 @@ def _consumers(structure: ModelStructure) -> dict[int, list[tuple[str, str, int]
     cons: dict[int, list[tuple[str, str, int]]] = defaultdict(list)
     for lay in structure.layers.values():
         if lay.groups != 1:
-            continue  # a depthwise conv carries its channel on: its filter is a producer slice, not a reader
+            # A depthwise conv carries its channel on (its filter is a producer slice); a grouped conv reads a
+            # channel through one group's filters only, which is no slice of W[:, c] (see _channel_groups).
+            continue
         for pos, i in enumerate(lay.in_ids):
             cons[structure.root(i)].append((f"{lay.name}.weight", "in", pos))
     return cons
@@ -157,8 +159,14 @@ def _filter_groups(structure: ModelStructure, params: dict) -> list[ParamGroup]:
 
 def _channel_groups(structure: ModelStructure, params: dict) -> list[ParamGroup]:
     groups = []
+    # A grouped conv reads a channel through a fibre of one group's filters, which no slice here holds: a
+    # channel it reads too stays while it does, whatever this group's norm.
+    grouped_reader = {structure.root(i): lay.name for lay in structure.layers.values() if lay.grouped
+                      for i in lay.in_ids}
     for r, slices in sorted(_consumers(structure).items()):
         reason = structure.pinned.get(r, "")
+        if not reason and r in grouped_reader:
+            reason = f"also read by grouped convolution {grouped_reader[r]}"
         if reason == "model input":
             continue  # image channels of a conv input: nothing to gain, nothing an export deletes
         layer = slices[0][0].rsplit(".", 1)[0]

@@ -69,6 +69,17 @@ class Layer:
         return 1 + len(self.more_hw)
 
     @property
+    def carries_channels(self) -> bool:
+        """A depthwise conv (one input channel per group, any number of outputs per group): each output is
+        its input channel carried on, so they share one id."""
+        return self.kind == "conv" and self.groups > 1 and self.weight_shape[1] == 1
+
+    @property
+    def grouped(self) -> bool:
+        """A grouped conv with several input channels per group (ResNeXt, AlexNet): see finetune/grouped.py."""
+        return self.kind == "conv" and self.groups > 1 and self.weight_shape[1] > 1
+
+    @property
     def macs(self) -> int:
         """Dense multiply-accumulates of one sample, over every call of the layer."""
         w = self.weight_shape
@@ -101,6 +112,18 @@ class Branch:
 
 
 @dataclass
+class ChannelSplit:
+    """A torch.chunk or torch.split along channels: the channel ids of each part, in order.
+
+    The export rewrites the split sizes, but the forward writes them down: torch.split's sizes are fixed,
+    and torch.chunk's parts are equal, so a thinned model may only lose the same count from every part."""
+
+    name: str
+    parts: list[list[int]]
+    equal_parts: bool  # torch.chunk: thinning may cut it, as many from each part
+
+
+@dataclass
 class ModelStructure:
     """What the group builders and the MAC counter need to know about a model."""
 
@@ -110,6 +133,7 @@ class ModelStructure:
     parent: list[int]  # union-find over channel ids
     pinned: dict[int, str] = field(default_factory=dict)  # root id -> why it cannot be deleted
     input_ids: set[int] = field(default_factory=set)
+    splits: list[ChannelSplit] = field(default_factory=list)
 
     root = ChannelIds.root  # the same union-find the analysis built
 
@@ -187,6 +211,7 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
     input_ids: set[int] = set()
     sum_nodes: list[fx.Node] = []
     gates: set[fx.Node] = set()
+    splits: list[ChannelSplit] = []
 
     def tensor_ids(arg: object) -> list[int] | None:
         if isinstance(arg, fx.Node):
@@ -194,10 +219,14 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
             return val if isinstance(val, list) else None
         return None
 
+    def channel_lists(arg: fx.Node) -> list[list[int]]:
+        """Every channel list a node holds: one for a tensor, one per part for the tuple a split returns."""
+        val = ids_of.get(arg)
+        return [val] if isinstance(val, list) else [p for p in val if p] if isinstance(val, tuple) else []
+
     def wall(node: fx.Node, why: str) -> list[int] | None:
         for arg in node.all_input_nodes:
-            ids = tensor_ids(arg)
-            if ids:
+            for ids in channel_lists(arg):
                 b.pin(ids, why)
         shape = _shape(node)
         if shape is None or len(shape) < 2:
@@ -217,8 +246,7 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
             ids_of[node] = None
         elif node.op == "output":
             for arg in node.all_input_nodes:
-                ids = tensor_ids(arg)
-                if ids:
+                for ids in channel_lists(arg):
                     b.pin(ids, "model output")
         elif _gate_product(node, modules) is not None:
             # A sigmoid gate feeding x * gate only (squeeze-and-excitation): its channels follow x's.
@@ -230,6 +258,15 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
             mod = modules[str(node.target)]
             x = tensor_ids(node.args[0]) if node.args else None
             ids_of[node] = _module_ids(b, node, mod, x, shape, layers, norms, input_ids, wall)
+        elif _is_split(node):
+            ids_of[node] = _split_parts(node, tensor_ids, wall)
+            if isinstance(ids_of[node], tuple):
+                is_chunk = node.target in (torch.chunk, "chunk")
+                splits.append(ChannelSplit(node.name, [list(p) for p in ids_of[node]], is_chunk))
+        elif _is_part(node, ids_of):
+            ids_of[node] = _part(node, ids_of, wall)
+        elif _is_cat_of_parts(node, ids_of):
+            ids_of[node] = _cat_of_parts(node, ids_of, shape, wall)
         elif node.op in ("call_function", "call_method"):
             ids_of[node] = _function_ids(b, node, shape, tensor_ids, input_ids, wall, sum_nodes)
         else:
@@ -238,7 +275,7 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
     branches = _residual_branches(gm, sum_nodes, modules)
     return ModelStructure(
         layers=layers, norms=norms, branches=branches, parent=b.parent, pinned=b.pinned,
-        input_ids=input_ids,
+        input_ids=input_ids, splits=splits,
     )
 
 
@@ -250,18 +287,18 @@ def _module_ids(b, node, mod, x, shape, layers, norms, input_ids, wall):
         if x is None or shape is None:
             return wall(node, f"conv {name} with unknown input")
         out_hw = (shape[2], shape[3])
-        if mod.groups != 1 and mod.groups == mod.in_channels == mod.out_channels:
-            # Depthwise: output channel c reads input channel c alone, so it is that channel carried on (one
-            # id). It is zero when its input is and its bias is; deleting it deletes one filter, one group.
+        if mod.groups != 1 and mod.groups == mod.in_channels:
+            # Depthwise (with or without a channel multiplier): the outputs of group g read input channel g
+            # alone, so they are that channel carried on (one id). They are zero when it is and their biases
+            # are; deleting the channel deletes its filters, one group of the conv.
+            per_group = mod.out_channels // mod.groups
+            out = [i for i in x for _ in range(per_group)]
             layers[name] = Layer(name, "conv", tuple(mod.weight.shape), mod.bias is not None, mod.groups,
-                                 out_hw, list(x), list(x))
-            return list(x)
-        if mod.groups != 1:
-            # Deleting a channel of a grouped conv changes its grouping; stage 2 handles it on ONNX.
-            b.pin(x, f"grouped convolution {name}")
-            out = b.fresh(mod.out_channels, pinned=f"grouped convolution {name}")
-        else:
-            out = b.fresh(mod.out_channels)
+                                 out_hw, list(x), out)
+            return out
+        # A grouped conv's outputs are new channels too; which of them and of its inputs an export can
+        # delete while its groups stay equal is decided on the weights (finetune/grouped.py).
+        out = b.fresh(mod.out_channels)
         layers[name] = Layer(name, "conv", tuple(mod.weight.shape), mod.bias is not None, mod.groups,
                              out_hw, list(x), out)
         return out
@@ -304,6 +341,70 @@ def _called_again(b, node, first: Layer, x, shape, wall):
     return list(first.out_ids)
 
 
+_SPLIT_FUNCTIONS = {torch.chunk, torch.split}
+_SPLIT_METHODS = {"chunk", "split"}
+
+
+def _is_split(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _SPLIT_FUNCTIONS) or \
+        (node.op == "call_method" and node.target in _SPLIT_METHODS)
+
+
+def _part_shapes(node: fx.Node) -> list[tuple[int, ...]] | None:
+    """The shapes of a node that returns a tuple of tensors (torch.chunk, torch.split)."""
+    meta = node.meta.get("tensor_meta")
+    if not isinstance(meta, (tuple, list)) or not all(hasattr(m, "shape") for m in meta):
+        return None
+    return [tuple(int(d) for d in m.shape) for m in meta]
+
+
+def _split_parts(node: fx.Node, tensor_ids, wall):
+    """torch.chunk / torch.split along channels: consecutive channel ranges, as the surgery's Split
+    selects them (its sizes follow the kept channels). Along any other dim it is a wall, as in the surgery."""
+    src = node.args[0] if node.args else None
+    x = tensor_ids(src)
+    src_shape = _shape(src) if isinstance(src, fx.Node) else None
+    parts = _part_shapes(node)
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    if x is None or src_shape is None or parts is None or not isinstance(dim, int) or len(src_shape) < 2:
+        return wall(node, f"split {node.name} of a tensor whose channels cannot be followed")
+    if dim % len(src_shape) != 1:
+        return wall(node, f"split {node.name} along dim {dim}, not the channel axis")
+    sizes = [p[1] if len(p) > 1 else -1 for p in parts]
+    if sum(sizes) != len(x):
+        return wall(node, f"split {node.name} into parts of other widths")
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    return tuple(list(x[a:a + n]) for a, n in zip(starts, sizes))
+
+
+def _is_part(node: fx.Node, ids_of: dict) -> bool:
+    return node.op == "call_function" and node.target is operator.getitem and bool(node.args) \
+        and isinstance(ids_of.get(node.args[0]), tuple)
+
+
+def _part(node: fx.Node, ids_of: dict, wall):
+    """One part of a split: the channels of its range."""
+    parts, index = ids_of[node.args[0]], node.args[1]
+    if isinstance(index, int) and -len(parts) <= index < len(parts):
+        return list(parts[index])
+    if isinstance(index, slice):
+        return tuple(parts[index])  # some parts, still a tuple: whatever reads it is a wall or indexes it
+    return wall(node, f"indexing {node.name} of a split by {index!r}")
+
+
+def _is_cat_of_parts(node: fx.Node, ids_of: dict) -> bool:
+    """torch.cat of a tuple of split parts held as one value (`torch.cat(x.chunk(4, 1)[1:], 1)`)."""
+    return node.op == "call_function" and node.target in _CAT_FUNCTIONS and bool(node.args) \
+        and isinstance(ids_of.get(node.args[0]), tuple)
+
+
+def _cat_of_parts(node: fx.Node, ids_of: dict, shape, wall):
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if shape is None or len(shape) < 2 or not isinstance(dim, int) or dim % len(shape) != 1:
+        return wall(node, f"concatenation {node.name} not along channels")
+    return [i for part in ids_of[node.args[0]] for i in part]
+
+
 def _flatten(b, node, x, shape, input_ids, wall):
     """(N, C, H, W) -> (N, C*H*W): feature f belongs to channel f // (H*W)."""
     src = node.args[0] if node.args else None
@@ -313,6 +414,11 @@ def _flatten(b, node, x, shape, input_ids, wall):
     if (len(shape) >= 2 and len(src_shape) >= 2 and shape[:2] == src_shape[:2]
             and all(d == 1 for d in (*shape[2:], *src_shape[2:]))):
         return list(x)  # (N, C) <-> (N, C, 1, 1): the same channels, size-1 dims added or dropped
+    shuffle = _channel_group_view(src_shape, shape)
+    if shuffle:
+        # The surgery cannot cut it either (a Reshape that neither flattens nor keeps the channel axis is a
+        # wall there), so the channels on both sides stay.
+        return wall(node, f"reshape {node.name} that {shuffle} (a channel shuffle)")
     if len(shape) != 2 or shape[0] != src_shape[0] or len(src_shape) < 2:
         return wall(node, f"reshape {node.name} that is not a flatten to (batch, features)")
     spatial = 1
@@ -327,6 +433,17 @@ def _flatten(b, node, x, shape, input_ids, wall):
         # paper prunes MLP input pixels this way).
         return b.fresh(shape[1])
     return [i for i in x for _ in range(spatial)]
+
+
+def _channel_group_view(src: tuple[int, ...], dst: tuple[int, ...]) -> str:
+    """How a reshape splits channels into (groups, channels per group) or merges them back; '' if not."""
+    if len(dst) == len(src) + 1 and len(src) >= 2 and dst[0] == src[0] and dst[1] * dst[2] == src[1] \
+            and dst[3:] == src[2:]:
+        return "splits the channel axis into groups"
+    if len(src) == len(dst) + 1 and len(dst) >= 2 and src[0] == dst[0] and src[1] * src[2] == dst[1] \
+            and src[3:] == dst[2:]:
+        return "merges two axes into channels"
+    return ""
 
 
 def _function_ids(b, node, shape, tensor_ids, input_ids, wall, sum_nodes):

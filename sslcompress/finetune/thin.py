@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
 from ..models import ModelSpec, build_model
+from . import grouped
 from .counting import Counter
 from .structure import Layer, ModelStructure, analyze
 
@@ -141,20 +142,67 @@ class ThinResult:
 
 
 def _depthwise(lay: Layer) -> bool:
-    return lay.groups != 1 and lay.in_ids == lay.out_ids
+    return lay.carries_channels
 
 
 def _removable_ids(model: nn.Module, input_shape: tuple[int, ...], st: ModelStructure) -> set[int]:
     """Root ids the MAC counter deletes and a torch model can lose by slicing its tensors."""
-    dead = Counter(model, input_shape, st).removal().channels
+    # Grouped convs' groups are made equal by _align_grouped, which also makes their kept positions the same.
+    dead = Counter(model, input_shape, st).removal(equal_groups=False).channels
     # A channel can be sliced out only where some layer writes it: ids that enter otherwise (model input,
     # the pixels an MLP flattens, the output of an op we do not know) come from a tensor we cannot shrink.
-    written = {i for lay in st.layers.values() if lay.groups == 1 for i in lay.out_ids}
+    written = {i for lay in st.layers.values() if not lay.carries_channels for i in lay.out_ids}
     sourced = {st.root(i) for i in range(len(st.parent)) if i not in written}
-    # Grouped convs are pinned by the analysis; refuse their ids here too so `groups` never goes wrong.
-    grouped = {st.root(i) for lay in st.layers.values() if lay.groups != 1 and not _depthwise(lay)
-               for i in (*lay.in_ids, *lay.out_ids)}
-    return {r for r in dead if r not in st.pinned and r not in sourced and r not in grouped}
+    # torch.split's sizes are written in the forward: a thinned model could not split its channels there.
+    split = {st.root(i) for sp in st.splits if not sp.equal_parts for part in sp.parts for i in part}
+    return {r for r in dead if r not in st.pinned and r not in sourced and r not in split}
+
+
+def _equal_chunks(st: ModelStructure, cut: set[int]) -> set[int]:
+    """Roots of `cut` a torch.chunk keeps so that each of its parts keeps as many channels (then the thinned
+    forward's chunk of the same count splits them where the model did)."""
+    kept: set[int] = set()
+    for sp in st.splits:
+        if not sp.equal_parts:
+            continue
+        lost = [[i for i in part if st.root(i) in cut] for part in sp.parts]
+        n = max(1, max(len(part) - len(gone) for part, gone in zip(sp.parts, lost)))
+        for part, gone in zip(sp.parts, lost):
+            kept.update(st.root(i) for i in gone[:n - (len(part) - len(gone))])
+    return kept & cut
+
+
+def _align_grouped(st: ModelStructure, cut: set[int]) -> set[int]:
+    """Roots of `cut` a grouped conv keeps so that one slice of its weight cuts it: every kept group keeps
+    the same input positions (a plan slices each dim alone) and as many outputs as the fullest group."""
+    kept: set[int] = set()
+    for lay in grouped.grouped_layers(st):
+        per_out, per_in = lay.weight_shape[0] // lay.groups, lay.weight_shape[1]
+        outs, ins = grouped.kept_by_group(lay, cut, st.root)
+        active = grouped.active_groups(outs, ins)
+        if not active:
+            continue
+        common = sorted({j for g in active for j in ins[g]}) or [0]
+        n_out = max(1, max(len(outs[g]) for g in active))
+        for g in active:
+            kept.update(st.root(lay.in_ids[g * per_in + j]) for j in common if j not in ins[g])
+            lost = [n for n in range(per_out) if n not in outs[g]]
+            kept.update(st.root(lay.out_ids[g * per_out + n]) for n in lost[:n_out - len(outs[g])])
+    return kept & cut
+
+
+def _cut(model: nn.Module, input_shape: tuple[int, ...], st: ModelStructure, params: dict) -> set[int]:
+    """The roots thinning deletes: what the counter removes, less what keeps every layer non-empty, every
+    grouped conv sliceable and every chunk's parts equal (each keeps channels that may unbalance another,
+    so they run until none asks)."""
+    cut = _removable_ids(model, input_shape, st)
+    strength = _strength(st, params)
+    while True:
+        cut = _keep_one_per_layer(st, cut, strength)
+        kept = _align_grouped(st, cut) | _equal_chunks(st, cut)
+        if not kept:
+            return cut
+        cut -= kept
 
 
 def _strength(st: ModelStructure, params: dict[str, torch.Tensor]) -> dict[int, float]:
@@ -204,7 +252,7 @@ def plan_thinning(model: nn.Module, input_shape: tuple[int, ...],
     st = structure or analyze(model, tuple(input_shape))
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
-    cut = _keep_one_per_layer(st, _removable_ids(model, tuple(input_shape), st), _strength(st, params))
+    cut = _cut(model, tuple(input_shape), st, params)
 
     keep: dict[str, dict[int, list[int]]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -221,19 +269,19 @@ def plan_thinning(model: nn.Module, input_shape: tuple[int, ...],
     for lay in st.layers.values():
         keep_out = [n for n, i in enumerate(lay.out_ids) if st.root(i) not in cut]
         w, b = f"{lay.name}.weight", f"{lay.name}.bias"
+        keep_in = [c for c, i in enumerate(lay.in_ids) if st.root(i) not in cut]
         if _depthwise(lay):
-            widths[lay.name] = (len(lay.out_ids), len(keep_out), len(lay.in_ids), len(keep_out))
+            widths[lay.name] = (len(lay.out_ids), len(keep_out), len(lay.in_ids), len(keep_in))
             if len(keep_out) < len(lay.out_ids):
-                # Output channel c reads input channel c alone: both go together, one group per channel.
+                # The outputs of group g are input channel g carried on: they go with it, one group each.
                 slice_dim(w, params, 0, keep_out)
                 slice_dim(b, params, 0, keep_out)
-                modules[lay.name] = {"in_channels": len(keep_out), "out_channels": len(keep_out),
-                                     "groups": len(keep_out)}
+                modules[lay.name] = {"in_channels": len(keep_in), "out_channels": len(keep_out),
+                                     "groups": len(keep_in)}
             continue
-        if lay.groups != 1:
-            widths[lay.name] = (len(lay.out_ids),) * 2 + (len(lay.in_ids),) * 2
+        if lay.grouped:
+            _slice_grouped(lay, cut, st, params, slice_dim, modules, widths)
             continue
-        keep_in = [c for c, i in enumerate(lay.in_ids) if st.root(i) not in cut]
         widths[lay.name] = (len(lay.out_ids), len(keep_out), len(lay.in_ids), len(keep_in))
         if len(keep_out) == len(lay.out_ids) and len(keep_in) == len(lay.in_ids):
             continue
@@ -254,6 +302,25 @@ def plan_thinning(model: nn.Module, input_shape: tuple[int, ...],
             slice_dim(f"{norm.name}.{leaf}", buffers, 0, kept)
         modules[norm.name] = {"num_features": len(kept)}
     return ThinPlan(keep=keep, shapes=shapes, modules=modules, widths=widths)
+
+
+def _slice_grouped(lay: Layer, cut: set[int], st: ModelStructure, params, slice_dim, modules, widths) -> None:
+    """A grouped conv loses the filters of its cut outputs and, in every kept group, the same input positions
+    (_align_grouped made them the same); `groups` becomes the number of groups kept."""
+    outs, ins = grouped.kept_by_group(lay, cut, st.root)
+    active = grouped.active_groups(outs, ins)
+    per_out = lay.weight_shape[0] // lay.groups
+    keep_out = [g * per_out + n for g in active for n in outs[g]]
+    local_in = ins[active[0]] if active else []
+    widths[lay.name] = (len(lay.out_ids), len(keep_out), len(lay.in_ids), len(active) * len(local_in))
+    if len(keep_out) == len(lay.out_ids) and len(active) * len(local_in) == len(lay.in_ids):
+        return
+    w, b = f"{lay.name}.weight", f"{lay.name}.bias"
+    slice_dim(w, params, 0, keep_out)
+    slice_dim(w, params, 1, local_in)
+    slice_dim(b, params, 0, keep_out)
+    modules[lay.name] = {"in_channels": len(active) * len(local_in), "out_channels": len(keep_out),
+                         "groups": len(active)}
 
 
 def _slice(t: torch.Tensor, dims: Mapping[int, list[int]]) -> torch.Tensor:
