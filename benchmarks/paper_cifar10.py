@@ -249,7 +249,7 @@ def resnet20_weights(args, out: Path) -> tuple[Path, dict]:
         raise SystemExit(f"error: --resnet20-weights {given} does not exist")
     train = phase(args.resnet20_pretrain_epochs, 0.1, 128, 5e-4, "cosine")
     log(f"{given} not found: pretraining a ResNet-20 here")
-    path, secs = pretrain(args, "resnet20", out / "pretrain", train)
+    path, secs = pretrain(args, "resnet20", out / "resnet20_pretrain", train)
     return path, {"weights": str(path), "pretrained_here": train, "pretrain_s": secs}
 
 
