@@ -313,6 +313,7 @@ class _FinetuneRun:
     reached: dict[str, float] = field(default_factory=dict)
     widths: Any = None
     dense_totals: tuple[int, int] = (1, 1)  # MACs and parameters of the dense model in its own architecture
+    controllers: dict[str, BudgetController] = field(default_factory=dict)
 
     @property
     def out(self) -> Path:
@@ -391,101 +392,117 @@ def _pretrain_phase(r: _FinetuneRun) -> None:
 def _sparsify_phase(r: _FinetuneRun) -> None:
     """The regulariser and its budget; the sparsify epochs (unless resumed past them), the model thinned as
     channels die; the budget landed."""
-    cfg, run, model, data, env = r.cfg, r.cfg.run, r.model, r.data, r.env
-    r.sp = Sparsifier(model, r.spec, cfg)
+    _setup_sparsify(r)
+    if r.resume is not None and not r.resumes("sparsify"):
+        return  # resumed in fine-tuning: sparsify finished before the interruption
+    if r.resume is not None and r.plan is not None:
+        _rethin(r)  # the interrupted sparsify had thinned the model
+    t0 = time.perf_counter()
+    if not (r.resume and r.resume["stop"]):
+        _SparsifyEpochs(r).run()
+    _land(r)
+    r.timings["sparsify"] = time.perf_counter() - t0
+    r.resume = None
+
+
+def _setup_sparsify(r: _FinetuneRun) -> None:
+    """The sparsifier over the model in its own architecture, the budget and its controllers, one-shot
+    pruning beside it, and the lambdas a resumed run had reached."""
+    run = r.cfg.run
+    r.sp = Sparsifier(r.model, r.spec, r.cfg)
     r.dense_totals = r.sp.dense_totals()
     if r.resume is None and not r.sp.connected():  # no strength is to blame here: the weights came that way
         source = f"the weights of {run.weights}" if run.weights else "the model"
         raise TrainingError(f"{source} already compute a constant before sparsify (every channel of some layer "
                             "is zero, so the output does not depend on the input); give weights whose every "
                             "layer has a nonzero channel")
-    budget, controllers = _budget(r)
-    if budget is not None and r.resume is None:
+    r.budget, r.controllers = _budget(r)
+    if r.budget is not None and r.resume is None:
         _one_shot(r)
-    r.steps = data.num_batches("train", cfg.sparsify.batch_size, world_size=env.world_size, drop_last=True)
+    r.steps = r.data.num_batches("train", r.cfg.sparsify.batch_size, world_size=r.env.world_size, drop_last=True)
     if r.resume:
         r.sp.lambdas = dict(r.resume["lambdas"])
-    if r.resume is not None and not r.resumes("sparsify"):
-        return  # resumed in fine-tuning: sparsify finished before the interruption
-    if r.resume is not None and r.plan is not None:
-        _rethin(r)  # the interrupted sparsify had thinned the model
-    resume, metrics = r.resume, r.metrics
-    t0 = time.perf_counter()
-    start = 0
-    opt = sched = None
-    if resume and not resume["stop"]:
-        start = resume["epoch"] + 1
-        opt, sched = _restore_optimizer(model, cfg.sparsify, data, env, resume)
-    done_early = bool(resume and resume["stop"])
-    watch = None
-    if budget is not None and not done_early and start < cfg.sparsify.epochs:
-        watch = BudgetWatch(r.sp, budget, controllers, steps_per_epoch=r.steps, every=cfg.budget_every,
-                            align=cfg.align, epoch=start)
-    thinner = _thinner(r)
-    box: dict[str, Any] = {}
 
-    def tell():
-        for message in (watch.take_messages() if watch is not None else []):
-            r.emit(Event("info", message=message))
 
-    def thin_now(min_saving: float) -> None:
+class _SparsifyEpochs:
+    """The sparsify epochs: proximal steps, the budget watched, the model thinned as channels die."""
+
+    def __init__(self, r: _FinetuneRun):
+        self.r, cfg = r, r.cfg
+        self.start, self.opt, self.sched = 0, None, None
+        if r.resume:
+            self.start = r.resume["epoch"] + 1
+            self.opt, self.sched = _restore_optimizer(r.model, cfg.sparsify, r.data, r.env, r.resume)
+        else:
+            self.opt = make_optimizer(r.model, cfg.sparsify)
+            self.sched = make_schedule(self.opt, cfg.sparsify, r.steps)
+        self.watch = None
+        if r.budget is not None and self.start < cfg.sparsify.epochs:
+            self.watch = BudgetWatch(r.sp, r.budget, r.controllers, steps_per_epoch=r.steps,
+                                     every=cfg.budget_every, align=cfg.align, epoch=self.start)
+        self.thinner = _thinner(r)
+        self.step = r.sp.after_step(self.opt)
+
+    def run(self) -> None:
+        r = self.r
+        penalty = r.sp.extra_loss()
+        # The penalty of whichever sparsifier is current: thinning replaces it mid-phase.
+        extra_loss = (lambda: r.sp.extra_loss()()) if penalty is not None else None
+        _train_phase(r.model, r.data, r.cfg.sparsify, "sparsify", r.cfg.run, r.env, r.on_event,
+                     start_epoch=self.start, opt=self.opt, sched=self.sched, extra_loss=extra_loss,
+                     after_step=self.after_step, end_epoch=self.end_epoch, save_state=r.saver("sparsify"))
+        if self.thinner is not None and self.thinner.count:
+            r.metrics["thinned_in_sparsify"] = self.thinner.count
+
+    def tell(self) -> None:
+        for message in (self.watch.take_messages() if self.watch is not None else []):
+            self.r.emit(Event("info", message=message))
+
+    def after_step(self) -> None:
+        watch = self.watch
+        if watch is None or not watch.holding:
+            self.step()
+        if watch is not None:
+            watch.after_step()
+            self.tell()
+            if watch.checked:  # the weights a check just kept: thinning here leaves its copy valid
+                watch.checked = False
+                self.thin(MIN_SAVING)
+
+    def end_epoch(self, epoch: int, loss: float, acc: float) -> bool:
+        r, watch, run = self.r, self.watch, self.r.cfg.run
+        stop = watch.end_epoch() if watch is not None else False
+        if watch is not None:
+            watch.checked = False  # the epoch's last check: the next epoch's first steps are not at a check
+        self.tell()
+        if not stop and epoch + 1 < r.cfg.sparsify.epochs:
+            self.thin(0.0)  # before the resume state: a resumed run starts from the same thinned model
+        test_acc = evaluate(r.model, r.data, run.eval_batch_size, run.device, phase="sparsify")
+        r.emit(Event("sparsify", epoch, r.cfg.sparsify.epochs, loss=loss, accuracy=test_acc,
+                     macs_fraction=r.sp.macs_fraction(), zero_groups=r.sp.zero_fraction(),
+                     lambdas=dict(r.sp.lambdas), end_of_epoch=True))
+        if watch is not None:
+            r.metrics["forced_groups"] = r.metrics.get("forced_groups", 0) + watch.forced
+            watch.forced = 0
+            if watch.met_at is not None:
+                r.metrics["budget_met_at"] = dict(watch.met_at)
+        return stop
+
+    def thin(self, min_saving: float) -> None:
+        """Thin the model when the channels dead now take `min_saving` of its MACs (any, at 0)."""
+        r, thinner = self.r, self.thinner
         if thinner is None or not thinner.worth_it(r.sp, min_saving):
             return
-        done = thinner.thin(r.sp, box["opt"])
+        done = thinner.thin(r.sp, self.opt)
         if done is None:
             r.emit(Event("info", message=f"sparsify goes on with the full model: {thinner.failed}"))
             return
         r.sp, r.plan = done.sparsifier, thinner.plan
-        box["step"] = r.sp.after_step(box["opt"])
-        if watch is not None:
-            watch.rebind(r.sp)
+        self.step = r.sp.after_step(self.opt)
+        if self.watch is not None:
+            self.watch.rebind(r.sp)
         r.emit(Event("info", message=f"sparsify thinned the model: {done.params_before} -> {done.params_after} "
                                      f"parameters; {done.summary}"))
-
-    def end_sparsify(epoch, loss, acc):
-        stop = watch.end_epoch() if watch is not None else False
-        if watch is not None:
-            watch.checked = False  # the epoch's last check: the next epoch's first steps are not at a check
-        tell()
-        if not stop and epoch + 1 < cfg.sparsify.epochs:
-            thin_now(0.0)  # before the resume state: a resumed run starts from the same thinned model
-        test_acc = evaluate(model, data, run.eval_batch_size, run.device, phase="sparsify")
-        r.emit(Event("sparsify", epoch, cfg.sparsify.epochs, loss=loss, accuracy=test_acc,
-                     macs_fraction=r.sp.macs_fraction(), zero_groups=r.sp.zero_fraction(),
-                     lambdas=dict(r.sp.lambdas), end_of_epoch=True))
-        if watch is not None:
-            metrics["forced_groups"] = metrics.get("forced_groups", 0) + watch.forced
-            watch.forced = 0
-            if watch.met_at is not None:
-                metrics["budget_met_at"] = dict(watch.met_at)
-        return stop
-
-    if not done_early:
-        def after_step():
-            if watch is None or not watch.holding:
-                box["step"]()
-            if watch is not None:
-                watch.after_step()
-                tell()
-                if watch.checked:  # the weights a check just kept: thinning here leaves its copy valid
-                    watch.checked = False
-                    thin_now(MIN_SAVING)
-
-        if opt is None:
-            opt = make_optimizer(model, cfg.sparsify)
-            sched = make_schedule(opt, cfg.sparsify, r.steps)
-        box["opt"], box["step"] = opt, r.sp.after_step(opt)
-        penalty = r.sp.extra_loss()
-        # The penalty of whichever sparsifier is current: thinning replaces it mid-phase.
-        extra_loss = (lambda: r.sp.extra_loss()()) if penalty is not None else None
-        _train_phase(model, data, cfg.sparsify, "sparsify", run, env, r.on_event, start_epoch=start, opt=opt,
-                     sched=sched, extra_loss=extra_loss, after_step=after_step, end_epoch=end_sparsify,
-                     save_state=r.saver("sparsify"))
-    if thinner is not None and thinner.count:
-        metrics["thinned_in_sparsify"] = thinner.count
-    _land(r)
-    r.timings["sparsify"] = time.perf_counter() - t0
-    r.resume = None
 
 
 def _thinner(r: _FinetuneRun) -> ProgressiveThinner | None:
