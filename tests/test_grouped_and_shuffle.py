@@ -350,3 +350,65 @@ def test_splits_it_cannot_follow_pin_and_dropped_parts_go():
     assert counted.layer("conv").filters == (5, 8) and counted.layer("head").channels == (5, 6)
     # Thinned, the chunk must still cut 4 equal parts: conv keeps its width, head loses its dead filter.
     assert thinned.conv.out_channels == 8 and thinned.head.out_channels == 7
+
+
+# --- code fx cannot trace ---------------------------------------------------------------------------------------
+
+
+class ShapeBranch(nn.Module):
+    """Python control flow on a shape (fx cannot trace it; torch.export records the branch this input takes),
+    with BatchNorm, a squeeze-and-excitation gate, a chunk and a residual sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.excite = nn.Conv2d(8, 8, 1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        if x.shape[-1] > 8:
+            x = F.max_pool2d(x, 2)
+        x = x * torch.sigmoid(self.excite(x.mean((2, 3), keepdim=True)))
+        a, b = x.chunk(2, dim=1)
+        x = torch.cat([b, a], dim=1)
+        x = F.relu(x + self.conv(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 4).view(x.size(0), -1))
+
+
+def test_shape_dependent_control_flow_is_read_through_torch_export():
+    model = _model(ShapeBranch)
+    with pytest.raises(torch.fx.proxy.TraceError):
+        torch.fx.symbolic_trace(model)
+    st = analyze(model, SHAPE)
+    assert set(st.layers) == {"stem", "excite", "conv", "fc"} and set(st.norms) == {"bn"}
+    assert st.layers["stem"].out_hw == (16, 16) and st.layers["conv"].out_hw == (8, 8)  # the branch taken
+    assert [b.modules for b in st.branches] == [["conv"]]
+    groups = build_groups(model, SHAPE, ("filter", "depth"))
+    stem = [g for g in groups if g.name.startswith("filter stem[")]
+    # A channel of the stem, its gate's excitation row and the residual conv's filter are one group.
+    assert len(stem) == 8 and all(g.removable for g in stem)
+    assert {"stem.weight", "bn.weight", "excite.weight", "conv.weight"} <= {s.param for s in stem[0].slices}
+    _zero(model, [stem[i].name for i in (0, 1, 4, 5, 6)])
+    counted, _, thinned = _check_cut(model)
+    assert counted.layer("conv").filters == (3, 8) and counted.layer("fc").channels == (48, 128)
+    # The chunk splits the thinned stem in halves: the second half lost three, the first two, so both lose two.
+    assert thinned.stem.out_channels == thinned.conv.out_channels == 4 and thinned.fc.in_features == 64
+
+
+def test_value_dependent_control_flow_is_refused_in_one_sentence():
+    class ValueBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.c(x) if x.sum() > 0 else self.c(-x)
+
+    with pytest.raises(Exception) as info:
+        analyze(ValueBranch(), SHAPE)
+    text = str(info.value)
+    assert "\n" not in text and text.startswith("cannot trace ValueBranch: torch.fx stops at Python control flow")
+    assert "torch.export at control flow on the values of a tensor" in text

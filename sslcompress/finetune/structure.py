@@ -10,6 +10,9 @@ keeps every group we later call removable honest.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import operator
 from dataclasses import dataclass, field
 
@@ -18,7 +21,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..channel_ids import ChannelIds
-from ..errors import UnsupportedModelError
+from ..errors import UnsupportedModelError, first_line
 
 # Modules whose output channel c depends only on input channel c and maps 0 to 0.
 _ZERO_PRESERVING_MODULES: tuple[type[nn.Module], ...] = (
@@ -46,6 +49,22 @@ _FLATTEN_FUNCTIONS = {torch.flatten}
 _FLATTEN_METHODS = {"flatten", "view", "reshape"}
 _CAT_FUNCTIONS = {torch.cat, torch.concat}
 _MEAN_METHODS = {"mean", "amax", "sum"}
+
+# torch.export's graph (read where fx cannot trace) names ops by their aten overloads; those below take their
+# tensor and channel arguments where the torch functions above do, so the same handlers read them.
+aten = torch.ops.aten
+_ZERO_PRESERVING_FUNCTIONS |= {
+    aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default, aten.leaky_relu.default,
+    aten.elu.default, aten.selu.default, aten.gelu.default, aten.silu.default, aten.silu_.default,
+    aten.mish.default, aten.tanh.default, aten.hardswish.default, aten.neg.default, aten.dropout.default,
+    aten.clone.default, aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
+    aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec,
+}
+_SUM_FUNCTIONS |= {aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.sub_.Tensor}
+_SCALE_FUNCTIONS |= {aten.mul.Tensor, aten.div.Tensor}
+_FLATTEN_FUNCTIONS |= {aten.flatten.using_ints, aten.view.default, aten.reshape.default}
+_CAT_FUNCTIONS |= {aten.cat.default}
+_MEAN_FUNCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
 
 
 @dataclass
@@ -173,23 +192,27 @@ def _describe(node: fx.Node) -> str:
 
 
 def trace(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
-    """Symbolic trace plus shape propagation on a zero input of `input_shape`."""
+    """Symbolic trace plus shape propagation on a zero input of `input_shape`.
+
+    Where fx cannot trace the forward (Python control flow on shapes, `if x.shape[-1] > 16:`), torch.export
+    records it for this input shape instead, the branches taken for it resolved (_exported_graph)."""
     try:
         graph = _Tracer().trace(model)
         gm = fx.GraphModule(model, graph, type(model).__name__)
-    except Exception as exc:  # fx raises many kinds of errors for untraceable code
-        raise UnsupportedModelError(
-            f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}); "
-            "structured groups need a traceable forward without data-dependent control flow"
-        ) from exc
+    except Exception as fx_exc:  # fx raises many kinds of errors for untraceable code
+        try:
+            gm = _exported_graph(model, input_shape)
+        except Exception as export_exc:
+            raise UnsupportedModelError(
+                f"cannot trace {type(model).__name__}: torch.fx stops at {_traced_construct(fx_exc)}, and "
+                f"torch.export at {_exported_construct(export_exc)} (structured groups need a forward whose ops "
+                "do not depend on the values of its input)"
+            ) from fx_exc
     modes = {m: m.training for m in model.modules()}  # restored one by one: a frozen BN stays in eval
     gm.eval()
     try:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        dtype = param.dtype if param is not None and param.is_floating_point() else None
         with torch.no_grad():
-            ShapeProp(gm).propagate(torch.zeros(input_shape, device=device, dtype=dtype))
+            ShapeProp(gm).propagate(_zero_input(model, input_shape))
     except Exception as exc:
         raise UnsupportedModelError(
             f"{type(model).__name__} does not run on an input of shape {tuple(input_shape)} ({exc})"
@@ -198,6 +221,118 @@ def trace(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
         for m, training in modes.items():
             m.training = training
     return gm
+
+
+def _traced_construct(exc: BaseException) -> str:
+    """fx's error in a few words: the construct it could not trace."""
+    text = first_line(exc, 160)
+    if "symbolically traced variables cannot be used as inputs to control flow" in text:
+        return "Python control flow on a traced value (an if or a loop on a shape or a tensor)"
+    return f"{type(exc).__name__}: {text}"
+
+
+def _exported_construct(exc: BaseException) -> str:
+    """torch.export's error in a few words."""
+    if "DataDependent" in type(exc).__name__:
+        return "control flow on the values of a tensor"
+    return f"{type(exc).__name__}: {first_line(exc, 160)}"
+
+
+def _zero_input(model: nn.Module, input_shape: tuple[int, ...]) -> torch.Tensor:
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else None
+    return torch.zeros(input_shape, device=device, dtype=dtype)
+
+
+# Where an export fails, these log warnings and torch.export prints the graph so far to stderr; the refusal
+# says what failed in one sentence instead.
+_EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export")
+
+
+@contextlib.contextmanager
+def _quiet(names: tuple[str, ...]):
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _exported_graph(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
+    """The graph torch.export records for one input of `input_shape` (in eval mode), as a GraphModule of `model`.
+
+    Its ops are aten overloads, which the analysis reads like their torch functions, and its parameters are
+    attributes of `model` by name; every Conv2d, Linear and BatchNorm call of a module's own parameters (and
+    hyperparameters) is put back as a call of that module, so layers are recognised as in a symbolic trace.
+    """
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with _quiet(_EXPORT_LOGGERS):
+            exported = torch.export.export(model, (_zero_input(model, input_shape),), strict=False).module()
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in exported.graph.nodes:
+        if node.op == "call_module" and not node.users:
+            continue  # torch.export's check of the input's shape: nothing to analyse
+        module = _module_called(node, model)
+        if module is not None:
+            env[node] = graph.call_module(module, (env[node.args[0]],))
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    gm = fx.GraphModule(model, graph, type(model).__name__)
+    gm.graph.eliminate_dead_code()  # the parameters the modules now read themselves
+    gm.recompile()
+    return gm
+
+
+# aten overload -> the module type it computes, and the module attributes its arguments 1, 2, ... must be.
+_MODULE_OPS = {
+    aten.conv2d.default: (nn.Conv2d, ("weight", "bias", "stride", "padding", "dilation", "groups")),
+    aten.linear.default: (nn.Linear, ("weight", "bias")),
+    aten.batch_norm.default: (nn.modules.batchnorm._BatchNorm,
+                              ("weight", "bias", "running_mean", "running_var", None, None, "eps")),
+}
+_DEFAULTS = {"bias": None, "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 1}
+
+
+def _module_called(node: fx.Node, model: nn.Module) -> str | None:
+    """The module whose forward this aten call is: the one whose parameters and settings it passes."""
+    kind = _MODULE_OPS.get(node.target) if node.op == "call_function" else None
+    if kind is None:
+        return None
+    cls, attrs = kind
+    owners = {a.target.rsplit(".", 1)[0] for a in node.args[1:] if isinstance(a, fx.Node) and a.op == "get_attr"}
+    if len(owners) != 1:
+        return None
+    (name,) = owners
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError:
+        return None
+    if not isinstance(mod, cls):
+        return None
+    for k, attr in enumerate(attrs, start=1):
+        if attr is None:
+            continue
+        arg = node.args[k] if k < len(node.args) else node.kwargs.get(attr, _DEFAULTS.get(attr))
+        want = getattr(mod, attr)
+        if isinstance(want, torch.Tensor) or want is None and attr in ("weight", "bias", "running_mean", "running_var"):
+            got_name = arg.target if isinstance(arg, fx.Node) and arg.op == "get_attr" else arg
+            if got_name != (f"{name}.{attr}" if want is not None else None):
+                return None
+        elif (list(want) if isinstance(want, tuple) else want) != (list(arg) if isinstance(arg, (tuple, list)) else arg):
+            return None
+    return name
 
 
 def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
@@ -261,7 +396,7 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
         elif _is_split(node):
             ids_of[node] = _split_parts(node, tensor_ids, wall)
             if isinstance(ids_of[node], tuple):
-                is_chunk = node.target in (torch.chunk, "chunk")
+                is_chunk = node.target in _CHUNK_TARGETS
                 splits.append(ChannelSplit(node.name, [list(p) for p in ids_of[node]], is_chunk))
         elif _is_part(node, ids_of):
             ids_of[node] = _part(node, ids_of, wall)
@@ -341,7 +476,8 @@ def _called_again(b, node, first: Layer, x, shape, wall):
     return list(first.out_ids)
 
 
-_SPLIT_FUNCTIONS = {torch.chunk, torch.split}
+_CHUNK_TARGETS = {torch.chunk, "chunk", aten.chunk.default}
+_SPLIT_FUNCTIONS = {torch.chunk, torch.split, aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default}
 _SPLIT_METHODS = {"chunk", "split"}
 
 
@@ -494,7 +630,7 @@ def _function_ids(b, node, shape, tensor_ids, input_ids, wall, sum_nodes):
         if dim in (1, -3 if len(shape) == 4 else 1) and all(p is not None for p in parts):
             return [i for p in parts for i in p]
         return wall(node, f"concatenation {node.name} not along channels")
-    if not is_fn and target in _MEAN_METHODS:
+    if (is_fn and target in _MEAN_FUNCTIONS) or (not is_fn and target in _MEAN_METHODS):
         x = tensor_ids(args[0]) if args else None
         dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
         dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
@@ -505,10 +641,17 @@ def _function_ids(b, node, shape, tensor_ids, input_ids, wall, sum_nodes):
     return wall(node, f"unsupported op {_describe(node)}")
 
 
-_GATE_FUNCTIONS = {torch.sigmoid, torch.nn.functional.sigmoid, torch.nn.functional.hardsigmoid}
+_GATE_FUNCTIONS = {torch.sigmoid, torch.nn.functional.sigmoid, torch.nn.functional.hardsigmoid,
+                   aten.sigmoid.default, aten.hardsigmoid.default}
 _GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
 _RESHAPE_METHODS = {"view", "reshape"}
-_PRODUCT_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
+_RESHAPE_FUNCTIONS = {aten.view.default, aten.reshape.default}
+_PRODUCT_FUNCTIONS = {operator.mul, operator.imul, torch.mul, aten.mul.Tensor}
+
+
+def _is_reshape(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in _RESHAPE_METHODS) or \
+        (node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS)
 
 
 def _is_gate_op(node: fx.Node, modules: dict) -> bool:
@@ -541,7 +684,7 @@ def _gate_product(node: fx.Node, modules: dict) -> fx.Node | None:
         if _is_product(user):
             factors = [a for a in user.args[:2] if isinstance(a, fx.Node)]
             return user if len(factors) == 2 and at in factors and factors[0] is not factors[1] else None
-        if user.op == "call_method" and user.target in _RESHAPE_METHODS and user.args[0] is at:
+        if _is_reshape(user) and user.args[0] is at:
             at = user
             continue
         return None
@@ -557,7 +700,7 @@ def _gated_operand(node: fx.Node, gates: set[fx.Node]) -> fx.Node | None:
         while isinstance(at, fx.Node):
             if at in gates:
                 return arg
-            if at.op == "call_method" and at.target in _RESHAPE_METHODS:
+            if _is_reshape(at):
                 at = at.args[0]
                 continue
             break
