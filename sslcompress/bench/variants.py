@@ -23,6 +23,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError, VerificationError
+from ..magnitude import keep_largest
 
 log = logging.getLogger(__name__)
 
@@ -129,16 +130,6 @@ def nonzero_weights(proto: onnx.ModelProto) -> int:
     """Nonzero weights over all weight layers, each shared weight counted once."""
     unique = {id(v): arr for v, arr in _weight_values(proto).values()}
     return int(sum(np.count_nonzero(arr) for arr in unique.values()))
-
-
-def keep_largest(weight: np.ndarray, k: int) -> np.ndarray:
-    """Copy of weight with all but its k largest-magnitude entries set to zero (ties: the later entry stays)."""
-    w = np.array(weight, copy=True)
-    flat = w.reshape(-1)
-    k = max(0, min(int(k), flat.size))
-    if k < flat.size:
-        flat[np.argsort(np.abs(flat), kind="stable")[:flat.size - k]] = 0
-    return w
 
 
 def magnitude_match(dense: onnx.ModelProto, structured: onnx.ModelProto

@@ -23,6 +23,7 @@ from torch import nn
 from ..config import TrainOptions
 from ..data import load_data
 from ..errors import CheckpointError
+from ..magnitude import largest_magnitude_mask
 from . import distributed as D
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .counting import Counter
@@ -70,12 +71,8 @@ def magnitude_masks(model: nn.Module, targets: dict[str, int]) -> dict[str, torc
     masks = {}
     for name, k in targets.items():
         w = weights[name].detach()
-        keep = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
-        if k > 0:
-            # Ties broken by position (a stable sort), so the mask is the same on every machine.
-            order = torch.sort(w.abs().flatten(), descending=True, stable=True).indices
-            keep[order[:k]] = True
-        masks[name] = keep.reshape(w.shape)
+        keep = largest_magnitude_mask(w.float().cpu().numpy(), k)
+        masks[name] = torch.from_numpy(keep).to(w.device)
     return masks
 
 
