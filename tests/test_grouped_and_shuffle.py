@@ -262,6 +262,37 @@ def test_random_zero_filters_of_grouped_convs_cut_exactly(seed):
     _check_cut(model)
 
 
+class SharedInput(nn.Module):
+    """The stem's channels read by a grouped conv and by a 1x1 conv beside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.side = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        return self.fc(F.relu(self.grouped(x) + self.side(x)).mean((2, 3)))
+
+
+def test_a_channel_a_grouped_conv_also_reads_stays_while_it_does():
+    model = _model(SharedInput)
+    channels = [g for g in build_groups(model, SHAPE, ("channel",)) if g.name.startswith("channel side[")]
+    assert len(channels) == 8 and {g.reason for g in channels} == {"also read by grouped convolution grouped"}
+    with torch.no_grad():
+        model.side.weight[:, :3] = 0  # the 1x1 conv no longer reads stem channels 0-2; the grouped conv does,
+        model.grouped.weight[:4, 1] = 0  # but for channel 1, which goes; as does channel 5, a zero filter
+        model.stem.weight[5] = 0
+        model.stem.bias[5] = 0
+    counted, result, thinned = _check_cut(model)
+    assert counted.layer("stem").filters == (6, 8) and counted.layer("grouped").channels == (6, 8)
+    assert counted.layer("side").channels == (6, 8)
+    assert _onnx_layer(result, "grouped")["weight_after"] == [8, 3, 3, 3]
+    assert thinned.grouped.groups == 2 and thinned.grouped.in_channels == 6
+
+
 def test_depthwise_with_a_channel_multiplier():
     model = _model(Multiplier)
     groups = _filters(model)
