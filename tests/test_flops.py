@@ -7,6 +7,8 @@ import torch
 
 from sslcompress.flops import Counter, count
 from sslcompress.models import ModelSpec, build_model
+from sslcompress.surgery.compress import compress
+from sslcompress.surgery.export import export_onnx
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -179,14 +181,19 @@ def test_lenet_cascade():
         m.conv2.weight.zero_()
         m.conv2.bias.zero_()
     c = count(m, LENET_SHAPE)
-    assert c.layer("conv2").removed
-    assert c.layer("conv1").removed  # nothing reads it any more
-    assert c.layer("conv1").macs_after == 0 and c.layer("conv1").params_after == 0
-    assert c.layer("fc1").channels == (0, 800) and not c.layer("fc1").removed
+    # fc1 still computes (its bias), so it still reads a tensor: the surgery never empties a value and keeps
+    # conv2's last channel (an all-zero filter, at its full kernel), which keeps one conv1 channel in turn.
+    assert c.layer("conv2").filters == (1, 50) and c.layer("conv2").channels == (1, 20)
+    assert c.layer("conv2").kernel_after == (5, 5)
+    assert c.layer("conv1").filters == (1, 20)
+    assert c.layer("fc1").channels == (16, 800) and not c.layer("fc1").removed
     assert c.layer("fc2").macs_after == FC2
-    assert c.macs_after == FC2  # fc1 is left with its bias only
-    assert c.params_after == 500 + 10 * 501
-    assert c.dead_channels == 20 + 50
+    assert c.macs_after == 25 * 576 + 25 * 64 + 500 * 16 + FC2
+    assert c.dead_channels == 19 + 49
+    # The surgery folds fc1's constant output further: the count bounds what the export keeps from above.
+    result = compress(export_onnx(m, LENET_SHAPE).model)
+    assert result.report["verification"]["passed"]
+    assert result.report["totals"]["macs_after"] <= c.macs_after
 
 
 def test_resnet20_depth_group_removes_block():

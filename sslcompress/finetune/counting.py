@@ -144,7 +144,25 @@ class Counter:
         if equal_groups:
             dead -= grouped.settle(st, params, dead, removed_layers)
         removed_layers = self._removed_layers(dead, removed_modules)
+        # A kept channel keeps its writers, which may read only dead channels in turn.
+        while kept := self._last_inputs(dead, removed_layers):
+            dead -= kept
+            removed_layers = self._removed_layers(dead, removed_modules)
         return Removal(frozenset(dead), frozenset(removed_layers), tuple(blocks_removed), frozenset(removed_modules))
+
+    def _last_inputs(self, dead: set[int], removed_layers: set[str]) -> set[int]:
+        """Channels a layer that stays needs although they are dead: one whose every input is dead (a conv
+        after a layer whose filters are all zero, its output then its bias) still reads a tensor, and the
+        surgery never empties a value, so it keeps the last channel, and that channel's writers with it."""
+        st = self.structure
+        keep = set()
+        for lay in st.layers.values():
+            if lay.name in removed_layers or lay.carries_channels or not lay.in_ids:
+                continue
+            roots = [st.root(i) for i in lay.in_ids]
+            if all(r in dead for r in roots):
+                keep.add(roots[-1])
+        return keep
 
     def _removed_layers(self, dead: set[int], removed_modules: set[str]) -> set[str]:
         """Layers inside a zero residual branch, and layers with no live output."""
@@ -231,7 +249,7 @@ class Counter:
             # Per kept group its kept filters over its kept inputs (equal in every group); like any conv, the
             # kernel shrinks to its nonzero rows and columns. The surgery lowers only group-1 convs to a GEMM.
             sub = grouped.kept_weight(lay, w, dead, st.root)
-            kh, kw = _kernel_extent(sub)
+            kh, kw = _kept_kernel(sub, kernel)
             weights_after = sub.shape[0] * sub.shape[1] * kh * kw
             macs_after = weights_after * hw
             params_after = weights_after + (len(keep_out) if lay.has_bias else 0)
@@ -239,10 +257,7 @@ class Counter:
                               (kh, kw), (cols_total, cols_total), lay.macs, macs_after, macs_after, params,
                               params_after, False)
         sub = w[keep_out][:, keep_in]
-        rows_nz = sub.abs().sum((0, 1, 3)).nonzero().flatten().tolist() if sub.numel() else []
-        cols_nz = sub.abs().sum((0, 1, 2)).nonzero().flatten().tolist() if sub.numel() else []
-        kh = rows_nz[-1] - rows_nz[0] + 1 if rows_nz else 0
-        kw = cols_nz[-1] - cols_nz[0] + 1 if cols_nz else 0
+        kh, kw = _kept_kernel(sub, kernel)
         columns = int((sub.reshape(sub.shape[0], -1).abs().sum(0) > 0).sum()) if sub.numel() else 0
         macs_after = len(keep_out) * len(keep_in) * kh * kw * hw
         params_after = len(keep_out) * len(keep_in) * kh * kw + (len(keep_out) if lay.has_bias else 0)
@@ -258,6 +273,13 @@ def _kernel_extent(sub: torch.Tensor) -> tuple[int, int]:
     rows = sub.abs().sum((0, 1, 3)).nonzero().flatten().tolist()
     cols = sub.abs().sum((0, 1, 2)).nonzero().flatten().tolist()
     return (rows[-1] - rows[0] + 1 if rows else 0), (cols[-1] - cols[0] + 1 if cols else 0)
+
+
+def _kept_kernel(sub: torch.Tensor, kernel: tuple[int, int]) -> tuple[int, int]:
+    """The kernel the surgery leaves: shrunk to the nonzero extent, but an all-zero kernel of a layer that stays
+    (one reading only a dead input's last channel) is left whole, as the kernel pass leaves it."""
+    kh, kw = _kernel_extent(sub)
+    return kernel if sub.numel() and (kh, kw) == (0, 0) else (kh, kw)
 
 
 def count(model: nn.Module, input_shape: tuple[int, ...]) -> ModelCount:

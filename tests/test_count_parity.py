@@ -1,0 +1,47 @@
+"""The counter predicts what the surgery keeps when a residual branch's first conv dies whole: the branch
+then adds its bias, the surgery keeps one channel into the second conv (no value is emptied) and that
+channel's all-zero filter at its full kernel, and the counter counts the same."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sslcompress.finetune.counting import count
+from sslcompress.models import ModelSpec, build_model
+from sslcompress.surgery.compress import compress
+from sslcompress.surgery.export import export_onnx
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _resnet(zeroed: tuple[str, ...], blocks: int = 3) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("resnet20", 10, 3, (32, 32))).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):  # BN that does something, so a constant branch is not zero
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.bias.uniform_(-1, 1)
+        for b in range(blocks):
+            for name in zeroed:
+                m = model.get_submodule(f"layer1.{b}.{name}")
+                m.weight.zero_()
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+    return model
+
+
+@pytest.mark.parametrize("zeroed, blocks_removed", [
+    (("conv1", "bn1"), 0),  # the first conv dies: the branch computes a constant, one channel stays
+    (("conv1", "bn1", "conv2", "bn2"), 3),  # the whole branch is zero: the block goes
+])
+def test_counted_macs_equal_the_cut_onnx_models(zeroed, blocks_removed):
+    model = _resnet(zeroed)
+    counted = count(model, (1, 3, 32, 32))
+    assert len(counted.blocks_removed) == blocks_removed
+    result = compress(export_onnx(model, (1, 3, 32, 32)).model)
+    assert result.report["verification"]["passed"]
+    assert result.report["totals"]["macs_after"] == counted.macs_after
+    assert counted.macs_after < counted.macs
