@@ -151,3 +151,23 @@ def test_no_thin_keeps_the_model_whole_through_sparsify(tmp_path):
     assert result.report.get("thinned") is None
     assert not any(m.startswith("sparsify thinned") for m in messages)
     assert not load_checkpoint(tmp_path / "sparse.pt").thin
+
+
+def test_the_saving_estimate_holds_when_a_grouped_conv_loses_a_whole_group():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 8, 3, padding=1, groups=4), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 4, 1))
+    with torch.no_grad():
+        for i in (0, 1):  # group 0 of the grouped conv: its two inputs and its two filters
+            model[0].weight[i] = 0
+            model[0].bias[i] = 0
+            model[2].weight[i] = 0
+            model[2].bias[i] = 0
+    shape = (1, 3, 8, 8)
+    st = analyze(model, shape)
+    plan = plan_thinning(model, shape, st)
+    assert plan.modules["2"]["groups"] == 3
+    before = count(model, shape)
+    assert thin(model, shape).applied
+    after = count(model, shape)
+    assert mac_saving(st, plan) == pytest.approx(1 - after.macs / before.macs, rel=1e-6)

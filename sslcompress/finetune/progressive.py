@@ -63,10 +63,14 @@ def mac_saving(structure: ModelStructure, plan: ThinPlan) -> float:
     for lay in structure.layers.values():
         total += lay.macs
         ob, oa, ib, ia = plan.widths.get(lay.name, (1, 1, 1, 1))
-        if ob and ib:
-            depthwise = lay.groups > 1 and lay.groups == ib
-            kept = oa / ob if depthwise else (oa * ia) / (ob * ib)
-            saved += lay.macs * (1 - kept)
+        if not (ob and ib):
+            continue
+        if lay.carries_channels:  # depthwise: one filter per output, whatever the inputs
+            kept = oa / ob
+        else:  # a filter reads in / groups channels, and groups go whole with a grouped conv's
+            groups_after = plan.modules.get(lay.name, {}).get("groups", lay.groups)
+            kept = (oa * ia / groups_after) / (ob * ib / lay.groups)
+        saved += lay.macs * (1 - kept)
     return saved / total if total else 0.0
 
 

@@ -284,10 +284,13 @@ class Sparsifier:
             params = dict(self.model.named_parameters())
             costs: dict[int, list[float]] = {}
             for lay in st.layers.values():
-                if lay.groups != 1:
-                    continue  # grouped convs are pinned whole
                 numel = params[f"{lay.name}.weight"].numel()
-                for ids, bias in ((lay.out_ids, 1 if lay.has_bias else 0), (lay.in_ids, 0)):
+                # Each input of a grouped conv is read by its group's filters: macs / inputs too. A depthwise
+                # conv carries its input channel on to its output, one channel: counted once.
+                sides = [(lay.out_ids, 1 if lay.has_bias else 0)]
+                if not lay.carries_channels:
+                    sides.append((lay.in_ids, 0))
+                for ids, bias in sides:
                     for i in ids:
                         row = costs.setdefault(st.root(i), [0.0, 0.0])
                         row[0] += lay.macs / len(ids)
