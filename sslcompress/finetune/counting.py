@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import grouped
-from .groups import ParamGroup, build_groups
+from .groups import ParamGroup, Slice, build_groups
 from .structure import ModelStructure, analyze
 
 
@@ -122,20 +122,21 @@ class Counter:
         and the cascade), layers, and residual branches. With `equal_groups` off, dead channels a grouped conv
         would keep to keep its groups equal are in too (thinning picks its own, see thin._align_grouped)."""
         st, params = self.structure, self.params
+        nz = _Nonzero(params)
         removed_modules: set[str] = set()
         blocks_removed = []
         for g in self._depth:
-            if _is_zero(g, params):
+            if not nz.group(g):
                 blocks_removed.append(g.name.removeprefix("depth "))
                 removed_modules.update(s.param.rsplit(".", 1)[0] for s in g.slices)
-        dead: set[int] = {g.channel for g in self._filters if _is_zero(g, params)}
-        dead |= {g.channel for g in self._channels if _is_zero(g, params)}
+        dead: set[int] = {g.channel for g in self._filters if not nz.group(g)}
+        dead |= {g.channel for g in self._channels if not nz.group(g)}
         dead |= self._unread
         removed_layers = self._removed_layers(dead, removed_modules)
         # Cascade: a layer with no live output is deleted, so what only it read is unused too.
         while True:
             newly = {r for r in self._read_by.keys() | self._grouped_reads.keys()
-                     if r not in dead and not self._read(r, dead, removed_layers)}
+                     if r not in dead and not self._read(r, dead, removed_layers, nz)}
             if not newly:
                 break
             dead |= newly
@@ -170,11 +171,11 @@ class Counter:
         return {n for n, lay in st.layers.items()
                 if n in removed_modules or all(st.root(i) in dead for i in lay.out_ids)}
 
-    def _read(self, r: int, dead: set[int], removed_layers: set[str]) -> bool:
+    def _read(self, r: int, dead: set[int], removed_layers: set[str], nz: _Nonzero) -> bool:
         """Whether a layer still there reads channel `r` through a nonzero weight fibre."""
         params, st = self.params, self.structure
         g = self._read_by.get(r)
-        if g is not None and any(s.param.rsplit(".", 1)[0] not in removed_layers and _slice_nonzero(s, params)
+        if g is not None and any(s.param.rsplit(".", 1)[0] not in removed_layers and nz.slice(s)
                                  for s in g.slices):
             return True
         return any(lay.name not in removed_layers
@@ -287,21 +288,33 @@ def count(model: nn.Module, input_shape: tuple[int, ...]) -> ModelCount:
     return Counter(model, input_shape).count()
 
 
-def _is_zero(group: ParamGroup, params: dict) -> bool:
-    return not any(_slice_nonzero(s, params) for s in group.slices)
+class _Nonzero:
+    """Which positions of each parameter hold a nonzero along the axes slices name, reduced once per
+    parameter and axis: a count checks thousands of groups, each a few positions of the same tensors."""
 
+    _DIMS = {"out": 0, "in": 1, "row": 2, "col": 3}
 
-def _slice_nonzero(s, params: dict) -> bool:
-    p = params[s.param].detach()
-    if s.axis == "all":
-        return bool(p.any())
-    idx = torch.tensor(s.index, device=p.device)
-    if s.axis == "out":
-        return bool(p.index_select(0, idx).any())
-    if s.axis == "in":
-        return bool(p.index_select(1, idx).any())
-    if s.axis == "fiber":
-        return bool(p.reshape(p.shape[0], -1).index_select(1, idx).any())
-    if s.axis == "row":
-        return bool(p.index_select(2, idx).any())
-    return bool(p.index_select(3, idx).any())
+    def __init__(self, params: dict):
+        self.params = params
+        self._along: dict[tuple[str, str], bool | list[bool]] = {}
+
+    def _positions(self, name: str, axis: str) -> bool | list[bool]:
+        key = (name, axis)
+        if key not in self._along:
+            nz = self.params[name].detach() != 0
+            if axis == "all":
+                self._along[key] = bool(nz.any())
+            elif axis == "fiber":  # a column of the lowered weight: (in, kh, kw) flattened
+                self._along[key] = nz.reshape(nz.shape[0], -1).any(0).tolist()
+            else:
+                d = self._DIMS.get(axis, 3)
+                self._along[key] = nz.movedim(d, 0).reshape(nz.shape[d], -1).any(1).tolist()
+        return self._along[key]
+
+    def slice(self, s: Slice) -> bool:
+        """Whether any position of the slice holds a nonzero."""
+        along = self._positions(s.param, s.axis)
+        return along if isinstance(along, bool) else any(along[i] for i in s.index)
+
+    def group(self, g: ParamGroup) -> bool:
+        return any(self.slice(s) for s in g.slices)

@@ -102,7 +102,7 @@ class ProgressiveThinner:
         """Whether the channels dead now would take at least `min_saving` of the model's MACs (> 0: any)."""
         if self.failed:
             return False
-        plan = plan_thinning(sp.model, self.spec.input_shape, sp.counter.structure)
+        plan = plan_thinning(sp.model, self.spec.input_shape, counter=sp.counter)
         if plan.empty:
             return False
         return mac_saving(sp.counter.structure, plan) >= min_saving if min_saving > 0 else True
@@ -111,7 +111,7 @@ class ProgressiveThinner:
         """Thin `sp.model` in place (its optimizer remapped); the sparsifier of the thinned model, lambdas
         carried over, or None when thinning was refused (the reason is kept in `failed`)."""
         model: nn.Module = sp.model
-        result = thin(model, self.spec.input_shape, optimizer=optimizer, structure=sp.counter.structure)
+        result = thin(model, self.spec.input_shape, optimizer=optimizer, counter=sp.counter)
         if not result.applied:
             self.failed = result.reason
             return None

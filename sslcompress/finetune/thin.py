@@ -145,10 +145,11 @@ def _depthwise(lay: Layer) -> bool:
     return lay.carries_channels
 
 
-def _removable_ids(model: nn.Module, input_shape: tuple[int, ...], st: ModelStructure) -> set[int]:
+def _removable_ids(model: nn.Module, input_shape: tuple[int, ...], st: ModelStructure,
+                   counter: Counter | None = None) -> set[int]:
     """Root ids the MAC counter deletes and a torch model can lose by slicing its tensors."""
     # Grouped convs' groups are made equal by _align_grouped, which also makes their kept positions the same.
-    dead = Counter(model, input_shape, st).removal(equal_groups=False).channels
+    dead = (counter or Counter(model, input_shape, st)).removal(equal_groups=False).channels
     # A channel can be sliced out only where some layer writes it: ids that enter otherwise (model input,
     # the pixels an MLP flattens, the output of an op we do not know) come from a tensor we cannot shrink.
     written = {i for lay in st.layers.values() if not lay.carries_channels for i in lay.out_ids}
@@ -191,11 +192,12 @@ def _align_grouped(st: ModelStructure, cut: set[int]) -> set[int]:
     return kept & cut
 
 
-def _cut(model: nn.Module, input_shape: tuple[int, ...], st: ModelStructure, params: dict) -> set[int]:
+def _cut(model: nn.Module, input_shape: tuple[int, ...], st: ModelStructure, params: dict,
+         counter: Counter | None = None) -> set[int]:
     """The roots thinning deletes: what the counter removes, less what keeps every layer non-empty, every
     grouped conv sliceable and every chunk's parts equal (each keeps channels that may unbalance another,
     so they run until none asks)."""
-    cut = _removable_ids(model, input_shape, st)
+    cut = _removable_ids(model, input_shape, st, counter)
     strength = _strength(st, params)
     while True:
         cut = _keep_one_per_layer(st, cut, strength)
@@ -245,14 +247,17 @@ def _keep_one_per_layer(st: ModelStructure, cut: set[int], strength: dict[int, f
 
 @torch.no_grad()
 def plan_thinning(model: nn.Module, input_shape: tuple[int, ...],
-                  structure: ModelStructure | None = None) -> ThinPlan:
-    """Which rows and columns of which tensors go, for a model whose zero groups are as they are now."""
+                  structure: ModelStructure | None = None, *, counter: Counter | None = None) -> ThinPlan:
+    """Which rows and columns of which tensors go, for a model whose zero groups are as they are now.
+
+    `counter`: a Counter of this model (and its structure) already built, so repeated plans skip the groups.
+    """
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"plan_thinning takes a torch.nn.Module, got {type(model).__name__}.")
-    st = structure or analyze(model, tuple(input_shape))
+    st = counter.structure if counter is not None else structure or analyze(model, tuple(input_shape))
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
-    cut = _cut(model, tuple(input_shape), st, params)
+    cut = _cut(model, tuple(input_shape), st, params, counter)
 
     keep: dict[str, dict[int, list[int]]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -517,7 +522,8 @@ def _param_count(model: nn.Module) -> int:
 
 
 def thin(model: nn.Module, input_shape: tuple[int, ...], *, check: bool = True,
-         optimizer: torch.optim.Optimizer | None = None, structure: ModelStructure | None = None) -> ThinResult:
+         optimizer: torch.optim.Optimizer | None = None, structure: ModelStructure | None = None,
+         counter: Counter | None = None) -> ThinResult:
     """Plan and apply thinning in place; with `check`, keep it only if outputs match the unthinned model's.
 
     The check runs two random inputs of `input_shape` in eval mode (global random state untouched). If the
@@ -527,7 +533,7 @@ def thin(model: nn.Module, input_shape: tuple[int, ...], *, check: bool = True,
     """
     before = _param_count(model)
     try:
-        plan = plan_thinning(model, tuple(input_shape), structure)
+        plan = plan_thinning(model, tuple(input_shape), structure, counter=counter)
     except UnsupportedModelError as exc:
         return ThinResult(False, ThinPlan(), f"the model cannot be analysed: {exc}", before, before)
     if plan.empty:
