@@ -74,7 +74,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from surgery_resnet import csv, log, randomize_bn  # beside this script: the same helpers and BN statistics
+from surgery_resnet import (  # beside this script: the same helpers and BN statistics
+    cpu_name,
+    csv,
+    log,
+    randomize_bn,
+)
 from torch import nn
 
 from sslcompress.finetune.groups import ParamGroup, build_groups
@@ -390,12 +395,7 @@ def time_case(case: dict, args) -> None:
 
 
 def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_name()
     flags = ""
     try:
         with open("/proc/cpuinfo") as f:

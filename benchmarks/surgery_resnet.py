@@ -659,13 +659,19 @@ def render_table(cases: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def machine_info() -> dict:
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
+    return cpu
+
+
+def machine_info() -> dict:
+    cpu = cpu_name()
     return {"nproc": os.cpu_count(), "cpu": cpu, "onnxruntime": ort.__version__, "onnx": onnx.__version__,
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "platform": platform.platform()}

@@ -63,6 +63,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from surgery_resnet import cpu_name  # beside this script: the machine description the other benchmarks give
 from torch import nn
 
 from sslcompress.config import FinetuneConfig, PretrainConfig, TrainOptions, build_config
@@ -591,12 +592,7 @@ def time_ort(models: dict[str, bytes], shape: tuple[int, ...], args) -> dict[str
 def machine() -> dict[str, Any]:
     import onnxruntime as ort
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_name()
     try:
         from importlib.metadata import version
 

@@ -21,9 +21,13 @@ def V():
     spec = importlib.util.spec_from_file_location("vs_torch_pruning", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     sys.modules["vs_torch_pruning"] = mod  # dataclasses look their module up by name
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop("vs_torch_pruning", None)
+    sys.path.insert(0, str(SCRIPT.parent))  # as when run: the helpers it shares with the other benchmarks
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+        sys.modules.pop("vs_torch_pruning", None)
 
 
 def test_search_ratio_monotone_lands_just_below_the_target(V):
