@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from bench_log import log, on_event  # beside this script: the progress lines the benchmarks share
 
 from sslcompress.config import FinetuneConfig, PretrainConfig, build_config
 from sslcompress.finetune.pipeline import run_finetune, run_pretrain
@@ -60,29 +61,6 @@ GOALS = {
     "ssl_shape": {"paper_row": "paper SSL shape (2)", "max_error": 0.010, "max_flops": [0.014, 0.028]},
 }
 CONVS = ("conv1", "conv2")
-
-
-def log(msg: str) -> None:
-    stamp = time.strftime("%H:%M:%S")
-    print(f"[{stamp}] {msg}", flush=True)
-
-
-def on_event(e) -> None:
-    """Print one line per finished epoch and every info message (no per-step noise)."""
-    if e.phase == "info":
-        log(f"info: {e.message}")
-        return
-    if not e.end_of_epoch:
-        return
-    parts = [f"{e.phase} epoch {e.epoch + 1}/{e.epochs}", f"train loss {e.loss:.4f}",
-             f"test acc {e.accuracy:.4f}"]
-    if e.macs_fraction is not None:
-        parts.append(f"MAC fraction {e.macs_fraction:.4f}")
-    if e.zero_groups is not None:
-        parts.append(f"zero groups {e.zero_groups:.3f}")
-    if e.lambdas:
-        parts.append("lambdas " + ", ".join(f"{k}={v:.4g}" for k, v in e.lambdas.items()))
-    log(" | ".join(parts))
 
 
 def layer_rows(report: dict) -> dict[str, dict]:

@@ -52,6 +52,7 @@ from pathlib import Path
 
 import onnx
 import torch
+from bench_log import csv, log, on_event  # beside this script: the progress lines the benchmarks share
 
 from sslcompress.bench.config import BenchConfig
 from sslcompress.bench.run import run_bench
@@ -86,31 +87,6 @@ PAPER_CONVNET = [
     {"row": "paper SSL (1)", "error": 0.179, "speedup": [1.43, 3.05, 1.57]},
     {"row": "paper SSL (2)", "error": 0.169, "speedup": [1.25, 2.01, 1.18]},
 ]
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def on_event(e) -> None:
-    """One line per finished epoch and every info message of a training run."""
-    if e.phase == "info":
-        log(f"info: {e.message}")
-        return
-    if not e.end_of_epoch:
-        return
-    parts = [f"{e.phase} epoch {e.epoch + 1}/{e.epochs}", f"train loss {e.loss:.4f}", f"test acc {e.accuracy:.4f}"]
-    if e.macs_fraction is not None:
-        parts.append(f"MAC fraction {e.macs_fraction:.4f}")
-    if e.zero_groups is not None:
-        parts.append(f"zero groups {e.zero_groups:.3f}")
-    if e.lambdas:
-        parts.append("lambdas " + ", ".join(f"{k}={v:.4g}" for k, v in e.lambdas.items()))
-    log(" | ".join(parts))
-
-
-def csv(text: str, kind=str) -> list:
-    return [kind(x.strip()) for x in text.split(",") if x.strip()]
 
 
 # ---------------------------------------------------------------------------------------------

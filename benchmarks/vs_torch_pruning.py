@@ -63,6 +63,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from bench_log import csv, log  # beside this script: the progress lines the benchmarks share
 from surgery_resnet import cpu_name  # beside this script: the machine description the other benchmarks give
 from torch import nn
 
@@ -113,14 +114,6 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 # --quick: LeNet-5 on the bundled digits (1437 training images), a few epochs, a few timing rounds.
 QUICK = {"data": "digits", "pretrain_epochs": 3, "sparsify_epochs": 2, "finetune_epochs": 2, "rounds": 5}
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def csv(text: str, kind=str) -> list:
-    return [kind(x.strip()) for x in text.split(",") if x.strip()]
 
 
 def seed_everything(seed: int) -> None:
@@ -813,6 +806,8 @@ def main(argv: list[str] | None = None) -> int:
     for budget in args.budgets:
         case = run_case(args, budget, spec, dense, dense_bytes, images, old_cases.get(case_key(args.model, budget)))
         new_cases.append(case)
+        # Read again: another run (another model or budget) may have written its cases meanwhile.
+        old_doc = json.loads(json_path.read_text()) if json_path.is_file() else {"cases": []}
         doc = {"benchmark": STEM, "quick": args.quick, "date_utc": case["date_utc"], "command": args.command,
                "cases": merge_cases(list(old_doc.get("cases", [])), [json.loads(json.dumps(c)) for c in new_cases])}
         atomic_write_json(doc, json_path)  # after every case: a later failure keeps the cases done
