@@ -23,6 +23,7 @@ from sslcompress.config import (
 from sslcompress.errors import ConfigError, TrainingError
 from sslcompress.finetune.checkpoint import load_checkpoint
 from sslcompress.finetune.pipeline import run_finetune, run_pretrain
+from sslcompress.finetune.sparsifier import Sparsifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -188,3 +189,19 @@ def test_good_values_accepted_and_resume_refuses_a_changed_budget():
                              {"target_flops": 0.5})
         with pytest.raises(ConfigError, match=flag):
             check_resume_fingerprint(resume_fingerprint(cfg), resume_fingerprint(other), "state.pt")
+
+
+def test_forced_zeroing_refuses_a_budget_under_the_smallest_connected_model(lenet):
+    # The pipeline refuses such a target up front; enforce itself must also stop short of cutting the network
+    # and say how close the closest connected model came.
+    ckpt = load_checkpoint(lenet)
+    model = ckpt.build()
+    cfg = _lenet_run("unused", lenet)
+    sp = Sparsifier(model, ckpt.model, cfg)
+    with pytest.raises(TrainingError, match=r"cannot be met without cutting the network.*keeps 0\.\d+ of the MACs"):
+        sp.enforce(0.001)
+    assert sp.connected()
+    assert sp.fractions()["macs"] > 0.001
+    with torch.no_grad():
+        y = model(torch.randn(2, *ckpt.model.input_shape[1:]))
+    assert not torch.equal(y[0], y[1])
