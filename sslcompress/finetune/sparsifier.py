@@ -298,10 +298,32 @@ class Sparsifier:
             self._costs = {r: (m, p) for r, (m, p) in costs.items()}
         return self._costs
 
+    def _pools(self) -> dict[Ref, tuple]:
+        """Which groups compete with each other within one structure: a width's filter groups, its channel
+        groups, a layer's shape groups, the residual branches."""
+        unit_of = {r: u for u, unit in enumerate(self.units(1)) for r in unit.roots}
+        pools: dict[Ref, tuple] = {}
+        for kind, ix in self.lasso.kinds.items():
+            for i, g in enumerate(ix.groups):
+                if kind in ("filter", "channel") and g.channel is not None:
+                    pools[(kind, i)] = (kind, "width", unit_of.get(g.channel, -1))
+                elif kind == "depth":
+                    pools[(kind, i)] = (kind,)
+                else:
+                    pools[(kind, i)] = (kind, g.layers)
+        return pools
+
     def _ranked(self, weights: dict[str, float], align: int | None) -> list[_Item]:
         """Every nonzero removable group (with `align`: every block of `align` channels of an aligned width,
-        never its last), weakest first: by norm per square root of what it saves of the dense MACs and
-        parameters, each metric weighted by `weights` (how much of it is still to go)."""
+        never its last), weakest first.
+
+        An item's strength is its share of what its pool (see _pools) still holds when it goes: its norm over
+        the norms of itself and every stronger live group of the pool. So the weakest channel of a width
+        competes with the weakest of another width whatever the scale of their weights (a conv followed by
+        BatchNorm computes the same at any scale), and each further channel of one width weighs more than the
+        one before: the last channels of a width are the last to go, where norm per cost alone would empty a
+        costly wide layer first. Strength is divided by the square root of what the item saves of the dense
+        MACs and parameters, each metric weighted by `weights` (how much of it is still to go)."""
         norms = self.lasso.norms()
         macs, params = self.dense_totals()
         channel = self._channel_costs()
@@ -312,12 +334,20 @@ class Sparsifier:
                 return channel[g.channel]
             return float(g.cost), float(g.size)
 
-        def item(refs: list[Ref]) -> _Item:
-            saved = [saves(k, i) for k, i in refs]
-            est = {"macs": sum(m for m, _ in saved) / macs, "params": sum(p for _, p in saved) / params}
-            worth = sum(w * est[m] for m, w in weights.items())
-            norm = math.sqrt(sum(float(norms[k][i]) ** 2 for k, i in refs))
-            return _Item(norm / max(worth, 1e-12) ** 0.5, tuple(refs), est)
+        def norm_of(refs) -> float:
+            return math.sqrt(sum(float(norms[k][i]) ** 2 for k, i in refs))
+
+        def items_of(blocks: list[list[Ref]]) -> list[_Item]:
+            """A pool's items, given weakest first: each scored by its share of what is left from it on."""
+            strengths = [norm_of(b) for b in blocks]
+            left, out = sum(strengths), []
+            for refs, strength in zip(blocks, strengths):
+                saved = [saves(k, i) for k, i in refs]
+                est = {"macs": sum(m for m, _ in saved) / macs, "params": sum(p for _, p in saved) / params}
+                worth = sum(w * est[m] for m, w in weights.items())
+                out.append(_Item(strength / max(left, 1e-30) / max(worth, 1e-12) ** 0.5, tuple(refs), est))
+                left -= strength
+            return out
 
         items, blocked = [], set()
         if align and align > 1:
@@ -328,19 +358,24 @@ class Sparsifier:
                 blocked.update(unit.roots)
                 live = self._live(unit, norms, dead)
                 live = live[len(live) % align:]
-                for b in range(0, len(live) - align, align):
-                    items.append(item([ref for _, ref in live[b:b + align]]))
-        for kind, ix in self.lasso.kinds.items():
-            for i, g in enumerate(ix.groups):
-                if float(norms[kind][i]) > 0 and not (kind in ("filter", "channel") and g.channel in blocked):
-                    items.append(item([(kind, i)]))
+                blocks = [[ref for _, ref in live[b:b + align]] for b in range(0, len(live), align)]
+                items += items_of(blocks)[:-1]  # never a width's last block
+        pools: dict[tuple, list[Ref]] = {}
+        for ref, pool in self._pools().items():
+            kind, i = ref
+            g = self.lasso.kinds[kind].groups[i]
+            if float(norms[kind][i]) > 0 and not (kind in ("filter", "channel") and g.channel in blocked):
+                pools.setdefault(pool, []).append(ref)
+        for refs in pools.values():
+            refs.sort(key=lambda r: float(norms[r[0]][r[1]]))
+            items += items_of([[r] for r in refs])
         items.sort(key=lambda it: it.score)
         return items
 
     @torch.no_grad()
     def enforce(self, target: float | Budget, align: int | None = None) -> int:
-        """Zero the weakest removable groups (norm per MAC, or per parameter when parameters are asked)
-        until the budget is met, landing as close below it as the groups allow; returns how many were zeroed.
+        """Zero the weakest removable groups (as _ranked orders them: share of their width per MAC, or per
+        parameter when parameters are asked) until the budget is met, landing as close below it as the groups allow; returns how many were zeroed.
 
         Groups go in chunks whose estimated saving is half the remaining gap (halved again when a chunk
         lands below the budget), so the last ones go one by one; a group that alone would land more than
