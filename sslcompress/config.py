@@ -178,6 +178,9 @@ class FinetuneConfig:
     budget_every: int | None = None  # optimizer steps between budget checks; None: 25, at least 4 an epoch
     # Fine-tune the thinned model (zero channels sliced out of the torch model): the same function, less time.
     thin: bool = True
+    # With a budget, zero the weakest groups at each check where lambda lags the budget's schedule, so the
+    # budget is reached step by step during sparsify rather than in one cut at its end.
+    pace: bool = True
     pretrain: TrainOptions = field(default_factory=lambda: TrainOptions(epochs=10, lr=0.02))
     # A constant lr while sparsifying: the proximal threshold is lr * lambda, and a decaying lr
     # would stop the pruning in the last epochs.
@@ -213,8 +216,9 @@ class FinetuneConfig:
         check_number("target_params", self.target_params, 0.0, 1.0, low_open=True, optional=True)
         check_int("align", self.align, 1, 4096, optional=True)
         check_int("budget_every", self.budget_every, 1, optional=True)
-        if not isinstance(self.thin, bool):
-            raise ConfigError(f"{option_name('thin')} must be true or false, got {self.thin!r}")
+        for key in ("thin", "pace"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{option_name(key)} must be true or false, got {getattr(self, key)!r}")
         for key, flag, what in (("target_flops", "--target-flops", "MACs"),
                                 ("target_params", "--target-params", "parameters"),
                                 ("align", "--align", "widths")):
@@ -313,7 +317,7 @@ FLAGS = {
     "run.limit_train": "--limit-train", "run.limit_test": "--limit-test", "method": "--method",
     "structures": "-s/--structures", "lambdas": "--lambda", "strength": "--strength", "solver": "--solver",
     "threshold": "--threshold", "weighting": "--weighting", "target_flops": "--target-flops",
-    "target_params": "--target-params", "align": "--align", "budget_every": "--budget-every", "thin": "--thin/--no-thin",
+    "target_params": "--target-params", "align": "--align", "budget_every": "--budget-every", "thin": "--thin/--no-thin", "pace": "--pace/--no-pace",
     "pretrain.epochs": "--pretrain-epochs", "sparsify.epochs": "--sparsify-epochs",
     "finetune.epochs": "--finetune-epochs", "sparsify.lr": "--lr", "finetune.lr": "--finetune-lr",
     "pretrain.batch_size": "--batch-size", "sparsify.batch_size": "--batch-size",

@@ -71,9 +71,12 @@ def test_export_of_a_thinned_checkpoint_cuts_and_verifies(thinned_run, tmp_path)
     assert report["totals"]["macs_after"] <= result.report["totals"]["macs_after"]
 
 
-def test_no_thin_fine_tunes_the_full_model_to_the_same_function(thinned_run, tmp_path):
-    out, thin_result = thinned_run
-    full = run_finetune(_cfg(tmp_path / "full", thin=False))
+def test_no_thin_fine_tunes_the_full_model_to_the_same_function(tmp_path):
+    # Without pace: lambda alone and one ranking at the end, so both runs zero the same groups. (With pace the
+    # ranking runs at every check, and a near tie between two groups' norms may go either way with the sums of
+    # a thinner model.)
+    thin_result = run_finetune(_cfg(tmp_path / "thin", pace=False))
+    full = run_finetune(_cfg(tmp_path / "full", thin=False, pace=False))
     ckpt = load_checkpoint(tmp_path / "full" / "sparse.pt")
     assert not ckpt.thin and full.report.get("thinned") is None
     assert full.report["totals"] == thin_result.report["totals"]

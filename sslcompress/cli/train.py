@@ -164,6 +164,10 @@ def _parse_lambdas(items: tuple[str, ...]) -> dict[str, float] | None:
 @click.option("--thin/--no-thin", "thin", default=None,
               help="Fine-tune the thinned model: zero channels sliced out of the torch model after sparsify "
                    "(the same function, faster steps; default on).")
+@click.option("--pace/--no-pace", "pace", default=None,
+              help="With a budget, zero the weakest groups at each check where lambda lags the budget's "
+                   "schedule, reaching the budget step by step during sparsify (default on); off: lambda alone "
+                   "until the end of sparsify, then one cut.")
 @click.option("--budget-every", default=None, type=int, metavar="STEPS",
               help="Optimizer steps between budget checks (default 25, at least four checks an epoch).")
 @click.option("--pretrain-epochs", default=None, type=click.IntRange(min=0))
@@ -192,7 +196,7 @@ def finetune(**kw: Any) -> None:
         "structures": kw["structures"], "lambdas": _parse_lambdas(kw["lambdas"]), "strength": kw["strength"],
         "method": kw["method"], "solver": kw["solver"], "threshold": kw["threshold"],
         "weighting": kw["weighting"], "target_flops": kw["target_flops"], "target_params": kw["target_params"],
-        "align": kw["align"], "budget_every": kw["budget_every"], "thin": kw["thin"], "resume": kw["resume"] or None,
+        "align": kw["align"], "budget_every": kw["budget_every"], "thin": kw["thin"], "pace": kw["pace"], "resume": kw["resume"] or None,
         "pretrain": _phase(kw["pretrain_epochs"], None, bs),
         "sparsify": _phase(kw["sparsify_epochs"], kw["lr"], bs),
         "finetune": _phase(kw["finetune_epochs"], kw["finetune_lr"], bs),

@@ -439,7 +439,7 @@ class _SparsifyEpochs:
         self.watch = None
         if r.budget is not None and self.start < cfg.sparsify.epochs:
             self.watch = BudgetWatch(r.sp, r.budget, r.controllers, steps_per_epoch=r.steps,
-                                     every=cfg.budget_every, align=cfg.align, epoch=self.start)
+                                     every=cfg.budget_every, align=cfg.align, epoch=self.start, pace=cfg.pace)
         self.thinner = _thinner(r)
         self.step = r.sp.after_step(self.opt)
 
@@ -483,7 +483,8 @@ class _SparsifyEpochs:
                      lambdas=dict(r.sp.lambdas), end_of_epoch=True))
         if watch is not None:
             r.metrics["forced_groups"] = r.metrics.get("forced_groups", 0) + watch.forced
-            watch.forced = 0
+            r.metrics["paced_groups"] = r.metrics.get("paced_groups", 0) + watch.paced
+            watch.forced = watch.paced = 0
             if watch.met_at is not None:
                 r.metrics["budget_met_at"] = dict(watch.met_at)
         return stop
@@ -643,6 +644,7 @@ def _finish(r: _FinetuneRun, mask_set: MaskSet) -> RunResult:
         budget_row = {m: {"asked": budget.targets.get(m), "reached": r.reached[m]} for m in r.reached}
         budget_row.update({"measure": "gemm macs" if "shape" in cfg.structures else "macs",
                            "tolerance": budget.tolerance, "met_at": metrics.get("budget_met_at"),
+                           "pace": cfg.pace, "paced_groups": metrics.get("paced_groups", 0),
                            "checked_every": check_interval(r.steps, cfg.budget_every)})
     report = build_report(
         r.spec, r.data.name, r.counted,

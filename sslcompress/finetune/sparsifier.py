@@ -489,13 +489,14 @@ class BudgetWatch:
     """
 
     def __init__(self, sp: Sparsifier, budget: Budget, controllers: dict[str, BudgetController], *,
-                 steps_per_epoch: int, every: int | None, align: int | None, epoch: int):
-        self.sp, self.budget, self.controllers, self.align = sp, budget, controllers, align
+                 steps_per_epoch: int, every: int | None, align: int | None, epoch: int, pace: bool = True):
+        self.sp, self.budget, self.controllers, self.align, self.pace = sp, budget, controllers, align, pace
         self.steps = max(1, steps_per_epoch)
         self.interval = check_interval(self.steps, every)
         self.held: MaskSet | None = None
         self.met_at: dict[str, int] | None = None
-        self.forced = 0  # groups zeroed by rank to land on the budget
+        self.forced = 0  # groups zeroed by rank to land on the budget (or, with pace, to keep up with its schedule)
+        self.paced = 0  # of them, those zeroed at checks to keep up with the schedule
         self.messages: list[str] = []
         self.checked = False  # a check just passed above the budget (its weights are the copy): a safe point to thin
         self.start_epoch(epoch)
@@ -546,11 +547,33 @@ class BudgetWatch:
         # The metric furthest behind its schedule decides.
         factor = max(c.factor(elapsed, fr[m], span) for m, c in self.controllers.items())
         self.sp.lambdas = next(iter(self.controllers.values())).scaled(self.sp.lambdas, factor)
+        if self.pace:
+            fr = self._keep_pace(elapsed, fr)
+            slack = self.budget.slack(fr)
+            if slack <= 0:
+                self._hold(fr)
+                return
         self.next_check = self.step + next_interval(self.last_slack, slack, self.step - self.last_step,
                                                     self.interval)
         self.last_step, self.last_slack = self.step, slack
         self.copy = self.sp.snapshot()
         self.checked = True
+
+    def _keep_pace(self, elapsed: float, fr: dict[str, float]) -> dict[str, float]:
+        """Where lambda lags the schedule by more than a landing's tolerance, zero the weakest groups down to
+        the fraction the schedule asks for now. Lambda has grown for the lag already; the network then adapts
+        to each small cut in the steps that follow, instead of taking the whole rest of the budget in one cut
+        at the end of sparsify, and the channels that go are thinned out of the steps after them."""
+        wanted = {m: max(c.wanted_at(elapsed), self.budget.targets[m]) for m, c in self.controllers.items()}
+        if all(fr[m] <= w + self.budget.tolerance for m, w in wanted.items()):
+            return fr
+        try:
+            zeroed = self.sp.enforce(Budget(wanted, self.budget.tolerance), self.align)
+        except TrainingError:
+            return fr  # nothing connected meets the schedule's fraction: the end of sparsify says so
+        self.forced += zeroed
+        self.paced += zeroed
+        return self.sp.fractions(self.align)
 
     def rebind(self, sp: Sparsifier) -> None:
         """Go on with the sparsifier of the thinned model; thinned at a check, so the copy is those weights."""
