@@ -205,3 +205,24 @@ def test_forced_zeroing_refuses_a_budget_under_the_smallest_connected_model(lene
     with torch.no_grad():
         y = model(torch.randn(2, *ckpt.model.input_shape[1:]))
     assert not torch.equal(y[0], y[1])
+
+
+def test_pace_reaches_the_budget_step_by_step_where_lambda_lags(lenet, tmp_path):
+    # A lambda far too weak to prune anything in two epochs: without pace the whole budget is one cut at
+    # the end of sparsify; with pace the checks follow the schedule, so the first epoch already ends pruned.
+    weak = dict(strength=1e-4, target_flops=0.3)
+    runs = {}
+    for pace in (True, False):
+        events = []
+        res = run_finetune(_lenet_run(tmp_path / str(pace), lenet, pace=pace, **weak), events.append)
+        _assert_landed(res.report)
+        first = next(e for e in events if e.phase == "sparsify" and e.end_of_epoch)
+        runs[pace] = (res.report, first.macs_fraction, _messages(events))
+    paced, first_paced, _ = runs[True]
+    assert paced["budget"]["pace"] and paced["budget"]["paced_groups"] > 0
+    assert paced["budget"]["met_at"] is not None  # met at a check, not by the cut at the end
+    assert first_paced < 0.8  # the schedule asks for 1 - 0.7 / 1.2 of the MACs after the first of two epochs
+    unpaced, first_unpaced, messages = runs[False]
+    assert unpaced["budget"]["paced_groups"] == 0 and unpaced["budget"]["met_at"] is None
+    assert first_unpaced > 0.95
+    assert any("budget not met by lambda alone" in m for m in messages)

@@ -106,6 +106,7 @@ def test_cuda_without_gpu_refused(tmp_path):
     ('method = "l1"\nalign = 8', "--align needs --method ssl"),
     ('structures = ["shape"]\nalign = 8', "needs filter or channel"),
     ('thin = "yes"', "thin (--thin/--no-thin)"),
+    ('pace = 1', "pace (--pace/--no-pace)"),
 ])
 def test_recipe_values_refused(tmp_path, recipe, words):
     path = tmp_path / "recipe.toml"
