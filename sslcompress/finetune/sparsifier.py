@@ -375,7 +375,8 @@ class Sparsifier:
     @torch.no_grad()
     def enforce(self, target: float | Budget, align: int | None = None) -> int:
         """Zero the weakest removable groups (as _ranked orders them: share of their width per MAC, or per
-        parameter when parameters are asked) until the budget is met, landing as close below it as the groups allow; returns how many were zeroed.
+        parameter when parameters are asked) until the budget is met, landing as close below it as the
+        groups allow; returns how many were zeroed.
 
         Groups go in chunks whose estimated saving is half the remaining gap (halved again when a chunk
         lands below the budget), so the last ones go one by one; a group that alone would land more than
@@ -567,10 +568,12 @@ class BudgetWatch:
         wanted = {m: max(c.wanted_at(elapsed), self.budget.targets[m]) for m, c in self.controllers.items()}
         if all(fr[m] <= w + self.budget.tolerance for m, w in wanted.items()):
             return fr
+        before = self.sp.snapshot()
         try:
             zeroed = self.sp.enforce(Budget(wanted, self.budget.tolerance), self.align)
         except TrainingError:
-            return fr  # nothing connected meets the schedule's fraction: the end of sparsify says so
+            self.sp.restore(before)  # nothing connected meets the schedule's fraction: the end of sparsify says so
+            return fr
         self.forced += zeroed
         self.paced += zeroed
         return self.sp.fractions(self.align)
