@@ -45,3 +45,29 @@ def test_counted_macs_equal_the_cut_onnx_models(zeroed, blocks_removed):
     assert result.report["verification"]["passed"]
     assert result.report["totals"]["macs_after"] == counted.macs_after
     assert counted.macs_after < counted.macs
+
+
+def test_thinning_a_dead_branch_beside_a_projection_keeps_it_a_branch():
+    # A block whose whole residual branch is zero, beside a 1x1 projection shortcut: thinning leaves one
+    # channel inside the branch, which then weighs less than the projection. The branch must still be the
+    # branch (the depth group, removed), so the thinned model counts what the unthinned one counts.
+    from sslcompress.finetune.groups import build_groups
+    from sslcompress.finetune.structure import analyze
+    from sslcompress.finetune.thin import thin
+
+    model = _resnet(())
+    shape = (1, 3, 32, 32)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for g in build_groups(model, shape, ("depth",)):
+            if g.name == "depth layer2.0":
+                for s in g.slices:
+                    params[s.param].zero_()
+    before = count(model, shape)
+    thin(model, shape)
+    assert model.layer2[0].conv1.out_channels == 1
+    branches = [b.modules for b in analyze(model, shape).branches]
+    assert ["layer2.0.conv1", "layer2.0.bn1", "layer2.0.conv2", "layer2.0.bn2"] in branches
+    after = count(model, shape)
+    assert after.macs_after == before.macs_after
+    assert "layer2.0" in after.blocks_removed

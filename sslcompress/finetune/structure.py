@@ -748,12 +748,14 @@ def _residual_branches(gm: fx.GraphModule, sum_nodes: list[fx.Node], modules: di
             params = [m for m in mods if any(True for _ in modules[m].parameters(recurse=False))]
             if not params or not all(_branch_op_ok(n, modules) for n in side):
                 continue
-            macs = sum(int(p.numel()) for m in params for p in modules[m].parameters(recurse=False))
-            candidates.append((macs, params))
+            weights = sum(int(p.numel()) for m in params for p in modules[m].parameters(recurse=False))
+            candidates.append((len(params), weights, params))
         if candidates:
-            # With a projection shortcut both sides hold weights; the heavier one is the branch.
-            candidates.sort(key=lambda t: -t[0])
-            branches.append(Branch(add_node=node.name, modules=candidates[0][1]))
+            # With a projection shortcut both sides hold weights: the branch is the side with more layers (a
+            # projection is one conv and its norm), then the heavier. Not the heavier alone: a thinned branch
+            # whose channels all died (one kept, since a conv cannot have none) weighs less than its projection.
+            candidates.sort(key=lambda t: (-t[0], -t[1]))
+            branches.append(Branch(add_node=node.name, modules=candidates[0][2]))
     return branches
 
 
