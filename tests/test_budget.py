@@ -160,10 +160,10 @@ def test_align_on_a_resnet_with_coupled_widths(tmp_path):
 
 
 def test_a_resumed_budget_run_ends_as_the_uninterrupted_one(lenet, tmp_path):
-    # Lambda grows at every check of the first two epochs; the budget is met in the third.
+    # The schedule asks for the budget 1.8 epochs in, so it is met in the second epoch, after the interruption.
     kw = dict(strength=0.3, target_flops=0.87, sparsify=_opts(3), finetune=_opts(1, 0.01))
     whole = run_finetune(_lenet_run(tmp_path / "whole", lenet, **kw))
-    assert whole.report["budget"]["met_at"]["epoch"] == 2
+    assert whole.report["budget"]["met_at"]["epoch"] == 1 and whole.report["budget"]["met_at"]["step"] > 1
 
     class Stop(Exception):
         pass

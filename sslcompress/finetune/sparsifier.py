@@ -566,7 +566,10 @@ class BudgetWatch:
         to each small cut in the steps that follow, instead of taking the whole rest of the budget in one cut
         at the end of sparsify, and the channels that go are thinned out of the steps after them."""
         wanted = {m: max(c.wanted_at(elapsed), self.budget.targets[m]) for m, c in self.controllers.items()}
-        if all(fr[m] <= w + self.budget.tolerance for m, w in wanted.items()):
+        # Along the schedule a point of lag is let be (lambda may catch up); once it asks for the target
+        # itself, the budget is landed here rather than left a fraction of a point above it.
+        lag = {m: self.budget.tolerance if w > self.budget.targets[m] else 0.0 for m, w in wanted.items()}
+        if all(fr[m] <= w + lag[m] for m, w in wanted.items()):
             return fr
         before = self.sp.snapshot()
         try:
