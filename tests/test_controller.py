@@ -68,3 +68,11 @@ def test_checks_come_every_few_dozen_steps_and_close_in_near_the_target():
     assert next_interval(0.3, 0.2, 10, 25) == 10
     assert next_interval(0.3, 0.001, 10, 25) == 1
     assert next_interval(0.2, 0.2, 10, 25) == 25
+
+
+def test_the_schedule_asks_for_the_target_itself_once_it_ends():
+    # Not 1 - (1 - 0.3): pace lands the budget only when the schedule asks for the target exactly.
+    for target in (0.3, 0.1, 0.7, 0.55):
+        c = BudgetController(target, epochs=1)
+        assert c.wanted_at(0.6) == target and c.wanted_at(5.0) == target
+        assert c.wanted_at(0.3) > target

@@ -36,7 +36,9 @@ class BudgetController:
         # Over the first `ramp` of sparsify however short it is: a one-epoch sparsify reaches the budget 60%
         # in (with pace) and trains the pruned model for the rest, instead of cutting at its last check.
         span = self.ramp * max(1, self.epochs)
-        progress = min(1.0, max(0.0, elapsed) / span)
+        progress = max(0.0, elapsed) / span
+        if progress >= 1.0:
+            return self.target  # exactly: 1 - (1 - 0.3) is 0.30000000000000004, which pace would take as still on the way
         return 1.0 - (1.0 - self.target) * progress
 
     def wanted(self, epoch: int) -> float:
