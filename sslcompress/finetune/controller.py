@@ -39,7 +39,8 @@ class BudgetController:
         span = max(1.0, self.ramp * self.epochs)
         progress = max(0.0, elapsed) / span
         if progress >= 1.0:
-            return self.target  # exactly: 1 - (1 - 0.3) is 0.30000000000000004, which pace would take as still on the way
+            # The target itself: 1 - (1 - 0.3) is 0.30000000000000004, which pace would take as still on the way.
+            return self.target
         return 1.0 - (1.0 - self.target) * progress
 
     def wanted(self, epoch: int) -> float:

@@ -490,13 +490,13 @@ class BudgetWatch:
     """
 
     def __init__(self, sp: Sparsifier, budget: Budget, controllers: dict[str, BudgetController], *,
-                 steps_per_epoch: int, every: int | None, align: int | None, epoch: int, pace: bool = True):
+                 steps_per_epoch: int, every: int | None, align: int | None, epoch: int, pace: bool):
         self.sp, self.budget, self.controllers, self.align, self.pace = sp, budget, controllers, align, pace
         self.steps = max(1, steps_per_epoch)
         self.interval = check_interval(self.steps, every)
         self.held: MaskSet | None = None
         self.met_at: dict[str, int] | None = None
-        self.forced = 0  # groups zeroed by rank to land on the budget (or, with pace, to keep up with its schedule)
+        self.forced = 0  # groups zeroed by rank to land on the budget (with pace, also to keep up with it)
         self.paced = 0  # of them, those zeroed at checks to keep up with the schedule
         self.messages: list[str] = []
         self.checked = False  # a check just passed above the budget (its weights are the copy): a safe point to thin
