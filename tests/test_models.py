@@ -447,3 +447,14 @@ def test_convnet_channels_pass_through_within_channel_lrn() -> None:
     assert set(st.pinned.values()) == {"model input", "model output"}
     conv1, conv2 = st.layers["conv1"], st.layers["conv2"]
     assert [st.root(i) for i in conv2.in_ids] == [st.root(i) for i in conv1.out_ids]
+
+
+def test_inputs_below_the_smallest_side_are_refused_with_it() -> None:
+    # Sizes other than the designed one are tried on the meta device first; the designed one skips that.
+    with pytest.raises(UnsupportedModelError, match="needs inputs of at least 63x63 pixels, got 32x32"):
+        build_model(ModelSpec("alexnet", input_size=(32, 32)))
+    with pytest.raises(UnsupportedModelError, match="needs inputs of at least"):
+        build_model(ModelSpec("lenet5", input_size=(8, 8)))
+    with torch.no_grad():
+        assert build_model(ModelSpec("lenet5", in_channels=1, input_size=(32, 32)))(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+        assert build_model(ModelSpec("lenet5", in_channels=1, input_size=(28, 28)))(torch.zeros(2, 1, 28, 28)).shape == (2, 10)

@@ -11,6 +11,10 @@ def init_weights(model: nn.Module, linear_std: float | None = None) -> None:
     ``linear_std`` switches Linear layers to normal(0, std) with zero bias (VGG's recipe);
     otherwise they keep PyTorch's default initialisation.
     """
+    if any(p.is_meta for p in model.parameters()):
+        # A shape check on the meta device (registry.runs_on) has no values to draw, and drawing them there
+        # first imports torch's reference kernels: over a second for every command that builds a model.
+        return
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

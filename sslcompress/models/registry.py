@@ -85,6 +85,10 @@ def smallest_side(factory: Factory, num_classes: int, in_channels: int) -> int |
 def build_builtin(name: str, num_classes: int, in_channels: int, input_size: tuple[int, int]) -> nn.Module:
     """Build a builtin, first checking on the meta device that the input size fits the architecture."""
     entry = BUILTINS[name]
+    if (in_channels, tuple(input_size)) == (entry.in_channels, tuple(entry.input_size)):
+        # The shape the architecture was designed for: no check needed, and the meta-device run costs
+        # seconds the first time (torch imports its decompositions for it).
+        return entry.factory(num_classes, in_channels, input_size)
     failure = runs_on(entry.factory, num_classes, in_channels, input_size)
     if failure is not None:
         side = smallest_side(entry.factory, num_classes, in_channels)
