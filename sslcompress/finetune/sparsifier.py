@@ -313,17 +313,18 @@ class Sparsifier:
                     pools[(kind, i)] = (kind, g.layers)
         return pools
 
-    def _ranked(self, weights: dict[str, float], align: int | None) -> list[_Item]:
+    def _ranked(self, align: int | None) -> list[_Item]:
         """Every nonzero removable group (with `align`: every block of `align` channels of an aligned width,
         never its last), weakest first.
 
-        An item's strength is its share of what its pool (see _pools) still holds when it goes: its norm over
-        the norms of itself and every stronger live group of the pool. So the weakest channel of a width
-        competes with the weakest of another width whatever the scale of their weights (a conv followed by
-        BatchNorm computes the same at any scale), and each further channel of one width weighs more than the
-        one before: the last channels of a width are the last to go, where norm per cost alone would empty a
-        costly wide layer first. Strength is divided by the square root of what the item saves of the dense
-        MACs and parameters, each metric weighted by `weights` (how much of it is still to go)."""
+        An item's strength is its norm over the mean norm of its pool's live items (see _pools), as
+        Torch-Pruning's group norm normalises: the weakest channel of a width competes with the weakest of
+        another whatever the overall scale of their weights, and every pool keeps an item at or above its
+        mean, so no width empties at once. What an item saves does not weigh in: dividing by its MACs
+        (wholly or by the square root) or ranking each by its share of what its width still holds cut the
+        residual trunks first and cost accuracy: a pretrained CIFAR ResNet-20 at 50% of the MACs (1 + 2
+        epochs) ended at 20.17% / 20.90% error (seeds 0 / 1) with the square root of the MACs and the share,
+        at 20.20% / 20.17% normalised by the mean, and LeNet-5 on MNIST at 4% at 1.01% against 0.88%."""
         norms = self.lasso.norms()
         macs, params = self.dense_totals()
         channel = self._channel_costs()
@@ -338,15 +339,13 @@ class Sparsifier:
             return math.sqrt(sum(float(norms[k][i]) ** 2 for k, i in refs))
 
         def items_of(blocks: list[list[Ref]]) -> list[_Item]:
-            """A pool's items, given weakest first: each scored by its share of what is left from it on."""
+            """A pool's items, each scored by its norm over the pool's mean."""
             strengths = [norm_of(b) for b in blocks]
-            left, out = sum(strengths), []
+            mean, out = max(sum(strengths) / max(1, len(strengths)), 1e-30), []
             for refs, strength in zip(blocks, strengths):
                 saved = [saves(k, i) for k, i in refs]
                 est = {"macs": sum(m for m, _ in saved) / macs, "params": sum(p for _, p in saved) / params}
-                worth = sum(w * est[m] for m, w in weights.items())
-                out.append(_Item(strength / max(left, 1e-30) / max(worth, 1e-12) ** 0.5, tuple(refs), est))
-                left -= strength
+                out.append(_Item(strength / mean, tuple(refs), est))
             return out
 
         items, blocked = [], set()
@@ -374,9 +373,8 @@ class Sparsifier:
 
     @torch.no_grad()
     def enforce(self, target: float | Budget, align: int | None = None) -> int:
-        """Zero the weakest removable groups (as _ranked orders them: share of their width per MAC, or per
-        parameter when parameters are asked) until the budget is met, landing as close below it as the
-        groups allow; returns how many were zeroed.
+        """Zero the weakest removable groups (as _ranked orders them: norm over the mean of their pool) until
+        the budget is met, landing as close below it as the groups allow; returns how many were zeroed.
 
         Groups go in chunks whose estimated saving is half the remaining gap (halved again when a chunk
         lands below the budget), so the last ones go one by one; a group that alone would land more than
@@ -390,9 +388,7 @@ class Sparsifier:
         fr = self.fractions()
         if budget.met(fr):
             return 0
-        # With two targets a group is worth what it takes off each, relative to what each still needs.
-        gaps = budget.gaps(fr)
-        ranked = self._ranked({m: 1.0 / g for m, g in gaps.items() if g > 0}, align)
+        ranked = self._ranked(align)
         forced, pos = 0, 0
         misses: list[tuple[float, _Item]] = []
 
