@@ -2,7 +2,7 @@
 
 Each group is compared with the rest of its pool (its norm over the pool's mean norm, as Torch-Pruning's
 group norm normalises): a width whose weights are all at another scale is cut the same, and every pool keeps
-a group at or above its mean, so forced zeroing thins widths rather than emptying the costliest one (on a
+a group scoring at least 1 (the mean), so forced zeroing thins widths rather than emptying the costliest one (on a
 pretrained CIFAR ResNet-20 at 50% of the MACs, norm per cost alone left stage 1 one channel wide).
 """
 

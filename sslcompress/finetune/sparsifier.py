@@ -319,8 +319,8 @@ class Sparsifier:
 
         An item's strength is its norm over the mean norm of its pool's live items (see _pools), as
         Torch-Pruning's group norm normalises: the weakest channel of a width competes with the weakest of
-        another whatever the overall scale of their weights, and every pool keeps an item at or above its
-        mean, so no width empties at once. What an item saves does not weigh in: dividing by its MACs
+        another whatever the overall scale of their weights, and a pool's strongest item scores at least 1, so
+        a width empties only when nothing elsewhere scores below that. What an item saves does not weigh in: dividing by its MACs
         (wholly or by the square root) or ranking each by its share of what its width still holds cut the
         residual trunks first and cost accuracy: a pretrained CIFAR ResNet-20 at 50% of the MACs (1 + 2
         epochs) ended at 20.17% / 20.90% error (seeds 0 / 1) with the square root of the MACs and the share,
