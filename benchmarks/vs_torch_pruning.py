@@ -891,9 +891,9 @@ def main(argv: list[str] | None = None) -> int:
     new_cases = []
     for budget in args.budgets:
         # Torch-Pruning aims at the MACs ours reached with this seed, else with another seed of this budget.
-        same = [old_cases.get(case_key(args.model, budget, args.seed))]
-        same += [c for c in old_cases.values() if (c["model"], c["budget"]) == (args.model, budget)]
-        prior = next((c for c in same if c is not None and "ours" in c.get("rows", {})), same[0])
+        candidates = [old_cases.get(case_key(args.model, budget, args.seed))]
+        candidates += [c for c in old_cases.values() if (c["model"], c["budget"]) == (args.model, budget)]
+        prior = next((c for c in candidates if c is not None and "ours" in c.get("rows", {})), candidates[0])
         case = run_case(args, budget, spec, dense, dense_bytes, images, prior)
         new_cases.append(case)
         # Read again: another run (another model or budget) may have written its cases meanwhile.
