@@ -10,8 +10,10 @@ buys when the export lowers the conv to an im2col of kept columns).
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -95,6 +97,16 @@ class Counter:
         st = self.structure
         read = {st.root(i) for lay in st.layers.values() if not lay.carries_channels for i in lay.in_ids}
         self._unread = frozenset(r for r in st.roots() if r not in read and r not in st.pinned)
+        # Channel ids are fixed once traced: each layer's output and input roots, looked up once.
+        self._out_roots = {n: tuple(st.root(i) for i in lay.out_ids) for n, lay in st.layers.items()}
+        self._in_roots = {n: tuple(st.root(i) for i in lay.in_ids) for n, lay in st.layers.items()}
+        self._slices = _SliceTable(self._depth + self._filters + self._channels + list(self._read_by.values()))
+        self._depth_alive = self._slices.groups_alive(self._depth)
+        self._filters_alive = self._slices.groups_alive(self._filters)
+        self._channels_alive = self._slices.groups_alive(self._channels)
+        # Per read channel: the module of each fibre that reads it, and the fibre's slice number.
+        self._fibres = {r: tuple((s.param.rsplit(".", 1)[0], self._slices.number[s]) for s in g.slices)
+                        for r, g in self._read_by.items()}
 
     @torch.no_grad()
     def count(self) -> ModelCount:
@@ -102,7 +114,7 @@ class Counter:
         gone = self.removal()
         dead, removed_layers, blocks_removed, removed_modules = gone.channels, gone.layers, gone.blocks, gone.modules
         layer_counts = [self._count_layer(lay, dead, removed_layers) for lay in st.layers.values()]
-        params_total = sum(p.numel() for p in self.model.parameters())
+        params_total = sum(p.numel() for p in self.params.values())
         params_after = params_total - sum(lc.params - lc.params_after for lc in layer_counts)
         params_after -= self._norm_params_removed(dead, removed_modules)
         return ModelCount(
@@ -122,15 +134,16 @@ class Counter:
         and the cascade), layers, and residual branches. With `equal_groups` off, dead channels a grouped conv
         would keep to keep its groups equal are in too (thinning picks its own, see thin._align_grouped)."""
         st, params = self.structure, self.params
-        nz = _Nonzero(params)
+        alive = self._slices.alive(params)
         removed_modules: set[str] = set()
         blocks_removed = []
-        for g in self._depth:
-            if not nz.group(g):
+        for g, live in zip(self._depth, self._depth_alive(alive)):
+            if not live:
                 blocks_removed.append(g.name.removeprefix("depth "))
                 removed_modules.update(s.param.rsplit(".", 1)[0] for s in g.slices)
-        dead: set[int] = {g.channel for g in self._filters if not nz.group(g)}
-        dead |= {g.channel for g in self._channels if not nz.group(g)}
+        dead: set[int] = {g.channel for g, live in zip(self._filters, self._filters_alive(alive)) if not live}
+        dead |= {g.channel for g, live in zip(self._channels, self._channels_alive(alive)) if not live}
+        nz = alive.tolist()
         dead |= self._unread
         removed_layers = self._removed_layers(dead, removed_modules)
         # Cascade: a layer with no live output is deleted, so what only it read is unused too.
@@ -160,7 +173,7 @@ class Counter:
         for lay in st.layers.values():
             if lay.name in removed_layers or lay.carries_channels or not lay.in_ids:
                 continue
-            roots = [st.root(i) for i in lay.in_ids]
+            roots = self._in_roots[lay.name]
             if all(r in dead for r in roots):
                 keep.add(roots[-1])
         return keep
@@ -169,14 +182,13 @@ class Counter:
         """Layers inside a zero residual branch, and layers with no live output."""
         st = self.structure
         return {n for n, lay in st.layers.items()
-                if n in removed_modules or all(st.root(i) in dead for i in lay.out_ids)}
+                if n in removed_modules or all(r in dead for r in self._out_roots[n])}
 
-    def _read(self, r: int, dead: set[int], removed_layers: set[str], nz: _Nonzero) -> bool:
-        """Whether a layer still there reads channel `r` through a nonzero weight fibre."""
+    def _read(self, r: int, dead: set[int], removed_layers: set[str], nz: list[bool]) -> bool:
+        """Whether a layer still there reads channel `r` through a nonzero weight fibre (`nz`: per slice
+        number, whether it holds a nonzero)."""
         params, st = self.params, self.structure
-        g = self._read_by.get(r)
-        if g is not None and any(s.param.rsplit(".", 1)[0] not in removed_layers and nz.slice(s)
-                                 for s in g.slices):
+        if any(module not in removed_layers and nz[k] for module, k in self._fibres.get(r, ())):
             return True
         return any(lay.name not in removed_layers
                    and grouped.reads(lay, params[f"{lay.name}.weight"].detach(), pos, dead, st.root)
@@ -228,8 +240,8 @@ class Counter:
         if lay.name in removed_layers:
             return LayerCount(lay.name, lay.kind, (0, n_out), (0, len(lay.in_ids)), kernel, (0, 0),
                               (0, cols_total), lay.macs, 0, 0, params, 0, True)
-        keep_out = [n for n, i in enumerate(lay.out_ids) if st.root(i) not in dead]
-        keep_in = [c for c, i in enumerate(lay.in_ids) if st.root(i) not in dead]
+        keep_out = [n for n, r in enumerate(self._out_roots[lay.name]) if r not in dead]
+        keep_in = [c for c, r in enumerate(self._in_roots[lay.name]) if r not in dead]
         if lay.kind == "linear":
             weights_after = len(keep_out) * len(keep_in)
             macs_after = weights_after * hw  # hw: the number of calls for a Linear
@@ -238,8 +250,8 @@ class Counter:
                               (len(keep_in), n_in), lay.macs, macs_after, macs_after, params, params_after, False)
         if lay.carries_channels:
             # Depthwise: one k x k filter per output, each output its input channel carried on.
-            keep = [n for n, i in enumerate(lay.out_ids) if st.root(i) not in dead]
-            kept_in = len(dict.fromkeys(st.root(lay.out_ids[n]) for n in keep))
+            keep = keep_out
+            kept_in = len(dict.fromkeys(self._out_roots[lay.name][n] for n in keep))
             per_filter = kernel[0] * kernel[1]
             macs_after = len(keep) * per_filter * hw
             params_after = len(keep) * per_filter + (len(keep) if lay.has_bias else 0)
@@ -288,33 +300,74 @@ def count(model: nn.Module, input_shape: tuple[int, ...]) -> ModelCount:
     return Counter(model, input_shape).count()
 
 
-class _Nonzero:
-    """Which positions of each parameter hold a nonzero along the axes slices name, reduced once per
-    parameter and axis: a count checks thousands of groups, each a few positions of the same tensors."""
+class _SliceTable:
+    """Every slice of the counted groups, numbered once, and the positions each one reads per parameter and
+    axis. A count asks which slices hold a nonzero thousands of times (every group, then every reader in each
+    round of the cascade) and is itself called after every zeroing the budget tries; this answers all of
+    them with one gather per parameter and axis, so a count costs tensor work, not a Python loop per slice."""
 
     _DIMS = {"out": 0, "in": 1, "row": 2, "col": 3}
 
-    def __init__(self, params: dict):
-        self.params = params
-        self._along: dict[tuple[str, str], bool | list[bool]] = {}
+    def __init__(self, groups: list[ParamGroup]):
+        self.number: dict[Slice, int] = {}
+        for g in groups:
+            for s in g.slices:
+                self.number.setdefault(s, len(self.number))
+        by_key: dict[tuple[str, str], list[Slice]] = defaultdict(list)
+        for s in self.number:
+            by_key[(s.param, s.axis)].append(s)
+        # Per (param, axis): the slices' numbers, their positions laid end to end and where each one starts.
+        # A slice with no positions reads nothing and is never alive; it is left out of the gather.
+        self.by_key: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for key, slices in by_key.items():
+            slices = [s for s in slices if s.index]
+            if not slices:
+                continue
+            lengths = np.array([len(s.index) for s in slices])
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            positions = np.fromiter((i for s in slices for i in s.index), dtype=np.int64, count=int(lengths.sum()))
+            self.by_key[key] = (np.array([self.number[s] for s in slices]), positions, starts)
 
-    def _positions(self, name: str, axis: str) -> bool | list[bool]:
-        key = (name, axis)
-        if key not in self._along:
-            nz = self.params[name].detach() != 0
+    def alive(self, params: dict) -> np.ndarray:
+        """Whether each slice (by its number) holds a nonzero weight now."""
+        out = np.zeros(len(self.number), dtype=bool)
+        nonzero: dict[str, torch.Tensor] = {}  # a parameter's slices along several axes share one comparison
+        for (name, axis), (numbers, positions, starts) in self.by_key.items():
+            if name not in nonzero:
+                nonzero[name] = params[name].detach() != 0
+            nz = nonzero[name]
             if axis == "all":
-                self._along[key] = bool(nz.any())
-            elif axis == "fiber":  # a column of the lowered weight: (in, kh, kw) flattened
-                self._along[key] = nz.reshape(nz.shape[0], -1).any(0).tolist()
+                out[numbers] = bool(nz.any())
+                continue
+            if axis == "fiber":  # a column of the lowered weight: (in, kh, kw) flattened
+                along = nz.reshape(nz.shape[0], -1).any(0)
             else:
                 d = self._DIMS.get(axis, 3)
-                self._along[key] = nz.movedim(d, 0).reshape(nz.shape[d], -1).any(1).tolist()
-        return self._along[key]
+                along = nz.movedim(d, 0).reshape(nz.shape[d], -1).any(1)
+            out[numbers] = np.logical_or.reduceat(along.cpu().numpy()[positions], starts)
+        return out
 
-    def slice(self, s: Slice) -> bool:
-        """Whether any position of the slice holds a nonzero."""
-        along = self._positions(s.param, s.axis)
-        return along if isinstance(along, bool) else any(along[i] for i in s.index)
+    def groups_alive(self, groups: list[ParamGroup]) -> _GroupsAlive:
+        return _GroupsAlive(self, groups)
 
-    def group(self, g: ParamGroup) -> bool:
-        return any(self.slice(s) for s in g.slices)
+
+class _GroupsAlive:
+    """Whether each of a fixed list of groups holds a nonzero, from the slices' answer."""
+
+    def __init__(self, table: _SliceTable, groups: list[ParamGroup]):
+        self.groups = groups
+        flat = [table.number[s] for g in groups for s in g.slices]
+        lengths = [len(g.slices) for g in groups]
+        self._flat = np.array(flat, dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if groups else None
+        self._empty = np.array([n == 0 for n in lengths], dtype=bool)
+
+    def __call__(self, alive: np.ndarray) -> list[bool]:
+        if not self.groups:
+            return []
+        if not len(self._flat):
+            return [False] * len(self.groups)
+        # reduceat gives an empty group its next group's first slice; a group with no slices holds nothing.
+        starts = np.minimum(self._starts, len(self._flat) - 1)
+        out = np.logical_or.reduceat(alive[self._flat], starts) & ~self._empty
+        return out.tolist()
