@@ -22,6 +22,7 @@ from .coupling import Coupling
 from .ops.base import (
     add_initializer,
     attr_value,
+    channel_axis,
     const_array,
     const_tensor,
     input_or_none,
@@ -65,6 +66,8 @@ def fold_constant_channels(model: ir.Model, analysis: Analysis | None = None) ->
                 maps.append(node.name or node.outputs[0].name)
         elif node.op_type == "Gemm":
             folded += _fold_gemm(model.graph, node, w, ch)
+        elif node.op_type == "MatMul":
+            folded += _fold_matmul(model.graph, node, w, ch)
     if folded:
         analysis.invalidate()
     return FoldResult(folded, tuple(maps))
@@ -143,6 +146,34 @@ def _fold_gemm(graph: ir.Graph, node: ir.Node, w: np.ndarray, ch) -> int:
     dtype = const_tensor(node.inputs[1]).dtype
     set_const(graph, node, 1, new_wt.T if attr_value(node, "transB", 0) else new_wt)
     _add_to_bias(graph, node, shift.astype(dtype))
+    return len(cols)
+
+
+def _fold_matmul(graph: ir.Graph, node: ir.Node, w: np.ndarray, ch) -> int:
+    """x[..., K] @ W[K, N] with constant features: their share is the same at every position, added to
+    the bias Add that follows (a Linear's) or, where there is none to own, by a new Add."""
+    x = node.inputs[0]
+    if w.ndim != 2 or len(ch) != w.shape[0] or x.shape is None or channel_axis(x) != len(x.shape) - 1:
+        return 0  # the states are of another axis than the one the weight reads
+    cols = np.nonzero((ch.state == CONSTANT) & (np.abs(w).sum(1) > 0))[0]
+    if not len(cols):
+        return 0
+    dtype = const_tensor(node.inputs[1]).dtype
+    shift = (ch.value[cols] @ w[cols]).astype(dtype)
+    new_w = w.copy()
+    new_w[cols] = 0
+    set_const(graph, node, 1, new_w)
+    y = node.outputs[0]
+    readers = list(y.uses())
+    bias_add = readers[0].node if len(readers) == 1 and not y.is_graph_output() else None
+    if bias_add is not None and bias_add.op_type == "Add" and len(bias_add.inputs) == 2:
+        k = 1 - readers[0].idx
+        b = const_tensor(bias_add.inputs[k])
+        if b is not None and b.shape[-1:] == shift.shape and y.shape is not None and b.ndim <= len(y.shape) \
+                and all(d == 1 for d in b.shape[:-1]):
+            set_const(graph, bias_add, k, b + shift.astype(b.dtype))
+            return len(cols)
+    _add_after(graph, node, shift)
     return len(cols)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import dims, elementwise, layers, layout, pooling, quant, shape  # noqa: F401  (registration)
+from . import dims, elementwise, layers, layout, normalization, pooling, quant, shape  # noqa: F401  (registration)
 from .base import (  # noqa: F401
     CONSTANT,
     LIVE,

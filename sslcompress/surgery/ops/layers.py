@@ -301,7 +301,13 @@ class Dense(OpRule):
 
     def forward(self, node, ins):
         x, w = ins[0], self.matrix(node)
-        if x is None or w is None or len(x) != w.shape[0]:
+        if w is None:
+            return [None]
+        if x is None:
+            # Input channels that cannot be followed (a LayerNorm's output, a graph input) are LIVE:
+            # a feature whose weight column is zero is still zero, whatever reads it.
+            x = Channels.live(w.shape[0])
+        if len(x) != w.shape[0]:
             return [None]
         bs = self.bias_and_scale(node, w.shape[1])
         if bs is None:

@@ -100,6 +100,11 @@ class ReduceSpace(PassThrough):
 
     def couple(self, node, ids, ctx):
         if not self._ok(node):
+            axes = self._axes(node)
+            if node.op_type == "ReduceMean" and axes is not None and channel_axis(node.inputs[0]) in axes:
+                # The statistics of a LayerNorm written out (ReduceMean, Sub, Pow, Sqrt, Div).
+                return Decline("it averages over the channel axis (a normalisation's statistics): deleting a "
+                               "channel changes the mean and variance")
             return Decline("it reduces over the batch or channel axis")
         return super().couple(node, ids, ctx)
 

@@ -1,0 +1,266 @@
+"""Transformer blocks through the surgery: MLP hidden neurons (and attention heads) whose weights are
+zero are deleted, exactly.
+
+Small pre-norm blocks (LayerNorm, attention, residual, LayerNorm, Linear-GELU-Linear, residual) are
+built in torch, some neurons and heads zeroed in the weights, exported by the legacy exporter
+(opsets 14, 17, 18, 20) and by the dynamo exporter, with static and dynamic batch and sequence; the
+compact model is compared with the uncut one in ONNX Runtime, and the weights that must shrink are
+checked to have shrunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from corpus import run
+from torch import nn
+
+import sslcompress
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+RTOL = 1e-4  # of max |output|, as the foreign corpus holds every fp32 model
+
+
+# ---------------------------------------------------------------- the blocks
+
+
+class HandAttention(nn.Module):
+    """Attention written out: separate q/k/v Linears or one packed qkv, softmax or SDPA."""
+
+    def __init__(self, d: int, h: int, packed: bool = False, sdpa: bool = False) -> None:
+        super().__init__()
+        self.h, self.dh, self.packed, self.sdpa = h, d // h, packed, sdpa
+        if packed:
+            self.qkv = nn.Linear(d, 3 * d)
+        else:
+            self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        if self.packed:
+            q, k, v = self.qkv(x).reshape(b, s, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)
+        else:
+            q = self.q(x).reshape(b, s, self.h, self.dh).transpose(1, 2)
+            k = self.k(x).reshape(b, s, self.h, self.dh).transpose(1, 2)
+            v = self.v(x).reshape(b, s, self.h, self.dh).transpose(1, 2)
+        if self.sdpa:
+            o = F.scaled_dot_product_attention(q, k, v)
+        else:
+            o = ((q @ k.transpose(-2, -1)) * self.dh ** -0.5).softmax(-1) @ v
+        return self.proj(o.transpose(1, 2).reshape(b, s, d))
+
+    def value_rows(self, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.packed:
+            return self.qkv.weight[2 * d:], self.qkv.bias[2 * d:]
+        return self.v.weight, self.v.bias
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; ``attention`` is mha (nn.MultiheadAttention), separate, packed or sdpa."""
+
+    def __init__(self, d: int = 32, h: int = 4, f: int = 64, attention: str = "separate",
+                 gelu: str = "none") -> None:
+        super().__init__()
+        self.d, self.h, self.attention = d, h, attention
+        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        if attention == "mha":
+            self.attn = nn.MultiheadAttention(d, h, batch_first=True)
+        else:
+            self.attn = HandAttention(d, h, packed=attention == "packed", sdpa=attention == "sdpa")
+        self.fc1, self.fc2 = nn.Linear(d, f), nn.Linear(f, d)
+        self.act = nn.GELU(approximate=gelu)
+
+    def forward(self, x):
+        y = self.n1(x)
+        y = self.attn(y, y, y, need_weights=False)[0] if self.attention == "mha" else self.attn(y)
+        x = x + y
+        return x + self.fc2(self.act(self.fc1(self.n2(x))))
+
+
+def block(seed: int = 0, **kw) -> Block:
+    torch.manual_seed(seed)
+    m = Block(**kw).eval()
+    with torch.no_grad():  # biases away from 0, so a zero row with its bias kept is a constant neuron
+        for p in m.parameters():
+            if p.ndim == 1:
+                p.uniform_(-0.5, 0.5)
+    return m
+
+
+def zero_neurons(m: Block, neurons, how: str) -> None:
+    """rows: fc1 rows and biases (a zero neuron); constant: fc1 rows only (gelu(b), to fold);
+    columns: fc2 columns (a neuron no one reads)."""
+    with torch.no_grad():
+        for n in neurons:
+            if how == "columns":
+                m.fc2.weight[:, n] = 0
+            else:
+                m.fc1.weight[n] = 0
+                if how == "rows":
+                    m.fc1.bias[n] = 0
+
+
+def zero_heads(m: Block, heads, how: str) -> None:
+    """rows: value rows and biases of the head; columns: the output projection's columns."""
+    d, dh = m.d, m.d // m.h
+    with torch.no_grad():
+        for hd in heads:
+            sl = slice(hd * dh, (hd + 1) * dh)
+            if m.attention == "mha":
+                w, b, proj = m.attn.in_proj_weight[2 * d:], m.attn.in_proj_bias[2 * d:], m.attn.out_proj
+            else:
+                (w, b), proj = m.attn.value_rows(d), m.attn.proj
+            if how == "columns":
+                proj.weight[:, sl] = 0
+            else:
+                w[sl] = 0
+                b[sl] = 0
+
+
+def export(m: nn.Module, exporter: str, opset: int = 17, dynamic: bool = False, b: int = 2, s: int = 7) -> onnx.ModelProto:
+    torch.backends.mha.set_fastpath_enabled(False)  # the fast path exports a fused op, not the math
+    x = torch.randn(b, s, m.d, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            shapes = {"x": {0: torch.export.Dim("batch", min=1, max=64),
+                            1: torch.export.Dim("seq", min=2, max=64)}} if dynamic else None
+            return torch.onnx.export(m, (x,), dynamo=True, input_names=["x"], output_names=["y"],
+                                     dynamic_shapes=shapes, verbose=False).model_proto
+        buf = io.BytesIO()
+        axes = {"x": {0: "batch", 1: "seq"}, "y": {0: "batch", 1: "seq"}} if dynamic else None
+        torch.onnx.export(m, (x,), buf, dynamo=False, opset_version=opset, input_names=["x"],
+                          output_names=["y"], dynamic_axes=axes)
+    return onnx.load_from_string(buf.getvalue())
+
+
+# ---------------------------------------------------------------- checking
+
+
+def feeds(proto: onnx.ModelProto, d: int, seed: int) -> dict[str, np.ndarray]:
+    """A batch of the exported shape where it is static, of another batch and length where dynamic."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    shape = [x.dim_value if x.HasField("dim_value") else (3 + seed, 5 + 4 * seed)[i] for i, x in enumerate(dims)]
+    return {"x": np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+
+
+def assert_exact(proto: onnx.ModelProto, compact: onnx.ModelProto, d: int) -> None:
+    for seed in (0, 1):
+        feed = feeds(proto, d, seed)
+        want, got = run(proto, feed), run(compact, feed)
+        for k, w in want.items():
+            g = got[k]
+            assert g.shape == w.shape and g.dtype == w.dtype, (k, g.shape, w.shape)
+            scale, diff = float(np.max(np.abs(w))), float(np.max(np.abs(w.astype(np.float64) - g)))
+            assert np.isfinite(g).all() and diff <= RTOL * scale, f"{k}: max |diff| {diff:.3g} vs max {scale:.3g}"
+
+
+def compress(proto: onnx.ModelProto, d: int):
+    res = sslcompress.compress(proto, inputs=[feeds(proto, d, 2)], shape_lowering="off")
+    assert res.verification.passed, res.report["verification"]
+    onnx.checker.check_model(res.model, full_check=True)
+    assert_exact(proto, res.model, d)
+    return res
+
+
+def weights(model: onnx.ModelProto, op: str = "MatMul") -> list[tuple[int, ...]]:
+    """The constant weight shapes of the op's nodes, in graph order (as (in, out) for a Gemm with transB)."""
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    consts = {n.output[0]: tuple(n.attribute[0].t.dims) for n in model.graph.node
+              if n.op_type == "Constant" and n.attribute and n.attribute[0].type == onnx.AttributeProto.TENSOR}
+    shapes = []
+    for n in model.graph.node:
+        if n.op_type == op and len(n.input) > 1 and (n.input[1] in inits or n.input[1] in consts):
+            s = inits.get(n.input[1]) or consts[n.input[1]]
+            trans = any(a.name == "transB" and a.i for a in n.attribute)
+            shapes.append(s[::-1] if trans else s)
+    return shapes
+
+
+def mlp_widths(model: onnx.ModelProto, d: int) -> tuple[int, int]:
+    """Hidden width as the first and the second MLP weight see it (the last two d-wide layers)."""
+    mats = [s for s in weights(model, "MatMul") + weights(model, "Gemm") if len(s) == 2]
+    first = [s for s in mats if s[0] == d and s[1] != d and s[1] != 3 * d]
+    second = [s for s in mats if s[1] == d and s[0] != d]
+    assert len(first) == 1 and len(second) == 1, mats
+    return first[0][1], second[0][0]
+
+
+# ---------------------------------------------------------------- part 1: MLP neurons
+
+EXPORTS = [  # (attention, exporter, opset, dynamic)
+    pytest.param("mha", "legacy", 14, False, id="mha-legacy14"),  # LayerNorm written out
+    pytest.param("mha", "legacy", 17, False, id="mha-legacy17"),
+    pytest.param("separate", "legacy", 18, True, id="separate-legacy18-dynamic"),
+    pytest.param("separate", "legacy", 20, False, id="separate-legacy20-gelu-op"),
+    pytest.param("mha", "dynamo", 18, False, id="mha-dynamo"),
+    pytest.param("separate", "dynamo", 18, True, id="separate-dynamo-dynamic"),
+]
+
+# Every way a neuron dies, in one block: zero rows with their biases, zero rows whose constant gelu(b)
+# folds into the next bias, zero columns of the second weight.
+NEURONS = {"rows": [1, 5], "constant": [9, 20], "columns": [40]}
+
+
+@functools.cache
+def mlp_case(attention: str, exporter: str, opset: int, dynamic: bool, gelu: str = "none"):
+    m = block(attention=attention, gelu=gelu)
+    for how, neurons in NEURONS.items():
+        zero_neurons(m, neurons, how)
+    proto = export(m, exporter, opset, dynamic)
+    return proto, compress(proto, m.d)
+
+
+@pytest.mark.parametrize(("attention", "exporter", "opset", "dynamic"), EXPORTS)
+def test_mlp_neurons_are_deleted_exactly(attention, exporter, opset, dynamic):
+    proto, res = mlp_case(attention, exporter, opset, dynamic)
+    dead = sum(len(n) for n in NEURONS.values())
+    assert mlp_widths(proto, 32) == (64, 64)
+    assert mlp_widths(res.model, 32) == (64 - dead,) * 2, res.report["blocked_by"]
+    assert res.report["constant_channels_folded"] == len(NEURONS["constant"])
+
+
+@pytest.mark.parametrize("gelu", ["tanh", "none"])
+@pytest.mark.parametrize("opset", [14, 17])
+def test_gelu_chains_pass_neurons(gelu, opset):
+    """The Erf chain and the tanh approximation's Pow/Tanh/Mul chain, with constant neurons folded."""
+    proto, res = mlp_case("separate", "legacy", opset, False, gelu)
+    assert mlp_widths(res.model, 32) == (59, 59)
+    assert res.report["constant_channels_folded"] == len(NEURONS["constant"])
+
+
+def _ln_model(decomposed: bool) -> onnx.ModelProto:
+    """x @ W (a zero column) -> LayerNorm -> @ W2: the zero feature is normalised with the others."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.d = 16
+            self.a, self.n, self.b = nn.Linear(16, 24), nn.LayerNorm(24), nn.Linear(24, 8)
+
+        def forward(self, x):
+            return self.b(self.n(self.a(x)))
+    torch.manual_seed(0)
+    m = Net().eval()
+    with torch.no_grad():
+        m.a.weight[3] = 0
+        m.a.bias[3] = 0
+    return export(m, "legacy", 14 if decomposed else 17)
+
+
+@pytest.mark.parametrize("decomposed", [False, True])
+def test_layernorm_is_a_wall_that_says_why(decomposed):
+    proto = _ln_model(decomposed)
+    res = compress(proto, 16)
+    assert weights(res.model)[0] == (16, 24)
+    reasons = " ".join(res.report["blocked_by"])
+    assert "mean and variance" in reasons, res.report["blocked_by"]
