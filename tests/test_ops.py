@@ -236,12 +236,12 @@ def test_an_op_without_a_rule_is_a_wall_and_says_so():
     a = _w(6, 3, 1, 1)
     a[2] = 0
     nodes = [helper.make_node("Conv", ["x", "a"], ["t1"], name="a"),
-             helper.make_node("Softmax", ["t1"], ["t2"], axis=1, name="mix"),
+             helper.make_node("Hardmax", ["t1"], ["t2"], axis=1, name="mix"),
              helper.make_node("Conv", ["t2", "c"], ["y"], name="c")]
     proto = _model(nodes, {"a": a, "c": _w(2, 6, 1, 1)}, (1, 3, 4, 4), (1, 2, 4, 4))
     res = _compress(proto)
     assert _dims(res.model)["a"] == [6, 3, 1, 1]
-    assert "Softmax mix (no rule for this op)" in res.report["blocked_by"]
+    assert "Hardmax mix (no rule for this op)" in res.report["blocked_by"]
 
 
 def test_sum_of_three_tensors_couples_their_channels():

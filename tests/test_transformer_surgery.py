@@ -173,14 +173,14 @@ def compress(proto: onnx.ModelProto, d: int):
     return res
 
 
-def weights(model: onnx.ModelProto, op: str = "MatMul") -> list[tuple[int, ...]]:
-    """The constant weight shapes of the op's nodes, in graph order (as (in, out) for a Gemm with transB)."""
+def weights(model: onnx.ModelProto, ops: tuple[str, ...] = ("MatMul", "Gemm")) -> list[tuple[int, ...]]:
+    """The constant weight shapes of MatMul and Gemm nodes, in graph order (as (in, out) for a Gemm with transB)."""
     inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
     consts = {n.output[0]: tuple(n.attribute[0].t.dims) for n in model.graph.node
               if n.op_type == "Constant" and n.attribute and n.attribute[0].type == onnx.AttributeProto.TENSOR}
     shapes = []
     for n in model.graph.node:
-        if n.op_type == op and len(n.input) > 1 and (n.input[1] in inits or n.input[1] in consts):
+        if n.op_type in ops and len(n.input) > 1 and (n.input[1] in inits or n.input[1] in consts):
             s = inits.get(n.input[1]) or consts[n.input[1]]
             trans = any(a.name == "transB" and a.i for a in n.attribute)
             shapes.append(s[::-1] if trans else s)
@@ -188,12 +188,17 @@ def weights(model: onnx.ModelProto, op: str = "MatMul") -> list[tuple[int, ...]]
 
 
 def mlp_widths(model: onnx.ModelProto, d: int) -> tuple[int, int]:
-    """Hidden width as the first and the second MLP weight see it (the last two d-wide layers)."""
-    mats = [s for s in weights(model, "MatMul") + weights(model, "Gemm") if len(s) == 2]
-    first = [s for s in mats if s[0] == d and s[1] != d and s[1] != 3 * d]
-    second = [s for s in mats if s[1] == d and s[0] != d]
-    assert len(first) == 1 and len(second) == 1, mats
-    return first[0][1], second[0][0]
+    """Hidden width as the first and the second MLP weight see it (the last two layers)."""
+    first, second = weights(model)[-2:]
+    assert first[0] == d and second[1] == d, weights(model)
+    return first[1], second[0]
+
+
+def head_widths(model: onnx.ModelProto) -> list[int]:
+    """Attention widths: each input projection's output (q, k, v or the packed qkv), then the output
+    projection's input (every layer before the MLP's two)."""
+    attention = weights(model)[:-2]
+    return [s[1] for s in attention[:-1]] + [attention[-1][0]]
 
 
 # ---------------------------------------------------------------- part 1: MLP neurons
@@ -264,3 +269,100 @@ def test_layernorm_is_a_wall_that_says_why(decomposed):
     assert weights(res.model)[0] == (16, 24)
     reasons = " ".join(res.report["blocked_by"])
     assert "mean and variance" in reasons, res.report["blocked_by"]
+
+
+# ---------------------------------------------------------------- part 2: attention heads
+
+HEAD_EXPORTS = [  # (attention, exporter, opset, dynamic)
+    pytest.param("separate", "legacy", 14, False, id="separate-legacy14"),
+    pytest.param("separate", "legacy", 17, True, id="separate-legacy17-dynamic"),
+    pytest.param("separate", "dynamo", 18, True, id="separate-dynamo-dynamic"),
+    pytest.param("packed", "legacy", 17, False, id="packed-legacy17"),
+    pytest.param("packed", "legacy", 18, True, id="packed-legacy18-dynamic"),
+    pytest.param("packed", "dynamo", 18, True, id="packed-dynamo-dynamic"),
+    pytest.param("sdpa", "legacy", 14, False, id="sdpa-legacy14"),
+    pytest.param("sdpa", "legacy", 18, True, id="sdpa-legacy18-dynamic"),
+    pytest.param("sdpa", "dynamo", 18, False, id="sdpa-dynamo"),
+    pytest.param("sdpa", "dynamo", 18, True, id="sdpa-dynamo-dynamic"),
+    # nn.MultiheadAttention: packed in_proj split by Gather, heads through (S, B * H, Dh), out_proj a Gemm
+    # on (S * B, D). Its legacy export bakes the batch into the graph: static only.
+    pytest.param("mha", "legacy", 14, False, id="mha-legacy14"),
+    pytest.param("mha", "legacy", 17, False, id="mha-legacy17"),
+    pytest.param("mha", "legacy", 18, False, id="mha-legacy18"),
+    pytest.param("mha", "dynamo", 18, False, id="mha-dynamo"),
+    pytest.param("mha", "dynamo", 18, True, id="mha-dynamo-dynamic"),
+]
+
+# Head 1 by its value rows and bias, head 3 by its output projection's columns; neuron 7 of the MLP too.
+HEADS = {"rows": [1], "columns": [3]}
+
+
+@functools.cache
+def head_case(attention: str, exporter: str, opset: int, dynamic: bool, d: int = 32, h: int = 4):
+    m = block(attention=attention, d=d, h=h)
+    for how, heads in HEADS.items():
+        zero_heads(m, heads, how)
+    zero_neurons(m, [7], "rows")
+    proto = export(m, exporter, opset, dynamic)
+    return proto, compress(proto, d)
+
+
+def reshape_targets(model: onnx.ModelProto) -> list[list[int]]:
+    """The constant entries of every Reshape target (initializer, Constant or Concat of constants)."""
+    consts = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].type == onnx.AttributeProto.TENSOR:
+            consts[n.output[0]] = onnx.numpy_helper.to_array(n.attribute[0].t)
+    made = {o: n for n in model.graph.node for o in n.output}
+    out = []
+    for n in model.graph.node:
+        if n.op_type != "Reshape":
+            continue
+        t = n.input[1]
+        if t in consts:
+            out.append([int(v) for v in consts[t].reshape(-1)])
+        elif t in made and made[t].op_type == "Concat":
+            out.append([int(v) for p in made[t].input if p in consts for v in consts[p].reshape(-1)])
+    return out
+
+
+@pytest.mark.parametrize(("attention", "exporter", "opset", "dynamic"), HEAD_EXPORTS)
+def test_heads_are_deleted_exactly(attention, exporter, opset, dynamic):
+    proto, res = head_case(attention, exporter, opset, dynamic)
+    kept = 32 - 8 * sum(len(v) for v in HEADS.values())  # 2 of 4 heads of 8
+    before, after = head_widths(proto), head_widths(res.model)
+    packed = attention in ("packed", "mha")
+    assert before == ([96, 32] if packed else [32, 32, 32, 32]), before
+    want = [3 * kept, kept] if packed else [kept] * 4
+    assert after == want, (after, res.report["blocked_by"])
+    assert mlp_widths(res.model, 32) == (63, 63)
+    targets = reshape_targets(res.model)
+    assert not any(4 in t[-3:-1] for t in targets), targets  # no target names 4 heads any more
+    assert any(2 in t[-3:-1] for t in targets), targets  # the split to heads names the 2 left
+    assert res.report["blocked_by"] == {}, res.report["blocked_by"]
+
+
+# ---------------------------------------------------------------- property: random blocks and masks
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_blocks_lose_exactly_their_dead_neurons_and_heads(seed):
+    rng = np.random.default_rng(seed)
+    attention = ["separate", "packed", "sdpa", "mha"][seed % 4]
+    h = int(rng.choice([2, 4]))
+    d = h * int(rng.choice([8, 12, 16]))
+    f = int(rng.choice([48, 64]))
+    m = block(seed, d=d, h=h, f=f, attention=attention, gelu=str(rng.choice(["none", "tanh"])))
+    dead_heads = rng.choice(h, size=int(rng.integers(0, h)), replace=False)
+    for hd in dead_heads:
+        zero_heads(m, [int(hd)], str(rng.choice(["rows", "columns"])))
+    dead_neurons = rng.choice(f, size=int(rng.integers(0, 8)), replace=False)
+    for n in dead_neurons:
+        zero_neurons(m, [int(n)], str(rng.choice(["rows", "constant", "columns"])))
+    dynamic = attention != "mha" and bool(rng.integers(0, 2))
+    proto = export(m, "legacy", int(rng.choice([14, 17, 18])), dynamic, s=int(rng.integers(5, 18)))
+    res = compress(proto, d)
+    kept = (h - len(dead_heads)) * (d // h)
+    packed = attention in ("packed", "mha")
+    assert head_widths(res.model) == ([3 * kept, kept] if packed else [kept] * 4), res.report["blocked_by"]
+    assert mlp_widths(res.model, d) == (f - len(dead_neurons),) * 2, res.report["blocked_by"]

@@ -28,6 +28,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from .head_round_trips import HeadRoundTripPass
 from .ops.base import const_tensor, refine_shape
 from .ops.dims import shape_vector
 
@@ -192,4 +193,5 @@ def prepare_passes() -> list[ir.passes.PassBase]:
         common.RemoveUnusedNodesPass(),
         # Shapes the rules prove let inference go further, which may let the rules prove more.
         ir.passes.PassManager([RuleShapesPass(), InferShapesPass(clear=False)], steps=3, early_stop=True),
+        HeadRoundTripPass(),  # reads the shapes the rules proved
     ]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from . import dims, elementwise, layers, layout, normalization, pooling, quant, shape  # noqa: F401  (registration)
+# attention imports layers and shape itself, so its MatMul and Reshape rules are registered after theirs (and win).
+from . import attention, dims, elementwise, layers, layout, normalization, pooling, quant, shape  # noqa: F401
 from .base import (  # noqa: F401
     CONSTANT,
     LIVE,

@@ -62,6 +62,9 @@ class Channels:
 
     state: np.ndarray  # int8, one per channel
     value: np.ndarray  # float64; 0 for ZERO, the constant for CONSTANT, nan for LIVE
+    # Where a channel is several parts stacked on another axis (a head of a packed q/k/v tensor: its
+    # query, key and value parts), which parts are ZERO, per part and channel; None where not known.
+    zero_parts: np.ndarray | None = None
 
     @classmethod
     def live(cls, n: int) -> Channels:

@@ -249,10 +249,20 @@ class Concat(OpRule):
 
 @register("Split")
 class Split(OpRule):
-    """Consecutive channel ranges; the sizes come from the outputs' shapes."""
+    """Consecutive channel ranges; the sizes come from the outputs' shapes. Along another axis (q, k
+    and v out of a packed tensor) every output has all the channels."""
 
     def out_axes(self, node):
         return [channel_axis(node.inputs[0])] * len(node.outputs)
+
+    def _across(self, node) -> bool:
+        """Whether it splits along an axis other than the channels' (and not the batch's)."""
+        x, rank = node.inputs[0], rank_of(node.inputs[0])
+        ch = channel_axis(x)
+        if rank is None or ch is None:
+            return False
+        axis = int(attr_value(node, "axis", 0)) % rank
+        return axis != ch and all(channel_count(v) == channel_count(x) for v in node.outputs)
 
     def _sizes(self, node) -> list[int] | None:
         if not _channel_axis_is(node, node.inputs[0], int(attr_value(node, "axis", 0))):
@@ -263,6 +273,8 @@ class Split(OpRule):
         return sizes
 
     def forward(self, node, ins):
+        if self._across(node):
+            return [ins[0]] * len(node.outputs)
         sizes = self._sizes(node)
         if sizes is None or ins[0] is None:
             return [None] * len(node.outputs)
@@ -270,6 +282,8 @@ class Split(OpRule):
         return [Channels(s, v) for s, v in zip(np.split(ins[0].state, cuts), np.split(ins[0].value, cuts), strict=True)]
 
     def couple(self, node, ids, ctx):
+        if self._across(node):
+            return None if ids[0] is None else [list(ids[0]) for _ in node.outputs]
         sizes = self._sizes(node)
         if sizes is None or ids[0] is None:
             return None
@@ -277,11 +291,20 @@ class Split(OpRule):
         return [list(ids[0][a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
 
     def backward(self, node, needed, ins):
+        if self._across(node):
+            if ins[0] is None:
+                return [None] * len(node.inputs)
+            want = np.zeros(len(ins[0]), bool)
+            for n in needed:
+                want |= np.ones(len(ins[0]), bool) if n is None else n
+            return [want] + [None] * (len(node.inputs) - 1)
         sizes = self._sizes(node)
         parts = [n if n is not None else np.ones(s, bool) for n, s in zip(needed, sizes, strict=True)]
         return [np.concatenate(parts)] + [None] * (len(node.inputs) - 1)
 
     def rewrite(self, graph, node, keep_in, keep_out):
+        if self._across(node):
+            return False  # its sizes run along another axis
         sizes = np.array([int(k.sum()) if k is not None else s
                           for k, s in zip(keep_out, self._sizes(node), strict=True)], np.int64)
         if "num_outputs" in node.attributes:
