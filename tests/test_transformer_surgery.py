@@ -360,9 +360,154 @@ def test_random_blocks_lose_exactly_their_dead_neurons_and_heads(seed):
     for n in dead_neurons:
         zero_neurons(m, [int(n)], str(rng.choice(["rows", "constant", "columns"])))
     dynamic = attention != "mha" and bool(rng.integers(0, 2))
-    proto = export(m, "legacy", int(rng.choice([14, 17, 18])), dynamic, s=int(rng.integers(5, 18)))
+    proto = export(m, "legacy", int(rng.choice([14, 17, 18])), dynamic, b=int(rng.integers(1, 3)), s=int(rng.integers(5, 18)))
     res = compress(proto, d)
     kept = (h - len(dead_heads)) * (d // h)
     packed = attention in ("packed", "mha")
     assert head_widths(res.model) == ([3 * kept, kept] if packed else [kept] * 4), res.report["blocked_by"]
     assert mlp_widths(res.model, d) == (f - len(dead_neurons),) * 2, res.report["blocked_by"]
+
+
+# ---------------------------------------------------------------- MACs
+
+
+def block_macs(s: int, d: int, f: int, width: int, hidden: int) -> int:
+    """Per sample: q, k, v projections to ``width`` (heads x Dh kept), Q @ K^T and P @ V, the output
+    projection, the MLP's two layers through ``hidden`` neurons."""
+    return s * d * 3 * width + 2 * s * s * width + s * width * d + 2 * s * d * hidden
+
+
+@pytest.mark.parametrize("attention", ["separate", "mha"])
+def test_macs_count_every_row_and_the_attention_at_any_batch(attention):
+    """A static export and a dynamic one (batch and sequence) count the same MACs per sample: the
+    sequence length verification ran (13), not 1; (S, B, D) layouts count S rows, not B."""
+    s = 13  # feeds(..., seed=2) runs the dynamic export at this length
+    totals = []
+    for dynamic in ([False, True] if attention != "mha" else [False]):
+        m = block(attention=attention)
+        zero_heads(m, [1], "rows")
+        zero_neurons(m, [7, 9], "rows")
+        res = compress(export(m, "legacy", 17, dynamic, b=1, s=s), 32)
+        totals.append((res.report["totals"]["macs"], res.report["totals"]["macs_after"]))
+    assert totals[0] == (block_macs(s, 32, 64, 32, 64), block_macs(s, 32, 64, 24, 62))
+    assert len(set(totals)) == 1, totals
+
+
+# ---------------------------------------------------------------- part 3: fused attention ops
+
+B_, S_, D_, H_ = 2, 7, 32, 4
+DH_ = D_ // H_
+
+
+def _fused(op: str, *, domain: str = "com.microsoft", opset: int = 17, four_d: bool = False, gqa: bool = False,
+           past: bool = False, seed: int = 0) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """x -> projections -> the fused op -> output projection (MatMul + bias) -> y, with head 1 dead by its
+    value columns and bias, head 2 a constant (value columns zero, bias kept), head 3 dead by the output
+    projection's rows. Returns the model and its weights by name."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = {k: rng.standard_normal(s).astype(np.float32) * 0.3
+         for k, s in [("wq", (D_, D_)), ("wk", (D_, D_)), ("wv", (D_, D_)), ("wo", (D_, D_)), ("bo", (D_,)),
+                      ("wqkv", (D_, 3 * D_)), ("bqkv", (3 * D_,))]}
+
+    def head(h):
+        return slice(h * DH_, (h + 1) * DH_)
+    for k in ("wv",):
+        w[k][:, head(1)] = 0
+        w[k][:, head(2)] = 0
+    w["wqkv"][:, 2 * D_:][:, head(1)] = 0
+    w["wqkv"][:, 2 * D_:][:, head(2)] = 0
+    w["bqkv"][2 * D_:][head(1)] = 0
+    w["wo"][head(3)] = 0
+    nodes = []
+    if op == "Attention" and domain == "com.microsoft":
+        ins = ["x", "wqkv", "bqkv"] + (["", "past"] if past else [])
+        nodes.append(helper.make_node("Attention", ins, ["a"] + (["present"] if past else []), domain=domain,
+                                      num_heads=H_))
+    else:
+        for p in "qkv":
+            nodes.append(helper.make_node("MatMul", ["x", f"w{p}"], [f"{p}2"]))
+        if op == "MultiHeadAttention":
+            nodes.append(helper.make_node("MultiHeadAttention", ["q2", "k2", "v2", "bqkv"], ["a"], domain=domain,
+                                          num_heads=H_))
+        elif four_d:
+            for p in "qkv":
+                nodes.append(helper.make_node("Reshape", [f"{p}2", "heads"], [f"{p}3"]))
+                nodes.append(helper.make_node("Transpose", [f"{p}3"], [f"{p}4"], perm=[0, 2, 1, 3]))
+            nodes.append(helper.make_node("Attention", ["q4", "k4", "v4"], ["a4"]))
+            nodes.append(helper.make_node("Transpose", ["a4"], ["a3"], perm=[0, 2, 1, 3]))
+            nodes.append(helper.make_node("Reshape", ["a3", "width"], ["a"]))
+        else:
+            kv = H_ // 2 if gqa else H_
+            if gqa:
+                for p in "kv":
+                    w[f"w{p}"] = w[f"w{p}"][:, :kv * DH_].copy()
+            nodes.append(helper.make_node("Attention", ["q2", "k2", "v2"], ["a"], q_num_heads=H_, kv_num_heads=kv))
+    nodes += [helper.make_node("MatMul", ["a", "wo"], ["o"]), helper.make_node("Add", ["o", "bo"], ["y"])]
+    inits = [numpy_helper.from_array(v, k) for k, v in w.items()]
+    inits += [numpy_helper.from_array(np.array([0, 0, H_, DH_], np.int64), "heads"),
+              numpy_helper.from_array(np.array([0, 0, D_], np.int64), "width")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", S_, D_])]
+    if past:
+        inputs.append(helper.make_tensor_value_info("past", TensorProto.FLOAT, [2, "batch", H_, 3, DH_]))
+    graph = helper.make_graph(nodes, "fused", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", S_, D_])],
+                              inits)
+    imports = [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=imports)
+    model.ir_version = 10
+    return model, w
+
+
+def _compress_fused(proto: onnx.ModelProto):
+    feeds_ = [{i.name: np.random.default_rng(k).standard_normal(
+        [B_ if j == 0 else (d.dim_value or 2) for j, d in enumerate(i.type.tensor_type.shape.dim)]).astype(np.float32)
+        for i in proto.graph.input} for k in range(2)]
+    res = sslcompress.compress(proto, inputs=feeds_[:1], shape_lowering="off")
+    assert res.verification.passed, res.report["verification"]
+    for feed in feeds_:
+        want, got = run(proto, feed), run(res.model, feed)
+        scale, diff = float(np.max(np.abs(want["y"]))), float(np.max(np.abs(want["y"] - got["y"])))
+        assert diff <= RTOL * scale, (diff, scale)
+    return res
+
+
+def _attr(model: onnx.ModelProto, op: str, name: str) -> int:
+    node = next(n for n in model.graph.node if n.op_type == op)
+    return next(a.i for a in node.attribute if a.name == name)
+
+
+@pytest.mark.parametrize(("op", "domain", "opset", "four_d"), [
+    pytest.param("Attention", "com.microsoft", 17, False, id="contrib-attention"),
+    pytest.param("MultiHeadAttention", "com.microsoft", 17, False, id="contrib-multiheadattention"),
+    pytest.param("Attention", "", 23, False, id="onnx-attention-3d"),
+    pytest.param("Attention", "", 23, True, id="onnx-attention-4d"),
+])
+def test_fused_attention_ops_lose_their_dead_heads(op, domain, opset, four_d):
+    proto, _ = _fused(op, domain=domain, opset=opset, four_d=four_d)
+    res = _compress_fused(proto)
+    shapes = weights(res.model)
+    assert shapes[-1] == (DH_, D_), (shapes, res.report["blocked_by"])  # the output projection reads head 0 only
+    if op == "Attention" and domain:
+        assert shapes == [(DH_, D_)] and _attr(res.model, "Attention", "num_heads") == 1
+        w = next(i for i in res.model.graph.initializer if tuple(i.dims) == (D_, 3 * DH_))
+        assert w is not None
+    else:
+        assert shapes[:3] == [(D_, DH_)] * 3, shapes
+        if not four_d:
+            for a in (["num_heads"] if domain else ["q_num_heads", "kv_num_heads"]):
+                assert _attr(res.model, op, a) == 1
+        else:
+            assert [0, 0, 1, DH_] in reshape_targets(res.model)
+    if domain:  # head 2: value bias kept, its constant output folded into the output projection's bias
+        assert res.report["constant_channels_folded"] == DH_
+
+
+@pytest.mark.parametrize(("kw", "why"), [
+    pytest.param({"op": "Attention", "domain": "", "opset": 23, "gqa": True}, "groups query heads", id="gqa"),
+    pytest.param({"op": "Attention", "past": True}, "past key/value", id="contrib-past"),
+])
+def test_fused_attention_walls_say_why(kw, why):
+    proto, _ = _fused(**kw)
+    res = _compress_fused(proto)
+    assert any(why in k for k in res.report["blocked_by"]), res.report["blocked_by"]

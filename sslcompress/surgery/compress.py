@@ -17,7 +17,7 @@ from .diverge import Divergence, first_diverging_node
 from .export import load_onnx
 from .inputs import FeedLike, as_feeds, check_verifiable, random_batches
 from .lowering import lower_sparse_columns_ir
-from .measure import OnnxLayer, layers_of, parameters_of
+from .measure import OnnxLayer, layers_of, parameters_of, symbol_sizes
 from .passes import Surgery
 from .prepare import InferShapesPass
 from .verify import VerifyResult, compare
@@ -64,14 +64,16 @@ def compress(model: onnx.ModelProto | str | Path, *, inputs: Sequence[FeedLike] 
     work = ir.serde.deserialize_model(proto)
     surgery = Surgery()
     surgery.prepare(work)
-    before, params_before = layers_of(work), parameters_of(work)
+    # MACs at the sizes verification runs (per sample): dynamic sequence and image sizes count as run.
+    sizes = symbol_sizes(proto, random[0] if random else None)
+    before, params_before = layers_of(work, sizes), parameters_of(work)
     qoperator = _qoperator_layers(work)
     surgery.cut(work)
     # Last: it reads the convs as they will run.
     lowered = lower_sparse_columns_ir(work, None if lowering_plan is not None else shape_lowering, plan=lowering_plan)
     if lowered.lowered:
         InferShapesPass()(work)
-    after, params_after = layers_of(work), parameters_of(work)
+    after, params_after = layers_of(work, sizes), parameters_of(work)
     lowering = lowered.report()
     compact = finish(ir.serde.serialize_model(work))
     # Nothing reads the onnx_ir model (and the weights the passes wrote) past here; verification's

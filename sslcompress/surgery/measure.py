@@ -42,8 +42,18 @@ def _weight_shape(v: ir.Value | None) -> tuple[int, ...] | None:
     return None if c is None else tuple(c.shape)
 
 
-def layers_of(model: ir.Model) -> list[OnnxLayer]:
-    """Conv, ConvTranspose, Gemm and MatMul nodes with constant weights, in graph order."""
+def layers_of(model: ir.Model, sizes: dict[str, int] | None = None) -> list[OnnxLayer]:
+    """Conv, ConvTranspose, Gemm and MatMul nodes with constant weights, and MatMuls of two activations
+    (attention's Q @ K^T and P @ V), in graph order; MACs per sample.
+
+    ``sizes`` gives the symbolic input dims their sizes (those of the inputs verification fed, the batch
+    as 1): the model's shapes are then inferred at those sizes, so a dynamic sequence or image size counts
+    as what was run, as a static one does, and sizes inference derives from them (``seq*batch``) are
+    known too. Without it (or where a size stays unknown) a symbolic dim counts as 1.
+    """
+    if sizes:
+        model = _at_sizes(model, sizes)
+    batch = _static_batch(model)
     out = []
     for node in model.graph:
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.inputs) < 2 \
@@ -54,6 +64,8 @@ def layers_of(model: ir.Model) -> list[OnnxLayer]:
         if lhs_weight:  # a lowered conv: MatMul(weight (M, K), columns (N, K, P))
             w = _weight_shape(node.inputs[0])
         if w is None:
+            if node.op_type == "MatMul" and node.inputs[0] is not None and node.inputs[1] is not None:
+                out.append(_activation_matmul(node, batch))
             continue
         if node.op_type == "Conv":
             y = _dims(node.outputs[0])
@@ -65,12 +77,74 @@ def layers_of(model: ir.Model) -> list[OnnxLayer]:
             y = _dims(node.outputs[0])
             macs = int(np.prod(w)) * (y[-1] if y else 1)
         else:
+            # Every row of the input (all its axes but the last) meets the weight: (B, S, D) and a
+            # transformer's (S, B, D) or (S * B, D) alike count S rows per sample.
             x = _dims(node.inputs[0])
-            macs = int(np.prod(w)) * (int(np.prod(x[1:-1])) if len(x) > 2 else 1)
+            macs = int(np.prod(w)) * _per_sample(int(np.prod(x[:-1])) if len(x) > 1 else 1, batch)
         group = int(attr_value(node, "group", 1)) if node.op_type in ("Conv", "ConvTranspose") else 1
         quantized = is_quantized_const(node.inputs[0] if lhs_weight else node.inputs[1])
         out.append(OnnxLayer(node.name or node.outputs[0].name, node.op_type, w, macs, group, quantized))
     return out
+
+
+def _activation_matmul(node: ir.Node, batch: int) -> OnnxLayer:
+    """A (..., M, K) @ (..., K, N): K MACs per output element."""
+    a, y = _dims(node.inputs[0]), _dims(node.outputs[0])
+    k = a[-1] if a else 1
+    macs = _per_sample(int(np.prod(y)) * k, batch) if y else 0
+    return OnnxLayer(node.name or node.outputs[0].name, node.op_type, (), macs)
+
+
+def _per_sample(total: int, batch: int) -> int:
+    return max(total // batch, 1) if total else 0
+
+
+def _static_batch(model: ir.Model) -> int:
+    """The batch a model with a static batch runs (its first input's first dim), 1 where it is dynamic:
+    counts over every row of a value are divided by it."""
+    for v in model.graph.inputs:
+        if v.shape is not None and len(v.shape) and not v.is_initializer():
+            d = v.shape[0]
+            return int(d) if isinstance(d, int) and d > 0 else 1
+    return 1
+
+
+def symbol_sizes(model: onnx.ModelProto, feed: dict | None) -> dict[str, int]:
+    """Sizes of the model's symbolic input dims as ``feed`` has them, a leading (batch) one as 1."""
+    if not feed:
+        return {}
+    out: dict[str, int] = {}
+    for v in model.graph.input:
+        arr = feed.get(v.name)
+        if arr is None:
+            continue
+        for i, d in enumerate(v.type.tensor_type.shape.dim):
+            if d.HasField("dim_param") and d.dim_param and i < np.ndim(arr):
+                out.setdefault(d.dim_param, 1 if i == 0 else int(np.shape(arr)[i]))
+    return out
+
+
+def _at_sizes(model: ir.Model, sizes: dict[str, int]) -> ir.Model:
+    """A copy of the model whose inputs have ``sizes`` for their symbolic dims, shapes inferred anew
+    (the model itself is left as it is)."""
+    proto = ir.serde.serialize_model(model)
+    touched = False
+    for v in proto.graph.input:
+        for d in v.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param in sizes:
+                d.dim_value = int(sizes[d.dim_param])
+                touched = True
+    if not touched:
+        return model
+    del proto.graph.value_info[:]
+    for v in proto.graph.output:
+        v.type.tensor_type.ClearField("shape")
+    try:
+        # data_prop: a Reshape target built from Shape/Gather/Concat of the inputs reads as its sizes.
+        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except (onnx.shape_inference.InferenceError, RuntimeError):
+        return model  # the sizes as the surgery inferred them (unknown ones count as 1)
+    return ir.serde.deserialize_model(proto)
 
 
 def quantized_weights(model: ir.Model) -> int:

@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 # attention imports layers and shape itself, so its MatMul and Reshape rules are registered after theirs (and win).
-from . import attention, dims, elementwise, layers, layout, normalization, pooling, quant, shape  # noqa: F401
+from . import (  # noqa: F401
+    attention,
+    dims,
+    elementwise,
+    fused_attention,
+    layers,
+    layout,
+    normalization,
+    pooling,
+    quant,
+    shape,
+)
 from .base import (  # noqa: F401
     CONSTANT,
     LIVE,

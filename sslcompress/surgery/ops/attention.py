@@ -169,7 +169,8 @@ class HeadReshape(Reshape):
 
     def _heads(self, node) -> HeadPlan | None:
         plan = head_plan(node)
-        if plan is not None and plan.kind == "merge" and self._kind(node) == "flatten":
+        if plan is not None and plan.kind == "merge" and channel_axis(node.inputs[0]) == 1 \
+                and self._kind(node) == "flatten":
             return None  # (N, C, L) -> (N, C * L): the flatten it has always been
         return plan
 
