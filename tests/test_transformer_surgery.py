@@ -36,9 +36,9 @@ RTOL = 1e-4  # of max |output|, as the foreign corpus holds every fp32 model
 class HandAttention(nn.Module):
     """Attention written out: separate q/k/v Linears or one packed qkv, softmax or SDPA."""
 
-    def __init__(self, d: int, h: int, packed: bool = False, sdpa: bool = False) -> None:
+    def __init__(self, d: int, h: int, packed: bool = False, sdpa: bool = False, causal: bool = False) -> None:
         super().__init__()
-        self.h, self.dh, self.packed, self.sdpa = h, d // h, packed, sdpa
+        self.h, self.dh, self.packed, self.sdpa, self.causal = h, d // h, packed, sdpa, causal
         if packed:
             self.qkv = nn.Linear(d, 3 * d)
         else:
@@ -54,9 +54,12 @@ class HandAttention(nn.Module):
             k = self.k(x).reshape(b, s, self.h, self.dh).transpose(1, 2)
             v = self.v(x).reshape(b, s, self.h, self.dh).transpose(1, 2)
         if self.sdpa:
-            o = F.scaled_dot_product_attention(q, k, v)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
-            o = ((q @ k.transpose(-2, -1)) * self.dh ** -0.5).softmax(-1) @ v
+            a = (q @ k.transpose(-2, -1)) / self.dh ** 0.5 if self.causal else (q @ k.transpose(-2, -1)) * self.dh ** -0.5
+            if self.causal:  # masked_fill: a Where in the graph
+                a = a.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+            o = a.softmax(-1) @ v
         return self.proj(o.transpose(1, 2).reshape(b, s, d))
 
     def value_rows(self, d: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,14 +72,14 @@ class Block(nn.Module):
     """Pre-norm transformer block; ``attention`` is mha (nn.MultiheadAttention), separate, packed or sdpa."""
 
     def __init__(self, d: int = 32, h: int = 4, f: int = 64, attention: str = "separate",
-                 gelu: str = "none") -> None:
+                 gelu: str = "none", causal: bool = False) -> None:
         super().__init__()
         self.d, self.h, self.attention = d, h, attention
         self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
         if attention == "mha":
             self.attn = nn.MultiheadAttention(d, h, batch_first=True)
         else:
-            self.attn = HandAttention(d, h, packed=attention == "packed", sdpa=attention == "sdpa")
+            self.attn = HandAttention(d, h, packed=attention == "packed", sdpa=attention == "sdpa", causal=causal)
         self.fc1, self.fc2 = nn.Linear(d, f), nn.Linear(f, d)
         self.act = nn.GELU(approximate=gelu)
 
@@ -135,8 +138,8 @@ def export(m: nn.Module, exporter: str, opset: int = 17, dynamic: bool = False, 
         if exporter == "dynamo":
             shapes = {"x": {0: torch.export.Dim("batch", min=1, max=64),
                             1: torch.export.Dim("seq", min=2, max=64)}} if dynamic else None
-            return torch.onnx.export(m, (x,), dynamo=True, input_names=["x"], output_names=["y"],
-                                     dynamic_shapes=shapes, verbose=False).model_proto
+            return torch.onnx.export(m, (x,), dynamo=True, opset_version=opset, input_names=["x"],
+                                     output_names=["y"], dynamic_shapes=shapes, verbose=False).model_proto
         buf = io.BytesIO()
         axes = {"x": {0: "batch", 1: "seq"}, "y": {0: "batch", 1: "seq"}} if dynamic else None
         torch.onnx.export(m, (x,), buf, dynamo=False, opset_version=opset, input_names=["x"],
@@ -284,6 +287,9 @@ HEAD_EXPORTS = [  # (attention, exporter, opset, dynamic)
     pytest.param("sdpa", "legacy", 18, True, id="sdpa-legacy18-dynamic"),
     pytest.param("sdpa", "dynamo", 18, False, id="sdpa-dynamo"),
     pytest.param("sdpa", "dynamo", 18, True, id="sdpa-dynamo-dynamic"),
+    pytest.param("causal-sdpa", "legacy", 17, True, id="causal-sdpa-legacy17-dynamic"),
+    pytest.param("causal-sdpa", "dynamo", 18, True, id="causal-sdpa-dynamo-dynamic"),
+    pytest.param("causal-separate", "legacy", 18, True, id="causal-masked-fill-legacy18-dynamic"),
     # nn.MultiheadAttention: packed in_proj split by Gather, heads through (S, B * H, Dh), out_proj a Gemm
     # on (S * B, D). Its legacy export bakes the batch into the graph: static only.
     pytest.param("mha", "legacy", 14, False, id="mha-legacy14"),
@@ -291,6 +297,9 @@ HEAD_EXPORTS = [  # (attention, exporter, opset, dynamic)
     pytest.param("mha", "legacy", 18, False, id="mha-legacy18"),
     pytest.param("mha", "dynamo", 18, False, id="mha-dynamo"),
     pytest.param("mha", "dynamo", 18, True, id="mha-dynamo-dynamic"),
+    # At opset 23 the dynamo exporter writes ONNX Attention (4-D q, k, v) for both.
+    pytest.param("sdpa", "dynamo", 23, True, id="sdpa-dynamo23-attention-op"),
+    pytest.param("mha", "dynamo", 23, True, id="mha-dynamo23-attention-op"),
 ]
 
 # Head 1 by its value rows and bias, head 3 by its output projection's columns; neuron 7 of the MLP too.
@@ -299,7 +308,8 @@ HEADS = {"rows": [1], "columns": [3]}
 
 @functools.cache
 def head_case(attention: str, exporter: str, opset: int, dynamic: bool, d: int = 32, h: int = 4):
-    m = block(attention=attention, d=d, h=h)
+    causal = attention.startswith("causal-")
+    m = block(attention=attention.removeprefix("causal-"), d=d, h=h, causal=causal)
     for how, heads in HEADS.items():
         zero_heads(m, heads, how)
     zero_neurons(m, [7], "rows")
@@ -336,6 +346,8 @@ def test_heads_are_deleted_exactly(attention, exporter, opset, dynamic):
     want = [3 * kept, kept] if packed else [kept] * 4
     assert after == want, (after, res.report["blocked_by"])
     assert mlp_widths(res.model, 32) == (63, 63)
+    if opset >= 23:
+        assert any(n.op_type == "Attention" for n in res.model.graph.node)
     targets = reshape_targets(res.model)
     assert not any(4 in t[-3:-1] for t in targets), targets  # no target names 4 heads any more
     assert any(2 in t[-3:-1] for t in targets), targets  # the split to heads names the 2 left
@@ -352,7 +364,8 @@ def test_random_blocks_lose_exactly_their_dead_neurons_and_heads(seed):
     h = int(rng.choice([2, 4]))
     d = h * int(rng.choice([8, 12, 16]))
     f = int(rng.choice([48, 64]))
-    m = block(seed, d=d, h=h, f=f, attention=attention, gelu=str(rng.choice(["none", "tanh"])))
+    causal = attention != "mha" and bool(rng.integers(0, 2))  # a mask added (SDPA) or filled in (Where)
+    m = block(seed, d=d, h=h, f=f, attention=attention, gelu=str(rng.choice(["none", "tanh"])), causal=causal)
     dead_heads = rng.choice(h, size=int(rng.integers(0, h)), replace=False)
     for hd in dead_heads:
         zero_heads(m, [int(hd)], str(rng.choice(["rows", "columns"])))

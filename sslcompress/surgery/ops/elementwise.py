@@ -177,7 +177,10 @@ class Elementwise(OpRule):
 
     def out_axes(self, node):
         tensors = [v for v in node.inputs if v is not None and const_tensor(v) is None]
-        return [follow_axis(tensors[0], node.outputs[0]) if tensors else 1]
+        # The channels of an operand of the output's own rank, where there is one: a lower-rank operand
+        # (attention's mask (S, S) added to scores (B, H, S, S)) broadcasts over them.
+        full = [v for v in tensors if rank_of(v) is not None and rank_of(v) == rank_of(node.outputs[0])]
+        return [follow_axis((full or tensors)[0], node.outputs[0]) if tensors else 1]
 
     def fill_shapes(self, node):
         """Operands of one rank whose sizes agree (or are 1) give the output those sizes, symbols included."""
@@ -192,21 +195,28 @@ class Elementwise(OpRule):
 
     def operands(self, node: ir.Node, ins: list[Channels | None]) -> list[Channels] | None:
         out = node.outputs[0]
-        n, axis, rank = channel_count(out), channel_axis(out), rank_of(out)
+        n = channel_count(out)
         if n is None:
             return None
         ops = []
         for v, ch in zip(node.inputs, ins, strict=False):
-            if ch is not None:
-                if len(ch) != n or rank_of(v) != rank or channel_axis(v) != axis:
-                    return None
+            if ch is not None and self.aligned(node, v, ch):
                 ops.append(ch)
                 continue
-            seen = _per_channel(v, out, n) if v is not None else None
+            seen = _per_channel(v, out, n) if v is not None and const_tensor(v) is not None else None
+            if seen is None and v is not None and _same_for_every_channel(v, out, ch is not None):
+                ops.append(Channels.live(n))  # a tensor read alike by every channel: known nowhere
+                continue
             if seen is None:
                 return None
             ops.append(seen[0])
         return ops
+
+    def aligned(self, node: ir.Node, v: ir.Value | None, ch) -> bool:
+        """Whether operand ``v`` carries the output's channels, one for one on the same axis."""
+        out = node.outputs[0]
+        return ch is not None and len(ch) == channel_count(out) and rank_of(v) == rank_of(out) \
+            and channel_axis(v) == channel_axis(out)
 
     def forward(self, node, ins):
         ops = self.operands(node, ins)
@@ -226,7 +236,9 @@ class Elementwise(OpRule):
     def couple(self, node, ids, ctx):
         if self.operands(node, [None if i is None else _placeholder(len(i)) for i in ids]) is None:
             return Decline("its operands do not line up channel by channel")
-        tensors = [i for i in ids if i is not None]
+        # Operands read alike by every channel (broadcast over them) keep their own channels, all needed.
+        tensors = [i for v, i in zip(node.inputs, ids, strict=False)
+                   if i is not None and self.aligned(node, v, _placeholder(len(i)))]
         if not tensors:
             return Decline("no operand's channels can be followed")
         for other in tensors[1:]:
@@ -235,10 +247,21 @@ class Elementwise(OpRule):
         return [list(tensors[0])]
 
     def backward(self, node, needed, ins):
-        return [needed[0] if ch is not None else None for ch in ins]
+        return [needed[0] if self.aligned(node, v, ch) else None for v, ch in zip(node.inputs, ins, strict=False)]
 
     def rewrite(self, graph, node, keep_in, keep_out):
         return _slice_constants(graph, node, keep_out[0], list(range(len(node.inputs))))
+
+
+def _same_for_every_channel(v: ir.Value, out: ir.Value, has_channels: bool) -> bool:
+    """A tensor operand that does not reach the output's channel axis, or has size 1 there where it
+    carries no channels of its own. A statistic over the channels (a LayerNorm written out: x - mean(x))
+    carries one and stays a wall: deleting a channel would change it."""
+    rank, r, axis = rank_of(out), rank_of(v), channel_axis(out)
+    if rank is None or r is None or axis is None or r > rank:
+        return False
+    own = axis - (rank - r)
+    return own < 0 or (v.shape[own] == 1 and not has_channels)
 
 
 def _placeholder(n: int) -> Channels:
@@ -258,3 +281,17 @@ _binary("Div", np.divide)
 _binary("Max", np.maximum)
 _binary("Min", np.minimum)
 _binary("Pow", np.power)
+
+
+@register("Where")
+class Where(Elementwise):
+    """Where(cond, x, y): channel c is x's or y's channel c, position by position (attention's causal
+    mask: masked_fill). Known only where x and y hold the same known value."""
+
+    def forward(self, node, ins):
+        ops = self.operands(node, ins)
+        if not ops or len(ops) != 3:
+            return [None]
+        x, y = ops[1], ops[2]
+        same = x.is_known & y.is_known & (x.value == y.value)
+        return [Channels.known(np.where(same, x.known_values, 0.0)).with_live(~same)]
