@@ -524,3 +524,29 @@ def test_fused_attention_walls_say_why(kw, why):
     proto, _ = _fused(**kw)
     res = _compress_fused(proto)
     assert any(why in k for k in res.report["blocked_by"]), res.report["blocked_by"]
+
+
+class TokenMLP(nn.Module):
+    """The MLP on (B * S, D) rows: the legacy exporter writes its Linears as Gemm with transB."""
+
+    def __init__(self, d: int = 32, f: int = 64) -> None:
+        super().__init__()
+        self.d, self.fc1, self.fc2 = d, nn.Linear(d, f), nn.Linear(f, d)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        return self.fc2(F.gelu(self.fc1(x.reshape(b * s, d)))).reshape(b, s, d)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_gemm_mlp_neurons_are_deleted_exactly(dynamic):
+    torch.manual_seed(0)
+    m = TokenMLP().eval()
+    for how, neurons in NEURONS.items():
+        zero_neurons(m, neurons, how)
+    proto = export(m, "legacy", 17, dynamic)
+    assert [n.op_type for n in proto.graph.node].count("Gemm") == 2
+    res = compress(proto, 32)
+    dead = sum(len(n) for n in NEURONS.values())
+    assert mlp_widths(res.model, 32) == (64 - dead,) * 2, res.report["blocked_by"]
+    assert res.report["constant_channels_folded"] == len(NEURONS["constant"])
