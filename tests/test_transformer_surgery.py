@@ -36,7 +36,7 @@ RTOL = 1e-4  # of max |output|, as the foreign corpus holds every fp32 model
 class HandAttention(nn.Module):
     """Attention written out: separate q/k/v Linears or one packed qkv, softmax or SDPA."""
 
-    def __init__(self, d: int, h: int, packed: bool = False, sdpa: bool = False, causal: bool = False) -> None:
+    def __init__(self, d: int, h: int, packed: bool | str = False, sdpa: bool = False, causal: bool = False) -> None:
         super().__init__()
         self.h, self.dh, self.packed, self.sdpa, self.causal = h, d // h, packed, sdpa, causal
         if packed:
@@ -47,7 +47,10 @@ class HandAttention(nn.Module):
 
     def forward(self, x):
         b, s, d = x.shape
-        if self.packed:
+        if self.packed == "slices":  # (B, S, 3, D), each part sliced out, then split into heads
+            t = self.qkv(x).reshape(b, s, 3, d)
+            q, k, v = (t[:, :, i:i + 1].squeeze(2).reshape(b, s, self.h, self.dh).transpose(1, 2) for i in range(3))
+        elif self.packed:
             q, k, v = self.qkv(x).reshape(b, s, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)
         else:
             q = self.q(x).reshape(b, s, self.h, self.dh).transpose(1, 2)
@@ -79,7 +82,8 @@ class Block(nn.Module):
         if attention == "mha":
             self.attn = nn.MultiheadAttention(d, h, batch_first=True)
         else:
-            self.attn = HandAttention(d, h, packed=attention == "packed", sdpa=attention == "sdpa", causal=causal)
+            packed = "slices" if attention == "packed-slices" else attention == "packed"
+            self.attn = HandAttention(d, h, packed=packed, sdpa=attention == "sdpa", causal=causal)
         self.fc1, self.fc2 = nn.Linear(d, f), nn.Linear(f, d)
         self.act = nn.GELU(approximate=gelu)
 
@@ -283,6 +287,8 @@ HEAD_EXPORTS = [  # (attention, exporter, opset, dynamic)
     pytest.param("packed", "legacy", 17, False, id="packed-legacy17"),
     pytest.param("packed", "legacy", 18, True, id="packed-legacy18-dynamic"),
     pytest.param("packed", "dynamo", 18, True, id="packed-dynamo-dynamic"),
+    pytest.param("packed-slices", "legacy", 17, True, id="packed-slices-legacy17-dynamic"),
+    pytest.param("packed-slices", "dynamo", 18, False, id="packed-slices-dynamo"),
     pytest.param("sdpa", "legacy", 14, False, id="sdpa-legacy14"),
     pytest.param("sdpa", "legacy", 18, True, id="sdpa-legacy18-dynamic"),
     pytest.param("sdpa", "dynamo", 18, False, id="sdpa-dynamo"),
@@ -341,7 +347,7 @@ def test_heads_are_deleted_exactly(attention, exporter, opset, dynamic):
     proto, res = head_case(attention, exporter, opset, dynamic)
     kept = 32 - 8 * sum(len(v) for v in HEADS.values())  # 2 of 4 heads of 8
     before, after = head_widths(proto), head_widths(res.model)
-    packed = attention in ("packed", "mha")
+    packed = attention in ("packed", "packed-slices", "mha")
     assert before == ([96, 32] if packed else [32, 32, 32, 32]), before
     want = [3 * kept, kept] if packed else [kept] * 4
     assert after == want, (after, res.report["blocked_by"])

@@ -10,14 +10,20 @@ reads. A head whose value rows (and bias) are zero gives a zero P @ V head; one 
 projection columns are zero is needed by no one: either way no value needs the head, and its
 query and key rows (which feed only its own softmax) go with it.
 
+A packed projection splits into (..., 3, H, Dh) (or (..., 3, D)): a head is then its query, key and
+value parts together, and the analysis keeps which parts are zero (``Channels.zero_parts``) until
+a Gather, Split or Slice picks one part out, so a head with zero value rows is still found.
+
 The targets of the Reshapes name the head count H (split) or H * Dh (merge): rewritten where they
 are constants, inferred (-1) or built by Concat around constants; a count read at run time from
-another value makes the Reshape a wall. A Reshape that merges the heads into the batch axis
-(nn.MultiheadAttention's (S, B * H, Dh)) is a wall too: the heads then run on the batch axis,
-whose size is not known.
+another value makes the Reshape a wall. A Reshape that merges the heads into the batch axis is a
+wall too (the heads would run on the batch axis), unless the prepare pass in head_round_trips.py
+wrote the trip through the batch axis as Transposes (nn.MultiheadAttention, dynamo's K^T).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -55,15 +61,23 @@ def _same_dims(a: list, b: list) -> bool:
     return True
 
 
+@dataclass(frozen=True)
 class HeadPlan:
     """How a Reshape moves heads: ``split`` (..., G * H * Dh) -> (..., [G,] H, Dh) or ``merge``
-    (..., H, Dh) -> (..., H * Dh); ``entry`` is the target entry that names H (or H * Dh)."""
+    (..., H, Dh) -> (..., H * Dh); ``entry`` is the target entry (and output axis) that names H (or
+    H * Dh); ``groups`` parts (q, k, v) stacked before the heads."""
 
-    def __init__(self, kind: str, heads: int, head_dim: int, groups: int, entry: int, vec: list[Dim]) -> None:
-        self.kind, self.heads, self.head_dim, self.groups, self.entry, self.vec = kind, heads, head_dim, groups, entry, vec
+    kind: str
+    heads: int
+    head_dim: int
+    groups: int
+    entry: int
+    vec: list[Dim]
 
 
 def head_plan(node) -> HeadPlan | None:
+    """The heads plan of a Reshape, None where it neither splits the last axis into heads nor merges
+    the heads axis with the one after it."""
     x, y = node.inputs[0], node.outputs[0]
     a, n = channel_axis(x), channel_count(x)
     vec = target_of(node, 1)
@@ -119,6 +133,12 @@ def _parts_picked(value, axis: int, depth: int = 0) -> bool:
         elif op == "Split":
             if int(attr_value(node, "axis", 0)) % rank != axis or any(
                     v.shape is None or v.shape[axis] != 1 for v in node.outputs):
+                return False
+        elif op == "Slice":
+            axes = const_tensor(input_or_none(node, 3))
+            y = node.outputs[0]
+            if axes is None or [int(a) % rank for a in np.atleast_1d(axes)] != [axis] or y.shape is None \
+                    or y.shape[axis] != 1:
                 return False
         else:
             return False
