@@ -12,6 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .base import (
+    AXIS_KEY,
     CONSTANT,
     ZERO,
     Channels,
@@ -402,6 +403,8 @@ class Slice(OpRule):
         out = node.outputs[0]
         name = out.name
         gathered = ir.Value(name=f"{name}.channels", shape=out.shape, type=out.type)
+        # The rules that rewrite its readers later in this pass read where its channels run.
+        gathered.meta[AXIS_KEY] = out.meta.get(AXIS_KEY)
         indices = add_initializer(graph, f"{name}.channel_indices", picked.astype(np.int64))
         gather = ir.Node("", "Gather", [None, indices], attributes=[ir.AttrInt64("axis", channel_axis(out))],
                          outputs=[gathered], name=f"{name}.gather")
