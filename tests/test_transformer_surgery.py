@@ -1,11 +1,13 @@
-"""Transformer blocks through the surgery: MLP hidden neurons (and attention heads) whose weights are
+"""Transformer blocks through the surgery: MLP hidden neurons and attention heads whose weights are
 zero are deleted, exactly.
 
 Small pre-norm blocks (LayerNorm, attention, residual, LayerNorm, Linear-GELU-Linear, residual) are
 built in torch, some neurons and heads zeroed in the weights, exported by the legacy exporter
-(opsets 14, 17, 18, 20) and by the dynamo exporter, with static and dynamic batch and sequence; the
-compact model is compared with the uncut one in ONNX Runtime, and the weights that must shrink are
-checked to have shrunk.
+(opsets 14 to 20) and by the dynamo exporter (opsets 18 and 23), with static and dynamic batch and
+sequence; attention written out (separate q/k/v, packed qkv, SDPA, causal masks) and
+nn.MultiheadAttention. Fused attention ops (ONNX Attention, ORT's contrib Attention and
+MultiHeadAttention) are written with onnx.helper. The compact model is compared with the uncut one
+in ONNX Runtime, and the weights and Reshape targets that must shrink are checked to have shrunk.
 """
 
 from __future__ import annotations
@@ -509,8 +511,9 @@ def test_fused_attention_ops_lose_their_dead_heads(op, domain, opset, four_d):
     assert shapes[-1] == (DH_, D_), (shapes, res.report["blocked_by"])  # the output projection reads head 0 only
     if op == "Attention" and domain:
         assert shapes == [(DH_, D_)] and _attr(res.model, "Attention", "num_heads") == 1
-        w = next(i for i in res.model.graph.initializer if tuple(i.dims) == (D_, 3 * DH_))
-        assert w is not None
+        node = next(n for n in res.model.graph.node if n.op_type == "Attention")
+        dims = {i.name: tuple(i.dims) for i in res.model.graph.initializer}
+        assert dims[node.input[1]] == (D_, 3 * DH_) and dims[node.input[2]] == (3 * DH_,)
     else:
         assert shapes[:3] == [(D_, DH_)] * 3, shapes
         if not four_d:
