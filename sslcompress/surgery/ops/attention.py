@@ -8,7 +8,10 @@ their output are the same heads; Softmax over keys normalises each head on its o
 back to (b, s, H * Dh) spreads each head over its Dh features again, which the output projection
 reads. A head whose value rows (and bias) are zero gives a zero P @ V head; one whose output
 projection columns are zero is needed by no one: either way no value needs the head, and its
-query and key rows (which feed only its own softmax) go with it.
+query and key rows (which feed only its own softmax) go with it. A head whose value rows are zero
+but whose bias is not gives its bias at every query (the softmax rows sum to 1): a constant, which
+the folding pass moves into the output projection's bias (``Channels.head_values`` carries it
+from the Reshape to heads through P @ V to the Reshape back).
 
 A packed projection splits into (..., 3, H, Dh) (or (..., 3, D)): a head is then its query, key and
 value parts together, and the analysis keeps which parts are zero (``Channels.zero_parts``) until
@@ -210,11 +213,21 @@ class HeadReshape(Reshape):
         if x is None:
             return [None]
         if plan.kind == "merge":
-            return [Channels(np.repeat(x.state, plan.head_dim), np.repeat(x.value, plan.head_dim))]
+            out = Channels(np.repeat(x.state, plan.head_dim), np.repeat(x.value, plan.head_dim))
+            src = _behind_transposes(node.inputs[0])
+            if x.head_values is not None and src is not None and _per_head_operands(src) is not None:
+                # P @ V heads whose value features are constants: those features are constants here.
+                vals = x.head_values.reshape(-1)
+                out = Channels.known(np.where(np.isnan(vals), 0.0, vals)).with_live(np.isnan(vals) & (out.state != ZERO))
+            return [out]
         parts = np.all(x.state.reshape(plan.groups, plan.heads, plan.head_dim) == ZERO, axis=2)  # (G, H)
         zero = parts.all(0)
+        values = None
+        if plan.groups == 1:
+            known = x.is_known.reshape(plan.heads, plan.head_dim)
+            values = np.where(known.all(1)[:, None], x.known_values.reshape(plan.heads, plan.head_dim), np.nan)
         return [Channels(np.where(zero, ZERO, LIVE).astype(np.int8), np.where(zero, 0.0, np.nan),
-                         parts if plan.groups > 1 else None)]
+                         parts if plan.groups > 1 else None, values)]
 
     def couple(self, node, ids, ctx):
         plan = self._heads(node)
@@ -301,6 +314,31 @@ def _per_head_operands(node) -> int | None:
     return ax
 
 
+def _behind_transposes(value) -> object | None:
+    """The node that made ``value``, looked for behind Transposes that leave the last axis last (the Dh
+    features of heads stay on it)."""
+    for _ in range(8):
+        node = value.producer() if value is not None else None
+        if node is None or node.op_type != "Transpose":
+            return node
+        rank = rank_of(value)
+        perm = attr_value(node, "perm", None)
+        if rank is None or perm is None or int(perm[-1]) != rank - 1:
+            return None
+        value = node.inputs[0]
+    return None
+
+
+def _softmax_rows(value) -> bool:
+    """Whether ``value`` is a Softmax over its last axis alone (each row sums to 1)."""
+    node = value.producer() if value is not None else None
+    rank = rank_of(value)
+    if node is None or node.op_type != "Softmax" or node.domain not in ("", "ai.onnx") or rank is None:
+        return False
+    version = opset_of(node) or 13
+    return int(attr_value(node, "axis", -1 if version >= 13 else 1)) % rank == rank - 1
+
+
 @register("MatMul")
 class HeadMatMul(MatMul):
     """MatMul by a constant weight as before; of two activations, head by head."""
@@ -320,7 +358,14 @@ class HeadMatMul(MatMul):
         if a is None or b is None or len(a) != len(b):
             return [None]
         zero = (a.state == ZERO) | (b.state == ZERO)  # a zero head times anything is a zero head
-        return [Channels(np.where(zero, ZERO, LIVE).astype(np.int8), np.where(zero, 0.0, np.nan))]
+        values = None
+        src = _behind_transposes(node.inputs[1])
+        if b.head_values is not None and _softmax_rows(node.inputs[0]) and src is not None \
+                and src.op_type == "Reshape" and head_plan(src) is not None:
+            # P @ V with P a softmax over keys (rows summing to 1): a value head whose features are the
+            # same at every key gives those features at every query.
+            values = b.head_values
+        return [Channels(np.where(zero, ZERO, LIVE).astype(np.int8), np.where(zero, 0.0, np.nan), None, values)]
 
     def couple(self, node, ids, ctx):
         if _per_head_operands(node) is None:

@@ -65,6 +65,9 @@ class Channels:
     # Where a channel is several parts stacked on another axis (a head of a packed q/k/v tensor: its
     # query, key and value parts), which parts are ZERO, per part and channel; None where not known.
     zero_parts: np.ndarray | None = None
+    # Where a channel is a head of Dh features on the value's last axis: per head, the features' values
+    # where all of them are known (nan elsewhere), shape (heads, Dh); None where not known.
+    head_values: np.ndarray | None = None
 
     @classmethod
     def live(cls, n: int) -> Channels:
