@@ -108,14 +108,17 @@ BATCHES = (1, 64)
 CPU_TARGET = 1.5  # our training CPU may be at most this multiple of Torch-Pruning's
 
 # Per-model settings of the real runs; the command line overrides each. LeNet follows lenet_mnist.py (its
-# pretraining, sparsify lr and start lambda, MAC-weighted groups); ResNet-20 the CIFAR recipe of docs/finetune.md.
+# pretraining, sparsify lr and start lambda, MAC-weighted groups: an fc1 neuron costs 800 MACs, a conv2
+# filter 32k, and unweighted the Lasso spends the budget on neurons that save little); ResNet-20 the CIFAR
+# recipe of docs/finetune.md, unweighted (its stages cost alike, and MAC weights thin the high-resolution
+# stage 1 first: 20.21% error at 50% against 19.88% unweighted, means of three seeds).
 MODELS: dict[str, dict[str, Any]] = {
     "lenet5": {"data": f"mnist:{SHARED / 'mnist' / 'mnist.npz'}", "budgets": (0.10, 0.04),
                "pretrain_epochs": 12, "pretrain_lr": 0.03, "sparsify_epochs": 10, "finetune_epochs": 8,
                "sparsify_lr": 0.01, "lr": 0.01, "strength": 0.005, "weighting": "macs", "batch_size": 64},
     "resnet20": {"data": f"cifar10:{SHARED / 'cifar10' / 'cifar10_jpeg_q75.npz'}", "budgets": (0.5, 0.3),
                  "pretrain_epochs": 15, "pretrain_lr": 0.1, "sparsify_epochs": 6, "finetune_epochs": 6,
-                 "sparsify_lr": 0.05, "lr": 0.01, "strength": 0.02, "weighting": "macs", "batch_size": 64},
+                 "sparsify_lr": 0.05, "lr": 0.01, "strength": 0.02, "weighting": "none", "batch_size": 64},
 }
 # --quick: LeNet-5 on the bundled digits (1437 training images), a few epochs, a few timing rounds.
 QUICK = {"data": "digits", "pretrain_epochs": 3, "sparsify_epochs": 2, "finetune_epochs": 2, "rounds": 5}
