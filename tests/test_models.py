@@ -26,6 +26,8 @@ BUILTIN_NAMES = [
     "resnet20",
     "resnet32",
     "resnet56",
+    "vit_tiny",
+    "convnext_cifar",
     "alexnet",
     "vgg16",
     "vgg16_bn",

@@ -26,3 +26,19 @@ def init_weights(model: nn.Module, linear_std: float | None = None) -> None:
         elif isinstance(module, nn.Linear) and linear_std is not None:
             nn.init.normal_(module.weight, 0.0, linear_std)
             nn.init.zeros_(module.bias)
+
+
+def init_transformer_weights(model: nn.Module, embeddings: tuple[nn.Parameter, ...] = ()) -> None:
+    """Truncated-normal (std 0.02) Linear, conv and embedding weights, zero biases, unit LayerNorm: the ViT recipe."""
+    if any(p.is_meta for p in model.parameters()):
+        return  # see init_weights: a shape check on the meta device draws nothing
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    for p in embeddings:
+        nn.init.trunc_normal_(p, std=0.02)

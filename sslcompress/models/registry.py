@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from . import imagenet, resnet_cifar, small
+from . import convnext, imagenet, resnet_cifar, small, vit
 
 Factory = Callable[[int, int, tuple[int, int]], nn.Module]
 
@@ -44,6 +44,12 @@ BUILTINS: dict[str, Builtin] = {
     ),
     "resnet56": Builtin(
         resnet_cifar.resnet56, "CIFAR ResNet-56 (3x9 blocks of 16/32/64, option B)", 3, (32, 32)
+    ),
+    "vit_tiny": Builtin(
+        vit.vit_tiny, "small ViT (96 wide, 6 pre-norm blocks of 3 heads, MLP 4x) on about 8x8 patches", 3, (32, 32)
+    ),
+    "convnext_cifar": Builtin(
+        convnext.convnext_cifar, "small ConvNeXt (32/64/128, 2 blocks a stage, 7x7 depthwise, 4x MLP)", 3, (32, 32)
     ),
     "alexnet": Builtin(imagenet.alexnet, "single-tower AlexNet as in torchvision", 3, (224, 224)),
     "vgg16": Builtin(imagenet.vgg16, "VGG-16 (configuration D) without BatchNorm", 3, (224, 224)),

@@ -1,0 +1,104 @@
+"""A small Vision Transformer for CIFAR-sized inputs, with attention written out.
+
+Pre-norm blocks (LayerNorm, multi-head self-attention, residual, LayerNorm, Linear-GELU-Linear,
+residual), a class token and a learned position embedding. Attention uses separate q, k and v Linears
+and an explicit softmax(q k^T / sqrt(d)) v, so every weight an attention head owns is a slice of a
+Linear a structure analysis can see, and its MatMuls are ops an ONNX export keeps as they are.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ._init import init_transformer_weights
+
+
+def patch_size_for(input_size: tuple[int, int]) -> int:
+    """About 8x8 patches per image (4 for 32x32, 2 for 8x8), a size that divides both sides where one does."""
+    side = min(input_size)
+    patch = max(1, side // 8)
+    while patch > 1 and (input_size[0] % patch or input_size[1] % patch):
+        patch -= 1
+    return patch
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention on (batch, tokens, dim) with separate q, k, v projections."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not a multiple of {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        attn = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
+        out = attn.softmax(dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+
+
+class Mlp(nn.Module):
+    """The block's Linear-GELU-Linear: each hidden unit is one row of fc1 and one column of fc2."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, dim * mlp_ratio)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """Patch embedding, class token, position embedding, pre-norm blocks, final norm, head on the class token."""
+
+    def __init__(self, num_classes: int, in_channels: int, input_size: tuple[int, int], *, dim: int = 96,
+                 depth: int = 6, num_heads: int = 3, mlp_ratio: int = 4) -> None:
+        super().__init__()
+        patch = patch_size_for(input_size)
+        tokens = (input_size[0] // patch) * (input_size[1] // patch)
+        if tokens < 1:
+            raise ValueError(f"a {input_size[0]}x{input_size[1]} input leaves no {patch}x{patch} patch")
+        self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, tokens + 1, dim))
+        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        init_transformer_weights(self, (self.cls_token, self.pos_embed))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.head(x[:, 0])
+
+
+def vit_tiny(num_classes: int, in_channels: int, input_size: tuple[int, int]) -> nn.Module:
+    return VisionTransformer(num_classes, in_channels, input_size)
