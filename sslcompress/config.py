@@ -224,8 +224,8 @@ class FinetuneConfig:
                                 ("align", "--align", "widths")):
             if getattr(self, key) is not None and self.method != "ssl":
                 raise ConfigError(f"{flag} needs --method ssl: non-structured zeros remove no {what}")
-        if (self.align or 1) > 1 and not {"filter", "channel"} & set(parse_kinds(self.structures)):
-            raise ConfigError(f"--align {self.align} needs filter or channel among the structures (-s): "
+        if (self.align or 1) > 1 and not {"filter", "channel", "neuron"} & set(parse_kinds(self.structures)):
+            raise ConfigError(f"--align {self.align} needs filter or channel (or neuron) among the structures (-s): "
                               f"{','.join(self.structures)} never change a width")
         check_number("threshold", self.threshold)
         if not isinstance(self.resume, bool):

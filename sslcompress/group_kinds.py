@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .errors import ConfigError
 
-KINDS = ("filter", "channel", "shape", "depth", "kernel_row", "kernel_col")
+KINDS = ("filter", "channel", "shape", "depth", "kernel_row", "kernel_col", "neuron")
 
 
 def parse_kinds(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:

@@ -119,9 +119,9 @@ class Counter:
         params_after -= self._norm_params_removed(dead, removed_modules)
         return ModelCount(
             layers=tuple(layer_counts),
-            macs=sum(lc.macs for lc in layer_counts),
-            macs_after=sum(lc.macs_after for lc in layer_counts),
-            macs_gemm_after=sum(lc.macs_gemm_after for lc in layer_counts),
+            macs=sum(lc.macs for lc in layer_counts) + st.matmul_macs,
+            macs_after=sum(lc.macs_after for lc in layer_counts) + st.matmul_macs,
+            macs_gemm_after=sum(lc.macs_gemm_after for lc in layer_counts) + st.matmul_macs,
             params=params_total,
             params_after=params_after,
             blocks_removed=tuple(blocks_removed),

@@ -74,6 +74,8 @@ def build_groups(model: nn.Module, input_shape: tuple[int, ...], kinds: str | tu
         out += _kernel_line_groups(structure, params, kinds)
     if "depth" in kinds:
         out += _depth_groups(structure, params, model)
+    if "neuron" in kinds:
+        out += _neuron_groups(structure, params)
     return out
 
 
@@ -231,3 +233,28 @@ def _common_prefix(names: list[str]) -> str:
             break
         common.append(tokens[0])
     return ".".join(common)
+
+
+def _pointwise(lay) -> bool:
+    """A layer that maps features to features one position at a time: a Linear or an ungrouped 1x1 conv."""
+    return lay.kind == "linear" or (lay.kind == "conv" and lay.groups == 1 and lay.weight_shape[2:] == (1, 1))
+
+
+def _neuron_groups(structure: ModelStructure, params: dict) -> list[ParamGroup]:
+    """One hidden unit of an MLP block: the rows (and biases, and any norm's scale and shift) that write it
+    and the columns that read it, in Linear or 1x1-conv layers only. A zero group is an exactly-zero unit
+    that nothing reads, so the export deletes it from both layers."""
+    pointwise = {f"{lay.name}.weight" for lay in structure.layers.values() if _pointwise(lay)}
+    layer_params = {f"{lay.name}.{p}" for lay in structure.layers.values() for p in ("weight", "bias")}
+    consumers = _consumers(structure)
+    groups = []
+    for r, written in sorted(_producers(structure, params).items()):
+        read = consumers.get(r, [])
+        weights = [s[0] for s in written + read if s[0] in layer_params and s[0].endswith(".weight")]
+        if not written or not read or not all(w in pointwise for w in weights):
+            continue
+        slices = written + read
+        reason = structure.pinned.get(r, "")
+        groups.append(_group("neuron", f"neuron {_label(written)}", slices, params, structure,
+                             removable=not reason, reason=reason, channel=r))
+    return groups

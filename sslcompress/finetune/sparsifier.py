@@ -25,6 +25,9 @@ Ref = tuple[str, int]  # a removable group: its kind and its index among the las
 # Items the final ranking may skip in a row because each alone would land too far below the budget,
 # before it settles for the one that lands closest.
 MAX_MISSES = 32
+# Kinds whose zero group deletes one channel (its `channel`): a filter, the readers of a channel, or both (a
+# hidden neuron of an MLP block).
+_CHANNEL_KINDS = ("filter", "channel", "neuron")
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,7 @@ class Sparsifier:
             return self._units[align]
         st = self.counter.structure
         zeroer: dict[int, Ref] = {}
-        for kind in ("channel", "filter"):  # the filter group wins: it makes the channel exactly zero
+        for kind in ("channel", "neuron", "filter"):  # the filter group wins: it makes the channel exactly zero
             ix = self.lasso.kinds.get(kind) if self.lasso is not None else None
             for i, g in enumerate(ix.groups if ix is not None else []):
                 if g.channel is not None:
@@ -209,7 +212,7 @@ class Sparsifier:
     def _dead(self, norms: dict[str, torch.Tensor]) -> set[int]:
         """Root channels a zero filter or channel group has removed."""
         dead: set[int] = set()
-        for kind in ("filter", "channel"):
+        for kind in _CHANNEL_KINDS:
             ix = self.lasso.kinds.get(kind)
             if ix is None:
                 continue
@@ -305,7 +308,7 @@ class Sparsifier:
         pools: dict[Ref, tuple] = {}
         for kind, ix in self.lasso.kinds.items():
             for i, g in enumerate(ix.groups):
-                if kind in ("filter", "channel") and g.channel is not None:
+                if kind in _CHANNEL_KINDS and g.channel is not None:
                     pools[(kind, i)] = (kind, "width", unit_of.get(g.channel, -1))
                 elif kind == "depth":
                     pools[(kind, i)] = (kind,)
@@ -331,7 +334,7 @@ class Sparsifier:
 
         def saves(kind: str, i: int) -> tuple[float, float]:
             g = self.lasso.kinds[kind].groups[i]
-            if kind in ("filter", "channel") and g.channel in channel:
+            if kind in _CHANNEL_KINDS and g.channel in channel:
                 return channel[g.channel]
             return float(g.cost), float(g.size)
 
@@ -363,7 +366,7 @@ class Sparsifier:
         for ref, pool in self._pools().items():
             kind, i = ref
             g = self.lasso.kinds[kind].groups[i]
-            if float(norms[kind][i]) > 0 and not (kind in ("filter", "channel") and g.channel in blocked):
+            if float(norms[kind][i]) > 0 and not (kind in _CHANNEL_KINDS and g.channel in blocked):
                 pools.setdefault(pool, []).append(ref)
         for refs in pools.values():
             refs.sort(key=lambda r: float(norms[r[0]][r[1]]))

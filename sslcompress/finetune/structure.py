@@ -22,6 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..channel_ids import ChannelIds
 from ..errors import UnsupportedModelError, first_line
+from . import last_axis
 
 # Modules whose output channel c depends only on input channel c and maps 0 to 0.
 _ZERO_PRESERVING_MODULES: tuple[type[nn.Module], ...] = (
@@ -153,6 +154,9 @@ class ModelStructure:
     pinned: dict[int, str] = field(default_factory=dict)  # root id -> why it cannot be deleted
     input_ids: set[int] = field(default_factory=set)
     splits: list[ChannelSplit] = field(default_factory=list)
+    # Multiply-accumulates per sample of products of two tensors (attention's q k^T and p v): no weights of
+    # their own, so nothing thins them, but the MACs an export keeps include them.
+    matmul_macs: int = 0
 
     root = ChannelIds.root  # the same union-find the analysis built
 
@@ -164,7 +168,7 @@ class ModelStructure:
 
     @property
     def dense_macs(self) -> int:
-        return sum(layer.macs for layer in self.layers.values())
+        return sum(layer.macs for layer in self.layers.values()) + self.matmul_macs
 
 
 class _Tracer(fx.Tracer):
@@ -347,6 +351,9 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
     sum_nodes: list[fx.Node] = []
     gates: set[fx.Node] = set()
     splits: list[ChannelSplit] = []
+    axis_of: dict[fx.Node, int] = {}  # the axis a node's channel ids run along, where it is not dim 1
+    matmul_macs = 0
+    batch = input_shape[0] if input_shape else 1
 
     def tensor_ids(arg: object) -> list[int] | None:
         if isinstance(arg, fx.Node):
@@ -359,17 +366,18 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
         val = ids_of.get(arg)
         return [val] if isinstance(val, list) else [p for p in val if p] if isinstance(val, tuple) else []
 
-    def wall(node: fx.Node, why: str) -> list[int] | None:
+    def wall(node: fx.Node, why: str, axis: int = 1) -> list[int] | None:
         for arg in node.all_input_nodes:
             for ids in channel_lists(arg):
                 b.pin(ids, why)
         shape = _shape(node)
         if shape is None or len(shape) < 2:
             return None
-        return b.fresh(shape[1], pinned=why)
+        return b.fresh(shape[axis], pinned=why)
 
     for node in gm.graph.nodes:
         shape = _shape(node)
+        matmul_macs += last_axis.matmul_macs(node, _shape, batch, modules)
         if node.op == "placeholder":
             if shape is None or len(shape) < 2:
                 ids_of[node] = None
@@ -383,6 +391,11 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
             for arg in node.all_input_nodes:
                 for ids in channel_lists(arg):
                     b.pin(ids, "model output")
+        elif last_axis.applies(node, modules, axis_of, _shape):
+            ids_of[node], axis = last_axis.ids(b, node, modules, shape, tensor_ids, axis_of, _shape, layers, Layer,
+                                               wall)
+            if axis != 1 and isinstance(ids_of[node], list):
+                axis_of[node] = axis
         elif _gate_product(node, modules) is not None:
             # A sigmoid gate feeding x * gate only (squeeze-and-excitation): its channels follow x's.
             ids_of[node] = tensor_ids(node.args[0]) if node.args else None
@@ -410,7 +423,7 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
     branches = _residual_branches(gm, sum_nodes, modules)
     return ModelStructure(
         layers=layers, norms=norms, branches=branches, parent=b.parent, pinned=b.pinned,
-        input_ids=input_ids, splits=splits,
+        input_ids=input_ids, splits=splits, matmul_macs=matmul_macs,
     )
 
 

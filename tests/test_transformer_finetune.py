@@ -1,0 +1,303 @@
+"""The torch side of transformer blocks: `neuron` groups (one hidden unit of an MLP block), the channel analysis
+on (batch, tokens, features) and channels-last tensors, thinning them out exactly, and MACs that match the
+ONNX report's once the export has cut them.
+
+Models are the built-in vit_tiny and convnext_cifar at small inputs, and tiny blocks written here for the forms
+a user writes (a 1x1-conv MLP, a Linear MLP on tokens, ops the analysis must not follow).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sslcompress.finetune.counting import count
+from sslcompress.finetune.groups import build_groups
+from sslcompress.finetune.structure import analyze
+from sslcompress.finetune.thin import thin
+from sslcompress.models import ModelSpec, build_model
+from sslcompress.models.convnext import ConvNeXt
+from sslcompress.models.vit import VisionTransformer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VIT_SHAPE = (1, 1, 8, 8)
+CONVNEXT_SHAPE = (1, 3, 16, 16)
+
+
+def _vit() -> nn.Module:
+    torch.manual_seed(0)
+    return _randomised(VisionTransformer(10, 1, (8, 8), dim=16, depth=2, num_heads=2))
+
+
+def _convnext() -> nn.Module:
+    torch.manual_seed(0)
+    return _randomised(ConvNeXt(10, 3, (16, 16), dims=(8, 16), depths=(1, 1)))
+
+
+def _randomised(model: nn.Module) -> nn.Module:
+    """Biases and norm parameters that do something, so a kept channel is never a zero one by chance."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("weight") or p.dim() == 1:
+                p.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def _zero(model: nn.Module, groups) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for g in groups:
+            for s in g.slices:
+                t = params[s.param]
+                if s.axis == "out":
+                    t[list(s.index)] = 0
+                elif s.axis == "in":
+                    t[:, list(s.index)] = 0
+                else:
+                    raise AssertionError(f"a neuron group holds rows and columns only, got {s}")
+
+
+def _neurons(model: nn.Module, shape) -> list:
+    return [g for g in build_groups(model, shape, ("neuron",)) if g.removable]
+
+
+# ---------------------------------------------------------------- which groups
+
+
+def test_vit_neurons_are_the_mlp_hidden_units_and_nothing_else():
+    model = _vit()
+    groups = build_groups(model, VIT_SHAPE, ("neuron",))
+    assert all(g.removable for g in groups)
+    by_layer: dict[str, int] = {}
+    for g in groups:
+        assert g.layers[0].endswith("mlp.fc1") and g.layers[1].endswith("mlp.fc2"), g.name
+        params = {s.param: s for s in g.slices}
+        fc1 = g.layers[0]
+        assert params[f"{fc1}.weight"].axis == "out" and params[f"{fc1}.bias"].axis == "out"
+        assert params[f"{g.layers[1]}.weight"].axis == "in"
+        by_layer[fc1] = by_layer.get(fc1, 0) + 1
+    assert by_layer == {"blocks.0.mlp.fc1": 64, "blocks.1.mlp.fc1": 64}
+
+
+def test_vit_residual_stream_and_attention_are_pinned_with_reasons():
+    model = _vit()
+    st = analyze(model, VIT_SHAPE)
+    for b in range(2):
+        fc2 = st.layers[f"blocks.{b}.mlp.fc2"]
+        assert all(st.pin_reason(i) for i in fc2.out_ids)  # the residual stream
+        for proj in ("q", "k", "v"):
+            q = st.layers[f"blocks.{b}.attn.{proj}"]
+            assert all("view" in (st.pin_reason(i) or "") for i in q.out_ids)  # reshaped into heads
+    reasons = {st.pin_reason(i) for i in st.layers["blocks.1.attn.q"].in_ids}
+    assert any("layer norm blocks.1.norm1 normalises" in r for r in reasons), reasons
+
+
+def test_convnext_neurons_and_its_layer_norm_pins():
+    model = _convnext()
+    st = analyze(model, CONVNEXT_SHAPE)
+    groups = build_groups(model, CONVNEXT_SHAPE, ("neuron",))
+    assert sorted({g.layers for g in groups}) == [("stages.0.0.pwconv1", "stages.0.0.pwconv2"),
+                                                  ("stages.1.2.pwconv1", "stages.1.2.pwconv2")]
+    assert all(g.removable for g in groups) and len(groups) == 4 * 8 + 4 * 16
+    for name in ("stages.0.0.pwconv2", "stages.0.0.dwconv", "stem.0"):
+        (reason,) = {st.pin_reason(i) for i in st.layers[name].out_ids}
+        assert reason.startswith("layer norm") and "changes its mean and variance" in reason
+
+
+class ConvMlp(nn.Module):
+    """The 1x1-conv form of an MLP block (NCHW), in a residual block without any norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc1 = nn.Conv2d(6, 12, 1)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(0.1)
+        self.fc2 = nn.Conv2d(12, 6, 1)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.fc2(self.drop(self.act(self.fc1(x))))
+        return self.head(x.mean((-2, -1)))
+
+
+class TokenMlp(nn.Module):
+    """Linear-GELU-Dropout-Linear on (batch, tokens, features), the tokens made by a permute."""
+
+    def __init__(self, mixer: str = "") -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 2, stride=2)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 8)
+        self.head = nn.Linear(8, 4)
+        self.mixer = mixer
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).permute(0, 2, 1)
+        h = F.dropout(F.gelu(self.fc1(x)), 0.1, self.training)
+        if self.mixer == "softmax":
+            h = h.softmax(-1)
+        elif self.mixer == "sum":
+            h = h - h.sum(-1, keepdim=True)
+        elif self.mixer == "tokens":
+            h = h.transpose(1, 2)
+            h = h * 2.0
+            h = h.transpose(1, 2)
+        x = x + self.fc2(h)
+        return self.head(x.mean(1))
+
+
+def test_neurons_of_a_1x1_conv_mlp():
+    model = _randomised(ConvMlp())
+    groups = build_groups(model, (1, 3, 6, 6), ("neuron",))
+    assert {g.layers for g in groups} == {("fc1", "fc2")}
+    assert len(groups) == 12 and all(g.removable for g in groups)
+
+
+def test_neurons_of_a_token_mlp_and_its_macs():
+    model = _randomised(TokenMlp())
+    groups = _neurons(model, (1, 3, 6, 6))
+    assert len(groups) == 16 and all(g.layers == ("fc1", "fc2") for g in groups)
+    st = analyze(model, (1, 3, 6, 6))
+    assert st.layers["fc1"].macs == 9 * 8 * 16  # 9 tokens x in x out
+    assert st.layers["fc2"].macs == 9 * 16 * 8
+    assert st.layers["head"].macs == 8 * 4
+    # The residual stream (what fc2 writes) is read by fc1 too, but the embedding's reshape pins it.
+    assert all(st.pin_reason(i) for i in st.layers["fc2"].out_ids)
+
+
+@pytest.mark.parametrize("mixer, why", [("softmax", "softmax"), ("sum", "sum")])
+def test_ops_that_mix_hidden_units_pin_them(mixer, why):
+    model = _randomised(TokenMlp(mixer))
+    assert _neurons(model, (1, 3, 6, 6)) == []
+    st = analyze(model, (1, 3, 6, 6))
+    reasons = {st.pin_reason(i) for i in st.layers["fc1"].out_ids}
+    assert len(reasons) == 1 and why in reasons.pop()
+
+
+def test_a_transpose_there_and_back_is_followed():
+    model = _randomised(TokenMlp("tokens"))
+    groups = _neurons(model, (1, 3, 6, 6))
+    assert len(groups) == 16 and all(g.layers == ("fc1", "fc2") for g in groups)
+
+
+def test_a_layer_norm_over_hidden_units_pins_them():
+    class NormedMlp(TokenMlp):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(16)
+
+        def forward(self, x):
+            x = self.embed(x).flatten(2).transpose(1, 2)
+            return self.head((x + self.fc2(self.norm(F.gelu(self.fc1(x))))).mean(1))
+
+    model = _randomised(NormedMlp())
+    st = analyze(model, (1, 3, 6, 6))
+    reasons = {st.pin_reason(i) for i in st.layers["fc1"].out_ids}
+    assert reasons == {"layer norm norm normalises over these channels (deleting a channel, even a zero one, "
+                       "changes its mean and variance)"}
+
+
+# ---------------------------------------------------------------- thinning
+
+
+@pytest.mark.parametrize("make, shape", [(_vit, VIT_SHAPE), (_convnext, CONVNEXT_SHAPE),
+                                         (lambda: _randomised(ConvMlp()), (1, 3, 6, 6)),
+                                         (lambda: _randomised(TokenMlp("tokens")), (1, 3, 6, 6))])
+def test_thinned_neurons_give_the_masked_outputs(make, shape):
+    model = make()
+    groups = _neurons(model, shape)
+    zeroed = groups[::3]
+    _zero(model, zeroed)
+    x = torch.randn((3, *shape[1:]), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x)
+    params_before = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.train()
+    model(x).square().sum().backward()
+    opt.step()  # momentum buffers of the full widths, for thinning to cut
+    _zero(model, zeroed)
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+    result = thin(model, shape, optimizer=opt)
+    assert result.applied, result.reason
+    assert sum(p.numel() for p in model.parameters()) < params_before
+    with torch.no_grad():
+        got = model(x)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    for p in model.parameters():
+        buf = opt.state[p].get("momentum_buffer")
+        assert buf is not None and buf.shape == p.shape
+    first = zeroed[0].layers[0]
+    kept = model.get_submodule(first)
+    width = kept.out_features if isinstance(kept, nn.Linear) else kept.out_channels
+    total = sum(1 for g in groups if g.layers[0] == first)
+    assert width == total - sum(1 for g in zeroed if g.layers[0] == first)
+
+
+# ---------------------------------------------------------------- MACs against the ONNX report
+
+
+@pytest.mark.parametrize("make, shape", [(_vit, VIT_SHAPE), (_convnext, CONVNEXT_SHAPE)])
+def test_counted_macs_equal_the_cut_onnx_models(make, shape):
+    from sslcompress.surgery.compress import compress
+    from sslcompress.surgery.export import export_onnx
+
+    model = make()
+    _zero(model, _neurons(model, shape)[::2])
+    counted = count(model, shape)
+    result = compress(export_onnx(model, shape).model)
+    assert result.report["verification"]["passed"]
+    assert result.report["totals"]["macs"] == counted.macs
+    assert result.report["totals"]["macs_after"] == counted.macs_after
+    assert counted.macs_after < counted.macs
+
+
+def test_attention_products_are_counted():
+    model = _vit()
+    st = analyze(model, VIT_SHAPE)
+    tokens, dim, blocks = 17, 16, 2  # 8x8 digits in 2x2 patches, and the class token
+    assert st.matmul_macs == blocks * 2 * tokens * tokens * dim  # q k^T and p v, every head together
+
+
+def test_builtins_analyse_at_their_design_input():
+    for name in ("vit_tiny", "convnext_cifar"):
+        model = build_model(ModelSpec(name, 10, 3, (32, 32)))
+        groups = build_groups(model, (1, 3, 32, 32), ("neuron",))
+        assert groups and all(g.removable for g in groups)
+
+
+class TorchAttention(nn.Module):
+    """nn.MultiheadAttention in a pre-norm block: read as one op that mixes its features, counted whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 2, stride=2)
+        self.norm = nn.LayerNorm(16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        h = self.norm(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        x = x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+        return self.head(x.mean(1))
+
+
+def test_multihead_attention_is_counted_whole_and_its_features_pinned():
+    model = _randomised(TorchAttention())
+    st = analyze(model, (1, 3, 8, 8))
+    tokens, dim = 16, 16
+    assert st.matmul_macs == 4 * tokens * dim * dim + 2 * tokens * tokens * dim  # q, k, v, out; two products
+    assert "attn" not in st.layers
+    assert all(st.pin_reason(i) for i in st.layers["fc2"].out_ids)
+    assert len(_neurons(model, (1, 3, 8, 8))) == 32
