@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .errors import ConfigError
 
-KINDS = ("filter", "channel", "shape", "depth", "kernel_row", "kernel_col", "neuron")
+KINDS = ("filter", "channel", "shape", "depth", "kernel_row", "kernel_col", "neuron", "head")
 
 
 def parse_kinds(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:

@@ -301,3 +301,127 @@ def test_multihead_attention_is_counted_whole_and_its_features_pinned():
     assert "attn" not in st.layers
     assert all(st.pin_reason(i) for i in st.layers["fc2"].out_ids)
     assert len(_neurons(model, (1, 3, 8, 8))) == 32
+
+
+# ---------------------------------------------------------------- attention heads
+
+
+def _vit3() -> nn.Module:
+    torch.manual_seed(0)
+    return _randomised(VisionTransformer(10, 1, (8, 8), dim=24, depth=2, num_heads=3))
+
+
+class SdpaAttention(nn.Module):
+    """Heads through F.scaled_dot_product_attention, the head count a module attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads = 2
+        self.embed = nn.Conv2d(3, 16, 2, stride=2)
+        self.q, self.k, self.v, self.proj = (nn.Linear(16, 16) for _ in range(4))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        b, s, d = x.shape
+        q, k, v = (f(x).view(b, s, self.num_heads, d // 2).transpose(1, 2) for f in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, self.num_heads * (d // 2))
+        return self.head((x + self.proj(a)).mean(1))
+
+
+def _heads(model, shape):
+    return [g for g in build_groups(model, shape, ("head",))]
+
+
+def test_head_groups_own_q_k_v_rows_and_projection_columns():
+    model = _vit3()
+    groups = _heads(model, VIT_SHAPE)
+    assert [g.name for g in groups] == [f"head blocks.{b}.attn[{h}]" for b in range(2) for h in range(3)]
+    g = groups[1]
+    assert all(g.removable for g in groups)
+    slices = {(s.param, s.axis): s.index for s in g.slices}
+    for lin in ("q", "k", "v"):
+        assert slices[(f"blocks.0.attn.{lin}.weight", "out")] == tuple(range(8, 16))
+        assert slices[(f"blocks.0.attn.{lin}.bias", "out")] == tuple(range(8, 16))
+    assert slices[("blocks.0.attn.proj.weight", "in")] == tuple(range(8, 16))
+    assert len(slices) == 7
+
+
+def test_heads_not_of_the_followed_form_are_not_groups():
+    class Mixed(SdpaAttention):
+        def forward(self, x):
+            x = self.embed(x).flatten(2).transpose(1, 2)
+            b, s, d = x.shape
+            q, k, v = (f(x).view(b, s, 2, d // 2).transpose(1, 2) for f in (self.q, self.k, self.v))
+            a = F.scaled_dot_product_attention(q, k, v)
+            a = a + a.mean(1, keepdim=True)  # mixes the heads before the projection
+            return self.head((x + self.proj(a.transpose(1, 2).reshape(b, s, d))).mean(1))
+
+    assert _heads(_randomised(SdpaAttention()), (1, 3, 8, 8))
+    assert _heads(_randomised(Mixed()), (1, 3, 8, 8)) == []
+    assert _heads(_randomised(TorchAttention()), (1, 3, 8, 8)) == []
+
+
+@pytest.mark.parametrize("make, shape", [(_vit3, VIT_SHAPE), (lambda: _randomised(SdpaAttention()), (1, 3, 8, 8))])
+def test_thinned_heads_give_the_masked_outputs_and_the_head_count_follows(make, shape):
+    model = make()
+    heads = _heads(model, shape)
+    _zero(model, heads[::2])
+    x = torch.randn((3, *shape[1:]), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x)
+    counted = count(model, shape)
+    result = thin(model, shape)
+    assert result.applied, result.reason
+    with torch.no_grad():
+        got = model(x)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    owners = [m for m in model.modules() if isinstance(getattr(m, "num_heads", None), int)]
+    assert sum(m.num_heads for m in owners) == len(heads) - len(heads[::2])
+    after = count(model, shape)
+    assert after.macs == after.macs_after == counted.macs_after < counted.macs
+
+
+def test_counted_macs_with_zero_heads_equal_the_cut_onnx_models():
+    # (The exporter fuses SdpaAttention's projections and product into one ONNX Attention op, whose MACs the
+    # ONNX report does not count, so only the written-out attention is compared here.)
+    from sslcompress.surgery.compress import compress
+    from sslcompress.surgery.export import export_onnx
+
+    model, shape = _vit3(), VIT_SHAPE
+    groups = build_groups(model, shape, ("head", "neuron"))
+    _zero(model, [g for g in groups if g.kind == "head"][::2] + [g for g in groups if g.kind == "neuron"][::3])
+    counted = count(model, shape)
+    result = compress(export_onnx(model, shape, opset=18).model)
+    assert result.report["verification"]["passed"]
+    assert result.report["totals"]["macs"] == counted.macs
+    assert result.report["totals"]["macs_after"] == counted.macs_after < counted.macs
+
+
+def test_an_attention_with_every_head_zero_keeps_one():
+    model = _vit3()
+    heads = _heads(model, VIT_SHAPE)
+    _zero(model, heads[:3])
+    counted = count(model, VIT_SHAPE)
+    one_head = sum(g.cost for g in heads[:1])  # its rows, columns and products
+    assert counted.macs - counted.macs_after == 2 * one_head
+    result = thin(model, VIT_SHAPE)
+    assert result.applied and model.blocks[0].attn.num_heads == 1 and model.blocks[1].attn.num_heads == 3
+
+
+def test_attention_weights_read_elsewhere_keep_the_heads():
+    class Returning(SdpaAttention):
+        def forward(self, x):
+            x = self.embed(x).flatten(2).transpose(1, 2)
+            b, s, d = x.shape
+            q, k, v = (f(x).view(b, s, 2, d // 2).transpose(1, 2) for f in (self.q, self.k, self.v))
+            p = (q @ k.transpose(-2, -1) * 0.5).softmax(-1)
+            a = (p @ v).transpose(1, 2).reshape(b, s, d)
+            return self.head((x + self.proj(a)).mean(1)), p
+
+    class Plain(Returning):
+        def forward(self, x):
+            return super().forward(x)[0]
+
+    assert len(_heads(_randomised(Plain()), (1, 3, 8, 8))) == 2
+    assert _heads(_randomised(Returning()), (1, 3, 8, 8)) == []

@@ -141,7 +141,7 @@ def _parse_lambdas(items: tuple[str, ...]) -> dict[str, float] | None:
 @main.command()
 @_run_options
 @click.option("--structures", "-s", default=None,
-              help="Comma list of filter, channel, shape, depth, kernel_row, kernel_col, neuron, or 'all' "
+              help="Comma list of filter, channel, shape, depth, kernel_row, kernel_col, neuron, head, or 'all' "
                    "(default filter,channel).")
 @click.option("--lambda", "lambdas", multiple=True, metavar="KIND=VALUE",
               help="Group Lasso strength of one structure (repeatable), e.g. --lambda shape=0.2.")

@@ -2,7 +2,8 @@
 
 "After" means what an exact export can delete: channels whose filter group or channel group is
 zero (and not pinned by the graph), residual branches whose parameters are all zero, outer
-kernel rows and columns that are zero across the kept filters. Two MAC figures are reported per
+kernel rows and columns that are zero across the kept filters, attention heads whose weights are all
+zero (with their share of the attention products, which count as the ONNX report counts MatMuls). Two MAC figures are reported per
 conv: `macs_after` counts the smaller dense Conv (channels x kernel extent), `macs_gemm_after`
 the paper's measure, the lowered GEMM with zero columns removed too (what filter-shape sparsity
 buys when the export lowers the conv to an im2col of kept columns).
@@ -74,6 +75,23 @@ class Removal:
     layers: frozenset[str]
     blocks: tuple[str, ...]
     modules: frozenset[str]
+    heads: tuple[tuple[str, tuple[int, ...]], ...] = ()  # per attention (its output projection), heads deleted
+
+    def head_cuts(self, structure: ModelStructure) -> tuple[dict[str, set[int]], dict[str, set[int]], int]:
+        """Rows cut from each q/k/v Linear, columns cut from each output projection, and the attention
+        products' MACs that go with the deleted heads."""
+        rows: dict[str, set[int]] = {}
+        cols: dict[str, set[int]] = {}
+        saved = 0
+        by_proj = {att.proj: att for att in structure.heads}
+        for proj, gone in self.heads:
+            att = by_proj[proj]
+            positions = {h * att.head_dim + d for h in gone for d in range(att.head_dim)}
+            for lin in (att.q, att.k, att.v):
+                rows.setdefault(lin, set()).update(positions)
+            cols.setdefault(proj, set()).update(positions)
+            saved += att.product_macs * len(gone)
+        return rows, cols, saved
 
 
 class Counter:
@@ -113,15 +131,17 @@ class Counter:
         st = self.structure
         gone = self.removal()
         dead, removed_layers, blocks_removed, removed_modules = gone.channels, gone.layers, gone.blocks, gone.modules
-        layer_counts = [self._count_layer(lay, dead, removed_layers) for lay in st.layers.values()]
+        rows, cols, products_saved = gone.head_cuts(st)
+        layer_counts = [self._count_layer(lay, dead, removed_layers, rows.get(lay.name, set()),
+                                          cols.get(lay.name, set())) for lay in st.layers.values()]
         params_total = sum(p.numel() for p in self.params.values())
         params_after = params_total - sum(lc.params - lc.params_after for lc in layer_counts)
         params_after -= self._norm_params_removed(dead, removed_modules)
         return ModelCount(
             layers=tuple(layer_counts),
             macs=sum(lc.macs for lc in layer_counts) + st.matmul_macs,
-            macs_after=sum(lc.macs_after for lc in layer_counts) + st.matmul_macs,
-            macs_gemm_after=sum(lc.macs_gemm_after for lc in layer_counts) + st.matmul_macs,
+            macs_after=sum(lc.macs_after for lc in layer_counts) + st.matmul_macs - products_saved,
+            macs_gemm_after=sum(lc.macs_gemm_after for lc in layer_counts) + st.matmul_macs - products_saved,
             params=params_total,
             params_after=params_after,
             blocks_removed=tuple(blocks_removed),
@@ -162,7 +182,27 @@ class Counter:
         while kept := self._last_inputs(dead, removed_layers):
             dead -= kept
             removed_layers = self._removed_layers(dead, removed_modules)
-        return Removal(frozenset(dead), frozenset(removed_layers), tuple(blocks_removed), frozenset(removed_modules))
+        return Removal(frozenset(dead), frozenset(removed_layers), tuple(blocks_removed), frozenset(removed_modules),
+                       self._dead_heads())
+
+    def _head_is_zero(self, att, h: int) -> bool:
+        part = slice(h * att.head_dim, (h + 1) * att.head_dim)
+        tensors = [self.params.get(f"{lin}.{leaf}") for lin in (att.q, att.k, att.v) for leaf in ("weight", "bias")]
+        zero = all(t is None or not bool(t.detach()[part].any()) for t in tensors)
+        return zero and not bool(self.params[f"{att.proj}.weight"].detach()[:, part].any())
+
+    def _dead_heads(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """Per attention, the heads whose weights are all zero, less the last of them where every head is."""
+        out = []
+        for att in self.structure.heads:
+            gone = [h for h in range(att.num_heads) if self._head_is_zero(att, h)]
+            if len(gone) == att.num_heads:
+                # A layer keeps a channel (see _last_inputs), an attention a head: thinning never empties it.
+                # The budget's ranking never zeroes an attention's last head either (Sparsifier._ranked).
+                gone = gone[:-1]
+            if gone:
+                out.append((att.proj, tuple(gone)))
+        return tuple(out)
 
     def _last_inputs(self, dead: set[int], removed_layers: set[str]) -> set[int]:
         """Channels a layer that stays needs although they are dead: one whose every input is dead (a conv
@@ -229,7 +269,8 @@ class Counter:
                 n += 2 * sum(1 for i in norm.ids if self.structure.root(i) in dead)
         return n
 
-    def _count_layer(self, lay, dead: set[int], removed_layers: set[str]) -> LayerCount:
+    def _count_layer(self, lay, dead: set[int], removed_layers: set[str], rows_cut: set[int] = frozenset(),
+                     cols_cut: set[int] = frozenset()) -> LayerCount:
         st = self.structure
         w = self.params[f"{lay.name}.weight"].detach()
         n_out, n_in = w.shape[0], w.shape[1]
@@ -240,8 +281,8 @@ class Counter:
         if lay.name in removed_layers:
             return LayerCount(lay.name, lay.kind, (0, n_out), (0, len(lay.in_ids)), kernel, (0, 0),
                               (0, cols_total), lay.macs, 0, 0, params, 0, True)
-        keep_out = [n for n, r in enumerate(self._out_roots[lay.name]) if r not in dead]
-        keep_in = [c for c, r in enumerate(self._in_roots[lay.name]) if r not in dead]
+        keep_out = [n for n, r in enumerate(self._out_roots[lay.name]) if r not in dead and n not in rows_cut]
+        keep_in = [c for c, r in enumerate(self._in_roots[lay.name]) if r not in dead and c not in cols_cut]
         if lay.kind == "linear":
             weights_after = len(keep_out) * len(keep_in)
             macs_after = weights_after * hw  # hw: the number of calls for a Linear
@@ -371,3 +412,4 @@ class _GroupsAlive:
         starts = np.minimum(self._starts, len(self._flat) - 1)
         out = np.logical_or.reduceat(alive[self._flat], starts) & ~self._empty
         return out.tolist()
+

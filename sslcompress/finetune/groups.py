@@ -4,7 +4,9 @@ A group is a set of weight slices whose joint L2 norm the group Lasso drives to 
 follow the graph's coupling (see structure.py): the filter group of a channel owns every slice
 that writes that channel (the conv filters and biases of all summands of a residual Add and the
 BatchNorm scale and shift of each), so a zero group gives an exactly-zero channel; the channel
-group owns every slice that reads it.
+group owns every slice that reads it. A neuron group owns both, for a hidden unit between Linear (or 1x1
+conv) layers; a head group owns an attention head's rows of q, k and v and its columns of the output
+projection (see heads.py).
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ def build_groups(model: nn.Module, input_shape: tuple[int, ...], kinds: str | tu
         out += _depth_groups(structure, params, model)
     if "neuron" in kinds:
         out += _neuron_groups(structure, params)
+    if "head" in kinds:
+        out += _head_groups(structure, params)
     return out
 
 
@@ -257,4 +261,23 @@ def _neuron_groups(structure: ModelStructure, params: dict) -> list[ParamGroup]:
         reason = structure.pinned.get(r, "")
         groups.append(_group("neuron", f"neuron {_label(written)}", slices, params, structure,
                              removable=not reason, reason=reason, channel=r))
+    return groups
+
+
+def head_slices(att, h: int) -> list[tuple[str, str, int]]:
+    """Head h of an attention: its rows of q, k and v (and biases) and its columns of the output projection."""
+    rows = range(h * att.head_dim, (h + 1) * att.head_dim)
+    slices = [(f"{lin}.{leaf}", "out", r) for lin in (att.q, att.k, att.v) for leaf in ("weight", "bias") for r in rows]
+    return slices + [(f"{att.proj}.weight", "in", r) for r in rows]
+
+
+def _head_groups(structure: ModelStructure, params: dict) -> list[ParamGroup]:
+    """One attention head each (see heads.py); a zero head adds nothing to the output, so it goes whole."""
+    groups = []
+    for att in structure.heads:
+        for h in range(att.num_heads):
+            slices = [s for s in head_slices(att, h) if s[0] in params]
+            group = _group("head", f"head {att.proj.rsplit('.', 1)[0]}[{h}]", slices, params, structure, True)
+            groups.append(ParamGroup(group.name, group.kind, group.slices, group.size,
+                                     group.cost + att.product_macs, True, "", group.layers))
     return groups

@@ -368,9 +368,11 @@ class Sparsifier:
             g = self.lasso.kinds[kind].groups[i]
             if float(norms[kind][i]) > 0 and not (kind in _CHANNEL_KINDS and g.channel in blocked):
                 pools.setdefault(pool, []).append(ref)
-        for refs in pools.values():
+        for pool, refs in pools.items():
             refs.sort(key=lambda r: float(norms[r[0]][r[1]]))
-            items += items_of([[r] for r in refs])
+            ranked = items_of([[r] for r in refs])
+            # An attention keeps a head: one with none left computes a constant the export does not cut.
+            items += ranked[:-1] if pool[0] == "head" else ranked
         items.sort(key=lambda it: it.score)
         return items
 

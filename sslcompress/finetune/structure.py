@@ -6,6 +6,10 @@ ops that sum tensors (residual Add) merge the ids of the summands, since a chann
 deleted when it is zero in every summand. Conv and Linear layers produce fresh ids. An op we do
 not understand is a wall: the ids it reads are pinned and nothing behind it is deleted, which
 keeps every group we later call removable honest.
+
+Channels run along dim 1 of a conv's tensors; a Linear on (batch, tokens, features) and channels-last
+tensors carry them along another axis, which last_axis.py follows. Attention heads written out are found
+after the walk (heads.py).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..channel_ids import ChannelIds
 from ..errors import UnsupportedModelError, first_line
+from . import heads as attention_heads
 from . import last_axis
 
 # Modules whose output channel c depends only on input channel c and maps 0 to 0.
@@ -157,6 +162,7 @@ class ModelStructure:
     # Multiply-accumulates per sample of products of two tensors (attention's q k^T and p v): no weights of
     # their own, so nothing thins them, but the MACs an export keeps include them.
     matmul_macs: int = 0
+    heads: list[attention_heads.Heads] = field(default_factory=list)  # attentions whose heads can go
 
     root = ChannelIds.root  # the same union-find the analysis built
 
@@ -424,6 +430,7 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
     return ModelStructure(
         layers=layers, norms=norms, branches=branches, parent=b.parent, pinned=b.pinned,
         input_ids=input_ids, splits=splits, matmul_macs=matmul_macs,
+        heads=attention_heads.find(gm, modules, layers, _shape, batch, dict(model.named_modules())),
     )
 
 

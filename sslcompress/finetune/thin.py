@@ -7,9 +7,10 @@ so the rest of the training runs on a smaller model that computes exactly what t
 
 Which channels go is what the MAC counter calls removed: a channel whose every producer slice is zero,
 or that nobody reads any more, and that the graph does not pin. Residual Adds merge the ids of their
-summands, so a channel leaves every summand at once. Only channels are cut: zero kernel rows and
-columns, shape columns and zero residual branches stay in place under their masks, since removing them
-would change the graph rather than a width. A layer always keeps at least one channel, so no tensor of
+summands, so a channel leaves every summand at once. Only channels (and attention heads, with the
+`num_heads` of the module whose forward reads it) are cut: zero kernel rows and columns, shape columns and
+zero residual branches stay in place under their masks, since removing them would change the graph rather
+than a width. A layer always keeps at least one channel and an attention one head, so no tensor of
 width zero appears.
 
 Equivalence holds while the zeros stay zero (their masks are carried along with `slice_tensors`);
@@ -257,6 +258,7 @@ def plan_thinning(model: nn.Module, input_shape: tuple[int, ...],
     st = counter.structure if counter is not None else structure or analyze(model, tuple(input_shape))
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
+    counter = counter or Counter(model, tuple(input_shape), st)
     cut = _cut(model, tuple(input_shape), st, params, counter)
 
     keep: dict[str, dict[int, list[int]]] = {}
@@ -297,6 +299,7 @@ def plan_thinning(model: nn.Module, input_shape: tuple[int, ...],
             modules[lay.name] = {"in_channels": len(keep_in), "out_channels": len(keep_out)}
         else:
             modules[lay.name] = {"in_features": len(keep_in), "out_features": len(keep_out)}
+    _slice_heads(st, counter.removal().heads, params, slice_dim, modules, widths)
     for norm in st.norms.values():
         kept = [c for c, i in enumerate(norm.ids) if st.root(i) not in cut]
         if len(kept) == len(norm.ids):
@@ -307,6 +310,29 @@ def plan_thinning(model: nn.Module, input_shape: tuple[int, ...],
             slice_dim(f"{norm.name}.{leaf}", buffers, 0, kept)
         modules[norm.name] = {"num_features": len(kept)}
     return ThinPlan(keep=keep, shapes=shapes, modules=modules, widths=widths)
+
+
+def _slice_heads(st: ModelStructure, dead_heads, params, slice_dim, modules, widths) -> None:
+    """Zero attention heads: their rows of q, k and v, their columns of the output projection, and the head
+    count of the module whose forward reads it (an attention without one keeps its heads, masked)."""
+    by_proj = {att.proj: att for att in st.heads}
+    for proj, gone in dead_heads:
+        att = by_proj[proj]
+        if att.owner is None:
+            continue
+        kept = [h * att.head_dim + d for h in range(att.num_heads) if h not in gone for d in range(att.head_dim)]
+        for lin in (att.q, att.k, att.v):
+            slice_dim(f"{lin}.weight", params, 0, kept)
+            slice_dim(f"{lin}.bias", params, 0, kept)
+            modules.setdefault(lin, {})["out_features"] = len(kept)
+            ob, _, ib, ia = widths.get(lin, (st.layers[lin].weight_shape[0], 0, st.layers[lin].weight_shape[1],
+                                              st.layers[lin].weight_shape[1]))
+            widths[lin] = (ob, len(kept), ib, ia)
+        slice_dim(f"{proj}.weight", params, 1, kept)
+        modules.setdefault(proj, {})["in_features"] = len(kept)
+        ob, oa, ib, _ = widths.get(proj, (st.layers[proj].weight_shape[0],) * 2 + (st.layers[proj].weight_shape[1],) * 2)
+        widths[proj] = (ob, oa, ib, len(kept))
+        modules[att.owner] = {"num_heads": att.num_heads - len(gone)}
 
 
 def _slice_grouped(lay: Layer, cut: set[int], st: ModelStructure, params, slice_dim, modules, widths) -> None:
@@ -368,6 +394,10 @@ def _allowed_attrs(module: nn.Module) -> tuple[str, ...]:
     for cls, attrs in _WIDTH_ATTRS.items():
         if isinstance(module, cls):
             return attrs
+    # An attention written out (see heads.py) reads its head count in its forward; nn.MultiheadAttention's
+    # packed weights are never cut, so its count stays.
+    if isinstance(getattr(module, "num_heads", None), int) and not isinstance(module, nn.MultiheadAttention):
+        return ("num_heads",)
     return ()
 
 
