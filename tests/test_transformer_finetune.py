@@ -425,3 +425,47 @@ def test_attention_weights_read_elsewhere_keep_the_heads():
 
     assert len(_heads(_randomised(Plain()), (1, 3, 8, 8))) == 2
     assert _heads(_randomised(Returning()), (1, 3, 8, 8)) == []
+
+
+class SharedMlp(nn.Module):
+    """One MLP applied twice to the tokens (shared weights), then once to a transposed tensor."""
+
+    def __init__(self, transposed: bool) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 2, stride=2)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 8)
+        self.square = nn.Linear(9, 9)
+        self.head = nn.Linear(8, 4)
+        self.transposed = transposed
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        if self.transposed:  # the same hidden units read along tokens: rows and columns mean other things
+            x = self.square(x.transpose(1, 2)).transpose(1, 2) + self.square(self.square(x.transpose(1, 2))).transpose(1, 2)
+        return self.head(x.mean(1))
+
+
+def test_a_linear_called_twice_counts_twice_and_shares_its_neurons():
+    model = _randomised(SharedMlp(False))
+    st = analyze(model, (1, 3, 6, 6))
+    assert st.layers["fc1"].macs == 2 * 9 * 8 * 16
+    groups = _neurons(model, (1, 3, 6, 6))
+    assert len(groups) == 16
+    _zero(model, groups[::2])
+    x = torch.randn((2, 3, 6, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(x)
+    assert thin(model, (1, 3, 6, 6)).applied
+    with torch.no_grad():
+        assert torch.allclose(model(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_a_linear_called_again_on_other_features_pins_them():
+    model = _randomised(SharedMlp(True))
+    st = analyze(model, (1, 3, 6, 6))
+    assert st.layers["square"].macs == 3 * 8 * 9 * 9
+    reasons = {st.pin_reason(i) for i in st.layers["square"].out_ids}
+    assert all(reasons) and len(_neurons(model, (1, 3, 6, 6))) == 16

@@ -199,9 +199,12 @@ def _moved_axis(node: fx.Node, axis: int, rank: int) -> int | None:
 
 def _linear(b, node, name, mod, x, axis, shape, src_shape, layers, layer_cls, wall):
     """A Linear on the last axis: fresh output ids along it, its MACs counted once per row (token)."""
-    if name in layers or shape is None or src_shape is None:
-        return wall(node, f"linear {name} called again or on a tensor of unknown shape", 1), 1
+    if shape is None or src_shape is None:
+        return wall(node, f"linear {name} on a tensor of unknown shape", 1), 1
     last = len(src_shape) - 1
+    rows = _prod(shape[1:-1])
+    if name in layers:
+        return _called_again(b, node, layers[name], x, axis == last, shape, wall)
     if x is not None and axis == last and len(x) == mod.in_features:
         in_ids = list(x)
     else:
@@ -211,8 +214,23 @@ def _linear(b, node, name, mod, x, axis, shape, src_shape, layers, layer_cls, wa
         if x is not None:
             b.pin(x, why)
         in_ids = b.fresh(mod.in_features, pinned=why)
-    rows = _prod(shape[1:-1])
     out = b.fresh(mod.out_features)
     layers[name] = layer_cls(name, "linear", tuple(mod.weight.shape), mod.bias is not None, 1, (rows, 1),
                              in_ids, out)
     return out, len(shape) - 1
+
+
+def _called_again(b, node, first, x, on_last_axis: bool, shape: tuple[int, ...], wall):
+    """A Linear module called once more (shared weights): its MACs count at this call too. On features that
+    line up with the first call's, its inputs are one channel with the first call's and its outputs the same
+    ids; otherwise both calls' features stay, since a row or column cut for one call is cut for the other."""
+    first.more_hw.append((_prod(shape[1:-1]), 1))
+    last = len(shape) - 1
+    if first.kind == "linear" and x is not None and on_last_axis and len(x) == len(first.in_ids):
+        for i, j in zip(first.in_ids, x):
+            b.union(i, j)
+        return list(first.out_ids), last
+    why = f"{first.kind} {first.name} called again on features that are not its first call's"
+    b.pin(first.in_ids, why)
+    b.pin(first.out_ids, why)
+    return wall(node, why, last), last
