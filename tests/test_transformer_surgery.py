@@ -578,3 +578,21 @@ def test_gemm_mlp_neurons_are_deleted_exactly(dynamic):
     dead = sum(len(n) for n in NEURONS.values())
     assert mlp_widths(res.model, 32) == (64 - dead,) * 2, res.report["blocked_by"]
     assert res.report["constant_channels_folded"] == len(NEURONS["constant"])
+
+
+@pytest.mark.parametrize(("op", "domain", "opset", "four_d", "projection"), [
+    pytest.param("Attention", "com.microsoft", 17, False, True, id="contrib-attention"),
+    pytest.param("MultiHeadAttention", "com.microsoft", 17, False, False, id="contrib-multiheadattention"),
+    pytest.param("Attention", "", 23, False, False, id="onnx-attention-3d"),
+    pytest.param("Attention", "", 23, True, False, id="onnx-attention-4d"),
+])
+def test_fused_attention_ops_count_their_macs(op, domain, opset, four_d, projection):
+    """A fused attention counts its Q @ K^T and P @ V per head (and the packed projection where it holds
+    one), before and after its dead heads go: one of the four heads is left."""
+    proto, _ = _fused(op, domain=domain, opset=opset, four_d=four_d)
+    res = _compress_fused(proto)
+    row = next(r for r in res.report["layers"] if r["op"] == op)
+    products = S_ * S_ * 2 * DH_  # per head: S x S scores of DH_ each, and S x DH_ outputs of S each
+    want = H_ * products + (S_ * D_ * 3 * D_ if projection else 0)
+    want_after = products + (S_ * D_ * 3 * DH_ if projection else 0)
+    assert (row["macs"], row["macs_after"]) == (want, want_after), row

@@ -56,6 +56,11 @@ def layers_of(model: ir.Model, sizes: dict[str, int] | None = None) -> list[Onnx
     batch = _static_batch(model)
     out = []
     for node in model.graph:
+        if (node.op_type, node.domain) in _FUSED_ATTENTION:
+            fused = _fused_attention(node, batch)
+            if fused is not None:
+                out.append(fused)
+            continue
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.inputs) < 2 \
                 or node.domain not in ("", "ai.onnx"):
             continue
@@ -85,6 +90,49 @@ def layers_of(model: ir.Model, sizes: dict[str, int] | None = None) -> list[Onnx
         quantized = is_quantized_const(node.inputs[0] if lhs_weight else node.inputs[1])
         out.append(OnnxLayer(node.name or node.outputs[0].name, node.op_type, w, macs, group, quantized))
     return out
+
+
+_FUSED_ATTENTION = {("Attention", ""), ("Attention", "ai.onnx"), ("Attention", "com.microsoft"),
+                    ("MultiHeadAttention", "com.microsoft")}
+
+
+def _fused_attention(node: ir.Node, batch: int) -> OnnxLayer | None:
+    """An attention op fused by the exporter or an optimizer: the MACs of the Q @ K^T and P @ V it computes
+    (as the two MatMuls it replaces would count), and for com.microsoft Attention its packed input
+    projection too. None where the shapes are not known well enough to count."""
+    q = _dims(node.inputs[0]) if node.inputs else []
+    if node.domain == "com.microsoft" and node.op_type == "Attention":
+        w = _weight_shape(node.inputs[1]) if len(node.inputs) > 1 else None
+        heads = int(attr_value(node, "num_heads", 0) or 0)
+        if w is None or len(w) != 2 or len(q) != 3 or heads <= 0:
+            return None
+        sizes = attr_value(node, "qkv_hidden_sizes", None)
+        dq, _, dv = (int(x) for x in sizes) if sizes is not None and len(sizes) == 3 else (w[1] // 3,) * 3
+        past = _dims(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else []
+        seq, kv_seq = q[1], q[1] + (past[3] if len(past) == 5 else 0)
+        total = q[0] * (seq * w[0] * w[1] + seq * kv_seq * (dq + dv))
+        return OnnxLayer(node.name or node.outputs[0].name, node.op_type, w, _per_sample(total, batch))
+    k = _dims(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else []
+    v = _dims(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else []
+    if len(q) == 4 and len(k) == 4 and len(v) == 4:  # (B, heads, S, head size)
+        heads, seq, dh, kv_seq, dvh = q[1], q[2], q[3], k[2], v[3]
+    elif len(q) == 3 and len(k) == 3 and len(v) == 3:  # (B, S, heads x head size)
+        if node.domain == "com.microsoft":
+            heads = kv_heads = int(attr_value(node, "num_heads", 0) or 0)
+        else:
+            heads = int(attr_value(node, "q_num_heads", 0) or 0)
+            kv_heads = int(attr_value(node, "kv_num_heads", 0) or 0)
+        if heads <= 0 or kv_heads <= 0:
+            return None
+        seq, dh, kv_seq, dvh = q[1], q[2] // heads, k[1], v[2] // kv_heads
+    else:
+        return None
+    # Cached keys and values from earlier steps (ONNX Attention's past_key) lengthen what each query reads.
+    past = _dims(node.inputs[4]) if node.domain != "com.microsoft" and len(node.inputs) > 4 \
+        and node.inputs[4] is not None else []
+    kv_seq += past[2] if len(past) == 4 else 0
+    total = q[0] * heads * seq * kv_seq * (dh + dvh)
+    return OnnxLayer(node.name or node.outputs[0].name, node.op_type, (), _per_sample(total, batch))
 
 
 def _activation_matmul(node: ir.Node, batch: int) -> OnnxLayer:
