@@ -466,15 +466,20 @@ def _run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
 LAST = "needed by a reader, or the last channel of a value that would be emptied"
 
 
-def _zero_selections(model: onnx.ModelProto, feeds: dict) -> int:
-    """How many outputs of Split and Slice nodes are wholly zero on these inputs."""
+def _selections(model: onnx.ModelProto, feeds: dict) -> list[tuple[str, np.ndarray]]:
+    """Every output of a Split or Slice node, with its value on these inputs."""
     picked = [o for n in model.graph.node if n.op_type in ("Split", "Slice") for o in n.output]
     if not picked:
-        return 0
+        return []
     m = onnx.ModelProto()
     m.CopyFrom(model)
     m.graph.output.extend(helper.make_empty_tensor_value_info(o) for o in picked)
-    return sum(not np.any(v) for v in _run(m, feeds)[len(model.graph.output):])
+    return list(zip(picked, _run(m, feeds)[len(model.graph.output):], strict=True))
+
+
+def _zero_selections(model: onnx.ModelProto, feeds: dict) -> int:
+    """How many outputs of Split and Slice nodes are wholly zero on these inputs."""
+    return sum(not np.any(v) for _, v in _selections(model, feeds))
 
 
 def _emptiable_selections(model: onnx.ModelProto, feeds: dict) -> int:
@@ -482,16 +487,12 @@ def _emptiable_selections(model: onnx.ModelProto, feeds: dict) -> int:
     position is zero on these inputs or changes no graph output when perturbed. Deleting its zero channels
     and those nothing downstream reads would empty such a value, and the surgery keeps one channel of it
     (a Split part whose one channel is zero and whose other one a later Slice drops)."""
-    picked = [o for n in model.graph.node if n.op_type in ("Split", "Slice") for o in n.output]
-    if not picked:
+    selections = _selections(model, feeds)
+    if not selections:
         return 0
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    m.graph.output.extend(helper.make_empty_tensor_value_info(o) for o in picked)
-    values = _run(m, feeds)[len(model.graph.output):]
     ref = _run(model, feeds)
     count = 0
-    for name, v in zip(picked, values, strict=True):
+    for name, v in selections:
         for axis in range(1, v.ndim):
             if all(not np.any(np.take(v, i, axis=axis)) or _unread(model, feeds, ref, name, v, axis, i)
                    for i in range(v.shape[axis])):
