@@ -192,7 +192,12 @@ def _at_sizes(model: ir.Model, sizes: dict[str, int]) -> ir.Model:
         proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except (onnx.shape_inference.InferenceError, RuntimeError):
         return model  # the sizes as the surgery inferred them (unknown ones count as 1)
-    return ir.serde.deserialize_model(proto)
+    from .prepare import rule_shapes_pass
+
+    # Inference stops at ops it does not know (ORT's contrib Attention); the op rules carry shapes through.
+    resized = ir.serde.deserialize_model(proto)
+    rule_shapes_pass()(resized)
+    return resized
 
 
 def quantized_weights(model: ir.Model) -> int:
@@ -220,8 +225,14 @@ def _read(proto: onnx.ModelProto) -> ir.Model:
 
 
 def layers(proto: onnx.ModelProto) -> list[OnnxLayer]:
-    """:func:`layers_of` for a ModelProto."""
-    return layers_of(_read(proto))
+    """:func:`layers_of` for a ModelProto, at a batch of 1 where the batch is symbolic (so rows a Reshape
+    folds the batch into, tokens times batch, count as the tokens of one sample)."""
+    batch = {}
+    for v in proto.graph.input:
+        dims = v.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_param") and dims[0].dim_param:
+            batch[dims[0].dim_param] = 1
+    return layers_of(_read(proto), batch)
 
 
 def parameters(proto: onnx.ModelProto) -> int:

@@ -175,6 +175,13 @@ class InferShapesPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, result.modified)
 
 
+def rule_shapes_pass() -> ir.passes.PassBase:
+    """Shapes the rules prove let inference go further, which may let the rules prove more: one round
+    carries shapes past one op inference does not know (each fused attention of a transformer), so the
+    rounds go on until nothing changes."""
+    return ir.passes.PassManager([RuleShapesPass(), InferShapesPass(clear=False)], steps=64, early_stop=True)
+
+
 def prepare_passes() -> list[ir.passes.PassBase]:
     """The passes that make any exporter's graph readable (see the module's docstring)."""
     return [
@@ -191,7 +198,6 @@ def prepare_passes() -> list[ir.passes.PassBase]:
         FoldConstantsPass(),
         common.IdentityEliminationPass(),
         common.RemoveUnusedNodesPass(),
-        # Shapes the rules prove let inference go further, which may let the rules prove more.
-        ir.passes.PassManager([RuleShapesPass(), InferShapesPass(clear=False)], steps=3, early_stop=True),
+        rule_shapes_pass(),
         HeadRoundTripPass(),  # reads the shapes the rules proved
     ]

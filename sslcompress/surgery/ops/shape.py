@@ -83,6 +83,26 @@ class Reshape(Spread):
     the output's static sizes, never the names of symbolic dims."""
 
     def _plan(self, node) -> tuple[str, list[Dim]] | None:
+        return self._batch_plan(node) or self._rows_plan(node)
+
+    def _rows_plan(self, node) -> tuple[str, list[Dim]] | None:
+        """("rows", target) for a Reshape that regroups the leading axes of a tensor whose channels run
+        along its last axis and keeps that axis as it is: tokens flattened into rows for a Gemm
+        ((B, S, D) -> (B * S, D)) and back. The target's last entry is the channel count (a constant the
+        rewrite changes, or a size read from a channel axis at run time), so in row-major order every
+        element keeps its position along the channels whatever the leading entries say."""
+        x, y = node.inputs[0], node.outputs[0]
+        vec = target_of(node, 1)
+        n, rank = channel_count(x), rank_of(x)
+        if vec is None or n is None or rank is None or channel_axis(x) != rank - 1 or len(vec) < 2 \
+                or (y.shape is not None and len(vec) != len(y.shape)):
+            return None
+        last = vec[-1]
+        if last.ref is not None:
+            return ("rows", vec) if channel_axis(last.ref[0]) == last.ref[1] else None
+        return ("rows", vec) if last.value == n else None
+
+    def _batch_plan(self, node) -> tuple[str, list[Dim]] | None:
         x, y = node.inputs[0], node.outputs[0]
         vec = target_of(node, 1)
         n = channel_count(x)
@@ -114,6 +134,17 @@ class Reshape(Spread):
     def _kind(self, node) -> str | None:
         plan = self._plan(node)
         return None if plan is None else plan[0]
+
+    def in_axes(self, node):
+        if self._kind(node) == "rows":
+            return [rank_of(node.inputs[0]) - 1, None]
+        return super().in_axes(node)
+
+    def out_axes(self, node):
+        plan = self._plan(node)
+        if plan is not None and plan[0] == "rows":
+            return [len(plan[1]) - 1]
+        return super().out_axes(node)
 
     def fill_shapes(self, node):
         x, y = node.inputs[0], node.outputs[0]
@@ -158,7 +189,7 @@ class Reshape(Spread):
 
     def forward(self, node, ins):
         kind = self._kind(node)
-        if kind == "keep":
+        if kind in ("keep", "rows"):
             return [ins[0]]
         return super().forward(node, ins) if kind == "flatten" else [None]
 
@@ -171,18 +202,18 @@ class Reshape(Spread):
                 merge_refs(ctx, vec, None, None, why)
             return Decline("it neither flattens (batch, features) nor keeps the channel axis")
         kind, vec = plan
-        entry = 1 if kind == "keep" else None
-        fixed = vec[1]
+        entry = {"keep": 1, "rows": len(vec) - 1}.get(kind)
+        fixed = vec[entry if kind == "rows" else 1]
         if fixed.ref is None and fixed.value not in (0, -1) and fixed.site is None:
             merge_refs(ctx, vec, None, None, why)
             return Decline("its target names the channel count where it cannot be rewritten")
         merge_refs(ctx, vec, entry, ids[0], why)
-        if kind == "keep":
+        if kind in ("keep", "rows"):
             return [list(ids[0])]
         return super().couple(node, ids, ctx)
 
     def backward(self, node, needed, ins):
-        if self._kind(node) == "keep":
+        if self._kind(node) in ("keep", "rows"):
             return [needed[0], None]
         return super().backward(node, needed, ins)
 
@@ -191,7 +222,7 @@ class Reshape(Spread):
         if kin is None or plan is None:
             return False
         kind, vec = plan
-        d = vec[1]
+        d = vec[-1] if kind == "rows" else vec[1]
         if d.ref is not None or d.value in (0, -1):
             return False  # read at run time, or inferred: fits any channel count
         count = int(kin.sum()) * (self.spatial(node) if kind == "flatten" else 1)
