@@ -124,6 +124,10 @@ def print_report(report: dict[str, Any]) -> None:
         lines.append(f"groups: {kinds}")
         if groups.get("not_removable"):
             lines.append("not removable: " + ", ".join(f"{n} ({why})" for why, n in groups["not_removable"].items()))
+    units = report.get("units") or {}
+    for key, what, label in (("heads", "attention", "heads kept"), ("neurons", "layer", "neurons kept")):
+        if units.get(key):
+            lines.append(f"{label}: " + ", ".join(f"{u[what]} {u['kept']}/{u['total']}" for u in units[key]))
     budget = report.get("budget")
     if budget:
         lines.append(_budget_line(budget))

@@ -51,6 +51,7 @@ class ModelCount:
     blocks_removed: tuple[str, ...]
     blocks_total: int
     dead_channels: int  # channel ids an export deletes
+    heads: tuple[tuple[str, int, int], ...] = ()  # per attention module: heads kept, heads it had
 
     @property
     def macs_fraction(self) -> float:
@@ -147,7 +148,13 @@ class Counter:
             blocks_removed=tuple(blocks_removed),
             blocks_total=len(self._depth),
             dead_channels=len(dead),
+            heads=self._heads_kept(gone),
         )
+
+    def _heads_kept(self, gone: Removal) -> tuple[tuple[str, int, int], ...]:
+        deleted = dict(gone.heads)
+        return tuple((att.proj.rsplit(".", 1)[0], att.num_heads - len(deleted.get(att.proj, ())), att.num_heads)
+                     for att in self.structure.heads)
 
     def removal(self, *, equal_groups: bool = True) -> Removal:
         """What the export deletes, by the weights as they are now: channel ids (zero filters, unread channels,

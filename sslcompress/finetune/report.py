@@ -39,6 +39,17 @@ def group_summary(lasso: GroupLasso | None, all_groups) -> dict[str, Any]:
     return {"kinds": kinds, "not_removable": dict(blocked)}
 
 
+def unit_summary(counted: ModelCount, all_groups) -> dict[str, list[dict[str, Any]]]:
+    """Transformer units kept: heads per attention, and hidden neurons per layer that writes neuron groups
+    (an MLP's first Linear), each as kept of total; empty lists for a model without them."""
+    writers = {s.param.rsplit(".", 1)[0] for g in all_groups if g.kind == "neuron"
+               for s in g.slices if s.axis == "out" and s.param.endswith(".weight")}
+    neurons = [{"layer": lay.name, "kept": lay.filters[0], "total": lay.filters[1]}
+               for lay in counted.layers if lay.name in writers]
+    heads = [{"attention": name, "kept": kept, "total": total} for name, kept, total in counted.heads]
+    return {"heads": heads, "neurons": neurons}
+
+
 def build_report(spec: ModelSpec, data: str, counted: ModelCount, accuracy: dict[str, float | None], *,
                  method: str, groups: GroupLasso | None, extra: dict[str, Any] | None = None,
                  all_groups=None) -> dict[str, Any]:
@@ -60,7 +71,9 @@ def build_report(spec: ModelSpec, data: str, counted: ModelCount, accuracy: dict
         "accuracy": accuracy,
     }
     if groups is not None:
-        report["groups"] = group_summary(groups, all_groups if all_groups is not None else groups.all_groups)
+        every = all_groups if all_groups is not None else groups.all_groups
+        report["groups"] = group_summary(groups, every)
+        report["units"] = unit_summary(counted, every)
     if extra:
         report.update(extra)
     return report
