@@ -58,12 +58,21 @@ class DemoPaths:
         return self.out / "bench.png"
 
 
+# What `demo --model` offers: the built-in each name trains and what the defaults do not already say. The
+# ViT learns MLP neurons and attention heads (its convs are the patch embedding alone) to half the MACs.
+DEMO_MODELS: dict[str, dict[str, Any]] = {
+    "lenet5": {"model": "lenet5"},
+    "resnet20": {"model": "resnet20"},
+    "vit": {"model": "vit_tiny", "structures": ["neuron", "head"], "target_flops": 0.5},
+}
+
+
 def finetune_config(paths: DemoPaths, model: str = "lenet5", quick: bool = False):
     """The finetune defaults; `quick` is a smoke-test size (one epoch per phase, few images, and a
     MAC target so that one epoch of sparsify still leaves something to cut)."""
     from .config import FinetuneConfig, build_config
 
-    overrides: dict[str, Any] = {"out": str(paths.out), "model": model}
+    overrides: dict[str, Any] = {"out": str(paths.out), **DEMO_MODELS[model]}
     if quick:
         overrides.update({"limit_train": 256, "limit_test": 128, "pretrain": {"epochs": 1},
                           "sparsify": {"epochs": 1}, "finetune": {"epochs": 1}, "target_flops": 0.4})

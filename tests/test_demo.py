@@ -29,3 +29,22 @@ def test_demo_quick_runs_every_stage(tmp_path):
     assert variants["unstructured"]["nonzero_weights"] == variants["structured"]["nonzero_weights"]
     for stage in ("1/4 finetune", "2/4 export", "3/4 unstructured", "4/4 bench"):
         assert stage in res.output
+
+
+def test_demo_vit_quick_cuts_neurons_and_heads(tmp_path):
+    """`demo --model vit`: the built-in ViT learns MLP neurons and attention heads to its MAC budget, and the
+    dynamic-batch export (contrib Attention, tokens flattened into rows) is cut to the MACs the training
+    counted."""
+    out = tmp_path / "demo"
+    res = CliRunner().invoke(main, ["demo", "--model", "vit", "--out", str(out), "--quick", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "vit_tiny" in res.output and "neurons kept:" in res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["structures"] == ["neuron", "head"]
+    surgery = json.loads((out / "surgery.json").read_text())
+    assert surgery["verification"]["passed"]
+    assert surgery["totals"]["macs"] == report["totals"]["macs"]
+    assert surgery["totals"]["macs_after"] == report["totals"]["macs_after"] <= 0.4 * report["totals"]["macs"]
+    bench = json.loads((out / "bench.json").read_text())
+    variants = {v["name"]: v for v in bench["variants"]}
+    assert variants["structured"]["macs"] == surgery["totals"]["macs_after"]

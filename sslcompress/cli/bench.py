@@ -153,7 +153,9 @@ def bench(target: str | None, dense: str | None, unstructured: str | None, struc
 @main.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the checkpoints, the ONNX models and the reports.")
-@click.option("--model", type=click.Choice(["lenet5", "resnet20"]), default="lenet5", show_default=True)
+@click.option("--model", type=click.Choice(["lenet5", "resnet20", "vit"]), default="lenet5", show_default=True,
+              help="lenet5 and resnet20 learn filters and channels; vit (the built-in vit_tiny) MLP neurons and "
+                   "attention heads, to half the MACs.")
 @click.option("--threads", default="1", show_default=True, help="Thread counts to bench, e.g. 1,2.")
 @click.option("--quick", is_flag=True, help="A smoke-test size: one epoch per phase, few images, 3 rounds.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
@@ -163,12 +165,12 @@ def demo(out: str, model: str, threads: str, quick: bool, quiet: bool) -> None:
     from ..bench.report import render_markdown
     from ..bench.run import run_bench
     from ..console import BenchProgress, Progress, print_bench, print_report, print_surgery_report
-    from ..demo import DemoPaths, bench_config, export_stage, finetune_config, unstructured_stage
+    from ..demo import DEMO_MODELS, DemoPaths, bench_config, export_stage, finetune_config, unstructured_stage
     from ..finetune.pipeline import run_finetune
     from ..io import atomic_write_bytes, atomic_write_json
 
     paths = DemoPaths(Path(out))
-    click.echo(f"1/4 finetune: {model} on digits (baseline first), SSL, fine-tune -> {paths.sparse}")
+    click.echo(f"1/4 finetune: {DEMO_MODELS[model]['model']} on digits (baseline first), SSL, fine-tune -> {paths.sparse}")
     with Progress(enabled=not quiet) as progress:
         trained = run_finetune(finetune_config(paths, model, quick), progress.on_event)
     print_report(trained.report)
