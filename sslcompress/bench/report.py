@@ -39,17 +39,31 @@ def ms(seconds: float) -> str:
 def variants_table(r: BenchResult) -> TableData:
     rows = []
     dense = r.variant("dense")
+    transformer = any((v.units or {}).get("heads") for v in r.variants)
     for v in r.variants:
         acc = f"{v.accuracy:.2%}" if v.accuracy is not None else "-"
         mem = size(v.memory.growth_bytes) if v.memory else "-"
+        units = _units_cells(v, dense) if transformer else ()
         rows.append((v.name, num(v.macs), num(v.parameters),
                      f"{num(v.nonzero_weights)} ({v.nonzero_weights / max(1, dense.nonzero_weights):.1%})",
-                     size(v.file_bytes), mem, acc, v.source))
+                     *units, size(v.file_bytes), mem, acc, v.source))
     footer = []
     if r.variants and r.variants[0].accuracy_images:
         footer.append(f"top-1 on {r.variants[0].accuracy_images} test images of {r.config.data}")
-    return TableData("variants", ("variant", "MACs/image", "params", "nonzero weights", "file", "peak memory",
-                                  "top-1", "source"), tuple(rows), tuple(footer))
+    if transformer:
+        footer.append("heads: attention heads the graph computes; MLP neurons: hidden units between an MLP's two "
+                      "layers; kept of the dense model's")
+    units_header = ("heads", "MLP neurons") if transformer else ()
+    return TableData("variants", ("variant", "MACs/image", "params", "nonzero weights", *units_header, "file",
+                                  "peak memory", "top-1", "source"), tuple(rows), tuple(footer))
+
+
+def _units_cells(v, dense) -> tuple[str, str]:
+    """Heads and MLP neurons kept of the dense model's, as `kept/dense`."""
+    def cell(key: str) -> str:
+        mine, full = (v.units or {}).get(key), (dense.units or {}).get(key)
+        return "-" if mine is None or full is None else f"{sum(mine)}/{sum(full)}"
+    return cell("heads"), cell("neurons")
 
 
 def timing_tables(r: BenchResult) -> list[TableData]:

@@ -39,6 +39,8 @@ class VariantInfo:
     accuracy: float | None = None  # top-1 on `accuracy_images` test images of the --data set
     accuracy_images: int | None = None
     path: str | None = None  # where it was written (--models-dir)
+    # A transformer's units as the graph computes them: heads per attention, hidden neurons per MLP.
+    units: dict[str, list[int]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -81,13 +81,15 @@ def _batches(config: BenchConfig, variants: VariantSet) -> tuple[int, ...]:
 
 def _static_info(variants: VariantSet, files: dict[str, Path]) -> dict[str, VariantInfo]:
     from ..surgery.measure import layers, parameters
+    from ..surgery.units import transformer_units
 
     out = {}
     for v in variants:
         out[v.name] = VariantInfo(
             name=v.name, source=v.source, input_shape=input_shape(v.model), file_bytes=files[v.name].stat().st_size,
             macs=int(sum(lay.macs for lay in layers(v.model))), parameters=parameters(v.model),
-            nonzero_weights=nonzero_weights(v.model), layer_nonzeros=layer_nonzeros(v.model))
+            nonzero_weights=nonzero_weights(v.model), layer_nonzeros=layer_nonzeros(v.model),
+            units=transformer_units(v.model).to_dict())
     return out
 
 
