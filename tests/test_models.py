@@ -27,6 +27,7 @@ BUILTIN_NAMES = [
     "resnet32",
     "resnet56",
     "vit_tiny",
+    "vit_small",
     "convnext_cifar",
     "alexnet",
     "vgg16",
@@ -37,6 +38,7 @@ BUILTIN_NAMES = [
 
 # ImageNet models are exercised at a small input to keep the suite fast (alexnet's minimum is 63).
 TEST_SIZE = {
+    "vit_small": (32, 32),
     "alexnet": (64, 64),
     "vgg16": (32, 32),
     "vgg16_bn": (32, 32),
@@ -127,6 +129,7 @@ def test_resnet20_parameter_count() -> None:
         ("alexnet", 61_100_840),
         ("vgg16", 138_357_544),
         ("vgg16_bn", 138_365_992),
+        ("vit_small", 22_050_664),  # timm's vit_small_patch16_224 (torchvision has no ViT-S)
     ],
 )
 def test_imagenet_parameter_counts_match_torchvision(name: str, expected: int) -> None:

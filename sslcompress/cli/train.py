@@ -16,7 +16,7 @@ from . import EPILOG_DATA, main
 def _run_options(f):
     opts = [
         click.option("--model", default=None,
-                     help="Built-in name (lenet5, mlp, convnet, resnet20/32/56, vit_tiny, convnext_cifar, alexnet, "
+                     help="Built-in name (lenet5, mlp, convnet, resnet20/32/56, vit_tiny, vit_small, convnext_cifar, alexnet, "
                           "vgg16, vgg16_bn, resnet18, resnet50), torchvision:NAME, path/file.py:factory or pkg.module:factory. "
                           "Default: the --weights checkpoint's model, else lenet5."),
         click.option("--data", default=None, help="Data set spec. " + EPILOG_DATA + " Default: digits."),

@@ -79,12 +79,12 @@ class VisionTransformer(nn.Module):
     """Patch embedding, class token, position embedding, pre-norm blocks, final norm, head on the class token."""
 
     def __init__(self, num_classes: int, in_channels: int, input_size: tuple[int, int], *, dim: int = 96,
-                 depth: int = 6, num_heads: int = 3, mlp_ratio: int = 4) -> None:
+                 depth: int = 6, num_heads: int = 3, mlp_ratio: int = 4, patch: int | None = None) -> None:
         super().__init__()
-        patch = patch_size_for(input_size)
+        patch = patch or patch_size_for(input_size)
         tokens = (input_size[0] // patch) * (input_size[1] // patch)
-        if tokens < 1:
-            raise ValueError(f"a {input_size[0]}x{input_size[1]} input leaves no {patch}x{patch} patch")
+        if tokens < 1 or input_size[0] % patch or input_size[1] % patch:
+            raise ValueError(f"a {input_size[0]}x{input_size[1]} input is not tiled by {patch}x{patch} patches")
         self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, tokens + 1, dim))
@@ -102,3 +102,9 @@ class VisionTransformer(nn.Module):
 
 def vit_tiny(num_classes: int, in_channels: int, input_size: tuple[int, int]) -> nn.Module:
     return VisionTransformer(num_classes, in_channels, input_size)
+
+
+def vit_small(num_classes: int, in_channels: int, input_size: tuple[int, int]) -> nn.Module:
+    """ViT-S/16's layout (384 wide, 12 blocks of 6 heads, MLP 4x, 16x16 patches: 22.05M parameters with
+    1000 classes), attention written out as in vit_tiny; random weights unless a checkpoint is given."""
+    return VisionTransformer(num_classes, in_channels, input_size, dim=384, depth=12, num_heads=6, patch=16)
