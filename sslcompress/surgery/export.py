@@ -108,13 +108,19 @@ def _exporter_output_silenced():
 
 
 def _torch_export(model: nn.Module, input_shape: tuple[int, ...], opset: int, dynamic_batch: bool) -> bytes:
-    """TorchScript export into memory; the model is put in eval mode and its mode restored after."""
+    """TorchScript export into memory; the model is put in eval mode and its mode restored after.
+
+    nn.MultiheadAttention in eval mode takes its fast path, one aten::_native_multi_head_attention that no ONNX
+    opset has; with the fast path off while exporting, it is written out as MatMuls the surgery can cut per
+    head. The setting is global, so its previous value is put back after."""
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(*input_shape, generator=generator).to(_device_of(model))
     axes = {INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}} if dynamic_batch else None
     was_training = model.training
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     buf = io.BytesIO()
     model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with warnings.catch_warnings(), torch.no_grad(), _exporter_output_silenced():
             warnings.simplefilter("ignore")
@@ -128,6 +134,7 @@ def _torch_export(model: nn.Module, input_shape: tuple[int, ...], opset: int, dy
             f"torch.onnx.export failed for {type(model).__name__} at opset {opset}: {exc}"
         ) from exc
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         model.train(was_training)
     return buf.getvalue()
 
