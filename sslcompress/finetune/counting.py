@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import grouped
+from . import heads as attention_heads
 from .groups import ParamGroup, Slice, build_groups
 from .structure import ModelStructure, analyze
 
@@ -87,10 +88,9 @@ class Removal:
         by_proj = {att.proj: att for att in structure.heads}
         for proj, gone in self.heads:
             att = by_proj[proj]
-            positions = {h * att.head_dim + d for h in gone for d in range(att.head_dim)}
-            for lin in (att.q, att.k, att.v):
-                rows.setdefault(lin, set()).update(positions)
-            cols.setdefault(proj, set()).update(positions)
+            for lin in att.row_layers:
+                rows.setdefault(lin, set()).update(att.rows(gone))
+            cols.setdefault(proj, set()).update(att.cols(gone))
             saved += att.product_macs * len(gone)
         return rows, cols, saved
 
@@ -193,10 +193,7 @@ class Counter:
                        self._dead_heads())
 
     def _head_is_zero(self, att, h: int) -> bool:
-        part = slice(h * att.head_dim, (h + 1) * att.head_dim)
-        tensors = [self.params.get(f"{lin}.{leaf}") for lin in (att.q, att.k, att.v) for leaf in ("weight", "bias")]
-        zero = all(t is None or not bool(t.detach()[part].any()) for t in tensors)
-        return zero and not bool(self.params[f"{att.proj}.weight"].detach()[:, part].any())
+        return attention_heads.is_zero(att, self.params, h)
 
     def _dead_heads(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
         """Per attention, the heads whose weights are all zero, less the last of them where every head is."""

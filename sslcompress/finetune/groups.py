@@ -5,8 +5,8 @@ follow the graph's coupling (see structure.py): the filter group of a channel ow
 that writes that channel (the conv filters and biases of all summands of a residual Add and the
 BatchNorm scale and shift of each), so a zero group gives an exactly-zero channel; the channel
 group owns every slice that reads it. A neuron group owns both, for a hidden unit between Linear (or 1x1
-conv) layers; a head group owns an attention head's rows of q, k and v and its columns of the output
-projection (see heads.py).
+conv) layers; a head group owns an attention head's rows of q, k and v (of each part of a packed qkv or
+in_proj_weight) and its columns of the output projection (see heads.py).
 """
 
 from __future__ import annotations
@@ -265,10 +265,10 @@ def _neuron_groups(structure: ModelStructure, params: dict) -> list[ParamGroup]:
 
 
 def head_slices(att, h: int) -> list[tuple[str, str, int]]:
-    """Head h of an attention: its rows of q, k and v (and biases) and its columns of the output projection."""
-    rows = range(h * att.head_dim, (h + 1) * att.head_dim)
-    slices = [(f"{lin}.{leaf}", "out", r) for lin in (att.q, att.k, att.v) for leaf in ("weight", "bias") for r in rows]
-    return slices + [(f"{att.proj}.weight", "in", r) for r in rows]
+    """Head h of an attention: its rows of q, k and v (and biases; every part of a packed projection) and its
+    columns of the output projection."""
+    rows = [(param, "out", r) for param in att.row_params for r in att.rows([h])]
+    return rows + [(att.col_param, "in", c) for c in att.cols([h])]
 
 
 def _head_groups(structure: ModelStructure, params: dict) -> list[ParamGroup]:
@@ -277,7 +277,10 @@ def _head_groups(structure: ModelStructure, params: dict) -> list[ParamGroup]:
     for att in structure.heads:
         for h in range(att.num_heads):
             slices = [s for s in head_slices(att, h) if s[0] in params]
-            group = _group("head", f"head {att.proj.rsplit('.', 1)[0]}[{h}]", slices, params, structure, True)
+            group = _group("head", f"head {att.name}[{h}]", slices, params, structure, True)
+            # nn.MultiheadAttention's projections are no layers of the analysis: the attention stands for them,
+            # so its heads compete with each other and not with another attention's (Sparsifier._pools).
+            layers = group.layers or (att.name,)
             groups.append(ParamGroup(group.name, group.kind, group.slices, group.size,
-                                     group.cost + att.product_macs, True, "", group.layers))
+                                     group.cost + att.product_macs, True, "", layers))
     return groups

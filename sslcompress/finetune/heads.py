@@ -1,14 +1,26 @@
-"""Attention heads of multi-head self-attention written out, found in the torch.fx graph.
+"""Attention heads of multi-head self-attention, found in the torch.fx graph.
 
-The form followed: q, k and v Linears on (batch, tokens, dim), each viewed as (batch, tokens, heads, head_dim)
-and transposed to (batch, heads, tokens, head_dim); either q @ k^T (k transposed on its last two axes), scaled
-by a number, softmaxed over the keys (dropout allowed), @ v, or F.scaled_dot_product_attention(q, k, v); then
-transposed back, reshaped to (batch, tokens, heads * head_dim) and read by one output Linear. Every value on
-the way has that one reader, so nothing else sees a head. Head h owns rows h*head_dim..(h+1)*head_dim of q, k
-and v (and their biases) and those columns of the output projection: when they are zero, the head's values
-are zero, so is what it adds to the output whatever its attention weights, and deleting it is exact.
+Three forms are followed.
 
-Anything else (a packed qkv, nn.MultiheadAttention, a mask tensor, heads mixed before the projection) is not
+Written out with separate q, k and v Linears on (batch, tokens, dim), each viewed as (batch, tokens, heads,
+head_dim) and transposed to (batch, heads, tokens, head_dim); either q @ k^T (k transposed on its last two
+axes), scaled by a number, softmaxed over the keys (dropout allowed), @ v, or F.scaled_dot_product_attention(q,
+k, v); then transposed back, reshaped to (batch, tokens, heads * head_dim) and read by one output Linear. Every
+value on the way has that one reader, so nothing else sees a head. Head h owns rows h*head_dim..(h+1)*head_dim
+of q, k and v (and their biases) and those columns of the output projection: when they are zero, the head's
+values are zero, so is what it adds to the output whatever its attention weights, and deleting it is exact.
+
+Written out with one packed qkv Linear (timm's form): qkv(x).reshape(batch, tokens, 3, heads, head_dim)
+.permute(2, 0, 3, 1, 4), then q, k and v taken out by unbind(0) or by indexing 0, 1 and 2, and the same
+attention and projection as above. Head h owns rows p*dim + h*head_dim.. of qkv for each part p.
+
+nn.MultiheadAttention called as self-attention (query, key and value one tensor, no masks, its attention
+weights unused, packed in_proj_weight): one call_module node, which fx does not trace into. Head h owns rows
+p*embed_dim + h*head_dim.. of in_proj_weight and in_proj_bias and those columns of out_proj.weight. Its
+projections are not layers of the analysis (their MACs are the module's, see last_axis.matmul_macs), so a
+head's MACs are all in `product_macs`, and thinning keeps its heads (`keeps_heads` says why).
+
+Anything else (a mask tensor, heads mixed before the projection, attention weights read elsewhere) is not
 recognised, and its features stay pinned by the walls of structure.py.
 """
 
@@ -33,26 +45,64 @@ _DROPOUT = {F.dropout, aten.dropout.default}
 
 @dataclass(frozen=True)
 class Heads:
-    """One attention: its four Linears, its heads and the module whose `num_heads` its forward reads."""
+    """One attention: its projections, its heads and the module whose `num_heads` its forward reads."""
 
+    # The Linears writing queries, keys and values: one Linear three times when packed, and for
+    # nn.MultiheadAttention the module itself three times (its in_proj_weight holds all three).
     q: str
     k: str
     v: str
-    proj: str
+    proj: str  # the output projection
     num_heads: int
     head_dim: int
     owner: str | None  # the module holding `num_heads` (None: thinning cannot rewrite the head count)
-    product_macs: int  # multiply-accumulates per sample of the attention products, per head
+    product_macs: int  # multiply-accumulates per sample that go with each head beyond its rows of the layers
+    row_params: tuple[str, ...] = ()  # the parameters whose rows the heads own
+    part_offsets: tuple[int, ...] = (0,)  # where q, k and v start in them when packed (0, dim, 2 * dim)
+    row_layers: tuple[str, ...] = ()  # layers of the analysis those rows belong to (their MACs go with them)
+    keeps_heads: str = ""  # why thinning leaves the heads in place, masked ('' where it cuts them)
+
+    @property
+    def name(self) -> str:
+        """The attention, as reports name it: the module holding the output projection."""
+        return self.proj.rsplit(".", 1)[0]
+
+    @property
+    def col_param(self) -> str:
+        return f"{self.proj}.weight"
+
+    def cols(self, heads) -> list[int]:
+        """Columns of the output projection that these heads own."""
+        return [h * self.head_dim + d for h in sorted(heads) for d in range(self.head_dim)]
+
+    def rows(self, heads) -> list[int]:
+        """Rows of each row parameter that these heads own, ascending."""
+        return sorted(off + c for off in self.part_offsets for c in self.cols(heads))
+
+
+def is_zero(att: Heads, params: dict, h: int) -> bool:
+    """Whether every weight head h owns is zero (a missing bias is)."""
+    rows, cols = att.rows([h]), att.cols([h])
+    tensors = [params.get(name) for name in att.row_params]
+    if any(t is not None and bool(t.detach()[rows].any()) for t in tensors):
+        return False
+    return not bool(params[att.col_param].detach()[:, cols].any())
 
 
 def find(gm: fx.GraphModule, modules: dict, layers: dict, shape_of, batch: int, owners: dict) -> list[Heads]:
-    """Every attention of that form; `owners` are the model's own modules (the traced graph keeps only those
+    """Every attention of those forms; `owners` are the model's own modules (the traced graph keeps only those
     it calls), where the one holding `num_heads` is looked up."""
     found = []
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(str(node.target)), nn.Linear):
+        if node.op != "call_module":
             continue
-        heads = _attention_before(node, modules, layers, shape_of, batch, owners)
+        mod = modules.get(str(node.target))
+        if isinstance(mod, nn.MultiheadAttention):
+            heads = _multihead(node, mod, modules, shape_of, batch)
+        elif isinstance(mod, nn.Linear):
+            heads = _attention_before(node, modules, layers, shape_of, batch, owners)
+        else:
+            heads = None
         if heads is not None:
             found.append(heads)
     return found
@@ -72,12 +122,20 @@ def _swaps(node: fx.Node, i: int, j: int, rank: int) -> bool:
     if _is_method_or_fn(node, ("transpose",), {torch.transpose, aten.transpose.int}):
         dims = [d % rank for d in node.args[1:3] if isinstance(d, int)]
         return len(dims) == 2 and sorted(dims) == sorted((i, j))
-    if _is_method_or_fn(node, ("permute",), {torch.permute, aten.permute.default}):
-        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    dims = _permute_dims(node, rank)
+    if dims is not None:
         want = list(range(rank))
         want[i], want[j] = want[j], want[i]
-        return [d % rank if isinstance(d, int) else d for d in dims] == want
+        return dims == want
     return False
+
+
+def _permute_dims(node: fx.Node, rank: int | None = None) -> list | None:
+    """The dims of a permute (negative ones made positive where the rank is given); None for other nodes."""
+    if not _is_method_or_fn(node, ("permute",), {torch.permute, aten.permute.default}):
+        return None
+    dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    return [d % rank if isinstance(d, int) and rank else d for d in dims]
 
 
 def _is_reshape(node: fx.Node) -> bool:
@@ -167,16 +225,134 @@ def _attention_before(proj: fx.Node, modules: dict, layers: dict, shape_of, batc
         products = [scores, out]
     else:
         return None
-    parts = [_split_heads(n, modules, layers, shape_of) for n in (q4, k4, v4)]
-    if any(p is None for p in parts) or not all(_only_user(n) is not None for n in (q4, k4, v4)):
+    parts = (q4, k4, v4)
+    if not all(isinstance(n, fx.Node) and _only_user(n) is not None for n in parts):
         return None
-    (q, heads, dim), (k, hk, dk), (v, hv, dv) = parts
+    found = _separate_heads(parts, modules, layers, shape_of) or _packed_heads(parts, layers, shape_of)
+    if found is None:
+        return None
+    (q, k, v), heads, dim, offsets = found
     merged_shape = shape_of(merged)
-    if (hk, dk) != (heads, dim) or (hv, dv) != (heads, dim) or len({q, k, v, name}) != 4 or \
-            merged_shape is None or merged_shape[-1] != heads * dim or layers[name].weight_shape[1] != heads * dim:
+    if name in (q, k, v) or merged_shape is None or merged_shape[-1] != heads * dim or \
+            layers[name].weight_shape[1] != heads * dim:
         return None
     macs = sum(matmul_macs(p, shape_of, batch, modules) for p in products)
-    return Heads(q, k, v, name, heads, dim, _owner(owners, (q, k, v, name), heads), macs // heads)
+    linears = tuple(dict.fromkeys((q, k, v)))
+    owner = _owner(owners, (*linears, name), heads)
+    return Heads(q, k, v, name, heads, dim, owner, macs // heads,
+                 row_params=tuple(f"{lin}.{leaf}" for lin in linears for leaf in ("weight", "bias")),
+                 part_offsets=offsets, row_layers=linears, keeps_heads=_why_kept(owner, heads, merged))
+
+
+def _separate_heads(parts, modules: dict, layers: dict, shape_of):
+    """((q, k, v), heads, head_dim, part offsets) when q, k and v are three Linears, each split into heads."""
+    split = [_split_heads(n, modules, layers, shape_of) for n in parts]
+    if any(p is None for p in split):
+        return None
+    (q, heads, dim), (k, hk, dk), (v, hv, dv) = split
+    if (hk, dk) != (heads, dim) or (hv, dv) != (heads, dim) or len({q, k, v}) != 3:
+        return None
+    return (q, k, v), heads, dim, (0,)
+
+
+def _packed_heads(parts, layers: dict, shape_of):
+    """((qkv,) * 3, heads, head_dim, part offsets) when q, k and v are parts 0, 1 and 2 (in any order) of one
+    Linear(x).reshape(b, s, 3, heads, head_dim).permute(2, 0, 3, 1, 4), taken by unbind(0) or by indexing."""
+    picked = [_picked_part(n) for n in parts]
+    if any(p is None for p in picked) or len({src for src, _ in picked}) != 1 or \
+            sorted(i for _, i in picked) != [0, 1, 2]:
+        return None
+    src = picked[0][0]
+    if len(src.users) != 3:
+        return None  # a part read elsewhere too would change with the heads
+    stacked = src.args[0] if _is_unbind(src) else src
+    if not isinstance(stacked, fx.Node) or _permute_dims(stacked, 5) != [2, 0, 3, 1, 4] or \
+            (stacked is not src and _only_user(stacked) is not src):
+        return None
+    view = stacked.args[0]
+    if not isinstance(view, fx.Node) or not _is_reshape(view) or _only_user(view) is not stacked:
+        return None
+    lin = view.args[0]
+    if not isinstance(lin, fx.Node) or lin.op != "call_module" or _only_user(lin) is not view:
+        return None
+    name = str(lin.target)
+    lay = layers.get(name)
+    into, out = shape_of(lin), shape_of(view)
+    if lay is None or lay.kind != "linear" or lay.calls != 1 or into is None or out is None or len(into) != 3 \
+            or len(out) != 5 or out[:3] != (*into[:2], 3) or 3 * out[3] * out[4] != into[2]:
+        return None
+    width = out[3] * out[4]
+    return (name,) * 3, out[3], out[4], (0, width, 2 * width)
+
+
+def _is_unbind(node: fx.Node) -> bool:
+    """unbind along dim 0."""
+    if not _is_method_or_fn(node, ("unbind",), {torch.unbind, aten.unbind.int}):
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return dim == 0
+
+
+def _picked_part(node: fx.Node) -> tuple[fx.Node, int] | None:
+    """(the stacked value, the part) for x[i], unbind(x, 0)[i] or x.select(0, i)."""
+    if node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2:
+        src, index = node.args
+        return (src, index) if isinstance(src, fx.Node) and isinstance(index, int) else None
+    if _is_method_or_fn(node, ("select",), {torch.select, aten.select.int}) and len(node.args) == 3:
+        src, dim, index = node.args
+        return (src, index) if isinstance(src, fx.Node) and dim == 0 and isinstance(index, int) else None
+    return None
+
+
+def _why_kept(owner: str | None, heads: int, merged: fx.Node) -> str:
+    """Why thinning cannot cut this attention's heads ('' where it can)."""
+    if owner is None:
+        return f"no module holding both projections has num_heads = {heads} for its forward to read"
+    sizes = merged.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+        sizes = sizes[0]
+    if sizes and isinstance(sizes[-1], fx.Node) and _reads_a_size(sizes[-1]):
+        # timm's reshape(B, N, C) with C = x.shape[-1]: the heads a thinned attention keeps would not fill C.
+        return "its forward reshapes the heads back to the input's width (reshape(B, N, C) with C read from a " \
+               "shape), which fewer heads do not fill"
+    return ""
+
+
+def _reads_a_size(node: fx.Node) -> bool:
+    """x.shape[i] or x.size(i): a width the forward reads off a tensor, not one it computes from num_heads."""
+    if node.op == "call_method" and node.target == "size" and len(node.args) > 1:
+        return True
+    if node.op != "call_function" or node.target is not operator.getitem or not node.args:
+        return False
+    src = node.args[0]
+    return isinstance(src, fx.Node) and (
+        (src.op == "call_function" and src.target is getattr and src.args[1:] == ("shape",))
+        or (src.op == "call_method" and src.target == "size" and len(src.args) == 1))
+
+
+def _multihead(node: fx.Node, mha: nn.MultiheadAttention, modules: dict, shape_of, batch: int) -> Heads | None:
+    """nn.MultiheadAttention as self-attention without masks, its attention weights unused."""
+    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+             "is_causal")
+    call = dict(zip(names, node.args)) | dict(node.kwargs)
+    q = call.get("query")
+    if not isinstance(q, fx.Node) or call.get("key") is not q or call.get("value") is not q or \
+            any(call.get(k) is not None for k in ("key_padding_mask", "attn_mask")) or call.get("is_causal"):
+        return None
+    if not mha._qkv_same_embed_dim or mha.in_proj_weight is None or mha.bias_k is not None or mha.add_zero_attn:
+        return None  # separate q/k/v weights, or a key and value added to every head's: another form
+    if not node.users or not all(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0
+                                 for u in node.users):
+        return None  # attention weights read would change with the heads
+    macs = matmul_macs(node, shape_of, batch, modules)
+    heads, dim, name = mha.num_heads, mha.embed_dim, str(node.target)
+    if not macs:
+        return None
+    return Heads(name, name, name, f"{name}.out_proj", heads, mha.head_dim, None, macs // heads,
+                 row_params=(f"{name}.in_proj_weight", f"{name}.in_proj_bias"), part_offsets=(0, dim, 2 * dim),
+                 keeps_heads="nn.MultiheadAttention cannot hold an inner width other than its embed_dim (q, k, v "
+                             "and out_proj all have it), so its zero heads stay in place, masked; the export "
+                             "deletes them")
 
 
 def _owner(modules: dict, names: tuple[str, ...], heads: int) -> str | None:

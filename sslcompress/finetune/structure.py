@@ -8,8 +8,8 @@ not understand is a wall: the ids it reads are pinned and nothing behind it is d
 keeps every group we later call removable honest.
 
 Channels run along dim 1 of a conv's tensors; a Linear on (batch, tokens, features) and channels-last
-tensors carry them along another axis, which last_axis.py follows. Attention heads written out are found
-after the walk (heads.py).
+tensors carry them along another axis, which last_axis.py follows. Attention heads (written out with separate
+or packed q, k, v Linears, or an nn.MultiheadAttention) are found after the walk (heads.py).
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ summands, so a channel leaves every summand at once. Only channels (and attentio
 `num_heads` of the module whose forward reads it) are cut: zero kernel rows and columns, shape columns and
 zero residual branches stay in place under their masks, since removing them would change the graph rather
 than a width. A layer always keeps at least one channel and an attention one head, so no tensor of
-width zero appears.
+width zero appears. Zero heads of an nn.MultiheadAttention, or of an attention whose forward reshapes its
+heads back to the input's width, stay in place, masked (the export deletes them); the result's reason says so.
 
 Equivalence holds while the zeros stay zero (their masks are carried along with `slice_tensors`);
 element-wise dropout draws its random numbers over fewer elements, so it matches in distribution, not
@@ -62,6 +63,9 @@ class ThinPlan:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     modules: dict[str, dict[str, int]] = field(default_factory=dict)
     widths: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
+    # Attentions with zero heads that stay in place, masked, and why (nn.MultiheadAttention, say). A note of the
+    # planning, not of the cut: to_dict leaves it out, as applying a plan never needs it.
+    heads_kept: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def empty(self) -> bool:
@@ -136,7 +140,7 @@ class ThinResult:
 
     applied: bool
     plan: ThinPlan
-    reason: str = ""  # one sentence when not applied
+    reason: str = ""  # one sentence when not applied; when applied, the zero heads it kept in place and why
     params_before: int = 0
     params_after: int = 0
     max_error: float | None = None  # worst |thinned - original| over the check, relative to the output scale
@@ -299,7 +303,7 @@ def plan_thinning(model: nn.Module, input_shape: tuple[int, ...],
             modules[lay.name] = {"in_channels": len(keep_in), "out_channels": len(keep_out)}
         else:
             modules[lay.name] = {"in_features": len(keep_in), "out_features": len(keep_out)}
-    _slice_heads(st, counter.removal().heads, params, slice_dim, modules, widths)
+    heads_kept = _slice_heads(st, counter.removal().heads, params, slice_dim, modules, widths)
     for norm in st.norms.values():
         kept = [c for c, i in enumerate(norm.ids) if st.root(i) not in cut]
         if len(kept) == len(norm.ids):
@@ -309,30 +313,35 @@ def plan_thinning(model: nn.Module, input_shape: tuple[int, ...],
         for leaf in ("running_mean", "running_var"):
             slice_dim(f"{norm.name}.{leaf}", buffers, 0, kept)
         modules[norm.name] = {"num_features": len(kept)}
-    return ThinPlan(keep=keep, shapes=shapes, modules=modules, widths=widths)
+    return ThinPlan(keep=keep, shapes=shapes, modules=modules, widths=widths, heads_kept=heads_kept)
 
 
-def _slice_heads(st: ModelStructure, dead_heads, params, slice_dim, modules, widths) -> None:
-    """Zero attention heads: their rows of q, k and v, their columns of the output projection, and the head
-    count of the module whose forward reads it (an attention without one keeps its heads, masked)."""
+def _slice_heads(st: ModelStructure, dead_heads, params, slice_dim, modules, widths) -> dict[str, str]:
+    """Zero attention heads: their rows of q, k and v (every part of a packed projection), their columns of the
+    output projection, and the head count of the module whose forward reads it. Returns, per attention whose
+    zero heads stay in place (masked), why (see Heads.keeps_heads)."""
     by_proj = {att.proj: att for att in st.heads}
+    kept_whole = {}
     for proj, gone in dead_heads:
         att = by_proj[proj]
-        if att.owner is None:
+        if att.keeps_heads:
+            kept_whole[att.name] = att.keeps_heads
             continue
-        kept = [h * att.head_dim + d for h in range(att.num_heads) if h not in gone for d in range(att.head_dim)]
-        for lin in (att.q, att.k, att.v):
-            slice_dim(f"{lin}.weight", params, 0, kept)
-            slice_dim(f"{lin}.bias", params, 0, kept)
-            modules.setdefault(lin, {})["out_features"] = len(kept)
+        alive = [h for h in range(att.num_heads) if h not in gone]
+        rows, cols = att.rows(alive), att.cols(alive)
+        for lin in att.row_layers:
+            slice_dim(f"{lin}.weight", params, 0, rows)
+            slice_dim(f"{lin}.bias", params, 0, rows)
+            modules.setdefault(lin, {})["out_features"] = len(rows)
             ob, _, ib, ia = widths.get(lin, (st.layers[lin].weight_shape[0], 0, st.layers[lin].weight_shape[1],
                                               st.layers[lin].weight_shape[1]))
-            widths[lin] = (ob, len(kept), ib, ia)
-        slice_dim(f"{proj}.weight", params, 1, kept)
-        modules.setdefault(proj, {})["in_features"] = len(kept)
+            widths[lin] = (ob, len(rows), ib, ia)
+        slice_dim(f"{proj}.weight", params, 1, cols)
+        modules.setdefault(proj, {})["in_features"] = len(cols)
         ob, oa, ib, _ = widths.get(proj, (st.layers[proj].weight_shape[0],) * 2 + (st.layers[proj].weight_shape[1],) * 2)
-        widths[proj] = (ob, oa, ib, len(kept))
-        modules[att.owner] = {"num_heads": att.num_heads - len(gone)}
+        widths[proj] = (ob, oa, ib, len(cols))
+        modules[att.owner] = {"num_heads": len(alive)}
+    return kept_whole
 
 
 def _slice_grouped(lay: Layer, cut: set[int], st: ModelStructure, params, slice_dim, modules, widths) -> None:
@@ -395,7 +404,7 @@ def _allowed_attrs(module: nn.Module) -> tuple[str, ...]:
         if isinstance(module, cls):
             return attrs
     # An attention written out (see heads.py) reads its head count in its forward; nn.MultiheadAttention's
-    # packed weights are never cut, so its count stays.
+    # weights are never cut (its inner width is its embed_dim, see Heads.keeps_heads), so its count stays.
     if isinstance(getattr(module, "num_heads", None), int) and not isinstance(module, nn.MultiheadAttention):
         return ("num_heads",)
     return ()
@@ -567,7 +576,7 @@ def thin(model: nn.Module, input_shape: tuple[int, ...], *, check: bool = True,
     except UnsupportedModelError as exc:
         return ThinResult(False, ThinPlan(), f"the model cannot be analysed: {exc}", before, before)
     if plan.empty:
-        return ThinResult(False, plan, "no channel is removable", before, before)
+        return ThinResult(False, plan, _with_heads_kept("no channel is removable", plan), before, before)
     inputs: list[torch.Tensor] = []
     ref: list[list[torch.Tensor]] = []
     if check:
@@ -595,7 +604,19 @@ def thin(model: nn.Module, input_shape: tuple[int, ...], *, check: bool = True,
             return ThinResult(False, plan, f"thinning was not applied: {why}.", before, before, max_error)
     if optimizer is not None:
         remap_optimizer(optimizer, old_params, model, plan)
-    return ThinResult(True, plan, "", before, _param_count(model), max_error)
+    return ThinResult(True, plan, _with_heads_kept("", plan), before, _param_count(model), max_error)
+
+
+def _with_heads_kept(reason: str, plan: ThinPlan) -> str:
+    """The reason, and the zero heads thinning left in place (masked, as the export deletes them) and why."""
+    by_reason: dict[str, list[str]] = {}
+    for name, why in plan.heads_kept.items():
+        by_reason.setdefault(why, []).append(name)
+    kept = "; ".join(f"{', '.join(names)}: {why}" for why, names in by_reason.items())
+    if not kept:
+        return reason
+    note = f"zero heads kept in {kept}"
+    return f"{reason} ({note})" if reason else note
 
 
 def rebuild(spec: ModelSpec, plan: ThinPlan) -> nn.Module:
