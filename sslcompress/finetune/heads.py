@@ -344,6 +344,11 @@ def _multihead(node: fx.Node, mha: nn.MultiheadAttention, modules: dict, shape_o
     if not node.users or not all(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0
                                  for u in node.users):
         return None  # attention weights read would change with the heads
+    if call.get("need_weights", True) is not False:
+        # Computing the averaged weights (the default), even unread, exports another graph (bmm, softmax
+        # over heads folded into the batch) whose heads the surgery does not cut: no group the export
+        # would keep while the budget counts it gone.
+        return None
     macs = matmul_macs(node, shape_of, batch, modules)
     heads, dim, name = mha.num_heads, mha.embed_dim, str(node.target)
     if not macs:

@@ -90,18 +90,30 @@ def head_plan(node) -> HeadPlan | None:
         return None
     xs, ys = list(x.shape), list(y.shape)
     rx, ry = len(xs), len(ys)
-    if a == rx - 1 and ry in (rx + 1, rx + 2) and _same_dims(ys[:a], xs[:a]):
-        tail = ys[a:]
-        if all(isinstance(d, int) for d in tail) and int(np.prod(tail)) == n:
-            if ry == rx + 1 and _parts_picked(y, ry - 2):
-                # (..., 3 * D) -> (..., 3, D), then q, k and v picked apart: parts of D channels each.
-                return HeadPlan("split", tail[-1], 1, tail[-2], ry - 1, vec)
-            if tail[-1] > 1:
-                groups = tail[0] if ry == rx + 2 else 1
-                return HeadPlan("split", tail[-2], tail[-1], groups, ry - 2, vec)
-    if a == rx - 2 and isinstance(xs[-1], int) and ys[-1] == n * xs[-1] and _same_prefix(vec, ys[:-1], xs[:a]):
+    # The last axis split into (H, Dh), (3, D) or (3, H, Dh): the trailing sizes multiply to the channel
+    # count, so in row-major order each element keeps its place among the channels whatever the leading
+    # axes do (the same (B, S), or tokens flattened into rows for a Gemm regrouped into (B, S)).
+    for k in (2, 3) if a == rx - 1 else ():
+        tail = ys[ry - k:] if ry > k else []
+        if not tail or not all(isinstance(d, int) for d in tail) or int(np.prod(tail)) != n:
+            continue
+        if k == 2 and _parts_picked(y, ry - 2):
+            # (..., 3 * D) -> (..., 3, D), then q, k and v picked apart: parts of D channels each.
+            return HeadPlan("split", tail[-1], 1, tail[-2], ry - 1, vec)
+        if tail[-1] > 1:
+            groups = tail[0] if k == 3 else 1
+            return HeadPlan("split", tail[-2], tail[-1], groups, ry - 2, vec)
+    if a == rx - 2 and isinstance(xs[-1], int) and ys[-1] == n * xs[-1] and (
+            _same_prefix(vec, ys[:-1], xs[:a]) or _names_merged_width(vec[-1], n * xs[-1])):
         return HeadPlan("merge", n, xs[-1], 1, ry - 1, vec)
     return None
+
+
+def _names_merged_width(last: Dim, width: int) -> bool:
+    """Whether the target's last entry is the literal H * Dh: then the leading entries hold the rest of the
+    elements whatever they say (symbols inference named apart included), and each element keeps its place
+    h * Dh + d along the merged axis."""
+    return last.ref is None and last.value == width
 
 
 def _same_prefix(vec: list[Dim], ys: list, xs: list) -> bool:
