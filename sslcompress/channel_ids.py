@@ -1,7 +1,9 @@
 """Channel ids with a union-find: the coupling bookkeeping of both the torch and the ONNX analyses.
 
 Each channel gets an integer id; channels that must be deleted together (the summands of an Add)
-are merged; a pinned id carries the reason it can never be deleted, which survives merges.
+are merged; a pinned id carries the reason it can never be deleted, which survives merges. Where
+several reasons hold, the first one given stays, unless a later one is the defining one (`defining`:
+LayerNorm's, which holds whatever else the stream meets), which then replaces it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ class ChannelIds:
     def __init__(self, parent: list[int] | None = None, pinned: dict[int, str] | None = None) -> None:
         self.parent: list[int] = parent if parent is not None else []
         self.pinned: dict[int, str] = pinned if pinned is not None else {}  # root -> reason
+        self.defining: set[int] = set()  # roots whose reason is the defining one
 
     def fresh(self, n: int, pinned: str | None = None) -> list[int]:
         start = len(self.parent)
@@ -35,9 +38,17 @@ class ChannelIds:
         lo, hi = min(ra, rb), max(ra, rb)
         self.parent[hi] = lo
         reason = self.pinned.pop(hi, None)
-        if reason and lo not in self.pinned:
+        defining = hi in self.defining
+        self.defining.discard(hi)
+        if reason and (lo not in self.pinned or (defining and lo not in self.defining)):
             self.pinned[lo] = reason
+            if defining:
+                self.defining.add(lo)
 
-    def pin(self, ids: list[int], reason: str) -> None:
+    def pin(self, ids: list[int], reason: str, *, defining: bool = False) -> None:
         for i in ids:
-            self.pinned.setdefault(self.root(i), reason)
+            r = self.root(i)
+            if r not in self.pinned or (defining and r not in self.defining):
+                self.pinned[r] = reason
+                if defining:
+                    self.defining.add(r)

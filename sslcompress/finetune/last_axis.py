@@ -124,13 +124,13 @@ def ids(b, node: fx.Node, modules: dict, shape, tensor_ids, axis_of: dict, shape
     src_shape = shape_of(src) if src is not None else None
     rank = len(shape) if shape is not None else 0
 
-    def blocked(why: str):
+    def blocked(why: str, defining: bool = False):
         # A wall's output keeps the axis its same-rank inputs had channels along, so what reads it sees
         # pinned ids where it looks for them (a Linear after a LayerNorm reads pinned features, not tokens).
         along = [axis_of.get(a, 1) for a in node.all_input_nodes
                  if tensor_ids(a) is not None and len(shape_of(a) or ()) == rank]
         keep = next((a for a in along if a != 1), 1) if rank > 1 else 1
-        return wall(node, why, keep), keep
+        return wall(node, why, keep, defining), keep
 
     if node.op == "call_module":
         mod = modules[str(node.target)]
@@ -138,13 +138,15 @@ def ids(b, node: fx.Node, modules: dict, shape, tensor_ids, axis_of: dict, shape
         if isinstance(mod, nn.Linear):
             return _linear(b, node, name, mod, x, axis, shape, src_shape, layers, layer_cls, wall)
         if isinstance(mod, nn.LayerNorm):
-            return blocked(_layer_norm_reason(name))
+            # The reason a residual stream keeps its width, whatever else pinned it first (a position
+            # embedding added): deleting a channel changes what the norm computes for the others.
+            return blocked(_layer_norm_reason(name), defining=True)
         if isinstance(mod, _ELEMENTWISE_MODULES) and x is not None and shape == src_shape:
             return list(x), axis
         return blocked(f"{type(mod).__name__} {name} on channels along axis {axis}")
     target, is_fn = node.target, node.op == "call_function"
     if is_fn and target in _LAYER_NORM_FUNCTIONS:
-        return blocked(_layer_norm_reason(node.name))
+        return blocked(_layer_norm_reason(node.name), defining=True)
     if x is not None and shape == src_shape and (
             (is_fn and target in _ELEMENTWISE_FUNCTIONS) or (not is_fn and target in _ELEMENTWISE_METHODS)):
         return list(x), axis

@@ -372,10 +372,10 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
         val = ids_of.get(arg)
         return [val] if isinstance(val, list) else [p for p in val if p] if isinstance(val, tuple) else []
 
-    def wall(node: fx.Node, why: str, axis: int = 1) -> list[int] | None:
+    def wall(node: fx.Node, why: str, axis: int = 1, defining: bool = False) -> list[int] | None:
         for arg in node.all_input_nodes:
             for ids in channel_lists(arg):
-                b.pin(ids, why)
+                b.pin(ids, why, defining=defining)
         shape = _shape(node)
         if shape is None or len(shape) < 2:
             return None
