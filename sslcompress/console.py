@@ -174,9 +174,9 @@ def print_quantize_report(report: dict[str, Any]) -> None:
     """`quantize`'s lines: top-1 before and after, what calibrated it, what it became."""
     acc, cal, size = report["accuracy"], report["calibration"], report["bytes"]
     drop = 100 * (acc["float32"] - acc["int8"])
+    change = f"{drop:.2f} points lost" if drop >= 0 else f"{-drop:.2f} points gained"
     _out.print(f"top-1 on {acc['test_images']} test images: float32 {acc['float32']:.2%}, int8 {acc['int8']:.2%} "
-               f"({drop:+.2f} points lost)" if drop >= 0 else
-               f"top-1 on {acc['test_images']} test images: float32 {acc['float32']:.2%}, int8 {acc['int8']:.2%}")
+               f"({change})")
     _out.print(f"{report['format']}: weights {report['weights']}, activations {report['activations']} calibrated "
                f"({cal['method']}) on {cal['images']} training images of {cal['data']}")
     _out.print(f"file: {size['before'] / 1024:.1f} KiB -> {size['after'] / 1024:.1f} KiB; "
