@@ -294,6 +294,7 @@ def print_bench(result: Any) -> None:
     """The bench's tables (variants, latency per provider and threads, per-layer studies), then its notes."""
     from rich.text import Text
 
+    from .bench.int8 import COMPOUNDING_HEAD
     from .bench.report import all_tables
     from .bench.results import UNSTRUCTURED_NOTE
 
@@ -301,7 +302,7 @@ def print_bench(result: Any) -> None:
         table = Table(title=t.title)
         for i, h in enumerate(t.headers):
             table.add_column(h, justify="left" if i == 0 or h in ("variant", "source", "conv", "layer") else "right",
-                             overflow="fold")
+                             overflow="fold", no_wrap=h == "variant")  # "structured-int8" whole, on one line
         for row in t.rows:
             table.add_row(*(Text(c) for c in row))  # no markup: paths and intervals hold brackets
         _out.print(table)
@@ -311,4 +312,5 @@ def print_bench(result: Any) -> None:
         _out.print(Text("convs not in the per-layer study: "
                         + ", ".join(f"{k} ({v})" for k, v in result.layers_skipped.items())))
     for note in result.notes:
-        _out.print(Text(note, style="bold" if note == UNSTRUCTURED_NOTE else ""))
+        headline = note == UNSTRUCTURED_NOTE or note.startswith(COMPOUNDING_HEAD)
+        _out.print(Text(note, style="bold" if headline else ""))

@@ -95,37 +95,13 @@ def quantize_model(proto: onnx.ModelProto, data: str, *, calibration: int = 256,
                    method: str = "minmax", per_channel: bool = True, seed: int = 0) -> QuantizeResult:
     """The QDQ INT8 model of `proto` and its report: top-1 before and after on up to `test_images` test
     images of `data`, calibration on `calibration` of its training images."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    if method not in CALIBRATION_METHODS:
-        raise ConfigError(f"--method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
-    name, shape = check_quantizable(proto)
+    _check_method(method)
+    _, shape = check_quantizable(proto)
     fixed_batch = shape[0]
     calib = calibration_images(data, shape, calibration, seed)
     test = _test_images(data, shape, test_images, seed)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="sslcompress-quantize-") as tmp, _quiet_logging():
-        src, pre, out = (Path(tmp) / f for f in ("float.onnx", "pre.onnx", "int8.onnx"))
-        onnx.save(proto, src)
-        notes = []
-        try:
-            from onnxruntime.quantization.shape_inference import quant_pre_process
-
-            quant_pre_process(str(src), str(pre))
-        except Exception as exc:  # noqa: BLE001 - ORT raises anything here; quantizing without it still works
-            pre = src
-            notes.append(f"pre-processing skipped: {str(exc).splitlines()[0][:200]}")
-        reader = _Images(name, calib, fixed_batch or _CALIBRATION_BATCH)
-        methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                   "percentile": CalibrationMethod.Percentile}
-        try:
-            quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=methods[method])
-        except Exception as exc:  # noqa: BLE001 - one sentence for whatever ORT's quantizer raises
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UnsupportedModelError(f"ONNX Runtime could not quantize the model: {first[:300]}") from exc
-        quantized = onnx.load(str(out))
+    quantized, notes = quantize_qdq(proto, calib, method=method, per_channel=per_channel)
     seconds = time.perf_counter() - t0
     before, after = (_top1(m, test, fixed_batch) for m in (proto, quantized))
     ops = {}
@@ -140,6 +116,44 @@ def quantize_model(proto: onnx.ModelProto, data: str, *, calibration: int = 256,
               "bytes": {"before": proto.ByteSize(), "after": quantized.ByteSize()},
               "seconds": seconds, "notes": notes}
     return QuantizeResult(quantized, report)
+
+
+def quantize_qdq(proto: onnx.ModelProto, calibration: np.ndarray, *, method: str = "minmax",
+                 per_channel: bool = True) -> tuple[onnx.ModelProto, list[str]]:
+    """The QDQ INT8 model of `proto`, activation ranges calibrated on the given images (normalised as in
+    training, e.g. from `calibration_images`), and notes on what was skipped; nothing scored. Callers that
+    quantize several models of one shape (the bench's dense and structured) calibrate them on one array."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    _check_method(method)
+    name, shape = check_quantizable(proto)
+    with tempfile.TemporaryDirectory(prefix="sslcompress-quantize-") as tmp, _quiet_logging():
+        src, pre, out = (Path(tmp) / f for f in ("float.onnx", "pre.onnx", "int8.onnx"))
+        onnx.save(proto, src)
+        notes = []
+        try:
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            quant_pre_process(str(src), str(pre))
+        except Exception as exc:  # noqa: BLE001 - ORT raises anything here; quantizing without it still works
+            pre = src
+            notes.append(f"pre-processing skipped: {str(exc).splitlines()[0][:200]}")
+        reader = _Images(name, calibration, shape[0] or _CALIBRATION_BATCH)
+        methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                   "percentile": CalibrationMethod.Percentile}
+        try:
+            quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=methods[method])
+        except Exception as exc:  # noqa: BLE001 - one sentence for whatever ORT's quantizer raises
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UnsupportedModelError(f"ONNX Runtime could not quantize the model: {first[:300]}") from exc
+        return onnx.load(str(out)), notes
+
+
+def _check_method(method: str) -> None:
+    if method not in CALIBRATION_METHODS:
+        raise ConfigError(f"--method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
 
 
 @contextlib.contextmanager

@@ -23,10 +23,17 @@ def test_demo_quick_runs_every_stage(tmp_path):
     assert compact.ByteSize() < uncut.ByteSize()
     bench = json.loads((out / "bench.json").read_text())
     variants = {v["name"]: v for v in bench["variants"]}
-    assert set(variants) == {"dense", "unstructured", "structured"}
+    assert list(variants) == ["dense", "unstructured", "structured", "dense-int8", "structured-int8"]
     # The unstructured variant is the trained baseline, at exactly the compact model's nonzeros.
     assert "unstructured.pt" in variants["unstructured"]["source"]
     assert variants["unstructured"]["nonzero_weights"] == variants["structured"]["nonzero_weights"]
+    # The INT8 variants: the dense and the compact model quantized, calibrated on 32 digits, scored like the rest.
+    for base in ("dense", "structured"):
+        q = variants[f"{base}-int8"]
+        assert q["macs"] == variants[base]["macs"] and q["file_bytes"] < variants[base]["file_bytes"]
+        assert "32 training images of digits" in q["source"] and q["accuracy"] is not None
+    assert bench["config"]["int8"] and bench["config"]["calibration"] == 32
+    assert "INT8 on top of structure:" in " ".join(res.output.split())
     for stage in ("1/4 finetune", "2/4 export", "3/4 unstructured", "4/4 bench"):
         assert stage in res.output
 

@@ -1,4 +1,5 @@
-"""Stage 3: timing dense, unstructured-sparse and structured-sparse forms of one model.
+"""Stage 3: timing dense, unstructured-sparse and structured-sparse forms of one model (and, with --int8, the
+dense and the structured model quantized to INT8).
 
     run_bench(BenchConfig(target="runs/lenet5-digits"))  -> BenchResult (to_dict/from_dict, JSON)
     render_markdown(result), plot(result, "bench.png")
@@ -7,7 +8,8 @@
     study_model(dense, unstructured, structured)    the per-layer GEMM study on a model's convs
     paper_table("alexnet")                          the paper's Table 4 on this CPU
 
-Modules: variants (the three models), sessions (ORT settings, I/O binding), timing (interleaved rounds,
+Modules: variants (the models, in an ordered VariantSet), int8 (the INT8 variants, how the speed-ups
+compound), sessions (ORT settings, I/O binding), timing (interleaved rounds,
 statistics), memory (peak RSS in a process of its own), accuracy, modelstudy and paper (per-layer GEMM
 studies on top of layers/gemm/table4), results, report (tables, Markdown), plot, run (the whole run).
 Names load lazily: `benchmarks/paper_table4.py` imports `sslcompress.bench.layers` with torch and numpy alone.

@@ -33,8 +33,10 @@ class BenchConfig:
     paper_table: str | None = None
     memory: bool = True
     pin: bool = True  # the calling thread and the ORT workers on the same CPUs for every variant (CPU provider)
-    models_dir: str | None = None  # also write the three ONNX variants here
+    models_dir: str | None = None  # also write the ONNX variants here
     seed: int = 0
+    int8: bool = False  # also dense-int8 and structured-int8, calibrated on `data`'s training images
+    calibration: int = 256  # training images that calibrate the INT8 activation ranges
 
     def __post_init__(self) -> None:
         if self.repeat is not None and self.min_time is not None:
@@ -52,9 +54,17 @@ class BenchConfig:
                 raise ConfigError(f"--{name} wants positive integers, got {values!r}")
         if not self.providers:
             raise ConfigError("give at least one --provider")
+        if self.int8 and self.data is None:
+            raise ConfigError("--int8 needs --data SPEC: the INT8 variants are calibrated on that data set's"
+                              " training images (e.g. --data digits)")
+        if self.calibration < 1:
+            raise ConfigError(f"--calibration must be a positive number of images, got {self.calibration}")
         if self.target is None and self.paper_table is None and (self.dense is None or self.structured is None):
             raise ConfigError("give a run folder, a checkpoint or an ONNX model to bench (or --dense and"
                               " --structured, or --paper-table alexnet)")
+        if self.int8 and not self.benches_models:
+            raise ConfigError("--int8 quantizes the benched models: give a run folder, a checkpoint or an ONNX"
+                              " model too")
 
     @property
     def rounds(self) -> int | None:
@@ -72,6 +82,8 @@ class BenchConfig:
         d = asdict(self)
         for k in ("providers", "threads", "batches"):
             d[k] = list(d[k]) if d[k] is not None else None
+        if not self.int8:  # a bench without --int8 writes the keys it always wrote
+            del d["int8"], d["calibration"]
         return d
 
     @classmethod

@@ -12,7 +12,8 @@ from .report import short_name
 from .results import BenchResult
 
 PLOT_INSTALL = "pip install sslcompress[plot]"
-COLORS = {"dense": "#7f7f7f", "unstructured": "#ff7f0e", "structured": "#1f77b4"}
+COLORS = {"dense": "#7f7f7f", "unstructured": "#ff7f0e", "structured": "#1f77b4", "dense-int8": "#bcbcbc",
+          "structured-int8": "#2ca02c"}
 
 
 class PlotUnavailableError(SSLCompressError):

@@ -11,7 +11,7 @@ from .memory import MemoryUse
 from .modelstudy import LayerStudy
 from .paper import PaperTable
 from .timing import Timing
-from .variants import VARIANTS, LayerNonzeros
+from .variants import ORDER, LayerNonzeros
 
 FORMAT = "sslcompress-bench"
 VERSION = 1
@@ -93,7 +93,8 @@ class BenchResult:
 
     def variant_order(self) -> list[str]:
         names = [v.name for v in self.variants] or list(dict.fromkeys(t.variant for t in self.timings))
-        return sorted(names, key=lambda n: VARIANTS.index(n) if n in VARIANTS else len(VARIANTS))
+        # Known variants in their usual order (dense first); a stable sort keeps the others as they came.
+        return sorted(names, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
 
     # ------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from ..errors import ConfigError
 from ..io import atomic_write_group, private_temp_dir
@@ -19,7 +20,7 @@ from ..runtime.sessions import SESSION_CONFIG
 from ..runtime.timing import CI_LEVEL, Timing, interleaved, timings
 from .config import DEFAULT_BATCHES, BenchConfig
 from .results import UNSTRUCTURED_NOTE, BenchResult, VariantInfo
-from .variants import VariantSet, build_variants, input_shape, layer_nonzeros, nonzero_weights
+from .variants import Variant, VariantSet, build_variants, input_shape, layer_nonzeros, nonzero_weights
 
 
 @dataclass(frozen=True)
@@ -89,14 +90,20 @@ def _static_info(variants: VariantSet, files: dict[str, Path]) -> dict[str, Vari
             name=v.name, source=v.source, input_shape=input_shape(v.model), file_bytes=files[v.name].stat().st_size,
             macs=int(sum(lay.macs for lay in layers(v.model))), parameters=parameters(v.model),
             nonzero_weights=nonzero_weights(v.model), layer_nonzeros=layer_nonzeros(v.model),
-            units=transformer_units(v.model).to_dict())
+            units=transformer_units(_float_model(variants, v)).to_dict())
     return out
+
+
+def _float_model(variants: VariantSet, v: Variant) -> onnx.ModelProto:
+    """The model whose attention heads and MLP neurons `v` computes: an INT8 variant's float model, since
+    quantizing changes no width, while the QDQ pairs between an MLP's two layers hide it from the search."""
+    return variants.get(v.quantized_from).model if v.quantized_from else v.model
 
 
 def run_bench(config: BenchConfig, on_event: Listener | None = None, *, write_models: bool = True) -> BenchResult:
     """Run what `config` asks for; `on_event` hears progress. Never prints.
 
-    With `config.models_dir`, the three ONNX variants are written there at the end, all or none; with
+    With `config.models_dir`, the ONNX variants are written there at the end, all or none; with
     `write_models=False` they are only kept in `result.models`, for a caller that writes them together with
     its other outputs.
     """
@@ -128,7 +135,7 @@ def run_bench(config: BenchConfig, on_event: Listener | None = None, *, write_mo
     if write_models and result_kw.get("models"):
         atomic_write_group(model_files(config, result_kw["models"]))
     return BenchResult(config=config, created=created, env=env,
-                       variants=tuple(infos[n] for n in ("dense", "unstructured", "structured") if n in infos),
+                       variants=tuple(infos.values()),  # in the variants' order, dense first
                        notes=tuple(notes), **result_kw)
 
 
@@ -136,15 +143,19 @@ def _bench_models(config: BenchConfig, emit: Listener, tmp: Path
                   ) -> tuple[dict[str, Any], dict[str, VariantInfo], list[str]]:
     from ..surgery.export import save_onnx
 
+    def say(message: str) -> None:
+        emit(BenchEvent("build", message))
+
     variants = build_variants(config.target, dense=config.dense, unstructured=config.unstructured,
-                              structured=config.structured, say=lambda m: emit(BenchEvent("build", m)))
+                              structured=config.structured, say=say)
+    variants, int8_notes = _with_int8(config, variants, say)
     batches = _batches(config, variants)
     files: dict[str, Path] = {}
     for v in variants:
         files[v.name] = tmp / f"{v.name}.onnx"
         save_onnx(v.model, files[v.name])
     infos = _static_info(variants, files)
-    notes = _notes(config, variants, infos)
+    notes = _notes(config, variants, infos) + int8_notes
     shape = infos["dense"].input_shape
     images = None
     if config.data:  # before any long work: a bad spec or shape is an error at once
@@ -158,10 +169,10 @@ def _bench_models(config: BenchConfig, emit: Listener, tmp: Path
         for i, v in enumerate(variants):
             from .memory import measure
 
-            emit(BenchEvent("memory", f"peak memory of {v.name} (a process of its own)", i, 3))
+            emit(BenchEvent("memory", f"peak memory of {v.name} (a process of its own)", i, len(variants)))
             mem = measure(files[v.name], (batch, *shape[1:]), threads=threads)
             infos[v.name] = replace(infos[v.name], memory=mem)
-        emit(BenchEvent("memory", "peak memory", 3, 3))
+        emit(BenchEvent("memory", "peak memory", len(variants), len(variants)))
 
     if images is not None:
         from ..runtime.sessions import create_session
@@ -170,14 +181,20 @@ def _bench_models(config: BenchConfig, emit: Listener, tmp: Path
         # One set of images for all: a static batch B scores whole batches only, so all take the same count.
         images = common_images(images, [input_shape(v.model)[0] for v in variants])
         for i, v in enumerate(variants):
-            emit(BenchEvent("accuracy", f"top-1 of {v.name} on {len(images.x)} {images.name} images", i, 3))
+            emit(BenchEvent("accuracy", f"top-1 of {v.name} on {len(images.x)} {images.name} images", i,
+                            len(variants)))
             correct, n = top1(create_session(files[v.name], threads=max(config.threads)), images,
                               input_shape(v.model)[0])
             infos[v.name] = replace(infos[v.name], accuracy=correct / n, accuracy_images=n)
-        emit(BenchEvent("accuracy", "top-1", 3, 3))
+        emit(BenchEvent("accuracy", "top-1", len(variants), len(variants)))
 
-    result_kw: dict[str, Any] = {"matching": variants.matching, "unmatched": variants.unmatched,
-                                 "timings": tuple(_time(config, files, shape, batches, emit))}
+    timed = tuple(_time(config, files, shape, batches, emit))
+    result_kw: dict[str, Any] = {"matching": variants.matching, "unmatched": variants.unmatched, "timings": timed}
+    if config.int8:
+        from .int8 import compounding, compounding_note
+
+        note = compounding_note(compounding(timed))
+        notes += [note] if note else []
     if config.layers:
         result_kw.update(_layers(config, variants, batches[0], emit, notes))
     if config.models_dir:  # kept as bytes: whoever writes the results writes them in the same group
@@ -187,6 +204,18 @@ def _bench_models(config: BenchConfig, emit: Listener, tmp: Path
             infos[v.name] = replace(infos[v.name], path=str(Path(config.models_dir) / f"{v.name}.onnx"))
         result_kw["models"] = models
     return result_kw, infos, notes
+
+
+def _with_int8(config: BenchConfig, variants: VariantSet, say: Callable[[str], None]
+               ) -> tuple[VariantSet, list[str]]:
+    """With --int8, the set with dense-int8 and structured-int8 added, and their notes."""
+    if not config.int8:
+        return variants, []
+    from .int8 import add_int8, int8_note
+
+    data = config.data or ""  # BenchConfig refuses --int8 without --data
+    variants, skipped = add_int8(variants, data, config.calibration, seed=config.seed, say=say)
+    return variants, [int8_note(data, config.calibration), *skipped]
 
 
 def model_files(config: BenchConfig, models: dict[str, bytes]) -> list[tuple[Path, bytes]]:

@@ -1,4 +1,4 @@
-"""The three forms of one model that the bench times side by side, found or built.
+"""The forms of one model that the bench times side by side, found or built: three always, two more with --int8.
 
     dense         RUN/pretrained.pt exported; else the sparse checkpoint exported as it is (zeros inside)
     structured    the compact model: the surgery of the sparse checkpoint's export (zero channels deleted)
@@ -6,6 +6,8 @@
                   each Conv/ConvTranspose/Gemm/MatMul keeps its largest-magnitude weights, as many as the
                   structured model's layer of the same node name holds nonzero (a layer the surgery removed
                   keeps none); biases stay as they are
+    dense-int8, structured-int8   (--int8, see int8.py) the dense and the structured model, each quantized
+                  to INT8 (QDQ) by ORT's static quantization
 
 Every model is exported with a dynamic batch, so one file serves every --batch. Any one of them can be
 given as an ONNX file instead. A RUN_DIR_OR_CHECKPOINT may also be an ONNX file with exact zeros: it is
@@ -28,7 +30,9 @@ from ..magnitude import keep_largest
 log = logging.getLogger(__name__)
 
 DENSE, UNSTRUCTURED, STRUCTURED = "dense", "unstructured", "structured"
-VARIANTS = (DENSE, UNSTRUCTURED, STRUCTURED)
+DENSE_INT8, STRUCTURED_INT8 = "dense-int8", "structured-int8"
+VARIANTS = (DENSE, UNSTRUCTURED, STRUCTURED)  # what every bench of a model has
+ORDER = (*VARIANTS, DENSE_INT8, STRUCTURED_INT8)  # how known variants are listed; others follow in their order
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -37,6 +41,7 @@ class Variant:
     name: str
     model: onnx.ModelProto
     source: str  # one phrase: where it came from
+    quantized_from: str | None = None  # an INT8 variant: the name of the float variant it quantizes
 
 
 @dataclass(frozen=True)
@@ -53,14 +58,48 @@ class LayerNonzeros:
 
 @dataclass(frozen=True)
 class VariantSet:
-    dense: Variant
-    unstructured: Variant
-    structured: Variant
-    matching: tuple[LayerNonzeros, ...]  # empty when --unstructured was given
-    unmatched: tuple[str, ...]  # structured layers with no dense layer of their name
+    """The variants in the order they are listed, dense first: every speed-up is over dense."""
+
+    variants: tuple[Variant, ...]
+    matching: tuple[LayerNonzeros, ...] = ()  # empty when --unstructured was given
+    unmatched: tuple[str, ...] = ()  # structured layers with no dense layer of their name
+
+    def __post_init__(self) -> None:
+        names = [v.name for v in self.variants]
+        if not names or names[0] != DENSE or len(set(names)) != len(names):
+            raise ValueError(f"variants must be uniquely named with dense first, got {names}")
 
     def __iter__(self):
-        return iter((self.dense, self.unstructured, self.structured))
+        return iter(self.variants)
+
+    def __len__(self) -> int:
+        return len(self.variants)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(v.name for v in self.variants)
+
+    def get(self, name: str) -> Variant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise KeyError(name)
+
+    def plus(self, *more: Variant) -> VariantSet:
+        """The same set with `more` listed after the others."""
+        return replace(self, variants=(*self.variants, *more))
+
+    @property
+    def dense(self) -> Variant:
+        return self.get(DENSE)
+
+    @property
+    def unstructured(self) -> Variant:
+        return self.get(UNSTRUCTURED)
+
+    @property
+    def structured(self) -> Variant:
+        return self.get(STRUCTURED)
 
 
 # ---------------------------------------------------------------- weights of a model
@@ -277,7 +316,7 @@ def load_override(path: str | Path, flag: str | None = None) -> onnx.ModelProto:
 def build_variants(target: str | Path | None = None, *, dense: str | Path | None = None,
                    unstructured: str | Path | None = None, structured: str | Path | None = None,
                    say=None) -> VariantSet:
-    """The three variants; an override path wins over what the target would give.
+    """The three variants of every bench; an override path wins over what the target would give.
 
     `say(message)` is told each step that takes a while (exports, the surgery).
     """
@@ -335,7 +374,7 @@ def build_variants(target: str | Path | None = None, *, dense: str | Path | None
         models[UNSTRUCTURED] = Variant(UNSTRUCTURED, proto, "dense, pruned by magnitude per layer to the"
                                                             " structured nonzero counts")
     check_compatible(models)
-    return VariantSet(models[DENSE], models[UNSTRUCTURED], models[STRUCTURED], matching, unmatched)
+    return VariantSet(tuple(models[name] for name in VARIANTS), matching, unmatched)
 
 
 def input_shape(proto: onnx.ModelProto) -> tuple[int | None, ...]:

@@ -43,11 +43,13 @@ def _bench_inputs(target: str | None, dense: str | None, unstructured: str | Non
 
 
 def _bench_outputs(out: str | None, markdown: str | None, plot: str | None,
-                   models_dir: str | None) -> list[tuple[str, str | None]]:
+                   models_dir: str | None, int8: bool = False) -> list[tuple[str, str | None]]:
+    from ..bench.variants import DENSE_INT8, STRUCTURED_INT8, VARIANTS
+
     outputs: list[tuple[str, str | None]] = [("--out", out), ("--markdown", markdown), ("--plot", plot)]
     if models_dir:
-        outputs += [(f"--models-dir ({name}.onnx)", str(Path(models_dir) / f"{name}.onnx"))
-                    for name in ("dense", "unstructured", "structured")]
+        names = (*VARIANTS, DENSE_INT8, STRUCTURED_INT8) if int8 else VARIANTS
+        outputs += [(f"--models-dir ({name}.onnx)", str(Path(models_dir) / f"{name}.onnx")) for name in names]
     return outputs
 
 
@@ -85,6 +87,11 @@ def _plot_bytes(result) -> bytes:
                    "e.g. digits or cifar10:PATH).")
 @click.option("--data-limit", default=1000, show_default=True, type=click.IntRange(min=1),
               help="At most this many test images for --data.")
+@click.option("--int8", is_flag=True,
+              help="Also dense-int8 and structured-int8: the dense and the structured model after ONNX Runtime's "
+                   "static INT8 quantization (QDQ, as `quantize`), calibrated on --data's training images.")
+@click.option("--calibration", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Training images of --data that calibrate the INT8 activation ranges (--int8).")
 @click.option("--layers", "layer_study", is_flag=True,
               help="Also the per-layer study: each conv as one GEMM, dense vs CSR (unstructured) vs compact.")
 @click.option("--paper-table", type=click.Choice(["alexnet"]), default=None,
@@ -95,17 +102,19 @@ def _plot_bytes(result) -> bytes:
 @click.option("--plot", default=None, type=click.Path(dir_okay=False),
               help="Write a PNG chart here (needs matplotlib: pip install sslcompress[plot]).")
 @click.option("--models-dir", default=None, type=click.Path(file_okay=False),
-              help="Also write the three ONNX variants here (dense.onnx, unstructured.onnx, structured.onnx).")
+              help="Also write the ONNX variants here (dense.onnx, unstructured.onnx, structured.onnx; with "
+                   "--int8 also dense-int8.onnx, structured-int8.onnx).")
 @click.option("--no-pin", is_flag=True, help="Leave thread placement to the OS (default: the timing thread and "
                                            "ORT's workers on the same CPUs for every variant).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the input and the bootstrap.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress.")
 def bench(target: str | None, dense: str | None, unstructured: str | None, structured: str | None,
           providers: tuple[str, ...], threads: str, batches: str | None, warmup: int, repeat: int | None,
-          min_time: float | None, data: str | None, data_limit: int, layer_study: bool, paper_table: str | None,
-          as_json: bool, out: str | None, markdown: str | None, plot: str | None, models_dir: str | None,
+          min_time: float | None, data: str | None, data_limit: int, int8: bool, calibration: int,
+          layer_study: bool, paper_table: str | None, as_json: bool, out: str | None, markdown: str | None, plot: str | None, models_dir: str | None,
           no_pin: bool, seed: int, quiet: bool) -> None:
-    """Time the dense, unstructured-sparse and structured-sparse model side by side in ONNX Runtime.
+    """Time the dense, unstructured-sparse and structured-sparse model side by side in ONNX Runtime
+    (with --int8, also the dense and the structured model in INT8).
 
     RUN_DIR_OR_CHECKPOINT: a finetune run folder (sparse.pt, and pretrained.pt as the dense model when
     present), a checkpoint, or an ONNX model with exact zeros. Stock ONNX Runtime runs the unstructured
@@ -117,16 +126,17 @@ def bench(target: str | None, dense: str | None, unstructured: str | None, struc
     from ..console import BenchProgress, print_bench
     from ..io import atomic_write_group, check_distinct_paths
 
-    check_distinct_paths(_bench_outputs(out, markdown, plot, models_dir), _bench_inputs(target, dense, unstructured,
-                                                                                        structured))
+    check_distinct_paths(_bench_outputs(out, markdown, plot, models_dir, int8),
+                         _bench_inputs(target, dense, unstructured, structured))
     config = BenchConfig(
         target=target, dense=dense, unstructured=unstructured, structured=structured,
         providers=tuple(dict.fromkeys(p.strip().lower() for v in (providers or ("cpu",)) for p in v.split(",")
                                       if p.strip())),
         threads=_int_list(threads, "--threads", allow_all=True),
         batches=_int_list(batches, "--batch") if batches is not None else None,
-        warmup=warmup, repeat=repeat, min_time=min_time, data=data, data_limit=data_limit, layers=layer_study,
-        paper_table=paper_table, models_dir=models_dir, pin=not no_pin, seed=seed)
+        warmup=warmup, repeat=repeat, min_time=min_time, data=data, data_limit=data_limit, int8=int8,
+        calibration=calibration, layers=layer_study, paper_table=paper_table, models_dir=models_dir, pin=not no_pin,
+        seed=seed)
     if plot:
         require_matplotlib()
     with BenchProgress(enabled=not (quiet or as_json)) as progress:
@@ -183,7 +193,8 @@ def demo(out: str, model: str, threads: str, quick: bool, quiet: bool) -> None:
         baseline = unstructured_stage(paths, progress.on_event)
     click.echo(f"unstructured: top-1 {baseline.accuracy:.2%} (one-shot pruning without training would leave "
                f"{baseline.accuracy_pruned:.2%})")
-    click.echo("4/4 bench: dense vs unstructured vs structured in ONNX Runtime (CPU)")
+    click.echo("4/4 bench: dense vs unstructured vs structured, and dense and structured in INT8, in ONNX Runtime"
+               " (CPU)")
     with BenchProgress(enabled=not quiet) as progress:
         result = run_bench(bench_config(paths, quick, _int_list(threads, "--threads", allow_all=True)),
                            progress.on_event)
