@@ -56,6 +56,13 @@ def result(run_dir, tmp_path_factory):
     return run_bench(config)
 
 
+def _one_line_error(res) -> str:
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in res.output, res.output
+    return lines[0]
+
+
 def _ops(path: str) -> set[str]:
     return {n.op_type for n in onnx.load(path).graph.node}
 
@@ -143,10 +150,7 @@ def test_cli_int8_prints_the_five_way_table_and_the_factors(run_dir, tmp_path):
 def test_int8_without_data_is_one_line_and_writes_nothing(run_dir, tmp_path):
     out = tmp_path / "r.json"
     res = CliRunner().invoke(main, ["bench", str(run_dir), "--int8", "--out", str(out), *FAST])
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in res.output, res.output
-    assert "--int8 needs --data" in lines[0]
+    assert "--int8 needs --data" in _one_line_error(res)
     assert not out.exists()
 
 
@@ -157,3 +161,11 @@ def test_a_variant_set_lists_dense_first_and_names_once():
     for bad in ((other, dense), (dense, other, other)):
         with pytest.raises(ValueError, match="dense first"):
             VariantSet(bad)
+
+
+def test_a_model_quantized_already_is_refused_by_name(result):
+    paths = {n: result.variant(n).path for n in ("dense-int8", "unstructured", "structured")}
+    res = CliRunner().invoke(main, ["bench", "--dense", paths["dense-int8"], "--unstructured", paths["unstructured"],
+                                    "--structured", paths["structured"], "--int8", "--data", "digits", *FAST])
+    line = _one_line_error(res)
+    assert "--int8, the dense model" in line and "quantized already" in line
