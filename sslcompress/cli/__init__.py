@@ -120,4 +120,4 @@ def main() -> None:
 
 
 
-from . import bench, cut, quantize, train  # noqa: E402,F401  (the commands register themselves on `main`)
+from . import bench, cut, profile, quantize, train  # noqa: E402,F401  (the commands register themselves on `main`)

@@ -88,6 +88,12 @@ class Layer:
     # Output sizes of further calls of the same module (weights shared, so the same channel ids): each call
     # costs its own MACs.
     more_hw: list[tuple[int, int]] = field(default_factory=list)
+    # Conv geometry of the first call (what fixes a layer's speed beside its widths, for the latency table):
+    # stride, padding (top, left), dilation and input spatial size; their defaults fit a Linear.
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    in_hw: tuple[int, int] = (1, 1)
 
     @property
     def calls(self) -> int:
@@ -449,13 +455,13 @@ def _module_ids(b, node, mod, x, shape, layers, norms, input_ids, wall):
             per_group = mod.out_channels // mod.groups
             out = [i for i in x for _ in range(per_group)]
             layers[name] = Layer(name, "conv", tuple(mod.weight.shape), mod.bias is not None, mod.groups,
-                                 out_hw, list(x), out)
+                                 out_hw, list(x), out, **_conv_geometry(mod, node))
             return out
         # A grouped conv's outputs are new channels too; which of them and of its inputs an export can
         # delete while its groups stay equal is decided on the weights (finetune/grouped.py).
         out = b.fresh(mod.out_channels)
         layers[name] = Layer(name, "conv", tuple(mod.weight.shape), mod.bias is not None, mod.groups,
-                             out_hw, list(x), out)
+                             out_hw, list(x), out, **_conv_geometry(mod, node))
         return out
     if isinstance(mod, nn.Linear):
         if x is None or shape is None or len(shape) != 2 or len(x) != mod.in_features:
@@ -477,6 +483,25 @@ def _module_ids(b, node, mod, x, shape, layers, norms, input_ids, wall):
     if isinstance(mod, nn.Flatten):
         return _flatten(b, node, x, shape, input_ids, wall)
     return wall(node, f"{type(mod).__name__} {name} (channel mixing or f(0) != 0)")
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def _conv_geometry(mod: nn.Conv2d, node: fx.Node) -> dict:
+    """Stride, padding, dilation and input size of a conv call; padding 'same' as the (top, left) pad torch
+    uses (the extra pixel of an even total goes to the bottom and right), 'valid' as none."""
+    kernel, dilation = _pair(mod.kernel_size), _pair(mod.dilation)
+    if mod.padding == "same":
+        padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, kernel))
+    elif mod.padding == "valid":
+        padding = (0, 0)
+    else:
+        padding = _pair(mod.padding)
+    src = _shape(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+    in_hw = (src[2], src[3]) if src is not None and len(src) == 4 else (1, 1)
+    return {"stride": _pair(mod.stride), "padding": padding, "dilation": dilation, "in_hw": in_hw}
 
 
 def _called_again(b, node, first: Layer, x, shape, wall):

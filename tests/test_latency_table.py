@@ -1,0 +1,334 @@
+"""The latency table (sslcompress.latency) and `sslcompress profile`: key and cache path, JSON, grids,
+measuring only what a table lacks, prediction by interpolation, and the CLI. No timing values are asserted
+beyond being finite and positive: the machine is shared."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from sslcompress.cli import main
+from sslcompress.errors import ConfigError
+from sslcompress.finetune.counting import Counter
+from sslcompress.finetune.structure import analyze
+from sslcompress.latency import (
+    LatencyTable,
+    Signature,
+    current_key,
+    default_path,
+    default_step,
+    load_table,
+    predict,
+    predict_dense,
+    profile_model,
+    save_table,
+    signatures_of,
+    width_grid,
+)
+from sslcompress.latency.predict import entry_latency, fingerprint, layer_latency, layers_latency
+from sslcompress.latency.profile import missing_points
+from sslcompress.latency.table import ModelTiming
+from sslcompress.models import ModelSpec, build_model
+
+LENET = (1, 1, 28, 28)
+RESNET = (1, 3, 32, 32)
+COARSE = 250  # lenet's grid: full widths and a few points on the wide Linear layers
+
+
+def _lenet() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(ModelSpec("lenet5", 10, 1, (28, 28))).eval()
+
+
+def _resnet20() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(ModelSpec("resnet20", 10, 3, (32, 32))).eval()
+
+
+@pytest.fixture(scope="module")
+def lenet_table():
+    """lenet5 profiled once, coarsely, with every measurement recorded."""
+    model, events = _lenet(), []
+    table = profile_model(model, LENET, current_key(), step=COARSE, on_progress=events.append, rounds=1)
+    return model, table, events
+
+
+def _synthetic(structure, step: int) -> LatencyTable:
+    """A table on the grid profile would measure, filled with f(in, out) = 0.01 + 0.001 in out per call:
+    bilinear interpolation reproduces such an f exactly at any width."""
+    table = LatencyTable(current_key())
+    for sig, points in missing_points(table, structure, step).items():
+        table.entry(sig).points = {(i, o): _f(i, o) for i, o in points}
+    return table
+
+
+def _f(i: float, o: float) -> float:
+    return 0.01 + 0.001 * i * o
+
+
+# ---------------------------------------------------------------- key, path, JSON
+def test_key_slug_and_default_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("SSLCOMPRESS_CACHE_DIR", str(tmp_path))
+    key = current_key("cpu", threads=2, batch=8)
+    assert key.cpus >= 1 and key.ort_version == ort.__version__ and key.machine
+    path = default_path(key)
+    assert path.parent == tmp_path / "latency"
+    assert path.name == f"{key.slug()}-{key.digest()}.json"
+    assert "-cpu-t2-b8-ort" in key.slug() and " " not in path.name
+    assert default_path(key, tmp_path / "elsewhere").parent == tmp_path / "elsewhere"
+
+
+def test_a_different_key_gives_another_file(tmp_path):
+    one, eight = current_key(batch=1), current_key(batch=8)
+    assert default_path(one, tmp_path) != default_path(eight, tmp_path)
+    assert current_key(threads=2).digest() != one.digest()
+    save_table(LatencyTable(one), default_path(one, tmp_path))
+    with pytest.raises(ConfigError, match="batch 8"):
+        load_table(default_path(one, tmp_path), eight)
+
+
+def test_bad_key_settings_are_refused():
+    with pytest.raises(ConfigError, match="tpu"):
+        current_key("tpu")
+    with pytest.raises(ConfigError, match="threads"):
+        current_key(threads=0)
+
+
+def test_json_round_trip(lenet_table, tmp_path):
+    _, table, _ = lenet_table
+    path = tmp_path / "sub" / "table.json"
+    save_table(table, path)
+    back = load_table(path, table.key)
+    assert back.to_dict() == table.to_dict()
+    assert back.entries.keys() == table.entries.keys()
+    assert {fp: m.total_ms for fp, m in back.models.items()} == {fp: m.total_ms for fp, m in table.models.items()}
+    assert json.loads(path.read_text())["format"] == "sslcompress-latency-table"
+
+
+def test_a_file_that_is_not_a_table_is_refused(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text('{"format": "something else"}')
+    with pytest.raises(ConfigError, match="not a latency table"):
+        load_table(path)
+
+
+# ---------------------------------------------------------------- grids
+def test_width_grid_is_the_multiples_of_step_and_the_full_width():
+    assert width_grid(64, 16) == [16, 32, 48, 64]
+    assert width_grid(50, 16) == [16, 32, 48, 50]
+    assert width_grid(5, 8) == [5]
+    assert width_grid(12, 5, multiple=4) == [8, 12]  # a grouped conv's widths stay multiples of its groups
+    assert default_step(512) == 32 and default_step(64) == 8 and default_step(16) == 8 and default_step(10) == 1
+    assert width_grid(100) == [8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 100]
+
+
+def test_profile_grid_holds_step_multiples_and_pins_fixed_widths():
+    structure = analyze(_resnet20(), RESNET)
+    plan = missing_points(LatencyTable(current_key()), structure, 8)
+    by_layer = {name: signatures_of(lay)[0] for name, lay in structure.layers.items()}
+    stage1 = plan[by_layer["layer1.0.conv1"]]
+    assert sorted({i for i, _ in stage1}) == [8, 16] and sorted({o for _, o in stage1}) == [8, 16]
+    assert len(stage1) == 4
+    assert {i for i, _ in plan[by_layer["conv1"]]} == {3}  # the model's input channels never change
+    assert {o for _, o in plan[by_layer["fc"]]} == {10}  # nor do its outputs
+    assert {i for i, _ in plan[by_layer["fc"]]} == set(range(8, 65, 8))
+
+
+def test_depthwise_conv_has_one_width_axis():
+    model = nn.Sequential(nn.Conv2d(3, 32, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1, groups=32),
+                          nn.ReLU(), nn.Conv2d(64, 8, 1)).eval()
+    structure = analyze(model, (1, 3, 16, 16))
+    (sig,) = signatures_of(structure.layers["2"])
+    assert sig.depthwise and sig.multiplier == 2
+    points = missing_points(LatencyTable(current_key()), structure, 8)[sig]
+    assert points == [(w, 2 * w) for w in (8, 16, 24, 32)]
+    table = profile_model(model, (1, 3, 16, 16), current_key(), step=8, rounds=1)
+    entry = table.entries[sig.ident()]
+    assert entry.ins() == [8, 16, 24, 32] and len(entry.points) == 4
+    # between grid points the one axis interpolates linearly
+    mid = entry_latency(entry, 12, 24)
+    assert mid == pytest.approx((entry.points[(8, 16)] + entry.points[(16, 32)]) / 2)
+
+
+# ---------------------------------------------------------------- measuring only what is missing
+def test_profile_measures_finite_positive_latencies(lenet_table):
+    model, table, events = lenet_table
+    assert events and events[-1].done == events[-1].total == len(events)
+    assert all(math.isfinite(ms) and ms > 0 for e in table.entries.values() for ms in e.points.values())
+    (timing,) = table.models.values()
+    assert timing.total_ms > 0 and timing.layers_ms > 0
+    assert predict_dense(table, analyze(model, LENET)) == pytest.approx(timing.total_ms)
+
+
+def test_a_second_profile_measures_nothing(lenet_table):
+    model, table, events = lenet_table
+    before = table.to_dict()
+    again = []
+    profile_model(model, LENET, current_key(), table, step=COARSE, on_progress=again.append, rounds=1)
+    assert len(events) > 0 and again == []
+    assert table.to_dict() == before
+
+
+def test_a_finer_step_measures_only_new_points_and_keeps_the_grid_rectangular(lenet_table):
+    model, table, _ = lenet_table
+    table = LatencyTable.from_dict(table.to_dict())  # a copy: the fixture's table stays as it was
+    before = {k: dict(e.points) for k, e in table.entries.items()}
+    added = []
+    profile_model(model, LENET, current_key(), table, step=200, on_progress=added.append, rounds=1)
+    assert added and all(e.stage == "layers" for e in added)  # the whole model was timed before
+    for ident, entry in table.entries.items():
+        assert before[ident].items() <= entry.points.items()
+        assert len(entry.points) == len(entry.ins()) * len(entry.outs())
+    assert len(added) == sum(len(e.points) for e in table.entries.values()) - sum(map(len, before.values()))
+
+
+def test_a_table_of_another_key_is_refused(lenet_table):
+    model, table, _ = lenet_table
+    with pytest.raises(ConfigError, match="another machine"):
+        profile_model(model, LENET, current_key(batch=4), table)
+
+
+# ---------------------------------------------------------------- prediction
+def _zero_filters(model: nn.Module, name: str, keep: int) -> None:
+    """Zero all but the first `keep` filters of a conv, with their BatchNorm scale and shift."""
+    conv, bn = model.get_submodule(name), model.get_submodule(name.replace("conv", "bn"))
+    with torch.no_grad():
+        for p in (conv.weight, bn.weight, bn.bias):
+            p[keep:] = 0
+
+
+def test_prediction_is_the_table_value_at_grid_widths():
+    model = _resnet20()
+    structure = analyze(model, RESNET)
+    table = _synthetic(structure, 8)
+    _zero_filters(model, "layer1.0.conv1", 8)  # 8 of 16: a grid width
+    count = Counter(model, RESNET, structure).count()
+    lay = structure.layers["layer1.0.conv1"]
+    assert count.layer("layer1.0.conv1").filters == (8, 16)
+    assert layer_latency(table, lay, count.layer("layer1.0.conv1")) == pytest.approx(_f(16, 8))
+    assert layer_latency(table, structure.layers["layer1.0.conv2"], count.layer("layer1.0.conv2")) \
+        == pytest.approx(_f(8, 16))
+    dense = layers_latency(table, structure)
+    assert predict(table, structure, count) == pytest.approx(dense - _f(16, 16) * 2 + _f(16, 8) + _f(8, 16))
+
+
+def test_prediction_interpolates_between_grid_widths():
+    model = _resnet20()
+    structure = analyze(model, RESNET)
+    table = _synthetic(structure, 16)  # stage-2 grid 16, 32; stage 3: 16 .. 64
+    _zero_filters(model, "layer2.0.conv1", 21)
+    _zero_filters(model, "layer3.1.conv1", 37)
+    count = Counter(model, RESNET, structure).count()
+    assert layer_latency(table, structure.layers["layer2.0.conv1"], count.layer("layer2.0.conv1")) \
+        == pytest.approx(_f(16, 21))
+    assert layer_latency(table, structure.layers["layer3.1.conv2"], count.layer("layer3.1.conv2")) \
+        == pytest.approx(_f(37, 64))
+    # and really between two measured points, not at one of them
+    entry = table.entries[signatures_of(structure.layers["layer3.1.conv1"])[0].ident()]
+    assert entry.outs() == [16, 32, 48, 64]
+    lo, hi = entry.points[(64, 32)], entry.points[(64, 48)]
+    assert lo < entry_latency(entry, 64, 37) < hi
+
+
+def test_widths_below_the_grid_cost_the_smallest_measured_width():
+    model = _resnet20()
+    structure = analyze(model, RESNET)
+    table = _synthetic(structure, 8)
+    _zero_filters(model, "layer1.0.conv1", 3)
+    count = Counter(model, RESNET, structure).count()
+    assert layer_latency(table, structure.layers["layer1.0.conv1"], count.layer("layer1.0.conv1")) \
+        == pytest.approx(_f(16, 8))
+
+
+def test_removed_layers_cost_nothing():
+    model = _resnet20()
+    structure = analyze(model, RESNET)
+    table = _synthetic(structure, 8)
+    with torch.no_grad():
+        for name in ("layer1.0.conv1", "layer1.0.bn1", "layer1.0.conv2", "layer1.0.bn2"):
+            for p in model.get_submodule(name).parameters():
+                p.zero_()
+    count = Counter(model, RESNET, structure).count()
+    assert "layer1.0" in count.blocks_removed
+    for name in ("layer1.0.conv1", "layer1.0.conv2"):
+        assert count.layer(name).removed
+        assert layer_latency(table, structure.layers[name], count.layer(name)) == 0.0
+    assert predict(table, structure, count) == pytest.approx(layers_latency(table, structure) - 2 * _f(16, 16))
+
+
+def test_calibration_scales_the_overhead_with_the_layers():
+    model = _resnet20()
+    structure = analyze(model, RESNET)
+    table = _synthetic(structure, 8)
+    dense = layers_latency(table, structure)
+    table.models[fingerprint(structure)] = ModelTiming("resnet20", total_ms=dense + 1.0, layers_ms=dense)
+    assert predict_dense(table, structure) == pytest.approx(dense + 1.0)
+    _zero_filters(model, "layer1.0.conv1", 8)
+    count = Counter(model, RESNET, structure).count()
+    layers = layers_latency(table, structure, count)
+    assert predict(table, structure, count) == pytest.approx(layers + 1.0 * layers / dense)
+
+
+def test_a_layer_the_table_lacks_is_named():
+    structure = analyze(_resnet20(), RESNET)
+    with pytest.raises(ConfigError, match="conv1"):
+        predict(LatencyTable(current_key()), structure)
+
+
+def test_signature_round_trip():
+    sig = Signature("conv", 64, 32, (3, 3), (2, 2), (1, 1), (1, 1), 1, (16, 16))
+    assert Signature.from_dict(json.loads(json.dumps(sig.to_dict()))) == sig
+    assert "s2x2" in sig.ident() and "hw16x16" in sig.ident()
+
+
+# ---------------------------------------------------------------- CLI
+def test_cli_writes_the_table_and_prints_it(tmp_path):
+    path = tmp_path / "lenet.json"
+    args = ["profile", "--model", "lenet5", "--step", str(COARSE), "--rounds", "1", "--table", str(path), "-q"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert path.is_file() and load_table(path, current_key()).entries
+    assert "fc1" in res.output and f"table: {path}" in res.output and "dense:" in res.output
+    again = CliRunner().invoke(main, [*args, "--json"])
+    assert again.exit_code == 0, again.output
+    summary = json.loads(again.output)
+    assert summary["measured"] == 0 and summary["dense_ms"] > 0 and summary["table"] == str(path)
+    assert [r["layer"] for r in summary["layers"]] == ["conv1", "conv2", "fc1", "fc2"]
+
+
+def test_cli_default_table_goes_to_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSLCOMPRESS_CACHE_DIR", str(tmp_path))
+    res = CliRunner().invoke(main, ["profile", "--model", "lenet5", "--step", str(COARSE), "--rounds", "1",
+                                    "--batch", "2", "-q"])
+    assert res.exit_code == 0, res.output
+    (path,) = (tmp_path / "latency").glob("*.json")
+    assert path == default_path(current_key(batch=2))
+
+
+def test_cli_table_of_another_key_is_one_line(tmp_path):
+    path = tmp_path / "t.json"
+    save_table(LatencyTable(current_key(batch=8)), path)
+    res = CliRunner().invoke(main, ["profile", "--model", "lenet5", "--table", str(path), "-q"])
+    assert res.exit_code == 2
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "batch 8" in lines[0]
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="onnxruntime-gpu is here")
+def test_cli_cuda_without_onnxruntime_gpu_is_one_line():
+    res = CliRunner().invoke(main, ["profile", "--model", "lenet5", "--provider", "cuda"])
+    assert res.exit_code == 2
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in res.output
+    assert lines[0].startswith("error:") and "onnxruntime-gpu" in lines[0]
+
+
+def test_cli_bad_input_shape_is_one_line():
+    res = CliRunner().invoke(main, ["profile", "--model", "lenet5", "--input-shape", "1,28"])
+    assert res.exit_code == 2 and "C,H,W" in res.output
