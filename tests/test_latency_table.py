@@ -31,8 +31,14 @@ from sslcompress.latency import (
     signatures_of,
     width_grid,
 )
-from sslcompress.latency.predict import entry_latency, fingerprint, layer_latency, layers_latency
-from sslcompress.latency.profile import missing_points
+from sslcompress.latency.predict import (
+    entry_latency,
+    fingerprint,
+    layer_latency,
+    layers_latency,
+    layers_parts,
+)
+from sslcompress.latency.profile import missing_points, off_block_variant
 from sslcompress.latency.table import ModelTiming
 from sslcompress.models import ModelSpec, build_model
 
@@ -133,8 +139,9 @@ def test_profile_grid_holds_step_multiples_and_pins_fixed_widths():
     plan = missing_points(LatencyTable(current_key()), structure, 8)
     by_layer = {name: signatures_of(lay)[0] for name, lay in structure.layers.items()}
     stage1 = plan[by_layer["layer1.0.conv1"]]
-    assert sorted({i for i, _ in stage1}) == [8, 16] and sorted({o for _, o in stage1}) == [8, 16]
-    assert len(stage1) == 4
+    # input widths: the grid and one below each multiple of 8, where ORT leaves its blocked convs
+    assert sorted({i for i, _ in stage1}) == [7, 8, 15, 16] and sorted({o for _, o in stage1}) == [8, 16]
+    assert len(stage1) == 8
     assert {i for i, _ in plan[by_layer["conv1"]]} == {3}  # the model's input channels never change
     assert {o for _, o in plan[by_layer["fc"]]} == {10}  # nor do its outputs
     assert {i for i, _ in plan[by_layer["fc"]]} == set(range(8, 65, 8))
@@ -147,13 +154,14 @@ def test_depthwise_conv_has_one_width_axis():
     (sig,) = signatures_of(structure.layers["2"])
     assert sig.depthwise and sig.multiplier == 2
     points = missing_points(LatencyTable(current_key()), structure, 8)[sig]
-    assert points == [(w, 2 * w) for w in (8, 16, 24, 32)]
+    widths = (7, 8, 15, 16, 23, 24, 31, 32)
+    assert points == [(w, 2 * w) for w in widths]
     table = profile_model(model, (1, 3, 16, 16), current_key(), step=8, rounds=1)
     entry = table.entries[sig.ident()]
-    assert entry.ins() == [8, 16, 24, 32] and len(entry.points) == 4
-    # between grid points the one axis interpolates linearly
-    mid = entry_latency(entry, 12, 24)
-    assert mid == pytest.approx((entry.points[(8, 16)] + entry.points[(16, 32)]) / 2)
+    assert entry.ins() == list(widths) and len(entry.points) == len(widths)
+    # between grid points the one axis interpolates linearly, among widths of the same kind
+    assert entry_latency(entry, 11, 22) == pytest.approx((entry.points[(7, 14)] + entry.points[(15, 30)]) / 2)
+    assert entry_latency(entry, 16, 32) == entry.points[(16, 32)]
 
 
 # ---------------------------------------------------------------- measuring only what is missing
@@ -162,7 +170,8 @@ def test_profile_measures_finite_positive_latencies(lenet_table):
     assert events and events[-1].done == events[-1].total == len(events)
     assert all(math.isfinite(ms) and ms > 0 for e in table.entries.values() for ms in e.points.values())
     (timing,) = table.models.values()
-    assert timing.total_ms > 0 and timing.layers_ms > 0
+    assert timing.total_ms > 0 and timing.layers_ms > 0 and timing.off_total_ms > 0
+    assert events[-1].stage == "model"
     assert predict_dense(table, analyze(model, LENET)) == pytest.approx(timing.total_ms)
 
 
@@ -236,6 +245,20 @@ def test_prediction_interpolates_between_grid_widths():
     assert lo < entry_latency(entry, 64, 37) < hi
 
 
+def test_input_widths_off_the_channel_blocks_interpolate_among_their_kind():
+    """ORT's blocked convs take input widths in multiples of 8; the others run slower, and are measured and
+    interpolated apart (here: on-block ops cost 1 ms, off-block ones 2 ms)."""
+    structure = analyze(_resnet20(), RESNET)
+    table = LatencyTable(current_key())
+    for sig, points in missing_points(table, structure, 8).items():
+        table.entry(sig).points = {(i, o): 1.0 if i % 8 == 0 else 2.0 for i, o in points}
+    entry = table.entries[signatures_of(structure.layers["layer3.1.conv1"])[0].ident()]
+    assert entry.ins() == [7, 8, 15, 16, 23, 24, 31, 32, 39, 40, 47, 48, 55, 56, 63, 64]
+    assert entry_latency(entry, 45, 64) == 2.0 and entry_latency(entry, 44, 37) == 2.0
+    assert entry_latency(entry, 40, 64) == 1.0 and entry_latency(entry, 48, 37) == 1.0
+    assert entry_latency(entry, 3, 64) == 2.0  # below the grid: the smallest width of its kind
+
+
 def test_widths_below_the_grid_cost_the_smallest_measured_width():
     model = _resnet20()
     structure = analyze(model, RESNET)
@@ -273,6 +296,45 @@ def test_calibration_scales_the_overhead_with_the_layers():
     count = Counter(model, RESNET, structure).count()
     layers = layers_latency(table, structure, count)
     assert predict(table, structure, count) == pytest.approx(layers + 1.0 * layers / dense)
+
+
+def test_two_whole_models_give_a_factor_per_kind_of_op():
+    """The dense model (mostly blocked convs) and its off-block variant (plain ones) timed whole: two
+    equations T = a_blocked B + a_plain P, solved; a prediction weighs each kind by its own factor."""
+    model = _resnet20()
+    structure = analyze(model, RESNET)
+    table = _synthetic(structure, 8)
+    blocked, plain = layers_parts(table, structure)
+    variant = off_block_variant(model, RESNET, structure)
+    off_blocked, off_plain = layers_parts(table, structure, Counter(variant, RESNET, structure).count())
+    assert blocked > 0 and plain > 0 and off_plain > plain and off_blocked < blocked
+    a_blocked, a_plain = 0.6, 0.9
+    table.models[fingerprint(structure)] = ModelTiming(
+        "resnet20", a_blocked * blocked + a_plain * plain, blocked + plain, blocked,
+        a_blocked * off_blocked + a_plain * off_plain, off_blocked, off_plain)
+    assert table.models[fingerprint(structure)].factors() == pytest.approx((a_blocked, a_plain))
+    assert predict_dense(table, structure) == pytest.approx(a_blocked * blocked + a_plain * plain)
+    _zero_filters(model, "layer3.1.conv1", 45)
+    count = Counter(model, RESNET, structure).count()
+    b, p = layers_parts(table, structure, count)
+    assert predict(table, structure, count) == pytest.approx(a_blocked * b + a_plain * p)
+
+
+def test_models_that_do_not_tell_the_kinds_apart_fall_back_to_one_factor():
+    assert ModelTiming("m", 2.0, 4.0, 0.0, 3.0, 0.0, 5.0).factors() is None  # no blocked op in either
+    assert ModelTiming("m", 2.0, 4.0, 2.0, 2.0, 2.0, 2.0).factors() is None  # the same mix twice
+    assert ModelTiming("m", 2.0, 4.0).factors() is None  # no variant
+
+
+def test_off_block_variant_narrows_every_free_width_by_one():
+    model = _resnet20()
+    structure = analyze(model, RESNET)
+    count = Counter(off_block_variant(model, RESNET, structure), RESNET, structure).count()
+    assert count.layer("conv1").channels == (3, 3) and count.layer("conv1").filters == (15, 16)
+    assert count.layer("layer1.0.conv1").filters == (15, 16)
+    assert count.layer("layer3.0.conv1").channels == (31, 32) and count.layer("layer3.0.conv1").filters == (63, 64)
+    assert count.layer("fc").channels == (63, 64) and count.layer("fc").filters == (10, 10)
+    assert next(model.parameters()).count_nonzero() == next(model.parameters()).numel()  # the model is untouched
 
 
 def test_a_layer_the_table_lacks_is_named():

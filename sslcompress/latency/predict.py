@@ -1,21 +1,30 @@
 """Latency of a model from the table: the sum of its layers' ops at the widths a count keeps, calibrated.
 
 Each layer costs its signature's table figure at its kept widths, interpolated bilinearly between grid
-points (exact at them); below the smallest measured width the smallest one's figure stands (ORT pads
+points (exact at them), along the input axis among the measured widths of the same kind only (multiples of 8,
+which ORT's blocked convs take, or the others, which run slower; see signature.py); below the smallest measured width the smallest one's figure stands (ORT pads
 channels to its blocks of 8 or 16, so a narrower op is hardly faster), and a depthwise conv interpolates
 along its one width. A layer the count removes costs 0, and a shrunk kernel (kernel_after) is not modelled:
 the table is measured at the full kernel.
 
-Calibration. The ops timed alone are not the model: activations, residual adds, pooling and ORT's layout
-changes cost time between them, while ORT fuses a conv's bias and activation in the whole graph. `profile`
-therefore times the whole dense model once and stores, per model, its total beside the sum of its layers'
-full-width figures; their difference is the overhead. A prediction is the layers' sum plus that overhead
-scaled by the layers' fraction of their dense sum:
+Calibration. The ops timed alone are not the model: activations, residual adds, pooling cost time between
+them, ORT fuses a conv's bias and activation in the whole graph, and, the largest effect on a CPU, a conv ORT
+runs in its blocked layout (NCHWc, input widths in multiples of 8) pays a reorder of its input and output when
+timed alone, which a chain of such convs in the whole graph pays once (resnet20: the whole dense model 0.80 ms,
+the sum of its convs alone 1.37 ms). A compact model whose widths left the blocks runs plain convs, which pay
+no reorder alone either, so one factor for all ops would be wrong for it (a random 50% pruning of resnet20 was
+predicted 25% low with one).
 
-    predicted = layers + overhead x layers / layers_dense  (= layers x total / layers_dense)
+`profile` therefore times two whole models once, stored per model: the dense one and its *off-block variant*
+(every free width one channel narrower, exported and cut by the surgery, so its convs leave the blocked
+layout). With the layers' table sums split into blocked (B) and plain (P) ops, the two totals give two
+equations, T = a_blocked x B + a_plain x P, solved for the two factors; a prediction is
 
-so the dense model is predicted exactly as measured, and the overhead shrinks with the layers, as the
-activations and adds between them thin with their widths. A model the table has no whole-model figure for is
+    predicted = a_blocked x B(widths kept) + a_plain x P(widths kept)
+
+which gives the dense model exactly as measured. Where there is no variant (nothing to narrow), or the two
+models do not tell the kinds apart, one factor: the layers' sum plus the dense overhead scaled by the layers'
+fraction of their dense sum (layers x total / layers_dense). A model the table has no whole-model figure for is
 predicted by its layers alone.
 """
 
@@ -28,7 +37,7 @@ import json
 from ..errors import ConfigError
 from ..finetune.counting import LayerCount, ModelCount
 from ..finetune.structure import Layer, ModelStructure
-from .signature import Signature, signatures_of
+from .signature import Signature, on_block, signatures_of
 from .table import Entry, LatencyTable
 
 
@@ -51,12 +60,19 @@ def _bracket(xs: list[int], v: float) -> tuple[int, int, float]:
     return lo, hi, (v - xs[lo]) / (xs[hi] - xs[lo])
 
 
+def _same_kind(ins: list[int], width: float) -> list[int]:
+    """The measured input widths of the kind `width` is (filling whole channel blocks or not; signature.py),
+    where the table has any of that kind."""
+    same = [i for i in ins if on_block(i) == on_block(width)]
+    return same or ins
+
+
 def entry_latency(entry: Entry, in_width: float, out_width: float) -> float:
     """The entry's ms at these widths: bilinear between grid points (one axis for a depthwise conv)."""
     if not entry.points:
         raise ConfigError(f"the latency table has no figures for {entry.signature.ident()}")
     sig = entry.signature
-    ins = entry.ins()
+    ins = _same_kind(entry.ins(), in_width)
     if sig.depthwise:
         by_in = {i: ms for (i, _), ms in entry.points.items()}
         a, b, t = _bracket(ins, in_width)
@@ -81,32 +97,59 @@ def _entry(table: LatencyTable, sig: Signature, layer: str) -> Entry:
     return entry
 
 
-def layer_latency(table: LatencyTable, layer: Layer, counted: LayerCount | None = None) -> float:
-    """ms of every call of one layer at the widths `counted` keeps (full widths without it; 0 if removed)."""
+def _blocked(sig: Signature, in_width: int) -> bool:
+    """Whether ORT runs this op in its blocked layout: a dense or depthwise conv whose input width fills whole
+    channel blocks (signature.py)."""
+    return sig.kind == "conv" and (sig.groups == 1 or sig.depthwise) and on_block(in_width)
+
+
+def layer_parts(table: LatencyTable, layer: Layer, counted: LayerCount | None = None) -> tuple[float, float]:
+    """(blocked, plain) ms of every call of one layer at the widths `counted` keeps (full widths without it;
+    0 if removed): its table figure, filed under the kind of op ORT makes of it."""
     if counted is not None and counted.removed:
-        return 0.0
-    total = 0.0
+        return 0.0, 0.0
+    blocked = plain = 0.0
     for sig in signatures_of(layer):
         if counted is None:
             cin, cout = sig.in_full, sig.out_full
         else:
             cin, cout = counted.channels[0], counted.filters[0]
-        total += entry_latency(_entry(table, sig, layer.name), cin, cout)
-    return total
+        ms = entry_latency(_entry(table, sig, layer.name), cin, cout)
+        if _blocked(sig, cin):
+            blocked += ms
+        else:
+            plain += ms
+    return blocked, plain
+
+
+def layer_latency(table: LatencyTable, layer: Layer, counted: LayerCount | None = None) -> float:
+    """ms of every call of one layer at the widths `counted` keeps (full widths without it; 0 if removed)."""
+    return sum(layer_parts(table, layer, counted))
+
+
+def layers_parts(table: LatencyTable, structure: ModelStructure, count: ModelCount | None = None
+                 ) -> tuple[float, float]:
+    """The layers' (blocked, plain) table sums at the count's widths (full widths without a count)."""
+    parts = [layer_parts(table, lay, count.layer(name) if count is not None else None)
+             for name, lay in structure.layers.items()]
+    return sum(b for b, _ in parts), sum(p for _, p in parts)
 
 
 def layers_latency(table: LatencyTable, structure: ModelStructure, count: ModelCount | None = None) -> float:
     """The sum of the layers' table figures, at the count's widths (full widths without a count)."""
-    return sum(layer_latency(table, lay, count.layer(name) if count is not None else None)
-               for name, lay in structure.layers.items())
+    return sum(layers_parts(table, structure, count))
 
 
 def predict(table: LatencyTable, structure: ModelStructure, count: ModelCount | None = None) -> float:
     """Predicted ms of the model `count` describes (the dense model without one), calibrated as above."""
-    layers = layers_latency(table, structure, count)
+    blocked, plain = layers_parts(table, structure, count)
+    layers = blocked + plain
     timing = table.models.get(fingerprint(structure))
     if timing is None or timing.layers_ms <= 0:
         return layers
+    factors = timing.factors()
+    if factors is not None:
+        return factors[0] * blocked + factors[1] * plain
     return layers + timing.overhead_ms * layers / timing.layers_ms
 
 

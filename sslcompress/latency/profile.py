@@ -2,7 +2,8 @@
 dense model once, in ONNX Runtime sessions made by `sslcompress.runtime.create_session`.
 
 A width the graph pins (the model's input channels, its outputs, channels behind an op the analysis cannot
-follow) never changes, so only its full width is measured. The table is filled in place: a second profile
+follow) never changes, so only its full width is measured. A conv's free input width is measured at the grid's
+widths and at the off-block widths one below each multiple of 8 (signature.py says why). The table is filled in place: a second profile
 of the same model measures nothing.
 """
 
@@ -22,13 +23,15 @@ from ..errors import ConfigError
 from ..finetune.structure import Layer, ModelStructure, analyze
 from .key import TableKey
 from .ops import op_model
-from .predict import fingerprint, layers_latency
-from .signature import Signature, signatures_of, width_grid
+from .predict import fingerprint, layers_parts
+from .signature import Signature, off_block, signatures_of, width_grid
 from .table import LatencyTable, ModelTiming, load_table
 
 ROUNDS = 5  # samples per op; the median is kept
 WARMUP = 3
 SAMPLE_S = 0.005  # each sample repeats the op for about this long
+WHOLE_ROUNDS = 4  # the whole models calibrate every prediction: timed longer than one op
+WHOLE_SAMPLE_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,8 @@ def _axes(structure: ModelStructure, layer: Layer, sig: Signature, step: int | N
     """Input and output widths to measure for one call of a layer (a depthwise conv: input widths only)."""
     multiple = sig.groups if sig.kind == "conv" and not sig.depthwise else 1
     ins = [sig.in_full] if _pinned(structure, layer.in_ids) else width_grid(sig.in_full, step, multiple)
+    if sig.kind == "conv" and multiple == 1 and len(ins) > 1:
+        ins = sorted({*ins, *off_block(ins)})  # the widths that leave ORT's blocked layout (signature.py)
     if sig.depthwise:
         return ins, []
     outs = [sig.out_full] if _pinned(structure, layer.out_ids) else width_grid(sig.out_full, step, multiple)
@@ -89,16 +94,22 @@ def missing_points(table: LatencyTable, structure: ModelStructure, step: int | N
     return plan
 
 
-def time_session(model, x_shape: tuple[int, ...], key: TableKey, rounds: int = ROUNDS) -> float:
-    """Median ms of one inference of `model` on a random input of `x_shape`, in a session of the key's
-    provider and threads."""
+def time_sessions(models: dict[str, object], x_shape: tuple[int, ...], key: TableKey, rounds: int = ROUNDS,
+                  sample_time: float = SAMPLE_S) -> dict[str, float]:
+    """Median ms of one inference of each model on a random input of `x_shape`, in sessions of the key's
+    provider and threads, timed in the same rounds (rotating order) so that the machine's drift falls on all."""
     from ..runtime import create_session, interleaved, runner
 
-    session = create_session(model, provider=key.provider, threads=key.threads)
     x = np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)
-    (_, samples), = interleaved({"op": runner(session, x, key.provider)}, repeat=rounds, warmup=WARMUP,
-                                sample_time=SAMPLE_S).values()
-    return 1e3 * statistics.median(samples)
+    runs = {n: runner(create_session(m, provider=key.provider, threads=key.threads), x, key.provider)
+            for n, m in models.items()}
+    raw = interleaved(runs, repeat=rounds, warmup=WARMUP, sample_time=sample_time)
+    return {n: 1e3 * statistics.median(samples) for n, (_, samples) in raw.items()}
+
+
+def time_session(model, x_shape: tuple[int, ...], key: TableKey, rounds: int = ROUNDS) -> float:
+    """Median ms of one inference of `model` (an ONNX model) on a random input of `x_shape`."""
+    return time_sessions({"op": model}, x_shape, key, rounds)["op"]
 
 
 def time_op(sig: Signature, in_width: int, out_width: int, key: TableKey, rounds: int = ROUNDS) -> float:
@@ -106,16 +117,69 @@ def time_op(sig: Signature, in_width: int, out_width: int, key: TableKey, rounds
     return time_session(model, x_shape, key, rounds)
 
 
-def time_model(model: nn.Module, input_shape: tuple[int, ...], key: TableKey, rounds: int = ROUNDS) -> float:
-    """Median ms of the whole model, exported as `export --onnx` does (BatchNorm folded), at the key's batch."""
+def _exported(model: nn.Module, input_shape: tuple[int, ...]):
+    """The model exported as `export --onnx` does (BatchNorm folded), batch dynamic."""
     from ..surgery.export import export_onnx
 
     training = model.training
     try:
-        exported = export_onnx(model.eval(), (1, *input_shape[1:]), dynamic_batch=True).model
+        return export_onnx(model.eval(), (1, *input_shape[1:]), dynamic_batch=True).model
     finally:
         model.train(training)
-    return time_session(exported, (key.batch, *input_shape[1:]), key, rounds)
+
+
+def off_block_variant(model: nn.Module, input_shape: tuple[int, ...], structure: ModelStructure) -> nn.Module | None:
+    """A copy of `model` with one filter group zeroed in every free width (the channels a set of layers
+    writes, coupled through residual adds): each conv reading it then leaves ORT's blocked layout. None where
+    no width is free."""
+    import copy
+
+    from ..finetune.groups import build_groups
+
+    groups = {g.channel: g for g in build_groups(model, input_shape, ("filter",), structure) if g.removable}
+    chosen = {}
+    for lay in structure.layers.values():
+        roots = tuple(dict.fromkeys(structure.root(i) for i in lay.out_ids))
+        if len(roots) > 1 and all(r in groups for r in roots):
+            chosen.setdefault(roots, groups[roots[-1]])
+    slices = [s for g in chosen.values() for s in g.slices]
+    if not slices or any(s.axis not in ("out", "in") for s in slices):
+        return None
+    variant = copy.deepcopy(model).eval()
+    params = dict(variant.named_parameters())
+    with torch.no_grad():
+        for s in slices:
+            params[s.param].index_fill_(0 if s.axis == "out" else 1, torch.tensor(list(s.index)), 0.0)
+    return variant
+
+
+def _cut(variant: nn.Module, input_shape: tuple[int, ...]):
+    """The variant exported and cut by the surgery; None where the surgery cannot verify the cut."""
+    from ..surgery.compress import compress
+
+    result = compress(_exported(variant, input_shape), shape_lowering="off")
+    return result.model if result.verification.passed else None
+
+
+def time_whole_models(model: nn.Module, input_shape: tuple[int, ...], key: TableKey, table: LatencyTable,
+                      structure: ModelStructure, name: str, rounds: int = ROUNDS) -> ModelTiming:
+    """The dense model and its off-block variant timed whole, in the same rounds (WHOLE_ROUNDS x `rounds`:
+    they are measured once and calibrate every prediction), beside their layers' table sums."""
+    from ..finetune.counting import Counter
+
+    with torch.no_grad():
+        models = {"dense": _exported(model, input_shape)}
+        variant = off_block_variant(model, input_shape, structure)
+        cut = _cut(variant, input_shape) if variant is not None else None
+        if cut is not None:
+            models["variant"] = cut
+        totals = time_sessions(models, (key.batch, *input_shape[1:]), key, WHOLE_ROUNDS * rounds, WHOLE_SAMPLE_S)
+    blocked, plain = layers_parts(table, structure)
+    timing = ModelTiming(name, totals["dense"], blocked + plain, blocked)
+    if cut is not None:
+        off_blocked, off_plain = layers_parts(table, structure, Counter(variant, input_shape, structure).count())
+        timing.off_total_ms, timing.off_blocked_ms, timing.off_plain_ms = totals["variant"], off_blocked, off_plain
+    return timing
 
 
 def profile_model(model: nn.Module, input_shape: tuple[int, ...], key: TableKey, table: LatencyTable | None = None,
@@ -123,7 +187,8 @@ def profile_model(model: nn.Module, input_shape: tuple[int, ...], key: TableKey,
                   rounds: int = ROUNDS, structure: ModelStructure | None = None) -> LatencyTable:
     """Measure what `table` lacks for `model` on inputs of `input_shape` (its batch is the key's) and return
     the table, filled in place (a new one without `table`): each layer signature's op on its width grid
-    (`step` apart, see signature.width_grid) and, once per model, the whole dense model's latency."""
+    (`step` apart, see signature.width_grid) and, once per model, the whole dense model and its off-block
+    variant (the calibration, predict.py)."""
     from ..runtime import check_provider
 
     check_provider(key.provider)  # a missing GPU package is one sentence before any work
@@ -148,9 +213,8 @@ def profile_model(model: nn.Module, input_shape: tuple[int, ...], key: TableKey,
             if on_progress is not None:
                 on_progress(ProfileEvent("layers", f"{sig.ident()} at {cin} -> {cout}", done, total))
     if whole:
-        with torch.no_grad():
-            total_ms = time_model(model, input_shape, key, rounds)
-        table.models[fp] = ModelTiming(name or type(model).__name__, total_ms, layers_latency(table, structure))
+        table.models[fp] = time_whole_models(model, input_shape, key, table, structure,
+                                             name or type(model).__name__, rounds)
         done += 1
         if on_progress is not None:
             on_progress(ProfileEvent("model", "whole dense model", done, total))

@@ -3,6 +3,14 @@
 Two layers with one signature (ResNet's repeated 3x3 convs of one stage) share their table entry. A
 depthwise conv (groups == input channels) has one width: each kept channel keeps its filters, so its input
 and output widths move together (out = width x channel multiplier).
+
+A conv's speed is not smooth in its input width: ORT runs a conv in its blocked layout (NCHWc) only where the
+input channels fill whole blocks of 8, and falls back to a plain conv, up to twice as slow, where they do not
+(measured on this project's AMD EPYC with AVX-512, where the boundary is 8, not 16: a 3x3 conv of 64 -> 64 channels on 8x8 took 0.051 ms, of 63 -> 63 0.079 ms, of 56
+-> 56 0.051 ms). Interpolating between widths that are multiples of 8 would miss that, so a conv's input axis
+is measured twice: at the grid's widths and one below each multiple of 8 ("off-block" widths), and a width is
+interpolated among the measured widths of its own kind (see predict.py). Output widths are padded to a block
+by ORT and need no such care.
 """
 
 from __future__ import annotations
@@ -91,6 +99,16 @@ def default_step(full: int) -> int:
     if full >= 2 * CHANNEL_BLOCK:
         step = max(CHANNEL_BLOCK, CHANNEL_BLOCK * round(step / CHANNEL_BLOCK))
     return step
+
+
+def on_block(width: float) -> bool:
+    """Whether a width fills whole channel blocks (the kind of width it is interpolated among)."""
+    return width % CHANNEL_BLOCK == 0
+
+
+def off_block(widths: list[int]) -> list[int]:
+    """One below each multiple of the block among `widths`: the input widths that leave ORT's blocked convs."""
+    return sorted({w - 1 for w in widths if w > 1 and on_block(w)} - set(widths))
 
 
 def width_grid(full: int, step: int | None = None, multiple: int = 1) -> list[int]:

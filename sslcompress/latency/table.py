@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +34,39 @@ class Entry:
 
 @dataclass
 class ModelTiming:
-    """A whole dense model timed once in ORT beside the sum of its layers' table figures."""
+    """A whole dense model timed once in ORT beside the sum of its layers' table figures, and the same for
+    its off-block variant (every free width one channel narrower), where there is one (predict.py says why).
+
+    `blocked_ms` / `plain_ms` split a layers' sum into the ops that run in ORT's blocked layout (convs whose
+    input width fills whole blocks of 8) and the others."""
 
     name: str
     total_ms: float  # the exported dense model, one session
     layers_ms: float  # the sum of its layers' ops at full width, from the table
+    blocked_ms: float | None = None
+    off_total_ms: float | None = None  # the off-block variant, exported and cut by the surgery
+    off_blocked_ms: float | None = None
+    off_plain_ms: float | None = None
 
     @property
     def overhead_ms(self) -> float:
         """What the model costs beyond its layers' ops (activations, adds, pooling, layout changes); negative
         where ORT's fusions in the whole graph save more than these ops cost."""
         return self.total_ms - self.layers_ms
+
+    def factors(self) -> tuple[float, float] | None:
+        """(blocked, plain): what one ms of a blocked / a plain op alone costs inside the whole model, solved
+        from the two whole-model timings; None without the variant, or where the two do not tell the kinds
+        apart (a singular system) or the solution is not positive."""
+        if None in (self.blocked_ms, self.off_total_ms, self.off_blocked_ms, self.off_plain_ms):
+            return None
+        b1, p1, t1 = self.blocked_ms, self.layers_ms - self.blocked_ms, self.total_ms
+        b2, p2, t2 = self.off_blocked_ms, self.off_plain_ms, self.off_total_ms
+        det, scale = b1 * p2 - p1 * b2, max(b1 * p2, p1 * b2)
+        if scale <= 0 or abs(det) < 0.05 * scale:  # the two models mix the kinds alike
+            return None
+        blocked, plain = (t1 * p2 - p1 * t2) / det, (b1 * t2 - t1 * b2) / det
+        return (blocked, plain) if blocked > 0 and plain > 0 else None
 
 
 @dataclass
@@ -63,8 +85,7 @@ class LatencyTable:
             "entries": [{"signature": e.signature.to_dict(),
                          "points": [[i, o, ms] for (i, o), ms in sorted(e.points.items())]}
                         for e in self.entries.values()],
-            "models": {fp: {"name": m.name, "total_ms": m.total_ms, "layers_ms": m.layers_ms}
-                       for fp, m in self.models.items()},
+            "models": {fp: asdict(m) for fp, m in self.models.items()},
         }
 
     @classmethod
@@ -77,9 +98,14 @@ class LatencyTable:
         for raw in d.get("entries", []):
             entry = table.entry(Signature.from_dict(raw["signature"]))
             entry.points = {(int(i), int(o)): float(ms) for i, o, ms in raw["points"]}
-        table.models = {fp: ModelTiming(str(m["name"]), float(m["total_ms"]), float(m["layers_ms"]))
-                        for fp, m in d.get("models", {}).items()}
+        table.models = {fp: _model_timing(m) for fp, m in d.get("models", {}).items()}
         return table
+
+
+def _model_timing(d: dict[str, Any]) -> ModelTiming:
+    optional = ("blocked_ms", "off_total_ms", "off_blocked_ms", "off_plain_ms")
+    return ModelTiming(str(d["name"]), float(d["total_ms"]), float(d["layers_ms"]),
+                       *(None if d.get(k) is None else float(d[k]) for k in optional))
 
 
 def save_table(table: LatencyTable, path: str | Path) -> None:
