@@ -59,11 +59,13 @@ class DemoPaths:
 
 
 # What `demo --model` offers: the built-in each name trains and what the defaults do not already say. The
-# ViT learns MLP neurons and attention heads (its convs are the patch embedding alone) to half the MACs.
+# ViT learns MLP neurons and attention heads (its convs are the patch embedding alone) to half the MACs; from
+# scratch on 1,437 digits it needs more steps than a CNN (10 epochs at lr 0.02: 45% top-1, 30 epochs: 88%).
 DEMO_MODELS: dict[str, dict[str, Any]] = {
     "lenet5": {"model": "lenet5"},
     "resnet20": {"model": "resnet20"},
-    "vit": {"model": "vit_tiny", "structures": ["neuron", "head"], "target_flops": 0.5},
+    "vit": {"model": "vit_tiny", "structures": ["neuron", "head"], "target_flops": 0.5,
+            "pretrain": {"epochs": 30, "lr": 0.02}},
 }
 
 
