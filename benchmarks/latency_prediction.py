@@ -48,7 +48,15 @@ from sslcompress.finetune.counting import Counter
 from sslcompress.finetune.groups import ParamGroup, build_groups
 from sslcompress.finetune.structure import analyze
 from sslcompress.io import atomic_write_bytes, atomic_write_json
-from sslcompress.latency import current_key, default_path, load_or_new, predict, profile_model, save_table
+from sslcompress.latency import (
+    current_key,
+    default_path,
+    load_or_new,
+    predict,
+    predict_dense,
+    profile_model,
+    save_table,
+)
 from sslcompress.models import ModelSpec, build_model, natural_input
 from sslcompress.runtime import create_session, interleaved, runner
 from sslcompress.surgery.compress import compress
@@ -148,6 +156,15 @@ def measure_ms(onnx_bytes: bytes, shape, batch: int, args) -> tuple[float, float
     return 1e3 * statistics.median(samples), 1e3 * float(q3 - q1)
 
 
+def measure_pair_ms(dense_bytes: bytes, onnx_bytes: bytes, shape, batch: int, args) -> tuple[float, float]:
+    """Median ms of the dense and the compact model timed in the same rounds: their ratio is immune to the
+    machine's drift between the profile and this measurement, which on a shared machine dwarfs the error."""
+    x = np.random.default_rng(args.seed).standard_normal((batch, *shape[1:])).astype(np.float32)
+    runs = {n: runner(create_session(b, threads=1), x, "cpu") for n, b in (("dense", dense_bytes), ("compact", onnx_bytes))}
+    raw = interleaved(runs, repeat=args.rounds, warmup=args.warmup, sample_time=args.sample_s)
+    return tuple(1e3 * statistics.median(raw[n][1]) for n in ("dense", "compact"))
+
+
 def step_for(name: str, args) -> int | None:
     return args.step_resnet18 if name == "resnet18" else args.step
 
@@ -185,6 +202,7 @@ def run_model(name: str, args, cases: list[dict], tables: dict) -> None:
                                       "points": sum(len(e.points) for e in table.entries.values()),
                                       "measured_now": len(measured_points), "seconds": profile_s}
         dense_measured = None
+        dense_bytes, dense_predicted = compacts[0][4], predict_dense(table, structure)
         for label, target, zeroed, count, onnx_bytes, totals in compacts:
             load = os.getloadavg()[0]
             measured, iqr = measure_ms(onnx_bytes, shape, batch, args)
@@ -192,15 +210,18 @@ def run_model(name: str, args, cases: list[dict], tables: dict) -> None:
             if dense_measured is None:
                 dense_measured = measured
             mac_guess = dense_measured * count.macs_fraction
+            pair_dense, pair_compact = measure_pair_ms(dense_bytes, onnx_bytes, shape, batch, args)
             case = {"model": name, "batch": batch, "case": label, "target": target, "groups_zeroed": zeroed,
                     "macs_fraction": count.macs_fraction, "onnx_macs_fraction": totals["macs_fraction"],
                     "predicted_ms": predicted, "measured_ms": measured, "measured_iqr_ms": iqr,
                     "ratio": predicted / measured, "mac_guess_ratio": mac_guess / measured,
+                    "paired_dense_ms": pair_dense, "paired_ms": pair_compact,
+                    "relative_ratio": (predicted / dense_predicted) / (pair_compact / pair_dense),
                     "load_before": load}
             cases.append(case)
             log(f"{name} b{batch} {label}: predicted {predicted:.3f} ms, measured {measured:.3f} ms "
-                f"(IQR {iqr:.3f}), ratio {case['ratio']:.3f}; MAC-proportional {case['mac_guess_ratio']:.3f} "
-                f"[load {load:.1f}]")
+                f"(IQR {iqr:.3f}), ratio {case['ratio']:.3f}; relative to dense {case['relative_ratio']:.3f}; "
+                f"MAC-proportional {case['mac_guess_ratio']:.3f} [load {load:.1f}]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +235,9 @@ def summary(cases: list[dict]) -> dict:
             "worst_ratio": max((c["ratio"] for c in pruned), key=lambda r: abs(r - 1), default=None),
             "mean_abs_error": statistics.fmean(abs(c["ratio"] - 1) for c in pruned) if pruned else None,
             "mac_guess_mean_abs_error": statistics.fmean(abs(c["mac_guess_ratio"] - 1) for c in pruned)
+            if pruned else None,
+            "relative_within_10pct": sum(abs(c["relative_ratio"] - 1) <= TOLERANCE for c in pruned),
+            "relative_mean_abs_error": statistics.fmean(abs(c["relative_ratio"] - 1) for c in pruned)
             if pruned else None}
 
 
@@ -232,19 +256,26 @@ def render_markdown(doc: dict) -> str:
         f"{doc['args']['rounds']} samples). *MAC guess* is the dense model's measured latency times the MAC "
         "fraction, for comparison.",
         "",
-        "| model | batch | case | MACs kept | predicted ms | measured ms (IQR) | predicted / measured | MAC guess / measured | load |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "*Relative*: the prediction as a fraction of the predicted dense latency, over the compact model's latency "
+        "as a fraction of the dense model's, the two timed in the same rounds right after: immune to the "
+        "machine's drift between the profile and the measurement (the other job on this machine changes its "
+        "load by tens of percent within minutes).",
+        "",
+        "| model | batch | case | MACs kept | predicted ms | measured ms (IQR) | predicted / measured | relative | MAC guess / measured | load |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in doc["cases"]:
         flag = "" if c["target"] == 1.0 or abs(c["ratio"] - 1) <= TOLERANCE else " *"
         lines.append(f"| {c['model']} | {c['batch']} | {c['case']} | {c['macs_fraction']:.1%} | "
                      f"{c['predicted_ms']:.3f} | {c['measured_ms']:.3f} ({c['measured_iqr_ms']:.3f}) | "
-                     f"{c['ratio']:.3f}{flag} | {c['mac_guess_ratio']:.3f} | {c['load_before']:.1f} |")
+                     f"{c['ratio']:.3f}{flag} | {c['relative_ratio']:.3f} | {c['mac_guess_ratio']:.3f} | "
+                     f"{c['load_before']:.1f} |")
     lines += ["", "`*`: outside the 10% target.", ""]
     if s["cases"]:
         lines.append(f"Pruned cases within 10%: **{s['within_10pct']} of {s['cases']}**; mean |ratio - 1| "
                      f"{s['mean_abs_error']:.1%} (the MAC-proportional guess: {s['mac_guess_mean_abs_error']:.1%}); "
-                     f"worst ratio {s['worst_ratio']:.3f}.")
+                     f"worst ratio {s['worst_ratio']:.3f}. Relative to dense: {s['relative_within_10pct']} of "
+                     f"{s['cases']} within 10%, mean |ratio - 1| {s['relative_mean_abs_error']:.1%}.")
     lines += ["", "Tables (profiled once, cached under benchmarks/out/latency/):", ""]
     for name, t in doc["tables"].items():
         lines.append(f"- {name}: {t['points']} grid points, {t['measured_now']} measured in this run "

@@ -38,8 +38,8 @@ from sslcompress.latency.predict import (
     layers_latency,
     layers_parts,
 )
-from sslcompress.latency.profile import missing_points, off_block_variant
-from sslcompress.latency.table import ModelTiming
+from sslcompress.latency.profile import half_variant, missing_points, off_block_variant
+from sslcompress.latency.table import ModelTiming, WholeRun
 from sslcompress.models import ModelSpec, build_model
 
 LENET = (1, 1, 28, 28)
@@ -170,7 +170,8 @@ def test_profile_measures_finite_positive_latencies(lenet_table):
     assert events and events[-1].done == events[-1].total == len(events)
     assert all(math.isfinite(ms) and ms > 0 for e in table.entries.values() for ms in e.points.values())
     (timing,) = table.models.values()
-    assert timing.total_ms > 0 and timing.layers_ms > 0 and timing.off_total_ms > 0
+    assert [r.label for r in timing.runs] == ["dense", "off-block", "half"]
+    assert all(r.total_ms > 0 and r.layers_ms > 0 for r in timing.runs)
     assert events[-1].stage == "model"
     assert predict_dense(table, analyze(model, LENET)) == pytest.approx(timing.total_ms)
 
@@ -290,7 +291,8 @@ def test_calibration_scales_the_overhead_with_the_layers():
     structure = analyze(model, RESNET)
     table = _synthetic(structure, 8)
     dense = layers_latency(table, structure)
-    table.models[fingerprint(structure)] = ModelTiming("resnet20", total_ms=dense + 1.0, layers_ms=dense)
+    table.models[fingerprint(structure)] = ModelTiming(
+        "resnet20", [WholeRun("dense", dense + 1.0, *layers_parts(table, structure))])
     assert predict_dense(table, structure) == pytest.approx(dense + 1.0)
     _zero_filters(model, "layer1.0.conv1", 8)
     count = Counter(model, RESNET, structure).count()
@@ -298,42 +300,66 @@ def test_calibration_scales_the_overhead_with_the_layers():
     assert predict(table, structure, count) == pytest.approx(layers + 1.0 * layers / dense)
 
 
-def test_two_whole_models_give_a_factor_per_kind_of_op():
-    """The dense model (mostly blocked convs) and its off-block variant (plain ones) timed whole: two
-    equations T = a_blocked B + a_plain P, solved; a prediction weighs each kind by its own factor."""
+def _runs(table, model, structure, constant, a_blocked, a_plain) -> list[WholeRun]:
+    """The dense model and its two variants as profile records them, with totals made of known factors."""
+    runs = []
+    for label, variant in (("dense", None), ("off-block", off_block_variant(model, RESNET, structure)),
+                           ("half", half_variant(model, RESNET, structure))):
+        count = Counter(variant, RESNET, structure).count() if variant is not None else None
+        b, p = layers_parts(table, structure, count)
+        runs.append(WholeRun(label, constant + a_blocked * b + a_plain * p, b, p))
+    return runs
+
+
+def test_three_whole_models_give_a_fixed_cost_and_a_factor_per_kind_of_op():
+    """The dense model (mostly blocked convs), its off-block variant (plain ones) and its half variant (small
+    blocked ones) timed whole: T = c + a_blocked B + a_plain P three times, solved; a prediction weighs each
+    kind by its own factor and adds the fixed cost."""
     model = _resnet20()
     structure = analyze(model, RESNET)
     table = _synthetic(structure, 8)
-    blocked, plain = layers_parts(table, structure)
-    variant = off_block_variant(model, RESNET, structure)
-    off_blocked, off_plain = layers_parts(table, structure, Counter(variant, RESNET, structure).count())
-    assert blocked > 0 and plain > 0 and off_plain > plain and off_blocked < blocked
-    a_blocked, a_plain = 0.6, 0.9
-    table.models[fingerprint(structure)] = ModelTiming(
-        "resnet20", a_blocked * blocked + a_plain * plain, blocked + plain, blocked,
-        a_blocked * off_blocked + a_plain * off_plain, off_blocked, off_plain)
-    assert table.models[fingerprint(structure)].factors() == pytest.approx((a_blocked, a_plain))
-    assert predict_dense(table, structure) == pytest.approx(a_blocked * blocked + a_plain * plain)
+    runs = _runs(table, model, structure, 0.2, 0.6, 0.9)
+    dense, off, half = runs
+    assert off.plain_ms > dense.plain_ms and off.blocked_ms < dense.blocked_ms and half.blocked_ms < dense.blocked_ms
+    table.models[fingerprint(structure)] = ModelTiming("resnet20", runs)
+    assert table.models[fingerprint(structure)].calibration() == pytest.approx((0.2, 0.6, 0.9))
+    assert predict_dense(table, structure) == pytest.approx(dense.total_ms)
     _zero_filters(model, "layer3.1.conv1", 45)
     count = Counter(model, RESNET, structure).count()
     b, p = layers_parts(table, structure, count)
-    assert predict(table, structure, count) == pytest.approx(a_blocked * b + a_plain * p)
+    assert predict(table, structure, count) == pytest.approx(0.2 + 0.6 * b + 0.9 * p)
+    # two runs: the factors alone
+    table.models[fingerprint(structure)] = ModelTiming("resnet20", _runs(table, model, structure, 0.0, 0.6, 0.9)[:2])
+    assert table.models[fingerprint(structure)].calibration() == pytest.approx((0.0, 0.6, 0.9))
 
 
-def test_models_that_do_not_tell_the_kinds_apart_fall_back_to_one_factor():
-    assert ModelTiming("m", 2.0, 4.0, 0.0, 3.0, 0.0, 5.0).factors() is None  # no blocked op in either
-    assert ModelTiming("m", 2.0, 4.0, 2.0, 2.0, 2.0, 2.0).factors() is None  # the same mix twice
-    assert ModelTiming("m", 2.0, 4.0).factors() is None  # no variant
+def test_calibrations_that_are_ill_posed_or_unphysical_fall_back():
+    one = [WholeRun("dense", 2.0, 1.0, 3.0)]
+    assert ModelTiming("m", one).calibration() == (0.0, 0.5, 0.5)
+    same_mix = [*one, WholeRun("off-block", 4.0, 2.0, 6.0)]
+    assert ModelTiming("m", same_mix).calibration() == (0.0, 0.5, 0.5)
+    no_blocked = [WholeRun("dense", 2.0, 0.0, 4.0), WholeRun("off-block", 3.0, 0.0, 5.0)]
+    assert ModelTiming("m", no_blocked).calibration() == (0.0, 0.5, 0.5)
+    # three runs whose exact solution costs -1 ms fixed: the factors alone instead, fitted to all three
+    negative = [WholeRun("dense", 4.0, 4.0, 1.0), WholeRun("off-block", 4.0, 1.0, 4.0), WholeRun("half", 1.5, 2.0, 0.5)]
+    constant, a_blocked, a_plain = ModelTiming("m", negative).calibration()
+    assert constant == 0.0 and a_blocked > 0 and a_plain > 0
+    # three runs that fit two factors without a constant: found exactly
+    exact = [WholeRun(r.label, 0.7 * r.blocked_ms + 0.9 * r.plain_ms, r.blocked_ms, r.plain_ms) for r in negative]
+    assert ModelTiming("m", exact).calibration() == pytest.approx((0.0, 0.7, 0.9), abs=1e-9)
 
 
-def test_off_block_variant_narrows_every_free_width_by_one():
+def test_variants_narrow_every_free_width():
     model = _resnet20()
     structure = analyze(model, RESNET)
-    count = Counter(off_block_variant(model, RESNET, structure), RESNET, structure).count()
-    assert count.layer("conv1").channels == (3, 3) and count.layer("conv1").filters == (15, 16)
-    assert count.layer("layer1.0.conv1").filters == (15, 16)
-    assert count.layer("layer3.0.conv1").channels == (31, 32) and count.layer("layer3.0.conv1").filters == (63, 64)
-    assert count.layer("fc").channels == (63, 64) and count.layer("fc").filters == (10, 10)
+    off = Counter(off_block_variant(model, RESNET, structure), RESNET, structure).count()
+    assert off.layer("conv1").channels == (3, 3) and off.layer("conv1").filters == (15, 16)
+    assert off.layer("layer1.0.conv1").filters == (15, 16)
+    assert off.layer("layer3.0.conv1").channels == (31, 32) and off.layer("layer3.0.conv1").filters == (63, 64)
+    assert off.layer("fc").channels == (63, 64) and off.layer("fc").filters == (10, 10)
+    half = Counter(half_variant(model, RESNET, structure), RESNET, structure).count()
+    assert half.layer("layer1.0.conv2").filters == (8, 16) and half.layer("layer2.0.conv1").filters == (16, 32)
+    assert half.layer("layer3.2.conv1").channels == (32, 64) and half.layer("fc").filters == (10, 10)
     assert next(model.parameters()).count_nonzero() == next(model.parameters()).numel()  # the model is untouched
 
 

@@ -25,8 +25,8 @@ def _input_shape(text: str) -> tuple[int, int, int]:
 def _model(name: str | None, weights: str | None, input_shape: str | None, num_classes: int | None):
     """The model --model / --weights name (a checkpoint's own spec where it has one), weights loaded, and the
     (1, C, H, W) shape it is profiled at."""
-    from ..errors import ConfigError
-    from ..finetune.checkpoint import CheckpointError, load_weights, read_weights
+    from ..errors import CheckpointError, ConfigError
+    from ..finetune.checkpoint import load_weights, read_weights
     from ..models import ModelSpec, build_model, natural_input
 
     state, ckpt = read_weights(weights) if weights else (None, None)

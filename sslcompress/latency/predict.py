@@ -7,25 +7,27 @@ channels to its blocks of 8 or 16, so a narrower op is hardly faster), and a dep
 along its one width. A layer the count removes costs 0, and a shrunk kernel (kernel_after) is not modelled:
 the table is measured at the full kernel.
 
-Calibration. The ops timed alone are not the model: activations, residual adds, pooling cost time between
-them, ORT fuses a conv's bias and activation in the whole graph, and, the largest effect on a CPU, a conv ORT
-runs in its blocked layout (NCHWc, input widths in multiples of 8) pays a reorder of its input and output when
-timed alone, which a chain of such convs in the whole graph pays once (resnet20: the whole dense model 0.80 ms,
-the sum of its convs alone 1.37 ms). A compact model whose widths left the blocks runs plain convs, which pay
-no reorder alone either, so one factor for all ops would be wrong for it (a random 50% pruning of resnet20 was
-predicted 25% low with one).
+Calibration. The ops timed alone are not the model: activations, residual adds, pooling and each node's
+dispatch cost time between them, ORT fuses a conv's bias and activation in the whole graph, and, the largest
+effect on a CPU, a conv ORT runs in its blocked layout (NCHWc, input widths in multiples of 8) pays a reorder
+of its input and output when timed alone, which a chain of such convs in the whole graph pays once (resnet20:
+the whole dense model 0.80 ms, the sum of its convs alone 1.37 ms). A compact model whose widths left the
+blocks runs plain convs, which pay no reorder alone either, so one factor for all ops is wrong for it (a random
+50% pruning of resnet20 was predicted 25% low with one).
 
-`profile` therefore times two whole models once, stored per model: the dense one and its *off-block variant*
-(every free width one channel narrower, exported and cut by the surgery, so its convs leave the blocked
-layout). With the layers' table sums split into blocked (B) and plain (P) ops, the two totals give two
-equations, T = a_blocked x B + a_plain x P, solved for the two factors; a prediction is
+`profile` therefore times three whole models once, in the same rounds, stored per model: the dense one, its
+*off-block variant* (every free width one channel narrower, so its convs leave the blocked layout) and its
+*half variant* (every free width halved, to a multiple of 8 where it holds one), the variants cut by the
+surgery. With the layers' table sums split into blocked (B) and plain (P) ops, the three totals give three
+equations T = c + a_blocked x B + a_plain x P, solved for the fixed cost c (what does not shrink with the
+widths) and the two factors; a prediction is
 
-    predicted = a_blocked x B(widths kept) + a_plain x P(widths kept)
+    predicted = c + a_blocked x B(widths kept) + a_plain x P(widths kept)
 
-which gives the dense model exactly as measured. Where there is no variant (nothing to narrow), or the two
-models do not tell the kinds apart, one factor: the layers' sum plus the dense overhead scaled by the layers'
-fraction of their dense sum (layers x total / layers_dense). A model the table has no whole-model figure for is
-predicted by its layers alone.
+which gives the dense model exactly as measured. Where that system is ill-posed or its solution unphysical (a
+negative cost), the first two runs without c; else one factor: the layers' sum times the dense total over the
+dense layers' sum (ModelTiming.calibration). A model the table has no whole-model figure for is predicted by
+its layers alone.
 """
 
 from __future__ import annotations
@@ -143,14 +145,11 @@ def layers_latency(table: LatencyTable, structure: ModelStructure, count: ModelC
 def predict(table: LatencyTable, structure: ModelStructure, count: ModelCount | None = None) -> float:
     """Predicted ms of the model `count` describes (the dense model without one), calibrated as above."""
     blocked, plain = layers_parts(table, structure, count)
-    layers = blocked + plain
     timing = table.models.get(fingerprint(structure))
-    if timing is None or timing.layers_ms <= 0:
-        return layers
-    factors = timing.factors()
-    if factors is not None:
-        return factors[0] * blocked + factors[1] * plain
-    return layers + timing.overhead_ms * layers / timing.layers_ms
+    if timing is None:
+        return blocked + plain
+    constant, a_blocked, a_plain = timing.calibration()
+    return constant + a_blocked * blocked + a_plain * plain
 
 
 def predict_dense(table: LatencyTable, structure: ModelStructure) -> float:

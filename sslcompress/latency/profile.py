@@ -24,8 +24,8 @@ from ..finetune.structure import Layer, ModelStructure, analyze
 from .key import TableKey
 from .ops import op_model
 from .predict import fingerprint, layers_parts
-from .signature import Signature, off_block, signatures_of, width_grid
-from .table import LatencyTable, ModelTiming, load_table
+from .signature import CHANNEL_BLOCK, Signature, off_block, signatures_of, width_grid
+from .table import LatencyTable, ModelTiming, WholeRun, load_table
 
 ROUNDS = 5  # samples per op; the median is kept
 WARMUP = 3
@@ -128,21 +128,21 @@ def _exported(model: nn.Module, input_shape: tuple[int, ...]):
         model.train(training)
 
 
-def off_block_variant(model: nn.Module, input_shape: tuple[int, ...], structure: ModelStructure) -> nn.Module | None:
-    """A copy of `model` with one filter group zeroed in every free width (the channels a set of layers
-    writes, coupled through residual adds): each conv reading it then leaves ORT's blocked layout. None where
-    no width is free."""
+def _narrowed(model: nn.Module, input_shape: tuple[int, ...], structure: ModelStructure,
+              keep: Callable[[int], int]) -> nn.Module | None:
+    """A copy of `model` whose every free width (the channels a set of layers writes, coupled through residual
+    adds) keeps `keep(width)` channels, the others' filter groups zeroed; None where no width is free."""
     import copy
 
     from ..finetune.groups import build_groups
 
     groups = {g.channel: g for g in build_groups(model, input_shape, ("filter",), structure) if g.removable}
-    chosen = {}
+    widths = {}
     for lay in structure.layers.values():
         roots = tuple(dict.fromkeys(structure.root(i) for i in lay.out_ids))
         if len(roots) > 1 and all(r in groups for r in roots):
-            chosen.setdefault(roots, groups[roots[-1]])
-    slices = [s for g in chosen.values() for s in g.slices]
+            widths.setdefault(roots, [groups[r] for r in roots[keep(len(roots)):]])
+    slices = [s for gone in widths.values() for g in gone for s in g.slices]
     if not slices or any(s.axis not in ("out", "in") for s in slices):
         return None
     variant = copy.deepcopy(model).eval()
@@ -151,6 +151,23 @@ def off_block_variant(model: nn.Module, input_shape: tuple[int, ...], structure:
         for s in slices:
             params[s.param].index_fill_(0 if s.axis == "out" else 1, torch.tensor(list(s.index)), 0.0)
     return variant
+
+
+def _half(width: int) -> int:
+    """Half a width, to a multiple of the channel block where it holds one (so it stays blocked)."""
+    return max(CHANNEL_BLOCK, CHANNEL_BLOCK * round(width / 2 / CHANNEL_BLOCK)) if width >= 2 * CHANNEL_BLOCK \
+        else max(1, width // 2)
+
+
+def off_block_variant(model: nn.Module, input_shape: tuple[int, ...], structure: ModelStructure) -> nn.Module | None:
+    """Every free width one channel narrower: the convs reading them leave ORT's blocked layout."""
+    return _narrowed(model, input_shape, structure, lambda w: w - 1)
+
+
+def half_variant(model: nn.Module, input_shape: tuple[int, ...], structure: ModelStructure) -> nn.Module | None:
+    """Every free width halved (blocked where it was): a model whose layers cost far less, the fixed costs
+    between them the same."""
+    return _narrowed(model, input_shape, structure, _half)
 
 
 def _cut(variant: nn.Module, input_shape: tuple[int, ...]):
@@ -163,23 +180,30 @@ def _cut(variant: nn.Module, input_shape: tuple[int, ...]):
 
 def time_whole_models(model: nn.Module, input_shape: tuple[int, ...], key: TableKey, table: LatencyTable,
                       structure: ModelStructure, name: str, rounds: int = ROUNDS) -> ModelTiming:
-    """The dense model and its off-block variant timed whole, in the same rounds (WHOLE_ROUNDS x `rounds`:
-    they are measured once and calibrate every prediction), beside their layers' table sums."""
+    """The dense model and its off-block and half variants timed whole, in the same rounds (WHOLE_ROUNDS x
+    `rounds`: they are measured once and calibrate every prediction), beside their layers' table sums."""
     from ..finetune.counting import Counter
 
     with torch.no_grad():
-        models = {"dense": _exported(model, input_shape)}
-        variant = off_block_variant(model, input_shape, structure)
-        cut = _cut(variant, input_shape) if variant is not None else None
-        if cut is not None:
-            models["variant"] = cut
-        totals = time_sessions(models, (key.batch, *input_shape[1:]), key, WHOLE_ROUNDS * rounds, WHOLE_SAMPLE_S)
-    blocked, plain = layers_parts(table, structure)
-    timing = ModelTiming(name, totals["dense"], blocked + plain, blocked)
-    if cut is not None:
-        off_blocked, off_plain = layers_parts(table, structure, Counter(variant, input_shape, structure).count())
-        timing.off_total_ms, timing.off_blocked_ms, timing.off_plain_ms = totals["variant"], off_blocked, off_plain
-    return timing
+        variants = {"dense": model}
+        for label, make in (("off-block", off_block_variant), ("half", half_variant)):
+            variant = make(model, input_shape, structure)
+            if variant is not None:
+                variants[label] = variant
+        onnx_models = {"dense": _exported(model, input_shape)}
+        for label, variant in list(variants.items())[1:]:
+            cut = _cut(variant, input_shape)
+            if cut is None:
+                del variants[label]
+            else:
+                onnx_models[label] = cut
+        totals = time_sessions(onnx_models, (key.batch, *input_shape[1:]), key, WHOLE_ROUNDS * rounds,
+                               WHOLE_SAMPLE_S)
+    runs = []
+    for label, variant in variants.items():
+        count = None if label == "dense" else Counter(variant, input_shape, structure).count()
+        runs.append(WholeRun(label, totals[label], *layers_parts(table, structure, count)))
+    return ModelTiming(name, runs)
 
 
 def profile_model(model: nn.Module, input_shape: tuple[int, ...], key: TableKey, table: LatencyTable | None = None,
@@ -187,8 +211,8 @@ def profile_model(model: nn.Module, input_shape: tuple[int, ...], key: TableKey,
                   rounds: int = ROUNDS, structure: ModelStructure | None = None) -> LatencyTable:
     """Measure what `table` lacks for `model` on inputs of `input_shape` (its batch is the key's) and return
     the table, filled in place (a new one without `table`): each layer signature's op on its width grid
-    (`step` apart, see signature.width_grid) and, once per model, the whole dense model and its off-block
-    variant (the calibration, predict.py)."""
+    (`step` apart, see signature.width_grid) and, once per model, the whole dense model and two narrowed
+    variants (the calibration, predict.py)."""
     from ..runtime import check_provider
 
     check_provider(key.provider)  # a missing GPU package is one sentence before any work
@@ -217,5 +241,5 @@ def profile_model(model: nn.Module, input_shape: tuple[int, ...], key: TableKey,
                                              name or type(model).__name__, rounds)
         done += 1
         if on_progress is not None:
-            on_progress(ProfileEvent("model", "whole dense model", done, total))
+            on_progress(ProfileEvent("model", "the whole dense model and two narrowed variants", done, total))
     return table

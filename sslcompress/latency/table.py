@@ -9,12 +9,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import ConfigError
 from ..io import atomic_write_json
 from .key import TableKey
 from .signature import Signature
 
 FORMAT = "sslcompress-latency-table"
+MAX_CONDITION = 1e3  # a calibration system worse conditioned than this amplifies timing noise beyond use
 VERSION = 1
 
 
@@ -32,41 +35,64 @@ class Entry:
         return sorted({o for _, o in self.points})
 
 
+@dataclass(frozen=True)
+class WholeRun:
+    """One whole model timed in ORT, beside its layers' table sums split by the kind of op ORT makes of them:
+    blocked (convs whose input width fills whole blocks of 8, run in ORT's NCHWc layout) and plain."""
+
+    label: str  # "dense", "off-block" (every free width one narrower), "half" (every free width halved)
+    total_ms: float
+    blocked_ms: float
+    plain_ms: float
+
+    @property
+    def layers_ms(self) -> float:
+        return self.blocked_ms + self.plain_ms
+
+
 @dataclass
 class ModelTiming:
-    """A whole dense model timed once in ORT beside the sum of its layers' table figures, and the same for
-    its off-block variant (every free width one channel narrower), where there is one (predict.py says why).
-
-    `blocked_ms` / `plain_ms` split a layers' sum into the ops that run in ORT's blocked layout (convs whose
-    input width fills whole blocks of 8) and the others."""
+    """The whole-model timings that calibrate a model's predictions (predict.py): the dense model first, then
+    its variants, timed in the same rounds."""
 
     name: str
-    total_ms: float  # the exported dense model, one session
-    layers_ms: float  # the sum of its layers' ops at full width, from the table
-    blocked_ms: float | None = None
-    off_total_ms: float | None = None  # the off-block variant, exported and cut by the surgery
-    off_blocked_ms: float | None = None
-    off_plain_ms: float | None = None
+    runs: list[WholeRun]
+
+    @property
+    def total_ms(self) -> float:
+        return self.runs[0].total_ms
+
+    @property
+    def layers_ms(self) -> float:
+        return self.runs[0].layers_ms
 
     @property
     def overhead_ms(self) -> float:
-        """What the model costs beyond its layers' ops (activations, adds, pooling, layout changes); negative
-        where ORT's fusions in the whole graph save more than these ops cost."""
+        """What the dense model costs beyond its layers' ops alone (activations, adds, pooling, layout changes);
+        negative where the whole graph saves more than these cost (ORT's fusions, reorders paid once)."""
         return self.total_ms - self.layers_ms
 
-    def factors(self) -> tuple[float, float] | None:
-        """(blocked, plain): what one ms of a blocked / a plain op alone costs inside the whole model, solved
-        from the two whole-model timings; None without the variant, or where the two do not tell the kinds
-        apart (a singular system) or the solution is not positive."""
-        if None in (self.blocked_ms, self.off_total_ms, self.off_blocked_ms, self.off_plain_ms):
-            return None
-        b1, p1, t1 = self.blocked_ms, self.layers_ms - self.blocked_ms, self.total_ms
-        b2, p2, t2 = self.off_blocked_ms, self.off_plain_ms, self.off_total_ms
-        det, scale = b1 * p2 - p1 * b2, max(b1 * p2, p1 * b2)
-        if scale <= 0 or abs(det) < 0.05 * scale:  # the two models mix the kinds alike
-            return None
-        blocked, plain = (t1 * p2 - p1 * t2) / det, (b1 * t2 - t1 * b2) / det
-        return (blocked, plain) if blocked > 0 and plain > 0 else None
+    def calibration(self) -> tuple[float, float, float]:
+        """(constant ms, blocked factor, plain factor) with total = constant + blocked x B + plain x P.
+
+        Fitted to every run, each run's relative error weighing alike (least squares on T_hat / T = 1): with a
+        constant where there are three runs or more, else, or where that fit fails, without it; failing both,
+        one factor for all ops (the dense total over its layers' sum). A fit counts only where it is well posed
+        (the runs mix the kinds differently) and physical (factors positive, constant not negative)."""
+        rows = np.array([(1.0, r.blocked_ms, r.plain_ms) for r in self.runs]) / \
+            np.array([[r.total_ms] for r in self.runs])
+        for terms in (3, 2):
+            if len(rows) < terms:
+                continue
+            a = rows[:, 3 - terms:]
+            if not np.all(np.isfinite(a)) or np.linalg.cond(a) > MAX_CONDITION:
+                continue
+            x = np.linalg.lstsq(a, np.ones(len(rows)), rcond=None)[0]
+            constant, blocked, plain = (x if terms == 3 else (0.0, *x))
+            if blocked > 0 and plain > 0 and constant >= 0:
+                return float(constant), float(blocked), float(plain)
+        ratio = self.total_ms / self.layers_ms if self.layers_ms > 0 else 1.0
+        return 0.0, ratio, ratio
 
 
 @dataclass
@@ -85,7 +111,7 @@ class LatencyTable:
             "entries": [{"signature": e.signature.to_dict(),
                          "points": [[i, o, ms] for (i, o), ms in sorted(e.points.items())]}
                         for e in self.entries.values()],
-            "models": {fp: asdict(m) for fp, m in self.models.items()},
+            "models": {fp: {"name": m.name, "runs": [asdict(r) for r in m.runs]} for fp, m in self.models.items()},
         }
 
     @classmethod
@@ -103,9 +129,11 @@ class LatencyTable:
 
 
 def _model_timing(d: dict[str, Any]) -> ModelTiming:
-    optional = ("blocked_ms", "off_total_ms", "off_blocked_ms", "off_plain_ms")
-    return ModelTiming(str(d["name"]), float(d["total_ms"]), float(d["layers_ms"]),
-                       *(None if d.get(k) is None else float(d[k]) for k in optional))
+    runs = [WholeRun(str(r["label"]), float(r["total_ms"]), float(r["blocked_ms"]), float(r["plain_ms"]))
+            for r in d["runs"]]
+    if not runs:
+        raise ValueError("a model timing without runs")
+    return ModelTiming(str(d["name"]), runs)
 
 
 def save_table(table: LatencyTable, path: str | Path) -> None:
