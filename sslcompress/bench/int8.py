@@ -85,6 +85,6 @@ def compounding_note(factors: Sequence[Compounding]) -> str | None:
 
 def int8_note(config_data: str, calibration: int) -> str:
     return (f"dense-int8 and structured-int8: ONNX Runtime's static INT8 quantization (QDQ) of the dense and the"
-            f" structured model, as `sslcompress quantize` does it: int8 weights per output channel, int8"
+            f" structured model, as `sslcompress quantize` does it: int8 weights per output channel, uint8"
             f" activations with MinMax ranges calibrated on up to {calibration} training images of {config_data};"
             " ONNX Runtime fuses each QDQ pair it has an integer kernel for (QLinearConv, QLinearMatMul).")
