@@ -252,7 +252,7 @@ def render_markdown(doc: dict) -> str:
         "",
         "Random structured prunings (random filter groups zeroed to the MAC target), exported and cut by the "
         "surgery; *predicted* is `sslcompress.latency.predict` on the profiled table (calibrated by the dense "
-        "model's whole-graph latency), *measured* the compact model alone in ORT (median of "
+        "model and its off-block and half variants timed whole at profile time), *measured* the compact model alone in ORT (median of "
         f"{doc['args']['rounds']} samples). *MAC guess* is the dense model's measured latency times the MAC "
         "fraction, for comparison.",
         "",
@@ -276,10 +276,11 @@ def render_markdown(doc: dict) -> str:
                      f"{s['mean_abs_error']:.1%} (the MAC-proportional guess: {s['mac_guess_mean_abs_error']:.1%}); "
                      f"worst ratio {s['worst_ratio']:.3f}. Relative to dense: {s['relative_within_10pct']} of "
                      f"{s['cases']} within 10%, mean |ratio - 1| {s['relative_mean_abs_error']:.1%}.")
-    lines += ["", "Tables (profiled once, cached under benchmarks/out/latency/):", ""]
+    lines += ["", "Tables (profiled once, cached under benchmarks/out/latency/; one file per batch, both models' "
+              "entries in it):", ""]
     for name, t in doc["tables"].items():
-        lines.append(f"- {name}: {t['points']} grid points, {t['measured_now']} measured in this run "
-                     f"({t['seconds']:.0f} s), `{t['path']}`")
+        lines.append(f"- {name}: {t['points']} grid points in the file, {t['measured_now']} measurements in this run "
+                     f"(ops, and the whole models as one; {t['seconds']:.0f} s), `{t['path']}`")
     return "\n".join(lines) + "\n"
 
 

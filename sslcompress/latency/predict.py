@@ -13,7 +13,7 @@ effect on a CPU, a conv ORT runs in its blocked layout (NCHWc, input widths in m
 of its input and output when timed alone, which a chain of such convs in the whole graph pays once (resnet20:
 the whole dense model 0.80 ms, the sum of its convs alone 1.37 ms). A compact model whose widths left the
 blocks runs plain convs, which pay no reorder alone either, so one factor for all ops is wrong for it (a random
-50% pruning of resnet20 was predicted 25% low with one).
+50% pruning of resnet20 was predicted 25-40% low with one).
 
 `profile` therefore times three whole models once, in the same rounds, stored per model: the dense one, its
 *off-block variant* (every free width one channel narrower, so its convs leave the blocked layout) and its
