@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, SSLCompressError
 from ..finetune.structure import Layer, ModelStructure, analyze
 from .key import TableKey
 from .ops import op_model
@@ -171,10 +171,14 @@ def half_variant(model: nn.Module, input_shape: tuple[int, ...], structure: Mode
 
 
 def _cut(variant: nn.Module, input_shape: tuple[int, ...]):
-    """The variant exported and cut by the surgery; None where the surgery cannot verify the cut."""
+    """The variant exported and cut by the surgery; None where the surgery cannot cut or verify it (the
+    calibration then does without it: predict.py)."""
     from ..surgery.compress import compress
 
-    result = compress(_exported(variant, input_shape), shape_lowering="off")
+    try:
+        result = compress(_exported(variant, input_shape), shape_lowering="off")
+    except SSLCompressError:
+        return None
     return result.model if result.verification.passed else None
 
 
