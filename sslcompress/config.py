@@ -175,6 +175,13 @@ class FinetuneConfig:
     target_flops: float | None = None  # at most this fraction of the dense MACs remains
     target_params: float | None = None  # at most this fraction of the parameters remains
     align: int | None = None  # widths kept are multiples of this (None or 1: any width)
+    # At most this many milliseconds per run, as the latency table of `sslcompress profile` predicts it for
+    # the session below (provider, intra-op threads, batch); `latency_table` None: the default cache file.
+    target_latency: float | None = None
+    latency_provider: str = "cpu"
+    latency_threads: int = 1
+    latency_batch: int = 1
+    latency_table: str | None = None
     budget_every: int | None = None  # optimizer steps between budget checks; None: 25, at least 4 an epoch
     # Fine-tune the thinned model (zero channels sliced out of the torch model): the same function, less time.
     thin: bool = True
@@ -215,12 +222,19 @@ class FinetuneConfig:
         check_number("target_flops", self.target_flops, 0.0, 1.0, low_open=True, optional=True)
         check_number("target_params", self.target_params, 0.0, 1.0, low_open=True, optional=True)
         check_int("align", self.align, 1, 4096, optional=True)
+        check_number("target_latency", self.target_latency, low_open=True, optional=True)
+        check_text("latency_provider", self.latency_provider, ("cpu", "cuda"))
+        check_int("latency_threads", self.latency_threads, 1)
+        check_int("latency_batch", self.latency_batch, 1)
+        if self.latency_table is not None and not isinstance(self.latency_table, str):
+            raise ConfigError(f"{option_name('latency_table')} must be a path, got {self.latency_table!r}")
         check_int("budget_every", self.budget_every, 1, optional=True)
         for key in ("thin", "pace"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{option_name(key)} must be true or false, got {getattr(self, key)!r}")
         for key, flag, what in (("target_flops", "--target-flops", "MACs"),
                                 ("target_params", "--target-params", "parameters"),
+                                ("target_latency", "--target-latency", "time"),
                                 ("align", "--align", "widths")):
             if getattr(self, key) is not None and self.method != "ssl":
                 raise ConfigError(f"{flag} needs --method ssl: non-structured zeros remove no {what}")
@@ -318,6 +332,8 @@ FLAGS = {
     "structures": "-s/--structures", "lambdas": "--lambda", "strength": "--strength", "solver": "--solver",
     "threshold": "--threshold", "weighting": "--weighting", "target_flops": "--target-flops",
     "target_params": "--target-params", "align": "--align", "budget_every": "--budget-every",
+    "target_latency": "--target-latency", "latency_provider": "--latency-provider",
+    "latency_threads": "--latency-threads", "latency_batch": "--latency-batch", "latency_table": "--latency-table",
     "thin": "--thin/--no-thin", "pace": "--pace/--no-pace",
     "pretrain.epochs": "--pretrain-epochs", "sparsify.epochs": "--sparsify-epochs",
     "finetune.epochs": "--finetune-epochs", "sparsify.lr": "--lr", "finetune.lr": "--finetune-lr",

@@ -131,6 +131,11 @@ def print_report(report: dict[str, Any]) -> None:
     budget = report.get("budget")
     if budget:
         lines.append(_budget_line(budget))
+    latency = report.get("latency")
+    if latency:
+        lines.append(f"latency ({latency['provider']}, {latency['threads']} thread(s), batch {latency['batch']}): "
+                     f"predicted {latency['predicted_ms']:.3g} ms against {latency['dense_ms']:.3g} ms dense "
+                     f"(asked {latency['asked_ms']:.3g} ms; table {latency['table']})")
     if report.get("widths"):
         lines.append(_widths_line(report["widths"], report.get("align")))
     if report.get("forced_groups"):
@@ -147,7 +152,7 @@ def _budget_line(budget: dict[str, Any]) -> str:
     """Asked against reached, per metric: `budget: MACs 59.6% (asked 60.0%), parameters 71.2% (not asked)`."""
     parts = []
     for key, name in (("macs", "GEMM MACs" if budget.get("measure") == "gemm macs" else "MACs"),
-                      ("params", "parameters")):
+                      ("params", "parameters"), ("latency", "predicted latency")):
         row = budget.get(key)
         if not row:
             continue

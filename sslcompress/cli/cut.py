@@ -217,7 +217,39 @@ def export(checkpoint: str, out: str, uncut: str | None, opset: int, dynamic_bat
     if data:
         extra["data"] = data
     _check_prediction(counted.macs, predicted, totals, force)
+    latency = _latency_check(ckpt, exported.model, result, shape, override is not None)
+    if latency:
+        extra["latency"] = latency
     _write_compact(result, out, report_path, force, as_json, extra,
                    uncut=(uncut, exported.model) if uncut else None)
+    if latency and not as_json:
+        click.echo(_latency_line(latency))
+
+
+def _latency_check(ckpt, uncut, result, shape, resized: bool) -> dict[str, Any] | None:
+    """A checkpoint trained to --target-latency: its compact model timed in that session against the prediction;
+    a note instead where the export cannot be timed there (another input size, a static batch of another size)."""
+    from ..latency.measured import batch_fits, measure_against_prediction
+
+    row = (ckpt.report or {}).get("latency")
+    if not row:
+        return None
+    if resized:
+        return {**row, "note": "not measured: exported for another input size than the table's"}
+    if not (batch_fits(uncut, row["batch"]) and batch_fits(result.model, row["batch"])):
+        return {**row, "note": f"not measured: the table is for batch {row['batch']}; export with --dynamic-batch"}
+    if not result.verification.passed:
+        return {**row, "note": "not measured: the compact model failed verification"}
+    return measure_against_prediction(uncut, result.model, row, shape)
+
+
+def _latency_line(row: dict[str, Any]) -> str:
+    head = (f"latency ({row['provider']}, {row['threads']} thread(s), batch {row['batch']}): predicted "
+            f"{row['predicted_ms']:.3g} ms (asked {row['asked_ms']:.3g} ms)")
+    if "measured_ms" not in row:
+        return f"{head}; {row['note']}"
+    return (f"{head}, measured {row['measured_ms']:.3g} ms (predicted/measured {row['predicted_over_measured']:.2f}; "
+            f"uncut measured {row['uncut_measured_ms']:.3g} ms in the same rounds, relative "
+            f"{row['relative_predicted_over_measured']:.2f})")
 
 

@@ -158,6 +158,17 @@ def _parse_lambdas(items: tuple[str, ...]) -> dict[str, float] | None:
                    "lands within one point below it.")
 @click.option("--target-params", default=None, type=float,
               help="The same for the parameters: at most this fraction remains (with --target-flops, both).")
+@click.option("--target-latency", default=None, type=float, metavar="MS",
+              help="Adjust lambda until the model runs in at most MS milliseconds, as the latency table of "
+                   "`sslcompress profile` predicts it for the --latency-* session (profile the model first).")
+@click.option("--latency-provider", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="ONNX Runtime provider the latency table was measured on (default cpu).")
+@click.option("--latency-threads", default=None, type=click.IntRange(min=1),
+              help="Intra-op threads of the latency table (default 1).")
+@click.option("--latency-batch", default=None, type=click.IntRange(min=1),
+              help="Batch of the latency table (default 1).")
+@click.option("--latency-table", default=None, type=click.Path(dir_okay=False),
+              help="The latency table file (default: the cache file of this machine and session).")
 @click.option("--align", default=None, type=int, metavar="N",
               help="Keep every prunable width (channels a layer writes) a multiple of N; pinned widths and "
                    "widths below N stay as they are.")
@@ -197,6 +208,9 @@ def finetune(**kw: Any) -> None:
         "method": kw["method"], "solver": kw["solver"], "threshold": kw["threshold"],
         "weighting": kw["weighting"], "target_flops": kw["target_flops"], "target_params": kw["target_params"],
         "align": kw["align"], "budget_every": kw["budget_every"], "thin": kw["thin"], "pace": kw["pace"],
+        "target_latency": kw["target_latency"], "latency_provider": kw["latency_provider"],
+        "latency_threads": kw["latency_threads"], "latency_batch": kw["latency_batch"],
+        "latency_table": kw["latency_table"],
         "resume": kw["resume"] or None,
         "pretrain": _phase(kw["pretrain_epochs"], None, bs),
         "sparsify": _phase(kw["sparsify_epochs"], kw["lr"], bs),

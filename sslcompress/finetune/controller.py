@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 # How far below an asked fraction a run may land: a budget is met at or below it, and reached when
 # at most this much below (in fractions of the dense model, 0.01 = one point).
 LANDING = 0.01
-METRICS = ("macs", "params")
+METRICS = ("macs", "params", "latency")
 # Optimizer steps between two budget checks unless the recipe sets budget_every: a MAC count costs
 # about as much as a training step of a small model, and more than a few dozen steps of a strong
 # lambda can remove many points of MACs.
@@ -74,7 +74,7 @@ class BudgetController:
 
 @dataclass(frozen=True)
 class Budget:
-    """What a run asks for: at most `targets[m]` of the dense model for each metric m (macs, params)."""
+    """What a run asks for: at most `targets[m]` of the dense model for each metric m (macs, params, latency)."""
 
     targets: dict[str, float]
     tolerance: float = LANDING
@@ -98,7 +98,7 @@ class Budget:
         return self.slack(fractions) < -self.tolerance
 
     def describe(self) -> str:
-        names = {"macs": "MACs", "params": "parameters"}
+        names = {"macs": "MACs", "params": "parameters", "latency": "predicted latency"}
         return " and ".join(f"{names[m]} <= {t:.1%}" for m, t in self.targets.items())
 
 

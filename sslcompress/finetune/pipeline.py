@@ -45,6 +45,7 @@ from . import distributed as D
 from .checkpoint import Checkpoint, expand_tensors, load_failure, load_weights, read_weights, save_checkpoint
 from .controller import Budget, BudgetController, check_interval
 from .counting import Counter
+from .latency_budget import LatencyBudget, latency_budget
 from .loop import (
     Event,
     EventSink,
@@ -314,6 +315,7 @@ class _FinetuneRun:
     widths: Any = None
     dense_totals: tuple[int, int] = (1, 1)  # MACs and parameters of the dense model in its own architecture
     controllers: dict[str, BudgetController] = field(default_factory=dict)
+    latency: LatencyBudget | None = None  # with --target-latency: the table's prediction of the dense model
 
     @property
     def out(self) -> Path:
@@ -409,7 +411,8 @@ def _setup_sparsify(r: _FinetuneRun) -> None:
     """The sparsifier over the model in its own architecture, the budget and its controllers, one-shot
     pruning beside it, and the lambdas a resumed run had reached."""
     run = r.cfg.run
-    r.sp = Sparsifier(r.model, r.spec, r.cfg)
+    r.latency = latency_budget(r.cfg, r.model, r.spec.input_shape, r.spec.name)
+    r.sp = Sparsifier(r.model, r.spec, r.cfg, latency=r.latency)
     r.dense_totals = r.sp.dense_totals()
     if r.resume is None and not r.sp.connected():  # no strength is to blame here: the weights came that way
         source = f"the weights of {run.weights}" if run.weights else "the model"
@@ -511,7 +514,7 @@ def _thinner(r: _FinetuneRun) -> ProgressiveThinner | None:
     (its wrapper holds the parameters it was built with until the phase ends)."""
     if not (r.cfg.thin and r.cfg.method == "ssl") or r.env.world_size > 1:
         return None
-    return ProgressiveThinner(r.spec, r.cfg, r.dense_totals, r.plan)
+    return ProgressiveThinner(r.spec, r.cfg, r.dense_totals, r.plan, latency=r.latency)
 
 
 def _rethin(r: _FinetuneRun) -> None:
@@ -520,19 +523,23 @@ def _rethin(r: _FinetuneRun) -> None:
     lambdas = r.sp.lambdas
     apply_plan(r.model, r.plan)
     load_weights(r.model, r.resume["model_state"], source=str(r.out / STATE))
-    r.sp = Sparsifier(r.model, r.spec, r.cfg, reference=r.dense_totals)
+    r.sp = Sparsifier(r.model, r.spec, r.cfg, reference=r.dense_totals, latency=r.latency)
     r.sp.lambdas = lambdas
 
 
 def _budget(r: _FinetuneRun) -> tuple[Budget | None, dict[str, BudgetController]]:
     """The budget the options ask for, refused when the structures cannot reach it, and its controllers."""
     cfg, sp = r.cfg, r.sp
-    budget = r.budget = Budget(cfg.targets()) if cfg.targets() else None
+    targets = cfg.targets()
+    if r.latency is not None:
+        targets["latency"] = cfg.target_latency / r.latency.dense_ms
+    budget = r.budget = Budget(targets) if targets else None
     controllers: dict[str, BudgetController] = {}
     if budget is None:
         return None, controllers
     floors = sp.floors()
-    names = {"macs": ("FLOPs", "MACs"), "params": ("parameters", "parameters")}
+    names = {"macs": ("FLOPs", "MACs"), "params": ("parameters", "parameters"),
+             "latency": ("latency", "predicted latency")}
     for metric, target in budget.targets.items():
         if target < floors[metric]:
             asked, what = names[metric]
@@ -548,7 +555,7 @@ def _one_shot(r: _FinetuneRun) -> None:
     cost zeroed, no training): the accuracy sparsify has to beat, recorded beside its own."""
     probe = copy.deepcopy(r.model)
     try:
-        Sparsifier(probe, r.spec, r.cfg).enforce(r.budget, r.cfg.align)
+        Sparsifier(probe, r.spec, r.cfg, latency=r.latency).enforce(r.budget, r.cfg.align)
     except TrainingError:
         r.metrics["one_shot"] = None  # the budget cannot be met without cutting the network
         return
@@ -600,7 +607,7 @@ def _full_sparsifier(r: _FinetuneRun) -> Sparsifier:
         full = build_model(r.spec)
     full = full.to(next(r.model.parameters()).device)
     load_weights(full, expand_tensors(r.model.state_dict(), r.plan), source="the thinned model")
-    sp = Sparsifier(full, r.spec, r.cfg)
+    sp = Sparsifier(full, r.spec, r.cfg, latency=r.latency)
     sp.lambdas = dict(r.sp.lambdas)
     return sp
 
@@ -654,6 +661,7 @@ def _finish(r: _FinetuneRun, mask_set: MaskSet) -> RunResult:
         extra={"structures": list(cfg.structures), "lambdas": dict(sp.lambdas), "solver": cfg.solver,
                "weighting": cfg.weighting, "target_flops": cfg.target_flops, "target_params": cfg.target_params,
                "budget": budget_row, "align": cfg.align, "widths": r.widths, "thinned": metrics.get("thinned"),
+               "latency": _latency_row(r),
                "forced_groups": metrics.get("forced_groups", 0), "masked_weights": mask_set.zeros,
                "wall_time_s": r.timings, "world_size": env.world_size, "ranks_in_sync": in_sync,
                "weight_sparsity": sp.zero_fraction() if cfg.method == "l1" else None},
@@ -667,6 +675,16 @@ def _finish(r: _FinetuneRun, mask_set: MaskSet) -> RunResult:
         (r.out / STATE).unlink(missing_ok=True)
     D.barrier(env)
     return RunResult(path, report, r.out / REPORT)
+
+
+def _latency_row(r: _FinetuneRun) -> dict[str, Any] | None:
+    """With --target-latency: what the table predicts for the dense model and for the one the count keeps."""
+    if r.latency is None:
+        return None
+    cfg = r.cfg
+    return {"asked_ms": cfg.target_latency, "dense_ms": r.latency.dense_ms, "predicted_ms": r.latency.ms(r.counted),
+            "table": r.latency.path, "provider": cfg.latency_provider, "threads": cfg.latency_threads,
+            "batch": cfg.latency_batch}
 
 
 def _thin(r: _FinetuneRun, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -92,8 +92,8 @@ class ProgressiveThinner:
     """
 
     def __init__(self, spec: ModelSpec, cfg: FinetuneConfig, reference: tuple[int, int],
-                 plan: ThinPlan | None = None):
-        self.spec, self.cfg, self.reference = spec, cfg, reference
+                 plan: ThinPlan | None = None, latency=None):
+        self.spec, self.cfg, self.reference, self.latency = spec, cfg, reference, latency
         self.plan = plan or ThinPlan()
         self.count = 0
         self.failed = ""  # why the last thinning was refused; none is tried again after a refusal
@@ -117,6 +117,6 @@ class ProgressiveThinner:
             return None
         self.plan = compose(self.plan, result.plan)
         self.count += 1
-        new = Sparsifier(model, self.spec, self.cfg, reference=self.reference)
+        new = Sparsifier(model, self.spec, self.cfg, reference=self.reference, latency=self.latency)
         new.lambdas = dict(sp.lambdas)
         return Thinned(new, result.params_before, result.params_after, result.plan.summary())

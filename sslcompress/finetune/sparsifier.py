@@ -17,6 +17,7 @@ from ..models import ModelSpec
 from .controller import Budget, BudgetController, check_interval, next_interval
 from .counting import Counter
 from .groups import build_groups
+from .latency_budget import LatencyBudget
 from .loop import current_lr
 from .masks import MaskSet, elementwise_masks
 from .regularizer import GroupLasso
@@ -53,10 +54,11 @@ class Sparsifier:
     """The regulariser of one run: group Lasso (ssl) or elementwise l1, proximal or subgradient."""
 
     def __init__(self, model: nn.Module, spec: ModelSpec, cfg: FinetuneConfig, *,
-                 reference: tuple[int, int] | None = None):
+                 reference: tuple[int, int] | None = None, latency: LatencyBudget | None = None):
         """`reference`: the MACs and parameters of the dense model in its own architecture, when `model` is that
-        model already thinned; every fraction is of them, so a budget means the same before and after thinning."""
-        self.model, self.cfg = model, cfg
+        model already thinned; every fraction is of them, so a budget means the same before and after thinning.
+        `latency`: with --target-latency, the predicted latency is a third fraction (of the dense model's)."""
+        self.model, self.cfg, self.latency = model, cfg, latency
         self.input_shape = spec.input_shape
         self.counter = Counter(model, spec.input_shape)
         self.groups = build_groups(model, spec.input_shape, cfg.structures, self.counter.structure) \
@@ -135,7 +137,10 @@ class Sparsifier:
     def _fractions(self, counted) -> dict[str, float]:
         macs, params = self.dense_totals()
         after = counted.macs_gemm_after if "shape" in self.cfg.structures else counted.macs_after
-        return {"macs": after / macs, "params": counted.params_after / params}
+        out = {"macs": after / macs, "params": counted.params_after / params}
+        if self.latency is not None:
+            out["latency"] = self.latency.fraction(counted)
+        return out
 
     def floor(self) -> float:
         """A lower bound of the MAC fraction: every removable group zero (what pinned layers keep)."""
@@ -348,6 +353,7 @@ class Sparsifier:
             for refs, strength in zip(blocks, strengths):
                 saved = [saves(k, i) for k, i in refs]
                 est = {"macs": sum(m for m, _ in saved) / macs, "params": sum(p for _, p in saved) / params}
+                est["latency"] = est["macs"]  # how many to try at once; the predicted fraction decides
                 out.append(_Item(strength / mean, tuple(refs), est))
             return out
 

@@ -1,0 +1,34 @@
+"""Predicted against measured: the compact model an export wrote, timed in the session its latency budget
+was predicted for, beside the uncut model in the same rounds (so the machine's drift falls on both)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import onnx
+
+from .key import current_key
+from .profile import time_sessions
+
+ROUNDS = 20
+
+
+def batch_fits(proto: onnx.ModelProto, batch: int) -> bool:
+    """Whether the model's first input takes `batch` images (a dynamic batch, or that static one)."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    return bool(dims) and (not dims[0].HasField("dim_value") or dims[0].dim_value == batch)
+
+
+def measure_against_prediction(uncut: onnx.ModelProto, compact: onnx.ModelProto, latency: dict[str, Any],
+                               input_shape: tuple[int, ...], rounds: int = ROUNDS) -> dict[str, Any]:
+    """`latency` is a finetune report's latency row (session, dense and predicted ms). Returns the row with
+    the measured ms of both models and predicted over measured, absolute and relative to the dense model."""
+    key = current_key(latency["provider"], latency["threads"], latency["batch"])
+    x_shape = (latency["batch"], *input_shape[1:])
+    ms = time_sessions({"uncut": uncut, "compact": compact}, x_shape, key, rounds)
+    predicted, dense = latency["predicted_ms"], latency["dense_ms"]
+    return {**latency, "measured_ms": ms["compact"], "uncut_measured_ms": ms["uncut"],
+            "predicted_over_measured": predicted / ms["compact"],
+            # Drift since profiling cancels: the prediction's share of the dense prediction against the measured
+            # share of the uncut model timed in the same rounds.
+            "relative_predicted_over_measured": (predicted / dense) / (ms["compact"] / ms["uncut"])}

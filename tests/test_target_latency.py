@@ -1,0 +1,81 @@
+"""`finetune --target-latency MS`: the predicted latency (the profile table's figures at the widths the weights
+keep) is a budget metric the controller lands on, as it lands on MACs; the report gives the prediction. The
+table here is synthetic (latency proportional to each layer's width product, on profile's own grid), so the
+test checks the budget's logic, not this machine's timings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from sslcompress.cli import main
+from sslcompress.finetune.structure import analyze
+from sslcompress.latency import current_key
+from sslcompress.latency.profile import missing_points
+from sslcompress.latency.table import LatencyTable, save_table
+from sslcompress.models import ModelSpec, build_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SHAPE = (1, 1, 28, 28)
+
+
+def _synthetic_table(path) -> float:
+    """lenet5's table with f(in, out) = in * out microseconds per layer; returns the dense prediction (ms)."""
+    torch.manual_seed(0)
+    structure = analyze(build_model(ModelSpec("lenet5", 10, 1, (28, 28))), SHAPE)
+    table = LatencyTable(current_key())
+    for sig, points in missing_points(table, structure, 8).items():
+        table.entry(sig).points = {(i, o): 1e-3 * i * o for i, o in points}
+    save_table(table, path)
+    return sum(1e-3 * lay.weight_shape[0] * lay.weight_shape[1] for lay in structure.layers.values())
+
+
+def _finetune(tmp_path, *extra):
+    out = tmp_path / "run"
+    return out, CliRunner().invoke(main, ["finetune", "--out", str(out), "--pretrain-epochs", "1", "--sparsify-epochs",
+                                          "1", "--finetune-epochs", "1", "--limit-train", "256", "--limit-test",
+                                          "64", "--threads", "1", "--json", *extra])
+
+
+def test_the_run_lands_on_the_predicted_latency(tmp_path):
+    table = tmp_path / "table.json"
+    dense_ms = _synthetic_table(table)
+    asked = 0.4 * dense_ms
+    out, res = _finetune(tmp_path, "--target-latency", f"{asked:.6f}", "--latency-table", str(table))
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    lat, budget = report["latency"], report["budget"]
+    assert lat["dense_ms"] == pytest.approx(dense_ms)
+    assert lat["predicted_ms"] <= asked and lat["predicted_ms"] >= asked - 0.01 * dense_ms - 1e-9
+    assert budget["latency"]["asked"] == pytest.approx(0.4, rel=1e-5)
+    assert budget["latency"]["reached"] == pytest.approx(lat["predicted_ms"] / dense_ms)
+    # The MACs were not asked, but fell with the latency (this table's cost is each layer's width product).
+    assert budget["macs"]["asked"] is None and budget["macs"]["reached"] < 0.9
+
+    # The export times the compact model in the table's session beside the uncut one and reports both.
+    export_report = tmp_path / "export.json"
+    res = CliRunner().invoke(main, ["export", str(out / "sparse.pt"), "--onnx", str(tmp_path / "c.onnx"),
+                                    "--report", str(export_report)])
+    assert res.exit_code == 0, res.output
+    assert "predicted/measured" in res.output
+    measured = json.loads(export_report.read_text())["latency"]
+    assert measured["predicted_ms"] == lat["predicted_ms"]
+    assert measured["measured_ms"] > 0 and measured["uncut_measured_ms"] > 0
+    assert measured["predicted_over_measured"] == pytest.approx(lat["predicted_ms"] / measured["measured_ms"])
+
+
+def test_no_table_is_one_line_naming_the_profile_command(tmp_path):
+    _, res = _finetune(tmp_path, "--target-latency", "0.1", "--latency-table", str(tmp_path / "none.json"))
+    assert res.exit_code == 2
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and "sslcompress profile --model lenet5" in lines[0], res.output
+
+
+def test_a_table_of_another_session_is_refused(tmp_path):
+    table = tmp_path / "table.json"
+    _synthetic_table(table)
+    _, res = _finetune(tmp_path, "--target-latency", "0.1", "--latency-table", str(table), "--latency-batch", "8")
+    assert res.exit_code == 2 and "measured for" in res.output, res.output
