@@ -1,0 +1,172 @@
+"""Latency-targeted against MAC-targeted SSL at equal measured latency: ResNet-20 on CIFAR-10, ORT CPU.
+
+One pretrained ResNet-20, two SSL runs through the library (run_finetune): the first asks for a share of the
+MACs (`--target-flops`), the second for the latency the first one's compact model measured
+(`--target-latency`, predicted by the per-layer table of `sslcompress profile`; the measured milliseconds are
+first put on the table's scale by the dense model's predicted over measured, timed in the same rounds). Both
+are exported, cut and verified (as `sslcompress export`), and the dense, MAC-targeted and latency-targeted
+models are timed in one interleaved run. The question: at the same measured latency, which keeps more
+accuracy?
+
+    python benchmarks/latency_vs_macs.py --pretrained benchmarks/out/cifar_resnet20_b/pretrained.pt
+    python benchmarks/latency_vs_macs.py --quick           # smoke run: 2000 / 1000 images, 1 epoch a phase
+
+Results: benchmarks/results/latency_vs_macs.json and .md (benchmarks/out/ with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import onnx
+import torch
+from bench_log import log
+from paper_cifar10 import DEFAULT_DATA, REPO, export_compact, export_dense, finetune, machine, now, phase
+
+from sslcompress.finetune.checkpoint import load_checkpoint
+from sslcompress.io import atomic_write_bytes, atomic_write_json
+from sslcompress.latency import current_key, default_path
+from sslcompress.latency.profile import load_or_new, profile_model, time_sessions
+from sslcompress.latency.table import save_table
+
+MODEL = "resnet20"
+
+
+def settings(args, **target) -> dict:
+    return {"structures": ("filter", "channel"), "lambdas": {"filter": args.strength, "channel": args.strength},
+            "solver": "proximal", "weighting": "none",
+            "sparsify": phase(args.sparsify_epochs, args.lr, args.batch_size, 0.0, "constant"),
+            "finetune": phase(args.finetune_epochs, args.finetune_lr, args.batch_size, 5e-4, "cosine"), **target}
+
+
+def table_for(args, weights: Path) -> Path:
+    """The latency table of this machine for ResNet-20 at batch 1, 1 thread, profiled where missing."""
+    key = current_key("cpu", 1, 1)
+    path = default_path(key, REPO / "benchmarks" / "out" / "latency")
+    table = load_or_new(path, key)
+    ckpt = load_checkpoint(weights)
+    log(f"profiling {MODEL} into {path} (only what the table lacks)")
+    profile_model(ckpt.build().eval(), ckpt.model.input_shape, key, table, name=MODEL)
+    save_table(table, path)
+    return path
+
+
+def run(args, out: Path) -> dict:
+    weights = Path(args.pretrained)
+    table = table_for(args, weights)
+    dense = out / "dense.onnx"
+    export_dense(weights, dense)
+    rows = {}
+    report, secs = finetune(args, MODEL, weights, out / "macs", settings(args, target_flops=args.target_flops))
+    surgery = export_compact(args, out / "macs" / "sparse.pt", out / "macs")
+
+    timed = time_sessions({"dense": onnx.load(str(dense)), "macs": onnx.load(str(out / "macs" / "compact.onnx"))},
+                          (1, 3, 32, 32), current_key("cpu", 1, 1), rounds=args.rounds)
+    rows["macs"] = {"report": report, "surgery_totals": surgery["totals"], "train_s": secs}
+    # The table's milliseconds for the MAC-targeted model's measured latency: the dense model's prediction
+    # over its measurement in the same rounds scales one onto the other.
+    dense_pred = _dense_prediction(table, weights)
+    target_ms = timed["macs"] * dense_pred / timed["dense"]
+    log(f"MAC-targeted model: {timed['macs']:.3f} ms measured against dense {timed['dense']:.3f} ms; asking the "
+        f"latency-targeted run for {target_ms:.3f} ms on the table's scale (dense predicted {dense_pred:.3f} ms)")
+    report, secs = finetune(args, MODEL, weights, out / "latency",
+                            settings(args, target_flops=None, target_latency=target_ms, latency_table=str(table)))
+    surgery = export_compact(args, out / "latency" / "sparse.pt", out / "latency")
+    rows["latency"] = {"report": report, "surgery_totals": surgery["totals"], "train_s": secs,
+                       "asked_ms": target_ms}
+    models = {n: onnx.load(str(p)) for n, p in (("dense", dense), ("macs", out / "macs" / "compact.onnx"),
+                                                ("latency", out / "latency" / "compact.onnx"))}
+    final = {}
+    for batch in args.batches:
+        final[batch] = time_sessions(models, (batch, 3, 32, 32), current_key("cpu", 1, batch), rounds=args.rounds)
+        log(f"batch {batch}: " + ", ".join(f"{n} {ms:.3f} ms" for n, ms in final[batch].items()))
+    return {"rows": {n: _row(r) for n, r in rows.items()}, "timed_ms": {str(b): t for b, t in final.items()},
+            "dense_predicted_ms": dense_pred, "table": str(table)}
+
+
+def _dense_prediction(table: Path, weights: Path) -> float:
+    from sslcompress.finetune.structure import analyze
+    from sslcompress.latency.predict import predict_dense
+    from sslcompress.latency.table import load_table
+
+    ckpt = load_checkpoint(weights)
+    return predict_dense(load_table(table), analyze(ckpt.build().eval(), ckpt.model.input_shape))
+
+
+def _row(r: dict) -> dict:
+    rep, totals = r["report"], r["surgery_totals"]
+    out = {"accuracy": rep["accuracy"], "macs_fraction": totals["macs_after"] / totals["macs"],
+           "params_after": totals["params_after"], "budget": rep.get("budget"), "latency": rep.get("latency"),
+           "train_s": r["train_s"], "widths": [lay["filters"] for lay in rep["layers"]]}
+    if "asked_ms" in r:
+        out["asked_ms"] = r["asked_ms"]
+    return out
+
+
+def render_md(doc: dict) -> str:
+    res = doc["result"]
+    md = ["# Latency-targeted against MAC-targeted SSL (ResNet-20, CIFAR-10, ORT CPU, 1 thread)", "",
+          f"Date {doc['date_utc']}. Command: `{doc['command']}`.", "",
+          "| run | top-1 (test) | MACs kept | " + " | ".join(f"measured ms, batch {b}" for b in res["timed_ms"])
+          + " |", "|---|---|---|" + "---|" * len(res["timed_ms"])]
+    names = {"macs": f"--target-flops {doc['target_flops']}", "latency": "--target-latency (the first's latency)"}
+    dense_cells = " | ".join(f"{t['dense']:.3f}" for t in res["timed_ms"].values())
+    md.append(f"| dense | {res['rows']['macs']['accuracy']['before']:.2%} | 100% | {dense_cells} |")
+    for key, row in res["rows"].items():
+        cells = " | ".join(f"{t[key]:.3f}" for t in res["timed_ms"].values())
+        md.append(f"| {names[key]} | {row['accuracy']['after_finetune']:.2%} | {row['macs_fraction']:.1%} | {cells} |")
+    lat = res["rows"]["latency"]
+    md += ["", f"The latency-targeted run asked for {lat['asked_ms']:.3f} ms on the table's scale (dense predicted "
+           f"{res['dense_predicted_ms']:.3f} ms) and its report predicted {lat['latency']['predicted_ms']:.3f} ms. "
+           "All three models were timed in the same interleaved rounds at the end.", "",
+           f"Kept widths (filters kept/total per conv): MAC-targeted `{res['rows']['macs']['widths']}`; "
+           f"latency-targeted `{lat['widths']}`.", "",
+           f"Machine: nproc {doc['machine']['nproc']}; load average at end "
+           f"{', '.join(f'{x:.2f}' for x in doc['machine']['load_average_at_end'])}.", ""]
+    return "\n".join(md)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pretrained", default=str(REPO / "benchmarks" / "out" / "cifar_resnet20_b" / "pretrained.pt"))
+    ap.add_argument("--data", default=str(DEFAULT_DATA))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--limit-train", type=int, default=None)
+    ap.add_argument("--limit-test", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--target-flops", type=float, default=0.5)
+    ap.add_argument("--strength", type=float, default=0.005)
+    ap.add_argument("--sparsify-epochs", type=int, default=1)
+    ap.add_argument("--finetune-epochs", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=0.02)
+    ap.add_argument("--finetune-lr", type=float, default=0.01)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--batches", default="1,8")
+    args = ap.parse_args(argv)
+    args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    if args.quick:
+        args.limit_train, args.limit_test = args.limit_train or 2000, args.limit_test or 1000
+        args.sparsify_epochs, args.finetune_epochs, args.rounds = 1, 1, 5
+    if not Path(args.pretrained).is_file():
+        print(f"error: no pretrained ResNet-20 at {args.pretrained}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    args.data_spec = f"cifar10:{Path(args.data).resolve()}"
+    out = REPO / "benchmarks" / "out" / ("latency_vs_macs_quick" if args.quick else "latency_vs_macs")
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"benchmark": "latency_vs_macs", "date_utc": now(), "command": " ".join(["python", *sys.argv]),
+           "target_flops": args.target_flops, "result": run(args, out), "machine": machine()}
+    results = REPO / "benchmarks" / ("out" if args.quick else "results")
+    path = results / f"latency_vs_macs{'_quick' if args.quick else ''}.json"
+    atomic_write_json(doc, path)
+    atomic_write_bytes(render_md(doc).encode(), path.with_suffix(".md"))
+    print(render_md(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
