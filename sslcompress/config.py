@@ -174,7 +174,9 @@ class FinetuneConfig:
     weighting: str = "none"
     target_flops: float | None = None  # at most this fraction of the dense MACs remains
     target_params: float | None = None  # at most this fraction of the parameters remains
-    align: int | None = None  # widths kept are multiples of this (None or 1: any width)
+    # Widths kept are multiples of this (None or 1: any width); "auto": the channel step the latency table
+    # of the latency_* session shows (resolved when the run starts, see finetune/latency_budget.py).
+    align: int | str | None = None
     # At most this many milliseconds per run, as the latency table of `sslcompress profile` predicts it for
     # the session below (provider, intra-op threads, batch); `latency_table` None: the default cache file.
     target_latency: float | None = None
@@ -221,7 +223,8 @@ class FinetuneConfig:
         check_number("strength", self.strength)
         check_number("target_flops", self.target_flops, 0.0, 1.0, low_open=True, optional=True)
         check_number("target_params", self.target_params, 0.0, 1.0, low_open=True, optional=True)
-        check_int("align", self.align, 1, 4096, optional=True)
+        if self.align != "auto":
+            check_int("align", self.align, 1, 4096, optional=True)
         check_number("target_latency", self.target_latency, low_open=True, optional=True)
         check_text("latency_provider", self.latency_provider, ("cpu", "cuda"))
         check_int("latency_threads", self.latency_threads, 1)
@@ -238,7 +241,8 @@ class FinetuneConfig:
                                 ("align", "--align", "widths")):
             if getattr(self, key) is not None and self.method != "ssl":
                 raise ConfigError(f"{flag} needs --method ssl: non-structured zeros remove no {what}")
-        if (self.align or 1) > 1 and not {"filter", "channel", "neuron"} & set(parse_kinds(self.structures)):
+        if (self.align == "auto" or (self.align or 1) > 1) \
+                and not {"filter", "channel", "neuron"} & set(parse_kinds(self.structures)):
             raise ConfigError(f"--align {self.align} needs filter or channel (or neuron) among the structures (-s): "
                               f"{','.join(self.structures)} never change a width")
         check_number("threshold", self.threshold)

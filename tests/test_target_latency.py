@@ -22,15 +22,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPE = (1, 1, 28, 28)
 
 
-def _synthetic_table(path) -> float:
-    """lenet5's table with f(in, out) = in * out microseconds per layer; returns the dense prediction (ms)."""
+def _synthetic_table(path, cost=lambda i, o: 1e-3 * i * o, model: str = "lenet5") -> float:
+    """The model's table with `cost(in, out)` ms per layer (by default in * out microseconds); returns the dense
+    prediction (ms)."""
     torch.manual_seed(0)
-    structure = analyze(build_model(ModelSpec("lenet5", 10, 1, (28, 28))), SHAPE)
+    spec = ModelSpec(model, 10, 1, (28, 28)) if model == "lenet5" else ModelSpec(model, 10, 3, (32, 32))
+    structure = analyze(build_model(spec), spec.input_shape)
     table = LatencyTable(current_key())
     for sig, points in missing_points(table, structure, 8).items():
-        table.entry(sig).points = {(i, o): 1e-3 * i * o for i, o in points}
+        table.entry(sig).points = {(i, o): cost(i, o) for i, o in points}
     save_table(table, path)
-    return sum(1e-3 * lay.weight_shape[0] * lay.weight_shape[1] for lay in structure.layers.values())
+    return sum(cost(lay.weight_shape[1], lay.weight_shape[0]) for lay in structure.layers.values())
 
 
 def _finetune(tmp_path, *extra):
@@ -79,3 +81,29 @@ def test_a_table_of_another_session_is_refused(tmp_path):
     _synthetic_table(table)
     _, res = _finetune(tmp_path, "--target-latency", "0.1", "--latency-table", str(table), "--latency-batch", "8")
     assert res.exit_code == 2 and "measured for" in res.output, res.output
+
+
+def _padded(block: int, off_block: float):
+    """A conv cost that pads input widths up to multiples of `block`, `off_block` times slower off the 8s."""
+    return lambda i, o: 1e-3 * o * (-(-i // block) * block) * (off_block if i % 8 else 1.0)
+
+
+@pytest.mark.parametrize(("block", "off_block", "step"), [(16, 1.3, 16), (1, 1.3, 8), (1, 1.0, 1)])
+def test_the_channel_step_read_from_a_table(tmp_path, block, off_block, step):
+    from sslcompress.latency.step import channel_step
+    from sslcompress.latency.table import load_table
+
+    # resnet20's convs are 16 to 64 wide: widths of 16m + 8 between their neighbours to read the padding from.
+    _synthetic_table(tmp_path / "t.json", _padded(block, off_block), "resnet20")
+    assert channel_step(load_table(tmp_path / "t.json")).step == step
+
+
+def test_align_auto_aligns_to_the_tables_step(tmp_path):
+    table = tmp_path / "table.json"
+    _synthetic_table(table, _padded(1, 1.3))  # off-block convs slower: a step of 8
+    _, res = _finetune(tmp_path, "--target-flops", "0.4", "--align", "auto", "--latency-table", str(table))
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert report["align"] == 8
+    assert report["widths"] and all(w["kept"] % 8 == 0 or not w["aligned"] for w in report["widths"]), report["widths"]
+    assert any(w["aligned"] and w["kept"] < w["total"] for w in report["widths"])

@@ -138,6 +138,15 @@ def _parse_lambdas(items: tuple[str, ...]) -> dict[str, float] | None:
     return out or None
 
 
+def _align_value(value: str | None) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a whole number nor auto") from None
+
+
 @main.command()
 @_run_options
 @click.option("--structures", "-s", default=None,
@@ -169,9 +178,10 @@ def _parse_lambdas(items: tuple[str, ...]) -> dict[str, float] | None:
               help="Batch of the latency table (default 1).")
 @click.option("--latency-table", default=None, type=click.Path(dir_okay=False),
               help="The latency table file (default: the cache file of this machine and session).")
-@click.option("--align", default=None, type=int, metavar="N",
+@click.option("--align", default=None, callback=lambda _c, _p, v: _align_value(v), metavar="N|auto",
               help="Keep every prunable width (channels a layer writes) a multiple of N; pinned widths and "
-                   "widths below N stay as they are.")
+                   "widths below N stay as they are. auto: the channel step the latency table of the "
+                   "--latency-* session shows (profile the model first).")
 @click.option("--thin/--no-thin", "thin", default=None,
               help="Fine-tune the thinned model: zero channels sliced out of the torch model after sparsify "
                    "(the same function, faster steps; default on).")

@@ -45,7 +45,7 @@ from . import distributed as D
 from .checkpoint import Checkpoint, expand_tensors, load_failure, load_weights, read_weights, save_checkpoint
 from .controller import Budget, BudgetController, check_interval
 from .counting import Counter
-from .latency_budget import LatencyBudget, latency_budget
+from .latency_budget import LatencyBudget, latency_budget, resolve_align
 from .loop import (
     Event,
     EventSink,
@@ -267,7 +267,10 @@ def _pretrain(model, spec, data, opts, run, env, on_event, config_plain, *, star
 def run_finetune(cfg: FinetuneConfig, on_event: EventSink | None = None) -> RunResult:
     """SSL on a pretrained model; writes `<out>/sparse.pt` and `<out>/report.json`."""
     cfg.check()
+    cfg, step = resolve_align(cfg)  # before the resume fingerprint: a resumed `auto` resolves the same
     env = D.init_from_env(cfg.run.device)
+    if step is not None:
+        _emit(on_event, env, Event("info", message=f"--align auto: {step.describe()}"))
     owns_state = [False]  # set once the resume state in the folder is this run's own
     try:
         with _hold(cfg.run.out, env):
