@@ -24,7 +24,8 @@ def _small_vit():
                              mlp_dim=MLP, num_classes=10).eval()
 
 
-def test_torchvision_vit_heads_and_neurons():
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_torchvision_vit_heads_and_neurons(dynamic):
     from sslcompress.finetune.counting import Counter
     from sslcompress.finetune.groups import build_groups
     from sslcompress.surgery.compress import compress
@@ -44,7 +45,7 @@ def test_torchvision_vit_heads_and_neurons():
                 p.index_fill_(0 if s.axis == "out" else 1, index, 0.0)
     counted = Counter(model, SHAPE).count()
     assert counted.macs_after < counted.macs
-    result = compress(export_onnx(model, SHAPE).model)
+    result = compress(export_onnx(model, SHAPE, dynamic_batch=dynamic).model)
     assert result.verification.passed
     assert (result.report["totals"]["macs"], result.report["totals"]["macs_after"]) == (counted.macs,
                                                                                        counted.macs_after)

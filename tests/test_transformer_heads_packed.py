@@ -207,21 +207,13 @@ def _cut_by_surgery(model: nn.Module, dynamic: bool, simplify: bool):
     return compress(export_onnx(model, SHAPE, dynamic_batch=dynamic, simplify=simplify).model)
 
 
-# With a dynamic batch, onnxsim leaves nn.MultiheadAttention's round trip of the heads through the batch axis
-# with a head count computed at run time (batch * heads by a Mul), which the surgery cannot rewrite.
-_MHA_DYNAMIC_SIMPLIFIED = pytest.mark.xfail(strict=True, reason="onnxsim leaves nn.MultiheadAttention's (S, B*H, "
-                                                                "Dh) reshape with a run-time head count: a wall")
 FORMS_CUT = [("packed", False), ("packed", True), ("packed-index-sdpa", False), ("packed-index-sdpa", True),
              ("mha-batch-first", False), ("mha-batch-first", True), ("mha-sequence-first", False),
              ("mha-sequence-first", True)]
 
 
 @pytest.mark.parametrize(("form", "dynamic", "simplify"), [
-    *[(form, dynamic, simplify) for form, dynamic in FORMS_CUT for simplify in (False, True)
-      if not (form.startswith("mha") and dynamic and simplify)],
-    *[pytest.param(form, True, True, marks=_MHA_DYNAMIC_SIMPLIFIED) for form in ("mha-batch-first",
-                                                                                  "mha-sequence-first")],
-])
+    (form, dynamic, simplify) for form, dynamic in FORMS_CUT for simplify in (False, True)])
 def test_counted_macs_with_zero_heads_equal_the_cut_onnx_models(form, dynamic, simplify):
     """The export as torch writes it, and as `export` writes it (onnxsim: Linears on tokens flattened into
     rows, the packed heads split straight from the Gemm's rows)."""

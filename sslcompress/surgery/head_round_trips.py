@@ -10,7 +10,9 @@ that only splits the last axis and one Transpose, they keep an axis of their own
   -> (B, H, S, Dh): Reshape (S, B, D) -> (S, B, H, Dh) (the zeros copy S and B) and one Transpose.
 
 Rewritten only where the shapes prove it: the sizes on both sides of the trip are the same integers
-or the same named symbols, axis by axis.
+or the same named symbols, axis by axis; in nn.MultiheadAttention's trip one symbol named apart on the two
+sides (the batch, where onnxsim left the targets computed at run time) is proven by the element count when
+every other size is an integer.
 """
 
 from __future__ import annotations
@@ -141,6 +143,13 @@ def _batch_head_trip(merge: ir.Node) -> tuple[list[ir.Node], ir.Node, int, int, 
     atoms = [a for p in perm for a in groups[p]]
     sizes = {0: a0, 1: a1, 2: d // dh, 3: dh}
     zs = list(split.outputs[0].shape)
-    if len(zs) != 4 or not all(_same(z, sizes[a]) for z, a in zip(zs, atoms, strict=True)):
+    if len(zs) != 4:
+        return None
+    pairs = [(z, sizes[a]) for z, a in zip(zs, atoms, strict=True)]
+    unproven = [p for p in pairs if not _same(*p)]
+    # One symbolic size that inference named apart on the two sides (the batch, read from another value's
+    # Shape) is still proven when every other size is an integer: both tensors hold as many elements.
+    if unproven and not (len(unproven) == 1 and not any(isinstance(v, int) for v in unproven[0])
+                         and sum(not isinstance(want, int) for _, want in pairs) == 1):
         return None
     return transposes, split, d // dh, dh, atoms
