@@ -147,7 +147,19 @@ def _split_heads(node: fx.Node, modules: dict, layers: dict, shape_of) -> tuple[
     if not isinstance(node, fx.Node) or not _swaps(node, 1, 2, 4):
         return None
     view = node.args[0]
-    if not isinstance(view, fx.Node) or not _is_reshape(view) or _only_user(view) is not node:
+    found = _viewed_linear(view, layers, shape_of)
+    if found is None or _only_user(view) is not node:
+        return None
+    name, src, out = found
+    if len(src) != 3 or len(out) != 4 or out[:2] != src[:2] or out[2] * out[3] != src[2]:
+        return None
+    return name, out[2], out[3]
+
+
+def _viewed_linear(view, layers: dict, shape_of) -> tuple[str, tuple[int, ...], tuple[int, ...]] | None:
+    """(Linear, its input shape, the view's shape) when `view` reshapes what a Linear called once wrote and
+    nothing else reads: the one projection whose rows the heads own."""
+    if not isinstance(view, fx.Node) or not _is_reshape(view):
         return None
     lin = view.args[0]
     if not isinstance(lin, fx.Node) or lin.op != "call_module" or _only_user(lin) is not view:
@@ -155,10 +167,9 @@ def _split_heads(node: fx.Node, modules: dict, layers: dict, shape_of) -> tuple[
     name = str(lin.target)
     lay = layers.get(name)
     src, out = shape_of(lin), shape_of(view)
-    if lay is None or lay.kind != "linear" or lay.calls != 1 or src is None or out is None or len(src) != 3 \
-            or len(out) != 4 or out[:2] != src[:2] or out[2] * out[3] != src[2]:
+    if lay is None or lay.kind != "linear" or lay.calls != 1 or src is None or out is None:
         return None
-    return name, out[2], out[3]
+    return name, src, out
 
 
 def _scores_source(node: fx.Node, modules: dict) -> fx.Node | None:
@@ -270,16 +281,11 @@ def _packed_heads(parts, layers: dict, shape_of):
             (stacked is not src and _only_user(stacked) is not src):
         return None
     view = stacked.args[0]
-    if not isinstance(view, fx.Node) or not _is_reshape(view) or _only_user(view) is not stacked:
+    found = _viewed_linear(view, layers, shape_of)
+    if found is None or _only_user(view) is not stacked:
         return None
-    lin = view.args[0]
-    if not isinstance(lin, fx.Node) or lin.op != "call_module" or _only_user(lin) is not view:
-        return None
-    name = str(lin.target)
-    lay = layers.get(name)
-    into, out = shape_of(lin), shape_of(view)
-    if lay is None or lay.kind != "linear" or lay.calls != 1 or into is None or out is None or len(into) != 3 \
-            or len(out) != 5 or out[:3] != (*into[:2], 3) or 3 * out[3] * out[4] != into[2]:
+    name, into, out = found
+    if len(into) != 3 or len(out) != 5 or out[:3] != (*into[:2], 3) or 3 * out[3] * out[4] != into[2]:
         return None
     width = out[3] * out[4]
     return (name,) * 3, out[3], out[4], (0, width, 2 * width)
