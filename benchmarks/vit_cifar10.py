@@ -125,7 +125,8 @@ def render_md(doc: dict) -> str:
               f"{r['macs_after'] / 1e6:.2f}M ({r['macs_fraction']:.1%}) | {r['params_after'] / 1e3:.1f}k | "
               f"{heads[0]}/{heads[1]} | {neurons[0]}/{neurons[1]} |")
     verdict = "met" if r["target_met"] else "missed"
-    md += ["", f"Top-1 on {r['top1_images']} CIFAR-10 test images in ONNX Runtime. Drop {r['drop_points']:.2f} points "
+    change = f"Drop {r['drop_points']:.2f} points" if r["drop_points"] >= 0 else f"Gain {-r['drop_points']:.2f} points"
+    md += ["", f"Top-1 on {r['top1_images']} CIFAR-10 test images in ONNX Runtime. {change} "
            f"at {r['macs_fraction']:.1%} of the MACs (asked {r['settings']['target_flops']:.0%}): target (within 1 "
            f"point at 50%) {verdict}. Verification of the cut: passed={r['verification']['passed']}, max abs "
            f"{r['verification']['max_abs']:.2g} (relative {r['verification']['rel']:.2g}), "
