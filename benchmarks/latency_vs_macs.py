@@ -36,7 +36,7 @@ MODEL = "resnet20"
 
 def settings(args, **target) -> dict:
     return {"structures": ("filter", "channel"), "lambdas": {"filter": args.strength, "channel": args.strength},
-            "solver": "proximal", "weighting": "none",
+            "solver": "proximal", "weighting": "none", "align": args.align,
             "sparsify": phase(args.sparsify_epochs, args.lr, args.batch_size, 0.0, "constant"),
             "finetune": phase(args.finetune_epochs, args.finetune_lr, args.batch_size, 5e-4, "cosine"), **target}
 
@@ -59,7 +59,8 @@ def run(args, out: Path) -> dict:
     dense = out / "dense.onnx"
     export_dense(weights, dense)
     rows = {}
-    report, secs = finetune(args, MODEL, weights, out / "macs", settings(args, target_flops=args.target_flops))
+    report, secs = finetune(args, MODEL, weights, out / "macs", settings(args, target_flops=args.target_flops,
+                                                                                      latency_table=str(table)))
     surgery = export_compact(args, out / "macs" / "sparse.pt", out / "macs")
 
     timed = time_sessions({"dense": onnx.load(str(dense)), "macs": onnx.load(str(out / "macs" / "compact.onnx"))},
@@ -111,7 +112,9 @@ def render_md(doc: dict) -> str:
           f"Date {doc['date_utc']}. Command: `{doc['command']}`.", "",
           "| run | top-1 (test) | MACs kept | " + " | ".join(f"measured ms, batch {b}" for b in res["timed_ms"])
           + " |", "|---|---|---|" + "---|" * len(res["timed_ms"])]
-    names = {"macs": f"--target-flops {doc['target_flops']}", "latency": "--target-latency (the first's latency)"}
+    align = f" --align {doc['align']}" if doc.get("align") else ""
+    names = {"macs": f"--target-flops {doc['target_flops']}{align}",
+             "latency": f"--target-latency (the first's latency){align}"}
     dense_cells = " | ".join(f"{t['dense']:.3f}" for t in res["timed_ms"].values())
     md.append(f"| dense | {res['rows']['macs']['accuracy']['before']:.2%} | 100% | {dense_cells} |")
     for key, row in res["rows"].items():
@@ -146,8 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--finetune-lr", type=float, default=0.01)
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--align", default=None, help="--align of both runs: N or auto (the table's channel step)")
+    ap.add_argument("--name", default="latency_vs_macs", help="stem of the results and output folder")
     args = ap.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    if args.align not in (None, "auto"):
+        args.align = int(args.align)
     if args.quick:
         args.limit_train, args.limit_test = args.limit_train or 2000, args.limit_test or 1000
         args.sparsify_epochs, args.finetune_epochs, args.rounds = 1, 1, 5
@@ -156,12 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     args.data_spec = f"cifar10:{Path(args.data).resolve()}"
-    out = REPO / "benchmarks" / "out" / ("latency_vs_macs_quick" if args.quick else "latency_vs_macs")
+    out = REPO / "benchmarks" / "out" / (f"{args.name}_quick" if args.quick else args.name)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": "latency_vs_macs", "date_utc": now(), "command": " ".join(["python", *sys.argv]),
-           "target_flops": args.target_flops, "result": run(args, out), "machine": machine()}
+           "target_flops": args.target_flops, "align": args.align, "result": run(args, out), "machine": machine()}
     results = REPO / "benchmarks" / ("out" if args.quick else "results")
-    path = results / f"latency_vs_macs{'_quick' if args.quick else ''}.json"
+    path = results / f"{args.name}{'_quick' if args.quick else ''}.json"
     atomic_write_json(doc, path)
     atomic_write_bytes(render_md(doc).encode(), path.with_suffix(".md"))
     print(render_md(doc))
