@@ -38,7 +38,9 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def one_case(name: str, keep: float, args, work: Path) -> dict:
+def cut_case(name: str, keep: float, args, work: Path) -> tuple[Path, Path, dict, dict]:
+    """The zeroed ResNet exported with a dynamic batch and cut, verified, both models written to `work`:
+    (dense path, structured path, the surgery's totals, what was zeroed)."""
     model, zeroing = sparse_resnet(name, keep, args.size, args.seed)
     exported = export_onnx(model, (1, 3, args.size, args.size), dynamic_batch=True)
     cut = compress(exported.model, shape_lowering="off")
@@ -47,7 +49,11 @@ def one_case(name: str, keep: float, args, work: Path) -> dict:
     dense, structured = work / f"{name}_{keep:g}_dense.onnx", work / f"{name}_{keep:g}_structured.onnx"
     save_onnx(exported.model, dense)
     save_onnx(cut.model, structured)
-    totals = cut.report["totals"]
+    return dense, structured, cut.report["totals"], zeroing
+
+
+def one_case(name: str, keep: float, args, work: Path) -> dict:
+    dense, structured, totals, zeroing = cut_case(name, keep, args, work)
     reduction = totals["macs"] / totals["macs_after"]
     log(f"{name} keep {keep:g}: MACs {totals['macs'] / 1e9:.3f} G -> {totals['macs_after'] / 1e9:.3f} G "
         f"({reduction:.2f}x); timing dense, unstructured and structured")

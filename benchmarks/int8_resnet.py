@@ -22,29 +22,19 @@ import sys
 from pathlib import Path
 
 from bench_log import csv, log
+from bench_resnet import cut_case  # the same zeroed, exported and cut ResNets as the end-to-end bench
 from paper_cifar10 import machine, now
-from surgery_resnet import sparse_resnet  # the same zeroing as the surgery benchmark
 
 from sslcompress.bench.config import BenchConfig
 from sslcompress.bench.int8 import compounding
 from sslcompress.bench.run import run_bench
 from sslcompress.io import atomic_write_bytes, atomic_write_json
-from sslcompress.surgery.compress import compress
-from sslcompress.surgery.export import export_onnx, save_onnx
 
 HERE = Path(__file__).resolve().parent
 
 
 def one_case(name: str, keep: float, args, work: Path) -> dict:
-    model, zeroing = sparse_resnet(name, keep, args.size, args.seed)
-    exported = export_onnx(model, (1, 3, args.size, args.size), dynamic_batch=True)
-    cut = compress(exported.model, shape_lowering="off")
-    if not cut.verification.passed:
-        raise SystemExit(f"error: verification failed for {name} keep {keep}: {cut.report['verification']}")
-    dense, structured = work / f"{name}_{keep:g}_dense.onnx", work / f"{name}_{keep:g}_structured.onnx"
-    save_onnx(exported.model, dense)
-    save_onnx(cut.model, structured)
-    totals = cut.report["totals"]
+    dense, structured, totals, zeroing = cut_case(name, keep, args, work)
     log(f"{name} keep {keep:g}: MACs {totals['macs'] / 1e9:.3f} G -> {totals['macs_after'] / 1e9:.3f} G; "
         "quantizing and timing five variants")
     config = BenchConfig(dense=str(dense), structured=str(structured), threads=tuple(args.threads),
