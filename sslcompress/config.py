@@ -30,7 +30,7 @@ from .group_kinds import KINDS, parse_kinds
 SCHEDULES = ("cosine", "step", "constant")
 METHODS = ("ssl", "l1")
 SOLVERS = ("proximal", "subgradient")
-WEIGHTINGS = ("none", "sqrt", "macs")
+WEIGHTINGS = ("none", "sqrt", "macs", "latency")
 # Every float option ends up in float32 arithmetic (lr * gradient, lr * lambda): a larger value overflows there.
 FLOAT32_MAX = 3.4028234663852886e38
 SEED_MAX = 2**32 - 1  # numpy's seeding takes 32 bits
@@ -171,7 +171,7 @@ class FinetuneConfig:
     strength: float = 0.3
     solver: str = "proximal"
     threshold: float = 1e-4  # the paper's zeroing threshold for the subgradient solver
-    weighting: str = "none"
+    weighting: str = "none"  # build_config makes it "latency" where target_latency is given and it is not
     target_flops: float | None = None  # at most this fraction of the dense MACs remains
     target_params: float | None = None  # at most this fraction of the parameters remains
     # Widths kept are multiples of this (None or 1: any width); "auto": the channel step the latency table
@@ -292,6 +292,9 @@ def build_config(cls, recipe: dict[str, Any] | None, overrides: dict[str, Any]):
                 table.update(value)
             else:
                 merged[key] = value
+    if cls is FinetuneConfig and merged.get("target_latency") is not None:
+        # A latency target weighs the groups by the latency they save unless a weighting is asked for.
+        merged.setdefault("weighting", "latency")
     cfg = cls()
     run_keys = {f.name for f in dataclasses.fields(RunOptions)}
     phase_keys = {f.name for f in dataclasses.fields(cls)} - {"run"}

@@ -160,8 +160,9 @@ def _align_value(value: str | None) -> int | str | None:
 @click.option("--solver", type=click.Choice(["proximal", "subgradient"]), default=None,
               help="proximal group soft-thresholding (default, exact zeros) or the paper's subgradient + threshold.")
 @click.option("--threshold", default=None, type=float, help="Zeroing threshold of the subgradient solver (1e-4).")
-@click.option("--weighting", type=click.Choice(["none", "sqrt", "macs"]), default=None,
-              help="Group weights: none, sqrt(group size), or the MACs a group costs.")
+@click.option("--weighting", type=click.Choice(["none", "sqrt", "macs", "latency"]), default=None,
+              help="Group weights: none, sqrt(group size), the MACs a group costs, or the latency removing it "
+                   "saves by the --latency-* table (default latency with --target-latency, else none).")
 @click.option("--target-flops", default=None, type=float,
               help="Adjust lambda until at most this fraction of the dense MACs remains, e.g. 0.2; the run "
                    "lands within one point below it.")

@@ -534,7 +534,7 @@ def _budget(r: _FinetuneRun) -> tuple[Budget | None, dict[str, BudgetController]
     """The budget the options ask for, refused when the structures cannot reach it, and its controllers."""
     cfg, sp = r.cfg, r.sp
     targets = cfg.targets()
-    if r.latency is not None:
+    if r.latency is not None and cfg.target_latency is not None:  # --weighting latency reads the table too
         targets["latency"] = cfg.target_latency / r.latency.dense_ms
     budget = r.budget = Budget(targets) if targets else None
     controllers: dict[str, BudgetController] = {}
@@ -682,7 +682,7 @@ def _finish(r: _FinetuneRun, mask_set: MaskSet) -> RunResult:
 
 def _latency_row(r: _FinetuneRun) -> dict[str, Any] | None:
     """With --target-latency: what the table predicts for the dense model and for the one the count keeps."""
-    if r.latency is None:
+    if r.latency is None or r.cfg.target_latency is None:
         return None
     cfg = r.cfg
     return {"asked_ms": cfg.target_latency, "dense_ms": r.latency.dense_ms, "predicted_ms": r.latency.ms(r.counted),

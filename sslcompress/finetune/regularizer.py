@@ -9,7 +9,7 @@ channel share a weight), so the proximal step applies the kinds one after anothe
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Real
 
@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import ConfigError
 from .groups import KINDS, ParamGroup
 
-WEIGHTINGS = ("none", "sqrt", "macs")
+WEIGHTINGS = ("none", "sqrt", "macs", "latency")
 
 
 @dataclass
@@ -79,7 +79,8 @@ def _scale_view(s: torch.Tensor, p: torch.Tensor, axis: str) -> tuple[torch.Tens
 class _KindIndex:
     """Compiled index of the groups of one kind."""
 
-    def __init__(self, kind: str, groups: list[ParamGroup], params: dict[str, nn.Parameter], weighting: str):
+    def __init__(self, kind: str, groups: list[ParamGroup], params: dict[str, nn.Parameter], weighting: str,
+                 costs: list[float] | None = None):
         self.kind = kind
         self.groups = groups
         n = len(groups)
@@ -95,7 +96,7 @@ class _KindIndex:
                 members[key].gid[list(s.index)] = g_i
         self.members = list(members.values())
         device = self.members[0].param.device if self.members else torch.device("cpu")
-        self.weight = _weights(groups, weighting).to(device)
+        self.weight = _weights(groups, weighting, costs).to(device)
 
     def sq_norms(self) -> torch.Tensor:
         """Squared norm per group (length n + 1; the last slot collects unowned positions)."""
@@ -142,13 +143,20 @@ def _check_lambdas(lambdas: object) -> dict[str, float]:
     return {k: _check_number(f"lambda of {k}", v) for k, v in lambdas.items()}
 
 
-def _weights(groups: list[ParamGroup], weighting: str) -> torch.Tensor:
+def _weights(groups: list[ParamGroup], weighting: str, costs: list[float] | None = None) -> torch.Tensor:
     if weighting == "none" or not groups:
         return torch.ones(len(groups))
     if weighting == "sqrt":
         w = torch.tensor([float(g.size) for g in groups]).sqrt()
     elif weighting == "macs":
         w = torch.tensor([float(max(g.cost, 1)) for g in groups])
+    elif weighting == "latency":
+        if costs is None:
+            raise ConfigError("latency weighting needs each group's latency cost (GroupLasso's costs)")
+        w = torch.tensor(costs, dtype=torch.float64)
+        if not bool(w.sum() > 0):
+            return torch.ones(len(groups))  # no group saves anything measurable: weigh them alike
+        w = w.float()
     else:
         raise ConfigError(f"unknown group weighting {weighting!r}; choose from {', '.join(WEIGHTINGS)}")
     # Normalised to mean 1 so that a lambda means the same whatever the weighting.
@@ -156,11 +164,20 @@ def _weights(groups: list[ParamGroup], weighting: str) -> torch.Tensor:
 
 
 class GroupLasso:
-    """The group Lasso over `groups` of `model`: only removable groups are regularised."""
+    """The group Lasso over `groups` of `model`: only removable groups are regularised.
 
-    def __init__(self, model: nn.Module, groups: list[ParamGroup], weighting: str = "none"):
+    `costs`: with weighting "latency", what removing each group saves (a sequence aligned with `groups`, any
+    unit: the predicted ms of finetune/latency_budget.py's group_latency_costs); each group's weight is its cost
+    over the mean cost of its kind, as every weighting is normalised to mean 1 per kind.
+    """
+
+    def __init__(self, model: nn.Module, groups: list[ParamGroup], weighting: str = "none",
+                 costs: Sequence[float] | None = None):
         if weighting not in WEIGHTINGS:
             raise ConfigError(f"unknown group weighting {weighting!r}; choose from {', '.join(WEIGHTINGS)}")
+        if weighting == "latency" and costs is None:
+            raise ConfigError("latency weighting needs each group's latency cost: pass costs, one per group "
+                              "(finetune/latency_budget.py's group_latency_costs computes them).")
         if not isinstance(model, nn.Module):
             raise ConfigError(f"GroupLasso takes a torch.nn.Module, got {type(model).__name__}.")
         if isinstance(groups, (str, bytes)) or not hasattr(groups, "__iter__"):
@@ -174,14 +191,22 @@ class GroupLasso:
             if lacking:
                 raise ConfigError(f"group {g.name!r} names parameter {lacking[0]} that the model lacks "
                                   "(groups built from another model?).")
+        if costs is not None:
+            if isinstance(costs, (str, bytes)) or not hasattr(costs, "__len__") or len(costs) != len(groups):
+                raise ConfigError(f"GroupLasso's costs must be a sequence of one number per group ({len(groups)}).")
+            costs = [_check_number(f"the cost of group {g.name!r}", c) for g, c in zip(groups, costs)]
         self.model = model
         self.all_groups = list(groups)
         self.groups = [g for g in groups if g.removable]
         self.weighting = weighting
         by_kind: dict[str, list[ParamGroup]] = {}
-        for g in self.groups:
-            by_kind.setdefault(g.kind, []).append(g)
-        self.kinds = {k: _KindIndex(k, gs, params, weighting) for k, gs in by_kind.items()}
+        cost_of: dict[str, list[float]] = {}
+        for i, g in enumerate(groups):
+            if g.removable:
+                by_kind.setdefault(g.kind, []).append(g)
+                cost_of.setdefault(g.kind, []).append(costs[i] if costs is not None else 0.0)
+        self.kinds = {k: _KindIndex(k, gs, params, weighting, cost_of[k] if costs is not None else None)
+                      for k, gs in by_kind.items()}
 
     def norms(self) -> dict[str, torch.Tensor]:
         """L2 norm of each group, per kind, detached."""

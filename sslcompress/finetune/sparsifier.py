@@ -17,7 +17,7 @@ from ..models import ModelSpec
 from .controller import Budget, BudgetController, check_interval, next_interval
 from .counting import Counter
 from .groups import build_groups
-from .latency_budget import LatencyBudget
+from .latency_budget import LatencyBudget, group_latency_costs, latency_step
 from .loop import current_lr
 from .masks import MaskSet, elementwise_masks
 from .regularizer import GroupLasso
@@ -57,13 +57,25 @@ class Sparsifier:
                  reference: tuple[int, int] | None = None, latency: LatencyBudget | None = None):
         """`reference`: the MACs and parameters of the dense model in its own architecture, when `model` is that
         model already thinned; every fraction is of them, so a budget means the same before and after thinning.
-        `latency`: with --target-latency, the predicted latency is a third fraction (of the dense model's)."""
+        `latency`: with --target-latency, the predicted latency is a third fraction (of the dense model's); with
+        it, each group's predicted saving weighs it (--weighting latency) and sizes the final ranking's chunks."""
         self.model, self.cfg, self.latency = model, cfg, latency
         self.input_shape = spec.input_shape
         self.counter = Counter(model, spec.input_shape)
         self.groups = build_groups(model, spec.input_shape, cfg.structures, self.counter.structure) \
             if cfg.method == "ssl" else []
-        self.lasso = GroupLasso(model, self.groups, cfg.weighting) if cfg.method == "ssl" else None
+        # Predicted ms each group's removal saves, by id of the group (the lasso's groups are these objects).
+        self._latency_of: dict[int, float] = {}
+        costs = None
+        if cfg.method == "ssl" and latency is not None:
+            costs = group_latency_costs(latency, self.groups, latency_step(cfg.align, latency),
+                                        self.counter.structure)
+            self._latency_of = {id(g): c for g, c in zip(self.groups, costs)}
+        elif cfg.method == "ssl" and cfg.weighting == "latency":
+            raise ConfigError("--weighting latency needs the latency table: give the Sparsifier the options' "
+                              "latency budget (latency_budget in finetune/latency_budget.py)")
+        self.lasso = GroupLasso(model, self.groups, cfg.weighting, costs=costs if cfg.weighting == "latency"
+                                else None) if cfg.method == "ssl" else None
         # l1 acts on conv/linear weights only, as in the paper's non-structured baseline.
         self.l1_names = [f"{n}.weight" for n in self.counter.structure.layers]
         params = dict(model.named_parameters())
@@ -343,6 +355,11 @@ class Sparsifier:
                 return channel[g.channel]
             return float(g.cost), float(g.size)
 
+        def latency_of(refs) -> float:
+            """The refs' predicted saving as a fraction of the dense model's ms: how many to try at once (the
+            predicted fraction after zeroing decides whether they stay)."""
+            return sum(self._latency_of[id(self.lasso.kinds[k].groups[i])] for k, i in refs) / self.latency.dense_ms
+
         def norm_of(refs) -> float:
             return math.sqrt(sum(float(norms[k][i]) ** 2 for k, i in refs))
 
@@ -353,7 +370,7 @@ class Sparsifier:
             for refs, strength in zip(blocks, strengths):
                 saved = [saves(k, i) for k, i in refs]
                 est = {"macs": sum(m for m, _ in saved) / macs, "params": sum(p for _, p in saved) / params}
-                est["latency"] = est["macs"]  # how many to try at once; the predicted fraction decides
+                est["latency"] = latency_of(refs) if self._latency_of else est["macs"]
                 out.append(_Item(strength / mean, tuple(refs), est))
             return out
 
