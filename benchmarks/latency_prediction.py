@@ -8,7 +8,9 @@ random BatchNorm statistics so the export's folding is not a no-op) and each bat
    default 32: 2 widths on its 64-wide stage, 16 on its 512-wide one), resnet20 the default grid.
 2. prunings: for each MAC target (default 70%, 50%, 30% of the dense MACs) the model's removable filter groups
    (`build_groups(..., ("filter",))`) are zeroed in a random order (seeded), as many as bring the MACs
-   (`Counter`) to the target: a random structured pruning, not a trained one. Each is exported
+   (`Counter`) to the target: a random structured pruning, not a trained one. Beside it (unless --no-aligned)
+   an aligned one: every free width keeps a random share around the root of the target, rounded to ORT's
+   channel block on this CPU, as `finetune --align auto` leaves widths. Each is exported
    (`export_onnx`, BatchNorm folded) and cut by the surgery (`compress`, shape lowering off: filter zeros
    leave no partial columns), which must pass its verification. The dense model is a case too (target 1.0).
 3. predicted: `sslcompress.latency.predict(table, structure, count)`, the layers' table figures at the kept
@@ -57,6 +59,7 @@ from sslcompress.latency import (
     profile_model,
     save_table,
 )
+from sslcompress.latency.profile import random_variant
 from sslcompress.models import ModelSpec, build_model, natural_input
 from sslcompress.runtime import create_session, interleaved, runner
 from sslcompress.surgery.compress import compress
@@ -132,6 +135,19 @@ def random_pruning(model: nn.Module, shape, structure, target: float, seed: int)
     return pruned(hi)[0], hi
 
 
+def aligned_pruning(model: nn.Module, shape, structure, target: float, seed: int, block: int) -> nn.Module:
+    """A copy of `model` whose every free width keeps a random share around sqrt(target) of its channels (a
+    conv's MACs scale with its input and output widths), rounded to ORT's channel block: the kind of model
+    `finetune --align auto` leaves, at about the target's MACs. Seeds from 1000 on: not the profile's own
+    random calibration variants."""
+    centre = target ** 0.5
+    variant = random_variant(model, shape, structure, seed=1000 + seed, block=block, aligned=True,
+                             share=(max(0.05, centre - 0.2), min(1.0, centre + 0.2)))
+    if variant is None:
+        raise SystemExit(f"error: no free width to narrow at {target:.0%}")
+    return variant
+
+
 def compact_onnx(model: nn.Module, shape) -> tuple[bytes, dict]:
     exported = export_onnx(model, (1, *shape[1:]), dynamic_batch=True)
     if exported.bn_remaining:
@@ -179,6 +195,10 @@ def run_model(name: str, args, cases: list[dict], tables: dict) -> None:
         prunings.append((f"random {target:.0%}", target, pruned, zeroed))
         log(f"{name}: pruning to {target:.0%} of the MACs zeroed {zeroed} filter groups "
             f"[{time.perf_counter() - t0:.0f} s]")
+        if not args.no_aligned:
+            block = current_key("cpu").block
+            prunings.append((f"aligned ~{target:.0%}", target,
+                             aligned_pruning(model, shape, structure, target, args.seed + k, block), None))
     compacts = []
     for label, target, m, zeroed in prunings:
         t0 = time.perf_counter()
@@ -250,9 +270,12 @@ def render_markdown(doc: dict) -> str:
         f"{doc['machine']['onnxruntime']}, CPU EP, 1 thread, no pinning. `python benchmarks/latency_prediction.py"
         f"{' --quick' if doc['args']['quick'] else ''}` ({doc['seconds']:.0f} s).",
         "",
-        "Random structured prunings (random filter groups zeroed to the MAC target), exported and cut by the "
-        "surgery; *predicted* is `sslcompress.latency.predict` on the profiled table (calibrated by the dense "
-        "model and its off-block and half variants timed whole at profile time), *measured* the compact model alone in ORT (median of "
+        "Random structured prunings (*random*: random filter groups zeroed to the MAC target; *aligned*: every "
+        "width keeping a random share of about the root of the target, rounded to ORT's channel block, as "
+        "`--align auto` leaves them), exported and cut by the surgery; *predicted* is "
+        "`sslcompress.latency.predict` on the profiled table (calibrated by the dense model and its narrowed "
+        "variants, uniform and random, timed whole at profile time; other draws than these cases), *measured* "
+        "the compact model alone in ORT (median of "
         f"{doc['args']['rounds']} samples). *MAC guess* is the dense model's measured latency times the MAC "
         "fraction, for comparison.",
         "",
@@ -297,6 +320,8 @@ def main() -> None:
     ap.add_argument("--sample-s", type=float, default=0.02)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--table-dir", type=Path, default=OUT / "latency")
+    ap.add_argument("--no-aligned", action="store_true",
+                    help="only the random prunings, not the random ones aligned to ORT's channel block")
     ap.add_argument("--quick", action="store_true", help="resnet20, batch 1, target 0.5, step 16, 5 rounds")
     args = ap.parse_args()
     if args.quick:

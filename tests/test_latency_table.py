@@ -4,6 +4,7 @@ beyond being finite and positive: the machine is shared."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -65,10 +66,15 @@ def lenet_table():
     return model, table, events
 
 
+def _key8():
+    """This machine's key, for a CPU with ORT's channel blocks of 8 (AVX2): the grids below depend on it."""
+    return dataclasses.replace(current_key(), block=8)
+
+
 def _synthetic(structure, step: int) -> LatencyTable:
     """A table on the grid profile would measure, filled with f(in, out) = 0.01 + 0.001 in out per call:
     bilinear interpolation reproduces such an f exactly at any width."""
-    table = LatencyTable(current_key())
+    table = LatencyTable(_key8())
     for sig, points in missing_points(table, structure, step).items():
         table.entry(sig).points = {(i, o): _f(i, o) for i, o in points}
     return table
@@ -136,12 +142,13 @@ def test_width_grid_is_the_multiples_of_step_and_the_full_width():
 
 def test_profile_grid_holds_step_multiples_and_pins_fixed_widths():
     structure = analyze(_resnet20(), RESNET)
-    plan = missing_points(LatencyTable(current_key()), structure, 8)
+    plan = missing_points(LatencyTable(_key8()), structure, 8)
     by_layer = {name: signatures_of(lay)[0] for name, lay in structure.layers.items()}
     stage1 = plan[by_layer["layer1.0.conv1"]]
-    # input widths: the grid and one below each multiple of 8, where ORT leaves its blocked convs
-    assert sorted({i for i, _ in stage1}) == [7, 8, 15, 16] and sorted({o for _, o in stage1}) == [8, 16]
-    assert len(stage1) == 8
+    # input widths: the grid and one below each multiple of the block (8 here) where ORT leaves its blocked
+    # convs; 7 is not such a width: ORT reads fewer channels than a block in place, blocked
+    assert sorted({i for i, _ in stage1}) == [8, 15, 16] and sorted({o for _, o in stage1}) == [8, 16]
+    assert len(stage1) == 6
     assert {i for i, _ in plan[by_layer["conv1"]]} == {3}  # the model's input channels never change
     assert {o for _, o in plan[by_layer["fc"]]} == {10}  # nor do its outputs
     assert {i for i, _ in plan[by_layer["fc"]]} == set(range(8, 65, 8))
@@ -153,15 +160,17 @@ def test_depthwise_conv_has_one_width_axis():
     structure = analyze(model, (1, 3, 16, 16))
     (sig,) = signatures_of(structure.layers["2"])
     assert sig.depthwise and sig.multiplier == 2
-    points = missing_points(LatencyTable(current_key()), structure, 8)[sig]
-    widths = (7, 8, 15, 16, 23, 24, 31, 32)
+    points = missing_points(LatencyTable(_key8()), structure, 8)[sig]
+    widths = (8, 15, 16, 23, 24, 31, 32)
     assert points == [(w, 2 * w) for w in widths]
-    table = profile_model(model, (1, 3, 16, 16), current_key(), step=8, rounds=1)
+    table = profile_model(model, (1, 3, 16, 16), _key8(), step=8, rounds=1)
     entry = table.entries[sig.ident()]
     assert entry.ins() == list(widths) and len(entry.points) == len(widths)
-    # between grid points the one axis interpolates linearly, among widths of the same kind
-    assert entry_latency(entry, 11, 22) == pytest.approx((entry.points[(7, 14)] + entry.points[(15, 30)]) / 2)
-    assert entry_latency(entry, 16, 32) == entry.points[(16, 32)]
+    # between grid points the one axis interpolates linearly, among widths of the same kind (ORT blocks a
+    # depthwise conv whose channels fill blocks: 19 x 2 does not)
+    assert entry_latency(entry, 19, 38, 8) == pytest.approx((entry.points[(15, 30)] + entry.points[(23, 46)]) / 2)
+    assert entry_latency(entry, 20, 40, 8) == pytest.approx((entry.points[(16, 32)] + entry.points[(24, 48)]) / 2)
+    assert entry_latency(entry, 16, 32, 8) == entry.points[(16, 32)]
 
 
 # ---------------------------------------------------------------- measuring only what is missing
@@ -170,7 +179,8 @@ def test_profile_measures_finite_positive_latencies(lenet_table):
     assert events and events[-1].done == events[-1].total == len(events)
     assert all(math.isfinite(ms) and ms > 0 for e in table.entries.values() for ms in e.points.values())
     (timing,) = table.models.values()
-    assert [r.label for r in timing.runs] == ["dense", "off-block", "half"]
+    assert [r.label for r in timing.runs] == ["dense", "off-block", "half", "random-1", "random-aligned-2",
+                                              "random-3", "random-aligned-4"]
     assert all(r.total_ms > 0 and r.layers_ms > 0 for r in timing.runs)
     assert events[-1].stage == "model"
     # The dense prediction is the calibration applied to the dense layers' table sums, as profile stored them
@@ -241,8 +251,9 @@ def test_prediction_interpolates_between_grid_widths():
     _zero_filters(model, "layer2.0.conv1", 21)
     _zero_filters(model, "layer3.1.conv1", 37)
     count = Counter(model, RESNET, structure).count()
+    # a blocked conv (16 inputs) computes its outputs in whole blocks: 21 costs what 24 does
     assert layer_latency(table, structure.layers["layer2.0.conv1"], count.layer("layer2.0.conv1")) \
-        == pytest.approx(_f(16, 21))
+        == pytest.approx(_f(16, 24))
     assert layer_latency(table, structure.layers["layer3.1.conv2"], count.layer("layer3.1.conv2")) \
         == pytest.approx(_f(37, 64))
     # and really between two measured points, not at one of them
@@ -253,17 +264,17 @@ def test_prediction_interpolates_between_grid_widths():
 
 
 def test_input_widths_off_the_channel_blocks_interpolate_among_their_kind():
-    """ORT's blocked convs take input widths in multiples of 8; the others run slower, and are measured and
-    interpolated apart (here: on-block ops cost 1 ms, off-block ones 2 ms)."""
+    """ORT's blocked convs take input widths in multiples of the block (8 here) or narrower than one; the others
+    run slower, and are measured and interpolated apart (here: on-block ops cost 1 ms, off-block ones 2 ms)."""
     structure = analyze(_resnet20(), RESNET)
-    table = LatencyTable(current_key())
+    table = LatencyTable(_key8())
     for sig, points in missing_points(table, structure, 8).items():
-        table.entry(sig).points = {(i, o): 1.0 if i % 8 == 0 else 2.0 for i, o in points}
+        table.entry(sig).points = {(i, o): 1.0 if i % 8 == 0 or i < 8 else 2.0 for i, o in points}
     entry = table.entries[signatures_of(structure.layers["layer3.1.conv1"])[0].ident()]
-    assert entry.ins() == [7, 8, 15, 16, 23, 24, 31, 32, 39, 40, 47, 48, 55, 56, 63, 64]
-    assert entry_latency(entry, 45, 64) == 2.0 and entry_latency(entry, 44, 37) == 2.0
-    assert entry_latency(entry, 40, 64) == 1.0 and entry_latency(entry, 48, 37) == 1.0
-    assert entry_latency(entry, 3, 64) == 2.0  # below the grid: the smallest width of its kind
+    assert entry.ins() == [8, 15, 16, 23, 24, 31, 32, 39, 40, 47, 48, 55, 56, 63, 64]
+    assert entry_latency(entry, 45, 64, 8) == 2.0 and entry_latency(entry, 44, 37, 8) == 2.0
+    assert entry_latency(entry, 40, 64, 8) == 1.0 and entry_latency(entry, 48, 37, 8) == 1.0
+    assert entry_latency(entry, 3, 64, 8) == 1.0  # fewer than a block: read in place, blocked
 
 
 def test_widths_below_the_grid_cost_the_smallest_measured_width():

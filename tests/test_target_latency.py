@@ -5,6 +5,7 @@ test checks the budget's logic, not this machine's timings."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -22,13 +23,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPE = (1, 1, 28, 28)
 
 
-def _synthetic_table(path, cost=lambda i, o: 1e-3 * i * o, model: str = "lenet5") -> float:
+def _synthetic_table(path, cost=lambda i, o: 1e-3 * i * o, model: str = "lenet5", block: int | None = None) -> float:
     """The model's table with `cost(in, out)` ms per layer (by default in * out microseconds); returns the dense
-    prediction (ms)."""
+    prediction (ms). Keyed for this machine, or for a CPU of channel block `block`."""
     torch.manual_seed(0)
     spec = ModelSpec(model, 10, 1, (28, 28)) if model == "lenet5" else ModelSpec(model, 10, 3, (32, 32))
     structure = analyze(build_model(spec), spec.input_shape)
-    table = LatencyTable(current_key())
+    key = current_key()
+    table = LatencyTable(key if block is None else dataclasses.replace(key, block=block))
     for sig, points in missing_points(table, structure, 8).items():
         table.entry(sig).points = {(i, o): cost(i, o) for i, o in points}
     save_table(table, path)
@@ -83,27 +85,39 @@ def test_a_table_of_another_session_is_refused(tmp_path):
     assert res.exit_code == 2 and "measured for" in res.output, res.output
 
 
-def _padded(block: int, off_block: float):
-    """A conv cost that pads input widths up to multiples of `block`, `off_block` times slower off the 8s."""
-    return lambda i, o: 1e-3 * o * (-(-i // block) * block) * (off_block if i % 8 else 1.0)
+def _padded(pad: int, off_block: float, block: int = 8):
+    """A conv cost that pads input widths up to multiples of `pad`, `off_block` times slower off the blocks."""
+    return lambda i, o: 1e-3 * o * (-(-i // pad) * pad) * (off_block if i % block and i > block else 1.0)
 
 
-@pytest.mark.parametrize(("block", "off_block", "step"), [(16, 1.3, 16), (1, 1.3, 8), (1, 1.0, 1)])
-def test_the_channel_step_read_from_a_table(tmp_path, block, off_block, step):
+@pytest.mark.parametrize(("pad", "off_block", "step"), [(16, 1.3, 16), (1, 1.3, 8), (1, 1.0, 1)])
+def test_the_channel_step_read_from_a_table(tmp_path, pad, off_block, step):
     from sslcompress.latency.step import channel_step
     from sslcompress.latency.table import load_table
 
-    # resnet20's convs are 16 to 64 wide: widths of 16m + 8 between their neighbours to read the padding from.
-    _synthetic_table(tmp_path / "t.json", _padded(block, off_block), "resnet20")
+    # A CPU of blocks of 8 (AVX2). resnet20's convs are 16 to 64 wide: widths of 16m + 8 between their
+    # neighbours to read the padding from.
+    _synthetic_table(tmp_path / "t.json", _padded(pad, off_block), "resnet20", block=8)
     assert channel_step(load_table(tmp_path / "t.json")).step == step
+
+
+def test_the_channel_step_of_a_cpu_with_blocks_of_16(tmp_path):
+    from sslcompress.latency.step import channel_step
+    from sslcompress.latency.table import load_table
+
+    # AVX-512F: off the multiples of 16 is off the blocks.
+    _synthetic_table(tmp_path / "t.json", _padded(1, 1.3, block=16), "resnet20", block=16)
+    assert channel_step(load_table(tmp_path / "t.json")).step == 16
 
 
 def test_align_auto_aligns_to_the_tables_step(tmp_path):
     table = tmp_path / "table.json"
-    _synthetic_table(table, _padded(1, 1.3))  # off-block convs slower: a step of 8
+    block = current_key().block
+    _synthetic_table(table, _padded(1, 1.3, block))  # off-block convs slower: a step of this CPU's block
     _, res = _finetune(tmp_path, "--target-flops", "0.4", "--align", "auto", "--latency-table", str(table))
     assert res.exit_code == 0, res.output
     report = json.loads(res.output)
-    assert report["align"] == 8
-    assert report["widths"] and all(w["kept"] % 8 == 0 or not w["aligned"] for w in report["widths"]), report["widths"]
+    assert report["align"] == block
+    assert report["widths"] and all(w["kept"] % block == 0 or not w["aligned"] for w in report["widths"]), \
+        report["widths"]
     assert any(w["aligned"] and w["kept"] < w["total"] for w in report["widths"])

@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .block import nchwc_block
 
 CACHE_ENV = "SSLCOMPRESS_CACHE_DIR"
 
 
 @dataclass(frozen=True)
 class TableKey:
-    """What a latency depends on apart from the layer: CPU, core count, ORT version, provider, threads, batch."""
+    """What a latency depends on apart from the layer: CPU, core count, ORT version, provider, threads, batch,
+    and the channel block of ORT's blocked convs on this CPU (block.py: two hosts with one CPU name can differ)."""
 
     machine: str
     cpus: int
@@ -32,6 +34,7 @@ class TableKey:
     provider: str
     threads: int
     batch: int
+    block: int = 8
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -40,10 +43,10 @@ class TableKey:
     def from_dict(cls, d: dict[str, Any]) -> TableKey:
         try:
             return cls(str(d["machine"]), int(d["cpus"]), str(d["ort_version"]), str(d["provider"]),
-                       int(d["threads"]), int(d["batch"]))
+                       int(d["threads"]), int(d["batch"]), int(d["block"]))
         except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"a latency table key needs machine, cpus, ort_version, provider, threads and "
-                              f"batch ({exc})") from exc
+            raise ConfigError(f"a latency table key needs machine, cpus, ort_version, provider, threads, batch "
+                              f"and block ({exc})") from exc
 
     def digest(self) -> str:
         """A short hash of every field: two keys share a file only when they are equal."""
@@ -77,7 +80,8 @@ def current_key(provider: str = "cpu", threads: int = 1, batch: int = 1) -> Tabl
     for name, value in (("threads", threads), ("batch", batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return TableKey(cpu_model(), os.cpu_count() or 1, ort.__version__, provider, threads, batch)
+    return TableKey(cpu_model(), os.cpu_count() or 1, ort.__version__, provider, threads, batch,
+                    nchwc_block(provider))
 
 
 def cache_dir() -> Path:

@@ -1,10 +1,11 @@
 """Latency of a model from the table: the sum of its layers' ops at the widths a count keeps, calibrated.
 
 Each layer costs its signature's table figure at its kept widths, interpolated bilinearly between grid
-points (exact at them), along the input axis among the measured widths of the same kind only (multiples of 8,
-which ORT's blocked convs take, or the others, which run slower; see signature.py); below the smallest measured width the smallest one's figure stands (ORT pads
-channels to its blocks of 8 or 16, so a narrower op is hardly faster), and a depthwise conv interpolates
-along its one width. A layer the count removes costs 0, and a shrunk kernel (kernel_after) is not modelled:
+points (exact at them), along the input axis among the measured widths of the same kind only (those ORT's
+blocked convs take, whole blocks of the CPU's 8 or 16 channels, or the others, which run slower; see
+signature.py), along the output axis at the width a blocked conv computes (padded to whole blocks); below the
+smallest measured width the smallest one's figure stands (ORT pads channels to its blocks, so a narrower op is
+hardly faster), and a depthwise conv interpolates along its one width. A layer the count removes costs 0, and a shrunk kernel (kernel_after) is not modelled:
 the table is measured at the full kernel.
 
 Calibration. The ops timed alone are not the model: activations, residual adds, pooling and each node's
@@ -39,7 +40,8 @@ import json
 from ..errors import ConfigError
 from ..finetune.counting import LayerCount, ModelCount
 from ..finetune.structure import Layer, ModelStructure
-from .signature import Signature, on_block, signatures_of
+from .signature import Signature, on_block, padded, signatures_of
+from .signature import blocked as runs_blocked
 from .table import Entry, LatencyTable
 
 
@@ -62,19 +64,31 @@ def _bracket(xs: list[int], v: float) -> tuple[int, int, float]:
     return lo, hi, (v - xs[lo]) / (xs[hi] - xs[lo])
 
 
-def _same_kind(ins: list[int], width: float) -> list[int]:
-    """The measured input widths of the kind `width` is (filling whole channel blocks or not; signature.py),
-    where the table has any of that kind."""
-    same = [i for i in ins if on_block(i) == on_block(width)]
+def _same_kind(sig: Signature, ins: list[int], width: float, block: int) -> list[int]:
+    """The measured input widths of the kind `width` is (run in ORT's channel blocks or not; signature.py),
+    where the table has any of that kind. A plain conv's kind is its input width's, a depthwise conv's its
+    channels' (times its multiplier); another grouped conv's widths are all of one kind here."""
+    if sig.kind != "conv" or (sig.groups > 1 and not sig.depthwise):
+        return ins
+    m = sig.multiplier
+
+    def kind(w: float) -> bool:
+        return on_block(w, block) if sig.groups == 1 else runs_blocked(sig, int(w), int(w) * m, block)
+
+    same = [i for i in ins if kind(i) == kind(width)]
     return same or ins
 
 
-def entry_latency(entry: Entry, in_width: float, out_width: float) -> float:
-    """The entry's ms at these widths: bilinear between grid points (one axis for a depthwise conv)."""
+def entry_latency(entry: Entry, in_width: float, out_width: float, block: int = 1) -> float:
+    """The entry's ms at these widths: bilinear between grid points (one axis for a depthwise conv). With the
+    CPU's channel `block`, an input width is read among the measured ones of its kind (signature.on_block)
+    and a blocked conv's output width where ORT pads it, at whole blocks."""
     if not entry.points:
         raise ConfigError(f"the latency table has no figures for {entry.signature.ident()}")
     sig = entry.signature
-    ins = _same_kind(entry.ins(), in_width)
+    if runs_blocked(sig, int(in_width), int(out_width), block) and not sig.depthwise:
+        out_width = min(padded(int(out_width), block), sig.out_full)
+    ins = _same_kind(sig, entry.ins(), in_width, block)
     if sig.depthwise:
         by_in = {i: ms for (i, _), ms in entry.points.items()}
         a, b, t = _bracket(ins, in_width)
@@ -99,12 +113,6 @@ def _entry(table: LatencyTable, sig: Signature, layer: str) -> Entry:
     return entry
 
 
-def _blocked(sig: Signature, in_width: int) -> bool:
-    """Whether ORT runs this op in its blocked layout: a dense or depthwise conv whose input width fills whole
-    channel blocks (signature.py)."""
-    return sig.kind == "conv" and (sig.groups == 1 or sig.depthwise) and on_block(in_width)
-
-
 def layer_parts(table: LatencyTable, layer: Layer, counted: LayerCount | None = None) -> tuple[float, float]:
     """(blocked, plain) ms of every call of one layer at the widths `counted` keeps (full widths without it;
     0 if removed): its table figure, filed under the kind of op ORT makes of it."""
@@ -116,8 +124,8 @@ def layer_parts(table: LatencyTable, layer: Layer, counted: LayerCount | None = 
             cin, cout = sig.in_full, sig.out_full
         else:
             cin, cout = counted.channels[0], counted.filters[0]
-        ms = entry_latency(_entry(table, sig, layer.name), cin, cout)
-        if _blocked(sig, cin):
+        ms = entry_latency(_entry(table, sig, layer.name), cin, cout, table.key.block)
+        if runs_blocked(sig, cin, cout, table.key.block):
             blocked += ms
         else:
             plain += ms

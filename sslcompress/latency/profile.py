@@ -32,6 +32,8 @@ WARMUP = 3
 SAMPLE_S = 0.005  # each sample repeats the op for about this long
 WHOLE_ROUNDS = 4  # the whole models calibrate every prediction: timed longer than one op
 WHOLE_SAMPLE_S = 0.02
+RANDOM_VARIANTS = 4  # random narrowings timed whole besides the uniform ones: the calibration's spread
+RANDOM_KEEP = (0.25, 0.9)  # the share of a width each keeps, drawn uniformly per width
 
 
 @dataclass(frozen=True)
@@ -56,15 +58,16 @@ def _pinned(structure: ModelStructure, ids: list[int]) -> bool:
     return bool(ids) and all(structure.pin_reason(i) is not None for i in ids)
 
 
-def _axes(structure: ModelStructure, layer: Layer, sig: Signature, step: int | None) -> tuple[list[int], list[int]]:
+def _axes(structure: ModelStructure, layer: Layer, sig: Signature, step: int | None, block: int
+          ) -> tuple[list[int], list[int]]:
     """Input and output widths to measure for one call of a layer (a depthwise conv: input widths only)."""
     multiple = sig.groups if sig.kind == "conv" and not sig.depthwise else 1
-    ins = [sig.in_full] if _pinned(structure, layer.in_ids) else width_grid(sig.in_full, step, multiple)
+    ins = [sig.in_full] if _pinned(structure, layer.in_ids) else width_grid(sig.in_full, step, multiple, block)
     if sig.kind == "conv" and multiple == 1 and len(ins) > 1:
-        ins = sorted({*ins, *off_block(ins)})  # the widths that leave ORT's blocked layout (signature.py)
+        ins = sorted({*ins, *off_block(ins, block)})  # the widths that leave ORT's blocked layout (signature.py)
     if sig.depthwise:
         return ins, []
-    outs = [sig.out_full] if _pinned(structure, layer.out_ids) else width_grid(sig.out_full, step, multiple)
+    outs = [sig.out_full] if _pinned(structure, layer.out_ids) else width_grid(sig.out_full, step, multiple, block)
     return ins, outs
 
 
@@ -75,7 +78,7 @@ def missing_points(table: LatencyTable, structure: ModelStructure, step: int | N
     wanted: dict[Signature, tuple[set[int], set[int]]] = {}
     for lay in structure.layers.values():
         for sig in signatures_of(lay):
-            ins, outs = _axes(structure, lay, sig, step)
+            ins, outs = _axes(structure, lay, sig, step, table.key.block)
             have = wanted.setdefault(sig, (set(), set()))
             have[0].update(ins)
             have[1].update(outs)
@@ -153,10 +156,11 @@ def _narrowed(model: nn.Module, input_shape: tuple[int, ...], structure: ModelSt
     return variant
 
 
-def _half(width: int) -> int:
-    """Half a width, to a multiple of the channel block where it holds one (so it stays blocked)."""
-    return max(CHANNEL_BLOCK, CHANNEL_BLOCK * round(width / 2 / CHANNEL_BLOCK)) if width >= 2 * CHANNEL_BLOCK \
-        else max(1, width // 2)
+def _aligned(width: float, block: int) -> int:
+    """A width rounded to a multiple of the channel block where it holds one (so it stays blocked)."""
+    if block > 1 and width >= block:
+        return max(block, block * round(width / block))
+    return max(1, int(width))
 
 
 def off_block_variant(model: nn.Module, input_shape: tuple[int, ...], structure: ModelStructure) -> nn.Module | None:
@@ -164,10 +168,40 @@ def off_block_variant(model: nn.Module, input_shape: tuple[int, ...], structure:
     return _narrowed(model, input_shape, structure, lambda w: w - 1)
 
 
-def half_variant(model: nn.Module, input_shape: tuple[int, ...], structure: ModelStructure) -> nn.Module | None:
+def half_variant(model: nn.Module, input_shape: tuple[int, ...], structure: ModelStructure,
+                 block: int = CHANNEL_BLOCK) -> nn.Module | None:
     """Every free width halved (blocked where it was): a model whose layers cost far less, the fixed costs
     between them the same."""
-    return _narrowed(model, input_shape, structure, _half)
+    return _narrowed(model, input_shape, structure,
+                     lambda w: _aligned(w / 2, block) if w >= 2 * block else max(1, w // 2))
+
+
+def random_variant(model: nn.Module, input_shape: tuple[int, ...], structure: ModelStructure, seed: int,
+                   block: int = CHANNEL_BLOCK, aligned: bool = False,
+                   share: tuple[float, float] = RANDOM_KEEP) -> nn.Module | None:
+    """Every free width keeping a random share of its channels (uniform in `share`), drawn per width, rounded
+    to the block with `aligned`: a model like the ones a pruning leaves, its blocked and plain convs mixed, and
+    the layout changes between them that neither the ops alone nor the uniform variants show."""
+    rng = np.random.default_rng(seed)
+
+    def keep(w: int) -> int:
+        k = max(1, round(w * rng.uniform(*share)))
+        return min(w, _aligned(k, block)) if aligned else k
+
+    return _narrowed(model, input_shape, structure, keep)
+
+
+def calibration_variants(model: nn.Module, input_shape: tuple[int, ...], structure: ModelStructure,
+                         block: int = CHANNEL_BLOCK) -> dict[str, nn.Module]:
+    """The narrowed models timed whole beside the dense one (see predict.py): off-block, half, and
+    RANDOM_VARIANTS random ones, every other one aligned to the block."""
+    made = {"off-block": off_block_variant(model, input_shape, structure),
+            "half": half_variant(model, input_shape, structure, block)}
+    for i in range(RANDOM_VARIANTS):
+        aligned = block > 1 and i % 2 == 1
+        made[f"random-{'aligned-' if aligned else ''}{i + 1}"] = random_variant(
+            model, input_shape, structure, seed=i, block=block, aligned=aligned)
+    return {label: v for label, v in made.items() if v is not None}
 
 
 def _cut(variant: nn.Module, input_shape: tuple[int, ...]):
@@ -184,16 +218,13 @@ def _cut(variant: nn.Module, input_shape: tuple[int, ...]):
 
 def time_whole_models(model: nn.Module, input_shape: tuple[int, ...], key: TableKey, table: LatencyTable,
                       structure: ModelStructure, name: str, rounds: int = ROUNDS) -> ModelTiming:
-    """The dense model and its off-block and half variants timed whole, in the same rounds (WHOLE_ROUNDS x
-    `rounds`: they are measured once and calibrate every prediction), beside their layers' table sums."""
+    """The dense model and its narrowed variants (calibration_variants) timed whole, in the same rounds
+    (WHOLE_ROUNDS x `rounds`: they are measured once and calibrate every prediction), beside their layers'
+    table sums."""
     from ..finetune.counting import Counter
 
     with torch.no_grad():
-        variants = {"dense": model}
-        for label, make in (("off-block", off_block_variant), ("half", half_variant)):
-            variant = make(model, input_shape, structure)
-            if variant is not None:
-                variants[label] = variant
+        variants = {"dense": model, **calibration_variants(model, input_shape, structure, key.block)}
         onnx_models = {"dense": _exported(model, input_shape)}
         for label, variant in list(variants.items())[1:]:
             cut = _cut(variant, input_shape)
@@ -245,5 +276,5 @@ def profile_model(model: nn.Module, input_shape: tuple[int, ...], key: TableKey,
                                              name or type(model).__name__, rounds)
         done += 1
         if on_progress is not None:
-            on_progress(ProfileEvent("model", "the whole dense model and two narrowed variants", done, total))
+            on_progress(ProfileEvent("model", "the whole dense model and its narrowed variants", done, total))
     return table

@@ -5,12 +5,13 @@ depthwise conv (groups == input channels) has one width: each kept channel keeps
 and output widths move together (out = width x channel multiplier).
 
 A conv's speed is not smooth in its input width: ORT runs a conv in its blocked layout (NCHWc) only where the
-input channels fill whole blocks of 8, and falls back to a plain conv, up to twice as slow, where they do not
-(measured on this project's AMD EPYC with AVX-512, where the boundary is 8, not 16: a 3x3 conv of 64 -> 64 channels on 8x8 took 0.051 ms, of 63 -> 63 0.079 ms, of 56
--> 56 0.051 ms). Interpolating between widths that are multiples of 8 would miss that, so a conv's input axis
-is measured twice: at the grid's widths and one below each multiple of 8 ("off-block" widths), and a width is
-interpolated among the measured widths of its own kind (see predict.py). Output widths are padded to a block
-by ORT and need no such care.
+input channels fill whole blocks (or are fewer than one block), and falls back to a plain conv, up to twice as
+slow, where they do not. The block is ORT's on this CPU (block.py: 8 with AVX2, 16 with AVX-512F; on an AVX2
+EPYC of this project a 3x3 conv of 64 -> 64 channels on 8x8 took 0.051 ms, of 63 -> 63 0.079 ms, of 56 -> 56
+0.051 ms). Interpolating between widths that are multiples of the block would miss that, so a conv's input
+axis is measured twice: at the grid's widths and one below each multiple of the block ("off-block" widths),
+and a width is interpolated among the measured widths of its own kind (see predict.py). Output widths are
+padded up to a block by ORT: a blocked conv is read at its output width rounded up to one.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from typing import Any
 from ..errors import ConfigError
 from ..finetune.structure import Layer
 
-# ORT's CPU convs work on blocks of 8 channels (AVX2) or 16 (AVX-512): grid steps that are multiples of 8
-# show where a width crosses a block.
+# ORT's CPU convs work on blocks of 8 channels (AVX2) or 16 (AVX-512F); the table's key holds this CPU's
+# (block.py). This one is the default of a key built by hand.
 CHANNEL_BLOCK = 8
 GRID_POINTS = 16  # a default grid of about this many widths per axis
 
@@ -92,30 +93,53 @@ def signatures_of(layer: Layer) -> list[Signature]:
     return sigs
 
 
-def default_step(full: int) -> int:
+def default_step(full: int, block: int = CHANNEL_BLOCK) -> int:
     """About GRID_POINTS widths up to `full`: full // 16, rounded to a multiple of 8 where the width holds two
-    blocks of 8 (so the grid shows ORT's channel blocking), else 1."""
+    blocks of 8 (so the grid shows ORT's channel blocking, and 16m + 8 widths show a block of 16), else 1."""
     step = max(1, full // GRID_POINTS)
-    if full >= 2 * CHANNEL_BLOCK:
-        step = max(CHANNEL_BLOCK, CHANNEL_BLOCK * round(step / CHANNEL_BLOCK))
+    grain = min(8, block) if block > 1 else 1
+    if grain > 1 and full >= 2 * grain:
+        step = max(grain, grain * round(step / grain))
     return step
 
 
-def on_block(width: float) -> bool:
-    """Whether a width fills whole channel blocks (the kind of width it is interpolated among)."""
-    return width % CHANNEL_BLOCK == 0
+def on_block(width: float, block: int = CHANNEL_BLOCK) -> bool:
+    """Whether ORT takes a plain conv of this input width in its blocked layout: whole blocks, or fewer
+    channels than one block (read in place). Every width where there are no blocks (block 1)."""
+    return block <= 1 or width < block or width % block == 0
 
 
-def off_block(widths: list[int]) -> list[int]:
-    """One below each multiple of the block among `widths`: the input widths that leave ORT's blocked convs."""
-    return sorted({w - 1 for w in widths if w > 1 and on_block(w)} - set(widths))
+def off_block(widths: list[int], block: int = CHANNEL_BLOCK) -> list[int]:
+    """One below each multiple of the block among `widths`, where that leaves ORT's blocked convs."""
+    if block <= 1:
+        return []
+    return sorted({w - 1 for w in widths if w % block == 0 and not on_block(w - 1, block)} - set(widths))
 
 
-def width_grid(full: int, step: int | None = None, multiple: int = 1) -> list[int]:
+def padded(width: int, block: int = CHANNEL_BLOCK) -> int:
+    """The output width a blocked conv computes: rounded up to whole blocks."""
+    return width if block <= 1 else block * math.ceil(width / block)
+
+
+def blocked(sig: Signature, in_width: int, out_width: int, block: int = CHANNEL_BLOCK) -> bool:
+    """Whether ORT runs this conv call in its blocked layout at these widths (its NCHWc transformer's rule:
+    a plain conv by its input width; a depthwise one when its channels fill blocks; another grouped conv
+    when its channels per group and its outputs per group fill blocks)."""
+    if sig.kind != "conv" or block <= 1:
+        return False
+    if sig.groups == 1:
+        return on_block(in_width, block)
+    if sig.depthwise:
+        return out_width % block == 0
+    return (out_width % block == 0 and (in_width // sig.groups) % block == 0
+            and (out_width // sig.groups) % block == 0)
+
+
+def width_grid(full: int, step: int | None = None, multiple: int = 1, block: int = CHANNEL_BLOCK) -> list[int]:
     """Every multiple of `step` up to `full`, and `full`. A grouped conv's widths must be multiples of its
     groups, so the step is rounded up to one (`multiple`)."""
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 1):
         raise ConfigError(f"the width step must be a positive integer, got {step!r}")
-    step = default_step(full) if step is None else step
+    step = default_step(full, block) if step is None else step
     step = multiple * math.ceil(step / multiple)
     return sorted({*range(step, full + 1, step), full})

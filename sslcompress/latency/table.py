@@ -18,7 +18,7 @@ from .signature import Signature
 
 FORMAT = "sslcompress-latency-table"
 MAX_CONDITION = 1e3  # a calibration system worse conditioned than this amplifies timing noise beyond use
-VERSION = 1
+VERSION = 2  # 2: the key holds the channel block, and whole-model runs include random variants
 
 
 @dataclass
@@ -119,7 +119,8 @@ class LatencyTable:
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ConfigError("not a latency table (its format field is missing or another)")
         if d.get("version") != VERSION:
-            raise ConfigError(f"a latency table of version {d.get('version')!r}; this sslcompress reads {VERSION}")
+            raise ConfigError(f"a latency table of version {d.get('version')!r}; this sslcompress reads {VERSION} "
+                              "(profile the model again)")
         table = cls(TableKey.from_dict(d["key"]))
         for raw in d.get("entries", []):
             entry = table.entry(Signature.from_dict(raw["signature"]))
@@ -164,5 +165,5 @@ def load_table(path: str | Path, key: TableKey | None = None) -> LatencyTable:
 
 
 def _describe(key: TableKey) -> str:
-    return (f"{key.machine} ({key.cpus} CPUs), onnxruntime {key.ort_version}, {key.provider}, "
-            f"{key.threads} thread(s), batch {key.batch}")
+    return (f"{key.machine} ({key.cpus} CPUs, channel block {key.block}), onnxruntime {key.ort_version}, "
+            f"{key.provider}, {key.threads} thread(s), batch {key.batch}")
