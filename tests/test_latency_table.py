@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from itertools import product
 
 import onnxruntime as ort
 import pytest
@@ -357,10 +358,26 @@ def test_calibrations_that_are_ill_posed_or_unphysical_fall_back():
     assert ModelTiming("m", same_mix).calibration() == (0.0, 0.5, 0.5)
     no_blocked = [WholeRun("dense", 2.0, 0.0, 4.0), WholeRun("off-block", 3.0, 0.0, 5.0)]
     assert ModelTiming("m", no_blocked).calibration() == (0.0, 0.5, 0.5)
-    # three runs whose exact solution costs -1 ms fixed: the factors alone instead, fitted to all three
+    # three runs whose exact solution costs -1 ms fixed: kept (the ops' own overhead alone), every run positive
     negative = [WholeRun("dense", 4.0, 4.0, 1.0), WholeRun("off-block", 4.0, 1.0, 4.0), WholeRun("half", 1.5, 2.0, 0.5)]
-    constant, a_blocked, a_plain = ModelTiming("m", negative).calibration()
-    assert constant == 0.0 and a_blocked > 0 and a_plain > 0
+    assert ModelTiming("m", negative).calibration() == pytest.approx((-1.0, 1.0, 1.0))
+    # a negative constant whose prediction of a model far narrower than its runs would fall below nothing:
+    # the floor, a tenth of the scaled ops
+    structure = analyze(_resnet20(), RESNET)
+    table = _synthetic(structure, 8)
+    db, dp = layers_parts(table, structure)
+    c = -0.45 * (db + dp)
+    table.models[fingerprint(structure)] = ModelTiming("resnet20", [
+        WholeRun("dense", c + db + dp, db, dp),
+        WholeRun("off-block", c + db + dp + 1e-3, db / 2, dp + db / 2 + 1e-3),
+        WholeRun("half", c + (db + dp) / 2, db / 2, dp / 2)])
+    assert table.models[fingerprint(structure)].calibration()[0] == pytest.approx(c)
+    model = _resnet20()
+    for stage, block in product((1, 2, 3), (0, 1, 2)):
+        _zero_filters(model, f"layer{stage}.{block}.conv1", 1)
+    count = Counter(model, RESNET, structure).count()
+    b, p = layers_parts(table, structure, count)
+    assert c + b + p < 0 and predict(table, structure, count) == pytest.approx(0.1 * (b + p))
     # three runs that fit two factors without a constant: found exactly
     exact = [WholeRun(r.label, 0.7 * r.blocked_ms + 0.9 * r.plain_ms, r.blocked_ms, r.plain_ms) for r in negative]
     assert ModelTiming("m", exact).calibration() == pytest.approx((0.0, 0.7, 0.9), abs=1e-9)

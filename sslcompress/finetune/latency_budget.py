@@ -100,8 +100,7 @@ def latency_budget(cfg, model: nn.Module, input_shape: tuple[int, ...], model_na
 def latency_step(align: Any, budget: LatencyBudget | None = None) -> int:
     """The channels a latency saving is measured over: ORT's channel block (the table's, where its key holds
     one), or the --align value when larger."""
-    block = getattr(budget.table.key, "block", CHANNEL_BLOCK) if budget is not None else CHANNEL_BLOCK
-    block = max(1, int(block or 1))
+    block = max(1, budget.table.key.block) if budget is not None else CHANNEL_BLOCK
     return max(block, align) if isinstance(align, int) and not isinstance(align, bool) else block
 
 

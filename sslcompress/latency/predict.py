@@ -44,6 +44,8 @@ from .signature import Signature, on_block, padded, signatures_of
 from .signature import blocked as runs_blocked
 from .table import Entry, LatencyTable
 
+MIN_SHARE = 0.1
+
 
 def fingerprint(structure: ModelStructure) -> str:
     """The identity of a model's layers and their geometry: where its whole-model timing is filed."""
@@ -157,7 +159,11 @@ def predict(table: LatencyTable, structure: ModelStructure, count: ModelCount | 
     if timing is None:
         return blocked + plain
     constant, a_blocked, a_plain = timing.calibration()
-    return constant + a_blocked * blocked + a_plain * plain
+    scaled = a_blocked * blocked + a_plain * plain
+    # A negative constant stands for the per-op overhead the table's figures hold (ModelTiming.calibration);
+    # a model narrower than every calibration run could fall below it: never predict less than a tenth of the
+    # scaled ops.
+    return max(constant + scaled, MIN_SHARE * scaled)
 
 
 def predict_dense(table: LatencyTable, structure: ModelStructure) -> float:
