@@ -75,30 +75,65 @@ class ModelTiming:
     def calibration(self) -> tuple[float, float, float]:
         """(constant ms, blocked factor, plain factor) with total = constant + blocked x B + plain x P.
 
-        Fitted to every run, each run's relative error weighing alike (least squares on T_hat / T = 1): with a
-        constant where there are three runs or more, else, or where that fit fails, without it; failing both,
-        one factor for all ops (the dense total over its layers' sum). A fit counts only where it is well posed
-        (the runs mix the kinds differently) and physical: factors positive, and every run predicted above
-        nothing. The constant may be negative: each op timed alone pays a session call and layout reorders
-        that the whole graph does not (a fixed cost per op the factors would otherwise scale with the widths;
-        on an AVX2 EPYC a random ResNet-20 narrowing kept 52% of its ops' table sum and ran in 37% of the
-        dense time), and a model's ops are never cheaper alone than that overhead, so a prediction stays
-        positive."""
-        rows = np.array([(1.0, r.blocked_ms, r.plain_ms) for r in self.runs]) / \
-            np.array([[r.total_ms] for r in self.runs])
-        for terms in (3, 2):
-            if len(rows) < terms:
-                continue
-            a = rows[:, 3 - terms:]
-            if not np.all(np.isfinite(a)) or np.linalg.cond(a) > MAX_CONDITION:
-                continue
-            x = np.linalg.lstsq(a, np.ones(len(rows)), rcond=None)[0]
-            constant, blocked, plain = (x if terms == 3 else (0.0, *x))
-            fitted = [constant + blocked * r.blocked_ms + plain * r.plain_ms for r in self.runs]
-            if blocked > 0 and plain > 0 and min(fitted) > 0:
-                return float(constant), float(blocked), float(plain)
+        Three forms, each fitted to the runs by least squares on the relative error (each run's T_hat / T = 1):
+        a constant and both factors, both factors alone, one factor for all ops. A form counts only where it is
+        well posed (the runs mix the kinds differently) and physical: factors positive, every run predicted
+        above nothing. The constant may be negative: each op timed alone pays a session call and layout
+        reorders that the whole graph does not, a fixed cost per op the factors would otherwise scale with the
+        widths (on an AVX2 EPYC a random ResNet-20 narrowing kept 52% of its ops' table sum and ran in 37% of
+        the dense time). Of the forms that count, the one whose fit predicts each run best from the others
+        (leave-one-out, mean relative error) is taken, where every one has runs enough to leave one out; else
+        the richest. Without any: one factor, the dense total over its layers' sum."""
+        runs = [(r.total_ms, r.blocked_ms, r.plain_ms) for r in self.runs]
+        forms = [lambda b, p: (1.0, b, p), lambda b, p: (b, p), lambda b, p: (b + p,)]
+        fits = []
+        for form in forms:
+            x = _fit(form, runs)
+            if x is not None:
+                fits.append((_leave_one_out(form, runs), form, x))
+        if fits:
+            scored = all(f[0] is not None for f in fits)
+            _, form, x = min(fits, key=lambda f: f[0]) if scored else fits[0]
+            return _as_calibration(form, x)
         ratio = self.total_ms / self.layers_ms if self.layers_ms > 0 else 1.0
         return 0.0, ratio, ratio
+
+
+def _fit(form, runs: list[tuple[float, float, float]]) -> np.ndarray | None:
+    """Least squares of T_hat / T = 1 over `runs` (total, blocked, plain) in the terms `form` makes of them;
+    None where that is ill-posed or unphysical (see ModelTiming.calibration)."""
+    if len(runs) < len(form(0.0, 0.0)):
+        return None
+    rows = np.array([form(b, p) for _, b, p in runs], dtype=float) / np.array([[t] for t, _, _ in runs])
+    if not np.all(np.isfinite(rows)) or np.linalg.cond(rows) > MAX_CONDITION:
+        return None
+    x = np.linalg.lstsq(rows, np.ones(len(runs)), rcond=None)[0]
+    constant, blocked, plain = _as_calibration(form, x)
+    if blocked <= 0 or plain <= 0 or min(constant + blocked * b + plain * p for _, b, p in runs) <= 0:
+        return None
+    return x
+
+
+def _as_calibration(form, x: np.ndarray) -> tuple[float, float, float]:
+    terms = len(form(0.0, 0.0))
+    if terms == 3:
+        return float(x[0]), float(x[1]), float(x[2])
+    if terms == 2:
+        return 0.0, float(x[0]), float(x[1])
+    return 0.0, float(x[0]), float(x[0])
+
+
+def _leave_one_out(form, runs: list[tuple[float, float, float]]) -> float | None:
+    """Mean relative error of each run predicted by the form fitted to the others; None where the others
+    are too few to fit it."""
+    errors = []
+    for i, (total, b, p) in enumerate(runs):
+        x = _fit(form, runs[:i] + runs[i + 1:])
+        if x is None or len(runs) - 1 <= len(form(0.0, 0.0)):
+            return None
+        constant, blocked, plain = _as_calibration(form, x)
+        errors.append(abs((constant + blocked * b + plain * p) / total - 1))
+    return float(np.mean(errors))
 
 
 @dataclass
