@@ -418,10 +418,12 @@ def test_cli_writes_the_table_and_prints_it(tmp_path):
     assert res.exit_code == 0, res.output
     assert path.is_file() and load_table(path, current_key()).entries
     assert "fc1" in res.output and f"table: {path}" in res.output and "dense:" in res.output
+    assert f"channel block on this CPU: {current_key().block}" in res.output and "calibration by 7 whole models" in res.output
     again = CliRunner().invoke(main, [*args, "--json"])
     assert again.exit_code == 0, again.output
     summary = json.loads(again.output)
     assert summary["measured"] == 0 and summary["dense_ms"] > 0 and summary["table"] == str(path)
+    assert summary["key"]["block"] == current_key().block and summary["calibration"]["blocked_factor"] > 0
     assert [r["layer"] for r in summary["layers"]] == ["conv1", "conv2", "fc1", "fc2"]
 
 

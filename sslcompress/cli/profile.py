@@ -96,6 +96,8 @@ def profile(model: str | None, weights: str | None, input_shape: str | None, num
     from ..console import BenchProgress
     from ..finetune.structure import analyze
     from ..latency import current_key, default_path, load_or_new, predict_dense, profile_model, save_table
+    from ..latency.predict import fingerprint
+    from ..latency.step import channel_step
     from ..runtime import probe_cuda
 
     if provider == "cuda":
@@ -115,8 +117,12 @@ def profile(model: str | None, weights: str | None, input_shape: str | None, num
         profile_model(net, shape, key, table, step, on_progress, name=spec.name, rounds=rounds, structure=structure)
     save_table(table, path)
     rows = _rows(table, structure)
+    step = channel_step(table)
+    timing = table.models.get(fingerprint(structure))
+    calibration = dict(zip(("constant_ms", "blocked_factor", "plain_factor"), timing.calibration())) if timing else None
     summary = {"table": str(path), "key": key.to_dict(), "model": spec.name, "input_shape": list(shape[1:]),
-               "measured": len(measured), "dense_ms": predict_dense(table, structure), "layers": rows}
+               "measured": len(measured), "dense_ms": predict_dense(table, structure), "layers": rows,
+               "channel_step": step.step, "calibration": calibration}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -126,4 +132,8 @@ def profile(model: str | None, weights: str | None, input_shape: str | None, num
         click.echo(f"{r['layer']:<{width}}  {r['widths_measured']:>8}  {r['dense_ms']:>9.4f}")
     click.echo(f"{spec.name} dense: {summary['dense_ms']:.4f} ms (whole model, batch {batch}, {threads} thread(s)); "
                f"{len(measured)} measurement(s) this run")
+    click.echo(f"ORT's channel block on this CPU: {key.block}; --align auto reads {step.describe()}")
+    if calibration is not None:
+        click.echo(f"calibration by {len(timing.runs)} whole models: {calibration['constant_ms']:+.4f} ms + "
+                   f"{calibration['blocked_factor']:.3f} x blocked ops + {calibration['plain_factor']:.3f} x plain ops")
     click.echo(f"table: {path}")
