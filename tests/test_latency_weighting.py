@@ -10,10 +10,9 @@ import math
 
 import pytest
 import torch
-from click.testing import CliRunner
+from finetune_cli import short_finetune
 from torch import nn
 
-from sslcompress.cli import main
 from sslcompress.config import FinetuneConfig, build_config
 from sslcompress.errors import ConfigError
 from sslcompress.finetune.groups import build_groups
@@ -185,15 +184,10 @@ def test_the_ranking_estimates_a_channel_groups_latency_saving():
         Sparsifier(model, spec, cfg)
 
 
-def _finetune(tmp_path, *extra):
-    out = tmp_path / "run"
-    return out, CliRunner().invoke(main, ["finetune", "--out", str(out), "--pretrain-epochs", "1", "--sparsify-epochs",
-                                          "1", "--finetune-epochs", "1", "--limit-train", "256", "--limit-test",
-                                          "64", "--threads", "1", "--json", *extra])
 
 
 def test_weighting_latency_without_a_table_names_the_profile_command(tmp_path):
-    _, res = _finetune(tmp_path, "--weighting", "latency", "--latency-table", str(tmp_path / "none.json"))
+    _, res = short_finetune(tmp_path, "--weighting", "latency", "--latency-table", str(tmp_path / "none.json"))
     assert res.exit_code == 2
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and "--weighting latency" in lines[0] and "sslcompress profile" in lines[0], res.output
@@ -209,7 +203,7 @@ def test_a_latency_target_runs_latency_weighted_and_lands(tmp_path):
     save_table(table, tmp_path / "table.json")
     dense_ms = sum(1e-3 * lay.weight_shape[1] * lay.weight_shape[0] for lay in structure.layers.values())
     asked = 0.4 * dense_ms
-    _, res = _finetune(tmp_path, "--target-latency", f"{asked:.6f}", "--latency-table", str(tmp_path / "table.json"))
+    _, res = short_finetune(tmp_path, "--target-latency", f"{asked:.6f}", "--latency-table", str(tmp_path / "table.json"))
     assert res.exit_code == 0, res.output
     report = json.loads(res.output)
     assert report["weighting"] == "latency"

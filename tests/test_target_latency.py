@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from finetune_cli import short_finetune
 
 from sslcompress.cli import main
 from sslcompress.finetune.structure import analyze
@@ -37,18 +38,13 @@ def _synthetic_table(path, cost=lambda i, o: 1e-3 * i * o, model: str = "lenet5"
     return sum(cost(lay.weight_shape[1], lay.weight_shape[0]) for lay in structure.layers.values())
 
 
-def _finetune(tmp_path, *extra):
-    out = tmp_path / "run"
-    return out, CliRunner().invoke(main, ["finetune", "--out", str(out), "--pretrain-epochs", "1", "--sparsify-epochs",
-                                          "1", "--finetune-epochs", "1", "--limit-train", "256", "--limit-test",
-                                          "64", "--threads", "1", "--json", *extra])
 
 
 def test_the_run_lands_on_the_predicted_latency(tmp_path):
     table = tmp_path / "table.json"
     dense_ms = _synthetic_table(table)
     asked = 0.4 * dense_ms
-    out, res = _finetune(tmp_path, "--target-latency", f"{asked:.6f}", "--latency-table", str(table))
+    out, res = short_finetune(tmp_path, "--target-latency", f"{asked:.6f}", "--latency-table", str(table))
     assert res.exit_code == 0, res.output
     report = json.loads(res.output)
     lat, budget = report["latency"], report["budget"]
@@ -72,7 +68,7 @@ def test_the_run_lands_on_the_predicted_latency(tmp_path):
 
 
 def test_no_table_is_one_line_naming_the_profile_command(tmp_path):
-    _, res = _finetune(tmp_path, "--target-latency", "0.1", "--latency-table", str(tmp_path / "none.json"))
+    _, res = short_finetune(tmp_path, "--target-latency", "0.1", "--latency-table", str(tmp_path / "none.json"))
     assert res.exit_code == 2
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and "sslcompress profile --model lenet5" in lines[0], res.output
@@ -81,7 +77,7 @@ def test_no_table_is_one_line_naming_the_profile_command(tmp_path):
 def test_a_table_of_another_session_is_refused(tmp_path):
     table = tmp_path / "table.json"
     _synthetic_table(table)
-    _, res = _finetune(tmp_path, "--target-latency", "0.1", "--latency-table", str(table), "--latency-batch", "8")
+    _, res = short_finetune(tmp_path, "--target-latency", "0.1", "--latency-table", str(table), "--latency-batch", "8")
     assert res.exit_code == 2 and "measured for" in res.output, res.output
 
 
@@ -114,7 +110,7 @@ def test_align_auto_aligns_to_the_tables_step(tmp_path):
     table = tmp_path / "table.json"
     block = current_key().block
     _synthetic_table(table, _padded(1, 1.3, block))  # off-block convs slower: a step of this CPU's block
-    _, res = _finetune(tmp_path, "--target-flops", "0.4", "--align", "auto", "--latency-table", str(table))
+    _, res = short_finetune(tmp_path, "--target-flops", "0.4", "--align", "auto", "--latency-table", str(table))
     assert res.exit_code == 0, res.output
     report = json.loads(res.output)
     assert report["align"] == block
