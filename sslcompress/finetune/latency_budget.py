@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..latency.key import current_key, default_path
-from ..latency.predict import fingerprint, layer_parts, predict, predict_dense
+from ..latency.predict import fingerprint, parts_at, predict, predict_dense
 from ..latency.signature import CHANNEL_BLOCK
 from ..latency.step import ChannelStep, channel_step
 from ..latency.table import LatencyTable, load_table
@@ -120,15 +120,6 @@ def _full_widths(lay: Layer) -> tuple[int, int]:
     return (w[1] * lay.groups if lay.kind == "conv" else w[1]), w[0]
 
 
-@dataclass(frozen=True)
-class _Widths:
-    """The part of a LayerCount that layer_parts reads: kept (and total) input and output widths."""
-
-    channels: tuple[int, int]
-    filters: tuple[int, int]
-    removed: bool = False
-
-
 class _Timer:
     """Calibrated ms of every call of a layer at given widths, as predict counts them: the dense model's layer
     of that name gives the table entries (a thinned model's layers keep their names, not their signatures)."""
@@ -140,7 +131,7 @@ class _Timer:
         dense = self.budget.structure.layers.get(name)
         if dense is None:
             raise ConfigError(f"layer {name} is not in the model the latency table was read for")
-        blocked, plain = layer_parts(self.budget.table, dense, _Widths((cin, cin), (cout, cout)))
+        blocked, plain = parts_at(self.budget.table, dense, (cin, cout))
         return self.factors[0] * blocked + self.factors[1] * plain
 
 

@@ -115,23 +115,28 @@ def _entry(table: LatencyTable, sig: Signature, layer: str) -> Entry:
     return entry
 
 
-def layer_parts(table: LatencyTable, layer: Layer, counted: LayerCount | None = None) -> tuple[float, float]:
-    """(blocked, plain) ms of every call of one layer at the widths `counted` keeps (full widths without it;
-    0 if removed): its table figure, filed under the kind of op ORT makes of it."""
-    if counted is not None and counted.removed:
-        return 0.0, 0.0
+def parts_at(table: LatencyTable, layer: Layer, widths: tuple[int, int] | None = None) -> tuple[float, float]:
+    """(blocked, plain) ms of every call of one layer at (input, output) `widths` (its full widths without
+    them): its table figure, filed under the kind of op ORT makes of it."""
     blocked = plain = 0.0
     for sig in signatures_of(layer):
-        if counted is None:
-            cin, cout = sig.in_full, sig.out_full
-        else:
-            cin, cout = counted.channels[0], counted.filters[0]
+        cin, cout = widths if widths is not None else (sig.in_full, sig.out_full)
         ms = entry_latency(_entry(table, sig, layer.name), cin, cout, table.key.block)
         if runs_blocked(sig, cin, cout, table.key.block):
             blocked += ms
         else:
             plain += ms
     return blocked, plain
+
+
+def layer_parts(table: LatencyTable, layer: Layer, counted: LayerCount | None = None) -> tuple[float, float]:
+    """(blocked, plain) ms of every call of one layer at the widths `counted` keeps (full widths without it;
+    0 if removed)."""
+    if counted is None:
+        return parts_at(table, layer)
+    if counted.removed:
+        return 0.0, 0.0
+    return parts_at(table, layer, (counted.channels[0], counted.filters[0]))
 
 
 def layer_latency(table: LatencyTable, layer: Layer, counted: LayerCount | None = None) -> float:

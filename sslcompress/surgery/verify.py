@@ -76,9 +76,6 @@ class VerifyResult:
 VERIFY_THREADS = max(1, min(4, len(usable_cpus()) or 1))
 
 
-def _session(model: onnx.ModelProto, optimization: str = "all"):
-    """A CPU session (UnsupportedModelError when ORT cannot load the model)."""
-    return create_session(model, provider="cpu", threads=VERIFY_THREADS, optimization=optimization)
 
 
 def _run(session, feed: Feed) -> dict[str, np.ndarray]:
@@ -104,11 +101,18 @@ def verification_level(model: onnx.ModelProto) -> str:
     return "disable" if any(n.op_type in QUANTIZE_OPS for n in model.graph.node) else "all"
 
 
+def _session(model: onnx.ModelProto, optimization: str | None = None):
+    """A CPU session at `optimization`, by default the model's verification_level (UnsupportedModelError
+    when ORT cannot load the model)."""
+    level = optimization or verification_level(model)
+    return create_session(model, provider="cpu", threads=VERIFY_THREADS, optimization=level)
+
+
 def ort_runner(model: onnx.ModelProto) -> Runner:
     """A CPU ORT session as a function of one input (a feed ``{name: array}``, or one array for a
     single-input model): full graph optimisation, or none for a quantized graph (verification_level)."""
     specs = describe_inputs(model)
-    session = _session(model, verification_level(model))
+    session = _session(model)
 
     def run(x: FeedLike) -> list[np.ndarray]:
         return list(_run(session, as_feed(specs, x)).values())
