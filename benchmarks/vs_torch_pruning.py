@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -439,7 +440,8 @@ def render_md(doc: dict) -> str:
                 f"{s['strength']:g}, weighting {s['weighting']}, then fine-tune {s['finetune_epochs']} epochs at lr "
                 f"{s['lr']:g} cosine; Torch-Pruning: {s.get('tp_epochs', '-')} epochs at lr {s['lr']:g} cosine "
                 f"({s.get('tp_epochs_from', '-')}), SGD Nesterov momentum 0.9, no weight decay, both sides; align "
-                f"{s.get('align') or 'none'}; ORT {s['rounds']} rounds. Pretrained: {s['pretrained']}.")
+                f"{s.get('align') or 'none'}; ORT {s['rounds']} rounds. Pretrained: {s['pretrained']}"
+                f"{' (sha256 ' + s['pretrained_sha256'] + ')' if s.get('pretrained_sha256') else ''}.")
         lines += ["", "#### Machine", ""]
         for c in mc:
             m = c["machine"]
@@ -776,8 +778,9 @@ def run_case(args, budget: float, spec: ModelSpec, dense: dict, dense_bytes: byt
                                               "align", "rounds", "warmup", "sample_s", "limit_train", "limit_test",
                                               "eval_batch_size")}
     pre = Path(args.pretrained)
+    # The path alone does not name the weights: a checkpoint pretrained again lands at the same place.
     settings.update(pretrained=str(pre.relative_to(REPO)) if pre.is_relative_to(REPO) else str(pre),
-                    tp_epochs=tp_epochs, tp_epochs_from=tp_from, methods=list(args.methods))
+                    pretrained_sha256=hashlib.sha256(pre.read_bytes()).hexdigest()[:12], tp_epochs=tp_epochs, tp_epochs_from=tp_from, methods=list(args.methods))
     return {"model": args.model, "budget": budget, "data_name": dense["data_name"], "target_macs": target,
             "mac_counter": "sslcompress.flops.count (torch models); compress() report in onnx_macs",
             "dense": dense_case, "rows": rows, "settings": settings, "machine": info,
