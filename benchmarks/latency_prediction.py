@@ -323,6 +323,8 @@ def main() -> None:
     ap.add_argument("--no-aligned", action="store_true",
                     help="only the random prunings, not the random ones aligned to ORT's channel block")
     ap.add_argument("--quick", action="store_true", help="resnet20, batch 1, target 0.5, step 16, 5 rounds")
+    ap.add_argument("--name", default="latency_prediction",
+                    help="results file stem under benchmarks/results (default latency_prediction)")
     args = ap.parse_args()
     if args.quick:
         args.models, args.batch, args.targets, args.step, args.rounds = "resnet20", "1", "0.5", 16, 5
@@ -342,7 +344,7 @@ def main() -> None:
         "seconds": time.perf_counter() - t0,
         "summary": summary(cases), "cases": cases, "tables": tables,
     }
-    stem = (OUT / "latency_prediction_quick") if args.quick else (RESULTS / "latency_prediction")
+    stem = (OUT / "latency_prediction_quick") if args.quick else (RESULTS / args.name)
     atomic_write_json(doc, stem.with_suffix(".json"))
     atomic_write_bytes(render_markdown(doc).encode(), stem.with_suffix(".md"))
     log(f"wrote {stem}.json and .md ({doc['seconds']:.0f} s)")

@@ -52,7 +52,9 @@ def test_grouped_and_depthwise_convs_are_blocked_by_their_channels_per_group():
 
 
 def test_off_block_widths_and_padding():
-    assert off_block([8, 16, 24, 32], 8) == [15, 23, 31]  # 7 is narrower than a block: ORT takes it blocked
-    assert off_block([16, 32, 48], 16) == [31, 47]
+    # 7 is narrower than a block: ORT takes it blocked; 9 is the narrowest width it does not
+    assert off_block([8, 16, 24, 32], 8) == [9, 15, 23, 31]
+    assert off_block([16, 32, 48], 16) == [17, 31, 47]
+    assert off_block([4, 8], 8) == []  # no width of two blocks: nothing plain to measure below it
     assert off_block([8, 16], 1) == []
     assert padded(21, 8) == 24 and padded(21, 16) == 32 and padded(21, 1) == 21 and padded(32, 16) == 32

@@ -147,9 +147,9 @@ def test_profile_grid_holds_step_multiples_and_pins_fixed_widths():
     by_layer = {name: signatures_of(lay)[0] for name, lay in structure.layers.items()}
     stage1 = plan[by_layer["layer1.0.conv1"]]
     # input widths: the grid and one below each multiple of the block (8 here) where ORT leaves its blocked
-    # convs; 7 is not such a width: ORT reads fewer channels than a block in place, blocked
-    assert sorted({i for i, _ in stage1}) == [8, 15, 16] and sorted({o for _, o in stage1}) == [8, 16]
-    assert len(stage1) == 6
+    # convs, and the narrowest such width (9); 7 is not one: ORT reads fewer channels than a block in place
+    assert sorted({i for i, _ in stage1}) == [8, 9, 15, 16] and sorted({o for _, o in stage1}) == [8, 16]
+    assert len(stage1) == 8
     assert {i for i, _ in plan[by_layer["conv1"]]} == {3}  # the model's input channels never change
     assert {o for _, o in plan[by_layer["fc"]]} == {10}  # nor do its outputs
     assert {i for i, _ in plan[by_layer["fc"]]} == set(range(8, 65, 8))
@@ -162,7 +162,7 @@ def test_depthwise_conv_has_one_width_axis():
     (sig,) = signatures_of(structure.layers["2"])
     assert sig.depthwise and sig.multiplier == 2
     points = missing_points(LatencyTable(_key8()), structure, 8)[sig]
-    widths = (8, 15, 16, 23, 24, 31, 32)
+    widths = (8, 9, 15, 16, 23, 24, 31, 32)
     assert points == [(w, 2 * w) for w in widths]
     table = profile_model(model, (1, 3, 16, 16), _key8(), step=8, rounds=1)
     entry = table.entries[sig.ident()]
@@ -272,10 +272,22 @@ def test_input_widths_off_the_channel_blocks_interpolate_among_their_kind():
     for sig, points in missing_points(table, structure, 8).items():
         table.entry(sig).points = {(i, o): 1.0 if i % 8 == 0 or i < 8 else 2.0 for i, o in points}
     entry = table.entries[signatures_of(structure.layers["layer3.1.conv1"])[0].ident()]
-    assert entry.ins() == [8, 15, 16, 23, 24, 31, 32, 39, 40, 47, 48, 55, 56, 63, 64]
+    assert entry.ins() == [8, 9, 15, 16, 23, 24, 31, 32, 39, 40, 47, 48, 55, 56, 63, 64]
     assert entry_latency(entry, 45, 64, 8) == 2.0 and entry_latency(entry, 44, 37, 8) == 2.0
     assert entry_latency(entry, 40, 64, 8) == 1.0 and entry_latency(entry, 48, 37, 8) == 1.0
     assert entry_latency(entry, 3, 64, 8) == 1.0  # fewer than a block: read in place, blocked
+
+
+def test_narrow_plain_widths_read_between_one_above_a_block_and_two_blocks_less_one():
+    """A plain conv is not padded: 11 input channels cost less than 15, read between 9 and 15 (before the
+    narrowest plain width was measured, 11 read as 15)."""
+    structure = analyze(_resnet20(), RESNET)
+    table = LatencyTable(_key8())
+    for sig, points in missing_points(table, structure, 8).items():
+        table.entry(sig).points = {(i, o): float(i) for i, o in points}
+    entry = table.entries[signatures_of(structure.layers["layer3.1.conv1"])[0].ident()]
+    assert entry_latency(entry, 11, 64, 8) == pytest.approx(11.0)
+    assert entry_latency(entry, 9, 64, 8) == 9.0 and entry_latency(entry, 8, 64, 8) == 8.0
 
 
 def test_widths_below_the_grid_cost_the_smallest_measured_width():

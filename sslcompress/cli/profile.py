@@ -79,7 +79,8 @@ def _rows(table, structure) -> list[dict[str, Any]]:
 @click.option("--step", default=None, type=click.IntRange(min=1),
               help="Width grid step (default: about 16 widths per axis, multiples of 8 where the width allows).")
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(min=1),
-              help="Timed samples per op (the median is kept).")
+              help="How long each op is timed: on the CPU it runs for N x 5 ms and its compute time is the mean "
+                   "of the middle half of the runs; on CUDA, N samples of 5 ms, the median kept.")
 @click.option("--table", "table_path", default=None, type=click.Path(dir_okay=False),
               help="The table file (default: ~/.cache/sslcompress/latency/<machine>-<hash>.json, or under "
                    "$SSLCOMPRESS_CACHE_DIR).")

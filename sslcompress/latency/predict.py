@@ -8,27 +8,20 @@ smallest measured width the smallest one's figure stands (ORT pads channels to i
 hardly faster), and a depthwise conv interpolates along its one width. A layer the count removes costs 0, and a shrunk kernel (kernel_after) is not modelled:
 the table is measured at the full kernel.
 
-Calibration. The ops timed alone are not the model: activations, residual adds, pooling and each node's
-dispatch cost time between them, ORT fuses a conv's bias and activation in the whole graph, and, the largest
-effect on a CPU, a conv ORT runs in its blocked layout (NCHWc, input widths in multiples of 8) pays a reorder
-of its input and output when timed alone, which a chain of such convs in the whole graph pays once (resnet20:
-the whole dense model 0.80 ms, the sum of its convs alone 1.37 ms). A compact model whose widths left the
-blocks runs plain convs, which pay no reorder alone either, so one factor for all ops is wrong for it (a random
-50% pruning of resnet20 was predicted 25-40% low with one).
-
-`profile` therefore times three whole models once, in the same rounds, stored per model: the dense one, its
-*off-block variant* (every free width one channel narrower, so its convs leave the blocked layout) and its
-*half variant* (every free width halved, to a multiple of 8 where it holds one), the variants cut by the
-surgery. With the layers' table sums split into blocked (B) and plain (P) ops, the three totals give three
-equations T = c + a_blocked x B + a_plain x P, solved for the fixed cost c (what does not shrink with the
-widths) and the two factors; a prediction is
+Calibration. The ops' figures are not the model. On the CPU they are the ops' compute times (kernel.py): the
+whole model also pays the session call, pooling and the adds ORT does not fuse into a conv, and a layout
+reorder wherever a conv ORT runs in its blocked layout (NCHWc, input widths in multiples of the CPU's block)
+meets a plain one, which a compact model whose widths left the blocks does often and the dense model never.
+`profile` therefore times the dense model and six narrowed variants whole, once, in the same rounds, stored
+per model (table.py: the *off-block* variant, every free width one channel narrower, so its convs leave the
+blocked layout; the *half* one; four random ones, two aligned to the block), the variants cut by the
+surgery. With the layers' table sums split into blocked (B) and plain (P) ops, the seven totals are fitted
+in three forms, a fixed cost c and a factor per kind, the factors alone, one factor
+(ModelTiming.calibration), the form that predicts left-out models best taken; a prediction is
 
     predicted = c + a_blocked x B(widths kept) + a_plain x P(widths kept)
 
-which gives the dense model exactly as measured. Where that system is ill-posed or its solution unphysical (a
-negative cost), the first two runs without c; else one factor: the layers' sum times the dense total over the
-dense layers' sum (ModelTiming.calibration). A model the table has no whole-model figure for is predicted by
-its layers alone.
+A model the table has no whole-model figure for is predicted by its layers alone.
 """
 
 from __future__ import annotations
@@ -165,9 +158,9 @@ def predict(table: LatencyTable, structure: ModelStructure, count: ModelCount | 
         return blocked + plain
     constant, a_blocked, a_plain = timing.calibration()
     scaled = a_blocked * blocked + a_plain * plain
-    # A negative constant stands for the per-op overhead the table's figures hold (ModelTiming.calibration);
-    # a model narrower than every calibration run could fall below it: never predict less than a tenth of the
-    # scaled ops.
+    # A negative constant stands for what the ops' figures hold that the whole model does not pay
+    # (ModelTiming.calibration); a model narrower than every calibration run could fall below it: never
+    # predict less than a tenth of the scaled ops.
     return max(constant + scaled, MIN_SHARE * scaled)
 
 

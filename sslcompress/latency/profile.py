@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import ConfigError, SSLCompressError
 from ..finetune.structure import Layer, ModelStructure, analyze
+from .kernel import kernel_ms, net_ms, profiler_floor_ms
 from .key import TableKey
 from .ops import op_model
 from .predict import fingerprint, layers_parts
@@ -115,8 +116,13 @@ def time_session(model, x_shape: tuple[int, ...], key: TableKey, rounds: int = R
     return time_sessions({"op": model}, x_shape, key, rounds)["op"]
 
 
-def time_op(sig: Signature, in_width: int, out_width: int, key: TableKey, rounds: int = ROUNDS) -> float:
+def time_op(sig: Signature, in_width: int, out_width: int, key: TableKey, rounds: int = ROUNDS,
+            floor: float = 0.0) -> float:
+    """ms of the op at these widths: on the CPU its compute time inside a model (kernel.py, the profiler's
+    node times less its `floor`, profiler_floor_ms), elsewhere one session call of it alone."""
     model, x_shape = op_model(sig, in_width, out_width, key.batch)
+    if key.provider == "cpu":
+        return net_ms(kernel_ms(model, x_shape, key.threads, rounds * SAMPLE_S, WARMUP), floor)
     return time_session(model, x_shape, key, rounds)
 
 
@@ -264,10 +270,11 @@ def profile_model(model: nn.Module, input_shape: tuple[int, ...], key: TableKey,
     whole = fp not in table.models
     total = sum(len(points) for points in plan.values()) + whole
     done = 0
+    floor = profiler_floor_ms(key.threads) if plan and key.provider == "cpu" else 0.0
     for sig, points in plan.items():
         entry = table.entry(sig)
         for cin, cout in points:
-            entry.points[(cin, cout)] = time_op(sig, cin, cout, key, rounds)
+            entry.points[(cin, cout)] = time_op(sig, cin, cout, key, rounds, floor)
             done += 1
             if on_progress is not None:
                 on_progress(ProfileEvent("layers", f"{sig.ident()} at {cin} -> {cout}", done, total))

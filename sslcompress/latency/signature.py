@@ -110,10 +110,15 @@ def on_block(width: float, block: int = CHANNEL_BLOCK) -> bool:
 
 
 def off_block(widths: list[int], block: int = CHANNEL_BLOCK) -> list[int]:
-    """One below each multiple of the block among `widths`, where that leaves ORT's blocked convs."""
+    """One below each multiple of the block among `widths`, where that leaves ORT's blocked convs, and the
+    narrowest width that does (one above a block) where `widths` reach two blocks: a plain conv is not padded,
+    so between one block and two it gets cheaper down to block + 1, and a width there read at 2 x block - 1
+    (the narrowest plain width measured otherwise) was charged up to two thirds more channels than it has."""
     if block <= 1:
         return []
-    return sorted({w - 1 for w in widths if w % block == 0 and not on_block(w - 1, block)} - set(widths))
+    below = {w - 1 for w in widths if w % block == 0 and not on_block(w - 1, block)}
+    narrowest = {block + 1} if any(w >= 2 * block for w in widths) else set()
+    return sorted((below | narrowest) - set(widths))
 
 
 def padded(width: int, block: int = CHANNEL_BLOCK) -> int:

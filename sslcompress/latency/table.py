@@ -1,5 +1,6 @@
-"""The latency table: per layer signature, the measured milliseconds of its op on a grid of widths, and per
-profiled model, the whole dense model's latency that calibrates the sum of its layers. JSON on disk."""
+"""The latency table: per layer signature, the measured milliseconds of its op on a grid of widths (on the CPU,
+the op's compute time read from ORT's profiler: kernel.py), and per profiled model, the whole models' latencies
+that calibrate the sum of its layers. JSON on disk."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from .signature import Signature
 
 FORMAT = "sslcompress-latency-table"
 MAX_CONDITION = 1e3  # a calibration system worse conditioned than this amplifies timing noise beyond use
-VERSION = 2  # 2: the key holds the channel block, and whole-model runs include random variants
+VERSION = 3  # 2: the key holds the channel block, and whole-model runs include random variants; 3: a CPU op's
+#               figure is its compute time in ORT's profiler (kernel.py), not a session call's wall time
 
 
 @dataclass
@@ -78,10 +80,10 @@ class ModelTiming:
         Three forms, each fitted to the runs by least squares on the relative error (each run's T_hat / T = 1):
         a constant and both factors, both factors alone, one factor for all ops. A form counts only where it is
         well posed (the runs mix the kinds differently) and physical: factors positive, every run predicted
-        above nothing. The constant may be negative: each op timed alone pays a session call and layout
-        reorders that the whole graph does not, a fixed cost per op the factors would otherwise scale with the
-        widths (on an AVX2 EPYC a random ResNet-20 narrowing kept 52% of its ops' table sum and ran in 37% of
-        the dense time). Of the forms that count, the one whose fit predicts each run best from the others
+        above nothing. The constant is what the whole model pays beside its ops' compute (the session call,
+        pooling, the adds ORT does not fuse, layout reorders where blocked and plain ops meet) less what the
+        ops' figures hold that the model does not pay (the profiler's own cost per node on the CPU; a session
+        call per op in a table of wall times), so it may be negative. Of the forms that count, the one whose fit predicts each run best from the others
         (leave-one-out, mean relative error) is taken, where every one has runs enough to leave one out; else
         the richest. Without any: one factor, the dense total over its layers' sum."""
         runs = [(r.total_ms, r.blocked_ms, r.plain_ms) for r in self.runs]

@@ -1,0 +1,113 @@
+"""An op's compute time on the CPU, read from ONNX Runtime's profiler: what the op costs inside a model.
+
+Timed alone by the wall clock, one op pays what the whole model pays once, or never, for each of its ops: the
+session call (about 20-30 us through Python on an AVX2 EPYC), the copy of its output to the caller and, for a
+conv ORT runs in its blocked layout (NCHWc), the reorder of its input into blocks and of its output back. A
+ResNet-20 3x3 conv of 32 -> 32 channels on 16x16 computed in 56 us of the 92 us of its session call; in the
+whole graph a chain of blocked convs passes blocks from one to the next and pays neither reorder. Those costs
+do not shrink with the widths as the compute does, so a table of wall times put them in every narrowed
+layer's figure and predicted narrow models high (up to 42% on ResNet-20 at batch 1).
+
+The profiler times each node of a run (microsecond resolution). An op's figure here is the time of its
+compute nodes in each run (the conv, or the Gemm / MatMul and Add), the layout reorders left out, averaged
+over the middle half of the runs (a mean, not a median: a run of a few microseconds is read in whole
+microseconds, and the mean of many readings resolves below one), less the profiler's own cost per node (what
+it reads for a Relu of one element, `profiler_floor_ms`): 4-8 us, a third of a narrow ResNet-20 conv's
+reading at batch 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError
+
+# The layout changes ORT puts around a blocked conv (com.microsoft.nchwc); a whole graph pays them only
+# where blocked and plain ops meet, which the whole-model calibration measures (predict.py).
+REORDERS = frozenset({"ReorderInput", "ReorderOutput"})
+MIN_RUNS = 30
+MAX_RUNS = 4000
+
+
+def kernel_ms(model, x_shape: tuple[int, ...], threads: int, seconds: float, warmup: int = 3) -> float:
+    """Mean ms per run of the model's compute nodes (the middle half of the runs), over about `seconds` of
+    runs on a random input of `x_shape`, on the CPU with `threads` intra-op threads."""
+    import onnxruntime as ort
+
+    from ..runtime.sessions import _source, session_options
+
+    folder = Path(tempfile.mkdtemp(prefix="sslcompress-profile-"))
+    try:
+        options = session_options(threads)
+        options.enable_profiling = True
+        options.profile_file_prefix = str(folder / "op")
+        sess = ort.InferenceSession(_source(model), sess_options=options, providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        feed = {name: np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)}
+        for _ in range(warmup):
+            sess.run(None, feed)
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        once = max(time.perf_counter() - t0, 1e-6)
+        runs = max(MIN_RUNS, min(MAX_RUNS, math.ceil(seconds / once)))
+        for _ in range(runs):
+            sess.run(None, feed)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    per_run = compute_per_run(events)[warmup + 1:]
+    if not per_run:
+        raise ConfigError("ONNX Runtime's profile of an op held no node timings")
+    return trimmed_mean(per_run) / 1e3
+
+
+def profiler_floor_ms(threads: int, seconds: float = 0.05, repeats: int = 3) -> float:
+    """What the profiler reads for a node that does nearly nothing (a Relu of one element): its own cost per
+    node, about 4-8 us on an AVX2 EPYC, which every op's figure holds and no whole model pays. The median of
+    `repeats` readings."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "floor", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    readings = sorted(kernel_ms(model, (1, 1), threads, seconds) for _ in range(repeats))
+    return readings[len(readings) // 2]
+
+
+def net_ms(kernel: float, floor: float) -> float:
+    """An op's figure less the profiler's floor, never below a tenth of what was read (a tiny op read at the
+    floor's noise would otherwise cost nothing)."""
+    return max(kernel - floor, 0.1 * kernel)
+
+
+def compute_per_run(events: list[dict]) -> list[float]:
+    """Microseconds of compute nodes (all but layout reorders) per run, in run order. A run's node events come
+    before its own "model_run" event in the profile (each is written when it ends)."""
+    totals: list[float] = []
+    current = 0.0
+    for e in events:
+        if e.get("cat") == "Session" and e.get("name") == "model_run":
+            totals.append(current)
+            current = 0.0
+        elif (e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")
+              and e.get("args", {}).get("op_name") not in REORDERS):
+            current += float(e.get("dur", 0))
+    return totals
+
+
+def trimmed_mean(values: list[float]) -> float:
+    """The mean of the middle half (the interquartile mean): robust to the odd slow run, finer than the
+    median of readings in whole microseconds."""
+    v = sorted(values)
+    q = len(v) // 4
+    middle = v[q: len(v) - q] or v
+    return float(sum(middle) / len(middle))

@@ -1,0 +1,86 @@
+"""Op figures on the CPU are their compute nodes' time in ORT's profiler, not a session call's wall time."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from sslcompress.latency.kernel import compute_per_run, kernel_ms, net_ms, profiler_floor_ms, trimmed_mean
+from sslcompress.latency.ops import op_model
+from sslcompress.latency.signature import Signature
+
+CONV = Signature("conv", 32, 32, (3, 3), (1, 1), (1, 1), (1, 1), 1, (16, 16))
+
+
+def _node(op: str, dur: float) -> dict:
+    return {"cat": "Node", "name": f"{op}_0_kernel_time", "dur": dur, "args": {"op_name": op}}
+
+
+def _run(dur: float) -> dict:
+    return {"cat": "Session", "name": "model_run", "dur": dur, "args": {}}
+
+
+def test_each_run_sums_its_compute_nodes_without_the_layout_reorders():
+    events = [{"cat": "Session", "name": "session_initialization", "dur": 900},
+              _node("ReorderInput", 5), _node("Conv", 40), _node("ReorderOutput", 7), _run(80),
+              _node("Gemm", 3), _node("Add", 1), _run(20)]
+    assert compute_per_run(events) == [40.0, 4.0]
+
+
+def test_trimmed_mean_drops_the_outer_quarters():
+    assert trimmed_mean([1, 2, 3, 4, 5, 6, 7, 1000]) == pytest.approx(4.5)
+    assert trimmed_mean([3.0]) == 3.0
+
+
+def _wall_ms(model, x_shape, calls=200) -> float:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feed = {"x": np.zeros(x_shape, np.float32)}
+    for _ in range(5):
+        sess.run(None, feed)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(calls // 5):
+            sess.run(None, feed)
+        best = min(best, (time.perf_counter() - t0) / (calls // 5))
+    return 1e3 * best
+
+
+def test_a_blocked_conv_reads_below_its_session_call_and_grows_with_its_widths():
+    model, x_shape = op_model(CONV, 32, 32, 1)
+    narrow, narrow_shape = op_model(CONV, 8, 8, 1)
+    wide_kernel = kernel_ms(model, x_shape, threads=1, seconds=0.05)
+    narrow_kernel = kernel_ms(narrow, narrow_shape, threads=1, seconds=0.05)
+    # The session call adds its own cost and the two reorders; the kernel alone is less (robust to load: the
+    # best wall sample against a mean of kernel readings taken with it).
+    assert 0 < wide_kernel < _wall_ms(model, x_shape) * 1.5
+    # 16x the MACs: the kernel must show it, far beyond any fixed cost per call.
+    assert wide_kernel > 2 * narrow_kernel
+
+
+def test_the_table_times_cpu_ops_by_their_kernels(monkeypatch):
+    from sslcompress.latency import profile
+    from sslcompress.latency.key import current_key
+
+    seen = []
+    monkeypatch.setattr(profile, "kernel_ms", lambda *a, **k: seen.append(a) or 0.5)
+    assert profile.time_op(CONV, 16, 16, current_key("cpu", 1, 1)) == 0.5
+    assert seen and seen[0][1] == (1, 16, 16, 16)
+    assert profile.time_op(CONV, 16, 16, current_key("cpu", 1, 1), floor=0.2) == pytest.approx(0.3)
+
+
+def test_the_profilers_floor_is_taken_off_each_op_but_never_all_of_it():
+    assert net_ms(0.05, 0.006) == pytest.approx(0.044)
+    assert net_ms(0.005, 0.006) == pytest.approx(0.0005)  # a tenth of the reading, never nothing or less
+
+
+def test_the_profilers_floor_is_a_few_microseconds_below_any_real_op():
+    floor = profiler_floor_ms(threads=1, seconds=0.02)
+    model, x_shape = op_model(CONV, 32, 32, 1)
+    assert 0 < floor < kernel_ms(model, x_shape, threads=1, seconds=0.05)
+    assert floor < 0.1  # microseconds, not a session call
