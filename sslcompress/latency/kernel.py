@@ -32,7 +32,7 @@ from ..errors import ConfigError
 # The layout changes ORT puts around a blocked conv (com.microsoft.nchwc); a whole graph pays them only
 # where blocked and plain ops meet, which the whole-model calibration measures (predict.py).
 REORDERS = frozenset({"ReorderInput", "ReorderOutput"})
-MIN_RUNS = 30
+MIN_RUNS = 8  # a large op (tens of ms) is read this many times, as a session call was timed 5 + 3 warm-up times
 MAX_RUNS = 4000
 
 
