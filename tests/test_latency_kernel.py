@@ -84,3 +84,32 @@ def test_the_profilers_floor_is_a_few_microseconds_below_any_real_op():
     model, x_shape = op_model(CONV, 32, 32, 1)
     assert 0 < floor < kernel_ms(model, x_shape, threads=1, seconds=0.05)
     assert floor < 0.1  # microseconds, not a session call
+
+
+def test_each_point_keeps_the_median_of_its_passes_over_the_grid(monkeypatch):
+    """A point read slow in one pass (a neighbour's burst) is filed at the median of its readings."""
+    from torch import nn
+
+    from sslcompress.latency import profile
+    from sslcompress.latency.key import current_key
+    from sslcompress.latency.table import LatencyTable
+
+    monkeypatch.setattr(profile, "PASSES", 3)
+    shares = []
+    passes_seen = {}  # pass by pass, every point reads 1.0, then 9.0 (one slow pass), then 2.0
+
+    def fake_time_op(sig, cin, cout, key, rounds, floor, share=1.0):
+        shares.append(share)
+        n = passes_seen[(sig, cin, cout)] = passes_seen.get((sig, cin, cout), 0) + 1
+        return [1.0, 9.0, 2.0][n - 1]
+
+    monkeypatch.setattr(profile, "time_op", fake_time_op)
+    monkeypatch.setattr(profile, "profiler_floor_ms", lambda threads: 0.0)
+    monkeypatch.setattr(profile, "time_sessions", lambda models, *a, **k: {n: 3.0 for n in models})
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(16 * 8 * 8, 10)).eval()
+    key = current_key("cpu", 1, 1)
+    table = profile.profile_model(model, (1, 3, 8, 8), key, LatencyTable(key), step=8, rounds=3)
+    values = [v for e in table.entries.values() for v in e.points.values()]
+    assert values and set(values) == {2.0}
+    assert set(passes_seen.values()) == {3} and shares == pytest.approx([1 / 3] * len(shares))

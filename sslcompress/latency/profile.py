@@ -34,6 +34,7 @@ SAMPLE_S = 0.005  # each sample repeats the op for about this long
 WHOLE_ROUNDS = 4  # the whole models calibrate every prediction: timed longer than one op
 WHOLE_SAMPLE_S = 0.02
 RANDOM_VARIANTS = 4  # random narrowings timed whole besides the uniform ones: the calibration's spread
+PASSES = 3  # on the CPU, each grid point is read once per pass over the grid, the median kept (profile_model)
 RANDOM_KEEP = (0.25, 0.9)  # the share of a width each keeps, drawn uniformly per width
 
 
@@ -117,12 +118,13 @@ def time_session(model, x_shape: tuple[int, ...], key: TableKey, rounds: int = R
 
 
 def time_op(sig: Signature, in_width: int, out_width: int, key: TableKey, rounds: int = ROUNDS,
-            floor: float = 0.0) -> float:
+            floor: float = 0.0, share: float = 1.0) -> float:
     """ms of the op at these widths: on the CPU its compute time inside a model (kernel.py, the profiler's
-    node times less its `floor`, profiler_floor_ms), elsewhere one session call of it alone."""
+    node times less its `floor`, profiler_floor_ms), read over `share` of `rounds` x SAMPLE_S seconds;
+    elsewhere one session call of it alone."""
     model, x_shape = op_model(sig, in_width, out_width, key.batch)
     if key.provider == "cpu":
-        return net_ms(kernel_ms(model, x_shape, key.threads, rounds * SAMPLE_S, WARMUP), floor)
+        return net_ms(kernel_ms(model, x_shape, key.threads, rounds * SAMPLE_S * share, WARMUP), floor)
     return time_session(model, x_shape, key, rounds)
 
 
@@ -268,16 +270,25 @@ def profile_model(model: nn.Module, input_shape: tuple[int, ...], key: TableKey,
     plan = missing_points(table, structure, step)
     fp = fingerprint(structure)
     whole = fp not in table.models
-    total = sum(len(points) for points in plan.values()) + whole
+    passes = PASSES if key.provider == "cpu" else 1
+    total = passes * sum(len(points) for points in plan.values()) + whole
     done = 0
     floor = profiler_floor_ms(key.threads) if plan and key.provider == "cpu" else 0.0
-    for sig, points in plan.items():
-        entry = table.entry(sig)
-        for cin, cout in points:
-            entry.points[(cin, cout)] = time_op(sig, cin, cout, key, rounds, floor)
-            done += 1
-            if on_progress is not None:
-                on_progress(ProfileEvent("layers", f"{sig.ident()} at {cin} -> {cout}", done, total))
+    # Each point is read in `passes` passes over the whole grid, a share of its time in each, and the median
+    # kept: on a shared machine one window of a few ms can run 2-3x slow (a neighbour's memory traffic), and
+    # a point read in one window alone took that into the table (two profiles one minute apart differed by
+    # a median 20% per point, 2-3x at the tenth worst, where the whole models agreed within 2%).
+    readings: dict[tuple[Signature, int, int], list[float]] = {}
+    for _ in range(passes):
+        for sig, points in plan.items():
+            for cin, cout in points:
+                readings.setdefault((sig, cin, cout), []).append(
+                    time_op(sig, cin, cout, key, rounds, floor, share=1 / passes))
+                done += 1
+                if on_progress is not None:
+                    on_progress(ProfileEvent("layers", f"{sig.ident()} at {cin} -> {cout}", done, total))
+    for (sig, cin, cout), values in readings.items():
+        table.entry(sig).points[(cin, cout)] = statistics.median(values)
     if whole:
         table.models[fp] = time_whole_models(model, input_shape, key, table, structure,
                                              name or type(model).__name__, rounds)
