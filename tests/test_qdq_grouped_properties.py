@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from sslcompress.runtime.sessions import OPTIMIZATION
+from sslcompress.runtime.sessions import create_session
 from sslcompress.surgery.compress import compress
 from sslcompress.surgery.verify import verification_level
 
@@ -283,13 +282,9 @@ def random_model(seed: int, qdq: bool | None = None):
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
     # Node by node, as verification runs a QDQ graph: ORT's fused int8 kernels saturate on CPUs without VNNI
     # (sslcompress.surgery.verify.verification_level).
-    so.graph_optimization_level = OPTIMIZATION[verification_level(model)]
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = create_session(model, threads=1, optimization=verification_level(model))
     return sess.run(None, {sess.get_inputs()[0].name: x})
 
 

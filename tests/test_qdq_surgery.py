@@ -9,11 +9,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sslcompress.runtime.sessions import OPTIMIZATION
+from sslcompress.runtime.sessions import create_session
 from sslcompress.surgery.compress import compress
 from sslcompress.surgery.measure import layers_of, quantized_weights
 from sslcompress.surgery.verify import verification_level
@@ -80,12 +79,9 @@ class G:
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
     # Node by node, as verification runs a QDQ graph: ORT's fused int8 kernels saturate on CPUs without VNNI
     # (sslcompress.surgery.verify.verification_level).
-    so.graph_optimization_level = OPTIMIZATION[verification_level(model)]
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = create_session(model, threads=1, optimization=verification_level(model))
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 

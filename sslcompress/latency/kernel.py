@@ -39,16 +39,11 @@ MAX_RUNS = 4000
 def kernel_ms(model, x_shape: tuple[int, ...], threads: int, seconds: float, warmup: int = 3) -> float:
     """Mean ms per run of the model's compute nodes (the middle half of the runs), over about `seconds` of
     runs on a random input of `x_shape`, on the CPU with `threads` intra-op threads."""
-    import onnxruntime as ort
-
-    from ..runtime.sessions import _source, session_options
+    from ..runtime.sessions import create_session
 
     folder = Path(tempfile.mkdtemp(prefix="sslcompress-profile-"))
     try:
-        options = session_options(threads)
-        options.enable_profiling = True
-        options.profile_file_prefix = str(folder / "op")
-        sess = ort.InferenceSession(_source(model), sess_options=options, providers=["CPUExecutionProvider"])
+        sess = create_session(model, threads=threads, profile_prefix=str(folder / "op"))
         name = sess.get_inputs()[0].name
         feed = {name: np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)}
         for _ in range(warmup):
@@ -72,14 +67,10 @@ def profiler_floor_ms(threads: int, seconds: float = 0.05, repeats: int = 3) -> 
     """What the profiler reads for a node that does nearly nothing (a Relu of one element): its own cost per
     node, about 4-8 us on an AVX2 EPYC, which every op's figure holds and no whole model pays. The median of
     `repeats` readings."""
-    from onnx import TensorProto, helper
+    from .ops import relu_model
 
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "floor", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    readings = sorted(kernel_ms(model, (1, 1), threads, seconds) for _ in range(repeats))
+    model, x_shape = relu_model(1)
+    readings = sorted(kernel_ms(model, x_shape, threads, seconds) for _ in range(repeats))
     return readings[len(readings) // 2]
 
 

@@ -37,6 +37,12 @@ def _model(nodes, x_shape, inits) -> onnx.ModelProto:
     return model
 
 
+def relu_model(width: int) -> tuple[onnx.ModelProto, tuple[int, ...]]:
+    """A Relu of `width` elements (next to nothing to compute: what ORT's profiler reads for it is its own cost
+    per node, kernel.profiler_floor_ms), and the shape of its input."""
+    return _model([helper.make_node("Relu", ["x"], ["y"])], (1, width), []), (1, width)
+
+
 def _conv(sig: Signature, cin: int, cout: int, batch: int, rng) -> tuple[onnx.ModelProto, tuple[int, ...]]:
     # A depthwise conv at width w is w groups of one channel; a grouped conv keeps its groups.
     groups = cin if sig.depthwise else sig.groups

@@ -95,9 +95,11 @@ def _source(model: Any) -> bytes | str:
 
 
 def create_session(model: bytes | str | Path | onnx.ModelProto, *, provider: str = "cpu", threads: int = 1,
-                   optimization: str = "all", pin: bool = False, spinning_stop: bool = True
-                   ) -> ort.InferenceSession:
+                   optimization: str = "all", pin: bool = False, spinning_stop: bool = True,
+                   profile_prefix: str | None = None) -> ort.InferenceSession:
     """A session on `provider` ('cpu' or 'cuda'); CUDA that falls back to the CPU is refused, not used.
+    With `profile_prefix`, ORT's profiler times every node of every run into a file named from it
+    (`end_profiling()` writes it and returns its path).
 
     A model ORT cannot load (not ONNX, an op it lacks, a broken graph) is an UnsupportedModelError whose
     message gives ORT's first line.
@@ -105,6 +107,9 @@ def create_session(model: bytes | str | Path | onnx.ModelProto, *, provider: str
     name = check_provider(provider)
     source = _source(model)
     options = session_options(threads, pin, optimization=optimization, spinning_stop=spinning_stop)
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     try:
         with warnings.catch_warnings():  # ORT warns, then falls back to the CPU: that is refused below instead
             warnings.simplefilter("ignore")

@@ -76,8 +76,6 @@ class VerifyResult:
 VERIFY_THREADS = max(1, min(4, len(usable_cpus()) or 1))
 
 
-
-
 def _run(session, feed: Feed) -> dict[str, np.ndarray]:
     names = [o.name for o in session.get_outputs()]
     try:
