@@ -17,6 +17,8 @@ Results: benchmarks/results/latency_vs_macs.json and .md (benchmarks/out/ with -
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -59,9 +61,8 @@ def run(args, out: Path) -> dict:
     dense = out / "dense.onnx"
     export_dense(weights, dense)
     rows = {}
-    report, secs = finetune(args, MODEL, weights, out / "macs", settings(args, target_flops=args.target_flops,
-                                                                                      latency_table=str(table)))
-    surgery = export_compact(args, out / "macs" / "sparse.pt", out / "macs")
+    report, secs, surgery = trained(args, weights, out / "macs",
+                                    settings(args, target_flops=args.target_flops, latency_table=str(table)))
 
     timed = time_sessions({"dense": onnx.load(str(dense)), "macs": onnx.load(str(out / "macs" / "compact.onnx"))},
                           (1, 3, 32, 32), current_key("cpu", 1, 1), rounds=args.rounds)
@@ -73,15 +74,15 @@ def run(args, out: Path) -> dict:
     log(f"MAC-targeted model: {timed['macs']:.3f} ms measured against dense {timed['dense']:.3f} ms; asking the "
         f"latency-targeted run for {target_ms:.3f} ms on the table's scale (dense predicted {dense_pred:.3f} ms)")
     # The prediction is not exact: where the latency-targeted model measures more than args.match off the
-    # MAC-targeted one, the target moves by their ratio and the run is repeated, so that the two compare at one
-    # measured latency.
-    attempts = []
+    # MAC-targeted one, the target moves and the run is repeated, so that the two compare at one measured
+    # latency. The first correction is by the measured ratio; from the second on, the two attempts nearest
+    # the match give a secant step, which does not overshoot back and forth as the ratio alone can.
+    attempts, candidates = [], []
     for attempt in range(1, args.attempts + 1):
         folder = out / ("latency" if attempt == 1 else f"latency_{attempt}")
-        report, secs = finetune(args, MODEL, weights, folder,
-                                settings(args, args.latency_weighting, target_flops=None, target_latency=target_ms,
-                                         latency_table=str(table)))
-        surgery = export_compact(args, folder / "sparse.pt", folder)
+        report, secs, surgery = trained(args, weights, folder,
+                                        settings(args, args.latency_weighting, target_flops=None,
+                                                 target_latency=target_ms, latency_table=str(table)))
         pair = time_sessions({"macs": onnx.load(str(out / "macs" / "compact.onnx")),
                               "latency": onnx.load(str(folder / "compact.onnx"))},
                              (1, 3, 32, 32), current_key("cpu", 1, 1), rounds=args.rounds)
@@ -89,13 +90,16 @@ def run(args, out: Path) -> dict:
         attempts.append({"asked_ms": target_ms, "predicted_ms": report["latency"]["predicted_ms"],
                          "accuracy": report["accuracy"]["after_finetune"], "measured_over_macs_model": ratio,
                          "folder": folder.name})
-        rows["latency"] = {"report": report, "surgery_totals": surgery["totals"], "train_s": secs,
-                           "asked_ms": target_ms, "folder": folder}
+        candidates.append({"report": report, "surgery_totals": surgery["totals"], "train_s": secs,
+                           "asked_ms": target_ms, "folder": folder, "ratio": ratio})
         log(f"latency-targeted attempt {attempt}: asked {target_ms:.3f} ms, predicted "
             f"{report['latency']['predicted_ms']:.3f} ms, measured {ratio:.3f} of the MAC-targeted model's latency")
         if abs(ratio - 1) <= args.match:
             break
-        target_ms /= ratio
+        target_ms = next_target(attempts)
+    # The attempt that measured nearest the MAC-targeted model is the one compared.
+    best = min(candidates, key=lambda c: abs(c["ratio"] - 1))
+    rows["latency"] = {k: v for k, v in best.items() if k != "ratio"}
     models = {n: onnx.load(str(p)) for n, p in (("dense", dense), ("macs", out / "macs" / "compact.onnx"),
                                                 ("latency", rows["latency"]["folder"] / "compact.onnx"))}
     final = {}
@@ -104,6 +108,37 @@ def run(args, out: Path) -> dict:
         log(f"batch {batch}: " + ", ".join(f"{n} {ms:.3f} ms" for n, ms in final[batch].items()))
     return {"rows": {n: _row(r) for n, r in rows.items()}, "timed_ms": {str(b): t for b, t in final.items()},
             "dense_predicted_ms": dense_pred, "table": str(table), "attempts": attempts}
+
+
+def trained(args, weights: Path, folder: Path, run_settings: dict) -> tuple[dict, float, dict]:
+    """One SSL run, exported and cut: (its report, its training seconds, the surgery report). With --reuse, a
+    run folder that already holds them from the same settings is read instead of trained again."""
+    done = folder / "report.json", folder / "surgery.json", folder / "compact.onnx", folder / "settings.json"
+    if args.reuse and all(p.is_file() for p in done):
+        kept = json.loads(done[3].read_text())
+        if kept["settings"] == json.loads(json.dumps(run_settings)):
+            log(f"reusing the finished run in {folder}")
+            return json.loads(done[0].read_text()), kept["train_s"], json.loads(done[1].read_text())
+    report, secs = finetune(args, MODEL, weights, folder, run_settings)
+    surgery = export_compact(args, folder / "sparse.pt", folder)
+    atomic_write_json({"settings": run_settings, "train_s": secs}, done[3])
+    return report, secs, surgery
+
+
+def next_target(attempts: list[dict]) -> float:
+    """The next latency to ask for. One attempt: its target over its measured ratio. More: the secant through
+    the two attempts nearest a ratio of 1, in logs (latency falls about as a power of the target), kept
+    within a factor 1.5 of the nearest attempt's target; the ratio again where the two show no rising slope."""
+    if len(attempts) == 1:
+        return attempts[0]["asked_ms"] / attempts[0]["measured_over_macs_model"]
+    a, b = sorted(attempts, key=lambda x: abs(math.log(x["measured_over_macs_model"])))[:2]
+    ta, tb = math.log(a["asked_ms"]), math.log(b["asked_ms"])
+    ra, rb = math.log(a["measured_over_macs_model"]), math.log(b["measured_over_macs_model"])
+    if ta == tb or (rb - ra) / (tb - ta) <= 0:
+        # No slope to follow (one target twice, or a noisy pair where asking more measured less): the ratio.
+        return a["asked_ms"] / a["measured_over_macs_model"]
+    step = -ra * (tb - ta) / (rb - ra)
+    return a["asked_ms"] * math.exp(max(-math.log(1.5), min(math.log(1.5), step)))
 
 
 def _dense_prediction(table: Path, weights: Path) -> float:
@@ -122,6 +157,8 @@ def _row(r: dict) -> dict:
            "train_s": r["train_s"], "widths": [lay["filters"] for lay in rep["layers"]]}
     if "asked_ms" in r:
         out["asked_ms"] = r["asked_ms"]
+    if "folder" in r:
+        out["folder"] = Path(r["folder"]).name
     return out
 
 
@@ -145,8 +182,10 @@ def render_md(doc: dict) -> str:
            f"{res['dense_predicted_ms']:.3f} ms) and its report predicted {lat['latency']['predicted_ms']:.3f} ms. "
            "All three models were timed in the same interleaved rounds at the end.", ""]
     if res.get("attempts"):
-        md += ["Latency-targeted attempts (after each, the target moves by the measured ratio until the two compact "
-               f"models measure within {doc.get('match', 0.05):.0%} of each other):", "",
+        md += ["Latency-targeted attempts (after the first, the target moves by the measured ratio; after later "
+               "ones, by a secant through the two nearest the match; until the two compact models measure within "
+               f"{doc.get('match', 0.05):.0%} of each other). The row above is the attempt that measured nearest "
+               f"(`{lat.get('folder', 'latency')}`):", "",
                "| attempt | asked ms (table scale) | predicted ms | measured, over the MAC-targeted model | top-1 |",
                "|---|---|---|---|---|"]
         md += [f"| {i} | {a['asked_ms']:.3f} | {a['predicted_ms']:.3f} | {a['measured_over_macs_model']:.3f} | "
@@ -183,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-weighting", default="latency", choices=["none", "macs", "latency"],
                     help="--weighting of the latency-targeted run (its default with --target-latency: latency)")
     ap.add_argument("--attempts", type=int, default=3,
-                    help="latency-targeted runs at most, the target corrected by the measured ratio after each")
+                    help="latency-targeted runs at most, the target corrected after each (by the ratio, then by secant)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="read finished runs of the same settings from the output folder instead of training again")
     ap.add_argument("--match", type=float, default=0.05,
                     help="how close (relative) the two compact models' measured latencies must come")
     args = ap.parse_args(argv)

@@ -1,0 +1,88 @@
+"""benchmarks/latency_vs_macs.py: how the latency-targeted attempts move their target, and reusing finished runs.
+
+Nothing here trains or times.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "latency_vs_macs.py"
+
+
+@pytest.fixture(scope="module")
+def L():
+    spec = importlib.util.spec_from_file_location("latency_vs_macs", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(SCRIPT.parent))  # as when run: the helpers it shares with the other benchmarks
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+
+
+def attempt(asked: float, ratio: float) -> dict:
+    return {"asked_ms": asked, "measured_over_macs_model": ratio}
+
+
+def test_first_correction_is_by_the_measured_ratio(L):
+    assert L.next_target([attempt(0.8, 1.25)]) == pytest.approx(0.64)
+
+
+def test_secant_lands_on_a_power_law(L):
+    # Measured latency as a power of the asked one: the secant in logs finds the match in one step.
+    def ratio(t):
+        return (t / 0.75) ** 0.6
+
+    got = L.next_target([attempt(0.689, ratio(0.689)), attempt(0.810, ratio(0.810))])
+    assert got == pytest.approx(0.75, rel=1e-9)
+
+
+def test_secant_uses_the_two_attempts_nearest_the_match(L):
+    def ratio(t):
+        return (t / 0.75) ** 0.6
+
+    far = attempt(0.3, 0.5)  # off the power law, and far from the match: left out
+    got = L.next_target([far, attempt(0.7, ratio(0.7)), attempt(0.8, ratio(0.8))])
+    assert got == pytest.approx(0.75, rel=1e-9)
+
+
+def test_secant_step_is_bounded(L):
+    # Nearly flat: an unbounded secant would jump far; the step stays within a factor 1.5.
+    got = L.next_target([attempt(0.80, 1.099), attempt(0.81, 1.100)])
+    assert got == pytest.approx(0.80 / 1.5)
+
+
+def test_no_rising_slope_falls_back_to_the_ratio(L):
+    # Asking less measured more (noise), or one target asked twice: the nearest attempt's ratio step.
+    assert L.next_target([attempt(0.80, 1.10), attempt(0.81, 1.099)]) == pytest.approx(0.81 / 1.099)
+    assert L.next_target([attempt(0.8, 1.1), attempt(0.8, 1.2)]) == pytest.approx(0.8 / 1.1)
+
+
+def test_reuse_reads_a_finished_run_of_the_same_settings_only(L, tmp_path, monkeypatch):
+    settings = {"structures": ("filter", "channel"), "target_latency": 0.7}
+    for name, doc in (("report.json", {"accuracy": 1}), ("surgery.json", {"totals": {}})):
+        (tmp_path / name).write_text(json.dumps(doc))
+    (tmp_path / "compact.onnx").write_bytes(b"x")
+    (tmp_path / "settings.json").write_text(json.dumps({"settings": settings, "train_s": 12.0}))
+    calls = []
+    monkeypatch.setattr(L, "finetune", lambda *a: calls.append("finetune") or ({"accuracy": 2}, 1.0))
+    monkeypatch.setattr(L, "export_compact", lambda *a: calls.append("export") or {"totals": {"new": 1}})
+    args = SimpleNamespace(reuse=True)
+    assert L.trained(args, Path("w.pt"), tmp_path, settings) == ({"accuracy": 1}, 12.0, {"totals": {}})
+    assert calls == []
+    other = {**settings, "target_latency": 0.6}
+    assert L.trained(args, Path("w.pt"), tmp_path, other) == ({"accuracy": 2}, 1.0, {"totals": {"new": 1}})
+    assert calls == ["finetune", "export"]
+    assert json.loads((tmp_path / "settings.json").read_text())["settings"]["target_latency"] == 0.6
+    calls.clear()
+    assert L.trained(SimpleNamespace(reuse=False), Path("w.pt"), tmp_path, other)[0] == {"accuracy": 2}
+    assert calls == ["finetune", "export"]
