@@ -66,7 +66,8 @@ def render(doc: dict) -> str:
                          f"| {r['int8_on_dense']:.2f}x | {r['int8_on_structured']:.2f}x | {r['structured_int8']:.2f}x "
                          f"| {'met' if r['target_met'] else 'missed'} |")
     m = doc["machine"]
-    lines += ["", f"Machine: nproc {m['nproc']}, load average at end "
+    cpu = f"{m['cpu']} ({', '.join(m['cpu_isa']) or 'no AVX2'}), " if m.get("cpu") else ""
+    lines += ["", f"Machine: {cpu}nproc {m['nproc']}, load average at end "
               f"{', '.join(f'{x:.2f}' for x in m['load_average_at_end'])} (shared cores: noisy; the ratios come from "
               "interleaved rounds).", ""]
     return "\n".join(lines)

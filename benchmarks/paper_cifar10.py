@@ -549,7 +549,10 @@ def render_md(doc: dict) -> str:
 
 
 def machine() -> dict:
-    return {"nproc": os.cpu_count(), "torch": torch.__version__, "onnx": onnx.__version__,
+    from sslcompress.runtime.cpu import cpu_isa, cpu_model
+
+    return {"nproc": os.cpu_count(), "cpu": cpu_model(), "cpu_isa": list(cpu_isa()), "torch": torch.__version__,
+            "onnx": onnx.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
             "load_average_at_end": list(os.getloadavg())}
 

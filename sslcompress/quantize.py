@@ -159,13 +159,11 @@ def reduced_range() -> bool:
     so there the weights lose a bit, as ORT advises; VNNI and other CPUs keep all 8."""
     import platform
 
+    from .runtime.cpu import has_vnni
+
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "vnni" not in flags
+    return not has_vnni()
 
 
 def _check_method(method: str) -> None:

@@ -205,6 +205,20 @@ def test_markdown(result):
         assert part in md, part
 
 
+def test_env_names_the_cpu_and_its_extensions(result):
+    # INT8 and float speed-ups depend on the CPU's extensions (VNNI above all): the record says which.
+    from sslcompress.runtime.cpu import cpu_isa, cpu_model
+
+    assert result.env["cpu"] == cpu_model()
+    assert result.env["cpu_isa"] == list(cpu_isa())
+    header = render_markdown(result).splitlines()[2]
+    assert f"of {cpu_model()} (" in header
+    old = BenchResult.from_json(result.to_json())
+    for key in ("cpu", "cpu_isa"):
+        old.env.pop(key)
+    assert " of " not in render_markdown(old).splitlines()[2]  # results written before the field still render
+
+
 def test_cli_json_out_and_markdown(run_dir, tmp_path):
     out, md = tmp_path / "r.json", tmp_path / "r.md"
     res = CliRunner().invoke(main, ["bench", str(run_dir), *FAST, "--json", "--out", str(out), "--markdown", str(md)])

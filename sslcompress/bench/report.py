@@ -150,14 +150,22 @@ def all_tables(r: BenchResult) -> list[TableData]:
     return out + timing_tables(r) + layers_tables(r) + paper_tables(r)
 
 
+def _cpu_words(env: dict) -> str:
+    """" of <model> (<extensions>)" where the run recorded them (results of older versions did not)."""
+    if not env.get("cpu"):
+        return ""
+    isa = env.get("cpu_isa")
+    return f" of {env['cpu']}" + (f" ({', '.join(isa) if isa else 'no AVX2'})" if isa is not None else "")
+
+
 def render_markdown(r: BenchResult) -> str:
     target = r.config.target or ", ".join(f"--{k} {getattr(r.config, k)}" for k in ("dense", "unstructured",
                                                                                       "structured")
                                           if getattr(r.config, k)) or "the paper's Table 4"
     e = r.env
     lines = [f"# sslcompress bench: {target}", "",
-             f"{r.created}; onnxruntime {e.get('onnxruntime')}, torch {e.get('torch')}, {e.get('cpus')} CPU(s),"
-             f" {e.get('platform')}.", ""]
+             f"{r.created}; onnxruntime {e.get('onnxruntime')}, torch {e.get('torch')}, {e.get('cpus')} CPU(s)"
+             f"{_cpu_words(e)}, {e.get('platform')}.", ""]
     for t in all_tables(r):
         lines += [f"## {t.title}", "", "| " + " | ".join(t.headers) + " |",
                   "|" + "|".join("---" for _ in t.headers) + "|"]

@@ -55,11 +55,13 @@ def _env() -> dict[str, Any]:
     import onnxruntime as ort
     import torch
 
+    from ..runtime.cpu import cpu_isa, cpu_model
     from .paper import cpus
 
     return {"onnxruntime": ort.__version__, "ort_providers": ort.get_available_providers(),
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "cpus": cpus(), "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+            "cpu": cpu_model(), "cpu_isa": list(cpu_isa()), "cpus": cpus(),
+            "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
 def _batches(config: BenchConfig, variants: VariantSet) -> tuple[int, ...]:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..runtime.cpu import cpu_model
 from .block import nchwc_block
 
 CACHE_ENV = "SSLCOMPRESS_CACHE_DIR"
@@ -58,17 +58,6 @@ class TableKey:
         cpu = re.sub(r"\((?:R|TM)\)|\bCPU\b|@.*$", "", self.machine, flags=re.IGNORECASE)
         cpu = re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-")[:40] or "cpu"
         return f"{cpu}-{self.provider}-t{self.threads}-b{self.batch}-ort{self.ort_version}"
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what the platform says."""
-    name = platform.processor() or platform.machine() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
-    except OSError:
-        pass
-    return name
 
 
 def current_key(provider: str = "cpu", threads: int = 1, batch: int = 1) -> TableKey:
