@@ -47,8 +47,8 @@ def broken_surgery(monkeypatch):
 
     real = surgery_passes.prune_dead_channels
 
-    def broken(model, analysis=None):
-        res = real(model, analysis)
+    def broken(model, analysis=None, align=None):
+        res = real(model, analysis, align)
         bias = model.graph.initializers["fc2.bias"]
         arr = bias.const_value.numpy().copy()
         arr[0] += 10.0

@@ -23,7 +23,7 @@ from .prepare import InferShapesPass
 from .verify import VerifyResult, compare
 
 
-def _check_arguments(model: Any, inputs: Any, rtol_of_max: Any) -> None:
+def _check_arguments(model: Any, inputs: Any, rtol_of_max: Any, align: Any = None) -> None:
     """The package's own errors for arguments of the wrong type or range, before any work."""
     if not isinstance(model, (onnx.ModelProto, str, Path)):
         hint = " (pass its .model)" if isinstance(getattr(model, "model", None), onnx.ModelProto) else ""
@@ -33,6 +33,8 @@ def _check_arguments(model: Any, inputs: Any, rtol_of_max: Any) -> None:
         raise ConfigError(f"rtol_of_max must be a number, got {type(rtol_of_max).__name__}.")
     if not (math.isfinite(rtol_of_max) and rtol_of_max > 0):
         raise ConfigError(f"rtol_of_max must be a finite number > 0, got {rtol_of_max}.")
+    if align is not None and (isinstance(align, bool) or not isinstance(align, int) or align < 1):
+        raise ConfigError(f"align must be a whole number >= 1 (channels), got {align!r}.")
     if inputs is not None and (isinstance(inputs, (str, bytes, dict)) or not isinstance(inputs, Sequence)):
         raise DataError(f"inputs must be a list of batches (arrays or name -> array dicts), got {type(inputs).__name__}.")
 
@@ -46,15 +48,17 @@ class CompressResult:
 
 def compress(model: onnx.ModelProto | str | Path, *, inputs: Sequence[FeedLike] | None = None,
              rtol_of_max: float = 1e-4, shape_lowering: str = "predict",
-             lowering_plan: Any = None) -> CompressResult:
+             lowering_plan: Any = None, align: int | None = None) -> CompressResult:
     """The compact model and its report; `verification.passed` says whether it may be written.
 
     The model is read into onnx_ir once, every pass changes it in place (passes.py), and it is
     written out once. ``shape_lowering`` is off, on, predict (the default: deterministic) or auto
     (measured on this machine; its decisions are in the report's plan), and ``lowering_plan``
-    replays the plan of an earlier report.
+    replays the plan of an earlier report. ``align`` leaves every conv's and matmul's input and output
+    width at a multiple of it (or whole) by keeping some dead channels, still exactly: the widths the
+    runtime's blocked kernels run fastest (ORT's NCHWc block on CPUs: `sslcompress.latency.block.nchwc_block`).
     """
-    _check_arguments(model, inputs, rtol_of_max)
+    _check_arguments(model, inputs, rtol_of_max, align)
     t0 = time.perf_counter()
     proto = load_onnx(model) if isinstance(model, (str, Path)) else model
     # What verification will feed, settled before any pass: a model it cannot run is refused first.
@@ -62,7 +66,7 @@ def compress(model: onnx.ModelProto | str | Path, *, inputs: Sequence[FeedLike] 
     real_batches = as_feeds(proto, list(inputs or []))
     random = random_batches(proto, real_batches)
     work = ir.serde.deserialize_model(proto)
-    surgery = Surgery()
+    surgery = Surgery(align)
     surgery.prepare(work)
     # MACs at the sizes verification runs (per sample): dynamic sequence and image sizes count as run.
     sizes = symbol_sizes(proto, random[0] if random else None)
@@ -105,6 +109,7 @@ def compress(model: onnx.ModelProto | str | Path, *, inputs: Sequence[FeedLike] 
     report["blocked_by"] = dict(sorted(pruned.blocked.items(), key=lambda kv: -kv[1]))
     # Zeros found but not used, and why: channels of weighted layers, and zero residual branches.
     report["zeros_kept"] = dict(pruned.zeros_kept)
+    report["align"] = align
     report["zero_branches_kept"] = dict(depth.branches_kept)
     report["features_selected"] = {k: list(v) for k, v in surgery.features.result.selected.items()}
     report["kernels_shrunk"] = {k: [list(a), list(b)] for k, (a, b) in surgery.kernels.result.shrunk.items()}

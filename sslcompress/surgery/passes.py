@@ -91,12 +91,12 @@ def _innermost(exc: BaseException) -> str:
 class Surgery:
     """The passes of one surgery, with their results kept for the report."""
 
-    def __init__(self) -> None:
+    def __init__(self, align: int | None = None) -> None:
         # One channel analysis for the three passes that read it, recomputed only after a change.
         self._analysis: Analysis | None = None
         self.depth = SurgeryPass(lambda m: remove_zero_branches(m, self._shared(m)), "zero residual branches")
         self.fold = SurgeryPass(lambda m: fold_constant_channels(m, self._shared(m)), "constant channel folding")
-        self.prune = SurgeryPass(lambda m: prune_dead_channels(m, self._shared(m)), "dead channel pruning")
+        self.prune = SurgeryPass(lambda m: prune_dead_channels(m, self._shared(m), align), "dead channel pruning")
         self.features = SurgeryPass(select_features, "feature selection")
         self.kernels = SurgeryPass(shrink_kernels, "kernel shrinking")
 

@@ -73,7 +73,17 @@ def _live(v: ir.Value, c: Coupling) -> Channels | None:
     return Channels.live(len(c.ids[v])) if v in c.ids else None
 
 
-def dead_channels(model: ir.Model, analysis: Analysis | None = None) -> DeadChannels:
+# The layers whose widths the runtime's kernels like in steps: their data input and their output.
+ALIGNED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def dead_channels(model: ir.Model, analysis: Analysis | None = None, align: int | None = None) -> DeadChannels:
+    """What the cut deletes. With `align`, a layer's input and output widths are left at multiples of it
+    (or their full width) by keeping some of their dead channels: those compute what they computed in the
+    uncut model (zeros, or what no output reads), so the cut stays exact and its kernels run on the
+    runtime's blocked paths."""
+    if align is not None and (isinstance(align, bool) or not isinstance(align, int) or align < 1):
+        raise ValueError(f"align must be a positive integer, got {align!r}")
     analysis = analysis_of(model, analysis)
     states, c = analysis.states, analysis.coupling
     needed = needed_channels(model, states, c)
@@ -97,6 +107,8 @@ def dead_channels(model: ir.Model, analysis: Analysis | None = None) -> DeadChan
         # --- settle hook: rules that can only write some cuts (a grouped Conv keeps its groups equal)
         # keep more channels; a channel kept is kept wherever it flows, so ask again until none asks.
         more = _settle(model, c, alive)
+        if not more and align is not None and align > 1:
+            more = _aligned(model, c, alive, align)
         if not more:
             break
         for root, why in more.items():
@@ -137,6 +149,32 @@ def _settle(model: ir.Model, c: Coupling, alive: set[int]) -> dict[int, str]:
     return more
 
 
+def _aligned(model: ir.Model, c: Coupling, alive: set[int], align: int) -> dict[int, str]:
+    """Dead roots to keep so that every aligned layer's input and output width is a multiple of `align`
+    (capped at the full width), with the reason; the first dead channels of a value are the ones kept."""
+    more: dict[int, str] = {}
+    why = f"widths kept at multiples of {align} (align)"
+    seen: set[ir.Value] = set()
+    for node in model.graph:
+        if node.op_type not in ALIGNED_OPS or node in c.walls:
+            continue
+        for v in (node.inputs[0] if node.inputs else None, node.outputs[0]):
+            if v is None or v in seen or v not in c.ids:
+                continue
+            seen.add(v)
+            roots = c.roots_of(v).tolist()
+            kept = [r in alive or r in more for r in roots]
+            width = sum(kept)
+            goal = min(len(roots), -(-width // align) * align)
+            for root, k in zip(roots, kept, strict=True):
+                if width >= goal:
+                    break
+                if not k and root not in more:
+                    more[root] = why
+                    width += roots.count(root)
+    return more
+
+
 def _zeros_kept(states: dict[ir.Value, Channels], c: Coupling, keep: dict[ir.Value, np.ndarray],
                 settled: dict[int, str] | None = None) -> dict[str, int]:
     """ZERO channels of weighted layers' outputs that stay, counted by why (the pin's reason, a rule's
@@ -155,10 +193,10 @@ def _zeros_kept(states: dict[ir.Value, Channels], c: Coupling, keep: dict[ir.Val
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
-def prune_dead_channels(model: ir.Model, analysis: Analysis | None = None) -> PruneResult:
-    """Delete the dead channels of the model, in place."""
+def prune_dead_channels(model: ir.Model, analysis: Analysis | None = None, align: int | None = None) -> PruneResult:
+    """Delete the dead channels of the model, in place (with `align`, see dead_channels)."""
     analysis = analysis_of(model, analysis)
-    dead = dead_channels(model, analysis)
+    dead = dead_channels(model, analysis, align)
     changed = 0
     if dead.n_dead:
         # Every node's masks first: a rewrite may insert a node and rename the values after it.
