@@ -9,6 +9,9 @@ BatchNorm statistics so folding is not a no-op) and each MAC budget, four models
     align16     the same with 16
     align8-1    control: align8's widths each one channel narrower (same shape, slightly fewer MACs, unaligned)
     align16-1   the same for align16
+    cut-align   the unaligned model's zeros, aligned by the cut instead (compress(align=B), `export --align auto`,
+                B = ORT's channel block here): every width rounded up to a multiple of B by keeping zero
+                channels, so more MACs than unaligned, no retraining, the same outputs
 
 A *width* is one coupled set of channels: the output channels of every layer that writes it (a residual
 add makes the stem, the block outputs and the downsample of one stage a single width). The widths come
@@ -102,9 +105,10 @@ from sslcompress.surgery.export import export_onnx
 REPO = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO / "benchmarks" / "out"
 MODELS = ("resnet20", "resnet56")
-VARIANTS = ("dense", "unaligned", "align8", "align8-1", "align16", "align16-1")
+VARIANTS = ("dense", "unaligned", "align8", "align8-1", "align16", "align16-1", "cut-align")
 # (slower, faster): reported as median(slower) / median(faster), above 1 when the second is faster
-COMPARISONS = (("unaligned", "align8"), ("unaligned", "align16"), ("align8-1", "align8"), ("align16-1", "align16"))
+COMPARISONS = (("unaligned", "align8"), ("unaligned", "align16"), ("align8-1", "align8"), ("align16-1", "align16"),
+               ("unaligned", "cut-align"))
 RTOL_OF_MAX = 1e-4  # the library's verification criterion, reused for the check before timing
 
 
@@ -294,40 +298,46 @@ def build_case(name: str, budget: float, args, tmp: Path) -> dict:
         plans[f"align{n}"] = aligned_widths(w, kept_u, n, target)
         plans[f"align{n}-1"] = ([k - 1 for k in plans[f"align{n}"][0]], True)
     block = nchwc_block()
+    # The cut's alignment keeps the unaligned zeros and rounds every width up to the block.
+    plans["cut-align"] = ([min(u.total, block * math.ceil(k / block)) for u, k in zip(w.units, kept_u)], met_u)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     variants = {}
     for vname in VARIANTS:
         model.load_state_dict(state)
         kept = [u.total for u in w.units] if vname == "dense" else plans[vname][0]
-        dead = w.dead_of(kept)
-        zero_groups(model, w, dead)
+        zeroed = plans["unaligned"][0] if vname == "cut-align" else kept
+        zero_groups(model, w, w.dead_of(zeroed))
         counted = count(model, shape)
-        mine = w.macs(dead)
+        mine = w.macs(w.dead_of(zeroed))
         if counted.macs_after != mine:
             raise SystemExit(f"error: {name} {vname}: width arithmetic gives {mine} MACs, count() {counted.macs_after}")
+        macs = w.macs(w.dead_of(kept))  # what the compact model computes (more than counted for cut-align)
         exported = export_onnx(model, (1, 3, 32, 32), dynamic_batch=True)
         if not exported.bn_folded:
             raise SystemExit(f"error: {exported.bn_remaining} BatchNormalization nodes survived the export of {name}")
         if vname == "dense":
             onnx_bytes, onnx_macs, passed = exported.model.SerializeToString(), counted.macs, True
         else:
-            res = compress(exported.model, shape_lowering="off")
+            res = compress(exported.model, shape_lowering="off", align=block if vname == "cut-align" else None)
             passed = bool(res.verification.passed)
             if not passed:
                 raise SystemExit(f"error: {name} {vname}: the compact model failed verification "
                                  f"(rel {res.verification.rel:.3g})")
             onnx_bytes, onnx_macs = res.model.SerializeToString(), res.report["totals"]["macs_after"]
+            if onnx_macs != macs:
+                raise SystemExit(f"error: {name} {vname}: the compact model computes {onnx_macs} MACs, the widths "
+                                 f"{kept} give {macs}")
         n_align = {n: sum(k % n == 0 for k in kept) for n in (8, 16)}
         padded = w.macs(w.dead_of([min(u.total, block * math.ceil(k / block)) for u, k in zip(w.units, kept)]))
         variants[vname] = {
-            "kept": kept, "macs": counted.macs_after, "mac_fraction": counted.macs_after / dense_macs,
+            "kept": kept, "macs": macs, "mac_fraction": macs / dense_macs,
             "onnx_macs": onnx_macs, "verification_passed": passed, "padded_macs": padded, "block": block,
             "budget_met": True if vname == "dense" else plans[vname][1],
             "multiples_of_8": n_align[8], "multiples_of_16": n_align[16],
             "ort_graph": ort_graph_stats(onnx_bytes, tmp), "bytes": onnx_bytes,
             "uncut_bytes": None if vname == "dense" else exported.model.SerializeToString(),
         }
-        log(f"{name} budget {budget:g} {vname}: MACs {counted.macs_after / dense_macs:.4f} of dense "
+        log(f"{name} budget {budget:g} {vname}: MACs {macs / dense_macs:.4f} of dense "
             f"(ONNX {onnx_macs / c0.macs:.4f}), widths {kept}, NCHWc convs "
             f"{variants[vname]['ort_graph']['conv_nchwc']}/{variants[vname]['ort_graph']['conv_nchwc'] + variants[vname]['ort_graph']['conv_plain']}")
     return {"model": name, "budget": budget, "dense_macs": dense_macs,
