@@ -27,6 +27,7 @@ import torch
 from bench_log import log
 from paper_cifar10 import DEFAULT_DATA, REPO, export_compact, export_dense, finetune, machine, now, phase
 
+from sslcompress.errors import TrainingError
 from sslcompress.finetune.checkpoint import load_checkpoint
 from sslcompress.io import atomic_write_bytes, atomic_write_json
 from sslcompress.latency import current_key, default_path
@@ -80,9 +81,14 @@ def run(args, out: Path) -> dict:
     attempts, candidates = [], []
     for attempt in range(1, args.attempts + 1):
         folder = out / ("latency" if attempt == 1 else f"latency_{attempt}")
-        report, secs, surgery = trained(args, weights, folder,
-                                        settings(args, args.latency_weighting, target_flops=None,
-                                                 target_latency=target_ms, latency_table=str(table)))
+        try:
+            report, secs, surgery = trained(args, weights, folder,
+                                            settings(args, args.latency_weighting, target_flops=None,
+                                                     target_latency=target_ms, latency_table=str(table)))
+        except TrainingError as exc:  # a target below what the widths' step allows: the attempts end here
+            log(f"latency-targeted attempt {attempt}: asked {target_ms:.3f} ms, not reachable: {exc}")
+            attempts.append({"asked_ms": target_ms, "unreachable": str(exc), "folder": folder.name})
+            break
         pair = time_sessions({"macs": onnx.load(str(out / "macs" / "compact.onnx")),
                               "latency": onnx.load(str(folder / "compact.onnx"))},
                              (1, 3, 32, 32), current_key("cpu", 1, 1), rounds=args.rounds)
@@ -98,6 +104,8 @@ def run(args, out: Path) -> dict:
             break
         target_ms = next_target(attempts)
     # The attempt that measured nearest the MAC-targeted model is the one compared.
+    if not candidates:
+        raise SystemExit(f"error: no latency-targeted run could be trained: {attempts[-1]['unreachable']}")
     best = min(candidates, key=lambda c: abs(c["ratio"] - 1))
     rows["latency"] = {k: v for k, v in best.items() if k != "ratio"}
     models = {n: onnx.load(str(p)) for n, p in (("dense", dense), ("macs", out / "macs" / "compact.onnx"),
@@ -129,6 +137,7 @@ def next_target(attempts: list[dict]) -> float:
     """The next latency to ask for. One attempt: its target over its measured ratio. More: the secant through
     the two attempts nearest a ratio of 1, in logs (latency falls about as a power of the target), kept
     within a factor 1.5 of the nearest attempt's target; the ratio again where the two show no rising slope."""
+    attempts = [a for a in attempts if "measured_over_macs_model" in a]
     if len(attempts) == 1:
         return attempts[0]["asked_ms"] / attempts[0]["measured_over_macs_model"]
     a, b = sorted(attempts, key=lambda x: abs(math.log(x["measured_over_macs_model"])))[:2]
@@ -189,7 +198,9 @@ def render_md(doc: dict) -> str:
                "| attempt | asked ms (table scale) | predicted ms | measured, over the MAC-targeted model | top-1 |",
                "|---|---|---|---|---|"]
         md += [f"| {i} | {a['asked_ms']:.3f} | {a['predicted_ms']:.3f} | {a['measured_over_macs_model']:.3f} | "
-               f"{a['accuracy']:.2%} |" for i, a in enumerate(res["attempts"], 1)]
+               f"{a['accuracy']:.2%} |" if "unreachable" not in a else
+               f"| {i} | {a['asked_ms']:.3f} | not reachable at this channel step | - | - |"
+               for i, a in enumerate(res["attempts"], 1)]
         md += [""]
     md += [
            f"Kept widths (filters kept/total per conv): MAC-targeted `{res['rows']['macs']['widths']}`; "

@@ -86,3 +86,17 @@ def test_reuse_reads_a_finished_run_of_the_same_settings_only(L, tmp_path, monke
     calls.clear()
     assert L.trained(SimpleNamespace(reuse=False), Path("w.pt"), tmp_path, other)[0] == {"accuracy": 2}
     assert calls == ["finetune", "export"]
+
+
+def test_unreachable_attempts_are_left_out_of_the_next_target_and_shown(L):
+    tried = [attempt(0.8, 1.25), {"asked_ms": 0.5, "unreachable": "cannot be met", "folder": "latency_2"}]
+    assert L.next_target(tried) == pytest.approx(0.64)
+    doc = {"date_utc": "d", "command": "c", "target_flops": 0.5, "align": 8, "match": 0.05,
+           "machine": {"nproc": 2, "load_average_at_end": [1.0, 1.0, 1.0]},
+           "result": {"timed_ms": {"1": {"dense": 1.0, "macs": 0.6, "latency": 0.62}}, "dense_predicted_ms": 1.0,
+                      "rows": {n: {"accuracy": {"before": 0.9, "after_finetune": 0.8}, "macs_fraction": 0.5,
+                                   "widths": [[8, 16]], "latency": {"predicted_ms": 0.6}, "asked_ms": 0.6}
+                               for n in ("macs", "latency")},
+                      "attempts": [{**tried[0], "predicted_ms": 0.79, "accuracy": 0.8}, tried[1]]}}
+    md = L.render_md(doc)
+    assert "| 2 | 0.500 | not reachable at this channel step | - | - |" in md
