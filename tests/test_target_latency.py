@@ -97,6 +97,20 @@ def test_the_channel_step_read_from_a_table(tmp_path, pad, off_block, step):
     assert channel_step(load_table(tmp_path / "t.json")).step == step
 
 
+def test_padding_is_not_read_from_convs_of_a_few_microseconds(tmp_path):
+    from sslcompress.latency.step import MIN_SPAN_MS, channel_step
+    from sslcompress.latency.table import load_table
+
+    # The same padded costs, scaled down until the widest span between neighbours is under the profiler's
+    # resolution: the off-block slowdown (a ratio) still reads, the padding (a difference) no longer does.
+    def tiny(i, o):
+        return 1e-2 * MIN_SPAN_MS * _padded(16, 1.3)(i, o) / (64 * 16 * 1e-3)
+
+    _synthetic_table(tmp_path / "t.json", tiny, "resnet20", block=8)
+    step = channel_step(load_table(tmp_path / "t.json"))
+    assert step.step == 8 and step.midway_position is None and step.off_block_ratio > 1.05
+
+
 def test_the_channel_step_of_a_cpu_with_blocks_of_16(tmp_path):
     from sslcompress.latency.step import channel_step
     from sslcompress.latency.table import load_table
