@@ -65,6 +65,19 @@ def test_the_run_lands_on_the_predicted_latency(tmp_path):
     assert measured["predicted_ms"] == lat["predicted_ms"]
     assert measured["measured_ms"] > 0 and measured["uncut_measured_ms"] > 0
     assert measured["predicted_over_measured"] == pytest.approx(lat["predicted_ms"] / measured["measured_ms"])
+    assert "note" not in measured
+
+    # Cut with --align, the compact model keeps more than the widths the table predicted: measured all the same,
+    # and the row says its prediction is of the checkpoint's widths.
+    aligned_report = tmp_path / "export_aligned.json"
+    res = CliRunner().invoke(main, ["export", str(out / "sparse.pt"), "--onnx", str(tmp_path / "a.onnx"),
+                                    "--report", str(aligned_report), "--align", "32"])
+    assert res.exit_code == 0, res.output
+    aligned = json.loads(aligned_report.read_text())
+    assert aligned["totals"]["macs_after"] > aligned["predicted_macs_after"]
+    assert aligned["latency"]["measured_ms"] > 0
+    assert aligned["latency"]["note"].startswith("predicted for the checkpoint's widths; --align 32 kept")
+    assert "--align 32 kept" in res.output
 
 
 def test_no_table_is_one_line_naming_the_profile_command(tmp_path):

@@ -246,6 +246,10 @@ def export(checkpoint: str, out: str, uncut: str | None, opset: int, dynamic_bat
         extra["data"] = data
     _check_prediction(counted.macs, predicted, totals, force, aligned=(step or 1) > 1)
     latency = _latency_check(ckpt, exported.model, result, shape, override is not None)
+    if latency and "measured_ms" in latency and totals["macs_after"] != predicted and (step or 1) > 1:
+        # The table predicted the checkpoint's widths; the alignment kept channels past them.
+        latency["note"] = (f"predicted for the checkpoint's widths; --align {step} kept "
+                           f"{totals['macs_after'] / predicted:.2f}x their MACs")
     if latency:
         extra["latency"] = latency
     _write_compact(result, out, report_path, force, as_json, extra,
@@ -278,6 +282,6 @@ def _latency_line(row: dict[str, Any]) -> str:
         return f"{head}; {row['note']}"
     return (f"{head}, measured {row['measured_ms']:.3g} ms (predicted/measured {row['predicted_over_measured']:.2f}; "
             f"uncut measured {row['uncut_measured_ms']:.3g} ms in the same rounds, relative "
-            f"{row['relative_predicted_over_measured']:.2f})")
+            f"{row['relative_predicted_over_measured']:.2f})" + (f"; {row['note']}" if row.get("note") else ""))
 
 
