@@ -142,3 +142,21 @@ def test_bad_align_option_is_one_line(uneven_lenet, tmp_path, value):
     res = CliRunner().invoke(main, ["export", str(uneven_lenet), "--onnx", str(out), "--align", value])
     assert res.exit_code == 2 and "--align" in res.output, res.output
     assert not out.exists()
+
+
+def test_shape_lowering_leaves_the_channels_alignment_kept():
+    # Channel sparsity: conv2 reads one of conv1's 20 channels. Aligned to 8, conv2 keeps 7 channels whose
+    # columns are all zero (87.5% of its columns); predict lowers convs from 75%, which would undo the
+    # alignment with an im2col of the one channel. Those whole zero channels count as kept.
+    torch.manual_seed(0)
+    m = build_model(ModelSpec("lenet5", 10, 1, (28, 28))).eval()
+    with torch.no_grad():
+        m.conv2.weight[:, 1:] = 0
+    proto = export_onnx(m, (1, 1, 28, 28)).model
+    res = compress(proto, align=8, shape_lowering="predict")
+    assert res.verification.passed
+    assert _widths(res.model)["conv2.weight"] == (50, 8)
+    assert not any(d["lowered"] for d in res.report["shape_lowering"].get("convs", []))
+    assert "MatMul" not in {n.op_type for n in res.model.graph.node}
+    # Without alignment the plain cut deletes the 19 channels: conv2 reads one, nothing to lower either.
+    assert _widths(compress(proto, shape_lowering="predict").model)["conv2.weight"] == (50, 1)

@@ -74,7 +74,8 @@ def compress(model: onnx.ModelProto | str | Path, *, inputs: Sequence[FeedLike] 
     qoperator = _qoperator_layers(work)
     surgery.cut(work)
     # Last: it reads the convs as they will run.
-    lowered = lower_sparse_columns_ir(work, None if lowering_plan is not None else shape_lowering, plan=lowering_plan)
+    lowered = lower_sparse_columns_ir(work, None if lowering_plan is not None else shape_lowering, plan=lowering_plan,
+                                      keep_zero_channels=(align or 1) > 1)
     if lowered.lowered:
         InferShapesPass()(work)
     after, params_after = layers_of(work, sizes), parameters_of(work)

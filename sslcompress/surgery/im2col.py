@@ -48,11 +48,13 @@ class Candidate:
 
 
 
-def find_candidates(model: ir.Model | onnx.ModelProto) -> list[Candidate]:
+def find_candidates(model: ir.Model | onnx.ModelProto, keep_zero_channels: bool = False) -> list[Candidate]:
     """Group-1 Convs with constant weights, static input shapes and some (not all) zero columns.
 
     Shapes are read from the values; only where a qualifying Conv's input has none does shape
-    inference run (and then writes what it found onto the model's values).
+    inference run (and then writes what it found onto the model's values). With ``keep_zero_channels``,
+    the columns of an input channel that is zero in every column count as kept: a cut aligned to a
+    channel step left such channels on purpose, and lowering them away would undo it.
     """
     if isinstance(model, onnx.ModelProto):
         model = ir.serde.deserialize_model(model)
@@ -74,6 +76,8 @@ def find_candidates(model: ir.Model | onnx.ModelProto) -> list[Candidate]:
         if w is None or w.ndim != 4 or (b_value is not None and bias is None):
             continue
         keep = np.any(w != 0, axis=0)
+        if keep_zero_channels:
+            keep[~keep.any(axis=(1, 2))] = True
         if keep.all() or not keep.any():
             continue
         found.append((node, w, None if bias is None else bias.reshape(-1), keep))

@@ -113,6 +113,7 @@ def lower_sparse_columns_ir(
     min_sparsity: float = 0.2,
     per_conv_s: float = 0.03,
     budget_s: float = 2.0,
+    keep_zero_channels: bool = False,
 ) -> LoweringResult:
     """Lower candidate Convs of ``model`` in place, as ``mode`` or a replayed ``plan`` decides.
 
@@ -124,7 +125,8 @@ def lower_sparse_columns_ir(
     form took at most ``1 - margin`` of the dense time. Each candidate is timed alone, so the dense Conv
     pays ORT's NCHWc layout reorders that a chain of convs shares, and the lowered one not those it
     forces on its neighbours: about 10% of a 3x3 conv's time each way in our measurements, hence 20%.
-    A model without candidates costs one scan of its Conv weights.
+    A model without candidates costs one scan of its Conv weights. ``keep_zero_channels`` leaves input
+    channels whose every column is zero to the conv (an aligned cut kept them; im2col.find_candidates).
     """
     if mode is not None and not isinstance(mode, str):
         if plan is not None:
@@ -149,7 +151,7 @@ def lower_sparse_columns_ir(
     kept_threshold = float(threshold) if mode == "predict" else None
     if mode == "off":
         return LoweringResult(model, mode, ())
-    candidates = find_candidates(model) if model.graph is not None else []
+    candidates = find_candidates(model, keep_zero_channels) if model.graph is not None else []
     if mode == PLAN:
         _check_plan(model, candidates, wanted)
     if not candidates:
