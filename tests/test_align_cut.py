@@ -160,3 +160,22 @@ def test_shape_lowering_leaves_the_channels_alignment_kept():
     assert "MatMul" not in {n.op_type for n in res.model.graph.node}
     # Without alignment the plain cut deletes the 19 channels: conv2 reads one, nothing to lower either.
     assert _widths(compress(proto, shape_lowering="predict").model)["conv2.weight"] == (50, 1)
+
+
+@pytest.mark.parametrize(("attention", "exporter", "opset"), [("mha", "legacy", 17), ("separate", "dynamo", 18)])
+def test_transformer_mlp_widths_align_exactly(attention, exporter, opset):
+    # Five dead MLP neurons (zero rows, constant rows, a zero column) of a transformer block from torch's
+    # legacy and dynamo exporters: the plain cut keeps 4d - 5, aligned to 8 the hidden width rounds up.
+    from test_transformer_surgery import NEURONS, assert_exact, block, export, feeds, mlp_widths, zero_neurons
+
+    m = block(attention=attention)
+    for how, neurons in NEURONS.items():
+        zero_neurons(m, neurons, how)
+    proto = export(m, exporter, opset)
+    plain = compress(proto, inputs=[feeds(proto, m.d, 2)], shape_lowering="off")
+    aligned = compress(proto, inputs=[feeds(proto, m.d, 2)], shape_lowering="off", align=8)
+    assert plain.verification.passed and aligned.verification.passed
+    hidden = mlp_widths(plain.model, m.d)[0]
+    assert hidden % 8 != 0
+    assert mlp_widths(aligned.model, m.d) == (-(-hidden // 8) * 8,) * 2
+    assert_exact(proto, aligned.model, m.d)
