@@ -5,28 +5,18 @@ Nothing here trains or times.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "latency_vs_macs.py"
+from benchmark_script import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def L():
-    spec = importlib.util.spec_from_file_location("latency_vs_macs", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(SCRIPT.parent))  # as when run: the helpers it shares with the other benchmarks
-    try:
-        spec.loader.exec_module(mod)
+    with benchmark_script("latency_vs_macs") as mod:
         yield mod
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
 
 
 def attempt(asked: float, ratio: float) -> dict:

@@ -6,28 +6,14 @@ with it is skipped where it is not installed.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "vs_torch_pruning.py"
+from benchmark_script import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def V():
-    spec = importlib.util.spec_from_file_location("vs_torch_pruning", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["vs_torch_pruning"] = mod  # dataclasses look their module up by name
-    sys.path.insert(0, str(SCRIPT.parent))  # as when run: the helpers it shares with the other benchmarks
-    try:
-        spec.loader.exec_module(mod)
+    with benchmark_script("vs_torch_pruning") as mod:
         yield mod
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-        sys.modules.pop("vs_torch_pruning", None)
 
 
 def test_search_ratio_monotone_lands_just_below_the_target(V):
