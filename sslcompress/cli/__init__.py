@@ -20,6 +20,16 @@ EPILOG_DATA = ("Data sets: digits (default, bundled with scikit-learn), mnist:PA
                "imagefolder:PATH, npz:PATH, synthetic[:CxHxW:K].")
 
 
+def align_value(value: str | None) -> int | str | None:
+    """--align's value as given (finetune, export, surgery): a whole number, auto, or not given."""
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a whole number nor auto") from None
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from . import EPILOG_DATA, main
+from . import EPILOG_DATA, align_value, main
 
 
 def _surgery_options(f):
@@ -41,13 +41,9 @@ def _surgery_options(f):
 
 
 def _align_value(value: str | None) -> int | str | None:
-    if value is None or value == "auto":
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is neither a whole number nor auto") from None
-    if n < 1:
+    """align_value, and a positive step: the cut has no config of its own to check it later."""
+    n = align_value(value)
+    if isinstance(n, int) and n < 1:
         raise click.BadParameter(f"{value!r} is not a positive number of channels")
     return n
 

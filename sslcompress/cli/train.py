@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from ..errors import SSLCompressError
-from . import EPILOG_DATA, main
+from . import EPILOG_DATA, align_value, main
 
 
 def _run_options(f):
@@ -138,15 +138,6 @@ def _parse_lambdas(items: tuple[str, ...]) -> dict[str, float] | None:
     return out or None
 
 
-def _align_value(value: str | None) -> int | str | None:
-    if value is None or value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is neither a whole number nor auto") from None
-
-
 @main.command()
 @_run_options
 @click.option("--structures", "-s", default=None,
@@ -179,7 +170,7 @@ def _align_value(value: str | None) -> int | str | None:
               help="Batch of the latency table (default 1).")
 @click.option("--latency-table", default=None, type=click.Path(dir_okay=False),
               help="The latency table file (default: the cache file of this machine and session).")
-@click.option("--align", default=None, callback=lambda _c, _p, v: _align_value(v), metavar="N|auto",
+@click.option("--align", default=None, callback=lambda _c, _p, v: align_value(v), metavar="N|auto",
               help="Keep every prunable width (channels a layer writes) a multiple of N; pinned widths and "
                    "widths below N stay as they are. auto: the channel step the latency table of the "
                    "--latency-* session shows (profile the model first).")
