@@ -405,14 +405,11 @@ def time_case(case: dict, args) -> None:
 
 
 def machine_info() -> dict:
+    from sslcompress.runtime.cpu import cpu_isa
+
     cpu = cpu_name()
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln.split(":", 1)[1] for ln in f if ln.startswith("flags")), "")
-    except OSError:
-        pass
-    simd = "avx512f" if "avx512f" in flags.split() else "avx2" if "avx2" in flags.split() else "other"
+    isa = cpu_isa()
+    simd = "avx512f" if "avx512f" in isa else "avx2" if "avx2" in isa else "other"
     return {"nproc": os.cpu_count(), "cpu": cpu, "simd": simd, "onnxruntime": ort.__version__,
             "onnx": onnx.__version__, "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "platform": platform.platform()}

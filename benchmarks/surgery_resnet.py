@@ -661,13 +661,9 @@ def render_table(cases: list[dict]) -> str:
 
 def cpu_name() -> str:
     """The CPU's model name (from /proc/cpuinfo where there is one)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return cpu
+    from sslcompress.runtime.cpu import cpu_model
+
+    return cpu_model()
 
 
 def machine_info() -> dict:
