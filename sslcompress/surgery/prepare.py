@@ -196,6 +196,9 @@ def prepare_passes() -> list[ir.passes.PassBase]:
         InferShapesPass(clear=False),
         StaticDimsPass(),
         FoldConstantsPass(),
+        # Folding writes its results as Constant nodes, of attributes the model's opset may lack (value_ints
+        # before opset 12); as initializers they are valid at any opset, and read like every other constant.
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
         common.IdentityEliminationPass(),
         common.RemoveUnusedNodesPass(),
         rule_shapes_pass(),
