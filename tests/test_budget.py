@@ -24,6 +24,8 @@ from sslcompress.errors import ConfigError, TrainingError
 from sslcompress.finetune.checkpoint import load_checkpoint
 from sslcompress.finetune.pipeline import run_finetune, run_pretrain
 from sslcompress.finetune.sparsifier import Sparsifier
+from sslcompress.surgery.compress import compress
+from sslcompress.surgery.export import export_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -226,3 +228,36 @@ def test_pace_reaches_the_budget_step_by_step_where_lambda_lags(lenet, tmp_path)
     assert unpaced["budget"]["paced_groups"] == 0 and unpaced["budget"]["met_at"] is None
     assert first_unpaced > 0.95
     assert any("budget not met by lambda alone" in m for m in messages)
+
+
+def test_an_unreachable_budget_is_refused_before_sparsify(lenet, tmp_path):
+    # Over the all-zero floor (so the up-front floor check lets it through) but under the smallest connected
+    # model at widths in blocks of 8 (conv2, fc1 and fc2 keep a block each, about a tenth of the MACs): the
+    # one-shot ranking finds that before a single sparsify step, instead of the landing after them.
+    cfg = _lenet_run(tmp_path, lenet, target_flops=0.03, align=8)
+    sp = Sparsifier(load_checkpoint(lenet).build(), load_checkpoint(lenet).model, cfg)
+    assert sp.floors()["macs"] < 0.03
+    events = []
+    with pytest.raises(ConfigError, match=r"cannot be met without cutting the network.*keeps 0\.\d+ of the MACs.*"
+                                          r"with widths in steps of 8 \(--align\); refused before sparsify"):
+        run_finetune(cfg, events.append)
+    assert not [e for e in events if e.phase == "sparsify"]
+    assert not (tmp_path / "sparse.pt").exists()
+
+
+def test_align_may_empty_a_width_to_meet_a_budget(tmp_path):
+    # With every width at least one block of 16 a ResNet-20 keeps about 44% of its MACs; 30% is met only by
+    # emptying inner widths (residual branches), which the ranking may do as it may without --align.
+    res = run_finetune(_resnet_run(tmp_path, structures=("filter", "channel"), strength=0.0, target_flops=0.3,
+                                   align=16))
+    widths = _assert_aligned(res.report, 16)
+    # An emptied width keeps one dead channel: the block's second conv stays (it writes the trunk) and reads it.
+    assert any(w["kept"] <= 1 and w["exempt"] == "fewer than 16 left" for w in widths)
+    # Within one block of the asked fraction: the largest, a stage-1 width of 16, is 11.6% of the MACs.
+    reached = res.report["budget"]["macs"]["reached"]
+    assert 0.3 - 0.116 <= reached <= 0.3
+    _assert_connected(res.checkpoint, (1, 28, 28))
+    # The emptied branches leave the cut model too, which computes what the checkpoint computes.
+    cut = compress(export_checkpoint(res.checkpoint).model)
+    assert cut.verification.passed
+    assert cut.report["totals"]["macs_fraction"] <= 0.3 + 1e-6

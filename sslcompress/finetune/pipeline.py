@@ -555,13 +555,18 @@ def _budget(r: _FinetuneRun) -> tuple[Budget | None, dict[str, BudgetController]
 
 def _one_shot(r: _FinetuneRun) -> None:
     """What pruning the starting weights to the same budget in one shot gives (the weakest groups by norm per
-    cost zeroed, no training): the accuracy sparsify has to beat, recorded beside its own."""
+    cost zeroed, no training): the accuracy sparsify has to beat, recorded beside its own.
+
+    It is also the budget's reachability, found before any training: the ranking tries every removable group
+    and keeps each that leaves the network connected, so where it finds no connected model inside the budget
+    the landing at the end of sparsify, the same ranking on the trained weights, finds none either."""
     probe = copy.deepcopy(r.model)
     try:
         Sparsifier(probe, r.spec, r.cfg, latency=r.latency).enforce(r.budget, r.cfg.align)
-    except TrainingError:
-        r.metrics["one_shot"] = None  # the budget cannot be met without cutting the network
-        return
+    except TrainingError as exc:
+        step = f", with widths in steps of {r.cfg.align} (--align)" if (r.cfg.align or 1) > 1 else ""
+        raise ConfigError(f"{exc}{step}; refused before sparsify: ask for a looser target"
+                          + (" or a smaller --align" if step else "")) from exc
     r.metrics["one_shot"] = evaluate(probe, r.data, r.cfg.run.eval_batch_size, r.cfg.run.device)
 
 

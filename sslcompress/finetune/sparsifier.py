@@ -334,8 +334,11 @@ class Sparsifier:
         return pools
 
     def _ranked(self, align: int | None) -> list[_Item]:
-        """Every nonzero removable group (with `align`: every block of `align` channels of an aligned width,
-        never its last), weakest first.
+        """Every nonzero removable group (with `align`: every block of `align` channels of an aligned width),
+        weakest first. A width's last block may go, as its last channel may without `align`: its pool's
+        strongest item, it goes only when little else scores below it, and where it would cut the network
+        enforce's connection check gives it back. Keeping it would make a budget that only an emptied width
+        meets (a residual branch gone) fail at the end of sparsify although lambda alone could reach it.
 
         An item's strength is its norm over the mean norm of its pool's live items (see _pools), as
         Torch-Pruning's group norm normalises: the weakest channel of a width competes with the weakest of
@@ -384,7 +387,7 @@ class Sparsifier:
                 live = self._live(unit, norms, dead)
                 live = live[len(live) % align:]
                 blocks = [[ref for _, ref in live[b:b + align]] for b in range(0, len(live), align)]
-                items += items_of(blocks)[:-1]  # never a width's last block
+                items += items_of(blocks)
         pools: dict[tuple, list[Ref]] = {}
         for ref, pool in self._pools().items():
             kind, i = ref
