@@ -211,7 +211,10 @@ def print_surgery_report(report: dict[str, Any]) -> None:
     _out.print(f"parameters {_num(t['params'])} -> {_num(t['params_after'])}, nodes {t['nodes']} -> "
                f"{t['nodes_after']}, file {_num(t['bytes'])}B -> {_num(t['bytes_after'])}B, "
                f"channels removed {t['channels_removed']}, residual branches removed "
-               f"{len(report.get('blocks_removed', []))}, kernels shrunk {len(report.get('kernels_shrunk', {}))}")
+               f"{len(report.get('blocks_removed', []))}"
+               + (f" (and {len(report['blocks_constant'])} replaced by their constant)"
+                  if report.get("blocks_constant") else "")
+               + f", kernels shrunk {len(report.get('kernels_shrunk', {}))}")
     if report.get("constant_channels_folded"):
         maps = report.get("constant_maps_added") or []
         _out.print(f"constant channels folded into their readers: {report['constant_channels_folded']}"

@@ -1,6 +1,6 @@
 """The counter predicts what the surgery keeps when a residual branch's first conv dies whole: the branch
-then adds its bias, the surgery keeps one channel into the second conv (no value is emptied) and that
-channel's all-zero filter at its full kernel, and the counter counts the same."""
+then adds a constant per channel (its second conv's bias, through its norm), the surgery adds that constant
+instead and deletes both convs, and the counter counts the same."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _resnet(zeroed: tuple[str, ...], blocks: int = 3) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("zeroed, blocks_removed", [
-    (("conv1", "bn1"), 0),  # the first conv dies: the branch computes a constant, one channel stays
+    (("conv1", "bn1"), 0),  # the first conv dies: the branch computes a constant, which replaces it
     (("conv1", "bn1", "conv2", "bn2"), 3),  # the whole branch is zero: the block goes
 ])
 def test_counted_macs_equal_the_cut_onnx_models(zeroed, blocks_removed):

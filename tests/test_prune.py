@@ -175,6 +175,40 @@ def test_zero_residual_branches_are_deleted_whole():
 
 
 @torch.no_grad()
+def test_a_branch_whose_first_layer_is_all_zero_becomes_its_constant():
+    # Its second conv reads only zeros and writes its folded BatchNorm shift: a constant per channel, not
+    # zero, so the branch cannot go; the Add takes that constant instead, and both convs go.
+    from sslcompress.surgery.compress import compress
+
+    torch.manual_seed(0)
+    m = build_model(ModelSpec("resnet20", 10, 3, (32, 32))).eval()
+    for bn in (mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    for blk in (m.layer1[1], m.layer3[0]):  # layer3[0] has a projection shortcut beside its branch
+        blk.conv1.weight.zero_()
+        blk.bn1.weight.zero_()
+        blk.bn1.bias.zero_()
+    proto = export_onnx(m, (1, 3, 32, 32), dynamic_batch=True).model
+    res = compress(proto)
+    assert res.verification.passed
+    assert len(res.report["blocks_constant"]) == 2 and not res.report["blocks_removed"]
+    convs = sum(1 for n in res.model.graph.node if n.op_type == "Conv")
+    assert convs == sum(1 for n in proto.graph.node if n.op_type == "Conv") - 4
+    # Each Add reads a (1, C, 1, 1) constant: the shift of the branch's second BatchNorm, folded.
+    graph = ir.serde.deserialize_model(res.model).graph
+    adds = [n for n in graph if n.op_type == "Add" and n.name in res.report["blocks_constant"]]
+    for add, blk in zip(adds, (m.layer1[1], m.layer3[0]), strict=True):
+        const = next(v for v in add.inputs if v.const_value is not None).const_value.numpy()
+        bn = blk.bn2
+        shift = (bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)).numpy()
+        assert const.shape == (1, bn.num_features, 1, 1) and const.dtype == np.float32
+        np.testing.assert_allclose(const.ravel(), shift, rtol=1e-6, atol=1e-7)
+    # The training's count follows: the branches go from it too.
+    assert res.report["totals"]["macs_after"] == count(m, (1, 3, 32, 32)).macs_after
+
+
+@torch.no_grad()
 def test_zero_outer_kernel_rows_and_columns_shrink_the_kernel():
     from sslcompress.surgery.compress import compress
 

@@ -211,3 +211,21 @@ def test_export_data_shape_mismatch(sparse_ckpt, tmp_path):
     res = CliRunner().invoke(main, ["export", str(sparse_ckpt), "--onnx", str(out), "--data", "synthetic:1x32x32:10"])
     assert "1x32x32 images but the model's input 'input' is 1x28x28" in _one_line_error(res)
     assert not out.exists()
+
+
+def test_export_names_the_branches_it_replaced_by_their_constant(tmp_path):
+    # A ResNet-20 block whose first conv's filters are all zero: its branch computes a constant per channel.
+    torch.manual_seed(0)
+    spec = ModelSpec("resnet20", 10, 3, (32, 32))
+    m = build_model(spec).eval()
+    with torch.no_grad():
+        m.layer2[1].bn2.bias.uniform_(-0.5, 0.5)
+        for p in (m.layer2[1].conv1.weight, m.layer2[1].bn1.weight, m.layer2[1].bn1.bias):
+            p.zero_()
+    path = tmp_path / "sparse.pt"
+    save_checkpoint(path, Checkpoint("sparse", spec, m.state_dict()))
+    out, rep = tmp_path / "c.onnx", tmp_path / "r.json"
+    res = CliRunner().invoke(main, ["export", str(path), "--onnx", str(out), "--report", str(rep)])
+    assert res.exit_code == 0, res.output
+    assert "residual branches removed 0 (and 1 replaced by their constant)" in " ".join(res.output.split())
+    assert json.loads(rep.read_text())["blocks_constant"] == ["/layer2/layer2.1/Add"]

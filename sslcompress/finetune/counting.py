@@ -178,7 +178,14 @@ class Counter:
             newly = {r for r in self._read_by.keys() | self._grouped_reads.keys()
                      if r not in dead and not self._read(r, dead, removed_layers, nz)}
             if not newly:
-                break
+                # A branch whose last layer reads only dead channels adds a constant per channel (that layer's
+                # bias, through its norm): the surgery adds the constant instead and deletes the branch
+                # (surgery/depth.py), and what only the branch read is unused too.
+                constant = self._constant_branches(dead, removed_layers, removed_modules)
+                if not constant:
+                    break
+                for branch in constant:
+                    removed_modules.update(branch.modules)
             dead |= newly
             removed_layers = self._removed_layers(dead, removed_modules)
         # A grouped conv keeps its groups equal: some dead channels stay (and may keep a layer).
@@ -221,6 +228,17 @@ class Counter:
             if all(r in dead for r in roots):
                 keep.add(roots[-1])
         return keep
+
+    def _constant_branches(self, dead: set[int], removed_layers: set[str], removed_modules: set[str]) -> list:
+        """The residual branches still there whose last layer is there and reads only dead channels."""
+        st, out = self.structure, []
+        for branch in st.branches:
+            layers = [m for m in branch.modules if m in st.layers]
+            if not layers or set(branch.modules) <= removed_modules or layers[-1] in removed_layers:
+                continue
+            if all(r in dead for r in self._in_roots[layers[-1]]):
+                out.append(branch)
+        return out
 
     def _removed_layers(self, dead: set[int], removed_modules: set[str]) -> set[str]:
         """Layers inside a zero residual branch, and layers with no live output."""

@@ -102,6 +102,8 @@ def compress(model: onnx.ModelProto | str | Path, *, inputs: Sequence[FeedLike] 
                           real=real, real_images=sum(len(next(iter(f.values()))) for f in real_batches if f),
                           diverging=diverging)
     report["blocks_removed"] = list(depth.branches_removed)
+    # Branches that computed a constant per channel (their first layer's filters all zero), now that constant.
+    report["blocks_constant"] = list(depth.branches_constant)
     report["quantized_weights"] = sum(lay.quantized for lay in before)
     # Layers quantized in the QOperator format compute in integers inside one op: walls, said so.
     report["qoperator_layers"] = qoperator

@@ -1,8 +1,15 @@
-"""The pass that deletes residual branches whose output is exactly zero (depth-wise SSL).
+"""The pass that deletes residual branches whose output is exactly zero (depth-wise SSL), or a constant.
 
 Where one operand of an Add is ZERO in every channel (and has the Add's own shape, so nothing
 depends on its broadcasting), the Add is the other operand: its users are rewired to it, the
 Add goes, and every node whose outputs no one reads any more (the branch) goes with it.
+
+Where that operand is instead a constant per channel, each channel one value everywhere (a branch
+whose first layer's filters are all zero: its last conv reads only zeros and writes its bias), the
+operand becomes that constant, shaped to broadcast along the channel axis, and the branch goes the
+same way. Channel pruning alone would keep both convs one channel wide, since it never empties a
+value: two ops that compute nothing and still cost their call. The constant is the value the
+channel analysis derived from the weights, in the operand's own dtype.
 
 In a quantized (QDQ) model an Add whose sum is requantized (a QuantizeLinear reads it, directly
 or through Relu/Clip) stays: runtimes fuse DequantizeLinear -> Add -> QuantizeLinear into one
@@ -19,7 +26,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from .analysis import Analysis, analysis_of
-from .channels import ZERO
+from .channels import LIVE, ZERO
+from .ops.base import add_initializer, channel_axis, is_qdq
 
 
 @dataclass(frozen=True)
@@ -27,6 +35,12 @@ class DepthResult:
     branches_removed: tuple[str, ...]  # names of the Add nodes bypassed
     nodes_removed: int
     branches_kept: dict[str, str] = field(default_factory=dict)  # Add with a zero operand that stays -> why
+    branches_constant: tuple[str, ...] = ()  # names of the Adds whose branch became its constant
+
+
+# The dtypes a constant operand is written in: floats whose values the analysis holds exactly (its float64
+# copy of a float32 or float16 bias casts back to the same number).
+_CONSTANT_DTYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 
 
 def _same_shape(a: ir.Value, b: ir.Value) -> bool:
@@ -38,6 +52,7 @@ def remove_zero_branches(model: ir.Model, analysis: Analysis | None = None) -> D
     analysis = analysis_of(model, analysis)
     states = analysis.states
     removed: list[str] = []
+    constant: list[str] = []
     kept: dict[str, str] = {}
     n_before = len(list(model.graph))
     for node in list(model.graph):
@@ -46,11 +61,14 @@ def remove_zero_branches(model: ir.Model, analysis: Analysis | None = None) -> D
         out = node.outputs[0]
         if out.is_graph_output():
             continue
-        for zero_side in (0, 1):
-            z, keep = node.inputs[zero_side], node.inputs[1 - zero_side]
+        for side in (0, 1):
+            z, keep = node.inputs[side], node.inputs[1 - side]
             ch = states.get(z) if z is not None else None
-            if ch is None or not np.all(ch.state == ZERO):
+            if ch is None or np.any(ch.state == LIVE):
                 continue
+            zero = bool(np.all(ch.state == ZERO))
+            if not zero and (z.dtype not in _CONSTANT_DTYPES or is_qdq(z.producer()) or channel_axis(z) is None):
+                continue  # a quantized branch stays as its runtime computes it
             if _requantized(out):
                 kept[node.name or out.name] = ("a quantized Add (its sum is requantized): without it the runtime "
                                                 "would round the sum differently")
@@ -58,16 +76,31 @@ def remove_zero_branches(model: ir.Model, analysis: Analysis | None = None) -> D
             if not _same_shape(z, out) or not _same_shape(keep, out):
                 kept[node.name or out.name] = "its operands' shapes cannot be shown equal to the sum's"
                 continue
-            out.replace_all_uses_with(keep)
-            model.graph.remove(node, safe=True)
-            removed.append(node.name or out.name)
+            if zero:
+                out.replace_all_uses_with(keep)
+                model.graph.remove(node, safe=True)
+                removed.append(node.name or out.name)
+            else:
+                node.replace_input_with(side, _channel_constant(model.graph, node, z, ch.value))
+                constant.append(node.name or out.name)
             break
-    if removed:
+    if removed or constant:
         analysis.invalidate()
         # The branch that fed the bypassed Add: every node no output needs any more, and its constants.
         common.RemoveUnusedNodesPass()(model)
+    done = set(removed) | set(constant)
     return DepthResult(tuple(removed), n_before - len(list(model.graph)),
-                       {k: v for k, v in kept.items() if k not in removed})
+                       {k: v for k, v in kept.items() if k not in done}, tuple(constant))
+
+
+def _channel_constant(graph: ir.Graph, node: ir.Node, value: ir.Value, per_channel: np.ndarray) -> ir.Value:
+    """An initializer of the per-channel values, ones on every axis but the channel axis, in the value's dtype:
+    it broadcasts to what the value held everywhere."""
+    axis, rank = channel_axis(value), len(value.shape)
+    shape = [1] * rank
+    shape[axis] = len(per_channel)
+    array = np.asarray(per_channel, np.float64).astype(value.dtype.numpy()).reshape(shape)
+    return add_initializer(graph, f"{node.name or value.name}.constant_branch", array)
 
 
 _CLAMPS = ("Relu", "Clip")  # what a runtime folds into the requantization that follows
