@@ -38,8 +38,8 @@ class DepthResult:
     branches_constant: tuple[str, ...] = ()  # names of the Adds whose branch became its constant
 
 
-# The dtypes a constant operand is written in: floats whose values the analysis holds exactly (its float64
-# copy of a float32 or float16 bias casts back to the same number).
+# The dtypes a constant operand is written in: floats, whose values the analysis holds in float64 (a bias casts
+# back to the same number; a value it computed, such as a norm's shift, to within the dtype's rounding).
 _CONSTANT_DTYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 
 
@@ -68,7 +68,7 @@ def remove_zero_branches(model: ir.Model, analysis: Analysis | None = None) -> D
                 continue
             zero = bool(np.all(ch.state == ZERO))
             if not zero and (z.dtype not in _CONSTANT_DTYPES or is_qdq(z.producer()) or channel_axis(z) is None):
-                continue  # a quantized branch stays as its runtime computes it
+                continue  # a quantized branch stays as its runtime computes it; so do other dtypes
             if _requantized(out):
                 kept[node.name or out.name] = ("a quantized Add (its sum is requantized): without it the runtime "
                                                 "would round the sum differently")
