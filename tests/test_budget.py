@@ -246,7 +246,7 @@ def test_an_unreachable_budget_is_refused_before_sparsify(lenet, tmp_path):
 
 
 def test_align_may_empty_a_width_to_meet_a_budget(tmp_path):
-    # With every width at least one block of 16 a ResNet-20 keeps about 44% of its MACs; 30% is met only by
+    # With every width at least one block of 16 a ResNet-20 keeps about 47% of its MACs; 30% is met only by
     # emptying inner widths (residual branches), which the ranking may do as it may without --align.
     res = run_finetune(_resnet_run(tmp_path, structures=("filter", "channel"), strength=0.0, target_flops=0.3,
                                    align=16))
