@@ -27,7 +27,7 @@ import torch
 from bench_log import log
 from paper_cifar10 import DEFAULT_DATA, REPO, export_compact, export_dense, finetune, machine, now, phase
 
-from sslcompress.errors import ConfigError, TrainingError
+from sslcompress.errors import TrainingError, UnreachableBudgetError
 from sslcompress.finetune.checkpoint import load_checkpoint
 from sslcompress.io import atomic_write_bytes, atomic_write_json
 from sslcompress.latency import current_key, default_path
@@ -85,11 +85,9 @@ def run(args, out: Path) -> dict:
             report, secs, surgery = trained(args, weights, folder,
                                             settings(args, args.latency_weighting, target_flops=None,
                                                      target_latency=target_ms, latency_table=str(table)))
-        except (ConfigError, TrainingError) as exc:
+        except (UnreachableBudgetError, TrainingError) as exc:
             # A target below what the widths' step allows (refused before sparsify, or at its end): the
-            # attempts end here. Any other refusal is the benchmark's own mistake.
-            if "cannot be met" not in str(exc) and "is impossible" not in str(exc):
-                raise
+            # attempts end here.
             log(f"latency-targeted attempt {attempt}: asked {target_ms:.3f} ms, not reachable: {exc}")
             attempts.append({"asked_ms": target_ms, "unreachable": str(exc), "folder": folder.name})
             break

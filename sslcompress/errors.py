@@ -11,6 +11,10 @@ class ConfigError(SSLCompressError):
     """An option or recipe value is out of range or inconsistent."""
 
 
+class UnreachableBudgetError(ConfigError):
+    """A budget no connected model of the chosen structures (and --align step) can meet, found before training."""
+
+
 class UnsupportedModelError(SSLCompressError):
     """The model cannot be built, loaded or analysed."""
 

@@ -20,7 +20,7 @@ from sslcompress.config import (
     check_resume_fingerprint,
     resume_fingerprint,
 )
-from sslcompress.errors import ConfigError, TrainingError
+from sslcompress.errors import ConfigError, TrainingError, UnreachableBudgetError
 from sslcompress.finetune.checkpoint import load_checkpoint
 from sslcompress.finetune.pipeline import run_finetune, run_pretrain
 from sslcompress.finetune.sparsifier import Sparsifier
@@ -238,7 +238,7 @@ def test_an_unreachable_budget_is_refused_before_sparsify(lenet, tmp_path):
     sp = Sparsifier(load_checkpoint(lenet).build(), load_checkpoint(lenet).model, cfg)
     assert sp.floors()["macs"] < 0.03
     events = []
-    with pytest.raises(ConfigError, match=r"cannot be met without cutting the network.*keeps 0\.\d+ of the MACs.*"
+    with pytest.raises(UnreachableBudgetError, match=r"cannot be met without cutting the network.*keeps 0\.\d+ of the MACs.*"
                                           r"with widths in steps of 8 \(--align\); refused before sparsify"):
         run_finetune(cfg, events.append)
     assert not [e for e in events if e.phase == "sparsify"]

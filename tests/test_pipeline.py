@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sslcompress.config import FinetuneConfig, PretrainConfig, RunOptions, TrainOptions
-from sslcompress.errors import ConfigError, TrainingError
+from sslcompress.errors import TrainingError, UnreachableBudgetError
 from sslcompress.finetune.checkpoint import load_checkpoint
 from sslcompress.finetune.pipeline import run_finetune, run_pretrain
 
@@ -104,7 +104,7 @@ def test_target_below_the_smallest_connected_model_is_refused_up_front(pretraine
     # One conv1 filter alone costs 14,400 of LeNet's 2,293,000 MACs (0.6%). The floor counts the channel each
     # remaining layer must still read (as the export keeps it), so the smallest connected LeNet is the floor,
     # and a target under it is refused before any training.
-    with pytest.raises(ConfigError, match=r"impossible: .* at most 99\.3% of the MACs"):
+    with pytest.raises(UnreachableBudgetError, match=r"impossible: .* at most 99\.3% of the MACs"):
         run_finetune(_cfg(tmp_path, pretrained.checkpoint, strength=0.001, target_flops=0.001,
                           sparsify=_opts(1, 0.02, weight_decay=0.0),
                           finetune=_opts(1, 0.01, weight_decay=0.0)))

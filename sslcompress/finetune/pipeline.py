@@ -33,9 +33,9 @@ from ..config import (
 from ..data import ImageData, load_data
 from ..errors import (
     CheckpointError,
-    ConfigError,
     SSLCompressError,
     TrainingError,
+    UnreachableBudgetError,
     UnsupportedModelError,
     first_line,
 )
@@ -546,7 +546,7 @@ def _budget(r: _FinetuneRun) -> tuple[Budget | None, dict[str, BudgetController]
     for metric, target in budget.targets.items():
         if target < floors[metric]:
             asked, what = names[metric]
-            raise ConfigError(f"target {asked} {target:.3f} is impossible: with structures "
+            raise UnreachableBudgetError(f"target {asked} {target:.3f} is impossible: with structures "
                               f"{', '.join(cfg.structures)} at most {1 - floors[metric]:.1%} of the {what} "
                               "can be removed")
         controllers[metric] = BudgetController(target, cfg.sparsify.epochs, start=dict(sp.lambdas))
@@ -565,7 +565,7 @@ def _one_shot(r: _FinetuneRun) -> None:
         Sparsifier(probe, r.spec, r.cfg, latency=r.latency).enforce(r.budget, r.cfg.align)
     except TrainingError as exc:
         step = f", with widths in steps of {r.cfg.align} (--align)" if (r.cfg.align or 1) > 1 else ""
-        raise ConfigError(f"{exc}{step}; refused before sparsify: ask for a looser target"
+        raise UnreachableBudgetError(f"{exc}{step}; refused before sparsify: ask for a looser target"
                           + (" or a smaller --align" if step else "")) from exc
     r.metrics["one_shot"] = evaluate(probe, r.data, r.cfg.run.eval_batch_size, r.cfg.run.device)
 
