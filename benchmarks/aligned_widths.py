@@ -12,6 +12,9 @@ BatchNorm statistics so folding is not a no-op) and each MAC budget, four models
     cut-align   the unaligned model's zeros, aligned by the cut instead (compress(align=B), `export --align auto`,
                 B = ORT's channel block here): every width rounded up to a multiple of B by keeping zero
                 channels, so more MACs than unaligned, no retraining, the same outputs
+    depth       no width narrowed: whole block-internal widths emptied instead (each such block's branch then
+                computes a constant, which the cut writes in its place), at MACs no higher than the unaligned
+                model's; every remaining conv runs at its dense width
 
 A *width* is one coupled set of channels: the output channels of every layer that writes it (a residual
 add makes the stem, the block outputs and the downsample of one stage a single width). The widths come
@@ -32,6 +35,13 @@ norm), so the per-layer shape stays close to the unaligned model's. Alignment mo
 (with 16-wide first-stage layers, align16 keeps that stage whole and thins the later ones), so the
 alignN-1 controls keep alignN's shape and break only the alignment: alignN against alignN-1 isolates it. A budget no aligned model can meet
 (every width at N already above it) is reported as such, with the MACs it has.
+
+Depth: the widths a single conv writes (a basic block's inner width) are the ones that can go whole; they go in
+order of their mean group norm over the mean of all of them (the weakest block first, whatever its stage) until
+the MACs are at or below the unaligned model's. It asks whether any choice of widths reaches the MAC-reduction
+limit here: the dense widths are the ones ORT's kernels run fastest, so what it leaves short of the limit is the
+cost that does not fall with the MACs (stem, pooling, classifier, shortcuts, per-op overhead). The zeroed model
+must still depend on its input (checked), and it is cut and verified like the others.
 
 The MACs are counted twice and must agree: by the script's own width arithmetic and by
 `sslcompress.flops.count`; the compact ONNX model's MACs come from compress()'s report. Every compact model
@@ -105,10 +115,10 @@ from sslcompress.surgery.export import export_onnx
 REPO = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO / "benchmarks" / "out"
 MODELS = ("resnet20", "resnet56")
-VARIANTS = ("dense", "unaligned", "align8", "align8-1", "align16", "align16-1", "cut-align")
+VARIANTS = ("dense", "unaligned", "align8", "align8-1", "align16", "align16-1", "cut-align", "depth")
 # (slower, faster): reported as median(slower) / median(faster), above 1 when the second is faster
 COMPARISONS = (("unaligned", "align8"), ("unaligned", "align16"), ("align8-1", "align8"), ("align16-1", "align16"),
-               ("unaligned", "cut-align"))
+               ("unaligned", "cut-align"), ("align8", "depth"))
 RTOL_OF_MAX = 1e-4  # the library's verification criterion, reused for the check before timing
 
 
@@ -140,6 +150,12 @@ class Width:
     groups: tuple[ParamGroup, ...]
     scores: tuple[float, ...]  # group norm / mean group norm of this width
     order: tuple[int, ...] = field(default=())  # channel positions, weakest first
+    mean_norm: float = 0.0  # the mean group norm itself
+
+    @property
+    def emptiable(self) -> bool:
+        """Written by one layer only (a block's inner width): emptying it leaves the trunk and the network."""
+        return len(self.layers) == 1
 
     @property
     def total(self) -> int:
@@ -173,7 +189,7 @@ class Widths:
             mean = statistics.fmean(norms)
             scores = tuple(n / mean for n in norms)
             order = tuple(sorted(range(len(gs)), key=lambda i: scores[i]))
-            self.units.append(Width(tuple(layers), roots, gs, scores, order))
+            self.units.append(Width(tuple(layers), roots, gs, scores, order, mean))
         for lay in st.layers.values():
             w = lay.weight_shape
             if len(w) == 4 and w[1] != len(lay.in_ids):
@@ -247,6 +263,30 @@ def aligned_widths(w: Widths, ref: list[int], n: int, target: int) -> tuple[list
         kept[i] += n
 
 
+def depth_widths(w: Widths, target: int) -> tuple[list[int], bool]:
+    """Every width whole or, for an emptiable one, gone: the weakest (mean group norm over the mean of all the
+    emptiable widths') go first until MACs <= target; (kept per width, target met)."""
+    kept = [u.total for u in w.units]
+    candidates = [i for i, u in enumerate(w.units) if u.emptiable]
+    if not candidates:
+        return kept, w.macs(set()) <= target
+    mean = statistics.fmean(w.units[i].mean_norm for i in candidates)
+    for i in sorted(candidates, key=lambda j: (w.units[j].mean_norm / mean, j)):
+        if w.macs(w.dead_of(kept)) <= target:
+            break
+        kept[i] = 0
+    return kept, w.macs(w.dead_of(kept)) <= target
+
+
+@torch.no_grad()
+def depends_on_input(model: nn.Module, shape: tuple[int, ...], seed: int) -> bool:
+    """Whether two random inputs give different outputs: no emptied width has cut the network."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((2, *shape[1:]), generator=g)
+    y = model(x)
+    return not torch.equal(y[0], y[1])
+
+
 @torch.no_grad()
 def zero_groups(model: nn.Module, w: Widths, dead: set[int]) -> None:
     params = dict(model.named_parameters())
@@ -300,6 +340,7 @@ def build_case(name: str, budget: float, args, tmp: Path) -> dict:
     block = nchwc_block()
     # The cut's alignment keeps the unaligned zeros and rounds every width up to the block.
     plans["cut-align"] = ([min(u.total, block * math.ceil(k / block)) for u, k in zip(w.units, kept_u)], met_u)
+    plans["depth"] = depth_widths(w, target)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     variants = {}
     for vname in VARIANTS:
@@ -307,6 +348,8 @@ def build_case(name: str, budget: float, args, tmp: Path) -> dict:
         kept = [u.total for u in w.units] if vname == "dense" else plans[vname][0]
         zeroed = plans["unaligned"][0] if vname == "cut-align" else kept
         zero_groups(model, w, w.dead_of(zeroed))
+        if not depends_on_input(model, shape, args.seed):
+            raise SystemExit(f"error: {name} {vname}: the zeroed model no longer depends on its input")
         counted = count(model, shape)
         mine = w.macs(w.dead_of(zeroed))
         if counted.macs_after != mine:
