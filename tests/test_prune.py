@@ -195,14 +195,17 @@ def test_a_branch_whose_first_layer_is_all_zero_becomes_its_constant():
     assert len(res.report["blocks_constant"]) == 2 and not res.report["blocks_removed"]
     convs = sum(1 for n in res.model.graph.node if n.op_type == "Conv")
     assert convs == sum(1 for n in proto.graph.node if n.op_type == "Conv") - 4
-    # Each Add reads a (1, C, 1, 1) constant: the shift of the branch's second BatchNorm, folded.
+    # Each Add became a normalisation by exactly 1 (float32 NCHW: ORT's blocked layout carries it) whose shift is
+    # the branch's constant: the shift of its second BatchNorm, folded.
     graph = ir.serde.deserialize_model(res.model).graph
-    adds = [n for n in graph if n.op_type == "Add" and n.name in res.report["blocks_constant"]]
-    for add, blk in zip(adds, (m.layer1[1], m.layer3[0]), strict=True):
-        const = next(v for v in add.inputs if v.const_value is not None).const_value.numpy()
+    by_name = {n.name: n for n in graph}
+    norms = [by_name[f"{add}.constant_branch"] for add in res.report["blocks_constant"]]
+    for norm, blk in zip(norms, (m.layer1[1], m.layer3[0]), strict=True):
+        assert norm.op_type == "BatchNormalization"
+        const = norm.inputs[2].const_value.numpy()
         bn = blk.bn2
         shift = (bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)).numpy()
-        assert const.shape == (1, bn.num_features, 1, 1) and const.dtype == np.float32
+        assert const.shape == (bn.num_features,) and const.dtype == np.float32
         np.testing.assert_allclose(const.ravel(), shift, rtol=1e-6, atol=1e-7)
     # The training's count follows: the branches go from it too.
     assert res.report["totals"]["macs_after"] == count(m, (1, 3, 32, 32)).macs_after

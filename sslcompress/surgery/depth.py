@@ -11,6 +11,15 @@ same way. Channel pruning alone would keep both convs one channel wide, since it
 value: two ops that compute nothing and still cost their call. The constant is the value the
 channel analysis derived from the weights, in the operand's own dtype.
 
+In a float32 NCHW model the Add of that constant is written as a BatchNormalization with scale 1,
+mean 0, variance 1 and epsilon 0 and the constant as its shift: the same sum, exactly (1 / sqrt(1 + 0)
+is 1), in an op ONNX Runtime's blocked (NCHWc) CPU layout carries. An Add of a (1, C, 1, 1) constant
+makes ORT leave that layout and come back, two reorders of the whole tensor per block: a ResNet-20 with
+half its blocks constant had 13 reorders against the dense model's 1 and ran at 0.68-0.82 of its
+MAC-reduction limit (benchmarks/results/aligned_widths_avx2_depth_add.md, the `depth` rows). ORT folds
+the normalisation into a conv that writes its input alone (a strided block's projection shortcut), as
+it folds any other. Other dtypes and layouts keep the Add.
+
 In a quantized (QDQ) model an Add whose sum is requantized (a QuantizeLinear reads it, directly
 or through Relu/Clip) stays: runtimes fuse DequantizeLinear -> Add -> QuantizeLinear into one
 integer kernel (ONNX Runtime's QLinearAdd) whose rounding is not the float path's, so the sum
@@ -27,7 +36,7 @@ import onnx_ir.passes.common as common
 
 from .analysis import Analysis, analysis_of
 from .channels import LIVE, ZERO
-from .ops.base import add_initializer, channel_axis, is_qdq
+from .ops.base import add_initializer, channel_axis, is_qdq, opset_of
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,9 @@ def remove_zero_branches(model: ir.Model, analysis: Analysis | None = None) -> D
                 out.replace_all_uses_with(keep)
                 model.graph.remove(node, safe=True)
                 removed.append(node.name or out.name)
+            elif _norm_carries(node, keep):
+                _add_as_norm(model.graph, node, keep, ch.value)
+                constant.append(node.name or out.name)
             else:
                 node.replace_input_with(side, _channel_constant(model.graph, node, z, ch.value))
                 constant.append(node.name or out.name)
@@ -101,6 +113,34 @@ def _channel_constant(graph: ir.Graph, node: ir.Node, value: ir.Value, per_chann
     shape[axis] = len(per_channel)
     array = np.asarray(per_channel, np.float64).astype(value.dtype.numpy()).reshape(shape)
     return add_initializer(graph, f"{node.name or value.name}.constant_branch", array)
+
+
+def _norm_carries(node: ir.Node, keep: ir.Value) -> bool:
+    """Whether keep + constant can be a BatchNormalization: float32, rank 4 with channels on axis 1 (what the
+    op normalises along and what ORT's blocked layout holds), at an opset whose BatchNormalization has no
+    `spatial` attribute to mind (9 and later)."""
+    version = opset_of(node)
+    return (keep.dtype == ir.DataType.FLOAT and keep.shape is not None and len(keep.shape) == 4
+            and channel_axis(keep) == 1 and version is not None and version >= 9)
+
+
+def _add_as_norm(graph: ir.Graph, node: ir.Node, keep: ir.Value, per_channel: np.ndarray) -> None:
+    """Replace the Add by keep normalised with scale 1, mean 0, variance 1, epsilon 0 and the constant as the
+    shift; the sum keeps its value name."""
+    out = node.outputs[0]
+    name, base = out.name, node.name or out.name
+    c = len(per_channel)
+    params = [add_initializer(graph, f"{base}.constant_branch", np.asarray(per_channel, np.float64).astype(np.float32)),
+              add_initializer(graph, f"{base}.constant_branch_scale", np.ones(c, np.float32)),
+              add_initializer(graph, f"{base}.constant_branch_mean", np.zeros(c, np.float32)),
+              add_initializer(graph, f"{base}.constant_branch_var", np.ones(c, np.float32))]
+    total = ir.Value(name=f"{name}.norm", shape=out.shape, type=out.type)
+    norm = ir.Node("", "BatchNormalization", [keep, params[1], params[0], params[2], params[3]],
+                   attributes=[ir.AttrFloat32("epsilon", 0.0)], outputs=[total], name=f"{base}.constant_branch")
+    out.replace_all_uses_with(total)
+    graph.insert_after(node, norm)
+    graph.remove(node, safe=True)
+    out.name, total.name = f"{name}.removed", name
 
 
 _CLAMPS = ("Relu", "Clip")  # what a runtime folds into the requantization that follows
