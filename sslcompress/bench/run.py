@@ -61,6 +61,8 @@ def _env() -> dict[str, Any]:
     return {"onnxruntime": ort.__version__, "ort_providers": ort.get_available_providers(),
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "cpu": cpu_model(), "cpu_isa": list(cpu_isa()), "cpus": cpus(),
+            # The GPU a CUDA run's figures belong to (torch's view; ORT's CUDA EP runs on device 0 as well).
+            "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
