@@ -130,7 +130,7 @@ def quantize_qdq(proto: onnx.ModelProto, calibration: np.ndarray, *, method: str
     name, shape = check_quantizable(proto)
     with tempfile.TemporaryDirectory(prefix="sslcompress-quantize-") as tmp, _quiet_logging():
         src, pre, out = (Path(tmp) / f for f in ("float.onnx", "pre.onnx", "int8.onnx"))
-        onnx.save(proto, src)
+        onnx.save(shifts_as_adds(proto), src)
         notes = []
         try:
             from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -150,6 +150,59 @@ def quantize_qdq(proto: onnx.ModelProto, calibration: np.ndarray, *, method: str
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UnsupportedModelError(f"ONNX Runtime could not quantize the model: {first[:300]}") from exc
         return onnx.load(str(out)), notes
+
+
+def shifts_as_adds(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model with every BatchNormalization that only shifts (scale 1, mean 0, variance 1,
+    epsilon 0, all initializers: how the cut adds a constant residual branch in float32, for ORT's blocked
+    float layout) written as the Add of a (1, C, 1, 1) constant: the same sum, and an op ORT's quantizer
+    makes an integer kernel (QLinearAdd), where a BatchNormalization stays float between a DequantizeLinear
+    and a QuantizeLinear, with layout transposes around it."""
+    inits = {t.name: t for t in proto.graph.initializer}
+
+    def values(name: str) -> np.ndarray | None:
+        t = inits.get(name)
+        return None if t is None else onnx.numpy_helper.to_array(t)
+
+    ranks = _ranks(proto)
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    graph, nodes, dropped = out.graph, [], set()
+    for node in graph.node:
+        nodes.append(node)
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+            continue
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        scale, shift, mean, var = (values(n) for n in node.input[1:5])
+        rank = ranks.get(node.input[0])
+        if eps != 0 or rank is None or rank < 2 or any(v is None for v in (scale, shift, mean, var)):
+            continue
+        if not ((scale == 1).all() and (mean == 0).all() and (var == 1).all()) or shift.ndim != 1:
+            continue
+        name = f"{node.name or node.output[0]}.shift"
+        graph.initializer.append(onnx.numpy_helper.from_array(shift.reshape((1, -1) + (1,) * (rank - 2)), name))
+        nodes[-1] = onnx.helper.make_node("Add", [node.input[0], name], list(node.output), name=node.name)
+        dropped.update(node.input[1:5])
+    if not dropped:
+        return proto
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    kept = [t for t in graph.initializer if t.name not in dropped or t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return out
+
+
+def _ranks(proto: onnx.ModelProto) -> dict[str, int]:
+    """The rank of every value shape inference can tell (graph inputs and outputs included)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # noqa: BLE001 - a model inference cannot read keeps its normalisations as they are
+        return {}
+    g = inferred.graph
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in (*g.input, *g.value_info, *g.output)
+            if v.type.tensor_type.HasField("shape")}
 
 
 def reduced_range() -> bool:

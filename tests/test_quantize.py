@@ -97,3 +97,51 @@ def test_images_of_another_shape_are_refused(trained_lenet):
     proto = _graph(TensorProto.FLOAT, [1, 3, 32, 32])
     with pytest.raises(DataError, match="28x28"):
         quantize_model(proto, "digits", calibration=8)
+
+
+def _shift_model(scale: float = 1.0, eps: float = 0.0) -> onnx.ModelProto:
+    """x -> Conv -> Relu -> BatchNormalization(scale, shift, mean 0, variance 1, eps) -> Relu -> Conv: the second
+    normalisation is how the cut adds a constant residual branch in float32 when scale is 1 and eps 0."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    c = 8
+    inits = [onnx.numpy_helper.from_array(a.astype(np.float32), n) for n, a in (
+        ("w1", rng.standard_normal((c, 3, 3, 3))), ("w2", rng.standard_normal((4, c, 1, 1))),
+        ("scale", np.full(c, scale)), ("shift", rng.standard_normal(c)), ("mean", np.zeros(c)), ("var", np.ones(c)))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("BatchNormalization", ["b", "scale", "shift", "mean", "var"], ["c"], epsilon=eps,
+                              name="blk.constant_branch"),
+             helper.make_node("Relu", ["c"], ["d"]),
+             helper.make_node("Conv", ["d", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "shift", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_pure_shift_is_quantized_as_an_integer_add():
+    import numpy as np
+    import onnxruntime as ort
+
+    from sslcompress.quantize import quantize_qdq, shifts_as_adds
+
+    proto = _shift_model()
+    added = shifts_as_adds(proto)
+    ops = [n.op_type for n in added.graph.node]
+    assert "BatchNormalization" not in ops and ops.count("Add") == 1
+    assert {t.name for t in added.graph.initializer} == {"w1", "w2", "blk.constant_branch.shift"}
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    ys = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+          for m in (proto, added)]
+    np.testing.assert_array_equal(ys[0], ys[1])  # x + shift either way
+    # Quantized, the sum is an integer Add between QDQ pairs, not a float normalisation.
+    quantized, _ = quantize_qdq(proto, x)
+    q_ops = [n.op_type for n in quantized.graph.node]
+    assert "BatchNormalization" not in q_ops
+    add = next(n for n in quantized.graph.node if n.op_type == "Add")
+    producers = {o: n.op_type for n in quantized.graph.node for o in n.output}
+    assert all(producers.get(i) == "DequantizeLinear" for i in add.input)
+    # A normalisation that scales, or has an epsilon, is left as it is.
+    for other in (_shift_model(scale=2.0), _shift_model(eps=1e-5)):
+        assert shifts_as_adds(other) is other
