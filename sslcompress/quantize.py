@@ -170,7 +170,8 @@ def shifts_as_adds(proto: onnx.ModelProto) -> onnx.ModelProto:
     graph, nodes, dropped = out.graph, [], set()
     for node in graph.node:
         nodes.append(node)
-        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+        if (node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx") or len(node.input) != 5
+                or len(node.output) != 1):
             continue
         eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
         scale, shift, mean, var = (values(n) for n in node.input[1:5])
