@@ -210,7 +210,7 @@ def run_model(name: str, args, cases: list[dict], tables: dict) -> None:
     for batch in args.batch:
         key = current_key("cpu", threads=1, batch=batch)
         path = default_path(key, args.table_dir)
-        table = load_or_new(path, key)
+        table = load_or_new(path, key, on_stale=log)
         t0 = time.perf_counter()
         measured_points = []
         profile_model(model, shape, key, table, step_for(name, args), measured_points.append, name=name,

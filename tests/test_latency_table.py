@@ -131,6 +131,29 @@ def test_a_file_that_is_not_a_table_is_refused(tmp_path):
         load_table(path)
 
 
+def test_a_table_of_another_version_is_profiled_afresh_not_refused(tmp_path):
+    # A cache an older sslcompress wrote: reading it for a prediction says to profile again, and profiling
+    # starts a new table in its place (it used to refuse the very command its message named).
+    from sslcompress.latency.profile import load_or_new
+    from sslcompress.latency.table import StaleTableError
+
+    path = tmp_path / "t.json"
+    save_table(LatencyTable(current_key()), path)
+    raw = json.loads(path.read_text())
+    raw["version"] = 2
+    path.write_text(json.dumps(raw))
+    with pytest.raises(StaleTableError, match="version 2.*profile the model again"):
+        load_table(path, current_key())
+    heard = []
+    table = load_or_new(path, current_key(), on_stale=heard.append)
+    assert table.key == current_key() and not table.entries
+    assert len(heard) == 1 and "measuring afresh" in heard[0] and str(path) in heard[0]
+    # Another key is still refused: that table is not stale, it is someone else's.
+    save_table(LatencyTable(current_key(batch=8)), path)
+    with pytest.raises(ConfigError, match="batch 8"):
+        load_or_new(path, current_key(), on_stale=heard.append)
+
+
 # ---------------------------------------------------------------- grids
 def test_width_grid_is_the_multiples_of_step_and_the_full_width():
     assert width_grid(64, 16) == [16, 32, 48, 64]
@@ -448,6 +471,19 @@ def test_cli_default_table_goes_to_the_cache(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     (path,) = (tmp_path / "latency").glob("*.json")
     assert path == default_path(current_key(batch=2))
+
+
+def test_cli_profiles_over_a_table_of_another_version(tmp_path):
+    path = tmp_path / "lenet.json"
+    save_table(LatencyTable(current_key()), path)
+    raw = json.loads(path.read_text())
+    raw["version"] = 2
+    path.write_text(json.dumps(raw))
+    res = CliRunner().invoke(main, ["profile", "--model", "lenet5", "--step", str(COARSE), "--rounds", "1",
+                                    "--table", str(path), "-q"])
+    assert res.exit_code == 0, res.output
+    assert "note:" in res.output and "measuring afresh" in res.output
+    assert load_table(path, current_key()).entries
 
 
 def test_cli_table_of_another_key_is_one_line(tmp_path):

@@ -105,7 +105,7 @@ def profile(model: str | None, weights: str | None, input_shape: str | None, num
         probe_cuda()  # one sentence before any work where the GPU package or the GPU is missing
     key = current_key(provider, threads, batch)
     path = table_path or default_path(key)
-    table = load_or_new(path, key)
+    table = load_or_new(path, key, on_stale=lambda why: click.echo(f"note: {why}", err=True))
     net, spec = _model(model, weights, input_shape, num_classes)
     shape = spec.input_shape
     structure = analyze(net, shape)

@@ -26,7 +26,7 @@ from .key import TableKey
 from .ops import op_model
 from .predict import fingerprint, layers_parts
 from .signature import CHANNEL_BLOCK, Signature, off_block, signatures_of, width_grid
-from .table import LatencyTable, ModelTiming, WholeRun, load_table
+from .table import LatencyTable, ModelTiming, StaleTableError, WholeRun, load_table
 
 ROUNDS = 5  # samples per op; the median is kept
 WARMUP = 3
@@ -51,9 +51,18 @@ class ProfileEvent:
 ProgressSink = Callable[[ProfileEvent], None]
 
 
-def load_or_new(path: str | Path, key: TableKey) -> LatencyTable:
-    """The table at `path` when there is one (refused if measured for another key), else an empty one."""
-    return load_table(path, key) if Path(path).is_file() else LatencyTable(key)
+def load_or_new(path: str | Path, key: TableKey, on_stale: Callable[[str], None] | None = None) -> LatencyTable:
+    """The table at `path` when there is one (refused if measured for another key), else an empty one. A table of
+    another format version is a cache this sslcompress cannot read: an empty one replaces it once saved, and
+    `on_stale` hears why."""
+    if not Path(path).is_file():
+        return LatencyTable(key)
+    try:
+        return load_table(path, key)
+    except StaleTableError as exc:
+        if on_stale is not None:
+            on_stale(f"{exc}: measuring afresh, the new table replaces it")
+        return LatencyTable(key)
 
 
 def _pinned(structure: ModelStructure, ids: list[int]) -> bool:

@@ -23,6 +23,10 @@ VERSION = 3  # 2: the key holds the channel block, and whole-model runs include 
 #               figure is its compute time in ORT's profiler (kernel.py), not a session call's wall time
 
 
+
+class StaleTableError(ConfigError):
+    """A table an older (or newer) sslcompress wrote: its measurements are not read, so it is profiled afresh."""
+
 @dataclass
 class Entry:
     """One signature's op timed at every (input width, output width) of a rectangular grid, median ms."""
@@ -162,8 +166,8 @@ class LatencyTable:
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ConfigError("not a latency table (its format field is missing or another)")
         if d.get("version") != VERSION:
-            raise ConfigError(f"a latency table of version {d.get('version')!r}; this sslcompress reads {VERSION} "
-                              "(profile the model again)")
+            raise StaleTableError(f"a latency table of version {d.get('version')!r}; this sslcompress reads {VERSION} "
+                                  "(profile the model again)")
         table = cls(TableKey.from_dict(d["key"]))
         for raw in d.get("entries", []):
             entry = table.entry(Signature.from_dict(raw["signature"]))
@@ -197,7 +201,7 @@ def load_table(path: str | Path, key: TableKey | None = None) -> LatencyTable:
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{p} is a damaged latency table ({exc})") from exc
     except ConfigError as exc:
-        raise ConfigError(f"{p}: {exc}") from exc
+        raise type(exc)(f"{p}: {exc}") from exc
     if key is not None and table.key != key:
         raise ConfigError(f"{p} holds latencies measured for {_describe(table.key)}, not for {_describe(key)}")
     bad = [e.signature.ident() for e in table.entries.values() if not all(math.isfinite(v) and v > 0
