@@ -31,11 +31,11 @@ import sys
 from pathlib import Path
 
 import onnx
-import torch
 from bench_log import log
-from paper_cifar10 import DEFAULT_DATA, REPO, export_compact, export_dense, finetune, machine, now, phase
+from paper_cifar10 import REPO, export_compact, export_dense, finetune, machine, now, phase
+from resnet20_runs import add_training_args, ready, write_results
 
-from sslcompress.io import atomic_write_bytes, atomic_write_json
+from sslcompress.io import atomic_write_json
 from sslcompress.latency import current_key
 from sslcompress.latency.profile import time_sessions
 
@@ -130,45 +130,21 @@ def render_md(doc: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pretrained", default=str(REPO / "benchmarks" / "out" / "cifar_resnet20_b" / "pretrained.pt"))
-    ap.add_argument("--data", default=str(DEFAULT_DATA))
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--limit-train", type=int, default=None)
-    ap.add_argument("--limit-test", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--target-flops", type=float, default=0.5)
-    ap.add_argument("--strength", type=float, default=0.005)
-    ap.add_argument("--sparsify-epochs", type=int, default=1)
-    ap.add_argument("--finetune-epochs", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=0.02)
-    ap.add_argument("--finetune-lr", type=float, default=0.01)
-    ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--batches", default="1,8")
+    add_training_args(ap)
     ap.add_argument("--align", type=int, default=8, help="--align of the width run (8: ORT's block with AVX2)")
     ap.add_argument("--depth-flops", type=float, default=None, help="the depth run's MAC budget (default --target-flops)")
     ap.add_argument("--reuse", action="store_true", help="read finished runs of the same settings instead of training")
     ap.add_argument("--name", default="depth_vs_width", help="stem of the results")
     args = ap.parse_args(argv)
-    args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
-    if args.quick:
-        args.limit_train, args.limit_test = args.limit_train or 2000, args.limit_test or 1000
-        args.sparsify_epochs, args.finetune_epochs, args.rounds = 1, 1, 5
-    if not Path(args.pretrained).is_file():
-        print(f"error: no pretrained ResNet-20 at {args.pretrained}", file=sys.stderr)
+    error = ready(args)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    torch.set_num_threads(args.threads)
-    args.data_spec = f"cifar10:{Path(args.data).resolve()}"
     out = REPO / "benchmarks" / "out" / ("depth_vs_width_quick" if args.quick else "depth_vs_width")
     out.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": "depth_vs_width", "date_utc": now(), "command": " ".join(["python", *sys.argv]),
            "target_flops": args.target_flops, "align": args.align, "result": run(args, out), "machine": machine()}
-    results = REPO / "benchmarks" / ("out" if args.quick else "results")
-    path = results / f"{args.name}{'_quick' if args.quick else ''}.json"
-    atomic_write_json(doc, path)
-    atomic_write_bytes(render_md(doc).encode(), path.with_suffix(".md"))
-    print(render_md(doc))
+    print(write_results(args, doc, render_md))
     return 0
 
 

@@ -1,0 +1,59 @@
+"""What the CIFAR ResNet-20 SSL comparisons (latency_vs_macs.py, depth_vs_width.py) share: the options of their
+training runs, and those options made ready (the quick settings, the data spec, torch's threads)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from paper_cifar10 import DEFAULT_DATA, REPO
+
+from sslcompress.io import atomic_write_bytes, atomic_write_json
+
+PRETRAINED = REPO / "benchmarks" / "out" / "cifar_resnet20_b" / "pretrained.pt"
+
+
+def add_training_args(ap: argparse.ArgumentParser) -> None:
+    """The pretrained checkpoint, the data, the SSL phases and the timing rounds, with the defaults both use."""
+    ap.add_argument("--pretrained", default=str(PRETRAINED))
+    ap.add_argument("--data", default=str(DEFAULT_DATA))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--limit-train", type=int, default=None)
+    ap.add_argument("--limit-test", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--target-flops", type=float, default=0.5)
+    ap.add_argument("--strength", type=float, default=0.005)
+    ap.add_argument("--sparsify-epochs", type=int, default=1)
+    ap.add_argument("--finetune-epochs", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=0.02)
+    ap.add_argument("--finetune-lr", type=float, default=0.01)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--batches", default="1,8")
+
+
+def ready(args: argparse.Namespace) -> str | None:
+    """Finish the parsed options in place; the error to print where the pretrained checkpoint is missing."""
+    args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    if args.quick:
+        args.limit_train, args.limit_test = args.limit_train or 2000, args.limit_test or 1000
+        args.sparsify_epochs, args.finetune_epochs, args.rounds = 1, 1, 5
+    if not Path(args.pretrained).is_file():
+        return f"no pretrained ResNet-20 at {args.pretrained}"
+    torch.set_num_threads(args.threads)
+    args.data_spec = f"cifar10:{Path(args.data).resolve()}"
+    return None
+
+
+def write_results(args: argparse.Namespace, doc: dict, render_md: Callable[[dict], str]) -> str:
+    """The run's record as benchmarks/results/NAME.json and its table as NAME.md (benchmarks/out/NAME_quick.* for a
+    smoke run); returns the table."""
+    results = REPO / "benchmarks" / ("out" if args.quick else "results")
+    path = results / f"{args.name}{'_quick' if args.quick else ''}.json"
+    md = render_md(doc)
+    atomic_write_json(doc, path)
+    atomic_write_bytes(md.encode(), path.with_suffix(".md"))
+    return md
