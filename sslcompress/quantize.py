@@ -168,7 +168,7 @@ def shifts_as_adds(proto: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     graph, nodes, dropped = out.graph, [], set()
-    for node in graph.node:
+    for node in proto.graph.node:  # the original's nodes: the copy's are cleared below, these are copied back
         nodes.append(node)
         if (node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx") or len(node.input) != 5
                 or len(node.output) != 1):

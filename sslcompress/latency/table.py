@@ -23,9 +23,9 @@ VERSION = 3  # 2: the key holds the channel block, and whole-model runs include 
 #               figure is its compute time in ORT's profiler (kernel.py), not a session call's wall time
 
 
-
 class StaleTableError(ConfigError):
     """A table an older (or newer) sslcompress wrote: its measurements are not read, so it is profiled afresh."""
+
 
 @dataclass
 class Entry:
