@@ -72,6 +72,7 @@ def test_each_exporters_constant_branches_become_their_constants(export, tmp_pat
         outs.append(sess.run(None, {sess.get_inputs()[0].name: x})[0].astype(np.float64))
     scale = np.abs(outs[0]).max()
     assert np.abs(outs[0] - outs[1]).max() <= (T.FP16_RTOL if fp16 else 1e-5) * scale
+    add_outputs = {n.name: n.output[0] for n in proto.graph.node if n.op_type == "Add"}
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in res.model.graph.initializer}
     consts = [name for name in inits if name.endswith(".constant_branch")]
     assert len(consts) == replaced
@@ -89,6 +90,8 @@ def test_each_exporters_constant_branches_become_their_constants(export, tmp_pat
         assert inits[c].dtype == np.float32 and inits[c].shape == scale.shape == mean.shape == var.shape
         assert (scale == 1).all() and (mean == 0).all() and (var == 1).all()
         assert [a.f for a in reader.attribute if a.name == "epsilon"] == [0.0]
+        # In the Add's place: its name and its sum's value name stay.
+        assert reader.output[0] == add_outputs[reader.name.removesuffix(".constant_branch")]
     if not fp16 and not spatial:
         # ORT keeps the blocked layout through them: no more reorders than in the uncut model (an Add of a
         # (1, C, 1, 1) constant took each block out of it and back). Not at a dynamic height and width: there

@@ -127,20 +127,14 @@ def _norm_carries(node: ir.Node, keep: ir.Value) -> bool:
 def _add_as_norm(graph: ir.Graph, node: ir.Node, keep: ir.Value, per_channel: np.ndarray) -> None:
     """Replace the Add by keep normalised with scale 1, mean 0, variance 1, epsilon 0 and the constant as the
     shift; the sum keeps its value name."""
-    out = node.outputs[0]
-    name, base = out.name, node.name or out.name
-    c = len(per_channel)
-    params = [add_initializer(graph, f"{base}.constant_branch", np.asarray(per_channel, np.float64).astype(np.float32)),
-              add_initializer(graph, f"{base}.constant_branch_scale", np.ones(c, np.float32)),
-              add_initializer(graph, f"{base}.constant_branch_mean", np.zeros(c, np.float32)),
-              add_initializer(graph, f"{base}.constant_branch_var", np.ones(c, np.float32))]
-    total = ir.Value(name=f"{name}.norm", shape=out.shape, type=out.type)
-    norm = ir.Node("", "BatchNormalization", [keep, params[1], params[0], params[2], params[3]],
-                   attributes=[ir.AttrFloat32("epsilon", 0.0)], outputs=[total], name=f"{base}.constant_branch")
-    out.replace_all_uses_with(total)
-    graph.insert_after(node, norm)
-    graph.remove(node, safe=True)
-    out.name, total.name = f"{name}.removed", name
+    base, c = node.name or node.outputs[0].name, len(per_channel)
+    shift = add_initializer(graph, f"{base}.constant_branch", np.asarray(per_channel, np.float64).astype(np.float32))
+    scale = add_initializer(graph, f"{base}.constant_branch_scale", np.ones(c, np.float32))
+    mean = add_initializer(graph, f"{base}.constant_branch_mean", np.zeros(c, np.float32))
+    var = add_initializer(graph, f"{base}.constant_branch_var", np.ones(c, np.float32))
+    norm = ir.Node("", "BatchNormalization", [keep, scale, shift, mean, var],
+                   attributes=[ir.AttrFloat32("epsilon", 0.0)], name=f"{base}.constant_branch")
+    ir.convenience.replace_nodes_and_values(graph, node, [node], [norm], [node.outputs[0]], [norm.outputs[0]])
 
 
 _CLAMPS = ("Relu", "Clip")  # what a runtime folds into the requantization that follows
