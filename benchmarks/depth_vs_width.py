@@ -26,16 +26,14 @@ Results: benchmarks/results/depth_vs_width.json and .md (benchmarks/out/ with --
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import onnx
 from bench_log import log
 from paper_cifar10 import REPO, export_compact, export_dense, finetune, machine, now, phase
-from resnet20_runs import add_training_args, ready, write_results
+from resnet20_runs import add_training_args, ready, reuse_or_train, write_results
 
-from sslcompress.io import atomic_write_json
 from sslcompress.latency import current_key
 from sslcompress.latency.profile import time_sessions
 
@@ -66,18 +64,13 @@ def row(report: dict, surgery: dict, train_s: float) -> dict:
 def trained(args, weights: Path, folder: Path, run_settings: dict) -> tuple[dict, float, dict]:
     """One SSL run, exported and cut: (its report, its training seconds, the surgery report). With --reuse, a
     folder that holds a finished run of the same settings (and the same pretrained weights and data) is read."""
-    done = folder / "report.json", folder / "surgery.json", folder / "compact.onnx", folder / "settings.json"
-    key = json.loads(json.dumps({**run_settings, "pretrained": str(weights), "data": args.data_spec,
-                                 "limit_train": args.limit_train, "limit_test": args.limit_test, "seed": args.seed}))
-    if args.reuse and all(p.is_file() for p in done):
-        kept = json.loads(done[3].read_text())
-        if kept["settings"] == key:
-            log(f"reusing the finished run in {folder}")
-            return json.loads(done[0].read_text()), kept["train_s"], json.loads(done[1].read_text())
-    report, secs = finetune(args, MODEL, weights, folder, run_settings)
-    surgery = export_compact(args, folder / "sparse.pt", folder)
-    atomic_write_json({"settings": key, "train_s": secs}, done[3])
-    return report, secs, surgery
+    def train() -> tuple[dict, float, dict]:
+        report, secs = finetune(args, MODEL, weights, folder, run_settings)
+        return report, secs, export_compact(args, folder / "sparse.pt", folder)
+
+    key = {**run_settings, "pretrained": str(weights), "data": args.data_spec, "limit_train": args.limit_train,
+           "limit_test": args.limit_test, "seed": args.seed}
+    return reuse_or_train(folder, key, args.reuse, train)
 
 
 def run(args, out: Path) -> dict:

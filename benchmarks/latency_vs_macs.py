@@ -17,7 +17,6 @@ Results: benchmarks/results/latency_vs_macs.json and .md (benchmarks/out/ with -
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -25,11 +24,10 @@ from pathlib import Path
 import onnx
 from bench_log import log
 from paper_cifar10 import REPO, export_compact, export_dense, finetune, machine, now, phase
-from resnet20_runs import add_training_args, ready, write_results
+from resnet20_runs import add_training_args, ready, reuse_or_train, write_results
 
 from sslcompress.errors import TrainingError, UnreachableBudgetError
 from sslcompress.finetune.checkpoint import load_checkpoint
-from sslcompress.io import atomic_write_json
 from sslcompress.latency import current_key, default_path
 from sslcompress.latency.profile import load_or_new, profile_model, time_sessions
 from sslcompress.latency.table import save_table
@@ -123,16 +121,11 @@ def run(args, out: Path) -> dict:
 def trained(args, weights: Path, folder: Path, run_settings: dict) -> tuple[dict, float, dict]:
     """One SSL run, exported and cut: (its report, its training seconds, the surgery report). With --reuse, a
     run folder that already holds them from the same settings is read instead of trained again."""
-    done = folder / "report.json", folder / "surgery.json", folder / "compact.onnx", folder / "settings.json"
-    if args.reuse and all(p.is_file() for p in done):
-        kept = json.loads(done[3].read_text())
-        if kept["settings"] == json.loads(json.dumps(run_settings)):
-            log(f"reusing the finished run in {folder}")
-            return json.loads(done[0].read_text()), kept["train_s"], json.loads(done[1].read_text())
-    report, secs = finetune(args, MODEL, weights, folder, run_settings)
-    surgery = export_compact(args, folder / "sparse.pt", folder)
-    atomic_write_json({"settings": run_settings, "train_s": secs}, done[3])
-    return report, secs, surgery
+    def train() -> tuple[dict, float, dict]:
+        report, secs = finetune(args, MODEL, weights, folder, run_settings)
+        return report, secs, export_compact(args, folder / "sparse.pt", folder)
+
+    return reuse_or_train(folder, run_settings, args.reuse, train)
 
 
 def next_target(attempts: list[dict]) -> float:

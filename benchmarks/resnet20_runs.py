@@ -1,13 +1,16 @@
 """What the CIFAR ResNet-20 SSL comparisons (latency_vs_macs.py, depth_vs_width.py) share: the options of their
-training runs, and those options made ready (the quick settings, the data spec, torch's threads)."""
+training runs, those options made ready (the quick settings, the data spec, torch's threads), reading a finished
+run back instead of training it again, and writing the results."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from bench_log import log
 from paper_cifar10 import DEFAULT_DATA, REPO
 
 from sslcompress.io import atomic_write_bytes, atomic_write_json
@@ -46,6 +49,22 @@ def ready(args: argparse.Namespace) -> str | None:
     torch.set_num_threads(args.threads)
     args.data_spec = f"cifar10:{Path(args.data).resolve()}"
     return None
+
+
+def reuse_or_train(folder: Path, key: dict, reuse: bool, train: Callable[[], tuple[dict, float, dict]]
+                   ) -> tuple[dict, float, dict]:
+    """(report, training seconds, surgery report) of one SSL run, exported and cut into `folder`: read back where
+    `reuse` finds a finished run there recorded under the same `key`, else `train()`'s, then recorded under it."""
+    done = folder / "report.json", folder / "surgery.json", folder / "compact.onnx", folder / "settings.json"
+    key = json.loads(json.dumps(key))  # as it reads back (tuples become lists)
+    if reuse and all(p.is_file() for p in done):
+        kept = json.loads(done[3].read_text())
+        if kept["settings"] == key:
+            log(f"reusing the finished run in {folder}")
+            return json.loads(done[0].read_text()), kept["train_s"], json.loads(done[1].read_text())
+    report, secs, surgery = train()
+    atomic_write_json({"settings": key, "train_s": secs}, done[3])
+    return report, secs, surgery
 
 
 def write_results(args: argparse.Namespace, doc: dict, render_md: Callable[[dict], str]) -> str:
