@@ -131,17 +131,22 @@ def test_a_file_that_is_not_a_table_is_refused(tmp_path):
         load_table(path)
 
 
+def _stale_table(path):
+    """An empty table of this machine's key as format version 2 wrote it: what an older sslcompress left."""
+    save_table(LatencyTable(current_key()), path)
+    raw = json.loads(path.read_text())
+    raw["version"] = 2
+    path.write_text(json.dumps(raw))
+    return path
+
+
 def test_a_table_of_another_version_is_profiled_afresh_not_refused(tmp_path):
     # A cache an older sslcompress wrote: reading it for a prediction says to profile again, and profiling
     # starts a new table in its place (it used to refuse the very command its message named).
     from sslcompress.latency.profile import load_or_new
     from sslcompress.latency.table import StaleTableError
 
-    path = tmp_path / "t.json"
-    save_table(LatencyTable(current_key()), path)
-    raw = json.loads(path.read_text())
-    raw["version"] = 2
-    path.write_text(json.dumps(raw))
+    path = _stale_table(tmp_path / "t.json")
     with pytest.raises(StaleTableError, match="version 2.*profile the model again"):
         load_table(path, current_key())
     heard = []
@@ -474,11 +479,7 @@ def test_cli_default_table_goes_to_the_cache(tmp_path, monkeypatch):
 
 
 def test_cli_profiles_over_a_table_of_another_version(tmp_path):
-    path = tmp_path / "lenet.json"
-    save_table(LatencyTable(current_key()), path)
-    raw = json.loads(path.read_text())
-    raw["version"] = 2
-    path.write_text(json.dumps(raw))
+    path = _stale_table(tmp_path / "lenet.json")
     res = CliRunner().invoke(main, ["profile", "--model", "lenet5", "--step", str(COARSE), "--rounds", "1",
                                     "--table", str(path), "-q"])
     assert res.exit_code == 0, res.output
