@@ -211,6 +211,32 @@ def test_a_branch_whose_first_layer_is_all_zero_becomes_its_constant():
     assert res.report["totals"]["macs_after"] == count(m, (1, 3, 32, 32)).macs_after
 
 
+def test_an_add_of_a_constant_and_a_zero_operand_drops_the_zero_branch():
+    # Both operands are constant per channel; the zero one's branch goes whole and the sum is the other
+    # operand. Taking the constant side first would write a constant and leave the zero conv standing.
+    from onnx import TensorProto, helper
+
+    from sslcompress.surgery.depth import remove_zero_branches
+
+    rng = np.random.default_rng(0)
+    c = 4
+    inits = [onnx.numpy_helper.from_array(a, n) for n, a in (
+        ("wa", np.zeros((c, c, 1, 1), np.float32)), ("ba", rng.normal(size=c).astype(np.float32)),
+        ("wz", np.zeros((c, c, 1, 1), np.float32)), ("bz", np.zeros(c, np.float32)),
+        ("wc", rng.normal(size=(2, c, 3, 3)).astype(np.float32)))]
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="conv_a"),
+             helper.make_node("Conv", ["x", "wz", "bz"], ["z"], name="conv_zero"),
+             helper.make_node("Add", ["a", "z"], ["s"], name="add"),
+             helper.make_node("Conv", ["s", "wc"], ["y"], name="conv_c", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 6, 6])], inits)
+    proto = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    cut, res = _run_pass(remove_zero_branches, proto)
+    assert res.branches_removed == ("add",) and res.branches_constant == ()
+    assert sorted(n.name for n in cut.graph.node) == ["conv_a", "conv_c"]
+    verify_or_raise(proto, cut)
+
+
 @torch.no_grad()
 def test_zero_outer_kernel_rows_and_columns_shrink_the_kernel():
     from sslcompress.surgery.compress import compress

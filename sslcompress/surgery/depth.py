@@ -70,7 +70,7 @@ def remove_zero_branches(model: ir.Model, analysis: Analysis | None = None) -> D
         out = node.outputs[0]
         if out.is_graph_output():
             continue
-        for side in (0, 1):
+        for side in _zero_side_first(node, states):
             z, keep = node.inputs[side], node.inputs[1 - side]
             ch = states.get(z) if z is not None else None
             if ch is None or np.any(ch.state == LIVE):
@@ -103,6 +103,16 @@ def remove_zero_branches(model: ir.Model, analysis: Analysis | None = None) -> D
     done = set(removed) | set(constant)
     return DepthResult(tuple(removed), n_before - len(list(model.graph)),
                        {k: v for k, v in kept.items() if k not in done}, tuple(constant))
+
+
+def _zero_side_first(node: ir.Node, states) -> tuple[int, int]:
+    """The Add's operand sides, a ZERO operand's first: where one operand is zero and the other constant, dropping
+    the zero one deletes its branch whole and keeps the sum as it is, where taking the constant one's side first
+    would write a constant and leave the zero branch to be cut down to one channel."""
+    def zero(side: int) -> bool:
+        ch = states.get(node.inputs[side]) if node.inputs[side] is not None else None
+        return ch is not None and bool(np.all(ch.state == ZERO))
+    return (1, 0) if zero(1) and not zero(0) else (0, 1)
 
 
 def _channel_constant(graph: ir.Graph, node: ir.Node, value: ir.Value, per_channel: np.ndarray) -> ir.Value:
