@@ -52,7 +52,7 @@ def log(msg: str) -> None:
 def cut_case(name: str, keep: float, args, work: Path) -> tuple[Path, Path, dict, dict]:
     """The zeroed ResNet exported with a dynamic batch and cut, verified, both models written to `work`:
     (dense path, structured path, the surgery's totals, what was zeroed)."""
-    model, zeroing = sparse_resnet(name, keep, args.size, args.seed)
+    model, zeroing = sparse_resnet(name, keep, args.size, args.seed, getattr(args, "scope", "blocks"))
     exported = export_onnx(model, (1, 3, args.size, args.size), dynamic_batch=True)
     cut = compress(exported.model, shape_lowering="off")
     if not cut.verification.passed:

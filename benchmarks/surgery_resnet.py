@@ -111,6 +111,21 @@ def block_internal_pairs(model: nn.Module) -> list[tuple[str, nn.Conv2d, nn.Batc
     return pairs
 
 
+def trunk_writers(model: nn.Module) -> list[list[tuple[str, nn.Conv2d, nn.BatchNorm2d]]]:
+    """The stem and every residual trunk, each as the (name, conv, bn) pairs that write its channels: the stem
+    and the blocks' last convs up to the next projection shortcut, which starts the next trunk. A channel
+    zeroed in every writer of its trunk is zero after each Add and ReLU, so every reader loses it too."""
+    trunks = [[("conv1", model.conv1, model.bn1)]]
+    for name, module in model.named_modules():
+        if not isinstance(module, (BasicBlock, Bottleneck)):
+            continue
+        if module.downsample is not None:
+            trunks.append([(f"{name}.downsample.0", module.downsample[0], module.downsample[1])])
+        last = (module.conv3, module.bn3) if isinstance(module, Bottleneck) else (module.conv2, module.bn2)
+        trunks[-1].append((f"{name}.{'conv3' if isinstance(module, Bottleneck) else 'conv2'}", *last))
+    return trunks
+
+
 @torch.no_grad()
 def randomize_bn(model: nn.Module, gen: torch.Generator) -> None:
     """Trained-looking BN statistics: with unit var and zero mean, folding would be a no-op."""
@@ -141,15 +156,46 @@ def zero_channels(pairs, keep: float, gen: torch.Generator) -> tuple[int, int]:
     return zeroed, total
 
 
-def sparse_resnet(name: str, keep: float, size: int, seed: int) -> tuple[nn.Module, dict]:
+@torch.no_grad()
+def zero_trunk_channels(trunks, keep: float, gen: torch.Generator) -> tuple[int, int]:
+    """Zero a random (1 - keep) of each trunk's channels in every conv and BN that writes them; (zeroed, total)
+    trunk channels."""
+    zeroed = total = 0
+    for writers in trunks:
+        n = writers[0][1].out_channels
+        n_zero = n - round(n * keep)
+        idx = torch.randperm(n, generator=gen)[:n_zero]
+        for _, conv, bn in writers:
+            conv.weight[idx] = 0.0
+            bn.weight[idx] = 0.0
+            bn.bias[idx] = 0.0
+        zeroed += n_zero
+        total += n
+    return zeroed, total
+
+
+SCOPES = ("blocks", "all")  # block-internal channels only, or the stem and residual trunks too
+
+
+def sparse_resnet(name: str, keep: float, size: int, seed: int, scope: str = "blocks") -> tuple[nn.Module, dict]:
+    """The ResNet with a random (1 - keep) of its block-internal channels zeroed, and with scope "all" the same
+    share of the stem's and of every residual trunk's channels (what filter- and channel-wise SSL zeroes across
+    the whole network); (model, what was zeroed)."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, not {scope!r}")
     torch.manual_seed(seed)
     model = build_model(ModelSpec(name, num_classes=1000, in_channels=3, input_size=(size, size)))
     gen = torch.Generator().manual_seed(seed)
     randomize_bn(model, gen)
     pairs = block_internal_pairs(model)
     zeroed, total = zero_channels(pairs, keep, gen)
+    zeroing = {"scope": scope, "block_internal_convs": len(pairs), "channels_zeroed": zeroed, "channels_total": total}
+    if scope == "all":
+        trunks = trunk_writers(model)
+        t_zeroed, t_total = zero_trunk_channels(trunks, keep, gen)
+        zeroing.update(trunks=len(trunks), trunk_channels_zeroed=t_zeroed, trunk_channels_total=t_total)
     model.eval()
-    return model, {"block_internal_convs": len(pairs), "channels_zeroed": zeroed, "channels_total": total}
+    return model, zeroing
 
 
 # ---------------------------------------------------------------------------------------------
