@@ -52,7 +52,8 @@ def log(msg: str) -> None:
 def cut_case(name: str, keep: float, args, work: Path) -> tuple[Path, Path, dict, dict]:
     """The zeroed ResNet exported with a dynamic batch and cut, verified, both models written to `work`:
     (dense path, structured path, the surgery's totals, what was zeroed)."""
-    model, zeroing = sparse_resnet(name, keep, args.size, args.seed, getattr(args, "scope", "blocks"))
+    model, zeroing = sparse_resnet(name, keep, args.size, args.seed, getattr(args, "scope", "blocks"),
+                                   getattr(args, "align", 1))
     exported = export_onnx(model, (1, 3, args.size, args.size), dynamic_batch=True)
     cut = compress(exported.model, shape_lowering="off")
     if not cut.verification.passed:
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--provider", default="cpu", help="ORT execution providers timed (comma list of cpu, cuda)")
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--work", default=str(HERE / "out" / "bench_resnet"), help="folder of the models it writes")
     p.add_argument("--name", default="bench_resnet", help="stem of the .json and .md results")
     args = p.parse_args(argv)
     args.batch = [int(x) for x in args.batch.split(",")]
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     torch.set_num_threads(1)  # torch only builds the models here; ORT does the timed work
-    work = HERE / "out" / "bench_resnet"
+    work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     cases = [one_case(m, float(k), args, work) for m in args.models.split(",") for k in args.keep.split(",")]

@@ -138,13 +138,19 @@ def randomize_bn(model: nn.Module, gen: torch.Generator) -> None:
             bn.bias.copy_(0.1 * torch.randn(n, generator=gen))
 
 
+def kept_count(n: int, keep: float, align: int = 1) -> int:
+    """How many of n channels a share `keep` keeps: rounded to a multiple of `align` (at least one multiple, at
+    most n), as `--align` leaves widths for the runtime's channel blocks."""
+    return min(n, max(align, align * round(n * keep / align)))
+
+
 @torch.no_grad()
-def zero_channels(pairs, keep: float, gen: torch.Generator) -> tuple[int, int]:
+def zero_channels(pairs, keep: float, gen: torch.Generator, align: int = 1) -> tuple[int, int]:
     """Zero a random (1 - keep) of each pair's filters and BN gamma/beta; (zeroed, total) channels."""
     zeroed = total = 0
     for _, conv, bn in pairs:
         n = conv.out_channels
-        n_zero = n - round(n * keep)
+        n_zero = n - kept_count(n, keep, align)
         idx = torch.randperm(n, generator=gen)[:n_zero]
         conv.weight[idx] = 0.0
         if conv.bias is not None:
@@ -157,13 +163,13 @@ def zero_channels(pairs, keep: float, gen: torch.Generator) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def zero_trunk_channels(trunks, keep: float, gen: torch.Generator) -> tuple[int, int]:
+def zero_trunk_channels(trunks, keep: float, gen: torch.Generator, align: int = 1) -> tuple[int, int]:
     """Zero a random (1 - keep) of each trunk's channels in every conv and BN that writes them; (zeroed, total)
     trunk channels."""
     zeroed = total = 0
     for writers in trunks:
         n = writers[0][1].out_channels
-        n_zero = n - round(n * keep)
+        n_zero = n - kept_count(n, keep, align)
         idx = torch.randperm(n, generator=gen)[:n_zero]
         for _, conv, bn in writers:
             conv.weight[idx] = 0.0
@@ -177,10 +183,11 @@ def zero_trunk_channels(trunks, keep: float, gen: torch.Generator) -> tuple[int,
 SCOPES = ("blocks", "all")  # block-internal channels only, or the stem and residual trunks too
 
 
-def sparse_resnet(name: str, keep: float, size: int, seed: int, scope: str = "blocks") -> tuple[nn.Module, dict]:
+def sparse_resnet(name: str, keep: float, size: int, seed: int, scope: str = "blocks",
+                  align: int = 1) -> tuple[nn.Module, dict]:
     """The ResNet with a random (1 - keep) of its block-internal channels zeroed, and with scope "all" the same
     share of the stem's and of every residual trunk's channels (what filter- and channel-wise SSL zeroes across
-    the whole network); (model, what was zeroed)."""
+    the whole network), the kept widths multiples of `align`; (model, what was zeroed)."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, not {scope!r}")
     torch.manual_seed(seed)
@@ -188,11 +195,11 @@ def sparse_resnet(name: str, keep: float, size: int, seed: int, scope: str = "bl
     gen = torch.Generator().manual_seed(seed)
     randomize_bn(model, gen)
     pairs = block_internal_pairs(model)
-    zeroed, total = zero_channels(pairs, keep, gen)
-    zeroing = {"scope": scope, "block_internal_convs": len(pairs), "channels_zeroed": zeroed, "channels_total": total}
+    zeroed, total = zero_channels(pairs, keep, gen, align)
+    zeroing = {"scope": scope, "align": align, "block_internal_convs": len(pairs), "channels_zeroed": zeroed, "channels_total": total}
     if scope == "all":
         trunks = trunk_writers(model)
-        t_zeroed, t_total = zero_trunk_channels(trunks, keep, gen)
+        t_zeroed, t_total = zero_trunk_channels(trunks, keep, gen, align)
         zeroing.update(trunks=len(trunks), trunk_channels_zeroed=t_zeroed, trunk_channels_total=t_total)
     model.eval()
     return model, zeroing

@@ -22,14 +22,15 @@ def script():
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="this onnxruntime runs CUDA")
 def test_cuda_without_its_provider_is_one_line_before_any_model(script, tmp_path, capsys):
-    assert script.main([*SMALL, "--provider", "cuda", "--out", str(tmp_path)]) == 2
+    assert script.main([*SMALL, "--provider", "cuda", "--out", str(tmp_path), "--work", str(tmp_path / "work")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --provider cuda needs onnxruntime-gpu") and "\n" not in err
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_cpu_run_names_its_provider_and_host(script, tmp_path):
-    assert script.main([*SMALL, "--provider", "cpu", "--out", str(tmp_path), "--name", "small"]) == 0
+    assert script.main([*SMALL, "--provider", "cpu", "--out", str(tmp_path), "--work", str(tmp_path / "work"),
+                        "--name", "small"]) == 0
     doc = json.loads((tmp_path / "small.json").read_text())
     (case,) = doc["cases"]
     assert {r["provider"] for r in case["rows"]} == {"cpu"}

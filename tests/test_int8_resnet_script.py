@@ -43,6 +43,18 @@ def test_each_trunk_is_the_stem_or_a_projection_and_the_blocks_last_convs_after_
     assert sum(len(w) - 1 for w in found) == sum(len(getattr(model, f"layer{i}")) for i in range(1, 5))
 
 
+def test_kept_widths_are_multiples_of_the_alignment(zeroing):
+    assert [zeroing.kept_count(n, 0.7) for n in (64, 128, 256, 512)] == [45, 90, 179, 358]
+    assert [zeroing.kept_count(n, 0.7, 8) for n in (64, 128, 256, 512)] == [48, 88, 176, 360]
+    assert zeroing.kept_count(16, 0.1, 8) == 8 and zeroing.kept_count(12, 1.0, 8) == 12  # one multiple, at most n
+    model, z = zeroing.sparse_resnet("resnet18", 0.7, 32, 0, "all", align=8)
+    assert z["align"] == 8
+    for writers in zeroing.trunk_writers(model):
+        conv = writers[0][1]
+        live = int((conv.weight.abs().amax(dim=(1, 2, 3)) > 0).sum())
+        assert live % 8 == 0 and live == zeroing.kept_count(conv.out_channels, 0.7, 8)
+
+
 @torch.no_grad()
 def test_scope_all_zeroes_trunk_channels_the_cut_deletes_everywhere(zeroing):
     model, z = zeroing.sparse_resnet("resnet18", 0.5, 32, 0, "all")
@@ -70,7 +82,8 @@ def test_scope_all_zeroes_trunk_channels_the_cut_deletes_everywhere(zeroing):
 
 def test_a_scope_all_run_writes_its_table_under_its_name(script, tmp_path):
     args = ["--models", "resnet18", "--keep", "0.5", "--scope", "all", "--size", "32", "--batch", "1",
-            "--repeat", "2", "--warmup", "1", "--calibration", "4", "--out", str(tmp_path), "--name", "small"]
+            "--repeat", "2", "--warmup", "1", "--calibration", "4", "--out", str(tmp_path),
+            "--work", str(tmp_path / "work"), "--name", "small"]
     assert script.main(args) == 0
     doc = json.loads((tmp_path / "small.json").read_text())
     assert doc["scope"] == "all"
