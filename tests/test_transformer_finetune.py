@@ -245,6 +245,39 @@ def test_thinned_neurons_give_the_masked_outputs(make, shape):
 # ---------------------------------------------------------------- MACs against the ONNX report
 
 
+def test_convnext_blocks_are_depth_groups():
+    # The branch runs channels-last between two permutes, through a LayerNorm whose scale and shift are in the
+    # group: all of it zero, it writes zero, and the cut deletes it whole.
+    model = _convnext()
+    groups = build_groups(model, CONVNEXT_SHAPE, ("depth",))
+    assert [g.name for g in groups] == ["depth stages.0.0", "depth stages.1.2"]
+    assert {s.param.rsplit(".", 1)[0] for s in groups[0].slices} == {
+        f"stages.0.0.{m}" for m in ("dwconv", "norm", "pwconv1", "pwconv2")}
+
+
+@pytest.mark.parametrize("emptied", ["branch", "pwconv1"])
+def test_convnext_branch_cut_by_the_export_is_counted_cut(emptied):
+    # All of a block's parameters zero: the branch writes zero and goes. Only its first Linear's: the second reads
+    # only zeros and writes its bias, a constant the cut adds instead, and the branch goes all the same.
+    from sslcompress.surgery.compress import compress
+    from sslcompress.surgery.export import export_onnx
+
+    model = _convnext()
+    block = model.get_submodule("stages.0.0")
+    with torch.no_grad():
+        for p in (block.parameters() if emptied == "branch" else block.pwconv1.parameters()):
+            p.zero_()
+    counted = count(model, CONVNEXT_SHAPE)
+    result = compress(export_onnx(model, CONVNEXT_SHAPE).model)
+    assert result.report["verification"]["passed"]
+    gone = result.report["blocks_removed"] if emptied == "branch" else result.report["blocks_constant"]
+    assert len(gone) == 1
+    assert result.report["zero_branches_kept"] == {}  # not the Adds inside the GELU of the branch that went
+    assert result.report["totals"]["macs_after"] == counted.macs_after
+    assert counted.blocks_removed == (("stages.0.0",) if emptied == "branch" else ())
+    assert all(lay.removed for lay in counted.layers if lay.name.startswith("stages.0.0."))
+
+
 @pytest.mark.parametrize("make, shape", [(_vit, VIT_SHAPE), (_convnext, CONVNEXT_SHAPE)])
 def test_counted_macs_equal_the_cut_onnx_models(make, shape):
     from sslcompress.surgery.compress import compress

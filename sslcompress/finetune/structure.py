@@ -808,16 +808,26 @@ def _self_contained(side: set[fx.Node], add: fx.Node) -> bool:
     return all(user in side or user is add for n in side for user in n.users)
 
 
+# Ops that only move elements (a channels-last stretch of a ConvNeXt block): zero stays zero.
+_LAYOUT_FUNCTIONS = {torch.permute, torch.transpose, aten.permute.default, aten.transpose.int}
+_LAYOUT_METHODS = {"permute", "transpose"}
+
+
 def _branch_op_ok(node: fx.Node, modules: dict) -> bool:
     """A branch whose parameters are all zero must output exactly zero."""
     if node.op == "call_module":
         mod = modules[str(node.target)]
         if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)) and not mod.affine and mod.track_running_stats:
             return False  # maps zero to -running_mean / std in eval mode
+        if isinstance(mod, nn.LayerNorm):
+            # Its scale and shift zero, it writes zero whatever it reads (a pre-norm block's branch starts there).
+            return mod.weight is not None and mod.bias is not None
         return isinstance(mod, (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.Flatten)) \
             or _is_channelwise(mod)
     if node.op == "call_function":
-        return node.target in _ZERO_PRESERVING_FUNCTIONS or node.target in _FLATTEN_FUNCTIONS
+        return node.target in _ZERO_PRESERVING_FUNCTIONS or node.target in _FLATTEN_FUNCTIONS \
+            or node.target in _LAYOUT_FUNCTIONS
     if node.op == "call_method":
-        return node.target in _ZERO_PRESERVING_METHODS or node.target in _FLATTEN_METHODS
+        return node.target in _ZERO_PRESERVING_METHODS or node.target in _FLATTEN_METHODS \
+            or node.target in _LAYOUT_METHODS
     return False

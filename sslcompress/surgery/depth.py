@@ -100,9 +100,11 @@ def remove_zero_branches(model: ir.Model, analysis: Analysis | None = None) -> D
         analysis.invalidate()
         # The branch that fed the bypassed Add: every node no output needs any more, and its constants.
         common.RemoveUnusedNodesPass()(model)
+    # An Add kept on its own account may have gone with a branch bypassed after it (a GELU's Add inside one).
     done = set(removed) | set(constant)
+    left = {node.name or node.outputs[0].name for node in model.graph}
     return DepthResult(tuple(removed), n_before - len(list(model.graph)),
-                       {k: v for k, v in kept.items() if k not in done}, tuple(constant))
+                       {k: v for k, v in kept.items() if k in left and k not in done}, tuple(constant))
 
 
 def _zero_side_first(node: ir.Node, states) -> tuple[int, int]:
