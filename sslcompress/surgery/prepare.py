@@ -31,6 +31,7 @@ import onnx_ir.passes.common as common
 from .head_round_trips import HeadRoundTripPass
 from .ops.base import const_tensor, refine_shape
 from .ops.dims import shape_vector
+from .window_sizes import WindowSizesPass
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +179,10 @@ class InferShapesPass(ir.passes.InPlacePass):
 def rule_shapes_pass() -> ir.passes.PassBase:
     """Shapes the rules prove let inference go further, which may let the rules prove more: one round
     carries shapes past one op inference does not know (each fused attention of a transformer), so the
-    rounds go on until nothing changes."""
-    return ir.passes.PassManager([RuleShapesPass(), InferShapesPass(clear=False)], steps=64, early_stop=True)
+    rounds go on until nothing changes. Each round also names the sizes convs and pools compute from a
+    symbolic height or width (window_sizes.py), which inference then carries on."""
+    return ir.passes.PassManager([RuleShapesPass(), WindowSizesPass(), InferShapesPass(clear=False)], steps=64,
+                                 early_stop=True)
 
 
 def prepare_passes() -> list[ir.passes.PassBase]:

@@ -1,0 +1,104 @@
+"""Sizes convs and pools compute from a dynamic height and width get one name per computation, so a strided
+block's zero or constant branch goes at dynamic sizes too, and the cut model still computes what the uncut one
+did at any size."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+from corpus import torch_models as T
+from onnx import TensorProto, helper
+
+from sslcompress.models import ModelSpec, build_model
+from sslcompress.surgery.compress import compress
+from sslcompress.surgery.prepare import InferShapesPass
+from sslcompress.surgery.window_sizes import WindowSizesPass, window_size_name
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_names_say_what_the_size_is_computed_from():
+    assert window_size_name("h", -1, 1) == "h"  # a 3x3 with padding 1, stride 1
+    assert window_size_name("h", -3, 1) == "h-2"  # a 3x3 without padding
+    assert window_size_name("h", -1, 2) == "floor((h-1)/2)+1"
+    assert window_size_name("floor((h-1)/2)+1", -2, 2) == "floor((floor((h-1)/2)+1-2)/2)+1"
+
+
+def _graph(nodes, inits, outputs) -> ir.Model:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, "h", "w"])
+    graph = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
+                                                for o in outputs], inits)
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    InferShapesPass(clear=False)(model)
+    return model
+
+
+def test_equal_computations_from_one_size_get_one_name_and_others_keep_theirs():
+    w3 = onnx.numpy_helper.from_array(np.ones((4, 4, 3, 3), np.float32), "w3")
+    w1 = onnx.numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "w1")
+    nodes = [helper.make_node("Conv", ["x", "w3"], ["branch"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "w1"], ["shortcut"], strides=[2, 2]),
+             helper.make_node("Conv", ["x", "w3"], ["same"], pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["x"], ["ceil"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
+             helper.make_node("Conv", ["x", "w3"], ["auto"], strides=[2, 2], auto_pad="SAME_UPPER")]
+    model = _graph(nodes, [w3, w1], ["branch", "shortcut", "same", "ceil", "auto"])
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    invented = {name: list(values[name].shape)[2:] for name in ("ceil", "auto")}
+    assert WindowSizesPass()(model).modified
+    shape = {name: [str(d) for d in values[name].shape] for name in values}
+    assert shape["branch"] == shape["shortcut"] == ["n", "4", "floor((h-1)/2)+1", "floor((w-1)/2)+1"]
+    assert shape["same"] == ["n", "4", "h", "w"]
+    # ceil mode and automatic padding compute other sizes: what inference named them stays.
+    assert {name: list(values[name].shape)[2:] for name in ("ceil", "auto")} == invented
+    assert not WindowSizesPass()(model).modified  # nothing left to name
+
+
+def test_a_size_the_exporter_named_stays():
+    w = onnx.numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "w")
+    model = _graph([helper.make_node("Conv", ["x", "w"], ["y"], strides=[2, 2])], [w], ["y"])
+    (y,) = model.graph.node(0).outputs
+    y.shape = ir.Shape(["n", 4, "s0//2", 7])
+    assert not WindowSizesPass()(model).modified
+    assert [str(d) for d in y.shape] == ["n", "4", "s0//2", "7"]
+
+
+@torch.no_grad()
+def _resnet() -> torch.nn.Module:
+    """ResNet-20 with the branch of a strided block all zero, and another strided block's first conv zero (its
+    branch then adds a constant), BatchNorm shifts that make that constant nonzero."""
+    torch.manual_seed(0)
+    m = build_model(ModelSpec("resnet20", 10, 3, (T.SIDE, T.SIDE))).eval()
+    for bn in (mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    zero = m.get_submodule("layer2.0")
+    for mod in (zero.conv1, zero.bn1, zero.conv2, zero.bn2):
+        for p in mod.parameters():
+            p.zero_()
+    constant = m.get_submodule("layer3.0")
+    for p in (constant.conv1.weight, constant.bn1.weight, constant.bn1.bias):
+        p.zero_()
+    return m
+
+
+def test_strided_branches_go_at_a_dynamic_height_and_width():
+    proto = T.legacy(_resnet(), dynamic=(0, 2, 3))
+    rng = np.random.default_rng(0)
+    feeds = [rng.standard_normal(s).astype(np.float32) for s in ((2, 3, 32, 32), (1, 3, 27, 21))]
+    res = compress(proto, inputs=feeds)
+    assert res.verification.passed
+    assert res.report["blocks_removed"] == ["/layer2/layer2.0/Add"]
+    assert res.report["blocks_constant"] == ["/layer3/layer3.0/Add"]
+    assert res.report["zero_branches_kept"] == {}
+    convs = sum(1 for n in proto.graph.node if n.op_type == "Conv")
+    assert sum(1 for n in res.model.graph.node if n.op_type == "Conv") == convs - 4
+    # At sizes the verification did not see, odd ones included: the same outputs.
+    for shape in ((3, 3, 19, 33), (1, 3, 8, 9)):
+        x = rng.standard_normal(shape).astype(np.float32)
+        outs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                .run(None, {"input": x})[0] for m in (proto, res.model)]
+        assert np.abs(outs[0] - outs[1]).max() <= 1e-5 * np.abs(outs[0]).max()
