@@ -236,6 +236,8 @@ def print_surgery_report(report: dict[str, Any]) -> None:
         _out.print("zero channels found but kept, and why: " + ", ".join(f"{n} by {why}" for why, n in kept.items()))
     for add, why in (report.get("zero_branches_kept") or {}).items():
         _out.print(f"zero residual branch kept at {add}: {why}")
+    for conv, why in (report.get("constant_channels_kept") or {}).items():
+        _out.print(f"constant channels kept at {conv}: it {why}")
     _print_lowering(report.get("shape_lowering"))
     agree = f", top-1 agreement {v['top1_agreement']:.2%}" if v.get("top1_agreement") is not None else ""
     _out.print(f"verification: {'passed' if v['passed'] else 'FAILED'} (max abs diff {v['max_abs']:.3g}, "

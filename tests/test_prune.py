@@ -310,10 +310,10 @@ def test_padded_consumers_get_a_constant_map():
     assert [16, 12, 3, 3] in shapes and [12, 16, 3, 3] in shapes, conv2.keys()
 
 
-def test_constant_map_needs_static_spatial_shapes():
+def test_constant_channels_through_padding_stay_at_dynamic_spatial_shapes():
+    # Their constant map needs static sizes: the conv keeps reading them, and the result says why.
     from onnx import TensorProto, helper, numpy_helper
 
-    from sslcompress.errors import UnsupportedModelError
     from sslcompress.surgery.fold import fold_constant_channels
 
     w1 = np.ones((4, 3, 1, 1), np.float32)
@@ -326,8 +326,15 @@ def test_constant_map_needs_static_spatial_shapes():
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, "h", "w"])], inits)
     proto = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    with pytest.raises(UnsupportedModelError, match="static spatial"):
-        fold_constant_channels(ir.serde.deserialize_model(proto))
+    model = ir.serde.deserialize_model(proto)
+    res = fold_constant_channels(model)
+    assert res.channels_folded == 0 and res.bias_maps == ()
+    assert list(res.kept) == ["b"] and "dynamic height or width" in res.kept["b"]
+    after = ir.serde.serialize_model(model).graph
+    assert [n.op_type for n in after.node] == ["Conv", "Conv"]  # nothing written
+    for name, array in (("w1", w1), ("b1", b1), ("w2", w2)):
+        (init,) = [i for i in after.initializer if i.name == name]
+        np.testing.assert_array_equal(numpy_helper.to_array(init), array)
 
 
 def test_a_foreign_model_written_with_onnx_helper():

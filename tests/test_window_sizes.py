@@ -4,6 +4,8 @@ did at any size."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -102,3 +104,39 @@ def test_strided_branches_go_at_a_dynamic_height_and_width():
         outs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
                 .run(None, {"input": x})[0] for m in (proto, res.model)]
         assert np.abs(outs[0] - outs[1]).max() <= 1e-5 * np.abs(outs[0]).max()
+
+
+@torch.no_grad()
+def test_a_constant_stage_at_a_dynamic_size_keeps_what_needs_static_sizes():
+    # A strided block zero whole, projection included: the stage after it reads only its BatchNorm shifts,
+    # constants whose maps through padding need static sizes. The cut goes on without them, and says so.
+    m = _resnet()
+    for p in m.get_submodule("layer2.0").parameters():
+        p.zero_()
+    proto = T.legacy(m, dynamic=(0, 2, 3))
+    rng = np.random.default_rng(0)
+    feeds = [rng.standard_normal(s).astype(np.float32) for s in ((2, 3, 32, 32), (1, 3, 27, 21))]
+    res = compress(proto, inputs=feeds)
+    assert res.verification.passed
+    kept = res.report["constant_channels_kept"]
+    assert kept and all("dynamic height or width" in why for why in kept.values())
+    assert res.report["totals"]["macs_after"] < res.report["totals"]["macs"]
+
+
+def test_the_cli_says_which_convs_keep_constant_channels(tmp_path):
+    from click.testing import CliRunner
+
+    from sslcompress.cli import main
+
+    m = _resnet()
+    with torch.no_grad():
+        for p in m.get_submodule("layer2.0").parameters():
+            p.zero_()
+    src = tmp_path / "m.onnx"
+    onnx.save(T.legacy(m, dynamic=(0, 2, 3)), src)
+    res = CliRunner().invoke(main, ["surgery", str(src), "-o", str(tmp_path / "c.onnx"), "--data",
+                                    "synthetic:3x32x32:10", "--data-limit", "4"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert re.search(r"constant channels kept at /layer2/\S+/Conv: it reads constant channels through zero "
+                     r"padding at a dynamic height or width", text), text

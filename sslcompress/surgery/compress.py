@@ -109,6 +109,7 @@ def compress(model: onnx.ModelProto | str | Path, *, inputs: Sequence[FeedLike] 
     report["qoperator_layers"] = qoperator
     report["constant_channels_folded"] = fold.channels_folded
     report["constant_maps_added"] = list(fold.bias_maps)
+    report["constant_channels_kept"] = dict(fold.kept)  # conv -> why the constant channels it reads stay
     report["blocked_by"] = dict(sorted(pruned.blocked.items(), key=lambda kv: -kv[1]))
     # Zeros found but not used, and why: channels of weighted layers, and zero residual branches.
     report["zeros_kept"] = dict(pruned.zeros_kept)

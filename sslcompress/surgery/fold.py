@@ -3,19 +3,20 @@
 A channel that holds the value v everywhere adds v times its weight fibre to every output of a
 Conv or Gemm that reads it. Without zero padding that is the same at every output position: a
 bias. With zero padding the border sees fewer taps, so the conv's share is a constant map over
-the output (the conv of a constant image), added after the conv; that needs static shapes. Once
-folded, the fibre is zero and the channel is read by no one, so the prune pass deletes it.
+the output (the conv of a constant image), added after the conv; that needs static shapes, and at a
+dynamic height or width such channels stay as they are (exact, only less compact), each conv that keeps
+them named in the result with why. Once folded, the fibre is zero and the channel is read by no one, so the
+prune pass deletes it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 import torch
 
-from ..errors import UnsupportedModelError
 from .analysis import Analysis, analysis_of
 from .channels import CONSTANT
 from .coupling import Coupling
@@ -37,6 +38,7 @@ from .ops.layers import conv_is_padded
 class FoldResult:
     channels_folded: int  # (layer, channel) pairs folded
     bias_maps: tuple[str, ...]  # convs that got a constant map added after them
+    kept: dict[str, str] = field(default_factory=dict)  # conv that still reads constant channels -> why
 
 
 def fold_constant_channels(model: ir.Model, analysis: Analysis | None = None) -> FoldResult:
@@ -48,6 +50,7 @@ def fold_constant_channels(model: ir.Model, analysis: Analysis | None = None) ->
     coupling = analysis.coupling
     folded = 0
     maps: list[str] = []
+    kept: dict[str, str] = {}
     for node in list(model.graph):
         if node.domain not in ("", "ai.onnx") or not node.inputs or node.inputs[0] is None:
             continue
@@ -61,6 +64,9 @@ def fold_constant_channels(model: ir.Model, analysis: Analysis | None = None) ->
             continue
         if node.op_type == "Conv":
             n, with_map = _fold_conv(model.graph, node, w, ch, _pinned(coupling, node.inputs[0]))
+            if n is None:
+                kept[node.name or node.outputs[0].name] = _DYNAMIC
+                continue
             folded += n
             if with_map:
                 maps.append(node.name or node.outputs[0].name)
@@ -70,7 +76,11 @@ def fold_constant_channels(model: ir.Model, analysis: Analysis | None = None) ->
             folded += _fold_matmul(model.graph, node, w, ch)
     if folded:
         analysis.invalidate()
-    return FoldResult(folded, tuple(maps))
+    return FoldResult(folded, tuple(maps), kept)
+
+
+_DYNAMIC = ("reads constant channels through zero padding at a dynamic height or width; their constant map "
+            "needs static sizes (export at a fixed input size to fold them)")
 
 
 def _pinned(c: Coupling, value: ir.Value) -> np.ndarray | None:
@@ -80,7 +90,10 @@ def _pinned(c: Coupling, value: ir.Value) -> np.ndarray | None:
     return np.isin(c.roots_of(value), list(c.pinned))
 
 
-def _fold_conv(graph: ir.Graph, node: ir.Node, w: np.ndarray, ch, pinned: np.ndarray | None) -> tuple[int, bool]:
+def _fold_conv(graph: ir.Graph, node: ir.Node, w: np.ndarray, ch,
+               pinned: np.ndarray | None) -> tuple[int | None, bool]:
+    """(channels folded, whether a constant map was added); None folded where the sizes a map needs are
+    dynamic."""
     if int(attr_value(node, "group", 1)) != 1 or w.ndim != 4 or not _bias_is_constant(node):
         return 0, False
     fibres = np.abs(w).reshape(w.shape[0], w.shape[1], -1).sum(2) > 0
@@ -106,9 +119,7 @@ def _fold_conv(graph: ir.Graph, node: ir.Node, w: np.ndarray, ch, pinned: np.nda
         new_w[:, cols] = 0
     x_dims, y_dims = static_dims(node.inputs[0], 2), static_dims(node.outputs[0], 2)
     if x_dims is None or y_dims is None:
-        raise UnsupportedModelError(
-            f"Conv {node.name!r} reads constant channels through zero padding, which folds only with "
-            "static spatial shapes; export the model with a fixed input size.")
+        return None, False
     image = torch.zeros((1, w.shape[1], *x_dims), dtype=torch.float64)
     image[0, cols] = torch.from_numpy(ch.value[cols]).reshape(-1, 1, 1)
     pads = list(attr_value(node, "pads", [0, 0, 0, 0]))
