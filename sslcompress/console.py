@@ -12,7 +12,8 @@ from rich.table import Table
 from .finetune.loop import Event
 
 _console = Console(stderr=True)
-_out = Console(width=None if Console().is_terminal else 132)
+# Reports print names as they are: module names, paths and intervals hold brackets, not markup.
+_out = Console(width=None if Console().is_terminal else 132, markup=False)
 
 
 class Progress:

@@ -278,6 +278,35 @@ def test_convnext_branch_cut_by_the_export_is_counted_cut(emptied):
     assert all(lay.removed for lay in counted.layers if lay.name.startswith("stages.0.0."))
 
 
+def test_vit_mlp_branches_are_depth_groups_named_apart_from_the_attention():
+    # The residual stream's features are pinned (its LayerNorms), but the sum of a branch is still a sum: a
+    # pre-norm MLP branch (its LayerNorm's scale and shift in the group) writes zero once its group is zero.
+    # The attention branch is not one: a softmax of zeros is not zero.
+    groups = build_groups(_vit(), VIT_SHAPE, ("depth",))
+    assert [g.name for g in groups] == ["depth blocks.0[norm2,mlp]", "depth blocks.1[norm2,mlp]"]
+    assert {s.param.rsplit(".", 1)[0] for s in groups[1].slices} == {
+        "blocks.1.norm2", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"}
+
+
+@torch.no_grad()
+def test_vit_mlp_branches_cut_by_the_export_are_counted_cut():
+    from sslcompress.surgery.compress import compress
+    from sslcompress.surgery.export import export_onnx
+
+    model = _vit()
+    for p in (*model.blocks[0].mlp.parameters(), *model.blocks[0].norm2.parameters()):
+        p.zero_()  # zero: the branch goes
+    for p in model.blocks[1].mlp.fc1.parameters():
+        p.zero_()  # its second Linear writes its bias: the branch becomes that constant
+    counted = count(model, VIT_SHAPE)
+    result = compress(export_onnx(model, VIT_SHAPE).model)
+    assert result.report["verification"]["passed"]
+    assert len(result.report["blocks_removed"]) == 1 and len(result.report["blocks_constant"]) == 1
+    assert counted.blocks_removed == ("blocks.0[norm2,mlp]",)
+    assert result.report["totals"]["macs_after"] == counted.macs_after
+    assert all(lay.removed for lay in counted.layers if ".mlp." in lay.name)
+
+
 @pytest.mark.parametrize("make, shape", [(_vit, VIT_SHAPE), (_convnext, CONVNEXT_SHAPE)])
 def test_counted_macs_equal_the_cut_onnx_models(make, shape):
     from sslcompress.surgery.compress import compress
@@ -504,3 +533,12 @@ def test_a_linear_called_again_on_other_features_pins_them():
     assert st.layers["square"].macs == 3 * 8 * 9 * 9
     reasons = {st.pin_reason(i) for i in st.layers["square"].out_ids}
     assert all(reasons) and len(_neurons(model, (1, 3, 6, 6))) == 16
+
+
+def test_the_report_prints_branch_names_with_their_brackets(capsys):
+    from sslcompress.console import print_report
+
+    print_report({"blocks_total": 2, "blocks_removed": ["blocks.0[norm2,mlp]"], "layers": [],
+                  "totals": {"macs": 1, "macs_after": 1, "macs_fraction": 1.0, "macs_gemm_after": 1,
+                             "macs_gemm_fraction": 1.0, "params": 1, "params_after": 1}})
+    assert "residual blocks removed: 1/2 (blocks.0[norm2,mlp])" in capsys.readouterr().out

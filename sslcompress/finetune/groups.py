@@ -224,9 +224,24 @@ def _depth_groups(structure: ModelStructure, params: dict, model: nn.Module) -> 
     for br in structure.branches:
         slices = tuple(Slice(f"{m}.{pname}", "all", (0,))
                        for m in br.modules for pname, _ in model.get_submodule(m).named_parameters(recurse=False))
-        prefix = _common_prefix(br.modules)
-        groups.append(_group("depth", f"depth {prefix or br.add_node}", slices, params, structure, True))
+        groups.append(_group("depth", f"depth {_branch_name(br, model)}", slices, params, structure, True))
     return groups
+
+
+def _branch_name(br, model: nn.Module) -> str:
+    """The module that holds the branch (a ResNet block, its projection shortcut beside the branch); where that
+    module also holds what runs before the branch (a transformer block's attention before its MLP), the
+    branch's own parts of it too: blocks.3[norm2,mlp]."""
+    prefix = _common_prefix(br.modules)
+    if not prefix:
+        return br.add_node
+    inside = {m[len(prefix) + 1:].split(".")[0] for m in br.modules if m != prefix}
+    beside = {m[len(prefix) + 1:].split(".")[0] for m in br.shortcut if m.startswith(prefix + ".")}
+    others = [name for name, child in model.get_submodule(prefix).named_children()
+              if name not in inside | beside and any(True for _ in child.parameters())]
+    if not others:
+        return prefix
+    return f"{prefix}[{','.join(name for name, _ in model.get_submodule(prefix).named_children() if name in inside)}]"
 
 
 def _common_prefix(names: list[str]) -> str:

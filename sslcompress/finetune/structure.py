@@ -140,6 +140,7 @@ class Branch:
 
     add_node: str
     modules: list[str]  # parametric modules inside the branch, in graph order
+    shortcut: list[str] = field(default_factory=list)  # parametric modules only the other side runs (a projection)
 
 
 @dataclass
@@ -408,6 +409,10 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
                                                wall)
             if axis != 1 and isinstance(ids_of[node], list):
                 axis_of[node] = axis
+            if _stream_sum(node, shape):
+                # A residual stream whose features a LayerNorm pins (a pre-norm transformer's) still sums a
+                # branch that may go whole: the sum is one for the depth groups, whatever its channels.
+                sum_nodes.append(node)
         elif _gate_product(node, modules) is not None:
             # A sigmoid gate feeding x * gate only (squeeze-and-excitation): its channels follow x's.
             ids_of[node] = tensor_ids(node.args[0]) if node.args else None
@@ -785,23 +790,37 @@ def _residual_branches(gm: fx.GraphModule, sum_nodes: list[fx.Node], modules: di
         a, c = node.args[0], node.args[1]
         side_a = (anc(a) | {a}) - (anc(c) | {c})
         side_c = (anc(c) | {c}) - (anc(a) | {a})
+        def parametric(side: set[fx.Node]) -> list[str]:
+            mods = [str(n.target) for n in sorted(side, key=order.get) if n.op == "call_module"]
+            return [m for m in mods if any(True for _ in modules[m].parameters(recurse=False))]
+
         candidates = []
-        for side in (side_a, side_c):
+        for side, other in ((side_a, side_c), (side_c, side_a)):
             if not side or not _self_contained(side, node):
                 continue
-            mods = [str(n.target) for n in sorted(side, key=order.get) if n.op == "call_module"]
-            params = [m for m in mods if any(True for _ in modules[m].parameters(recurse=False))]
+            params = parametric(side)
             if not params or not all(_branch_op_ok(n, modules) for n in side):
                 continue
             weights = sum(int(p.numel()) for m in params for p in modules[m].parameters(recurse=False))
-            candidates.append((len(params), weights, params))
+            candidates.append((len(params), weights, params, parametric(other)))
         if candidates:
             # With a projection shortcut both sides hold weights: the branch is the side with more layers (a
             # projection is one conv and its norm), then the heavier. Not the heavier alone: a thinned branch
             # whose channels all died (one kept, since a conv cannot have none) weighs less than its projection.
             candidates.sort(key=lambda t: (-t[0], -t[1]))
-            branches.append(Branch(add_node=node.name, modules=candidates[0][2]))
+            _, _, params, shortcut = candidates[0]
+            branches.append(Branch(add_node=node.name, modules=params, shortcut=shortcut))
     return branches
+
+
+def _stream_sum(node: fx.Node, shape) -> bool:
+    """An addition of two tensors of the sum's own shape (nothing broadcast), off channel axis 1."""
+    is_fn = node.op == "call_function"
+    if not ((is_fn and node.target in (operator.add, operator.iadd, torch.add, aten.add.Tensor))
+            or (node.op == "call_method" and node.target in ("add", "add_"))):
+        return False
+    operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+    return len(operands) == 2 and shape is not None and all(_shape(a) == tuple(shape) for a in operands)
 
 
 def _self_contained(side: set[fx.Node], add: fx.Node) -> bool:
