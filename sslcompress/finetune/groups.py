@@ -235,13 +235,14 @@ def _branch_name(br, model: nn.Module) -> str:
     prefix = _common_prefix(br.modules)
     if not prefix:
         return br.add_node
+    children = list(model.get_submodule(prefix).named_children())
     inside = {m[len(prefix) + 1:].split(".")[0] for m in br.modules if m != prefix}
     beside = {m[len(prefix) + 1:].split(".")[0] for m in br.shortcut if m.startswith(prefix + ".")}
-    others = [name for name, child in model.get_submodule(prefix).named_children()
+    before = [name for name, child in children
               if name not in inside | beside and any(True for _ in child.parameters())]
-    if not others:
+    if not before:
         return prefix
-    return f"{prefix}[{','.join(name for name, _ in model.get_submodule(prefix).named_children() if name in inside)}]"
+    return f"{prefix}[{','.join(name for name, _ in children if name in inside)}]"
 
 
 def _common_prefix(names: list[str]) -> str:

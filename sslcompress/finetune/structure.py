@@ -785,15 +785,16 @@ def _residual_branches(gm: fx.GraphModule, sum_nodes: list[fx.Node], modules: di
     for n in gm.graph.nodes:  # fill in order to avoid deep recursion
         anc(n)
 
+    def parametric(side: set[fx.Node]) -> list[str]:
+        """The modules with parameters of their own that a side calls, in graph order."""
+        mods = [str(n.target) for n in sorted(side, key=order.get) if n.op == "call_module"]
+        return [m for m in mods if any(True for _ in modules[m].parameters(recurse=False))]
+
     branches: list[Branch] = []
     for node in sum_nodes:
         a, c = node.args[0], node.args[1]
         side_a = (anc(a) | {a}) - (anc(c) | {c})
         side_c = (anc(c) | {c}) - (anc(a) | {a})
-        def parametric(side: set[fx.Node]) -> list[str]:
-            mods = [str(n.target) for n in sorted(side, key=order.get) if n.op == "call_module"]
-            return [m for m in mods if any(True for _ in modules[m].parameters(recurse=False))]
-
         candidates = []
         for side, other in ((side_a, side_c), (side_c, side_a)):
             if not side or not _self_contained(side, node):
