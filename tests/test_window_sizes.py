@@ -24,10 +24,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_names_say_what_the_size_is_computed_from():
-    assert window_size_name("h", -1, 1) == "h"  # a 3x3 with padding 1, stride 1
-    assert window_size_name("h", -3, 1) == "h-2"  # a 3x3 without padding
-    assert window_size_name("h", -1, 2) == "floor((h-1)/2)+1"
-    assert window_size_name("floor((h-1)/2)+1", -2, 2) == "floor((floor((h-1)/2)+1-2)/2)+1"
+    # ceil((size + c) / stride), c = pads - dilation * (kernel - 1): floor((size + c - 1) / stride) + 1 in whole
+    # numbers, what ONNX computes for explicit pads.
+    assert window_size_name("h", 0, 1) == "h"  # a 3x3 with padding 1, stride 1
+    assert window_size_name("h", -2, 1) == "h-2"  # a 3x3 without padding
+    assert window_size_name("h", 0, 2) == "ceil(h/2)"
+    assert window_size_name("ceil(h/2)", -2, 2) == "ceil((ceil(h/2)-2)/2)"
+    for size in range(1, 40):
+        for k, s, p in ((3, 2, 1), (1, 2, 0), (3, 1, 0), (7, 2, 3), (3, 3, 0), (5, 2, 1)):
+            c = 2 * p - (k - 1)
+            assert (size + 2 * p - (k - 1) - 1) // s + 1 == -(-(size + c) // s)
 
 
 def _graph(nodes, inits, outputs) -> ir.Model:
@@ -45,18 +51,32 @@ def test_equal_computations_from_one_size_get_one_name_and_others_keep_theirs():
     nodes = [helper.make_node("Conv", ["x", "w3"], ["branch"], strides=[2, 2], pads=[1, 1, 1, 1]),
              helper.make_node("Conv", ["x", "w1"], ["shortcut"], strides=[2, 2]),
              helper.make_node("Conv", ["x", "w3"], ["same"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "w3"], ["auto"], strides=[2, 2], auto_pad="SAME_UPPER"),
              helper.make_node("MaxPool", ["x"], ["ceil"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
-             helper.make_node("Conv", ["x", "w3"], ["auto"], strides=[2, 2], auto_pad="SAME_UPPER")]
-    model = _graph(nodes, [w3, w1], ["branch", "shortcut", "same", "ceil", "auto"])
+             helper.make_node("Conv", ["x", "w3"], ["valid"], strides=[2, 2], auto_pad="VALID")]
+    model = _graph(nodes, [w3, w1], ["branch", "shortcut", "same", "auto", "ceil", "valid"])
     values = {v.name: v for node in model.graph for v in node.outputs}
-    invented = {name: list(values[name].shape)[2:] for name in ("ceil", "auto")}
+    invented = list(values["ceil"].shape)[2:]
     assert WindowSizesPass()(model).modified
     shape = {name: [str(d) for d in values[name].shape] for name in values}
-    assert shape["branch"] == shape["shortcut"] == ["n", "4", "floor((h-1)/2)+1", "floor((w-1)/2)+1"]
+    # Three ways of writing one size: explicit padding 1, none at a 1x1, SAME padding.
+    assert shape["branch"] == shape["shortcut"] == shape["auto"] == ["n", "4", "ceil(h/2)", "ceil(w/2)"]
     assert shape["same"] == ["n", "4", "h", "w"]
-    # ceil mode and automatic padding compute other sizes: what inference named them stays.
-    assert {name: list(values[name].shape)[2:] for name in ("ceil", "auto")} == invented
+    assert shape["valid"] == ["n", "4", "ceil((h-2)/2)", "ceil((w-2)/2)"]
+    # A pool in ceil mode computes its size another way: what inference named it stays.
+    assert list(values["ceil"].shape)[2:] == invented
     assert not WindowSizesPass()(model).modified  # nothing left to name
+    # The names hold in ONNX Runtime: values of one name have one size at any input size.
+    sess = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    for h, w in ((7, 9), (8, 8), (3, 5), (16, 3)):
+        got = dict(zip(names, sess.run(None, {"x": np.zeros((1, 4, h, w), np.float32)}), strict=True))
+        by_name: dict[str, int] = {}
+        for name in ("branch", "shortcut", "auto", "same", "valid"):
+            for sym, size in zip(shape[name][2:], got[name].shape[2:], strict=True):
+                assert by_name.setdefault(sym, size) == size, (sym, h, w)
+        assert by_name["h"] == h and by_name["w"] == w
 
 
 def test_a_size_the_exporter_named_stays():

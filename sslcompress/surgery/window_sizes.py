@@ -5,13 +5,17 @@ dynamic height and shrink it the same way get two names, and nothing can show th
 at a dynamic height and width a strided residual block's branch (3x3, stride 2, padding 1) and its
 projection shortcut (1x1, stride 2) look unequal, and the branch cannot be bypassed when it is zero.
 
-A conv or pool with explicit pads (or ``VALID``) and ``ceil_mode`` 0 computes
-``floor((in + pads - dilation * (kernel - 1) - 1) / stride) + 1`` from each spatial input size. This pass
-names the output size by that formula over the input's name, so equal computations from one symbol get one
-name: ``floor((height-1)/2)+1`` for both ops above, and the input's own name where the size stays (stride 1,
-"same" padding). Shape inference keeps a name a pass gave (``InferShapesPass``), and carries it on through
-the elementwise ops after. Names are only given where the input size is a named symbol and the output's is
-unknown or a name inference made up; a known size, or one the exporter named, is never replaced.
+A conv or pool with explicit pads and ``ceil_mode`` 0 computes
+``floor((in + pads - dilation * (kernel - 1) - 1) / stride) + 1`` from each spatial input size, which for whole
+numbers is ``ceil((in + c) / stride)`` with ``c = pads - dilation * (kernel - 1)``; with ``auto_pad`` SAME_UPPER
+or SAME_LOWER it computes ``ceil(in / stride)``, c = 0 (and VALID is pads 0). This pass names the output size
+by that form over the input's name, so equal computations from one symbol get one name however they are
+written: ``ceil(height/2)`` for a 3x3 conv of stride 2 and padding 1, for the 1x1 projection of stride 2 beside
+it and for a SAME-padded conv of stride 2, and the input's own name where the size stays (stride 1, "same"
+padding). Shape inference keeps a name a pass gave (``InferShapesPass``), and carries it on through the
+elementwise ops after. Names are only given where the input size is a named symbol and the output's is
+unknown or a name inference made up; a known size, or one the exporter named, is never replaced. Pools in
+ceil mode, whose last window must start inside the input, keep inference's names.
 """
 
 from __future__ import annotations
@@ -21,19 +25,20 @@ import onnx_ir as ir
 _WINDOWED = ("Conv", "MaxPool", "AveragePool", "LpPool")
 
 
-def window_size_name(size: str, offset: int, stride: int) -> str:
-    """The name of floor((size + offset) / stride) + 1: the size itself where that is the identity."""
+def window_size_name(size: str, c: int, stride: int) -> str:
+    """The name of ceil((size + c) / stride): the size itself where that is the identity."""
+    shifted = size if c == 0 else f"{size}{c:+d}"
     if stride == 1:
-        return size if offset == -1 else f"{size}{offset + 1:+d}"
-    return f"floor(({size}{offset:+d})/{stride})+1"
+        return shifted
+    return f"ceil({shifted}/{stride})" if c == 0 else f"ceil(({shifted})/{stride})"
 
 
-def _spatial_attrs(node: ir.Node, spatial: int) -> tuple[list[int], list[int], list[int], list[int]] | None:
-    """(kernel, strides, dilations, pads) of a windowed op, or None where its output size is not that formula
-    (automatic padding but VALID, ceil mode, a kernel of unknown size)."""
+def _spatial_attrs(node: ir.Node, spatial: int) -> tuple[list[int], list[int], list[int], list[int], bool] | None:
+    """(kernel, strides, dilations, pads, same) of a windowed op, `same` where automatic padding keeps
+    ceil(size / stride); None where its output size is not of that form (ceil mode, a kernel of unknown size)."""
     attrs = node.attributes
     auto_pad = attrs.get_string("auto_pad", "NOTSET")
-    if auto_pad not in ("NOTSET", "VALID") or attrs.get_int("ceil_mode", 0):
+    if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER") or attrs.get_int("ceil_mode", 0):
         return None
     kernel = attrs.get_ints("kernel_shape", None)
     if kernel is None and node.op_type == "Conv" and len(node.inputs) > 1 and node.inputs[1] is not None:
@@ -43,10 +48,11 @@ def _spatial_attrs(node: ir.Node, spatial: int) -> tuple[list[int], list[int], l
         return None
     strides = list(attrs.get_ints("strides", [1] * spatial))
     dilations = list(attrs.get_ints("dilations", [1] * spatial))
-    pads = [0] * (2 * spatial) if auto_pad == "VALID" else list(attrs.get_ints("pads", [0] * (2 * spatial)))
+    explicit = auto_pad == "NOTSET"
+    pads = list(attrs.get_ints("pads", [0] * (2 * spatial))) if explicit else [0] * (2 * spatial)
     if len(strides) != spatial or len(dilations) != spatial or len(pads) != 2 * spatial:
         return None
-    return list(kernel), strides, dilations, pads
+    return list(kernel), strides, dilations, pads, auto_pad.startswith("SAME")
 
 
 def _invented(dim) -> bool:
@@ -70,14 +76,14 @@ class WindowSizesPass(ir.passes.InPlacePass):
             attrs = _spatial_attrs(node, spatial)
             if attrs is None:
                 continue
-            kernel, strides, dilations, pads = attrs
+            kernel, strides, dilations, pads, same = attrs
             dims = list(y.shape)
             for i in range(spatial):
                 size, out = x.shape[2 + i], dims[2 + i]
                 if not _invented(out) or not isinstance(size, ir.SymbolicDim) or size.value is None:
                     continue
-                offset = pads[i] + pads[i + spatial] - dilations[i] * (kernel[i] - 1) - 1
-                name = window_size_name(size.value, offset, strides[i])
+                c = 0 if same else pads[i] + pads[i + spatial] - dilations[i] * (kernel[i] - 1)
+                name = window_size_name(size.value, c, strides[i])
                 if out.value != name:
                     dims[2 + i] = name
             if dims != list(y.shape):
