@@ -71,3 +71,42 @@ def test_thinning_a_dead_branch_beside_a_projection_keeps_it_a_branch():
     after = count(model, shape)
     assert after.macs_after == before.macs_after
     assert "layer2.0" in after.blocks_removed
+
+
+class _GroupNormBlock(torch.nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.gn1 = torch.nn.Conv2d(c, c, 3, padding=1, bias=False), torch.nn.GroupNorm(4, c)
+        self.conv2, self.gn2 = torch.nn.Conv2d(c, c, 3, padding=1, bias=False), torch.nn.GroupNorm(4, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.gn2(self.conv2(torch.relu(self.gn1(self.conv1(x))))))
+
+
+class _GroupNormNet(torch.nn.Module):
+    """A residual net normalised by GroupNorm (as detection backbones are): its blocks are depth groups too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.b1, self.b2 = _GroupNormBlock(16), _GroupNormBlock(16)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b2(self.b1(self.stem(x))).mean((2, 3)))
+
+
+@torch.no_grad()
+def test_a_group_norm_block_is_a_depth_group_counted_as_cut():
+    from sslcompress.finetune.groups import build_groups
+
+    torch.manual_seed(0)
+    model, shape = _GroupNormNet().eval(), (1, 3, 16, 16)
+    assert [g.name for g in build_groups(model, shape, ("depth",))] == ["depth b1", "depth b2"]
+    for p in model.b1.parameters():
+        p.zero_()  # with its GroupNorms' scales and shifts: the branch writes zero
+    counted = count(model, shape)
+    result = compress(export_onnx(model, shape).model)
+    assert result.verification.passed
+    assert counted.blocks_removed == ("b1",) and result.report["blocks_removed"] == ["/b1/Add"]
+    assert result.report["totals"]["macs_after"] == counted.macs_after < counted.macs
