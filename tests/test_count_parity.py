@@ -110,3 +110,28 @@ def test_a_group_norm_block_is_a_depth_group_counted_as_cut():
     assert result.verification.passed
     assert counted.blocks_removed == ("b1",) and result.report["blocks_removed"] == ["/b1/Add"]
     assert result.report["totals"]["macs_after"] == counted.macs_after < counted.macs
+
+
+@pytest.mark.parametrize(("arch", "side"), [("resnet20", 32), ("resnet18", 64), ("convnext_cifar", 32),
+                                            ("vit_tiny", 32)])
+@torch.no_grad()
+def test_every_other_depth_group_zeroed_is_counted_as_cut(arch, side):
+    # Whichever blocks a depth-wise run zeroes, the count the budget steers by is what the export keeps.
+    from sslcompress.finetune.groups import build_groups
+
+    torch.manual_seed(0)
+    model, shape = build_model(ModelSpec(arch, 10, 3, (side, side))).eval(), (1, 3, side, side)
+    for p in model.parameters():
+        if p.dim() == 1:  # biases and norm parameters that do something
+            p.uniform_(-0.5, 0.5)
+    groups = build_groups(model, shape, ("depth",))
+    assert len(groups) >= 2
+    params = dict(model.named_parameters())
+    for g in groups[::2]:
+        for s in g.slices:
+            params[s.param].zero_()
+    counted = count(model, shape)
+    result = compress(export_onnx(model, shape).model)
+    assert result.verification.passed
+    assert len(result.report["blocks_removed"]) == len(counted.blocks_removed) == len(groups[::2])
+    assert result.report["totals"]["macs_after"] == counted.macs_after < counted.macs
