@@ -74,34 +74,37 @@ def test_thinning_a_dead_branch_beside_a_projection_keeps_it_a_branch():
 
 
 class _GroupNormBlock(torch.nn.Module):
-    def __init__(self, c: int) -> None:
+    def __init__(self, c: int, norm) -> None:
         super().__init__()
-        self.conv1, self.gn1 = torch.nn.Conv2d(c, c, 3, padding=1, bias=False), torch.nn.GroupNorm(4, c)
-        self.conv2, self.gn2 = torch.nn.Conv2d(c, c, 3, padding=1, bias=False), torch.nn.GroupNorm(4, c)
+        self.conv1, self.gn1 = torch.nn.Conv2d(c, c, 3, padding=1, bias=False), norm(c)
+        self.conv2, self.gn2 = torch.nn.Conv2d(c, c, 3, padding=1, bias=False), norm(c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(x + self.gn2(self.conv2(torch.relu(self.gn1(self.conv1(x))))))
 
 
 class _GroupNormNet(torch.nn.Module):
-    """A residual net normalised by GroupNorm (as detection backbones are): its blocks are depth groups too."""
+    """A residual net normalised by GroupNorm (as detection backbones are) or InstanceNorm (as image-to-image
+    nets are): its blocks are depth groups too."""
 
-    def __init__(self) -> None:
+    def __init__(self, norm) -> None:
         super().__init__()
         self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
-        self.b1, self.b2 = _GroupNormBlock(16), _GroupNormBlock(16)
+        self.b1, self.b2 = _GroupNormBlock(16, norm), _GroupNormBlock(16, norm)
         self.head = torch.nn.Linear(16, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.b2(self.b1(self.stem(x))).mean((2, 3)))
 
 
+@pytest.mark.parametrize("norm", [lambda c: torch.nn.GroupNorm(4, c), lambda c: torch.nn.InstanceNorm2d(c, affine=True)],
+                         ids=["group", "instance"])
 @torch.no_grad()
-def test_a_group_norm_block_is_a_depth_group_counted_as_cut():
+def test_a_group_or_instance_norm_block_is_a_depth_group_counted_as_cut(norm):
     from sslcompress.finetune.groups import build_groups
 
     torch.manual_seed(0)
-    model, shape = _GroupNormNet().eval(), (1, 3, 16, 16)
+    model, shape = _GroupNormNet(norm).eval(), (1, 3, 16, 16)
     assert [g.name for g in build_groups(model, shape, ("depth",))] == ["depth b1", "depth b2"]
     for p in model.b1.parameters():
         p.zero_()  # with its GroupNorms' scales and shifts: the branch writes zero

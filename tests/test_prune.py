@@ -237,6 +237,40 @@ def test_an_add_of_a_constant_and_a_zero_operand_drops_the_zero_branch():
     verify_or_raise(proto, cut)
 
 
+def test_instance_norm_channels_are_read_per_channel():
+    # InstanceNormalization normalises each channel over its own positions: a zero filter before it leaves a
+    # channel that writes the shift (zero, then it goes), a zero scale a channel that writes its shift (a
+    # constant, folded into the 1x1 conv after it), and the others keep their values.
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sslcompress.surgery.compress import compress
+
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(6, 3, 3, 3)).astype(np.float32)
+    w1[[0, 1]] = 0  # channels 0 and 1 read only zeros
+    scale = rng.uniform(0.5, 1.5, 6).astype(np.float32)
+    scale[2] = 0  # channel 2 writes its shift, whatever it reads
+    shift = rng.normal(size=6).astype(np.float32)
+    shift[0] = 0  # channel 0: zero; channel 1: its shift
+    w2 = rng.normal(size=(4, 6, 1, 1)).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for n, a in (("w1", w1), ("s", scale), ("b", shift), ("w2", w2))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("InstanceNormalization", ["c", "s", "b"], ["n"], epsilon=1e-5),
+             helper.make_node("Relu", ["n"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 8, 8])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    res = compress(proto)
+    assert res.verification.passed and res.verification.max_abs <= 1e-6 * res.verification.max_ref + 1e-7
+    assert res.report["totals"]["channels_removed"] == 3
+    weights = {i.name: numpy_helper.to_array(i) for i in res.model.graph.initializer}
+    norm = next(n for n in res.model.graph.node if n.op_type == "InstanceNormalization")
+    assert weights[norm.input[1]].shape == (3,)
+    np.testing.assert_array_equal(weights[norm.input[1]], scale[3:])
+    assert res.report["constant_channels_folded"] == 2
+
+
 @torch.no_grad()
 def test_zero_outer_kernel_rows_and_columns_shrink_the_kernel():
     from sslcompress.surgery.compress import compress

@@ -839,7 +839,7 @@ def _branch_op_ok(node: fx.Node, modules: dict) -> bool:
         mod = modules[str(node.target)]
         if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)) and not mod.affine and mod.track_running_stats:
             return False  # maps zero to -running_mean / std in eval mode
-        if isinstance(mod, (nn.LayerNorm, nn.GroupNorm)):
+        if isinstance(mod, (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
             # Its scale and shift zero, it writes zero whatever it reads (a pre-norm block's branch starts there).
             return mod.weight is not None and mod.bias is not None
         return isinstance(mod, (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.Flatten)) \

@@ -389,6 +389,39 @@ class MatMul(Dense):
         return True
 
 
+@register("InstanceNormalization")
+class InstanceNorm(PassThrough):
+    """Each channel normalised over its own spatial positions: deleting a channel leaves the others as they
+    were. A channel whose scale is zero writes its shift; so does an all-zero input channel (its mean and
+    variance are 0, and 0 / sqrt(epsilon) is 0). Any other input, a constant one too, stays LIVE: a
+    constant's computed mean need not be the constant to the last bit, and the epsilon magnifies the rest."""
+
+    def in_axes(self, node):
+        return [1] + [None] * (len(node.inputs) - 1)
+
+    def forward(self, node, ins):
+        x = ins[0]
+        scale, bias = (const_array(input_or_none(node, i)) for i in (1, 2))
+        if x is None or scale is None or bias is None or scale.shape != bias.shape or len(scale) != len(x):
+            return [None] * len(node.outputs)
+        known = (x.state == ZERO) | (scale == 0)
+        return [Channels.known(bias.astype(np.float64)).with_live(~known)]
+
+    def couple(self, node, ids, ctx):
+        if any(const_array(input_or_none(node, i)) is None for i in (1, 2)):
+            return Decline("its scale or shift is computed at run time")
+        quantized = _quantized_decline(node, (1, 2), {1: "scale", 2: "shift"})
+        return quantized or super().couple(node, ids, ctx)
+
+    def rewrite(self, graph, node, keep_in, keep_out):
+        kout = keep_out[0]
+        if kout is None:
+            return False
+        for i in (1, 2):
+            take_const(graph, node, i, lambda a: a[kout])
+        return True
+
+
 @register("BatchNormalization")
 class BatchNorm(PassThrough):
     def in_axes(self, node):
