@@ -127,6 +127,33 @@ def test_strided_branches_go_at_a_dynamic_height_and_width():
 
 
 @torch.no_grad()
+def test_names_carry_through_the_batch_norms_a_foreign_export_kept():
+    # The legacy exporter in PRESERVE mode keeps every BatchNormalization beside its conv, as other writers do:
+    # the names reach each Add through them, and the strided block's zero branch goes at dynamic sizes too.
+    import io
+
+    m = _resnet()
+    buf = io.BytesIO()
+    with T._quiet():
+        torch.onnx.export(m, (torch.randn(1, 3, 32, 32),), buf, dynamo=False, opset_version=17,
+                          training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
+                          input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {0: "batch", 2: "height", 3: "width"}, "output": {0: "batch"}})
+    proto = onnx.load_from_string(buf.getvalue())
+    assert sum(n.op_type == "BatchNormalization" for n in proto.graph.node) == 21
+    rng = np.random.default_rng(0)
+    feeds = [rng.standard_normal(s).astype(np.float32) for s in ((2, 3, 32, 32), (1, 3, 27, 21))]
+    res = compress(proto, inputs=feeds)
+    assert res.verification.passed
+    assert "/layer2/layer2.0/Add" in res.report["blocks_removed"]
+    assert res.report["zero_branches_kept"] == {}
+    x = rng.standard_normal((2, 3, 19, 33)).astype(np.float32)
+    outs = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+            for p in (proto, res.model)]
+    assert np.abs(outs[0] - outs[1]).max() <= 1e-5 * np.abs(outs[0]).max()
+
+
+@torch.no_grad()
 def test_a_constant_stage_at_a_dynamic_size_keeps_what_needs_static_sizes():
     # A strided block zero whole, projection included: the stage after it reads only its BatchNorm shifts,
     # constants whose maps through padding need static sizes. The cut goes on without them, and says so.

@@ -12,10 +12,13 @@ or SAME_LOWER it computes ``ceil(in / stride)``, c = 0 (and VALID is pads 0). Th
 by that form over the input's name, so equal computations from one symbol get one name however they are
 written: ``ceil(height/2)`` for a 3x3 conv of stride 2 and padding 1, for the 1x1 projection of stride 2 beside
 it and for a SAME-padded conv of stride 2, and the input's own name where the size stays (stride 1, "same"
-padding). Shape inference keeps a name a pass gave (``InferShapesPass``), and carries it on through the
-elementwise ops after. Names are only given where the input size is a named symbol and the output's is
-unknown or a name inference made up; a known size, or one the exporter named, is never replaced. Pools in
-ceil mode, whose last window must start inside the input, keep inference's names.
+padding). Shape inference keeps a name a value already has, even one it made up in an earlier round, so the
+pass carries the names on itself, in graph order, through the elementwise ops after (a BatchNormalization a
+foreign export kept, a ReLU, the Add that joins a branch and its shortcut): an output size takes the name its
+inputs share at that axis. Names are only given where the output's size is unknown or a name inference made
+up, and only from names the inputs already hold, so no two sizes can come to share a name they do not share in
+fact; a known size, or one the exporter named, is never replaced. Pools in ceil mode, whose last window must
+start inside the input, keep inference's names.
 """
 
 from __future__ import annotations
@@ -55,38 +58,80 @@ def _spatial_attrs(node: ir.Node, spatial: int) -> tuple[list[int], list[int], l
     return list(kernel), strides, dilations, pads, auto_pad.startswith("SAME")
 
 
-def _invented(dim) -> bool:
-    """A size nothing has named: unknown, or a name shape inference made up (``unk__N``). An exporter's own
-    name (torch.export writes its symbolic expressions) stays: other ops' sizes may be written in it."""
+# Ops whose output has their first input's shape (the others are parameters along the channels, or scalars),
+# and ops whose output has their inputs' shapes broadcast together: a size of the output is the size those
+# inputs share there, so a name carries through them from a windowed op to the Add that joins two.
+_SHAPE_OF_FIRST = frozenset({
+    "Abs", "BatchNormalization", "Cast", "Clip", "Dropout", "Elu", "Erf", "Exp", "Gelu", "HardSigmoid", "HardSwish",
+    "Identity", "InstanceNormalization", "LeakyRelu", "Mish", "Neg", "Relu", "Selu", "Sigmoid", "Softplus", "Sqrt",
+    "Tanh",
+})
+_BROADCAST = frozenset({"Add", "Div", "Max", "Min", "Mul", "PRelu", "Sub", "Sum"})
+
+
+def _windowed_dims(node: ir.Node, x: ir.Value, y: ir.Value) -> list | None:
+    """The output dims of a conv or pool with its spatial sizes named (module docstring)."""
+    if x.shape is None or y.shape is None or len(x.shape) != len(y.shape) or len(x.shape) < 3:
+        return None
+    spatial = len(x.shape) - 2
+    attrs = _spatial_attrs(node, spatial)
+    if attrs is None:
+        return None
+    kernel, strides, dilations, pads, same = attrs
+    dims = list(y.shape)
+    for i in range(spatial):
+        size = x.shape[2 + i]
+        if invented(dims[2 + i]) and isinstance(size, ir.SymbolicDim) and size.value is not None:
+            c = 0 if same else pads[i] + pads[i + spatial] - dilations[i] * (kernel[i] - 1)
+            dims[2 + i] = window_size_name(size.value, c, strides[i])
+    return dims
+
+
+def _broadcast_dims(inputs: list[ir.Value | None], y: ir.Value) -> list | None:
+    """The output dims of an elementwise op with each invented size replaced by the name its inputs share at
+    that axis (inputs aligned from the last axis; a missing axis or a size of 1 broadcasts)."""
+    if y.shape is None:
+        return None
+    shapes = [v.shape for v in inputs if v is not None]
+    if not shapes or any(s is None for s in shapes):
+        return None
+    dims = list(y.shape)
+    for i in range(len(dims)):
+        if not invented(dims[i]):
+            continue
+        back = len(dims) - i
+        names = {s[len(s) - back] for s in shapes if len(s) >= back and s[len(s) - back] != 1}
+        if len(names) == 1:
+            (only,) = names
+            if isinstance(only, ir.SymbolicDim) and only.value is not None and not invented(only):
+                dims[i] = only.value
+    return dims
+
+
+def invented(dim) -> bool:
+    """A size nothing has named: unknown, or a name shape inference made up (``unk__N``)."""
     return isinstance(dim, ir.SymbolicDim) and (dim.value is None or dim.value.startswith("unk__"))
 
 
 class WindowSizesPass(ir.passes.InPlacePass):
-    """Each conv's and pool's symbolic output height and width named after its input's (module docstring)."""
+    """Each conv's and pool's symbolic output height and width named after its input's, and the names carried
+    on through elementwise ops (module docstring)."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
-        for node in model.graph:
-            if node.op_type not in _WINDOWED or node.domain not in ("", "ai.onnx") or not node.inputs:
+        for node in model.graph:  # in order: a name given reaches the ops after it in the same walk
+            if node.domain not in ("", "ai.onnx") or not node.inputs or node.inputs[0] is None:
                 continue
-            x, y = node.inputs[0], node.outputs[0]
-            if x is None or x.shape is None or y.shape is None or len(x.shape) != len(y.shape) or len(x.shape) < 3:
+            y = node.outputs[0]
+            if node.op_type in _WINDOWED:
+                dims = _windowed_dims(node, node.inputs[0], y)
+            elif node.op_type in _SHAPE_OF_FIRST:
+                dims = _broadcast_dims(node.inputs[:1], y)
+            elif node.op_type in _BROADCAST:
+                dims = _broadcast_dims(list(node.inputs), y)
+            else:
                 continue
-            spatial = len(x.shape) - 2
-            attrs = _spatial_attrs(node, spatial)
-            if attrs is None:
-                continue
-            kernel, strides, dilations, pads, same = attrs
-            dims = list(y.shape)
-            for i in range(spatial):
-                size, out = x.shape[2 + i], dims[2 + i]
-                if not _invented(out) or not isinstance(size, ir.SymbolicDim) or size.value is None:
-                    continue
-                c = 0 if same else pads[i] + pads[i + spatial] - dilations[i] * (kernel[i] - 1)
-                name = window_size_name(size.value, c, strides[i])
-                if out.value != name:
-                    dims[2 + i] = name
-            if dims != list(y.shape):
+            if dims is not None and dims != list(y.shape):
                 y.shape = ir.Shape(dims)
                 modified = True
         return ir.passes.PassResult(model, modified)
