@@ -16,7 +16,8 @@ padding). Shape inference keeps a name a value already has, even one it made up 
 pass carries the names on itself, in graph order, through the elementwise ops after (a BatchNormalization a
 foreign export kept, a ReLU, the Add that joins a branch and its shortcut): an output size takes the name its
 inputs share at that axis. Names are only given where the output's size is unknown or a name inference made
-up, and only from names the inputs already hold, so no two sizes can come to share a name they do not share in
+up, and only from real names the inputs already hold (never from one inference made up, which it may make up
+again for another size once the first is gone), so no two sizes can come to share a name they do not share in
 fact; a known size, or one the exporter named, is never replaced. Pools in ceil mode, whose last window must
 start inside the input, keep inference's names.
 """
@@ -81,7 +82,8 @@ def _windowed_dims(node: ir.Node, x: ir.Value, y: ir.Value) -> list | None:
     dims = list(y.shape)
     for i in range(spatial):
         size = x.shape[2 + i]
-        if invented(dims[2 + i]) and isinstance(size, ir.SymbolicDim) and size.value is not None:
+        # Only from a real name: one inference made up may be made up again for another size once it is gone.
+        if invented(dims[2 + i]) and isinstance(size, ir.SymbolicDim) and not invented(size):
             c = 0 if same else pads[i] + pads[i + spatial] - dilations[i] * (kernel[i] - 1)
             dims[2 + i] = window_size_name(size.value, c, strides[i])
     return dims
