@@ -49,11 +49,11 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def cut_case(name: str, keep: float, args, work: Path) -> tuple[Path, Path, dict, dict]:
+def cut_case(name: str, keep: float, args, work: Path, scope: str = "blocks",
+             align: int = 1) -> tuple[Path, Path, dict, dict]:
     """The zeroed ResNet exported with a dynamic batch and cut, verified, both models written to `work`:
     (dense path, structured path, the surgery's totals, what was zeroed)."""
-    model, zeroing = sparse_resnet(name, keep, args.size, args.seed, getattr(args, "scope", "blocks"),
-                                   getattr(args, "align", 1))
+    model, zeroing = sparse_resnet(name, keep, args.size, args.seed, scope, align)
     exported = export_onnx(model, (1, 3, args.size, args.size), dynamic_batch=True)
     cut = compress(exported.model, shape_lowering="off")
     if not cut.verification.passed:

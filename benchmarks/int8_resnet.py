@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def one_case(name: str, keep: float, args, work: Path) -> dict:
-    dense, structured, totals, zeroing = cut_case(name, keep, args, work)
+    dense, structured, totals, zeroing = cut_case(name, keep, args, work, args.scope, args.align)
     log(f"{name} keep {keep:g}: MACs {totals['macs'] / 1e9:.3f} G -> {totals['macs_after'] / 1e9:.3f} G; "
         "quantizing and timing five variants")
     config = BenchConfig(dense=str(dense), structured=str(structured), threads=tuple(args.threads),

@@ -145,39 +145,29 @@ def kept_count(n: int, keep: float, align: int = 1) -> int:
 
 
 @torch.no_grad()
-def zero_channels(pairs, keep: float, gen: torch.Generator, align: int = 1) -> tuple[int, int]:
-    """Zero a random (1 - keep) of each pair's filters and BN gamma/beta; (zeroed, total) channels."""
+def zero_written_channels(groups, keep: float, gen: torch.Generator, align: int = 1) -> tuple[int, int]:
+    """Zero a random (1 - keep) of each group's channels in every (name, conv, bn) of the group that writes them:
+    the filters (and biases) and the BN gamma and beta, so the folded bias beta - gamma*mean/std is 0 too;
+    (zeroed, total) channels."""
     zeroed = total = 0
-    for _, conv, bn in pairs:
-        n = conv.out_channels
-        n_zero = n - kept_count(n, keep, align)
-        idx = torch.randperm(n, generator=gen)[:n_zero]
-        conv.weight[idx] = 0.0
-        if conv.bias is not None:
-            conv.bias[idx] = 0.0
-        bn.weight[idx] = 0.0  # gamma 0 and beta 0: the folded bias is beta - gamma*mean/std = 0
-        bn.bias[idx] = 0.0
-        zeroed += n_zero
-        total += n
-    return zeroed, total
-
-
-@torch.no_grad()
-def zero_trunk_channels(trunks, keep: float, gen: torch.Generator, align: int = 1) -> tuple[int, int]:
-    """Zero a random (1 - keep) of each trunk's channels in every conv and BN that writes them; (zeroed, total)
-    trunk channels."""
-    zeroed = total = 0
-    for writers in trunks:
+    for writers in groups:
         n = writers[0][1].out_channels
         n_zero = n - kept_count(n, keep, align)
         idx = torch.randperm(n, generator=gen)[:n_zero]
         for _, conv, bn in writers:
             conv.weight[idx] = 0.0
+            if conv.bias is not None:
+                conv.bias[idx] = 0.0
             bn.weight[idx] = 0.0
             bn.bias[idx] = 0.0
         zeroed += n_zero
         total += n
     return zeroed, total
+
+
+def zero_channels(pairs, keep: float, gen: torch.Generator, align: int = 1) -> tuple[int, int]:
+    """Zero a random (1 - keep) of each pair's filters and BN gamma/beta; (zeroed, total) channels."""
+    return zero_written_channels([[pair] for pair in pairs], keep, gen, align)
 
 
 SCOPES = ("blocks", "all")  # block-internal channels only, or the stem and residual trunks too
@@ -196,10 +186,11 @@ def sparse_resnet(name: str, keep: float, size: int, seed: int, scope: str = "bl
     randomize_bn(model, gen)
     pairs = block_internal_pairs(model)
     zeroed, total = zero_channels(pairs, keep, gen, align)
-    zeroing = {"scope": scope, "align": align, "block_internal_convs": len(pairs), "channels_zeroed": zeroed, "channels_total": total}
+    zeroing = {"scope": scope, "align": align, "block_internal_convs": len(pairs), "channels_zeroed": zeroed,
+               "channels_total": total}
     if scope == "all":
         trunks = trunk_writers(model)
-        t_zeroed, t_total = zero_trunk_channels(trunks, keep, gen, align)
+        t_zeroed, t_total = zero_written_channels(trunks, keep, gen, align)
         zeroing.update(trunks=len(trunks), trunk_channels_zeroed=t_zeroed, trunk_channels_total=t_total)
     model.eval()
     return model, zeroing
