@@ -34,6 +34,18 @@ def test_names_say_what_the_size_is_computed_from():
         for k, s, p in ((3, 2, 1), (1, 2, 0), (3, 1, 0), (7, 2, 3), (3, 3, 0), (5, 2, 1)):
             c = 2 * p - (k - 1)
             assert (size + 2 * p - (k - 1) - 1) // s + 1 == -(-(size + c) // s)
+    # Ceil mode: one more where the last step is short, less the last window where it starts in the end
+    # padding; never so where the end padding plus the stride is at most the kernel.
+    def ceil_mode(size: int, k: int, s: int, p: int) -> int:
+        out = -(-(size + 2 * p - k) // s) + 1
+        return out - 1 if (out - 1) * s >= size + p else out
+
+    for size in range(2, 40):
+        for k, s, p in ((2, 2, 0), (3, 2, 0), (3, 2, 1), (3, 3, 0), (5, 2, 2), (3, 1, 1)):
+            assert p + s <= k
+            assert ceil_mode(size, k, s, p) == -(-(size + 2 * p - (k - 1) + s - 1) // s)
+    # Past that bound the last window is dropped at some sizes only (3x3, stride 3, padding 1: at 2, 5, 8, ...).
+    assert {size for size in range(2, 12) if ceil_mode(size, 3, 3, 1) != -(-(size + 2 - 2 + 2) // 3)} == {2, 5, 8, 11}
 
 
 def _graph(nodes, inits, outputs) -> ir.Model:
@@ -53,27 +65,36 @@ def test_equal_computations_from_one_size_get_one_name_and_others_keep_theirs():
              helper.make_node("Conv", ["x", "w3"], ["same"], pads=[1, 1, 1, 1]),
              helper.make_node("Conv", ["x", "w3"], ["auto"], strides=[2, 2], auto_pad="SAME_UPPER"),
              helper.make_node("MaxPool", ["x"], ["ceil"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
+             helper.make_node("AveragePool", ["x"], ["resnet_d"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
+             helper.make_node("MaxPool", ["x"], ["ceil_padded"], kernel_shape=[2, 2], strides=[2, 2],
+                              pads=[1, 1, 1, 1], ceil_mode=1),
              helper.make_node("Conv", ["x", "w3"], ["valid"], strides=[2, 2], auto_pad="VALID")]
-    model = _graph(nodes, [w3, w1], ["branch", "shortcut", "same", "auto", "ceil", "valid"])
+    model = _graph(nodes, [w3, w1], ["branch", "shortcut", "same", "auto", "ceil", "resnet_d", "ceil_padded",
+                                     "valid"])
     values = {v.name: v for node in model.graph for v in node.outputs}
-    invented = list(values["ceil"].shape)[2:]
+    invented = list(values["ceil_padded"].shape)[2:]
     assert WindowSizesPass()(model).modified
     shape = {name: [str(d) for d in values[name].shape] for name in values}
-    # Three ways of writing one size: explicit padding 1, none at a 1x1, SAME padding.
-    assert shape["branch"] == shape["shortcut"] == shape["auto"] == ["n", "4", "ceil(h/2)", "ceil(w/2)"]
+    # Four ways of writing one size: explicit padding 1, none at a 1x1, SAME padding, and a 2x2 pool of stride 2
+    # in ceil mode (a ResNet-D shortcut's).
+    assert shape["branch"] == shape["shortcut"] == shape["auto"] == shape["resnet_d"] == [
+        "n", "4", "ceil(h/2)", "ceil(w/2)"]
     assert shape["same"] == ["n", "4", "h", "w"]
     assert shape["valid"] == ["n", "4", "ceil((h-2)/2)", "ceil((w-2)/2)"]
-    # A pool in ceil mode computes its size another way: what inference named it stays.
-    assert list(values["ceil"].shape)[2:] == invented
+    # A 3x3 pool in ceil mode: one more than in floor mode wherever the last step is short.
+    assert shape["ceil"] == ["n", "4", "ceil((h-1)/2)", "ceil((w-1)/2)"]
+    # Padded at the end by 1 with a window of 2 and stride 2, the last window may start in the padding and be
+    # dropped, at some sizes only: what inference named it stays.
+    assert list(values["ceil_padded"].shape)[2:] == invented
     assert not WindowSizesPass()(model).modified  # nothing left to name
     # The names hold in ONNX Runtime: values of one name have one size at any input size.
     sess = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(),
                                 providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
-    for h, w in ((7, 9), (8, 8), (3, 5), (16, 3)):
+    for h, w in ((7, 9), (8, 8), (3, 5), (16, 3), (5, 11), (13, 4)):
         got = dict(zip(names, sess.run(None, {"x": np.zeros((1, 4, h, w), np.float32)}), strict=True))
         by_name: dict[str, int] = {}
-        for name in ("branch", "shortcut", "auto", "same", "valid"):
+        for name in ("branch", "shortcut", "auto", "same", "valid", "ceil", "resnet_d"):
             for sym, size in zip(shape[name][2:], got[name].shape[2:], strict=True):
                 assert by_name.setdefault(sym, size) == size, (sym, h, w)
         assert by_name["h"] == h and by_name["w"] == w
@@ -151,6 +172,49 @@ def test_names_carry_through_the_batch_norms_a_foreign_export_kept():
     outs = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
             for p in (proto, res.model)]
     assert np.abs(outs[0] - outs[1]).max() <= 1e-5 * np.abs(outs[0]).max()
+
+
+class _ResNetD(torch.nn.Module):
+    """A stem and one strided ResNet-D block: the shortcut averages 2x2 windows in ceil mode before its 1x1
+    projection, where ResNet-B strides the 1x1."""
+
+    def __init__(self):
+        super().__init__()
+        bn = torch.nn.BatchNorm2d
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), bn(8), torch.nn.ReLU())
+        self.branch = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, 2, 1, bias=False), bn(16), torch.nn.ReLU(),
+                                          torch.nn.Conv2d(16, 16, 3, padding=1, bias=False), bn(16))
+        self.shortcut = torch.nn.Sequential(torch.nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False),
+                                            torch.nn.Conv2d(8, 16, 1, bias=False), bn(16))
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(self.branch(x) + self.shortcut(x))
+        return self.head(x.mean((2, 3)))
+
+
+@torch.no_grad()
+def test_a_resnet_d_block_whose_shortcut_pools_in_ceil_mode_loses_its_zero_branch_at_dynamic_sizes():
+    torch.manual_seed(0)
+    m = _ResNetD().eval()
+    for bn in (mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    for p in m.branch.parameters():
+        p.zero_()
+    proto = T.legacy(m, dynamic=(0, 2, 3))
+    rng = np.random.default_rng(0)
+    feeds = [rng.standard_normal(s).astype(np.float32) for s in ((2, 3, 32, 32), (1, 3, 27, 21))]
+    res = compress(proto, inputs=feeds)
+    assert res.verification.passed
+    assert len(res.report["blocks_removed"]) == 1 and res.report["zero_branches_kept"] == {}
+    assert sum(n.op_type == "Conv" for n in res.model.graph.node) == 2  # the stem and the projection
+    for shape in ((3, 3, 19, 33), (1, 3, 8, 9), (1, 3, 5, 2)):  # odd sizes: the pool's last window is short
+        x = rng.standard_normal(shape).astype(np.float32)
+        outs = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"])
+                .run(None, {"input": x})[0] for p in (proto, res.model)]
+        assert np.abs(outs[0] - outs[1]).max() <= 1e-5 * np.abs(outs[0]).max()
 
 
 @torch.no_grad()

@@ -18,8 +18,15 @@ foreign export kept, a ReLU, the Add that joins a branch and its shortcut): an o
 inputs share at that axis. Names are only given where the output's size is unknown or a name inference made
 up, and only from real names the inputs already hold (never from one inference made up, which it may make up
 again for another size once the first is gone), so no two sizes can come to share a name they do not share in
-fact; a known size, or one the exporter named, is never replaced. Pools in ceil mode, whose last window must
-start inside the input, keep inference's names.
+fact; a known size, or one the exporter named, is never replaced.
+
+A pool in ceil mode computes ``ceil((in + pads - dilation * (kernel - 1) - 1) / stride) + 1``, that is
+``ceil((in + c + stride - 1) / stride)``, less one where its last window would start in the end padding. That
+window starts at ``(out - 1) * stride``, below ``in + pads - dilation * (kernel - 1) - 1 + stride``; so where the
+end padding plus the stride is at most ``dilation * (kernel - 1) + 1`` it always starts inside the input (or the
+begin padding) and the form holds at every size: the 2x2 average pool of stride 2 in a ResNet-D shortcut names
+its output ``ceil(height/2)`` like the strided conv beside it. Other ceil-mode pools, whose size depends on that
+check, keep inference's names.
 """
 
 from __future__ import annotations
@@ -37,12 +44,12 @@ def window_size_name(size: str, c: int, stride: int) -> str:
     return f"ceil({shifted}/{stride})" if c == 0 else f"ceil(({shifted})/{stride})"
 
 
-def _spatial_attrs(node: ir.Node, spatial: int) -> tuple[list[int], list[int], list[int], list[int], bool] | None:
-    """(kernel, strides, dilations, pads, same) of a windowed op, `same` where automatic padding keeps
-    ceil(size / stride); None where its output size is not of that form (ceil mode, a kernel of unknown size)."""
+def _spatial_attrs(node: ir.Node, spatial: int) -> tuple[list[int], list[int], list[int], list[int], bool, bool] | None:
+    """(kernel, strides, dilations, pads, same, ceil) of a windowed op, `same` where automatic padding keeps
+    ceil(size / stride), `ceil` for a pool in ceil mode; None where the kernel's size is unknown."""
     attrs = node.attributes
     auto_pad = attrs.get_string("auto_pad", "NOTSET")
-    if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER") or attrs.get_int("ceil_mode", 0):
+    if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
         return None
     kernel = attrs.get_ints("kernel_shape", None)
     if kernel is None and node.op_type == "Conv" and len(node.inputs) > 1 and node.inputs[1] is not None:
@@ -56,7 +63,7 @@ def _spatial_attrs(node: ir.Node, spatial: int) -> tuple[list[int], list[int], l
     pads = list(attrs.get_ints("pads", [0] * (2 * spatial))) if explicit else [0] * (2 * spatial)
     if len(strides) != spatial or len(dilations) != spatial or len(pads) != 2 * spatial:
         return None
-    return list(kernel), strides, dilations, pads, auto_pad.startswith("SAME")
+    return list(kernel), strides, dilations, pads, auto_pad.startswith("SAME"), bool(attrs.get_int("ceil_mode", 0))
 
 
 # Ops whose output has their first input's shape (the others are parameters along the channels, or scalars),
@@ -78,14 +85,23 @@ def _windowed_dims(node: ir.Node, x: ir.Value, y: ir.Value) -> list | None:
     attrs = _spatial_attrs(node, spatial)
     if attrs is None:
         return None
-    kernel, strides, dilations, pads, same = attrs
+    kernel, strides, dilations, pads, same, ceil = attrs
     dims = list(y.shape)
     for i in range(spatial):
         size = x.shape[2 + i]
         # Only from a real name: one inference made up may be made up again for another size once it is gone.
-        if invented(dims[2 + i]) and isinstance(size, ir.SymbolicDim) and not invented(size):
-            c = 0 if same else pads[i] + pads[i + spatial] - dilations[i] * (kernel[i] - 1)
-            dims[2 + i] = window_size_name(size.value, c, strides[i])
+        if not invented(dims[2 + i]) or not isinstance(size, ir.SymbolicDim) or invented(size):
+            continue
+        reach = dilations[i] * (kernel[i] - 1)
+        if same:
+            c = 0
+        elif not ceil:
+            c = pads[i] + pads[i + spatial] - reach
+        elif pads[i + spatial] + strides[i] <= reach + 1:  # the last window never starts in the end padding
+            c = pads[i] + pads[i + spatial] - reach + strides[i] - 1
+        else:
+            continue
+        dims[2 + i] = window_size_name(size.value, c, strides[i])
     return dims
 
 
