@@ -115,6 +115,57 @@ def test_a_group_or_instance_norm_block_is_a_depth_group_counted_as_cut(norm):
     assert result.report["totals"]["macs_after"] == counted.macs_after < counted.macs
 
 
+class _DifferenceNet(torch.nn.Module):
+    """Residuals written as differences: ``x - branch(x)`` (zero branch: x), and ``branch(x) - x`` (zero
+    branch: -x, no bypass)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.b1 = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.BatchNorm2d(16),
+                                      torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1))
+        self.b2 = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
+                                      torch.nn.Conv2d(16, 16, 3, padding=1))
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x - self.b1(x))
+        x = torch.relu(self.b2(x) - x)
+        return self.head(x.mean((2, 3)))
+
+
+@torch.no_grad()
+def test_a_subtracted_branch_is_a_depth_group_and_a_subtracting_one_is_not():
+    from sslcompress.finetune.groups import build_groups
+
+    torch.manual_seed(0)
+    model, shape = _DifferenceNet().eval(), (1, 3, 16, 16)
+    assert [g.name for g in build_groups(model, shape, ("depth",))] == ["depth b1"]
+    for p in list(model.b1.parameters()) + list(model.b2.parameters()):
+        p.zero_()
+    counted = count(model, shape)
+    result = compress(export_onnx(model, shape).model)
+    assert result.verification.passed
+    assert counted.blocks_removed == ("b1",) and result.report["blocks_removed"] == ["/Sub"]
+    # b2 computes zero and stays a Sub (0 - x), its convs cut to nothing but what the Sub needs.
+    assert result.report["totals"]["macs_after"] == counted.macs_after < counted.macs
+
+
+@torch.no_grad()
+def test_a_subtracted_constant_branch_becomes_its_negated_shift():
+    torch.manual_seed(0)
+    model, shape = _DifferenceNet().eval(), (1, 3, 16, 16)
+    for p in (model.b1[0].weight, model.b1[0].bias, model.b1[1].weight, model.b1[1].bias):
+        p.zero_()  # b1's last conv reads zeros and writes its bias: the branch is a constant per channel
+    assert model.b1[3].bias.abs().min() > 0
+    counted = count(model, shape)
+    result = compress(export_onnx(model, shape).model)
+    assert result.verification.passed
+    assert result.report["blocks_constant"] == ["/Sub"]
+    assert result.report["totals"]["macs_after"] == counted.macs_after < counted.macs
+
+
 @pytest.mark.parametrize(("arch", "side"), [("resnet20", 32), ("resnet18", 64), ("convnext_cifar", 32),
                                             ("vit_tiny", 32)])
 @torch.no_grad()

@@ -796,7 +796,9 @@ def _residual_branches(gm: fx.GraphModule, sum_nodes: list[fx.Node], modules: di
         side_a = (anc(a) | {a}) - (anc(c) | {c})
         side_c = (anc(c) | {c}) - (anc(a) | {a})
         candidates = []
-        for side, other in ((side_a, side_c), (side_c, side_a)):
+        # x - branch is x where the branch is zero; branch - x is -x, so a difference's first side is no branch.
+        sides = ((side_c, side_a),) if _is_difference(node) else ((side_a, side_c), (side_c, side_a))
+        for side, other in sides:
             if not side or not _self_contained(side, node):
                 continue
             params = parametric(side)
@@ -812,6 +814,14 @@ def _residual_branches(gm: fx.GraphModule, sum_nodes: list[fx.Node], modules: di
             _, _, params, shortcut = candidates[0]
             branches.append(Branch(add_node=node.name, modules=params, shortcut=shortcut))
     return branches
+
+
+_DIFFERENCE_FUNCTIONS = {operator.sub, operator.isub, torch.sub, aten.sub.Tensor, aten.sub_.Tensor}
+
+
+def _is_difference(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _DIFFERENCE_FUNCTIONS) \
+        or (node.op == "call_method" and node.target in ("sub", "sub_"))
 
 
 def _stream_sum(node: fx.Node, shape) -> bool:

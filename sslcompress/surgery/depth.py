@@ -2,7 +2,9 @@
 
 Where one operand of an Add is ZERO in every channel (and has the Add's own shape, so nothing
 depends on its broadcasting), the Add is the other operand: its users are rewired to it, the
-Add goes, and every node whose outputs no one reads any more (the branch) goes with it.
+Add goes, and every node whose outputs no one reads any more (the branch) goes with it. A Sub
+whose second operand is ZERO (a residual written ``x - branch(x)``) goes the same way; one whose
+first operand is ZERO computes ``-x`` and stays.
 
 Where that operand is instead a constant per channel, each channel one value everywhere (a branch
 whose first layer's filters are all zero: its last conv reads only zeros and writes its bias), the
@@ -65,7 +67,7 @@ def remove_zero_branches(model: ir.Model, analysis: Analysis | None = None) -> D
     kept: dict[str, str] = {}
     n_before = len(list(model.graph))
     for node in list(model.graph):
-        if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        if node.op_type not in ("Add", "Sub") or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
             continue
         out = node.outputs[0]
         if out.is_graph_output():
@@ -90,7 +92,8 @@ def remove_zero_branches(model: ir.Model, analysis: Analysis | None = None) -> D
                 model.graph.remove(node, safe=True)
                 removed.append(node.name or out.name)
             elif _norm_carries(node, keep):
-                _add_as_norm(model.graph, node, keep, ch.value)
+                shift = -ch.value if node.op_type == "Sub" else ch.value  # x - c is x + (-c), exactly
+                _add_as_norm(model.graph, node, keep, shift)
                 constant.append(node.name or out.name)
             else:
                 node.replace_input_with(side, _channel_constant(model.graph, node, z, ch.value))
@@ -107,10 +110,13 @@ def remove_zero_branches(model: ir.Model, analysis: Analysis | None = None) -> D
                        {k: v for k, v in kept.items() if k in left and k not in done}, tuple(constant))
 
 
-def _zero_side_first(node: ir.Node, states) -> tuple[int, int]:
+def _zero_side_first(node: ir.Node, states) -> tuple[int, ...]:
     """The Add's operand sides, a ZERO operand's first: where one operand is zero and the other constant, dropping
     the zero one deletes its branch whole and keeps the sum as it is, where taking the constant one's side first
-    would write a constant and leave the zero branch to be cut down to one channel."""
+    would write a constant and leave the zero branch to be cut down to one channel. A Sub's second side only:
+    without its first operand it is the second's negation, no bypass."""
+    if node.op_type == "Sub":
+        return (1,)
     def zero(side: int) -> bool:
         ch = states.get(node.inputs[side]) if node.inputs[side] is not None else None
         return ch is not None and bool(np.all(ch.state == ZERO))
