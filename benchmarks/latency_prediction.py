@@ -17,7 +17,9 @@ random BatchNorm statistics so the export's folding is not a no-op) and each bat
    widths plus the calibrated overhead. Beside it, the naive MAC-proportional guess: the dense model's
    measured latency times the MAC fraction.
 4. measured: the compact model alone in `sslcompress.runtime.timing.interleaved` (1 thread, no pinning,
-   as the table's ops are timed), median of --rounds samples.
+   as the table's ops are timed), in --passes passes over all the models (default 3, --rounds samples shared
+   among them), the median of the passes' medians: a slow window of the shared host touches one pass of a
+   model, not all its samples. Beside it, the compact model and the dense one timed in the same rounds.
 
 The ratio predicted / measured is the figure: the target set for the predictor is within 10% (0.9-1.1).
 The machine is shared (2 cores, another job running), so every figure is noisy; the load average is
@@ -162,23 +164,45 @@ def compact_onnx(model: nn.Module, shape) -> tuple[bytes, dict]:
 # Timing
 
 
-def measure_ms(onnx_bytes: bytes, shape, batch: int, args) -> tuple[float, float]:
-    """Median and interquartile range (ms) of the model alone at this batch, 1 thread."""
+def measure_samples(onnx_bytes: bytes, shape, batch: int, rounds: int, args) -> list[float]:
+    """Timed samples (s) of the model alone at this batch, 1 thread."""
     session = create_session(onnx_bytes, threads=1)
     x = np.random.default_rng(args.seed).standard_normal((batch, *shape[1:])).astype(np.float32)
-    (_, samples), = interleaved({"model": runner(session, x, "cpu")}, repeat=args.rounds, warmup=args.warmup,
+    (_, samples), = interleaved({"model": runner(session, x, "cpu")}, repeat=rounds, warmup=args.warmup,
                                 sample_time=args.sample_s).values()
-    q1, q3 = np.quantile(samples, [0.25, 0.75])
-    return 1e3 * statistics.median(samples), 1e3 * float(q3 - q1)
+    return list(samples)
 
 
-def measure_pair_ms(dense_bytes: bytes, onnx_bytes: bytes, shape, batch: int, args) -> tuple[float, float]:
+def measure_pair_ms(dense_bytes: bytes, onnx_bytes: bytes, shape, batch: int, rounds: int, args) -> tuple[float, float]:
     """Median ms of the dense and the compact model timed in the same rounds: their ratio is immune to the
     machine's drift between the profile and this measurement, which on a shared machine dwarfs the error."""
     x = np.random.default_rng(args.seed).standard_normal((batch, *shape[1:])).astype(np.float32)
     runs = {n: runner(create_session(b, threads=1), x, "cpu") for n, b in (("dense", dense_bytes), ("compact", onnx_bytes))}
-    raw = interleaved(runs, repeat=args.rounds, warmup=args.warmup, sample_time=args.sample_s)
+    raw = interleaved(runs, repeat=rounds, warmup=args.warmup, sample_time=args.sample_s)
     return tuple(1e3 * statistics.median(raw[n][1]) for n in ("dense", "compact"))
+
+
+def measured_in_passes(compacts: list, shape, batch: int, args) -> list[dict]:
+    """Each compact model timed alone and beside the dense one, in --passes passes over all of them (the rounds
+    shared out among the passes): a window of a few seconds in which the shared host runs slow then touches one
+    pass of a model, not all its samples. The figures are the medians of the passes' medians."""
+    rounds = max(1, -(-args.rounds // args.passes))
+    dense_bytes = compacts[0][4]
+    per_case: list[dict] = [{"alone": [], "samples": [], "ratios": [], "load": os.getloadavg()[0]} for _ in compacts]
+    for _ in range(args.passes):
+        for got, (_, _, _, _, onnx_bytes, _) in zip(per_case, compacts, strict=True):
+            samples = measure_samples(onnx_bytes, shape, batch, rounds, args)
+            got["samples"] += samples
+            got["alone"].append(1e3 * statistics.median(samples))
+            pair_dense, pair_compact = measure_pair_ms(dense_bytes, onnx_bytes, shape, batch, rounds, args)
+            got["ratios"].append(pair_compact / pair_dense)
+    out = []
+    for got in per_case:
+        q1, q3 = np.quantile(got["samples"], [0.25, 0.75])
+        out.append({"measured_ms": statistics.median(got["alone"]), "measured_iqr_ms": 1e3 * float(q3 - q1),
+                    "pass_ms": got["alone"], "paired_ratio": statistics.median(got["ratios"]),
+                    "load_before": got["load"]})
+    return out
 
 
 def step_for(name: str, args) -> int | None:
@@ -221,27 +245,22 @@ def run_model(name: str, args, cases: list[dict], tables: dict) -> None:
         tables[f"{name} b{batch}"] = {"path": str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path),
                                       "points": sum(len(e.points) for e in table.entries.values()),
                                       "measured_now": len(measured_points), "seconds": profile_s}
-        dense_measured = None
-        dense_bytes, dense_predicted = compacts[0][4], predict_dense(table, structure)
-        for label, target, zeroed, count, onnx_bytes, totals in compacts:
-            load = os.getloadavg()[0]
-            measured, iqr = measure_ms(onnx_bytes, shape, batch, args)
+        dense_predicted = predict_dense(table, structure)
+        measured = measured_in_passes(compacts, shape, batch, args)
+        dense_measured = measured[0]["measured_ms"]
+        for (label, target, zeroed, count, _, totals), m in zip(compacts, measured, strict=True):
             predicted = predict(table, structure, count)
-            if dense_measured is None:
-                dense_measured = measured
             mac_guess = dense_measured * count.macs_fraction
-            pair_dense, pair_compact = measure_pair_ms(dense_bytes, onnx_bytes, shape, batch, args)
             case = {"model": name, "batch": batch, "case": label, "target": target, "groups_zeroed": zeroed,
                     "macs_fraction": count.macs_fraction, "onnx_macs_fraction": totals["macs_fraction"],
-                    "predicted_ms": predicted, "measured_ms": measured, "measured_iqr_ms": iqr,
-                    "ratio": predicted / measured, "mac_guess_ratio": mac_guess / measured,
-                    "paired_dense_ms": pair_dense, "paired_ms": pair_compact,
-                    "relative_ratio": (predicted / dense_predicted) / (pair_compact / pair_dense),
-                    "load_before": load}
+                    "predicted_ms": predicted, **m,
+                    "ratio": predicted / m["measured_ms"], "mac_guess_ratio": mac_guess / m["measured_ms"],
+                    "relative_ratio": (predicted / dense_predicted) / m["paired_ratio"]}
             cases.append(case)
-            log(f"{name} b{batch} {label}: predicted {predicted:.3f} ms, measured {measured:.3f} ms "
-                f"(IQR {iqr:.3f}), ratio {case['ratio']:.3f}; relative to dense {case['relative_ratio']:.3f}; "
-                f"MAC-proportional {case['mac_guess_ratio']:.3f} [load {load:.1f}]")
+            log(f"{name} b{batch} {label}: predicted {predicted:.3f} ms, measured {m['measured_ms']:.3f} ms "
+                f"(passes {', '.join(f'{x:.3f}' for x in m['pass_ms'])}), ratio {case['ratio']:.3f}; relative to "
+                f"dense {case['relative_ratio']:.3f}; MAC-proportional {case['mac_guess_ratio']:.3f} "
+                f"[load {m['load_before']:.1f}]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,12 +294,14 @@ def render_markdown(doc: dict) -> str:
         "`--align auto` leaves them), exported and cut by the surgery; *predicted* is "
         "`sslcompress.latency.predict` on the profiled table (calibrated by the dense model and its narrowed "
         "variants, uniform and random, timed whole at profile time; other draws than these cases), *measured* "
-        "the compact model alone in ORT (median of "
-        f"{doc['args']['rounds']} samples). *MAC guess* is the dense model's measured latency times the MAC "
+        "the compact model alone in ORT (the median of the medians of "
+        f"{doc['args'].get('passes', 1)} passes over all models, {doc['args']['rounds']} samples in all). "
+        "*MAC guess* is the dense model's measured latency times the MAC "
         "fraction, for comparison.",
         "",
         "*Relative*: the prediction as a fraction of the predicted dense latency, over the compact model's latency "
-        "as a fraction of the dense model's, the two timed in the same rounds right after: immune to the "
+        "as a fraction of the dense model's, the two timed in the same rounds right after (median over the "
+        "passes): immune to the "
         "machine's drift between the profile and the measurement (the other job on this machine changes its "
         "load by tens of percent within minutes).",
         "",
@@ -314,7 +335,9 @@ def main() -> None:
     ap.add_argument("--targets", default="0.7,0.5,0.3", help="MAC fractions the random prunings keep")
     ap.add_argument("--step", type=int, default=None, help="table grid step (default: the library's default)")
     ap.add_argument("--step-resnet18", type=int, default=32, help="the coarser grid step for resnet18")
-    ap.add_argument("--rounds", type=int, default=25, help="timed samples per compact model")
+    ap.add_argument("--rounds", type=int, default=30, help="timed samples per compact model, over all passes")
+    ap.add_argument("--passes", type=int, default=3,
+                    help="passes over all compact models per batch, each timing every one (default 3)")
     ap.add_argument("--profile-rounds", type=int, default=5, help="timed samples per table op")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--sample-s", type=float, default=0.02)
@@ -327,7 +350,7 @@ def main() -> None:
                     help="results file stem under benchmarks/results (default latency_prediction)")
     args = ap.parse_args()
     if args.quick:
-        args.models, args.batch, args.targets, args.step, args.rounds = "resnet20", "1", "0.5", 16, 5
+        args.models, args.batch, args.targets, args.step, args.rounds, args.passes = "resnet20", "1", "0.5", 16, 6, 2
     args.models, args.batch, args.targets = csv(args.models), csv(args.batch, int), csv(args.targets, float)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
