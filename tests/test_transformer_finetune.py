@@ -542,3 +542,78 @@ def test_the_report_prints_branch_names_with_their_brackets(capsys):
                   "totals": {"macs": 1, "macs_after": 1, "macs_fraction": 1.0, "macs_gemm_after": 1,
                              "macs_gemm_fraction": 1.0, "params": 1, "params_after": 1}})
     assert "residual blocks removed: 1/2 (blocks.0[norm2,mlp])" in capsys.readouterr().out
+
+
+def _rms_vit() -> nn.Module:
+    """The small ViT with its LayerNorms replaced by RMSNorms, as LLaMA-style blocks normalise."""
+    model = _vit()
+    dim = model.norm.normalized_shape[0]
+    for block in model.blocks:
+        block.norm1, block.norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
+    model.norm = nn.RMSNorm(dim, eps=1e-6)
+    return _randomised(model).eval()
+
+
+@torch.no_grad()
+def test_rms_norm_exports_as_the_ops_it_computes():
+    import numpy as np
+    import onnxruntime as ort
+
+    from sslcompress.surgery.export import export_onnx
+    from sslcompress.surgery.rms_norm_export import _registered_by_caller
+
+    model = _rms_vit()
+    for opset in (17, 18):  # ReduceMean's axes an attribute, then an input
+        proto = export_onnx(model, VIT_SHAPE, opset=opset, dynamic_batch=True).model
+        assert sum(n.op_type == "ReduceMean" for n in proto.graph.node) == 5  # 2 per block and the last norm
+        x = torch.randn(3, *VIT_SHAPE[1:], generator=torch.Generator().manual_seed(1))
+        got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"input": x.numpy()})[0]
+        want = model(x).numpy()
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert not _registered_by_caller(17)  # the symbolic is gone once the export is done
+
+
+@torch.no_grad()
+def test_a_half_precision_rms_norm_computes_in_float32_as_torch_does():
+    import io
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from sslcompress.surgery.rms_norm_export import rms_norm_exportable
+
+    norm = nn.RMSNorm(24).half()
+    norm.weight.uniform_(-1, 1)
+    x = (100 * torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(0))).half()  # squares past fp16's range
+    buf = io.BytesIO()
+    with rms_norm_exportable(17):
+        torch.onnx.export(norm, (x,), buf, dynamo=False, opset_version=17, input_names=["x"])
+    got = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    want = norm(x).numpy()
+    assert np.isfinite(got).all() and got.dtype == np.float16
+    assert np.abs(got.astype(np.float32) - want.astype(np.float32)).max() <= 2e-3 * np.abs(want).max()
+
+
+def test_rms_norm_mlp_branches_are_depth_groups_cut_and_counted():
+    from sslcompress.surgery.compress import compress
+    from sslcompress.surgery.export import export_onnx
+
+    model = _rms_vit()
+    groups = build_groups(model, VIT_SHAPE, ("depth",))
+    assert [g.name for g in groups] == ["depth blocks.0[norm2,mlp]", "depth blocks.1[norm2,mlp]"]
+    assert {s.param.rsplit(".", 1)[0] for s in groups[0].slices} == {
+        "blocks.0.norm2", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"}
+    # The stream's features stay: the RMSNorms divide each by the mean square of all.
+    st = analyze(model, VIT_SHAPE)
+    reasons = {st.pin_reason(i) for i in st.layers["blocks.1.attn.q"].in_ids}
+    assert any("RMS norm blocks.1.norm1 normalises" in (r or "") for r in reasons), reasons
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for s in groups[0].slices:
+            params[s.param].zero_()
+    counted = count(model, VIT_SHAPE)
+    result = compress(export_onnx(model, VIT_SHAPE).model)
+    assert result.report["verification"]["passed"]
+    assert counted.blocks_removed == ("blocks.0[norm2,mlp]",) and len(result.report["blocks_removed"]) == 1
+    assert result.report["totals"]["macs_after"] == counted.macs_after < counted.macs

@@ -5,8 +5,8 @@ A Linear reads and writes the last axis of a (batch, tokens, features) tensor, a
 for each value whose channel ids run along an axis other than 1, that axis; every op that reads such a
 value comes here. What is followed: a Linear on the last axis (fresh ids for its outputs, counted once per
 token), element-wise activations and dropout, sums of equal shapes, scaling by a number, permute and
-transpose (they move the axis). LayerNorm pins what it normalises: deleting a channel, even a zero one,
-changes the mean and variance of the rest. Anything else is a wall, as in structure.py.
+transpose (they move the axis). LayerNorm and RMSNorm pin what they normalise: deleting a channel, even a
+zero one, changes the mean and variance (the mean square) of the rest. Anything else is a wall, as in structure.py.
 """
 
 from __future__ import annotations
@@ -39,7 +39,13 @@ _SCALE_FUNCTIONS = {operator.mul, operator.imul, torch.mul, operator.truediv, op
 _SCALE_METHODS = {"mul", "mul_", "div", "div_"}
 _PERMUTE_FUNCTIONS = {torch.permute, aten.permute.default}
 _TRANSPOSE_FUNCTIONS = {torch.transpose, aten.transpose.int}
-_LAYER_NORM_FUNCTIONS = {F.layer_norm, aten.layer_norm.default}
+# RMSNorm (LLaMA-style blocks) pins its features as LayerNorm does: a deleted channel, even a zero one, changes
+# the mean square the others are divided by.
+RMS_NORM_MODULES: tuple[type[nn.Module], ...] = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+_LAYER_NORM_MODULES: tuple[type[nn.Module], ...] = (nn.LayerNorm, *RMS_NORM_MODULES)
+_RMS_NORM_FUNCTIONS = {F.rms_norm, aten.rms_norm.default} if hasattr(F, "rms_norm") and hasattr(aten, "rms_norm") \
+    else set()
+_LAYER_NORM_FUNCTIONS = {F.layer_norm, aten.layer_norm.default} | _RMS_NORM_FUNCTIONS
 _MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm, aten.matmul.default, aten.bmm.default}
 _SDPA_FUNCTIONS = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default}
 
@@ -51,7 +57,7 @@ def is_permute(node: fx.Node) -> bool:
 
 def is_layer_norm(node: fx.Node, modules: dict) -> bool:
     if node.op == "call_module":
-        return isinstance(modules.get(str(node.target)), nn.LayerNorm)
+        return isinstance(modules.get(str(node.target)), _LAYER_NORM_MODULES)
     return node.op == "call_function" and node.target in _LAYER_NORM_FUNCTIONS
 
 
@@ -137,16 +143,16 @@ def ids(b, node: fx.Node, modules: dict, shape, tensor_ids, axis_of: dict, shape
         name = str(node.target)
         if isinstance(mod, nn.Linear):
             return _linear(b, node, name, mod, x, axis, shape, src_shape, layers, layer_cls, wall)
-        if isinstance(mod, nn.LayerNorm):
+        if isinstance(mod, _LAYER_NORM_MODULES):
             # The reason a residual stream keeps its width, whatever else pinned it first (a position
             # embedding added): deleting a channel changes what the norm computes for the others.
-            return blocked(_layer_norm_reason(name), defining=True)
+            return blocked(_layer_norm_reason(name, isinstance(mod, RMS_NORM_MODULES)), defining=True)
         if isinstance(mod, _ELEMENTWISE_MODULES) and x is not None and shape == src_shape:
             return list(x), axis
         return blocked(f"{type(mod).__name__} {name} on channels along axis {axis}")
     target, is_fn = node.target, node.op == "call_function"
     if is_fn and target in _LAYER_NORM_FUNCTIONS:
-        return blocked(_layer_norm_reason(node.name), defining=True)
+        return blocked(_layer_norm_reason(node.name, target in _RMS_NORM_FUNCTIONS), defining=True)
     if x is not None and shape == src_shape and (
             (is_fn and target in _ELEMENTWISE_FUNCTIONS) or (not is_fn and target in _ELEMENTWISE_METHODS)):
         return list(x), axis
@@ -171,7 +177,10 @@ def ids(b, node: fx.Node, modules: dict, shape, tensor_ids, axis_of: dict, shape
     return blocked(f"unsupported op {node.op} {getattr(target, '__name__', target)} on channels along axis {axis}")
 
 
-def _layer_norm_reason(name: str) -> str:
+def _layer_norm_reason(name: str, rms: bool = False) -> str:
+    if rms:
+        return (f"RMS norm {name} normalises over these channels (deleting a channel, even a zero one, "
+                "changes its mean square)")
     return (f"layer norm {name} normalises over these channels (deleting a channel, even a zero one, "
             "changes its mean and variance)")
 

@@ -852,6 +852,8 @@ def _branch_op_ok(node: fx.Node, modules: dict) -> bool:
         if isinstance(mod, (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
             # Its scale and shift zero, it writes zero whatever it reads (a pre-norm block's branch starts there).
             return mod.weight is not None and mod.bias is not None
+        if isinstance(mod, last_axis.RMS_NORM_MODULES):
+            return mod.weight is not None  # no shift: its scale zero, it writes zero
         return isinstance(mod, (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.Flatten)) \
             or _is_channelwise(mod)
     if node.op == "call_function":

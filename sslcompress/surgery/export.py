@@ -26,6 +26,7 @@ from torch import nn
 from ..errors import ConfigError, UnsupportedModelError, VerificationError, first_line
 from ..finetune.checkpoint import load_checkpoint
 from ..io import atomic_write_bytes
+from .rms_norm_export import rms_norm_exportable
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
@@ -112,7 +113,8 @@ def _torch_export(model: nn.Module, input_shape: tuple[int, ...], opset: int, dy
 
     nn.MultiheadAttention in eval mode takes its fast path, one aten::_native_multi_head_attention that no ONNX
     opset has; with the fast path off while exporting, it is written out as MatMuls the surgery can cut per
-    head. The setting is global, so its previous value is put back after."""
+    head. The setting is global, so its previous value is put back after. aten::rms_norm, which no opset the
+    exporter writes has, is written out as the ops it computes (rms_norm_export)."""
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(*input_shape, generator=generator).to(_device_of(model))
     axes = {INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}} if dynamic_batch else None
@@ -122,7 +124,7 @@ def _torch_export(model: nn.Module, input_shape: tuple[int, ...], opset: int, dy
     model.eval()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with warnings.catch_warnings(), torch.no_grad(), _exporter_output_silenced():
+        with warnings.catch_warnings(), torch.no_grad(), _exporter_output_silenced(), rms_norm_exportable(opset):
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model, (example,), buf, dynamo=False, opset_version=opset,
