@@ -617,3 +617,32 @@ def test_rms_norm_mlp_branches_are_depth_groups_cut_and_counted():
     assert result.report["verification"]["passed"]
     assert counted.blocks_removed == ("blocks.0[norm2,mlp]",) and len(result.report["blocks_removed"]) == 1
     assert result.report["totals"]["macs_after"] == counted.macs_after < counted.macs
+
+
+@pytest.mark.parametrize("opset", [18, 23])  # RMSNorm written out (Pow, ReduceMean, Sqrt, Reciprocal), then one op
+def test_a_dynamo_exported_rms_norm_model_loses_its_zero_mlp_branch(opset):
+    import numpy as np
+    import onnxruntime as ort
+    from corpus import torch_models as T
+
+    from sslcompress.surgery.compress import compress
+
+    model = _rms_vit()
+    groups = build_groups(model, VIT_SHAPE, ("depth",))
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for s in groups[1].slices:
+            params[s.param].zero_()
+    counted = count(model, VIT_SHAPE)
+    x = torch.randn(2, *VIT_SHAPE[1:], generator=torch.Generator().manual_seed(0))
+    with T._quiet():
+        proto = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, input_names=["input"],
+                                  output_names=["output"]).model_proto
+    assert any(n.op_type == ("RMSNormalization" if opset >= 23 else "ReduceMean") for n in proto.graph.node)
+    result = compress(proto, inputs=[x.numpy()])
+    assert result.verification.passed and len(result.report["blocks_removed"]) == 1
+    assert result.report["totals"]["macs_after"] == counted.macs_after
+    y = torch.randn(2, *VIT_SHAPE[1:], generator=torch.Generator().manual_seed(1)).numpy()
+    outs = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": y})[0]
+            for p in (proto, result.model)]
+    assert np.abs(outs[0] - outs[1]).max() <= 1e-5 * np.abs(outs[0]).max()
