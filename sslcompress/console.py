@@ -236,7 +236,7 @@ def print_surgery_report(report: dict[str, Any]) -> None:
     if kept:
         _out.print("zero channels found but kept, and why: " + ", ".join(f"{n} by {why}" for why, n in kept.items()))
     for add, why in (report.get("zero_branches_kept") or {}).items():
-        _out.print(f"zero residual branch kept at {add}: {why}")
+        _out.print(f"zero or constant residual branch kept at {add}: {why}")
     for conv, why in (report.get("constant_channels_kept") or {}).items():
         _out.print(f"constant channels kept at {conv}: it {why}")
     _print_lowering(report.get("shape_lowering"))
