@@ -4,8 +4,8 @@ A Linear reads and writes the last axis of a (batch, tokens, features) tensor, a
 (N, C, H, W) to (N, H, W, C) around its LayerNorm and Linear layers. The analysis in structure.py keeps,
 for each value whose channel ids run along an axis other than 1, that axis; every op that reads such a
 value comes here. What is followed: a Linear on the last axis (fresh ids for its outputs, counted once per
-token), element-wise activations and dropout, sums of equal shapes, scaling by a number, permute and
-transpose (they move the axis). LayerNorm and RMSNorm pin what they normalise: deleting a channel, even a
+token), element-wise activations and dropout, sums and products of equal shapes (a gated MLP's
+silu(gate(x)) * up(x)), scaling by a number, permute and transpose (they move the axis). LayerNorm and RMSNorm pin what they normalise: deleting a channel, even a
 zero one, changes the mean and variance (the mean square) of the rest. Anything else is a wall, as in structure.py.
 """
 
@@ -48,6 +48,14 @@ _RMS_NORM_FUNCTIONS = {F.rms_norm, aten.rms_norm.default} if hasattr(F, "rms_nor
 _LAYER_NORM_FUNCTIONS = {F.layer_norm, aten.layer_norm.default} | _RMS_NORM_FUNCTIONS
 _MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm, aten.matmul.default, aten.bmm.default}
 _SDPA_FUNCTIONS = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default}
+
+
+_PRODUCT_FUNCTIONS = {operator.mul, operator.imul, torch.mul, aten.mul.Tensor}
+
+
+def _is_product(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _PRODUCT_FUNCTIONS) or \
+        (node.op == "call_method" and node.target in ("mul", "mul_"))
 
 
 def is_permute(node: fx.Node) -> bool:
@@ -168,6 +176,14 @@ def ids(b, node: fx.Node, modules: dict, shape, tensor_ids, axis_of: dict, shape
     if (is_fn and target in _SCALE_FUNCTIONS) or (not is_fn and target in _SCALE_METHODS):
         other = args[1] if len(args) > 1 else node.kwargs.get("other")
         if x is not None and isinstance(other, (int, float)) and shape == src_shape:
+            return list(x), axis
+        y = tensor_ids(other) if isinstance(other, fx.Node) else None
+        if _is_product(node) and x is not None and y is not None and len(x) == len(y) \
+                and axis_of.get(other, 1) == axis and shape == src_shape == shape_of(other):
+            # A gated MLP's silu(gate(x)) * up(x) (SwiGLU, GeGLU): hidden unit j of the product is unit j of each
+            # factor, one unit, whose rows in both Linears go together (zero in either, the product is zero).
+            for i, j in zip(x, y):
+                b.union(i, j)
             return list(x), axis
         return blocked(f"{node.name}: a product of two tensors")
     if is_permute(node) and x is not None and src_shape is not None:

@@ -404,6 +404,16 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
             for arg in node.all_input_nodes:
                 for ids in channel_lists(arg):
                     b.pin(ids, "model output")
+        elif _is_split(node) and axis_of.get(node.args[0], 1) != 1:
+            # A packed gate-and-up projection chunked along the features (a gated MLP's w12(x).chunk(2, -1)).
+            along = axis_of[node.args[0]]
+            ids_of[node] = _split_parts(node, tensor_ids, wall, along)
+            if isinstance(ids_of[node], tuple):
+                axis_of[node] = along
+                splits.append(ChannelSplit(node.name, [list(p) for p in ids_of[node]], node.target in _CHUNK_TARGETS))
+        elif _is_part(node, ids_of) and axis_of.get(node.args[0], 1) != 1:
+            ids_of[node] = _part(node, ids_of, wall)
+            axis_of[node] = axis_of[node.args[0]]
         elif last_axis.applies(node, modules, axis_of, _shape):
             ids_of[node], axis = last_axis.ids(b, node, modules, shape, tensor_ids, axis_of, _shape, layers, Layer,
                                                wall)
@@ -544,9 +554,10 @@ def _part_shapes(node: fx.Node) -> list[tuple[int, ...]] | None:
     return [tuple(int(d) for d in m.shape) for m in meta]
 
 
-def _split_parts(node: fx.Node, tensor_ids, wall):
-    """torch.chunk / torch.split along channels: consecutive channel ranges, as the surgery's Split
-    selects them (its sizes follow the kept channels). Along any other dim it is a wall, as in the surgery."""
+def _split_parts(node: fx.Node, tensor_ids, wall, axis: int = 1):
+    """torch.chunk / torch.split along the channels (`axis`, 1 or the axis features run along): consecutive
+    channel ranges, as the surgery's Split selects them (its sizes follow the kept channels). Along any other
+    dim it is a wall, as in the surgery."""
     src = node.args[0] if node.args else None
     x = tensor_ids(src)
     src_shape = _shape(src) if isinstance(src, fx.Node) else None
@@ -554,9 +565,9 @@ def _split_parts(node: fx.Node, tensor_ids, wall):
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     if x is None or src_shape is None or parts is None or not isinstance(dim, int) or len(src_shape) < 2:
         return wall(node, f"split {node.name} of a tensor whose channels cannot be followed")
-    if dim % len(src_shape) != 1:
-        return wall(node, f"split {node.name} along dim {dim}, not the channel axis")
-    sizes = [p[1] if len(p) > 1 else -1 for p in parts]
+    if dim % len(src_shape) != axis % len(src_shape):
+        return wall(node, f"split {node.name} along dim {dim}, not the channel axis", axis)
+    sizes = [p[axis] if len(p) > axis else -1 for p in parts]
     if sum(sizes) != len(x):
         return wall(node, f"split {node.name} into parts of other widths")
     starts = [sum(sizes[:k]) for k in range(len(sizes))]
@@ -802,7 +813,7 @@ def _residual_branches(gm: fx.GraphModule, sum_nodes: list[fx.Node], modules: di
             if not side or not _self_contained(side, node):
                 continue
             params = parametric(side)
-            if not params or not all(_branch_op_ok(n, modules) for n in side):
+            if not params or not all(_branch_op_ok(n, modules, side) for n in side):
                 continue
             weights = sum(int(p.numel()) for m in params for p in modules[m].parameters(recurse=False))
             candidates.append((len(params), weights, params, parametric(other)))
@@ -843,8 +854,14 @@ _LAYOUT_FUNCTIONS = {torch.permute, torch.transpose, aten.permute.default, aten.
 _LAYOUT_METHODS = {"permute", "transpose"}
 
 
-def _branch_op_ok(node: fx.Node, modules: dict) -> bool:
-    """A branch whose parameters are all zero must output exactly zero."""
+def _branch_op_ok(node: fx.Node, modules: dict, side: set[fx.Node] = frozenset()) -> bool:
+    """A branch whose parameters are all zero must output exactly zero. A product is zero where a factor comes
+    from the branch (a gated MLP's silu(gate(x)) * up(x))."""
+    if _is_product(node) and any(a in side for a in node.args[:2] if isinstance(a, fx.Node)):
+        return True
+    if _is_split(node) or (node.op == "call_function" and node.target is operator.getitem and node.args
+                           and isinstance(node.args[0], fx.Node) and _is_split(node.args[0])):
+        return True  # the parts of zero are zero
     if node.op == "call_module":
         mod = modules[str(node.target)]
         if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)) and not mod.affine and mod.track_running_stats:

@@ -1,0 +1,164 @@
+"""LLaMA-style blocks: RMSNorm, causal attention, and a gated MLP, ``down(silu(gate(x)) * up(x))``. Hidden unit j
+of the product is unit j of both factors: one neuron group owns row j of gate and of up and column j of down,
+the training counts what the export cuts, and the MLP branch is a depth group. The same with gate and up packed
+in one Linear and chunked along the features (``w12(x).chunk(2, -1)``): unit j owns rows j and hidden + j."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sslcompress.finetune.counting import count
+from sslcompress.finetune.groups import build_groups
+from sslcompress.finetune.thin import thin
+from sslcompress.surgery.compress import compress
+from sslcompress.surgery.export import export_onnx
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SHAPE = (1, 1, 8, 8)  # 16 patch tokens of 2x2
+DIM, HIDDEN = 16, 24
+
+
+class GatedMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class PackedGatedMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w12(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, hidden: int, heads: int = 2, packed: bool = False) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.mlp = (PackedGatedMlp if packed else GatedMlp)(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        y = self.norm1(x)
+        q, k, v = (m(y).view(b, t, self.heads, d // self.heads).transpose(1, 2) for m in (self.q, self.k, self.v))
+        x = x + self.o(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyLlama(nn.Module):
+    def __init__(self, packed: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(1, DIM, 2, 2)
+        self.blocks = nn.Sequential(Block(DIM, HIDDEN, packed=packed), Block(DIM, HIDDEN, packed=packed))
+        self.norm = nn.RMSNorm(DIM)
+        self.head = nn.Linear(DIM, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head(self.norm(self.blocks(x)).mean(1))
+
+
+def _model(packed: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    model = TinyLlama(packed).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.RMSNorm):
+                m.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def _zero(model: nn.Module, groups) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for g in groups:
+            for s in g.slices:
+                if s.axis == "out":
+                    params[s.param][list(s.index)] = 0
+                elif s.axis == "in":
+                    params[s.param][:, list(s.index)] = 0
+                else:
+                    params[s.param].zero_()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["gate-up", "packed"])
+def test_a_gated_mlp_unit_is_one_neuron_of_gate_up_and_down(packed):
+    groups = build_groups(_model(packed), SHAPE, ("neuron", "depth"))
+    neurons = [g for g in groups if g.kind == "neuron"]
+    assert len(neurons) == 2 * HIDDEN and all(g.removable for g in neurons)
+    third = {(s.param, s.axis, tuple(s.index)) for s in neurons[2].slices}
+    if packed:
+        assert third == {("blocks.0.mlp.w12.weight", "out", (2, HIDDEN + 2)), ("blocks.0.mlp.down.weight", "in", (2,))}
+    else:
+        assert third == {("blocks.0.mlp.gate.weight", "out", (2,)), ("blocks.0.mlp.up.weight", "out", (2,)),
+                         ("blocks.0.mlp.down.weight", "in", (2,))}
+    # The MLP branch (its RMSNorm, the three Linears and the product) is a depth group; attention is not.
+    assert [g.name for g in groups if g.kind == "depth"] == ["depth blocks.0[norm2,mlp]", "depth blocks.1[norm2,mlp]"]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["gate-up", "packed"])
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+@torch.no_grad()
+def test_zero_units_and_a_zero_branch_are_counted_as_the_export_cuts_them(exporter, packed):
+    model = _model(packed)
+    groups = build_groups(model, SHAPE, ("neuron", "depth"))
+    _zero(model, [g for g in groups if g.kind == "neuron" and g.name.startswith("neuron blocks.0.")][::2])
+    _zero(model, [g for g in groups if g.name == "depth blocks.1[norm2,mlp]"])
+    counted = count(model, SHAPE)
+    if exporter == "legacy":
+        proto = export_onnx(model, SHAPE).model
+    else:
+        x = torch.randn(*SHAPE, generator=torch.Generator().manual_seed(0))
+        proto = torch.onnx.export(model, (x,), dynamo=True, input_names=["input"], output_names=["output"],
+                                  verbose=False).model_proto
+    result = compress(proto)
+    assert result.verification.passed
+    assert counted.blocks_removed == ("blocks.1[norm2,mlp]",) and len(result.report["blocks_removed"]) == 1
+    assert result.report["totals"]["macs_after"] == counted.macs_after < counted.macs
+    # Block 0's gate and up keep 12 of 24 units (packed: 24 of 48 rows).
+    widths = {tuple(init.dims) for init in result.model.graph.initializer}
+    kept = HIDDEN if packed else HIDDEN // 2
+    assert (DIM, kept) in widths or (kept, DIM) in widths
+    x = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
+    outs = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+            for p in (proto, result.model)]
+    assert np.abs(outs[0] - outs[1]).max() <= 1e-5 * np.abs(outs[0]).max()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["gate-up", "packed"])
+def test_thinning_zero_units_keeps_the_outputs(packed):
+    model = _model(packed)
+    neurons = [g for g in build_groups(model, SHAPE, ("neuron",)) if g.removable]
+    _zero(model, neurons[::3])
+    x = torch.randn(3, *SHAPE[1:], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x)
+    counted = count(model, SHAPE)
+    result = thin(model, SHAPE)
+    assert result.applied, result.reason
+    left = HIDDEN - len(range(0, HIDDEN, 3))
+    mlp = model.blocks[0].mlp
+    assert mlp.down.in_features == left
+    assert (mlp.w12.out_features == 2 * left) if packed else (mlp.gate.out_features == mlp.up.out_features == left)
+    with torch.no_grad():
+        got = model(x)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    after = count(model, SHAPE)
+    assert after.macs == after.macs_after == counted.macs_after < counted.macs
