@@ -142,9 +142,12 @@ def _torch_export(model: nn.Module, input_shape: tuple[int, ...], opset: int, dy
 
 
 def _simplify(model: onnx.ModelProto, dynamic_batch: bool) -> onnx.ModelProto:
-    """onnxsim with its own numeric check off (it prints); callers verify in ORT themselves."""
+    """onnxsim with its own numeric check off (it prints); callers verify in ORT themselves. Its constant folding
+    writes a line to file descriptor 2 for each node it cannot fold (a causal mask's Where), from C++: noise to
+    the user, silenced with the exporter's."""
     try:
-        simplified, ok = onnxsim.simplify(model)
+        with _exporter_output_silenced():
+            simplified, ok = onnxsim.simplify(model)
     except Exception as exc:
         raise UnsupportedModelError(f"onnxsim could not simplify the exported model: {exc}") from exc
     if not ok:
