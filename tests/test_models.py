@@ -27,6 +27,7 @@ BUILTIN_NAMES = [
     "resnet32",
     "resnet56",
     "vit_tiny",
+    "llama_vit_tiny",
     "vit_small",
     "convnext_cifar",
     "alexnet",

@@ -1,4 +1,4 @@
-"""End to end on vit_tiny: `sslcompress finetune -s neuron --target-flops` sparsifies the MLP hidden units (and
+"""End to end on vit_tiny (and llama_vit_tiny): `sslcompress finetune -s neuron --target-flops` sparsifies the MLP hidden units (and
 with `head` the attention heads) of the digits model, and `sslcompress export` cuts them from the ONNX model,
 verified against the uncut one, at the MACs the training counted."""
 
@@ -16,11 +16,13 @@ from sslcompress.cli import main
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("structures, target", [("neuron", 0.6), ("head", 0.8)])
-def test_vit_finetuned_to_a_budget_and_cut_by_the_export(tmp_path, structures, target):
+@pytest.mark.parametrize("model, structures, target", [("vit_tiny", "neuron", 0.6), ("vit_tiny", "head", 0.8),
+                                                       ("llama_vit_tiny", "neuron,head,depth", 0.6)])
+def test_vit_finetuned_to_a_budget_and_cut_by_the_export(tmp_path, model, structures, target):
+    # llama_vit_tiny: RMSNorm (exported as the ops it computes) and SwiGLU MLPs, whose units are gate, up and down.
     runner = CliRunner()
     out = tmp_path / "run"
-    res = runner.invoke(main, ["finetune", "--model", "vit_tiny", "--data", "digits", "-s", structures,
+    res = runner.invoke(main, ["finetune", "--model", model, "--data", "digits", "-s", structures,
                                "--target-flops", str(target), "--pretrain-epochs", "1", "--sparsify-epochs", "1",
                                "--finetune-epochs", "1", "--limit-train", "96", "--limit-test", "32",
                                "--batch-size", "32", "--threads", "1", "--out", str(out), "--json"])

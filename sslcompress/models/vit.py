@@ -1,4 +1,5 @@
-"""A small Vision Transformer for CIFAR-sized inputs, with attention written out.
+"""A small Vision Transformer for CIFAR-sized inputs, with attention written out; and the same layout with
+LLaMA's blocks (RMSNorm, no biases, a SwiGLU MLP).
 
 Pre-norm blocks (LayerNorm, multi-head self-attention, residual, LayerNorm, Linear-GELU-Linear,
 residual), a class token and a learned position embedding. Attention uses separate q, k and v Linears
@@ -13,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from ._init import init_transformer_weights
 
 
@@ -28,16 +30,16 @@ def patch_size_for(input_size: tuple[int, int]) -> int:
 class Attention(nn.Module):
     """Multi-head self-attention on (batch, tokens, dim) with separate q, k, v projections."""
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+    def __init__(self, dim: int, num_heads: int, bias: bool = True) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not a multiple of {num_heads} heads")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.proj = nn.Linear(dim, dim)
+        self.q = nn.Linear(dim, dim, bias=bias)
+        self.k = nn.Linear(dim, dim, bias=bias)
+        self.v = nn.Linear(dim, dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
@@ -62,13 +64,34 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: int) -> None:
+class GatedMlp(nn.Module):
+    """LLaMA's SwiGLU MLP, down(silu(gate(x)) * up(x)), without biases: hidden unit j is row j of gate and of up
+    and column j of down."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, dim * mlp_ratio)
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+def gated_hidden(dim: int, mlp_ratio: int) -> int:
+    """LLaMA's hidden width: two thirds of mlp_ratio x dim (the same parameters as a plain MLP of that ratio),
+    rounded up to a multiple of 8."""
+    return -(-2 * mlp_ratio * dim // 3 // 8) * 8
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: int, llama: bool = False) -> None:
+        super().__init__()
+        norm = nn.RMSNorm if llama else nn.LayerNorm
+        self.norm1 = norm(dim)
+        self.attn = Attention(dim, num_heads, bias=not llama)
+        self.norm2 = norm(dim)
+        self.mlp = GatedMlp(dim, gated_hidden(dim, mlp_ratio)) if llama else Mlp(dim, dim * mlp_ratio)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -79,7 +102,8 @@ class VisionTransformer(nn.Module):
     """Patch embedding, class token, position embedding, pre-norm blocks, final norm, head on the class token."""
 
     def __init__(self, num_classes: int, in_channels: int, input_size: tuple[int, int], *, dim: int = 96,
-                 depth: int = 6, num_heads: int = 3, mlp_ratio: int = 4, patch: int | None = None) -> None:
+                 depth: int = 6, num_heads: int = 3, mlp_ratio: int = 4, patch: int | None = None,
+                 llama: bool = False) -> None:
         super().__init__()
         patch = patch or patch_size_for(input_size)
         tokens = (input_size[0] // patch) * (input_size[1] // patch)
@@ -88,8 +112,8 @@ class VisionTransformer(nn.Module):
         self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, tokens + 1, dim))
-        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
+        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio, llama) for _ in range(depth)])
+        self.norm = nn.RMSNorm(dim) if llama else nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         init_transformer_weights(self, (self.cls_token, self.pos_embed))
 
@@ -102,6 +126,14 @@ class VisionTransformer(nn.Module):
 
 def vit_tiny(num_classes: int, in_channels: int, input_size: tuple[int, int]) -> nn.Module:
     return VisionTransformer(num_classes, in_channels, input_size)
+
+
+def llama_vit_tiny(num_classes: int, in_channels: int, input_size: tuple[int, int]) -> nn.Module:
+    """vit_tiny's layout with LLaMA's blocks: RMSNorm, attention and MLP without biases, a SwiGLU MLP of 256
+    hidden units (two thirds of 4x, the same parameters as vit_tiny's MLP)."""
+    if not hasattr(nn, "RMSNorm"):
+        raise UnsupportedModelError("llama_vit_tiny needs torch 2.4 or later (nn.RMSNorm)")
+    return VisionTransformer(num_classes, in_channels, input_size, llama=True)
 
 
 def vit_small(num_classes: int, in_channels: int, input_size: tuple[int, int]) -> nn.Module:
