@@ -5,8 +5,9 @@ A Linear reads and writes the last axis of a (batch, tokens, features) tensor, a
 for each value whose channel ids run along an axis other than 1, that axis; every op that reads such a
 value comes here. What is followed: a Linear on the last axis (fresh ids for its outputs, counted once per
 token), element-wise activations and dropout, sums and products of equal shapes (a gated MLP's
-silu(gate(x)) * up(x)), scaling by a number, permute and transpose (they move the axis). LayerNorm and RMSNorm pin what they normalise: deleting a channel, even a
-zero one, changes the mean and variance (the mean square) of the rest. Anything else is a wall, as in structure.py.
+silu(gate(x)) * up(x)), scaling by a number, permute and transpose (they move the axis). LayerNorm and
+RMSNorm pin what they normalise: deleting a channel, even a zero one, changes the mean and variance (the
+mean square) of the rest. Anything else is a wall, as in structure.py.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ _SDPA_FUNCTIONS = {F.scaled_dot_product_attention, aten.scaled_dot_product_atten
 _PRODUCT_FUNCTIONS = {operator.mul, operator.imul, torch.mul, aten.mul.Tensor}
 
 
-def _is_product(node: fx.Node) -> bool:
+def is_product(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in _PRODUCT_FUNCTIONS) or \
         (node.op == "call_method" and node.target in ("mul", "mul_"))
 
@@ -178,7 +179,7 @@ def ids(b, node: fx.Node, modules: dict, shape, tensor_ids, axis_of: dict, shape
         if x is not None and isinstance(other, (int, float)) and shape == src_shape:
             return list(x), axis
         y = tensor_ids(other) if isinstance(other, fx.Node) else None
-        if _is_product(node) and x is not None and y is not None and len(x) == len(y) \
+        if is_product(node) and x is not None and y is not None and len(x) == len(y) \
                 and axis_of.get(other, 1) == axis and shape == src_shape == shape_of(other):
             # A gated MLP's silu(gate(x)) * up(x) (SwiGLU, GeGLU): hidden unit j of the product is unit j of each
             # factor, one unit, whose rows in both Linears go together (zero in either, the product is zero).

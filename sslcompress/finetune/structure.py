@@ -707,7 +707,6 @@ _GATE_FUNCTIONS = {torch.sigmoid, torch.nn.functional.sigmoid, torch.nn.function
 _GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
 _RESHAPE_METHODS = {"view", "reshape"}
 _RESHAPE_FUNCTIONS = {aten.view.default, aten.reshape.default}
-_PRODUCT_FUNCTIONS = {operator.mul, operator.imul, torch.mul, aten.mul.Tensor}
 
 
 def _is_reshape(node: fx.Node) -> bool:
@@ -725,11 +724,6 @@ def _is_gate_op(node: fx.Node, modules: dict) -> bool:
     return False
 
 
-def _is_product(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in _PRODUCT_FUNCTIONS) or \
-        (node.op == "call_method" and node.target in ("mul", "mul_"))
-
-
 def _gate_product(node: fx.Node, modules: dict) -> fx.Node | None:
     """For a sigmoid whose value, reshaped or not, is only a factor of one product of two tensors: that product.
 
@@ -742,7 +736,7 @@ def _gate_product(node: fx.Node, modules: dict) -> fx.Node | None:
     at = node
     while len(at.users) == 1:
         (user,) = at.users
-        if _is_product(user):
+        if last_axis.is_product(user):
             factors = [a for a in user.args[:2] if isinstance(a, fx.Node)]
             return user if len(factors) == 2 and at in factors and factors[0] is not factors[1] else None
         if _is_reshape(user) and user.args[0] is at:
@@ -754,7 +748,7 @@ def _gate_product(node: fx.Node, modules: dict) -> fx.Node | None:
 
 def _gated_operand(node: fx.Node, gates: set[fx.Node]) -> fx.Node | None:
     """The factor of this product that is a gate (through its reshapes), if any."""
-    if not _is_product(node):
+    if not last_axis.is_product(node):
         return None
     for arg in node.args[:2]:
         at = arg
@@ -857,7 +851,7 @@ _LAYOUT_METHODS = {"permute", "transpose"}
 def _branch_op_ok(node: fx.Node, modules: dict, side: set[fx.Node] = frozenset()) -> bool:
     """A branch whose parameters are all zero must output exactly zero. A product is zero where a factor comes
     from the branch (a gated MLP's silu(gate(x)) * up(x))."""
-    if _is_product(node) and any(a in side for a in node.args[:2] if isinstance(a, fx.Node)):
+    if last_axis.is_product(node) and any(a in side for a in node.args[:2] if isinstance(a, fx.Node)):
         return True
     if _is_split(node) or (node.op == "call_function" and node.target is operator.getitem and node.args
                            and isinstance(node.args[0], fx.Node) and _is_split(node.args[0])):
