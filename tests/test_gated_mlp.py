@@ -11,10 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from zeroing import zero_groups
 
 from sslcompress.finetune.counting import count
 from sslcompress.finetune.groups import build_groups
 from sslcompress.finetune.thin import thin
+from sslcompress.models.vit import GatedMlp
 from sslcompress.surgery.compress import compress
 from sslcompress.surgery.export import export_onnx
 
@@ -22,17 +24,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHAPE = (1, 1, 8, 8)  # 16 patch tokens of 2x2
 DIM, HIDDEN = 16, 24
-
-
-class GatedMlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.gate = nn.Linear(dim, hidden, bias=False)
-        self.up = nn.Linear(dim, hidden, bias=False)
-        self.down = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 class PackedGatedMlp(nn.Module):
@@ -86,16 +77,7 @@ def _model(packed: bool = False) -> nn.Module:
 
 
 def _zero(model: nn.Module, groups) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for g in groups:
-            for s in g.slices:
-                if s.axis == "out":
-                    params[s.param][list(s.index)] = 0
-                elif s.axis == "in":
-                    params[s.param][:, list(s.index)] = 0
-                else:
-                    params[s.param].zero_()
+    zero_groups(model, groups)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["gate-up", "packed"])

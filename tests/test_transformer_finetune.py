@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from zeroing import zero_groups
 
 from sslcompress.finetune.counting import count
 from sslcompress.finetune.groups import build_groups
@@ -47,17 +48,7 @@ def _randomised(model: nn.Module) -> nn.Module:
 
 
 def _zero(model: nn.Module, groups) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for g in groups:
-            for s in g.slices:
-                t = params[s.param]
-                if s.axis == "out":
-                    t[list(s.index)] = 0
-                elif s.axis == "in":
-                    t[:, list(s.index)] = 0
-                else:
-                    raise AssertionError(f"a neuron group holds rows and columns only, got {s}")
+    zero_groups(model, groups, rows_and_columns_only=True)
 
 
 def _neurons(model: nn.Module, shape) -> list:

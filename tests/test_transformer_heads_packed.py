@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from zeroing import zero_groups
 
 from sslcompress.finetune.counting import count
 from sslcompress.finetune.groups import build_groups
@@ -115,17 +116,7 @@ def _heads(model: nn.Module) -> list:
 
 
 def _zero(model: nn.Module, groups) -> None:
-    """Every slice of each group set to zero."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for g in groups:
-            for s in g.slices:
-                if s.axis == "out":
-                    params[s.param][list(s.index)] = 0
-                elif s.axis == "in":
-                    params[s.param][:, list(s.index)] = 0
-                else:
-                    raise AssertionError(f"a head or neuron group holds rows and columns only, got {s}")
+    zero_groups(model, groups, rows_and_columns_only=True)
 
 
 def _outputs(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -109,15 +109,38 @@ def test_a_size_the_exporter_named_stays():
     assert [str(d) for d in y.shape] == ["n", "4", "s0//2", "7"]
 
 
+def _shifted_batch_norms(m: torch.nn.Module) -> torch.nn.Module:
+    """BatchNorm statistics and shifts that do something, so a branch whose first conv is zero is a nonzero
+    constant."""
+    with torch.no_grad():
+        for bn in (mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    return m
+
+
+def _cut_at_dynamic_sizes(proto: onnx.ModelProto):
+    """The cut of a model exported at a dynamic (batch, height, width), verified at 32x32 and 27x21."""
+    rng = np.random.default_rng(0)
+    return compress(proto, inputs=[rng.standard_normal(s).astype(np.float32) for s in ((2, 3, 32, 32), (1, 3, 27, 21))])
+
+
+def _assert_same_outputs(proto: onnx.ModelProto, cut: onnx.ModelProto, shapes) -> None:
+    """The cut model computes what the uncut one does at input sizes the verification did not see."""
+    rng = np.random.default_rng(1)
+    for shape in shapes:
+        x = rng.standard_normal(shape).astype(np.float32)
+        outs = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+                for p in (proto, cut)]
+        assert np.abs(outs[0] - outs[1]).max() <= 1e-5 * np.abs(outs[0]).max(), shape
+
+
 @torch.no_grad()
 def _resnet() -> torch.nn.Module:
     """ResNet-20 with the branch of a strided block all zero, and another strided block's first conv zero (its
     branch then adds a constant), BatchNorm shifts that make that constant nonzero."""
     torch.manual_seed(0)
-    m = build_model(ModelSpec("resnet20", 10, 3, (T.SIDE, T.SIDE))).eval()
-    for bn in (mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d)):
-        bn.running_mean.uniform_(-0.5, 0.5)
-        bn.bias.uniform_(-0.5, 0.5)
+    m = _shifted_batch_norms(build_model(ModelSpec("resnet20", 10, 3, (T.SIDE, T.SIDE))).eval())
     zero = m.get_submodule("layer2.0")
     for mod in (zero.conv1, zero.bn1, zero.conv2, zero.bn2):
         for p in mod.parameters():
@@ -130,21 +153,14 @@ def _resnet() -> torch.nn.Module:
 
 def test_strided_branches_go_at_a_dynamic_height_and_width():
     proto = T.legacy(_resnet(), dynamic=(0, 2, 3))
-    rng = np.random.default_rng(0)
-    feeds = [rng.standard_normal(s).astype(np.float32) for s in ((2, 3, 32, 32), (1, 3, 27, 21))]
-    res = compress(proto, inputs=feeds)
+    res = _cut_at_dynamic_sizes(proto)
     assert res.verification.passed
     assert res.report["blocks_removed"] == ["/layer2/layer2.0/Add"]
     assert res.report["blocks_constant"] == ["/layer3/layer3.0/Add"]
     assert res.report["zero_branches_kept"] == {}
     convs = sum(1 for n in proto.graph.node if n.op_type == "Conv")
     assert sum(1 for n in res.model.graph.node if n.op_type == "Conv") == convs - 4
-    # At sizes the verification did not see, odd ones included: the same outputs.
-    for shape in ((3, 3, 19, 33), (1, 3, 8, 9)):
-        x = rng.standard_normal(shape).astype(np.float32)
-        outs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-                .run(None, {"input": x})[0] for m in (proto, res.model)]
-        assert np.abs(outs[0] - outs[1]).max() <= 1e-5 * np.abs(outs[0]).max()
+    _assert_same_outputs(proto, res.model, ((3, 3, 19, 33), (1, 3, 8, 9)))  # odd sizes too
 
 
 @torch.no_grad()
@@ -162,16 +178,11 @@ def test_names_carry_through_the_batch_norms_a_foreign_export_kept():
                           dynamic_axes={"input": {0: "batch", 2: "height", 3: "width"}, "output": {0: "batch"}})
     proto = onnx.load_from_string(buf.getvalue())
     assert sum(n.op_type == "BatchNormalization" for n in proto.graph.node) == 21
-    rng = np.random.default_rng(0)
-    feeds = [rng.standard_normal(s).astype(np.float32) for s in ((2, 3, 32, 32), (1, 3, 27, 21))]
-    res = compress(proto, inputs=feeds)
+    res = _cut_at_dynamic_sizes(proto)
     assert res.verification.passed
     assert "/layer2/layer2.0/Add" in res.report["blocks_removed"]
     assert res.report["zero_branches_kept"] == {}
-    x = rng.standard_normal((2, 3, 19, 33)).astype(np.float32)
-    outs = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
-            for p in (proto, res.model)]
-    assert np.abs(outs[0] - outs[1]).max() <= 1e-5 * np.abs(outs[0]).max()
+    _assert_same_outputs(proto, res.model, ((2, 3, 19, 33),))
 
 
 class _ResNetD(torch.nn.Module):
@@ -197,24 +208,16 @@ class _ResNetD(torch.nn.Module):
 @torch.no_grad()
 def test_a_resnet_d_block_whose_shortcut_pools_in_ceil_mode_loses_its_zero_branch_at_dynamic_sizes():
     torch.manual_seed(0)
-    m = _ResNetD().eval()
-    for bn in (mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d)):
-        bn.running_mean.uniform_(-0.5, 0.5)
-        bn.bias.uniform_(-0.5, 0.5)
+    m = _shifted_batch_norms(_ResNetD().eval())
     for p in m.branch.parameters():
         p.zero_()
     proto = T.legacy(m, dynamic=(0, 2, 3))
-    rng = np.random.default_rng(0)
-    feeds = [rng.standard_normal(s).astype(np.float32) for s in ((2, 3, 32, 32), (1, 3, 27, 21))]
-    res = compress(proto, inputs=feeds)
+    res = _cut_at_dynamic_sizes(proto)
     assert res.verification.passed
     assert len(res.report["blocks_removed"]) == 1 and res.report["zero_branches_kept"] == {}
     assert sum(n.op_type == "Conv" for n in res.model.graph.node) == 2  # the stem and the projection
-    for shape in ((3, 3, 19, 33), (1, 3, 8, 9), (1, 3, 5, 2)):  # odd sizes: the pool's last window is short
-        x = rng.standard_normal(shape).astype(np.float32)
-        outs = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"])
-                .run(None, {"input": x})[0] for p in (proto, res.model)]
-        assert np.abs(outs[0] - outs[1]).max() <= 1e-5 * np.abs(outs[0]).max()
+    # Odd sizes, where the pool's last window is short.
+    _assert_same_outputs(proto, res.model, ((3, 3, 19, 33), (1, 3, 8, 9), (1, 3, 5, 2)))
 
 
 @torch.no_grad()
@@ -225,9 +228,7 @@ def test_a_constant_stage_at_a_dynamic_size_keeps_what_needs_static_sizes():
     for p in m.get_submodule("layer2.0").parameters():
         p.zero_()
     proto = T.legacy(m, dynamic=(0, 2, 3))
-    rng = np.random.default_rng(0)
-    feeds = [rng.standard_normal(s).astype(np.float32) for s in ((2, 3, 32, 32), (1, 3, 27, 21))]
-    res = compress(proto, inputs=feeds)
+    res = _cut_at_dynamic_sizes(proto)
     assert res.verification.passed
     kept = res.report["constant_channels_kept"]
     assert kept and all("dynamic height or width" in why for why in kept.values())
