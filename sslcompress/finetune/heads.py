@@ -3,7 +3,8 @@
 Three forms are followed.
 
 Written out with separate q, k and v Linears on (batch, tokens, dim), each viewed as (batch, tokens, heads,
-head_dim) and transposed to (batch, heads, tokens, head_dim); either q @ k^T (k transposed on its last two
+head_dim) and transposed to (batch, heads, tokens, head_dim), q and k possibly rotated within each head
+(rotary position embeddings, rotary.py); either q @ k^T (k transposed on its last two
 axes), scaled by a number, softmaxed over the keys (dropout allowed), @ v, or F.scaled_dot_product_attention(q,
 k, v); then transposed back, reshaped to (batch, tokens, heads * head_dim) and read by one output Linear. Every
 value on the way has that one reader, so nothing else sees a head. Head h owns rows h*head_dim..(h+1)*head_dim
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .last_axis import matmul_macs
+from .rotary import rotated_from
 
 aten = torch.ops.aten
 _MATMUL = {operator.matmul, torch.matmul, aten.matmul.default}
@@ -257,7 +259,8 @@ def _attention_before(proj: fx.Node, modules: dict, layers: dict, shape_of, batc
 
 def _separate_heads(parts, modules: dict, layers: dict, shape_of):
     """((q, k, v), heads, head_dim, part offsets) when q, k and v are three Linears, each split into heads."""
-    split = [_split_heads(n, modules, layers, shape_of) for n in parts]
+    # Queries and keys may be rotated first (rotary position embeddings, rotary.py): the heads are the rotation's.
+    split = [_split_heads(rotated_from(n, shape_of) or n, modules, layers, shape_of) for n in parts]
     if any(p is None for p in split):
         return None
     (q, heads, dim), (k, hk, dk), (v, hv, dv) = split

@@ -255,6 +255,10 @@ def _channel_axis_is(node: ir.Node, value: ir.Value, axis: int) -> bool:
 
 @register("Concat")
 class Concat(OpRule):
+    """Channel ranges stacked along their own axis; or, along another axis, parts that each hold all the
+    channels (a rotary embedding's rotated halves of each head's features, concatenated again): channel c of
+    every part is channel c of the output, as in Split's counterpart."""
+
     def out_axes(self, node):
         return [channel_axis(node.inputs[0]) if node.inputs else 1]
 
@@ -262,17 +266,40 @@ class Concat(OpRule):
         axis = int(attr_value(node, "axis", 0))
         return all(v is not None and _channel_axis_is(node, v, axis) for v in [*node.inputs, node.outputs[0]])
 
+    def _across(self, node) -> bool:
+        """Whether it stacks along an axis other than the channels', every part holding all of them."""
+        y, rank = node.outputs[0], rank_of(node.outputs[0])
+        ch, n = channel_axis(y), channel_count(y)
+        if rank is None or ch is None or n is None or not node.inputs:
+            return False
+        axis = int(attr_value(node, "axis", 0)) % rank
+        return axis != ch and all(v is not None and rank_of(v) == rank and channel_axis(v) == ch
+                                  and channel_count(v) == n for v in node.inputs)
+
     def forward(self, node, ins):
+        if self._across(node):
+            if any(c is None for c in ins):
+                return [None]
+            # A channel is known where every part holds it at one value.
+            same = np.logical_and.reduce([c.is_known & (c.known_values == ins[0].known_values) for c in ins])
+            return [Channels.known(np.where(same, ins[0].known_values, 0.0)).with_live(~same)]
         if not self._ok(node) or any(c is None for c in ins):
             return [None]
         return [Channels(np.concatenate([c.state for c in ins]), np.concatenate([c.value for c in ins]))]
 
     def couple(self, node, ids, ctx):
+        if self._across(node) and all(i is not None for i in ids):
+            for part in ids[1:]:
+                for a, b in zip(ids[0], part, strict=True):
+                    ctx.union(a, b)
+            return [list(ids[0])]
         if not self._ok(node) or any(i is None for i in ids):
             return Decline("it does not stack followed channels along their own axis")
         return [[i for part in ids for i in part]]
 
     def backward(self, node, needed, ins):
+        if self._across(node):
+            return [needed[0]] * len(node.inputs)
         if needed[0] is None:
             return [None] * len(node.inputs)
         cuts = np.cumsum([len(c) for c in ins])[:-1]

@@ -1,0 +1,155 @@
+"""Attention heads through rotary position embeddings (LLaMA's attention): q and k rotated within each head,
+``q * cos + rotate_half(q) * sin``, rotate_half by chunk or by slicing the features as Hugging Face writes it.
+A head still owns its rows of q, k and v and its columns of the output projection; the training counts what
+the export cuts (the surgery's Concat of the rotated halves holds every head in each part), and thinning
+deletes heads exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from zeroing import zero_groups
+
+from sslcompress.finetune.counting import count
+from sslcompress.finetune.groups import build_groups
+from sslcompress.finetune.thin import thin
+from sslcompress.surgery.compress import compress
+from sslcompress.surgery.export import export_onnx
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SHAPE = (1, 1, 8, 8)  # 16 patch tokens of 2x2
+DIM, HEADS, HEAD_DIM, TOKENS = 24, 3, 8, 16
+
+
+def _rotate_half_chunk(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rotate_half_slice(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RotaryAttention(nn.Module):
+    def __init__(self, rotate_half, per_head_angles: bool = False) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.rotate_half = HEADS, HEAD_DIM, rotate_half
+        self.q, self.k, self.v, self.o = (nn.Linear(DIM, DIM, bias=False) for _ in range(4))
+        inv = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
+        angles = torch.outer(torch.arange(TOKENS).float(), inv)
+        emb = torch.cat((angles, angles), dim=-1)  # (tokens, head_dim): the same for every head
+        if per_head_angles:  # (1, heads, tokens, head_dim): each head rotated its own way
+            emb = emb[None, None] * torch.arange(1, HEADS + 1).float()[None, :, None, None]
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (m(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2) for m in (self.q, self.k, self.v))
+        q = q * self.cos + self.rotate_half(q) * self.sin
+        k = k * self.cos + self.rotate_half(k) * self.sin
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+class Net(nn.Module):
+    def __init__(self, rotate_half, per_head_angles: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(1, DIM, 2, 2)
+        self.attn0 = RotaryAttention(rotate_half, per_head_angles)
+        self.attn1 = RotaryAttention(rotate_half, per_head_angles)
+        self.head = nn.Linear(DIM, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = x + self.attn0(x)
+        x = x + self.attn1(x)
+        return self.head(x.mean(1))
+
+
+ROTATIONS = {"chunk": _rotate_half_chunk, "slice": _rotate_half_slice}
+
+
+def _net(rotation: str, per_head_angles: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    return Net(ROTATIONS[rotation], per_head_angles).eval()
+
+
+@pytest.mark.parametrize("rotation", ROTATIONS)
+def test_each_rotated_head_is_a_group_of_its_rows_and_columns(rotation):
+    heads = build_groups(_net(rotation), SHAPE, ("head",))
+    assert [g.name for g in heads] == [f"head attn{a}[{h}]" for a in (0, 1) for h in range(HEADS)]
+    rows = list(range(HEAD_DIM, 2 * HEAD_DIM))
+    assert {(s.param, s.axis, tuple(s.index)) for s in heads[1].slices} == {
+        *((f"attn0.{p}.weight", "out", tuple(rows)) for p in "qkv"), ("attn0.o.weight", "in", tuple(rows))}
+
+
+def test_a_rotation_that_differs_per_head_or_is_read_elsewhere_keeps_the_heads():
+    # Angles of shape (1, heads, tokens, head_dim) rotate each head its own way: a wall, as anything unknown.
+    assert build_groups(_net("chunk", per_head_angles=True), SHAPE, ("head",)) == []
+
+    class ReadElsewhere(Net):
+        def forward(self, x):
+            x = self.embed(x).flatten(2).transpose(1, 2)
+            a = self.attn0
+            b, t, _ = x.shape
+            q = a.q(x).view(b, t, HEADS, HEAD_DIM).transpose(1, 2)
+            k = a.k(x).view(b, t, HEADS, HEAD_DIM).transpose(1, 2)
+            v = a.v(x).view(b, t, HEADS, HEAD_DIM).transpose(1, 2)
+            qr = q * a.cos + _rotate_half_chunk(q) * a.sin
+            out = F.scaled_dot_product_attention(qr, k, v)
+            y = a.o(out.transpose(1, 2).reshape(b, t, HEADS * HEAD_DIM))
+            return self.head((x + y).mean(1) + q.mean((1, 2)).sum(-1, keepdim=True))  # q read outside too
+
+    torch.manual_seed(0)
+    assert not [g for g in build_groups(ReadElsewhere(_rotate_half_chunk), SHAPE, ("head",))
+                if g.name.startswith("head attn0")]
+
+
+@pytest.mark.parametrize("rotation", ROTATIONS)
+@pytest.mark.parametrize("exporter", ["legacy17", "legacy18", "dynamo"])
+@torch.no_grad()
+def test_zero_rotated_heads_are_counted_as_the_export_cuts_them(rotation, exporter):
+    model = _net(rotation)
+    heads = build_groups(model, SHAPE, ("head",))
+    zero_groups(model, [heads[0], heads[HEADS + 2]])
+    counted = count(model, SHAPE)
+    if exporter.startswith("legacy"):
+        proto = export_onnx(model, SHAPE, opset=int(exporter[-2:])).model
+    else:
+        x = torch.randn(*SHAPE, generator=torch.Generator().manual_seed(0))
+        proto = torch.onnx.export(model, (x,), dynamo=True, input_names=["input"], output_names=["output"],
+                                  verbose=False).model_proto
+    result = compress(proto)
+    assert result.verification.passed
+    assert result.report["totals"]["macs_after"] == counted.macs_after < counted.macs
+    x = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
+    outs = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+            for p in (proto, result.model)]
+    assert np.abs(outs[0] - outs[1]).max() <= 1e-5 * np.abs(outs[0]).max()
+
+
+@pytest.mark.parametrize("rotation", ROTATIONS)
+def test_thinning_zero_rotated_heads_keeps_the_outputs(rotation):
+    model = _net(rotation)
+    heads = build_groups(model, SHAPE, ("head",))
+    zero_groups(model, [heads[0], heads[2], heads[HEADS + 1]])
+    x = torch.randn(3, *SHAPE[1:], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x)
+    counted = count(model, SHAPE)
+    result = thin(model, SHAPE)
+    assert result.applied, result.reason
+    assert (model.attn0.num_heads, model.attn1.num_heads) == (HEADS - 2, HEADS - 1)
+    with torch.no_grad():
+        got = model(x)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    after = count(model, SHAPE)
+    assert after.macs == after.macs_after == counted.macs_after < counted.macs
