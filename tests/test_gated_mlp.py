@@ -152,3 +152,67 @@ def test_the_export_of_a_causal_model_writes_nothing_to_the_terminal(capfd):
     export_onnx(_model(), SHAPE)
     out, err = capfd.readouterr()
     assert out == "" and err == "", (out, err)
+
+
+class GluNet(nn.Module):
+    """F.glu on tokens (a GLU MLP: w12's first half times the sigmoid of its second) and nn.GLU over a gated
+    conv's channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 2 * 8, 3, padding=1)
+        self.glu = nn.GLU(dim=1)
+        self.conv2 = nn.Conv2d(8, DIM, 2, 2)
+        self.w12 = nn.Linear(DIM, 2 * HIDDEN)
+        self.down = nn.Linear(HIDDEN, DIM)
+        self.head = nn.Linear(DIM, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(self.glu(self.conv1(x))).flatten(2).transpose(1, 2)
+        x = x + self.down(F.glu(self.w12(x), dim=-1))
+        return self.head(x.mean(1))
+
+
+@torch.no_grad()
+def test_a_glu_unit_is_its_two_halves_on_tokens_and_on_channels():
+    torch.manual_seed(0)
+    model = GluNet().eval()
+    neurons = [g for g in build_groups(model, SHAPE, ("neuron",)) if g.removable]
+    assert len(neurons) == HIDDEN
+    assert {(s.param, s.axis, tuple(s.index)) for s in neurons[1].slices} >= {
+        ("w12.weight", "out", (1, HIDDEN + 1)), ("down.weight", "in", (1,))}
+    filters = {g.name: g for g in build_groups(model, SHAPE, ("filter",)) if g.removable}
+    conv1 = [g for g in filters.values() if any(s.param == "conv1.weight" for s in g.slices)]
+    assert len(conv1) == 8 and {tuple(s.index) for s in conv1[2].slices if s.param == "conv1.weight"} == {(2, 10)}
+    # The MLP branch (w12, the GLU, down) is a depth group.
+    (depth,) = build_groups(model, SHAPE, ("depth",))
+    assert {s.param for s in depth.slices} == {"w12.weight", "w12.bias", "down.weight", "down.bias"}
+    zero_groups(model, neurons[::2] + conv1[::3])
+    counted = count(model, SHAPE)
+    proto = export_onnx(model, SHAPE).model
+    result = compress(proto)
+    assert result.verification.passed
+    assert result.report["totals"]["macs_after"] == counted.macs_after < counted.macs
+    x = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
+    outs = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+            for p in (proto, result.model)]
+    assert np.abs(outs[0] - outs[1]).max() <= 1e-5 * np.abs(outs[0]).max()
+
+
+def test_thinning_zero_glu_units_keeps_the_outputs():
+    torch.manual_seed(0)
+    model = GluNet().eval()
+    neurons = [g for g in build_groups(model, SHAPE, ("neuron",)) if g.removable]
+    conv1 = [g for g in build_groups(model, SHAPE, ("filter",))
+             if g.removable and any(s.param == "conv1.weight" for s in g.slices)]
+    zero_groups(model, neurons[::2] + conv1[::3])
+    x = torch.randn(3, *SHAPE[1:], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x)
+    result = thin(model, SHAPE)
+    assert result.applied, result.reason
+    assert (model.w12.out_features, model.down.in_features) == (HIDDEN, HIDDEN // 2)
+    assert (model.conv1.out_channels, model.conv2.in_channels) == (2 * 5, 5)
+    with torch.no_grad():
+        got = model(x)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))

@@ -54,6 +54,28 @@ _SDPA_FUNCTIONS = {F.scaled_dot_product_attention, aten.scaled_dot_product_atten
 _PRODUCT_FUNCTIONS = {operator.mul, operator.imul, torch.mul, aten.mul.Tensor}
 
 
+GLU_FUNCTIONS = {F.glu, aten.glu.default}
+
+
+def glu_dim(node: fx.Node, modules: dict) -> int | None:
+    """The dim a GLU (F.glu, nn.GLU: the first half of the features times the sigmoid of the second) halves;
+    None for other nodes."""
+    if node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.GLU):
+        return modules[str(node.target)].dim
+    if node.op == "call_function" and node.target in GLU_FUNCTIONS:
+        return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
+    return None
+
+
+def glu_units(b, x: list[int]) -> list[int]:
+    """A GLU's units: unit j is feature j and feature half + j of its input, one unit (zero in the first, the
+    product is zero; its group owns both rows)."""
+    half = len(x) // 2
+    for i, j in zip(x[:half], x[half:]):
+        b.union(i, j)
+    return list(x[:half])
+
+
 def is_product(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in _PRODUCT_FUNCTIONS) or \
         (node.op == "call_method" and node.target in ("mul", "mul_"))
@@ -147,6 +169,12 @@ def ids(b, node: fx.Node, modules: dict, shape, tensor_ids, axis_of: dict, shape
         keep = next((a for a in along if a != 1), 1) if rank > 1 else 1
         return wall(node, why, keep, defining), keep
 
+    dim = glu_dim(node, modules)
+    if dim is not None:
+        if x is not None and src_shape is not None and isinstance(dim, int) and dim % len(src_shape) == axis \
+                and len(x) % 2 == 0 and shape is not None and shape[axis] == len(x) // 2:
+            return glu_units(b, x), axis
+        return blocked(f"GLU {node.name} along another axis than the channels'")
     if node.op == "call_module":
         mod = modules[str(node.target)]
         name = str(node.target)

@@ -429,6 +429,8 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
             gates.add(node)
         elif (gated := _gated_operand(node, gates)) is not None:
             ids_of[node] = _gated_product(b, node, shape, tensor_ids, gated, wall)
+        elif (dim := last_axis.glu_dim(node, modules)) is not None:
+            ids_of[node] = _glu_ids(b, node, dim, shape, tensor_ids, wall)
         elif node.op == "call_module":
             mod = modules[str(node.target)]
             x = tensor_ids(node.args[0]) if node.args else None
@@ -453,6 +455,18 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
         input_ids=input_ids, splits=splits, matmul_macs=matmul_macs,
         heads=attention_heads.find(gm, modules, layers, _shape, batch, dict(model.named_modules())),
     )
+
+
+def _glu_ids(b, node: fx.Node, dim, shape, tensor_ids, wall):
+    """A GLU over the channels (a gated conv's x[:, :C] * sigmoid(x[:, C:])): channel j is input channels j and
+    C + j, one unit."""
+    src = node.args[0] if node.args else None
+    x = tensor_ids(src)
+    src_shape = _shape(src) if isinstance(src, fx.Node) else None
+    if x is None or src_shape is None or not isinstance(dim, int) or dim % len(src_shape) != 1 or len(x) % 2 \
+            or shape is None or len(shape) < 2 or shape[1] != len(x) // 2:
+        return wall(node, f"GLU {node.name} along another axis than the channels'")
+    return last_axis.glu_units(b, x)
 
 
 def _module_ids(b, node, mod, x, shape, layers, norms, input_ids, wall):
@@ -856,6 +870,8 @@ def _branch_op_ok(node: fx.Node, modules: dict, side: set[fx.Node] = frozenset()
     if _is_split(node) or (node.op == "call_function" and node.target is operator.getitem and node.args
                            and isinstance(node.args[0], fx.Node) and _is_split(node.args[0])):
         return True  # the parts of zero are zero
+    if last_axis.glu_dim(node, modules) is not None:
+        return True  # 0 * sigmoid(0) = 0
     if node.op == "call_module":
         mod = modules[str(node.target)]
         if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)) and not mod.affine and mod.track_running_stats:
