@@ -5,19 +5,15 @@ in one Linear and chunked along the features (``w12(x).chunk(2, -1)``): unit j o
 
 from __future__ import annotations
 
-import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from counted_cut import assert_cut_as_counted, assert_thinned_exactly, exported
 from torch import nn
 from zeroing import zero_groups
 
-from sslcompress.finetune.counting import count
 from sslcompress.finetune.groups import build_groups
-from sslcompress.finetune.thin import thin
 from sslcompress.models.vit import GatedMlp
-from sslcompress.surgery.compress import compress
 from sslcompress.surgery.export import export_onnx
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -103,25 +99,12 @@ def test_zero_units_and_a_zero_branch_are_counted_as_the_export_cuts_them(export
     groups = build_groups(model, SHAPE, ("neuron", "depth"))
     _zero(model, [g for g in groups if g.kind == "neuron" and g.name.startswith("neuron blocks.0.")][::2])
     _zero(model, [g for g in groups if g.name == "depth blocks.1[norm2,mlp]"])
-    counted = count(model, SHAPE)
-    if exporter == "legacy":
-        proto = export_onnx(model, SHAPE).model
-    else:
-        x = torch.randn(*SHAPE, generator=torch.Generator().manual_seed(0))
-        proto = torch.onnx.export(model, (x,), dynamo=True, input_names=["input"], output_names=["output"],
-                                  verbose=False).model_proto
-    result = compress(proto)
-    assert result.verification.passed
+    result, counted = assert_cut_as_counted(model, SHAPE, exported(model, SHAPE, exporter))
     assert counted.blocks_removed == ("blocks.1[norm2,mlp]",) and len(result.report["blocks_removed"]) == 1
-    assert result.report["totals"]["macs_after"] == counted.macs_after < counted.macs
     # Block 0's gate and up keep 12 of 24 units (packed: 24 of 48 rows).
     widths = {tuple(init.dims) for init in result.model.graph.initializer}
     kept = HIDDEN if packed else HIDDEN // 2
     assert (DIM, kept) in widths or (kept, DIM) in widths
-    x = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
-    outs = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
-            for p in (proto, result.model)]
-    assert np.abs(outs[0] - outs[1]).max() <= 1e-5 * np.abs(outs[0]).max()
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["gate-up", "packed"])
@@ -129,21 +112,11 @@ def test_thinning_zero_units_keeps_the_outputs(packed):
     model = _model(packed)
     neurons = [g for g in build_groups(model, SHAPE, ("neuron",)) if g.removable]
     _zero(model, neurons[::3])
-    x = torch.randn(3, *SHAPE[1:], generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = model(x)
-    counted = count(model, SHAPE)
-    result = thin(model, SHAPE)
-    assert result.applied, result.reason
+    assert_thinned_exactly(model, SHAPE)
     left = HIDDEN - len(range(0, HIDDEN, 3))
     mlp = model.blocks[0].mlp
     assert mlp.down.in_features == left
     assert (mlp.w12.out_features == 2 * left) if packed else (mlp.gate.out_features == mlp.up.out_features == left)
-    with torch.no_grad():
-        got = model(x)
-    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
-    after = count(model, SHAPE)
-    assert after.macs == after.macs_after == counted.macs_after < counted.macs
 
 
 def test_the_export_of_a_causal_model_writes_nothing_to_the_terminal(capfd):
@@ -188,15 +161,7 @@ def test_a_glu_unit_is_its_two_halves_on_tokens_and_on_channels():
     (depth,) = build_groups(model, SHAPE, ("depth",))
     assert {s.param for s in depth.slices} == {"w12.weight", "w12.bias", "down.weight", "down.bias"}
     zero_groups(model, neurons[::2] + conv1[::3])
-    counted = count(model, SHAPE)
-    proto = export_onnx(model, SHAPE).model
-    result = compress(proto)
-    assert result.verification.passed
-    assert result.report["totals"]["macs_after"] == counted.macs_after < counted.macs
-    x = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
-    outs = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
-            for p in (proto, result.model)]
-    assert np.abs(outs[0] - outs[1]).max() <= 1e-5 * np.abs(outs[0]).max()
+    assert_cut_as_counted(model, SHAPE, exported(model, SHAPE))
 
 
 def test_thinning_zero_glu_units_keeps_the_outputs():
@@ -206,13 +171,6 @@ def test_thinning_zero_glu_units_keeps_the_outputs():
     conv1 = [g for g in build_groups(model, SHAPE, ("filter",))
              if g.removable and any(s.param == "conv1.weight" for s in g.slices)]
     zero_groups(model, neurons[::2] + conv1[::3])
-    x = torch.randn(3, *SHAPE[1:], generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = model(x)
-    result = thin(model, SHAPE)
-    assert result.applied, result.reason
+    assert_thinned_exactly(model, SHAPE)
     assert (model.w12.out_features, model.down.in_features) == (HIDDEN, HIDDEN // 2)
     assert (model.conv1.out_channels, model.conv2.in_channels) == (2 * 5, 5)
-    with torch.no_grad():
-        got = model(x)
-    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))

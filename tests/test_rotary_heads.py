@@ -6,19 +6,14 @@ deletes heads exactly."""
 
 from __future__ import annotations
 
-import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from counted_cut import assert_cut_as_counted, assert_thinned_exactly, exported
 from torch import nn
 from zeroing import zero_groups
 
-from sslcompress.finetune.counting import count
 from sslcompress.finetune.groups import build_groups
-from sslcompress.finetune.thin import thin
-from sslcompress.surgery.compress import compress
-from sslcompress.surgery.export import export_onnx
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -120,20 +115,9 @@ def test_zero_rotated_heads_are_counted_as_the_export_cuts_them(rotation, export
     model = _net(rotation)
     heads = build_groups(model, SHAPE, ("head",))
     zero_groups(model, [heads[0], heads[HEADS + 2]])
-    counted = count(model, SHAPE)
-    if exporter.startswith("legacy"):
-        proto = export_onnx(model, SHAPE, opset=int(exporter[-2:])).model
-    else:
-        x = torch.randn(*SHAPE, generator=torch.Generator().manual_seed(0))
-        proto = torch.onnx.export(model, (x,), dynamo=True, input_names=["input"], output_names=["output"],
-                                  verbose=False).model_proto
-    result = compress(proto)
-    assert result.verification.passed
-    assert result.report["totals"]["macs_after"] == counted.macs_after < counted.macs
-    x = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
-    outs = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
-            for p in (proto, result.model)]
-    assert np.abs(outs[0] - outs[1]).max() <= 1e-5 * np.abs(outs[0]).max()
+    proto = exported(model, SHAPE, "dynamo") if exporter == "dynamo" else \
+        exported(model, SHAPE, opset=int(exporter[-2:]))
+    assert_cut_as_counted(model, SHAPE, proto)
 
 
 @pytest.mark.parametrize("rotation", ROTATIONS)
@@ -141,15 +125,5 @@ def test_thinning_zero_rotated_heads_keeps_the_outputs(rotation):
     model = _net(rotation)
     heads = build_groups(model, SHAPE, ("head",))
     zero_groups(model, [heads[0], heads[2], heads[HEADS + 1]])
-    x = torch.randn(3, *SHAPE[1:], generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = model(x)
-    counted = count(model, SHAPE)
-    result = thin(model, SHAPE)
-    assert result.applied, result.reason
+    assert_thinned_exactly(model, SHAPE)
     assert (model.attn0.num_heads, model.attn1.num_heads) == (HEADS - 2, HEADS - 1)
-    with torch.no_grad():
-        got = model(x)
-    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
-    after = count(model, SHAPE)
-    assert after.macs == after.macs_after == counted.macs_after < counted.macs
