@@ -1,5 +1,6 @@
 """Attention heads through rotary position embeddings (LLaMA's attention): q and k rotated within each head,
-``q * cos + rotate_half(q) * sin``, rotate_half by chunk or by slicing the features as Hugging Face writes it.
+``q * cos + rotate_half(q) * sin``, rotate_half by chunk or by slicing the features as Hugging Face writes it,
+q, k and v from separate Linears or one packed qkv Linear.
 A head still owns its rows of q, k and v and its columns of the output projection; the training counts what
 the export cuts (the surgery's Concat of the rotated halves holds every head in each part), and thinning
 deletes heads exactly."""
@@ -54,12 +55,30 @@ class RotaryAttention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
-class Net(nn.Module):
+class PackedRotaryAttention(RotaryAttention):
+    """q, k and v out of one qkv Linear (timm's reshape, permute and unbind), q and k rotated the same way."""
+
     def __init__(self, rotate_half, per_head_angles: bool = False) -> None:
+        super().__init__(rotate_half, per_head_angles)
+        del self.q, self.k, self.v
+        self.qkv = nn.Linear(DIM, 3 * DIM)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q = q * self.cos + self.rotate_half(q) * self.sin
+        k = k * self.cos + self.rotate_half(k) * self.sin
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.o(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+class Net(nn.Module):
+    def __init__(self, rotate_half, per_head_angles: bool = False, packed: bool = False) -> None:
         super().__init__()
         self.embed = nn.Conv2d(1, DIM, 2, 2)
-        self.attn0 = RotaryAttention(rotate_half, per_head_angles)
-        self.attn1 = RotaryAttention(rotate_half, per_head_angles)
+        attention = PackedRotaryAttention if packed else RotaryAttention
+        self.attn0 = attention(rotate_half, per_head_angles)
+        self.attn1 = attention(rotate_half, per_head_angles)
         self.head = nn.Linear(DIM, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,9 +91,9 @@ class Net(nn.Module):
 ROTATIONS = {"chunk": _rotate_half_chunk, "slice": _rotate_half_slice}
 
 
-def _net(rotation: str, per_head_angles: bool = False) -> nn.Module:
+def _net(rotation: str, per_head_angles: bool = False, packed: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    return Net(ROTATIONS[rotation], per_head_angles).eval()
+    return Net(ROTATIONS[rotation], per_head_angles, packed).eval()
 
 
 @pytest.mark.parametrize("rotation", ROTATIONS)
@@ -84,6 +103,10 @@ def test_each_rotated_head_is_a_group_of_its_rows_and_columns(rotation):
     rows = list(range(HEAD_DIM, 2 * HEAD_DIM))
     assert {(s.param, s.axis, tuple(s.index)) for s in heads[1].slices} == {
         *((f"attn0.{p}.weight", "out", tuple(rows)) for p in "qkv"), ("attn0.o.weight", "in", tuple(rows))}
+    # Packed: the head's rows of each of the three parts, and their biases.
+    packed = build_groups(_net(rotation, packed=True), SHAPE, ("head",))
+    assert {(s.param, tuple(s.index)) for s in packed[1].slices if s.param.startswith("attn0.qkv")} == {
+        (f"attn0.qkv.{leaf}", tuple(p * DIM + r for p in range(3) for r in rows)) for leaf in ("weight", "bias")}
 
 
 def test_a_rotation_that_differs_per_head_or_is_read_elsewhere_keeps_the_heads():
@@ -108,11 +131,12 @@ def test_a_rotation_that_differs_per_head_or_is_read_elsewhere_keeps_the_heads()
                 if g.name.startswith("head attn0")]
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["qkv", "packed"])
 @pytest.mark.parametrize("rotation", ROTATIONS)
 @pytest.mark.parametrize("exporter", ["legacy17", "legacy18", "dynamo"])
 @torch.no_grad()
-def test_zero_rotated_heads_are_counted_as_the_export_cuts_them(rotation, exporter):
-    model = _net(rotation)
+def test_zero_rotated_heads_are_counted_as_the_export_cuts_them(rotation, exporter, packed):
+    model = _net(rotation, packed=packed)
     heads = build_groups(model, SHAPE, ("head",))
     zero_groups(model, [heads[0], heads[HEADS + 2]])
     proto = exported(model, SHAPE, "dynamo") if exporter == "dynamo" else \
@@ -120,9 +144,10 @@ def test_zero_rotated_heads_are_counted_as_the_export_cuts_them(rotation, export
     assert_cut_as_counted(model, SHAPE, proto)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["qkv", "packed"])
 @pytest.mark.parametrize("rotation", ROTATIONS)
-def test_thinning_zero_rotated_heads_keeps_the_outputs(rotation):
-    model = _net(rotation)
+def test_thinning_zero_rotated_heads_keeps_the_outputs(rotation, packed):
+    model = _net(rotation, packed=packed)
     heads = build_groups(model, SHAPE, ("head",))
     zero_groups(model, [heads[0], heads[2], heads[HEADS + 1]])
     assert_thinned_exactly(model, SHAPE)

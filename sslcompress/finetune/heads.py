@@ -12,8 +12,8 @@ of q, k and v (and their biases) and those columns of the output projection: whe
 values are zero, so is what it adds to the output whatever its attention weights, and deleting it is exact.
 
 Written out with one packed qkv Linear (timm's form): qkv(x).reshape(batch, tokens, 3, heads, head_dim)
-.permute(2, 0, 3, 1, 4), then q, k and v taken out by unbind(0) or by indexing 0, 1 and 2, and the same
-attention and projection as above. Head h owns rows p*dim + h*head_dim.. of qkv for each part p.
+.permute(2, 0, 3, 1, 4), then q, k and v taken out by unbind(0) or by indexing 0, 1 and 2 (q and k possibly
+rotated), and the same attention and projection as above. Head h owns rows p*dim + h*head_dim.. of qkv for each part p.
 
 nn.MultiheadAttention called as self-attention (query, key and value one tensor, no masks, its attention
 weights unused, packed in_proj_weight): one call_module node, which fx does not trace into. Head h owns rows
@@ -272,7 +272,7 @@ def _separate_heads(parts, modules: dict, layers: dict, shape_of):
 def _packed_heads(parts, layers: dict, shape_of):
     """((qkv,) * 3, heads, head_dim, part offsets) when q, k and v are parts 0, 1 and 2 (in any order) of one
     Linear(x).reshape(b, s, 3, heads, head_dim).permute(2, 0, 3, 1, 4), taken by unbind(0) or by indexing."""
-    picked = [_picked_part(n) for n in parts]
+    picked = [_picked_part(rotated_from(n, shape_of) or n) for n in parts]
     if any(p is None for p in picked) or len({src for src, _ in picked}) != 1 or \
             sorted(i for _, i in picked) != [0, 1, 2]:
         return None
