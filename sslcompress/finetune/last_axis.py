@@ -54,6 +54,15 @@ _SDPA_FUNCTIONS = {F.scaled_dot_product_attention, aten.scaled_dot_product_atten
 _PRODUCT_FUNCTIONS = {operator.mul, operator.imul, torch.mul, aten.mul.Tensor}
 
 
+_SPLIT_FUNCTIONS = {torch.chunk, torch.split, aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default}
+
+
+def is_split(node: fx.Node) -> bool:
+    """torch.chunk / torch.split (a tuple of parts)."""
+    return (node.op == "call_function" and node.target in _SPLIT_FUNCTIONS) or \
+        (node.op == "call_method" and node.target in ("chunk", "split"))
+
+
 GLU_FUNCTIONS = {F.glu, aten.glu.default}
 
 

@@ -19,13 +19,14 @@ import operator
 import torch
 from torch import fx
 
+from .last_axis import is_split
+
 aten = torch.ops.aten
 
 _SUMS = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul,
          aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor}
 _SUM_METHODS = {"add", "sub", "mul"}
 _NEG = {operator.neg, torch.neg, aten.neg.default}
-_SPLITS = {torch.chunk, torch.split, aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default}
 _CATS = {torch.cat, torch.concat, aten.cat.default}
 _SIZES = {"shape", "size"}
 _LAST = (-1, 3)  # the head's features on a (batch, heads, tokens, head_dim) value
@@ -78,12 +79,12 @@ def _rotary_operands(node: fx.Node, shape_of) -> list[fx.Node] | None:
         return data
     if (fn and target in _NEG) or (not fn and target == "neg"):
         return [args[0]] if args and isinstance(args[0], fx.Node) else None
-    if (fn and target in _SPLITS) or (not fn and target in ("chunk", "split")):
+    if is_split(node):
         dim = args[2] if len(args) > 2 else node.kwargs.get("dim", 0)
         return [args[0]] if dim in _LAST and isinstance(args[0], fx.Node) else None
     if fn and target is operator.getitem and len(args) == 2 and isinstance(args[0], fx.Node):
         src, index = args
-        if isinstance(index, int) and _is_split(src):
+        if isinstance(index, int) and is_split(src):
             return [src]
         return [src] if _slices_last_axis(index) else None
     if (fn and target in _CATS) or (not fn and target == "cat"):
@@ -92,11 +93,6 @@ def _rotary_operands(node: fx.Node, shape_of) -> list[fx.Node] | None:
         if dim in _LAST and isinstance(parts, (list, tuple)) and all(isinstance(p, fx.Node) for p in parts):
             return list(parts)
     return None
-
-
-def _is_split(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in _SPLITS) or \
-        (node.op == "call_method" and node.target in ("chunk", "split"))
 
 
 def _slices_last_axis(index) -> bool:

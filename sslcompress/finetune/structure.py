@@ -404,16 +404,19 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
             for arg in node.all_input_nodes:
                 for ids in channel_lists(arg):
                     b.pin(ids, "model output")
-        elif _is_split(node) and axis_of.get(node.args[0], 1) != 1:
-            # A packed gate-and-up projection chunked along the features (a gated MLP's w12(x).chunk(2, -1)).
-            along = axis_of[node.args[0]]
+        elif last_axis.is_split(node):
+            # Along the channels, or along the features of a (batch, tokens, features) value (a packed
+            # gate-and-up projection chunked in two: a gated MLP's w12(x).chunk(2, -1)).
+            along = axis_of.get(node.args[0], 1)
             ids_of[node] = _split_parts(node, tensor_ids, wall, along)
             if isinstance(ids_of[node], tuple):
-                axis_of[node] = along
+                if along != 1:
+                    axis_of[node] = along
                 splits.append(ChannelSplit(node.name, [list(p) for p in ids_of[node]], node.target in _CHUNK_TARGETS))
-        elif _is_part(node, ids_of) and axis_of.get(node.args[0], 1) != 1:
+        elif _is_part(node, ids_of):
             ids_of[node] = _part(node, ids_of, wall)
-            axis_of[node] = axis_of[node.args[0]]
+            if axis_of.get(node.args[0], 1) != 1:
+                axis_of[node] = axis_of[node.args[0]]
         elif last_axis.applies(node, modules, axis_of, _shape):
             ids_of[node], axis = last_axis.ids(b, node, modules, shape, tensor_ids, axis_of, _shape, layers, Layer,
                                                wall)
@@ -435,13 +438,6 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
             mod = modules[str(node.target)]
             x = tensor_ids(node.args[0]) if node.args else None
             ids_of[node] = _module_ids(b, node, mod, x, shape, layers, norms, input_ids, wall)
-        elif _is_split(node):
-            ids_of[node] = _split_parts(node, tensor_ids, wall)
-            if isinstance(ids_of[node], tuple):
-                is_chunk = node.target in _CHUNK_TARGETS
-                splits.append(ChannelSplit(node.name, [list(p) for p in ids_of[node]], is_chunk))
-        elif _is_part(node, ids_of):
-            ids_of[node] = _part(node, ids_of, wall)
         elif _is_cat_of_parts(node, ids_of):
             ids_of[node] = _cat_of_parts(node, ids_of, shape, wall)
         elif node.op in ("call_function", "call_method"):
@@ -551,13 +547,6 @@ def _called_again(b, node, first: Layer, x, shape, wall):
 
 
 _CHUNK_TARGETS = {torch.chunk, "chunk", aten.chunk.default}
-_SPLIT_FUNCTIONS = {torch.chunk, torch.split, aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default}
-_SPLIT_METHODS = {"chunk", "split"}
-
-
-def _is_split(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in _SPLIT_FUNCTIONS) or \
-        (node.op == "call_method" and node.target in _SPLIT_METHODS)
 
 
 def _part_shapes(node: fx.Node) -> list[tuple[int, ...]] | None:
@@ -867,8 +856,8 @@ def _branch_op_ok(node: fx.Node, modules: dict, side: set[fx.Node] = frozenset()
     from the branch (a gated MLP's silu(gate(x)) * up(x))."""
     if last_axis.is_product(node) and any(a in side for a in node.args[:2] if isinstance(a, fx.Node)):
         return True
-    if _is_split(node) or (node.op == "call_function" and node.target is operator.getitem and node.args
-                           and isinstance(node.args[0], fx.Node) and _is_split(node.args[0])):
+    if last_axis.is_split(node) or (node.op == "call_function" and node.target is operator.getitem and node.args
+                           and isinstance(node.args[0], fx.Node) and last_axis.is_split(node.args[0])):
         return True  # the parts of zero are zero
     if last_axis.glu_dim(node, modules) is not None:
         return True  # 0 * sigmoid(0) = 0
