@@ -189,3 +189,28 @@ def test_every_other_depth_group_zeroed_is_counted_as_cut(arch, side):
     assert result.verification.passed
     assert len(result.report["blocks_removed"]) == len(counted.blocks_removed) == len(groups[::2])
     assert result.report["totals"]["macs_after"] == counted.macs_after < counted.macs
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "dynamo-dynamic", "legacy-dynamic", "legacy-opset11"])
+@torch.no_grad()
+def test_a_subtracted_zero_branch_goes_in_foreign_exports(exporter):
+    import numpy as np
+    import onnxruntime as ort
+    from corpus import torch_models as T
+
+    torch.manual_seed(0)
+    model = _DifferenceNet().eval()
+    for p in model.b1.parameters():
+        p.zero_()
+    proto = {"dynamo": lambda: T.dynamo(model), "dynamo-dynamic": lambda: T.dynamo(model, dynamic=(0, 2, 3)),
+             "legacy-dynamic": lambda: T.legacy(model, dynamic=(0, 2, 3)),
+             "legacy-opset11": lambda: T.legacy(model, opset=11)}[exporter]()
+    batch = 1 if exporter == "legacy-opset11" else 2
+    rng = np.random.default_rng(0)
+    result = compress(proto, inputs=[rng.standard_normal((batch, 3, T.SIDE, T.SIDE)).astype(np.float32)])
+    assert result.verification.passed
+    assert len(result.report["blocks_removed"]) == 1 and result.report["zero_branches_kept"] == {}
+    x = rng.standard_normal((batch, 3, T.SIDE, T.SIDE)).astype(np.float32)
+    outs = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+            for p in (proto, result.model)]
+    assert np.abs(outs[0] - outs[1]).max() <= 1e-5 * np.abs(outs[0]).max()
