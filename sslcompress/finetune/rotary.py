@@ -23,9 +23,9 @@ from .last_axis import is_split
 
 aten = torch.ops.aten
 
-_SUMS = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul,
+_ARITHMETIC = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul,
          aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor}
-_SUM_METHODS = {"add", "sub", "mul"}
+_ARITHMETIC_METHODS = {"add", "sub", "mul"}
 _NEG = {operator.neg, torch.neg, aten.neg.default}
 _CATS = {torch.cat, torch.concat, aten.cat.default}
 _SIZES = {"shape", "size"}
@@ -71,7 +71,7 @@ def _rotary_operands(node: fx.Node, shape_of) -> list[fx.Node] | None:
         return None
     target, args = node.target, node.args
     fn = node.op == "call_function"
-    if (fn and target in _SUMS) or (not fn and target in _SUM_METHODS):
+    if (fn and target in _ARITHMETIC) or (not fn and target in _ARITHMETIC_METHODS):
         data = [a for a in args[:2] if isinstance(a, fx.Node) and not _data_free(a)]
         consts = [a for a in args[:2] if isinstance(a, fx.Node) and _data_free(a)]
         if not data or any(not _same_for_every_head(c, shape_of) for c in consts):
