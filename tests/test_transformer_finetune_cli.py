@@ -19,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("model, structures, target", [("vit_tiny", "neuron", 0.6), ("vit_tiny", "head", 0.8),
                                                        ("llama_vit_tiny", "neuron,head,depth", 0.6)])
 def test_vit_finetuned_to_a_budget_and_cut_by_the_export(tmp_path, model, structures, target):
-    # llama_vit_tiny: RMSNorm (exported as the ops it computes) and SwiGLU MLPs, whose units are gate, up and down.
+    # llama_vit_tiny: RMSNorm (exported as the ops it computes), SwiGLU MLPs, whose units are gate, up and down,
+    # and grouped-query attention with rotary embeddings, whose groups are a key/value head and its query heads.
     runner = CliRunner()
     out = tmp_path / "run"
     res = runner.invoke(main, ["finetune", "--model", model, "--data", "digits", "-s", structures,

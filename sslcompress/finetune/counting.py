@@ -89,7 +89,7 @@ class Removal:
         for proj, gone in self.heads:
             att = by_proj[proj]
             for lin in att.row_layers:
-                rows.setdefault(lin, set()).update(att.rows(gone))
+                rows.setdefault(lin, set()).update(att.rows(gone, lin))
             cols.setdefault(proj, set()).update(att.cols(gone))
             saved += att.product_macs * len(gone)
         return rows, cols, saved
@@ -153,7 +153,7 @@ class Counter:
 
     def _heads_kept(self, gone: Removal) -> tuple[tuple[str, int, int], ...]:
         deleted = dict(gone.heads)
-        return tuple((att.proj.rsplit(".", 1)[0], att.num_heads - len(deleted.get(att.proj, ())), att.num_heads)
+        return tuple((att.name, att.num_heads - att.per_group * len(deleted.get(att.proj, ())), att.num_heads)
                      for att in self.structure.heads)
 
     def removal(self, *, equal_groups: bool = True) -> Removal:
@@ -206,8 +206,8 @@ class Counter:
         """Per attention, the heads whose weights are all zero, less the last of them where every head is."""
         out = []
         for att in self.structure.heads:
-            gone = [h for h in range(att.num_heads) if self._head_is_zero(att, h)]
-            if len(gone) == att.num_heads:
+            gone = [h for h in range(att.groups) if self._head_is_zero(att, h)]
+            if len(gone) == att.groups:
                 # A layer keeps a channel (see _last_inputs), an attention a head: thinning never empties it.
                 # The budget's ranking never zeroes an attention's last head either (Sparsifier._ranked).
                 gone = gone[:-1]

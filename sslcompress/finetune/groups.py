@@ -281,17 +281,18 @@ def _neuron_groups(structure: ModelStructure, params: dict) -> list[ParamGroup]:
 
 
 def head_slices(att, h: int) -> list[tuple[str, str, int]]:
-    """Head h of an attention: its rows of q, k and v (and biases; every part of a packed projection) and its
-    columns of the output projection."""
-    rows = [(param, "out", r) for param in att.row_params for r in att.rows([h])]
+    """Head h of an attention (in grouped-query attention, key/value head h with its query heads): its rows of
+    q, k and v (and biases; every part of a packed projection) and its columns of the output projection."""
+    rows = [(param, "out", r) for param in att.row_params for r in att.rows([h], param)]
     return rows + [(att.col_param, "in", c) for c in att.cols([h])]
 
 
 def _head_groups(structure: ModelStructure, params: dict) -> list[ParamGroup]:
-    """One attention head each (see heads.py); a zero head adds nothing to the output, so it goes whole."""
+    """One attention head each (see heads.py), or one key/value head with the query heads that read it; a zero
+    head adds nothing to the output, so it goes whole."""
     groups = []
     for att in structure.heads:
-        for h in range(att.num_heads):
+        for h in range(att.groups):
             slices = [s for s in head_slices(att, h) if s[0] in params]
             group = _group("head", f"head {att.name}[{h}]", slices, params, structure, True)
             # nn.MultiheadAttention's projections are no layers of the analysis: the attention stands for them,

@@ -11,6 +11,14 @@ value on the way has that one reader, so nothing else sees a head. Head h owns r
 of q, k and v (and their biases) and those columns of the output projection: when they are zero, the head's
 values are zero, so is what it adds to the output whatever its attention weights, and deleting it is exact.
 
+Grouped-query attention (LLaMA 2/3, Mistral): k and v have fewer heads, each shared by R = heads / kv_heads
+query heads, and are repeated before the attention by Hugging Face's repeat_kv (x[:, :, None].expand(b, kv, R,
+s, d).reshape(b, kv * R, s, d)) or by repeat_interleave(R, dim=1). A key/value head goes with its R query heads
+as one group: group g owns rows g*head_dim.. of k and v, the rows of query heads g*R..(g+1)*R - 1 of q and their
+columns of the output projection. (F.scaled_dot_product_attention(..., enable_gqa=True) is not followed: its
+ONNX exports fold the heads into the batch axis or into one Attention op, which the surgery does not cut by
+key/value head.)
+
 Written out with one packed qkv Linear (timm's form): qkv(x).reshape(batch, tokens, 3, heads, head_dim)
 .permute(2, 0, 3, 1, 4), then q, k and v taken out by unbind(0) or by indexing 0, 1 and 2 (q and k possibly
 rotated), and the same attention and projection as above. Head h owns rows p*dim + h*head_dim.. of qkv for each part p.
@@ -35,7 +43,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .last_axis import matmul_macs
-from .rotary import rotated_from
+from .rotary import reads_size, rotated_from
 
 aten = torch.ops.aten
 _MATMUL = {operator.matmul, torch.matmul, aten.matmul.default}
@@ -58,11 +66,13 @@ class Heads:
     num_heads: int
     head_dim: int
     owner: str | None  # the module holding `num_heads` (None: thinning cannot rewrite the head count)
-    product_macs: int  # multiply-accumulates per sample that go with each head beyond its rows of the layers
+    product_macs: int  # multiply-accumulates per sample that go with each group (head) beyond its rows of the layers
     row_params: tuple[str, ...] = ()  # the parameters whose rows the heads own
     part_offsets: tuple[int, ...] = (0,)  # where q, k and v start in them when packed (0, dim, 2 * dim)
     row_layers: tuple[str, ...] = ()  # layers of the analysis those rows belong to (their MACs go with them)
     keeps_heads: str = ""  # why thinning leaves the heads in place, masked ('' where it cuts them)
+    kv_heads: int = 0  # grouped-query attention: key/value heads, each shared by num_heads // kv_heads query heads
+    kv_attr: str = ""  # the owner's attribute holding kv_heads, which thinning rewrites too
 
     @property
     def name(self) -> str:
@@ -73,22 +83,38 @@ class Heads:
     def col_param(self) -> str:
         return f"{self.proj}.weight"
 
-    def cols(self, heads) -> list[int]:
-        """Columns of the output projection that these heads own."""
-        return [h * self.head_dim + d for h in sorted(heads) for d in range(self.head_dim)]
+    @property
+    def groups(self) -> int:
+        """What goes whole: a head, or in grouped-query attention a key/value head with its query heads."""
+        return self.kv_heads or self.num_heads
 
-    def rows(self, heads) -> list[int]:
-        """Rows of each row parameter that these heads own, ascending."""
-        return sorted(off + c for off in self.part_offsets for c in self.cols(heads))
+    @property
+    def per_group(self) -> int:
+        """Query heads in each group."""
+        return self.num_heads // self.groups
+
+    def query_heads(self, groups) -> list[int]:
+        return [g * self.per_group + i for g in sorted(groups) for i in range(self.per_group)]
+
+    def cols(self, groups) -> list[int]:
+        """Columns of the output projection that these groups' query heads own."""
+        return [h * self.head_dim + d for h in self.query_heads(groups) for d in range(self.head_dim)]
+
+    def rows(self, groups, owner: str | None = None) -> list[int]:
+        """Rows that these groups own of a row parameter, or of every parameter of the Linear `owner` (the
+        query rows without one), ascending."""
+        if self.kv_heads and owner is not None and owner.removesuffix(".weight").removesuffix(".bias") in (self.k, self.v):
+            return [g * self.head_dim + d for g in sorted(groups) for d in range(self.head_dim)]
+        return sorted(off + c for off in self.part_offsets for c in self.cols(groups))
 
 
 def is_zero(att: Heads, params: dict, h: int) -> bool:
-    """Whether every weight head h owns is zero (a missing bias is)."""
-    rows, cols = att.rows([h]), att.cols([h])
-    tensors = [params.get(name) for name in att.row_params]
-    if any(t is not None and bool(t.detach()[rows].any()) for t in tensors):
-        return False
-    return not bool(params[att.col_param].detach()[:, cols].any())
+    """Whether every weight group h owns is zero (a missing bias is)."""
+    for name in att.row_params:
+        t = params.get(name)
+        if t is not None and bool(t.detach()[att.rows([h], name)].any()):
+            return False
+    return not bool(params[att.col_param].detach()[:, att.cols([h])].any())
 
 
 def find(gm: fx.GraphModule, modules: dict, layers: dict, shape_of, batch: int, owners: dict) -> list[Heads]:
@@ -244,7 +270,7 @@ def _attention_before(proj: fx.Node, modules: dict, layers: dict, shape_of, batc
     found = _separate_heads(parts, modules, layers, shape_of) or _packed_heads(parts, layers, shape_of)
     if found is None:
         return None
-    (q, k, v), heads, dim, offsets = found
+    (q, k, v), heads, dim, offsets, kv_heads = found
     merged_shape = shape_of(merged)
     if name in (q, k, v) or merged_shape is None or merged_shape[-1] != heads * dim or \
             layers[name].weight_shape[1] != heads * dim:
@@ -252,21 +278,81 @@ def _attention_before(proj: fx.Node, modules: dict, layers: dict, shape_of, batc
     macs = sum(matmul_macs(p, shape_of, batch, modules) for p in products)
     linears = tuple(dict.fromkeys((q, k, v)))
     owner = _owner(owners, (*linears, name), heads)
-    return Heads(q, k, v, name, heads, dim, owner, macs // heads,
+    kv_attr = _kv_attr(owners.get(owner), kv_heads) if kv_heads and owner is not None else ""
+    why = _why_kept(owner, heads, merged) or (
+        f"no attribute of {owner} holds its {kv_heads} key/value heads ({', '.join(KV_HEAD_ATTRS)}) for thinning "
+        "to rewrite" if kv_heads and not kv_attr else "")
+    return Heads(q, k, v, name, heads, dim, owner, macs // (kv_heads or heads),
                  row_params=tuple(f"{lin}.{leaf}" for lin in linears for leaf in ("weight", "bias")),
-                 part_offsets=offsets, row_layers=linears, keeps_heads=_why_kept(owner, heads, merged))
+                 part_offsets=offsets, row_layers=linears, keeps_heads=why, kv_heads=kv_heads, kv_attr=kv_attr)
 
 
 def _separate_heads(parts, modules: dict, layers: dict, shape_of):
-    """((q, k, v), heads, head_dim, part offsets) when q, k and v are three Linears, each split into heads."""
+    """((q, k, v), heads, head_dim, part offsets, key/value heads or 0) when q, k and v are three Linears, each
+    split into heads, k and v possibly with fewer heads repeated for the query heads (grouped-query attention)."""
+    q4, k4, v4 = parts
+    (k4, k_copies), (v4, v_copies) = (_unrepeated(n, shape_of) or (n, 1) for n in (k4, v4))
     # Queries and keys may be rotated first (rotary position embeddings, rotary.py): the heads are the rotation's.
-    split = [_split_heads(rotated_from(n, shape_of) or n, modules, layers, shape_of) for n in parts]
+    split = [_split_heads(rotated_from(n, shape_of) or n, modules, layers, shape_of) for n in (q4, k4, v4)]
     if any(p is None for p in split):
         return None
     (q, heads, dim), (k, hk, dk), (v, hv, dv) = split
-    if (hk, dk) != (heads, dim) or (hv, dv) != (heads, dim) or len({q, k, v}) != 3:
+    if k_copies != v_copies or (hk * k_copies, dk) != (heads, dim) or (hv, dv) != (hk, dk) or len({q, k, v}) != 3:
         return None
-    return (q, k, v), heads, dim, (0,)
+    return (q, k, v), heads, dim, (0,), (hk if k_copies > 1 else 0)
+
+
+def _unrepeated(node: fx.Node, shape_of) -> tuple[fx.Node, int] | None:
+    """(x, R) when `node` repeats each head of x (batch, kv_heads, tokens, head_dim) R times in place, read by
+    nothing else: Hugging Face's repeat_kv, x[:, :, None].expand(b, kv, R, s, d).reshape(b, kv * R, s, d)
+    (or unsqueeze(2)), or x.repeat_interleave(R, dim=1)."""
+    out = shape_of(node)
+    if out is None or len(out) != 4:
+        return None
+    if _is_method_or_fn(node, ("repeat_interleave",), {torch.repeat_interleave, aten.repeat_interleave.self_int}):
+        x = node.args[0]
+        copies = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        src = shape_of(x) if isinstance(x, fx.Node) else None
+        if not isinstance(copies, int) or copies < 2 or dim not in (1, -3) or src is None or \
+                tuple(src) != (out[0], out[1] // copies, *out[2:]) or not _read_only_by(x, node):
+            return None
+        return x, copies
+    if not _is_reshape(node):
+        return None
+    expand = node.args[0]
+    if not isinstance(expand, fx.Node) or not _is_method_or_fn(expand, ("expand",), {aten.expand.default}) or \
+            _only_user(expand) is not node:
+        return None
+    wide, one = shape_of(expand), expand.args[0]
+    if wide is None or len(wide) != 5 or not isinstance(one, fx.Node) or _only_user(one) is not expand or \
+            tuple(wide) != (out[0], wide[1], wide[2], *out[2:]) or wide[1] * wide[2] != out[1] or wide[2] < 2:
+        return None
+    x = _unsqueezed_at_2(one)
+    if x is None or shape_of(x) is None or tuple(shape_of(x)) != (out[0], wide[1], *out[2:]) or \
+            not _read_only_by(x, one):
+        return None
+    return x, wide[2]
+
+
+def _read_only_by(x: fx.Node, node: fx.Node) -> bool:
+    """Whether `node` is the one reader of x's values (its sizes read elsewhere aside, as repeat_kv does)."""
+    return node in x.users and all(u is node or reads_size(u) for u in x.users)
+
+
+def _unsqueezed_at_2(node: fx.Node) -> fx.Node | None:
+    """x for x.unsqueeze(2) or x[:, :, None] (trailing slices allowed)."""
+    if _is_method_or_fn(node, ("unsqueeze",), {torch.unsqueeze, aten.unsqueeze.default}):
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return node.args[0] if dim == 2 and isinstance(node.args[0], fx.Node) else None
+    if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
+        return None
+    x, index = node.args
+    whole = slice(None, None, None)
+    if not isinstance(x, fx.Node) or not isinstance(index, tuple) or len(index) < 3 or \
+            index[:3] != (whole, whole, None) or any(i not in (whole, Ellipsis) for i in index[3:]):
+        return None
+    return x
 
 
 def _packed_heads(parts, layers: dict, shape_of):
@@ -291,7 +377,7 @@ def _packed_heads(parts, layers: dict, shape_of):
     if len(into) != 3 or len(out) != 5 or out[:3] != (*into[:2], 3) or 3 * out[3] * out[4] != into[2]:
         return None
     width = out[3] * out[4]
-    return (name,) * 3, out[3], out[4], (0, width, 2 * width)
+    return (name,) * 3, out[3], out[4], (0, width, 2 * width), 0
 
 
 def _is_unbind(node: fx.Node) -> bool:
@@ -367,6 +453,14 @@ def _multihead(node: fx.Node, mha: nn.MultiheadAttention, modules: dict, shape_o
                  keeps_heads="nn.MultiheadAttention cannot hold an inner width other than its embed_dim (q, k, v "
                              "and out_proj all have it), so its zero heads stay in place, masked; the export "
                              "deletes them")
+
+
+KV_HEAD_ATTRS = ("num_kv_heads", "n_kv_heads", "num_key_value_heads", "kv_heads")
+
+
+def _kv_attr(module: nn.Module | None, kv_heads: int) -> str:
+    """The attribute of `module` that holds its key/value head count ('' where none does)."""
+    return next((a for a in KV_HEAD_ATTRS if getattr(module, a, None) == kv_heads), "")
 
 
 def _owner(modules: dict, names: tuple[str, ...], heads: int) -> str | None:

@@ -54,13 +54,13 @@ def rotated_from(node: fx.Node, shape_of) -> fx.Node | None:
         return None
     (root,) = roots
     # Nothing outside reads what the rotation computes, or the value it starts at (its size aside).
-    if any(user not in inside and not _reads_size(user) for n in (*inside, root) if n is not node
+    if any(user not in inside and not reads_size(user) for n in (*inside, root) if n is not node
            for user in n.users):
         return None
     return root
 
 
-def _reads_size(node: fx.Node) -> bool:
+def reads_size(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target is getattr and len(node.args) > 1 and node.args[1] in _SIZES) \
         or (node.op == "call_method" and node.target in _SIZES)
 
@@ -113,7 +113,7 @@ def _data_free(node: fx.Node, seen: dict | None = None) -> bool:
         return True
     if node.op == "placeholder":
         return False
-    if _reads_size(node):
+    if reads_size(node):
         return True
     if node.op not in ("call_function", "call_method"):
         return False

@@ -32,6 +32,7 @@ from ..errors import CheckpointError, ConfigError, UnsupportedModelError
 from ..models import ModelSpec, build_model
 from . import grouped
 from .counting import Counter
+from .heads import KV_HEAD_ATTRS
 from .structure import Layer, ModelStructure, analyze
 
 FORMAT = "sslcompress-thin-plan"
@@ -318,7 +319,8 @@ def plan_thinning(model: nn.Module, input_shape: tuple[int, ...],
 
 def _slice_heads(st: ModelStructure, dead_heads, params, slice_dim, modules, widths) -> dict[str, str]:
     """Zero attention heads: their rows of q, k and v (every part of a packed projection), their columns of the
-    output projection, and the head count of the module whose forward reads it. Returns, per attention whose
+    output projection, and the head counts (query, and key/value in grouped-query attention) of the module whose
+    forward reads them. Returns, per attention whose
     zero heads stay in place (masked), why (see Heads.keeps_heads)."""
     by_proj = {att.proj: att for att in st.heads}
     kept_whole = {}
@@ -327,9 +329,10 @@ def _slice_heads(st: ModelStructure, dead_heads, params, slice_dim, modules, wid
         if att.keeps_heads:
             kept_whole[att.name] = att.keeps_heads
             continue
-        alive = [h for h in range(att.num_heads) if h not in gone]
-        rows, cols = att.rows(alive), att.cols(alive)
+        alive = [h for h in range(att.groups) if h not in gone]
+        cols = att.cols(alive)
         for lin in att.row_layers:
+            rows = att.rows(alive, lin)
             slice_dim(f"{lin}.weight", params, 0, rows)
             slice_dim(f"{lin}.bias", params, 0, rows)
             modules.setdefault(lin, {})["out_features"] = len(rows)
@@ -340,7 +343,7 @@ def _slice_heads(st: ModelStructure, dead_heads, params, slice_dim, modules, wid
         modules.setdefault(proj, {})["in_features"] = len(cols)
         ob, oa, ib, _ = widths.get(proj, (st.layers[proj].weight_shape[0],) * 2 + (st.layers[proj].weight_shape[1],) * 2)
         widths[proj] = (ob, oa, ib, len(cols))
-        modules[att.owner] = {"num_heads": len(alive)}
+        modules[att.owner] = {"num_heads": len(att.query_heads(alive))} | ({att.kv_attr: len(alive)} if att.kv_heads else {})
     return kept_whole
 
 
@@ -406,7 +409,7 @@ def _allowed_attrs(module: nn.Module) -> tuple[str, ...]:
     # An attention written out (see heads.py) reads its head count in its forward; nn.MultiheadAttention's
     # weights are never cut (its inner width is its embed_dim, see Heads.keeps_heads), so its count stays.
     if isinstance(getattr(module, "num_heads", None), int) and not isinstance(module, nn.MultiheadAttention):
-        return ("num_heads",)
+        return ("num_heads", *KV_HEAD_ATTRS)
     return ()
 
 

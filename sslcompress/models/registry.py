@@ -49,7 +49,7 @@ BUILTINS: dict[str, Builtin] = {
         vit.vit_tiny, "small ViT (96 wide, 6 pre-norm blocks of 3 heads, MLP 4x) on about 8x8 patches", 3, (32, 32)
     ),
     "llama_vit_tiny": Builtin(
-        vit.llama_vit_tiny, "vit_tiny with LLaMA blocks (RMSNorm, no biases, SwiGLU MLP of 256)", 3, (32, 32)
+        vit.llama_vit_tiny, "vit_tiny with LLaMA blocks (RMSNorm, grouped-query rotary attention, SwiGLU MLP of 256)", 3, (32, 32)
     ),
     "vit_small": Builtin(
         vit.vit_small, "ViT-S/16 layout (384 wide, 12 pre-norm blocks of 6 heads, MLP 4x, 16x16 patches)", 3, (224, 224)

@@ -1,5 +1,5 @@
 """A small Vision Transformer for CIFAR-sized inputs, with attention written out; and the same layout with
-LLaMA's blocks (RMSNorm, no biases, a SwiGLU MLP).
+LLaMA's blocks (RMSNorm, no biases, grouped-query attention with rotary position embeddings, a SwiGLU MLP).
 
 Pre-norm blocks (LayerNorm, multi-head self-attention, residual, LayerNorm, Linear-GELU-Linear,
 residual), a class token and a learned position embedding. Attention uses separate q, k and v Linears
@@ -30,22 +30,69 @@ def patch_size_for(input_size: tuple[int, int]) -> int:
 class Attention(nn.Module):
     """Multi-head self-attention on (batch, tokens, dim) with separate q, k, v projections."""
 
-    def __init__(self, dim: int, num_heads: int, bias: bool = True) -> None:
+    def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not a multiple of {num_heads} heads")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim, bias=bias)
-        self.k = nn.Linear(dim, dim, bias=bias)
-        self.v = nn.Linear(dim, dim, bias=bias)
-        self.proj = nn.Linear(dim, dim, bias=bias)
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.q(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        attn = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
+        out = attn.softmax(dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The two halves of each head's features swapped, the second negated: LLaMA's rotation partner."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(batch, kv_heads, tokens, head_dim) -> (batch, kv_heads * n_rep, tokens, head_dim), each key/value head
+    repeated for the n_rep query heads that share it (Hugging Face's LLaMA writes it so)."""
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+class LlamaAttention(nn.Module):
+    """LLaMA's attention on (batch, tokens, dim): no biases, fewer key/value heads than query heads (grouped-query
+    attention), queries and keys rotated by their token's position (rotary embeddings, base 10000)."""
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, tokens: int) -> None:
+        super().__init__()
+        if dim % num_heads or num_heads % num_kv_heads or (dim // num_heads) % 2:
+            raise ValueError(f"dim {dim} is not {num_heads} heads of an even width in groups of {num_kv_heads}")
+        self.num_heads, self.num_key_value_heads = num_heads, num_kv_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
+        self.v = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
+        angles = torch.outer(torch.arange(tokens).float(), inv_freq)
+        emb = torch.cat((angles, angles), dim=-1)  # (tokens, head_dim): the same for every head
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(b, s, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, s, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        q = q * self.cos + rotate_half(q) * self.sin
+        k = k * self.cos + rotate_half(k) * self.sin
+        n_rep = self.num_heads // self.num_key_value_heads
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
         attn = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
         out = attn.softmax(dim=-1) @ v
         return self.proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
@@ -85,11 +132,12 @@ def gated_hidden(dim: int, mlp_ratio: int) -> int:
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: int, llama: bool = False) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: int, llama: bool = False, kv_heads: int = 0,
+                 tokens: int = 0) -> None:
         super().__init__()
         norm = nn.RMSNorm if llama else nn.LayerNorm
         self.norm1 = norm(dim)
-        self.attn = Attention(dim, num_heads, bias=not llama)
+        self.attn = LlamaAttention(dim, num_heads, kv_heads, tokens) if llama else Attention(dim, num_heads)
         self.norm2 = norm(dim)
         self.mlp = GatedMlp(dim, gated_hidden(dim, mlp_ratio)) if llama else Mlp(dim, dim * mlp_ratio)
 
@@ -103,7 +151,7 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, num_classes: int, in_channels: int, input_size: tuple[int, int], *, dim: int = 96,
                  depth: int = 6, num_heads: int = 3, mlp_ratio: int = 4, patch: int | None = None,
-                 llama: bool = False) -> None:
+                 llama: bool = False, kv_heads: int = 0) -> None:
         super().__init__()
         patch = patch or patch_size_for(input_size)
         tokens = (input_size[0] // patch) * (input_size[1] // patch)
@@ -111,15 +159,19 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"a {input_size[0]}x{input_size[1]} input is not tiled by {patch}x{patch} patches")
         self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, tokens + 1, dim))
-        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio, llama) for _ in range(depth)])
+        # LLaMA's blocks place tokens by rotating queries and keys: no position embedding added.
+        self.pos_embed = None if llama else nn.Parameter(torch.zeros(1, tokens + 1, dim))
+        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio, llama, kv_heads, tokens + 1)
+                                      for _ in range(depth)])
         self.norm = nn.RMSNorm(dim) if llama else nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
-        init_transformer_weights(self, (self.cls_token, self.pos_embed))
+        init_transformer_weights(self, tuple(p for p in (self.cls_token, self.pos_embed) if p is not None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
         x = self.norm(self.blocks(x))
         return self.head(x[:, 0])
 
@@ -129,11 +181,13 @@ def vit_tiny(num_classes: int, in_channels: int, input_size: tuple[int, int]) ->
 
 
 def llama_vit_tiny(num_classes: int, in_channels: int, input_size: tuple[int, int]) -> nn.Module:
-    """vit_tiny's layout with LLaMA's blocks: RMSNorm, attention and MLP without biases, a SwiGLU MLP of 256
-    hidden units (two thirds of 4x, the same parameters as vit_tiny's MLP)."""
+    """vit_tiny's width and depth with LLaMA's blocks: RMSNorm, attention and MLP without biases, 4 query heads of
+    24 sharing 2 key/value heads (grouped-query attention), rotary position embeddings instead of a learned
+    position embedding, a SwiGLU MLP of 256 hidden units (two thirds of 4x, the same parameters as vit_tiny's
+    MLP)."""
     if not hasattr(nn, "RMSNorm"):
         raise UnsupportedModelError("llama_vit_tiny needs torch 2.4 or later (nn.RMSNorm)")
-    return VisionTransformer(num_classes, in_channels, input_size, llama=True)
+    return VisionTransformer(num_classes, in_channels, input_size, num_heads=4, llama=True, kv_heads=2)
 
 
 def vit_small(num_classes: int, in_channels: int, input_size: tuple[int, int]) -> nn.Module:

@@ -66,9 +66,10 @@ def _same_dims(a: list, b: list) -> bool:
 
 @dataclass(frozen=True)
 class HeadPlan:
-    """How a Reshape moves heads: ``split`` (..., G * H * Dh) -> (..., [G,] H, Dh) or ``merge``
-    (..., H, Dh) -> (..., H * Dh); ``entry`` is the target entry (and output axis) that names H (or
-    H * Dh); ``groups`` parts (q, k, v) stacked before the heads."""
+    """How a Reshape moves heads: ``split`` (..., G * H * Dh) -> (..., [G,] H, Dh), ``merge``
+    (..., H, Dh) -> (..., H * Dh), or ``repeat`` (B, H, R, ...) -> (B, H * R, ...), where ``head_dim``
+    holds R; ``entry`` is the target entry (and output axis) that names H (or H * Dh, H * R);
+    ``groups`` parts (q, k, v) stacked before the heads."""
 
     kind: str
     heads: int
@@ -106,7 +107,37 @@ def head_plan(node) -> HeadPlan | None:
     if a == rx - 2 and isinstance(xs[-1], int) and ys[-1] == n * xs[-1] and (
             _same_prefix(vec, ys[:-1], xs[:a]) or _names_merged_width(vec[-1], n * xs[-1])):
         return HeadPlan("merge", n, xs[-1], 1, ry - 1, vec)
+    copies = _size_of(x, a + 1) if 0 < a < rx - 2 else None
+    if copies is not None and ry == rx - 1 and ys[a] == n * copies and _keeps_other_axes(vec, xs, ys, a):
+        # Grouped-query attention: (B, Hkv, R, S, Dh) -> (B, Hkv * R, S, Dh), each key/value head
+        # repeated for the R query heads that share it (an Unsqueeze and an Expand or Tile before).
+        return HeadPlan("repeat", n, copies, 1, a, vec)
     return None
+
+
+def _size_of(value, axis: int) -> int | None:
+    """The size of an axis: static, or what the Expand that wrote it broadcasts it to (the legacy exporter's
+    Expand to a shape built at run time, which shape inference leaves unnamed)."""
+    size = value.shape[axis]
+    if isinstance(size, int):
+        return size
+    node = value.producer()
+    if node is None or node.op_type != "Expand":
+        return None
+    vec = target_of(node, 1)
+    entry = axis - (len(value.shape) - len(vec)) if vec is not None else -1
+    return vec[entry].value if entry >= 0 and vec[entry].value is not None and vec[entry].value > 1 else None
+
+
+def _keeps_other_axes(vec: list[Dim], xs: list, ys: list, a: int) -> bool:
+    """Whether a Reshape merging axes a and a + 1 keeps every other axis: the same sizes before and after,
+    or the target's entries after the merge literal and the one before it inferred (-1, the batch)."""
+    if not _same_dims(ys[a + 1:], xs[a + 2:]):
+        return False
+    if _same_dims(ys[:a], xs[:a]):
+        return True
+    literal = all(d.ref is None and d.value == x for d, x in zip(vec[a + 1:], xs[a + 2:], strict=True))
+    return a == 1 and vec[0].value == -1 and literal and vec[a].value == ys[a]
 
 
 def _names_merged_width(last: Dim, width: int) -> bool:
@@ -224,6 +255,9 @@ class HeadReshape(Reshape):
             return super().forward(node, ins)
         if x is None:
             return [None]
+        if plan.kind == "repeat":
+            values = None if x.head_values is None else np.repeat(x.head_values, plan.head_dim, axis=0)
+            return [Channels(np.repeat(x.state, plan.head_dim), np.repeat(x.value, plan.head_dim), None, values)]
         if plan.kind == "merge":
             out = Channels(np.repeat(x.state, plan.head_dim), np.repeat(x.value, plan.head_dim))
             src = _behind_transposes(node.inputs[0])
@@ -252,10 +286,10 @@ class HeadReshape(Reshape):
             return Decline("its input's channels cannot be followed")
         if d.ref is not None or (d.value != -1 and d.site is None):
             merge_refs(ctx, plan.vec, None, None, why)
-            what = "head count" if plan.kind == "split" else "width of the heads"
+            what = {"split": "head count", "merge": "width of the heads", "repeat": "count of repeated heads"}[plan.kind]
             return Decline(f"its target names the {what} where it cannot be rewritten (read at run time)")
         merge_refs(ctx, plan.vec, None, None, why)
-        if plan.kind == "merge":
+        if plan.kind in ("merge", "repeat"):
             return [[i for i in ids[0] for _ in range(plan.head_dim)]]
         x = np.array(ids[0]).reshape(plan.groups, plan.heads, plan.head_dim)
         for h in range(plan.heads):
@@ -270,7 +304,7 @@ class HeadReshape(Reshape):
             return super().backward(node, needed, ins)
         if needed[0] is None:
             return [None, None]
-        if plan.kind == "merge":
+        if plan.kind in ("merge", "repeat"):
             return [needed[0].reshape(-1, plan.head_dim).any(1), None]
         per = np.broadcast_to(needed[0][None, :, None], (plan.groups, plan.heads, plan.head_dim))
         return [per.reshape(-1).copy(), None]

@@ -27,6 +27,7 @@ from .base import (
     follow_axis,
     input_or_none,
     label,
+    refine_shape,
     register,
     set_const,
 )
@@ -107,7 +108,25 @@ def shape_vector(v: ir.Value | None, _depth: int = 0) -> list[Dim] | None:
                 inner = [Dim(d.value, site=(node, k, j)) for j, d in enumerate(inner)]
             out.extend(inner)
         return out
+    if op == "Where":
+        return _minus_ones_replaced(node, _depth) or _unknown_entries(v)
     return _unknown_entries(v)
+
+
+def _minus_ones_replaced(node: ir.Node, depth: int) -> list[Dim] | None:
+    """Where(Equal(c, -1), fill, c): the legacy exporter's Expand shape, its -1 entries ("keep this size")
+    replaced by ones. The other entries are c's own, written where c writes them."""
+    cond, fill, other = (input_or_none(node, i) for i in range(3))
+    eq = cond.producer() if cond is not None else None
+    if eq is None or eq.op_type != "Equal" or other is None or len(eq.inputs) != 2 or other not in eq.inputs:
+        return None
+    minus = const_tensor(eq.inputs[1] if eq.inputs[0] is other else eq.inputs[0])
+    ones = const_tensor(fill)
+    inner = shape_vector(other, depth + 1)
+    if inner is None or minus is None or ones is None or not np.all(minus == -1) or ones.size not in (1, len(inner)):
+        return None
+    ones = np.broadcast_to(ones.reshape(-1), (len(inner),))
+    return [Dim(int(ones[j])) if d.value == -1 else d for j, d in enumerate(inner)]
 
 
 def _unknown_entries(v: ir.Value) -> list[Dim] | None:
@@ -237,17 +256,22 @@ class Expand(OpRule):
     def fill_shapes(self, node):
         x, y = node.inputs[0], node.outputs[0]
         vec = shape_vector(input_or_none(node, 1))
-        if x is None or x.shape is None or vec is None or any(d.value is None for d in vec) \
-                or any(not isinstance(d, int) for d in x.shape):
+        if x is None or x.shape is None or vec is None:
             return
-        try:
-            shape = np.broadcast_shapes(tuple(x.shape), tuple(d.value for d in vec))
-        except ValueError:
+        if all(d.value is not None for d in vec) and all(isinstance(d, int) for d in x.shape):
+            try:
+                shape = np.broadcast_shapes(tuple(x.shape), tuple(d.value for d in vec))
+            except ValueError:
+                return
+            if y.shape is None or list(y.shape) != list(shape):
+                y.shape = ir.Shape(list(shape))
+                if y.type is None:
+                    y.type = x.type
             return
-        if y.shape is None or list(y.shape) != list(shape):
-            y.shape = ir.Shape(list(shape))
-            if y.type is None:
-                y.type = x.type
+        # A target built at run time: each size is the input's where the target says 1, the target's where
+        # the input has 1, and a size read off another value is that value's (a named symbol shape inference
+        # could not connect, as in repeat_kv's expand(b, kv, n_rep, s, d) of a dynamic batch).
+        refine_shape(y, _broadcast_sizes(list(x.shape), vec))
 
     def _plan(self, node) -> tuple[str, int, list[Dim], int | None] | None:
         """(kind, output axis, target, target entry of the channel axis or None)."""
@@ -338,3 +362,63 @@ class Expand(OpRule):
         if d.ref is not None or d.value in (1, -1):
             return False
         return write_dim(graph, d, int(keep_out[0].sum()))
+
+
+def _broadcast_sizes(xs: list, vec: list[Dim]) -> list | None:
+    """Expand's output sizes from the input's and the target's entries, None where a size is not known."""
+    if len(vec) < len(xs):
+        return None
+    xs = [1] * (len(vec) - len(xs)) + xs
+    out = []
+    for a, d in zip(xs, vec, strict=True):
+        t = d.value
+        if t is None and d.ref is not None and d.ref[0].shape is not None:
+            t = d.ref[0].shape[d.ref[1]]
+        if t is None or (isinstance(t, ir.SymbolicDim) and t.value is None):
+            out.append(None)
+        elif t == 1:
+            out.append(a)
+        elif a == 1 or a == t:
+            out.append(t)
+        elif isinstance(a, int):
+            if isinstance(t, int):
+                return None  # sizes that do not broadcast: left to the runtime to refuse
+            out.append(a)  # t is a symbol, and the known size a > 1 is what it must be
+        else:
+            # An unknown input size is 1 or t: the output's is t where t > 1 is known, unknown beside a
+            # symbol that may be 1 at run time.
+            out.append(t if isinstance(t, int) else None)
+    return out
+
+
+@register("Tile")
+class Tile(OpRule):
+    """Repeating a tensor along other axes than the channels' (grouped-query attention's key and value
+    heads, tiled for the query heads that share them before a Reshape merges the copies): every copy
+    holds the same channels in the same place. Repeats along the channel axis, or repeats not known
+    before run time there, make it a wall."""
+
+    def _passes(self, node) -> bool:
+        x = node.inputs[0]
+        axis = channel_axis(x)
+        vec = target_of(node, 1)
+        return axis is not None and vec is not None and len(vec) > axis and vec[axis].value == 1
+
+    def out_axes(self, node):
+        return [channel_axis(node.inputs[0]) if self._passes(node) else None]
+
+    def forward(self, node, ins):
+        return [ins[0] if self._passes(node) else None]
+
+    def couple(self, node, ids, ctx):
+        vec = target_of(node, 1)
+        if vec is not None:
+            merge_refs(ctx, vec, None, None, label(node))
+        if not self._passes(node):
+            return Decline("it repeats along the channel axis, or by counts known only at run time")
+        if ids[0] is None:
+            return Decline("its input's channels cannot be followed")
+        return [list(ids[0])]
+
+    def backward(self, node, needed, ins):
+        return [needed[0], None]

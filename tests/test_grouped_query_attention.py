@@ -1,0 +1,189 @@
+"""Grouped-query attention (LLaMA 2/3, Mistral): k and v with fewer heads than q, each key/value head repeated for
+the query heads that share it, by Hugging Face's repeat_kv (unsqueeze, expand, reshape) or by repeat_interleave.
+A key/value head and its query heads go as one group; the training counts what the export cuts (the surgery
+follows the repeat through Unsqueeze, Expand or Tile and the Reshape that merges the copies), and thinning
+deletes the group exactly, rewriting both head counts."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from counted_cut import assert_cut_as_counted, assert_thinned_exactly, exported
+from torch import nn
+from zeroing import zero_groups
+
+from sslcompress.finetune.counting import count
+from sslcompress.finetune.groups import build_groups
+from sslcompress.surgery.compress import compress
+from sslcompress.surgery.export import export_onnx
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SHAPE = (1, 1, 8, 8)  # 16 patch tokens of 2x2
+DIM, HEADS, KV_HEADS, HEAD_DIM, TOKENS = 48, 6, 3, 8, 16
+COPIES = HEADS // KV_HEADS
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Hugging Face's: (batch, kv_heads, tokens, head_dim) -> (batch, kv_heads * n_rep, tokens, head_dim)."""
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class GroupedQueryAttention(nn.Module):
+    def __init__(self, repeat: str, rotary: bool = False, kv_attr: str = "num_key_value_heads") -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.repeat, self.rotary = HEADS, HEAD_DIM, repeat, rotary
+        if kv_attr:
+            setattr(self, kv_attr, KV_HEADS)
+        self.kv_attr = kv_attr
+        self.q = nn.Linear(DIM, HEADS * HEAD_DIM)
+        self.k = nn.Linear(DIM, KV_HEADS * HEAD_DIM)
+        self.v = nn.Linear(DIM, KV_HEADS * HEAD_DIM)
+        self.o = nn.Linear(HEADS * HEAD_DIM, DIM)
+        inv = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
+        emb = torch.outer(torch.arange(TOKENS).float(), inv).repeat(1, 2)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        kv = getattr(self, self.kv_attr) if self.kv_attr else KV_HEADS
+        q = self.q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(b, t, kv, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, t, kv, self.head_dim).transpose(1, 2)
+        if self.rotary:  # before the repeat, as Hugging Face's LLaMA does
+            q = q * self.cos + _rotate_half(q) * self.sin
+            k = k * self.cos + _rotate_half(k) * self.sin
+        n_rep = self.num_heads // kv
+        if self.repeat == "repeat_kv":
+            k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+        elif self.repeat == "interleave":
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        elif self.repeat == "tile":  # heads in the order 0, 1, 2, 0, 1, 2: another pairing, not followed
+            k, v = k.repeat(1, n_rep, 1, 1), v.repeat(1, n_rep, 1, 1)
+        if self.repeat == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        else:
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
+            out = scores.softmax(dim=-1) @ v
+        return self.o(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+class Net(nn.Module):
+    def __init__(self, repeat: str, rotary: bool = False, kv_attr: str = "num_key_value_heads") -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(1, DIM, 2, 2)
+        self.attn0 = GroupedQueryAttention(repeat, rotary, kv_attr)
+        self.attn1 = GroupedQueryAttention(repeat, rotary, kv_attr)
+        self.head = nn.Linear(DIM, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = x + self.attn0(x)
+        x = x + self.attn1(x)
+        return self.head(x.mean(1))
+
+
+def _net(repeat: str, rotary: bool = False, kv_attr: str = "num_key_value_heads") -> Net:
+    torch.manual_seed(0)
+    return Net(repeat, rotary, kv_attr).eval()
+
+
+@pytest.mark.parametrize("repeat", ["repeat_kv", "interleave"])
+def test_a_key_value_head_and_its_query_heads_are_one_group(repeat):
+    groups = build_groups(_net(repeat), SHAPE, ("head",))
+    assert [g.name for g in groups] == [f"head attn{a}[{h}]" for a in (0, 1) for h in range(KV_HEADS)]
+    kv_rows = tuple(range(HEAD_DIM, 2 * HEAD_DIM))  # key/value head 1
+    q_rows = tuple(range(COPIES * HEAD_DIM, 2 * COPIES * HEAD_DIM))  # query heads 2 and 3
+    assert {(s.param, s.axis, tuple(s.index)) for s in groups[1].slices} == {
+        *((f"attn0.{p}.{leaf}", "out", kv_rows) for p in "kv" for leaf in ("weight", "bias")),
+        *((f"attn0.q.{leaf}", "out", q_rows) for leaf in ("weight", "bias")), ("attn0.o.weight", "in", q_rows)}
+
+
+def test_other_repeats_are_not_followed():
+    # k.repeat(1, R, 1, 1) pairs query head h with key/value head h % kv_heads; SDPA's enable_gqa exports with
+    # the heads in the batch axis or in one Attention op: no groups, so nothing counted that the export keeps.
+    for repeat in ("tile", "sdpa"):
+        assert build_groups(_net(repeat), SHAPE, ("head",)) == []
+
+
+@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
+@pytest.mark.parametrize("repeat", ["repeat_kv", "interleave"])
+@pytest.mark.parametrize("exporter", ["legacy17", "legacy18", "dynamo"])
+@torch.no_grad()
+def test_zero_key_value_groups_are_counted_as_the_export_cuts_them(repeat, exporter, rotary):
+    model = _net(repeat, rotary)
+    groups = build_groups(model, SHAPE, ("head",))
+    zero_groups(model, [groups[0], groups[KV_HEADS + 2]])
+    proto = exported(model, SHAPE, "dynamo") if exporter == "dynamo" else \
+        exported(model, SHAPE, opset=int(exporter[-2:]))
+    _, counted = assert_cut_as_counted(model, SHAPE, proto)
+    assert counted.heads == (("attn0", HEADS - COPIES, HEADS), ("attn1", HEADS - COPIES, HEADS))
+
+
+@pytest.mark.parametrize("repeat", ["repeat_kv", "interleave"])
+@torch.no_grad()
+def test_a_dynamic_batch_export_is_cut_and_matches_at_other_batches(repeat):
+    # The legacy exporter builds repeat_kv's Expand shape at run time (Shape, Concat, and Where(Equal(s, -1), 1, s))
+    # and repeat_interleave as Tile; the merge's copies are read from the Expand's target.
+    model = _net(repeat)
+    groups = build_groups(model, SHAPE, ("head",))
+    zero_groups(model, [groups[1], groups[KV_HEADS]])
+    proto = export_onnx(model, SHAPE, dynamic_batch=True).model
+    result = compress(proto)
+    assert result.verification.passed
+    assert result.report["totals"]["macs_after"] == count(model, SHAPE).macs_after
+    x = np.random.default_rng(2).standard_normal((5, *SHAPE[1:])).astype(np.float32)
+    outs = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+            for p in (proto, result.model)]
+    assert np.abs(outs[0] - outs[1]).max() <= 1e-5 * np.abs(outs[0]).max()
+
+
+@torch.no_grad()
+def test_heads_repeated_in_another_order_stay():
+    # Query head h reads key/value head h % kv_heads after k.repeat(1, R, 1, 1): the Tile along the heads axis
+    # is a wall, and a zero key/value head (with the query heads of the repeat_kv pairing) is kept, exactly.
+    model = _net("tile")
+    params = dict(model.named_parameters())
+    for p in ("k", "v"):
+        params[f"attn0.{p}.weight"][:HEAD_DIM] = 0
+        params[f"attn0.{p}.bias"][:HEAD_DIM] = 0
+    proto = exported(model, SHAPE, opset=17)
+    result = compress(proto)
+    assert result.verification.passed
+    assert result.report["totals"]["macs_after"] == count(model, SHAPE).macs_after
+    assert any("Tile" in wall for wall in result.report["blocked_by"])
+
+
+@pytest.mark.parametrize("repeat", ["repeat_kv", "interleave"])
+def test_thinning_a_zero_group_rewrites_both_head_counts(repeat):
+    model = _net(repeat, rotary=True)
+    groups = build_groups(model, SHAPE, ("head",))
+    zero_groups(model, [groups[0], groups[2], groups[KV_HEADS + 1]])
+    assert_thinned_exactly(model, SHAPE)
+    assert (model.attn0.num_heads, model.attn0.num_key_value_heads) == (HEADS - 2 * COPIES, KV_HEADS - 2)
+    assert (model.attn1.num_heads, model.attn1.num_key_value_heads) == (HEADS - COPIES, KV_HEADS - 1)
+    assert tuple(model.attn0.k.weight.shape) == ((KV_HEADS - 2) * HEAD_DIM, DIM)
+
+
+def test_without_a_key_value_head_count_to_rewrite_thinning_keeps_the_heads():
+    from sslcompress.finetune.thin import thin
+
+    model = _net("repeat_kv", kv_attr="")
+    groups = build_groups(model, SHAPE, ("head",))
+    assert len(groups) == 2 * KV_HEADS  # still groups: the export cuts them
+    zero_groups(model, [groups[1]])
+    result = thin(model, SHAPE)
+    assert "no attribute of attn0 holds its 3 key/value heads" in result.reason
+    assert model.attn0.q.weight.shape[0] == HEADS * HEAD_DIM
