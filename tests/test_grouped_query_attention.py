@@ -187,3 +187,29 @@ def test_without_a_key_value_head_count_to_rewrite_thinning_keeps_the_heads():
     result = thin(model, SHAPE)
     assert "no attribute of attn0 holds its 3 key/value heads" in result.reason
     assert model.attn0.q.weight.shape[0] == HEADS * HEAD_DIM
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic-batch"])
+@torch.no_grad()
+def test_sdpa_with_enable_gqa_exported_as_onnx_attention_loses_zero_groups(dynamic):
+    # F.scaled_dot_product_attention(..., enable_gqa=True) has no groups in torch (its exports below opset 23
+    # fold the heads into the batch axis), but dynamo writes it at opset 23 as one Attention with q_num_heads
+    # and kv_num_heads: the surgery cuts the zero groups there, to what the repeat_kv model of the same
+    # weights counts.
+    model, twin = _net("sdpa"), _net("repeat_kv")
+    groups = build_groups(twin, SHAPE, ("head",))
+    zero_groups(twin, [groups[0], groups[KV_HEADS + 1]])
+    model.load_state_dict(twin.state_dict())
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    extra = {"dynamic_shapes": ({0: torch.export.Dim("batch")},)} if dynamic else {}
+    proto = torch.onnx.export(model, (x,), dynamo=True, opset_version=23, input_names=["input"],
+                              output_names=["output"], verbose=False, **extra).model_proto
+    assert "Attention" in {n.op_type for n in proto.graph.node}
+    result = compress(proto)
+    assert result.verification.passed
+    assert result.report["totals"]["macs_after"] == count(twin, SHAPE).macs_after < count(twin, SHAPE).macs
+    batch = 3 if dynamic else 1
+    feed = np.random.default_rng(4).standard_normal((batch, *SHAPE[1:])).astype(np.float32)
+    outs = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": feed})[0]
+            for p in (proto, result.model)]
+    assert np.abs(outs[0] - outs[1]).max() <= 1e-5 * np.abs(outs[0]).max()

@@ -544,8 +544,16 @@ def test_fused_attention_ops_lose_their_dead_heads(op, domain, opset, four_d):
         assert res.report["constant_channels_folded"] == 8  # the head's 8 features
 
 
+def test_onnx_attention_with_grouped_query_heads_loses_a_dead_group():
+    # Two key/value heads for four query heads: key/value head 1 (zero values, no bias) serves query heads 2
+    # and 3, whose outputs are then zero; the group goes whole and both head counts follow.
+    proto, _ = _fused("Attention", domain="", opset=23, gqa=True)
+    res = _compress_fused(proto)
+    assert weights(res.model) == [(D_, 2 * DH_), (D_, DH_), (D_, DH_), (2 * DH_, D_)], res.report["blocked_by"]
+    assert (_attr(res.model, "Attention", "q_num_heads"), _attr(res.model, "Attention", "kv_num_heads")) == (2, 1)
+
+
 @pytest.mark.parametrize(("kw", "why"), [
-    pytest.param({"op": "Attention", "domain": "", "opset": 23, "gqa": True}, "groups query heads", id="gqa"),
     pytest.param({"op": "Attention", "past": True}, "past key/value", id="contrib-past"),
 ])
 def test_fused_attention_walls_say_why(kw, why):

@@ -15,9 +15,9 @@ Grouped-query attention (LLaMA 2/3, Mistral): k and v have fewer heads, each sha
 query heads, and are repeated before the attention by Hugging Face's repeat_kv (x[:, :, None].expand(b, kv, R,
 s, d).reshape(b, kv * R, s, d)) or by repeat_interleave(R, dim=1). A key/value head goes with its R query heads
 as one group: group g owns rows g*head_dim.. of k and v, the rows of query heads g*R..(g+1)*R - 1 of q and their
-columns of the output projection. (F.scaled_dot_product_attention(..., enable_gqa=True) is not followed: its
-ONNX exports fold the heads into the batch axis or into one Attention op, which the surgery does not cut by
-key/value head.)
+columns of the output projection. (F.scaled_dot_product_attention(..., enable_gqa=True) is not followed: the
+legacy exporter refuses it, and dynamo below opset 23 folds the heads into the batch axis, where the surgery
+does not cut them.)
 
 Written out with one packed qkv Linear (timm's form): qkv(x).reshape(batch, tokens, 3, heads, head_dim)
 .permute(2, 0, 3, 1, 4), then q, k and v taken out by unbind(0) or by indexing 0, 1 and 2 (q and k possibly

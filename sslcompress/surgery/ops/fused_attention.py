@@ -9,9 +9,13 @@ where that is known (the weights sum to 1). The head count written in the node (
 ``q_num_heads``, ``kv_num_heads``) and packed weights and biases follow the heads kept; the default
 scale, 1/sqrt(Dh), does not change.
 
-Walls, each with its reason: grouped-query attention (fewer key/value heads than query heads), a
-past key/value cache or a present one that is read, a mask or bias per head, rotary embeddings,
-the q/k/v sizes of contrib Attention differing, or anything the rule cannot read.
+ONNX Attention may group its query heads over fewer key/value heads (``kv_num_heads``, or k and v
+with fewer heads on axis 1): query head h reads key/value head h // R, R = q_num_heads / kv_num_heads,
+so a key/value head and its R query heads are one id, and both head counts follow the groups kept.
+
+Walls, each with its reason: a past key/value cache or a present one that is read, a mask or bias
+per head, rotary embeddings, the q/k/v sizes of contrib Attention differing, or anything the rule
+cannot read.
 """
 
 from __future__ import annotations
@@ -155,8 +159,9 @@ class SeparateInputsAttention(OpRule):
             if y.type is None:
                 y.type = q.type
 
-    def _layout(self, node) -> tuple[int, int, int] | Decline:
-        """(axis, heads, Dh) shared by q, k, v and the output, or why not."""
+    def _layout(self, node) -> tuple[int, int, int, int] | Decline:
+        """(axis, query heads, key/value heads, Dh): q and the output hold query heads x Dh channels, k and
+        v key/value heads x Dh (the same where the heads are not grouped); or why not."""
         q, k, v = (input_or_none(node, i) for i in range(3))
         if q is None or k is None or v is None:
             return Decline("its key or value is packed with the query")
@@ -164,24 +169,33 @@ class SeparateInputsAttention(OpRule):
         if len(ranks) != 1 or None in ranks:
             return Decline("its q, k, v and output are not of one rank")
         rank = ranks.pop()
-        heads = [int(attr_value(node, a, 0)) for a in self.head_attrs]
-        if len(set(heads)) > 1:
-            return Decline("it groups query heads over fewer key/value heads")
         if _present(node, self.cache_inputs) or _read_outputs(node):
             return Decline("it reads a past key/value cache, or an output other than its result is read")
         axis = rank - 1 if rank == 3 else 1
         if rank not in (3, 4) or any(channel_axis(x) != axis for x in (q, k, v)):
             return Decline("its heads do not run on the axis its inputs carry channels on")
-        n = {channel_count(x) for x in (q, k, v, node.outputs[0])}
-        if len(n) != 1 or None in n:
+        nq, nk, nv, no = (channel_count(x) for x in (q, k, v, node.outputs[0]))
+        if None in (nq, nk, nv, no) or nq != no or nk != nv:
             return Decline("its q, k, v and output widths differ")
-        n = n.pop()
         if rank == 4:
-            return axis, n, 1
-        h = heads[0] if heads else 0
-        if h < 1 or n % h:
-            return Decline("its width does not split into its heads")
-        return axis, h, n // h
+            h, hkv, dh = nq, nk, 1
+        else:
+            heads = [int(attr_value(node, a, 0)) for a in self.head_attrs]
+            h = heads[0] if heads else 0
+            hkv = heads[-1] if heads else 0
+            if h < 1 or hkv < 1 or nq % h or nk != hkv * (nq // h):
+                return Decline("its width does not split into its heads")
+            dh = nq // h
+        if h % hkv:
+            return Decline("its query heads do not fall into equal groups over its key/value heads")
+        if hkv != h and self._bias(node) is not None:
+            return Decline("it groups query heads over fewer key/value heads and adds a packed bias")
+        return axis, h, hkv, dh
+
+    @staticmethod
+    def _kv_of_each_output(h: int, hkv: int, dh: int) -> np.ndarray:
+        """For each output (query) channel, the key/value channel its head reads."""
+        return np.array([(head // (h // hkv)) * dh + d for head in range(h) for d in range(dh)])
 
     def in_axes(self, node):
         plan = self._layout(node)
@@ -212,6 +226,10 @@ class SeparateInputsAttention(OpRule):
         b = self._bias(node)
         if b is not None:
             v = Channels.known(v.known_values + b[2 * len(v):]).with_live(~v.is_known)
+        _, h, hkv, dh = plan
+        if hkv != h:  # each query head's output is what its key/value head's values are, where known
+            picked = self._kv_of_each_output(h, hkv, dh)
+            v = Channels(v.state[picked], v.value[picked])
         return [v] + [None] * (len(node.outputs) - 1)
 
     def couple(self, node, ids, ctx):
@@ -223,23 +241,32 @@ class SeparateInputsAttention(OpRule):
                 return why
         if any(i is None for i in ids[:3]):
             return Decline("the channels of its q, k or v cannot be followed")
-        _, heads, _ = plan
-        _union_heads(ctx, [ids[0], ids[1], ids[2]], heads)
-        return [list(ids[2])] + [None] * (len(node.outputs) - 1)
+        _, heads, hkv, dh = plan
+        # Each query head with the key/value head it reads: k and v spread over the query heads first.
+        picked = self._kv_of_each_output(heads, hkv, dh)
+        k, v = ([list(ids[i])[j] for j in picked] for i in (1, 2))
+        _union_heads(ctx, [ids[0], k, v], heads)
+        return [v] + [None] * (len(node.outputs) - 1)
 
     def backward(self, node, needed, ins):
         want = needed[0]
-        return [want, want, want] + [None] * (len(node.inputs) - 3)
+        plan = self._layout(node)
+        if want is None or isinstance(plan, Decline) or plan[1] == plan[2]:
+            return [want, want, want] + [None] * (len(node.inputs) - 3)
+        _, h, hkv, dh = plan
+        shared = want.reshape(hkv, h // hkv, dh).any(1).reshape(-1)  # a key/value head serves its group
+        return [want, shared, shared] + [None] * (len(node.inputs) - 3)
 
     def rewrite(self, graph, node, keep_in, keep_out):
         plan = self._layout(node)
-        _, heads, dh = plan
+        _, heads, hkv, dh = plan
         kept = _heads_kept(keep_out[0], heads)
         if kept is None or kept.all():
             return False
-        if rank_of(node.outputs[0]) == 3:  # 4-D inputs carry their head count in their shape
+        if rank_of(node.outputs[0]) == 3:  # 4-D inputs carry their head counts in their shapes
+            groups = int(kept.reshape(hkv, heads // hkv).all(1).sum())
             for a in self.head_attrs:
-                _set_int(node, a, int(kept.sum()))
+                _set_int(node, a, groups if a == "kv_num_heads" else int(kept.sum()))
         if self._bias(node) is not None:
             cols = np.tile(np.repeat(kept, dh), 3)
             take_const(graph, node, self.bias_input, lambda a: a[cols])
