@@ -213,3 +213,24 @@ def test_sdpa_with_enable_gqa_exported_as_onnx_attention_loses_zero_groups(dynam
     outs = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": feed})[0]
             for p in (proto, result.model)]
     assert np.abs(outs[0] - outs[1]).max() <= 1e-5 * np.abs(outs[0]).max()
+
+
+class UntraceableNet(Net):
+    """Control flow on a size: fx cannot trace it, and the analysis reads torch.export's aten graph (aten's
+    unsqueeze, expand and reshape, or repeat_interleave.self_int)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] > 4:
+            x = x * 1.0
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("repeat", ["repeat_kv", "interleave"])
+@torch.no_grad()
+def test_groups_are_found_in_a_torch_export_graph_too(repeat):
+    torch.manual_seed(0)
+    model = UntraceableNet(repeat, rotary=True).eval()
+    groups = build_groups(model, SHAPE, ("head",))
+    assert [g.name for g in groups] == [f"head attn{a}[{h}]" for a in (0, 1) for h in range(KV_HEADS)]
+    zero_groups(model, [groups[2], groups[KV_HEADS]])
+    assert_cut_as_counted(model, SHAPE, exported(model, SHAPE))

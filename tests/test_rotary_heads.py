@@ -152,3 +152,24 @@ def test_thinning_zero_rotated_heads_keeps_the_outputs(rotation, packed):
     zero_groups(model, [heads[0], heads[2], heads[HEADS + 1]])
     assert_thinned_exactly(model, SHAPE)
     assert (model.attn0.num_heads, model.attn1.num_heads) == (HEADS - 2, HEADS - 1)
+
+
+class UntraceableNet(Net):
+    """The same net behind control flow on a size: fx cannot trace it, so the analysis reads torch.export's
+    aten graph, where scaled_dot_product_attention's defaults come positionally (q, k, v, None, 0.0, True)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] > 4:
+            x = x * 1.0
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["qkv", "packed"])
+@torch.no_grad()
+def test_rotated_heads_are_found_in_a_torch_export_graph_too(packed):
+    torch.manual_seed(0)
+    model = UntraceableNet(_rotate_half_chunk, packed=packed).eval()
+    heads = build_groups(model, SHAPE, ("head",))
+    assert [g.name for g in heads] == [f"head attn{a}[{h}]" for a in (0, 1) for h in range(HEADS)]
+    zero_groups(model, [heads[1], heads[HEADS]])
+    assert_cut_as_counted(model, SHAPE, exported(model, SHAPE))

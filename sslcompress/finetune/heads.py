@@ -48,6 +48,7 @@ from .rotary import reads_size, rotated_from
 aten = torch.ops.aten
 _MATMUL = {operator.matmul, torch.matmul, aten.matmul.default}
 _SDPA = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default}
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SOFTMAX = {F.softmax, torch.softmax, aten.softmax.int, aten._softmax.default}
 _SCALE = {operator.mul, operator.truediv, torch.mul, torch.div, aten.mul.Tensor, aten.div.Tensor}
 _DROPOUT = {F.dropout, aten.dropout.default}
@@ -245,10 +246,13 @@ def _attention_before(proj: fx.Node, modules: dict, layers: dict, shape_of, batc
     if not isinstance(out, fx.Node) or _only_user(out) is not back:
         return None
     if out.op == "call_function" and out.target in _SDPA:
-        if len(out.args) != 3 or any(out.kwargs.get(k) is not None for k in ("attn_mask",)) or \
-                set(out.kwargs) - {"attn_mask", "dropout_p", "is_causal", "scale"}:
+        # torch.export's aten call passes the defaults positionally: (q, k, v, None, 0.0, is_causal).
+        if len(out.args) > len(_SDPA_ARGS) or set(out.kwargs) - set(_SDPA_ARGS):
             return None
-        q4, k4, v4 = out.args
+        call = dict(zip(_SDPA_ARGS, out.args)) | dict(out.kwargs)
+        if any(a not in call for a in _SDPA_ARGS[:3]) or call.get("attn_mask") is not None or call.get("enable_gqa"):
+            return None
+        q4, k4, v4 = (call[a] for a in _SDPA_ARGS[:3])
         products = [out]
     elif _is_method_or_fn(out, ("matmul",), _MATMUL) and len(out.args) == 2:
         probs, v4 = out.args
