@@ -245,9 +245,23 @@ def print_surgery_report(report: dict[str, Any]) -> None:
                f"relative {v['rel']:.3g} over {v['inputs']} inputs{agree}); surgery "
                f"{report['seconds']['surgery']:.2f}s")
     if "macs_after_matches_prediction" in report:
-        status = "matches" if report["macs_after_matches_prediction"] else "differs from"
-        _out.print(f"MACs after {status} the checkpoint's count of its removable groups "
-                   f"({_num(report['predicted_macs_after'])})")
+        _out.print(count_agreement(report))
+
+
+def count_agreement(report: dict[str, Any]) -> str:
+    """How the compact model's MACs stand to the checkpoint's count of its removable groups, in one sentence."""
+    after, counted = report["totals"]["macs_after"], report["predicted_macs_after"]
+    where = f"the checkpoint's count of its removable groups ({_num(counted)})"
+    if after == counted:
+        return f"MACs after match {where}"
+    if after < counted:
+        # Not an error: folding constant channels, shrinking kernels and lowering convs to im2col over their
+        # nonzero columns remove MACs that the training's count of zero groups does not model.
+        return f"MACs after ({_num(after)}) are below {where}: the surgery also folded constants, shrank kernels " \
+               "or lowered convs"
+    why = "--align kept channels it removes" if report.get("align") else \
+        "the surgery kept channels it removes (see blocked_by)"
+    return f"MACs after ({_num(after)}) are above {where}: {why}"
 
 
 def _print_lowering(lowering: dict[str, Any] | None) -> None:

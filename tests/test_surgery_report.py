@@ -59,3 +59,16 @@ def test_a_qoperator_model_says_its_quantized_layers_are_walls():
     res = compress(_model(nodes, inits, (1, 3, 6, 6), (1, 4, 6, 6)))
     assert res.verification.passed and res.report["totals"]["channels_removed"] == 0
     assert res.report["qoperator_layers"] == {"QLinearConv": 1}
+
+
+def test_the_export_says_how_the_cut_stands_to_the_checkpoints_count():
+    from sslcompress.console import count_agreement
+
+    def line(after, counted, align=None):
+        return count_agreement({"totals": {"macs_after": after}, "predicted_macs_after": counted, "align": align})
+
+    assert line(21_680_000, 21_680_000) == "MACs after match the checkpoint's count of its removable groups (21.68M)"
+    # Fewer is what the count does not model (a conv lowered to im2col over its nonzero columns, say).
+    assert line(18_060_000, 18_100_000).startswith("MACs after (18.06M) are below the checkpoint's count")
+    assert line(30_340, 20_227, align=8).endswith("--align kept channels it removes")
+    assert line(30_340, 20_227).endswith("the surgery kept channels it removes (see blocked_by)")
