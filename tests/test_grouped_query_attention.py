@@ -68,6 +68,8 @@ class GroupedQueryAttention(nn.Module):
         n_rep = self.num_heads // kv
         if self.repeat == "repeat_kv":
             k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+        elif self.repeat == "flatten":  # the copies merged by flatten(1, 2), with unsqueeze(2) before
+            k, v = (t.unsqueeze(2).expand(b, kv, n_rep, t.shape[2], self.head_dim).flatten(1, 2) for t in (k, v))
         elif self.repeat == "interleave":
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
         elif self.repeat == "tile":  # heads in the order 0, 1, 2, 0, 1, 2: another pairing, not followed
@@ -100,7 +102,7 @@ def _net(repeat: str, rotary: bool = False, kv_attr: str = "num_key_value_heads"
     return Net(repeat, rotary, kv_attr).eval()
 
 
-@pytest.mark.parametrize("repeat", ["repeat_kv", "interleave"])
+@pytest.mark.parametrize("repeat", ["repeat_kv", "flatten", "interleave"])
 def test_a_key_value_head_and_its_query_heads_are_one_group(repeat):
     groups = build_groups(_net(repeat), SHAPE, ("head",))
     assert [g.name for g in groups] == [f"head attn{a}[{h}]" for a in (0, 1) for h in range(KV_HEADS)]
@@ -119,7 +121,7 @@ def test_other_repeats_are_not_followed():
 
 
 @pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
-@pytest.mark.parametrize("repeat", ["repeat_kv", "interleave"])
+@pytest.mark.parametrize("repeat", ["repeat_kv", "flatten", "interleave"])
 @pytest.mark.parametrize("exporter", ["legacy17", "legacy18", "dynamo"])
 @torch.no_grad()
 def test_zero_key_value_groups_are_counted_as_the_export_cuts_them(repeat, exporter, rotary):

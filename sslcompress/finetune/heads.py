@@ -309,7 +309,7 @@ def _separate_heads(parts, modules: dict, layers: dict, shape_of):
 def _unrepeated(node: fx.Node, shape_of) -> tuple[fx.Node, int] | None:
     """(x, R) when `node` repeats each head of x (batch, kv_heads, tokens, head_dim) R times in place, read by
     nothing else: Hugging Face's repeat_kv, x[:, :, None].expand(b, kv, R, s, d).reshape(b, kv * R, s, d)
-    (or unsqueeze(2)), or x.repeat_interleave(R, dim=1)."""
+    (or unsqueeze(2), or flatten(1, 2)), or x.repeat_interleave(R, dim=1)."""
     out = shape_of(node)
     if out is None or len(out) != 4:
         return None
@@ -322,7 +322,7 @@ def _unrepeated(node: fx.Node, shape_of) -> tuple[fx.Node, int] | None:
                 tuple(src) != (out[0], out[1] // copies, *out[2:]) or not _read_only_by(x, node):
             return None
         return x, copies
-    if not _is_reshape(node):
+    if not _is_reshape(node) and not _flattens_1_2(node):
         return None
     expand = node.args[0]
     if not isinstance(expand, fx.Node) or not _is_method_or_fn(expand, ("expand",), {aten.expand.default}) or \
@@ -342,6 +342,15 @@ def _unrepeated(node: fx.Node, shape_of) -> tuple[fx.Node, int] | None:
 def _read_only_by(x: fx.Node, node: fx.Node) -> bool:
     """Whether `node` is the one reader of x's values (its sizes read elsewhere aside, as repeat_kv does)."""
     return node in x.users and all(u is node or reads_size(u) for u in x.users)
+
+
+def _flattens_1_2(node: fx.Node) -> bool:
+    """x.flatten(1, 2): the copies merged into the heads axis as a reshape would."""
+    if not _is_method_or_fn(node, ("flatten",), {torch.flatten, aten.flatten.using_ints}):
+        return False
+    names = ("input", "start_dim", "end_dim")
+    call = dict(zip(names, node.args)) | dict(node.kwargs)
+    return call.get("start_dim") == 1 and call.get("end_dim") in (2, -3)
 
 
 def _unsqueezed_at_2(node: fx.Node) -> fx.Node | None:
