@@ -101,10 +101,11 @@ class Heads:
         """Columns of the output projection that these groups' query heads own."""
         return [h * self.head_dim + d for h in self.query_heads(groups) for d in range(self.head_dim)]
 
-    def rows(self, groups, owner: str | None = None) -> list[int]:
-        """Rows that these groups own of a row parameter, or of every parameter of the Linear `owner` (the
-        query rows without one), ascending."""
-        if self.kv_heads and owner is not None and owner.removesuffix(".weight").removesuffix(".bias") in (self.k, self.v):
+    def rows(self, groups, of: str | None = None) -> list[int]:
+        """Rows that these groups own of `of`, a row parameter or its Linear (the query rows without it),
+        ascending: a key or value projection's rows of grouped-query attention are its key/value heads'."""
+        linear = None if of is None else of.removesuffix(".weight").removesuffix(".bias")
+        if self.kv_heads and linear in (self.k, self.v):
             return [g * self.head_dim + d for g in sorted(groups) for d in range(self.head_dim)]
         return sorted(off + c for off in self.part_offsets for c in self.cols(groups))
 
