@@ -15,6 +15,10 @@ BatchNorm statistics so folding is not a no-op) and each MAC budget, four models
     depth       no width narrowed: whole block-internal widths emptied instead (each such block's branch then
                 computes a constant, which the cut writes in its place), at MACs no higher than the unaligned
                 model's; every remaining conv runs at its dense width
+    align-latency  (with --latency-widths) widths at multiples of ORT's block chosen by this machine's latency
+                table (batch 1, 1 thread; `sslcompress profile`'s cache): from the dense widths, each step takes
+                one block of channels off the width whose loss saves the most predicted milliseconds per MAC,
+                until the MACs are at or below the unaligned model's; the allocation a latency budget steers to
 
 A *width* is one coupled set of channels: the output channels of every layer that writes it (a residual
 add makes the stem, the block outputs and the downsample of one stage a single width). The widths come
@@ -63,6 +67,7 @@ Usage (from the repository root):
 
     python benchmarks/aligned_widths.py                 # full run: resnet20+56, budgets 0.5 and 0.3, batch 1/8, threads 1/2
     python benchmarks/aligned_widths.py --quick         # smoke run (seconds): resnet20, budget 0.5, batch 1, 1 thread
+    python benchmarks/aligned_widths.py --latency-widths   # and the align-latency variant (profiles a table first)
 
 The tables go to benchmarks/results/aligned_widths.md (benchmarks/out with --quick), every sample to
 benchmarks/out/aligned_widths.json. A '## Conclusions' section written into the .md by hand is kept by a rerun.
@@ -82,6 +87,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -99,6 +105,7 @@ from sslcompress.finetune.groups import ParamGroup, build_groups
 from sslcompress.finetune.structure import ModelStructure, analyze
 from sslcompress.flops import count
 from sslcompress.io import atomic_write_bytes, atomic_write_json
+from sslcompress.latency import current_key, default_path, load_or_new, predict, profile_model, save_table
 from sslcompress.models import ModelSpec, build_model
 from sslcompress.runtime import (
     bootstrap_ratio,
@@ -116,9 +123,10 @@ REPO = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO / "benchmarks" / "out"
 MODELS = ("resnet20", "resnet56")
 VARIANTS = ("dense", "unaligned", "align8", "align8-1", "align16", "align16-1", "cut-align", "depth")
+LATENCY_VARIANT = "align-latency"
 # (slower, faster): reported as median(slower) / median(faster), above 1 when the second is faster
 COMPARISONS = (("unaligned", "align8"), ("unaligned", "align16"), ("align8-1", "align8"), ("align16-1", "align16"),
-               ("unaligned", "cut-align"), ("align8", "depth"))
+               ("unaligned", "cut-align"), ("align8", "depth"), ("align8", LATENCY_VARIANT))
 RTOL_OF_MAX = 1e-4  # the library's verification criterion, reused for the check before timing
 
 
@@ -278,6 +286,55 @@ def depth_widths(w: Widths, target: int) -> tuple[list[int], bool]:
     return kept, w.macs(w.dead_of(kept)) <= target
 
 
+class _KeptWidths:
+    """What `sslcompress.latency.predict` reads of a count (each layer's kept input and output widths), for
+    widths this script chose."""
+
+    def __init__(self, w: Widths, kept: list[int]):
+        self.st, self.dead = w.st, w.dead_of(kept)
+
+    def layer(self, name: str) -> SimpleNamespace:
+        lay = self.st.layers[name]
+        out = sum(self.st.root(i) not in self.dead for i in lay.out_ids)
+        inn = sum(self.st.root(i) not in self.dead for i in lay.in_ids)
+        return SimpleNamespace(removed=not out or not inn, channels=(inn, len(lay.in_ids)),
+                               filters=(out, len(lay.out_ids)))
+
+
+def latency_widths(w: Widths, table, n: int, target: int) -> tuple[list[int], bool]:
+    """Widths at multiples of n chosen by the latency table: from the dense widths, each step takes n channels
+    off the width whose loss saves the most predicted ms per MAC, until the MACs are at or below target;
+    (kept per width, target met)."""
+    kept = [u.total for u in w.units]
+    macs, ms = w.macs(set()), predict(table, w.st, _KeptWidths(w, kept))
+    while macs > target:
+        best = None
+        for i, u in enumerate(w.units):
+            if kept[i] - n < min(n, u.total):
+                continue
+            trial = kept.copy()
+            trial[i] -= n
+            m, t = w.macs(w.dead_of(trial)), predict(table, w.st, _KeptWidths(w, trial))
+            score = (ms - t) / max(macs - m, 1)
+            if best is None or score > best[0]:
+                best = (score, i, m, t)
+        if best is None:
+            return kept, False
+        _, i, macs, ms = best
+        kept[i] -= n
+    return kept, True
+
+
+def latency_table(model: nn.Module, shape: tuple[int, ...]):
+    """This machine's latency table of `model` at batch 1 and 1 thread, from `sslcompress profile`'s cache
+    (measured first where the cache lacks it, and saved there)."""
+    key = current_key("cpu", threads=1, batch=1)
+    path = default_path(key)
+    table = profile_model(model, (1, *shape[1:]), key, load_or_new(path, key))
+    save_table(table, path)
+    return table
+
+
 @torch.no_grad()
 def depends_on_input(model: nn.Module, shape: tuple[int, ...], seed: int) -> bool:
     """Whether two random inputs give different outputs: no emptied width has cut the network."""
@@ -341,9 +398,14 @@ def build_case(name: str, budget: float, args, tmp: Path) -> dict:
     # The cut's alignment keeps the unaligned zeros and rounds every width up to the block.
     plans["cut-align"] = ([min(u.total, block * math.ceil(k / block)) for u, k in zip(w.units, kept_u)], met_u)
     plans["depth"] = depth_widths(w, target)
+    names = list(VARIANTS)
+    if args.latency_widths:
+        table = latency_table(model, shape)
+        plans[LATENCY_VARIANT] = latency_widths(w, table, table.key.block, target)
+        names.append(LATENCY_VARIANT)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     variants = {}
-    for vname in VARIANTS:
+    for vname in names:
         model.load_state_dict(state)
         kept = [u.total for u in w.units] if vname == "dense" else plans[vname][0]
         zeroed = plans["unaligned"][0] if vname == "cut-align" else kept
@@ -411,7 +473,8 @@ def check_outputs(case: dict, sessions: dict[str, ort.InferenceSession], x: np.n
 
 def time_case(case: dict, args) -> None:
     for threads in args.threads:
-        sessions = {v: create_session(case["variants"][v]["bytes"], threads=threads, pin=True) for v in VARIANTS}
+        names = list(case["variants"])
+        sessions = {v: create_session(case["variants"][v]["bytes"], threads=threads, pin=True) for v in names}
         where = placement(threads)
         for batch in args.batch:
             x = np.random.default_rng(args.seed).standard_normal((batch, 3, 32, 32), dtype=np.float32)
@@ -429,7 +492,7 @@ def time_case(case: dict, args) -> None:
             for v, t in recs.items():
                 macs = case["variants"][v]["macs"]
                 row["variants"][v] = {**t.to_dict(), "limit_fraction": t.speedup / (dense_macs / macs)}
-            for a, b in COMPARISONS:
+            for a, b in comparisons([case]):
                 sa, sb = recs[a].samples_s, recs[b].samples_s
                 row["compare"][f"{b} vs {a}"] = {
                     "ratio": statistics.median(sa) / statistics.median(sb),
@@ -439,7 +502,7 @@ def time_case(case: dict, args) -> None:
             d = row["variants"]
             log(f"{case['model']} budget {case['budget']:g} batch {batch} threads {threads}: dense "
                 f"{1e3 * d['dense']['median_s']:.3f} ms; " + ", ".join(
-                    f"{v} {1e3 * d[v]['median_s']:.3f} ms ({d[v]['speedup']:.2f}x)" for v in VARIANTS[1:])
+                    f"{v} {1e3 * d[v]['median_s']:.3f} ms ({d[v]['speedup']:.2f}x)" for v in names[1:])
                 + f" [{row['seconds']:.0f} s]")
 
 
@@ -468,7 +531,7 @@ def render_variants(cases: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for c in cases:
         n = len(c["widths"])
-        for v in VARIANTS:
+        for v in c["variants"]:
             r = c["variants"][v]
             g = r["ort_graph"]
             met = "" if r["budget_met"] else " (budget not reachable)"
@@ -481,25 +544,36 @@ def render_variants(cases: list[dict]) -> list[str]:
     return lines
 
 
+def variant_names(cases: list[dict]) -> list[str]:
+    """The variants of this run (every case has the same)."""
+    return list(cases[0]["variants"]) if cases else list(VARIANTS)
+
+
+def comparisons(cases: list[dict]) -> list[tuple[str, str]]:
+    names = variant_names(cases)
+    return [(a, b) for a, b in COMPARISONS if a in names and b in names]
+
+
 def render_timings(cases: list[dict]) -> list[str]:
-    lines = ["| model | budget | batch | threads | load | dense ms | " + " | ".join(VARIANTS[1:]) + " |",
-             "|" + "---|" * (5 + len(VARIANTS))]
+    names = variant_names(cases)
+    lines = ["| model | budget | batch | threads | load | dense ms | " + " | ".join(names[1:]) + " |",
+             "|" + "---|" * (5 + len(names))]
     for c in cases:
         for row in c["timings"]:
             d = row["variants"]
             cells = [f"{1e3 * d[v]['median_s']:.3f} ms, {d[v]['speedup']:.2f}x ({fmt_ci(d[v]['speedup_ci'])}), "
-                     f"limit {d[v]['limit_fraction']:.2f}" for v in VARIANTS[1:]]
+                     f"limit {d[v]['limit_fraction']:.2f}" for v in names[1:]]
             lines.append(f"| {c['model']} | {c['budget']:.0%} | {row['batch']} | {row['threads']} | "
                          f"{row['load_before']:.2f} | {1e3 * d['dense']['median_s']:.3f} | " + " | ".join(cells) + " |")
     return lines
 
 
-def comparison_keys() -> list[str]:
-    return [f"{b} vs {a}" for a, b in COMPARISONS]
+def comparison_keys(cases: list[dict]) -> list[str]:
+    return [f"{b} vs {a}" for a, b in comparisons(cases)]
 
 
 def render_comparisons(cases: list[dict]) -> list[str]:
-    keys = comparison_keys()
+    keys = comparison_keys(cases)
     lines = ["| model | budget | batch | threads | " + " | ".join(keys) + " |", "|" + "---|" * (4 + len(keys))]
     for c in cases:
         for row in c["timings"]:
@@ -516,7 +590,7 @@ def summary(cases: list[dict]) -> list[str]:
     if not rows:
         return []
     out = []
-    for k in comparison_keys():
+    for k in comparison_keys(cases):
         ratios = [r["compare"][k]["ratio"] for r in rows]
         faster = sum(r["compare"][k]["ci95"][0] > 1 for r in rows)
         slower = sum(r["compare"][k]["ci95"][1] < 1 for r in rows)
@@ -528,7 +602,7 @@ def summary(cases: list[dict]) -> list[str]:
                    f"{min(ratios):.3f}..{max(ratios):.3f}); {b} faster beyond the 95% interval in {faster}, slower "
                    f"in {slower}, within the noise in {len(rows) - faster - slower}. Divided by the MAC ratio {a} / "
                    f"{b} (what the MACs alone would give): geometric mean {gx:.3f}.")
-    for v in VARIANTS[1:]:
+    for v in variant_names(cases)[1:]:
         by_threads = {}
         for c in cases:
             r = c["variants"][v]
@@ -623,6 +697,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=5, help="untimed calls per variant before the rounds")
     ap.add_argument("--sample-s", type=float, default=0.1, help="length of one sample of back-to-back calls")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--latency-widths", action="store_true",
+                    help=f"add the {LATENCY_VARIANT} variant: aligned widths chosen by this machine's latency table "
+                         "(profiled first where `sslcompress profile`'s cache lacks it)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: resnet20, budget 0.5, batch 1, threads 1, 5 rounds; results to benchmarks/out")
     ap.add_argument("--out", default=None,
@@ -656,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
            "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine_info(),
            "load_average_start": list(os.getloadavg()),
            "settings": {k: getattr(args, k) for k in ("models", "budgets", "batch", "threads", "rounds", "warmup",
-                                                       "sample_s", "seed")},
+                                                       "sample_s", "seed", "latency_widths")},
            "stem": stem, "cases": [], "wall_time_s": 0.0, "conclusions": read_conclusions(res_dir / f"{stem}.md")}
     log(f"ORT {ort.__version__}, nproc {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory(prefix="aligned_widths_") as tmp:

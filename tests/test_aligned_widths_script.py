@@ -63,3 +63,24 @@ def test_the_smoke_run_cuts_and_times_the_depth_variant(script, tmp_path, monkey
     assert row["variants"]["depth"]["limit_fraction"] > 0
     assert "depth vs align8" in row["compare"]
     assert "| depth |" in (tmp_path / "aligned_widths_quick.md").read_text()
+
+
+def test_latency_widths_take_blocks_where_the_table_says_they_cost_most_per_mac(script, resnet20):
+    # A synthetic table in which the last stage's convs (8x8 maps; input 8x8, or 16x16 strided into it) cost
+    # 50x their MACs' share: every block of channels the allocation takes comes from the last stage's widths.
+    import dataclasses
+
+    from sslcompress.latency import LatencyTable, current_key
+    from sslcompress.latency.profile import missing_points
+
+    _, _, w = resnet20
+    table = LatencyTable(dataclasses.replace(current_key(), block=8))
+    for sig, points in missing_points(table, w.st, 8).items():
+        last_stage = sig.kind == "conv" and sig.in_hw[0] // sig.stride[0] == 8
+        table.entry(sig).points = {(i, o): 1e-4 * i * o * (50 if last_stage else 1) for i, o in points}
+    dense = w.macs(set())
+    kept, met = script.latency_widths(w, table, 8, math.floor(0.7 * dense))
+    assert met and w.macs(w.dead_of(kept)) <= 0.7 * dense
+    assert all(k % 8 == 0 for k in kept)
+    by_stage = [[k == u.total for u, k in zip(w.units, kept) if u.total == full] for full in (16, 32, 64)]
+    assert all(by_stage[0]) and all(by_stage[1]) and not all(by_stage[2])
