@@ -66,7 +66,7 @@ class GroupedQueryAttention(nn.Module):
             q = q * self.cos + _rotate_half(q) * self.sin
             k = k * self.cos + _rotate_half(k) * self.sin
         n_rep = self.num_heads // kv
-        if self.repeat == "repeat_kv":
+        if self.repeat in ("repeat_kv", "repeat_kv_sdpa"):
             k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
         elif self.repeat == "flatten":  # the copies merged by flatten(1, 2), with unsqueeze(2) before
             k, v = (t.unsqueeze(2).expand(b, kv, n_rep, t.shape[2], self.head_dim).flatten(1, 2) for t in (k, v))
@@ -76,6 +76,8 @@ class GroupedQueryAttention(nn.Module):
             k, v = k.repeat(1, n_rep, 1, 1), v.repeat(1, n_rep, 1, 1)
         if self.repeat == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        elif self.repeat == "repeat_kv_sdpa":  # Hugging Face's sdpa attention: repeated, then the fused call
+            out = F.scaled_dot_product_attention(q, k, v)
         else:
             scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
             out = scores.softmax(dim=-1) @ v
@@ -121,7 +123,7 @@ def test_other_repeats_are_not_followed():
 
 
 @pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
-@pytest.mark.parametrize("repeat", ["repeat_kv", "flatten", "interleave"])
+@pytest.mark.parametrize("repeat", ["repeat_kv", "repeat_kv_sdpa", "flatten", "interleave"])
 @pytest.mark.parametrize("exporter", ["legacy17", "legacy18", "dynamo"])
 @torch.no_grad()
 def test_zero_key_value_groups_are_counted_as_the_export_cuts_them(repeat, exporter, rotary):
@@ -134,15 +136,21 @@ def test_zero_key_value_groups_are_counted_as_the_export_cuts_them(repeat, expor
     assert counted.heads == (("attn0", HEADS - COPIES, HEADS), ("attn1", HEADS - COPIES, HEADS))
 
 
-@pytest.mark.parametrize("repeat", ["repeat_kv", "interleave"])
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+@pytest.mark.parametrize("repeat", ["repeat_kv", "repeat_kv_sdpa", "interleave"])
 @torch.no_grad()
-def test_a_dynamic_batch_export_is_cut_and_matches_at_other_batches(repeat):
+def test_a_dynamic_batch_export_is_cut_and_matches_at_other_batches(repeat, exporter):
     # The legacy exporter builds repeat_kv's Expand shape at run time (Shape, Concat, and Where(Equal(s, -1), 1, s))
-    # and repeat_interleave as Tile; the merge's copies are read from the Expand's target.
-    model = _net(repeat)
+    # and repeat_interleave as Tile; the merge's copies are read from the Expand's target. Dynamo folds the
+    # repeat into scaled_dot_product_attention's trip of K^T through the batch axis ((B, Hkv, R, S, Dh) ->
+    # (B * Hkv * R, S, Dh)), which the surgery writes back as the merge of the copies and a Transpose.
+    model = _net(repeat, rotary=True)
     groups = build_groups(model, SHAPE, ("head",))
     zero_groups(model, [groups[1], groups[KV_HEADS]])
-    proto = export_onnx(model, SHAPE, dynamic_batch=True).model
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    proto = export_onnx(model, SHAPE, dynamic_batch=True).model if exporter == "legacy" else torch.onnx.export(
+        model, (x,), dynamo=True, input_names=["input"], output_names=["output"], verbose=False,
+        dynamic_shapes=({0: torch.export.Dim("batch")},)).model_proto
     result = compress(proto)
     assert result.verification.passed
     assert result.report["totals"]["macs_after"] == count(model, SHAPE).macs_after

@@ -7,7 +7,10 @@ that only splits the last axis and one Transpose, they keep an axis of their own
   (B * H, S, Dh), Transpose(s) leaving the merged axis first, Reshape back to (B, H, Dh, S): one
   Transpose of the 4-D tensor;
 - nn.MultiheadAttention's way in: (S, B, D) -> (S, B * H, Dh), Transpose(s) putting B * H first,
-  -> (B, H, S, Dh): Reshape (S, B, D) -> (S, B, H, Dh) (the zeros copy S and B) and one Transpose.
+  -> (B, H, S, Dh): Reshape (S, B, D) -> (S, B, H, Dh) (the zeros copy S and B) and one Transpose;
+- the first with grouped-query attention's repeat folded in (dynamo's K^T of keys repeated by
+  repeat_kv): (B, Hkv, R, S, Dh) -> (B * Hkv * R, S, Dh), Transpose(s), -> (B, Hkv * R, Dh, S): the
+  Reshape that merges the copies, (B, Hkv * R, S, Dh), and one Transpose.
 
 Rewritten only where the shapes prove it: the sizes on both sides of the trip are the same integers
 or the same named symbols, axis by axis; in nn.MultiheadAttention's trip one symbol named apart on the two
@@ -95,6 +98,22 @@ class HeadRoundTripPass(ir.passes.InPlacePass):
                 self._replace(graph, merge, transposes, split, merge.inputs[0], perm)
                 changed = True
                 continue
+            trip3 = _repeat_round_trip(merge)
+            if trip3 is not None:
+                transposes, split, perm = trip3
+                x = merge.inputs[0]
+                b, kv, copies, _, dh = list(x.shape)
+                out = split.outputs[0]
+                target = add_initializer(graph, f"{split.name or out.name}.repeated_shape",
+                                         np.array([0, kv * copies, -1, dh], np.int64))
+                heads_value = ir.Value(name=f"{out.name}.repeated", type=out.type,
+                                       shape=ir.Shape([b, kv * copies, x.shape[3], dh]))
+                reshape = ir.Node("", "Reshape", [x, target], outputs=[heads_value],
+                                  name=f"{split.name or out.name}.merge_copies")
+                graph.insert_after(split, reshape)
+                self._replace(graph, merge, transposes, split, heads_value, perm, after=reshape)
+                changed = True
+                continue
             trip2 = _batch_head_trip(merge)
             if trip2 is not None:
                 transposes, split, heads, head_dim, atoms = trip2
@@ -123,6 +142,31 @@ class HeadRoundTripPass(ir.passes.InPlacePass):
         out.replace_all_uses_with(new, replace_graph_outputs=True)
         graph.remove([split, *reversed(transposes), merge], safe=True)
         new.name = name
+
+
+def _repeat_round_trip(merge: ir.Node) -> tuple[list[ir.Node], ir.Node, list[int]] | None:
+    """(B, Hkv, R, S, Dh) -> (B * Hkv * R, S, Dh) -> Transposes that leave the merged axis first -> (B, Hkv * R,
+    ...): (the Transposes, the second Reshape, the permutation of the 4-D (B, Hkv * R, S, Dh)) where the shapes
+    prove it."""
+    x, y = merge.inputs[0], merge.outputs[0]
+    if x is None or x.shape is None or y.shape is None or len(x.shape) != 5 or len(y.shape) != 3:
+        return None
+    xs, ys = list(x.shape), list(y.shape)
+    if not (isinstance(xs[1], int) and isinstance(xs[2], int) and isinstance(xs[4], int)) or \
+            not all(_same(a, b) for a, b in zip(ys[1:], xs[3:], strict=True)):
+        return None
+    heads = xs[1] * xs[2]
+    if not (isinstance(xs[0], int) and ys[0] == xs[0] * heads) and isinstance(ys[0], int):
+        return None  # the merged size is not (or cannot be) the three leading sizes
+    trip = _transposes_to_reshape(y, 3)
+    if trip is None or trip[1][0] != 0:
+        return None
+    transposes, perm, split = trip
+    zs, ts = list(split.outputs[0].shape), [ys[p] for p in perm]
+    if len(zs) != 4 or not _same(zs[0], xs[0]) or zs[1] != heads or \
+            not all(_same(a, b) for a, b in zip(zs[2:], ts[1:], strict=True)):
+        return None
+    return transposes, split, [0, 1] + [int(p) + 1 for p in perm[1:]]
 
 
 def _batch_head_trip(merge: ir.Node) -> tuple[list[ir.Node], ir.Node, int, int, list[int]] | None:
