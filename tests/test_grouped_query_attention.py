@@ -244,3 +244,74 @@ def test_groups_are_found_in_a_torch_export_graph_too(repeat):
     assert [g.name for g in groups] == [f"head attn{a}[{h}]" for a in (0, 1) for h in range(KV_HEADS)]
     zero_groups(model, [groups[2], groups[KV_HEADS]])
     assert_cut_as_counted(model, SHAPE, exported(model, SHAPE))
+
+
+class SplitQkvAttention(nn.Module):
+    """q, k and v out of one Linear split along its features into parts of their own widths (Phi-3's qkv_proj,
+    GPT-BigCode's c_attn), k and v with kv_heads heads repeated as repeat_kv does (none where kv_heads = heads)."""
+
+    def __init__(self, kv_heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_key_value_heads, self.head_dim = HEADS, kv_heads, HEAD_DIM
+        self.qkv = nn.Linear(DIM, (HEADS + 2 * kv_heads) * HEAD_DIM)
+        self.o = nn.Linear(HEADS * HEAD_DIM, DIM)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        h, kv, d = self.num_heads, self.num_key_value_heads, self.head_dim
+        q, k, v = self.qkv(x).split([h * d, kv * d, kv * d], dim=-1)
+        q = q.view(b, t, h, d).transpose(1, 2)
+        k = k.view(b, t, kv, d).transpose(1, 2)
+        v = v.view(b, t, kv, d).transpose(1, 2)
+        if kv != h:
+            k, v = _repeat_kv(k, h // kv), _repeat_kv(v, h // kv)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.o(out.transpose(1, 2).reshape(b, t, h * d))
+
+
+class SplitQkvNet(nn.Module):
+    def __init__(self, kv_heads: int) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(1, DIM, 2, 2)
+        self.attn = SplitQkvAttention(kv_heads)
+        self.head = nn.Linear(DIM, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head((x + self.attn(x)).mean(1))
+
+
+@pytest.mark.parametrize("kv_heads", [KV_HEADS, HEADS], ids=["grouped", "one-per-head"])
+def test_a_linear_split_into_q_k_and_v_gives_each_group_its_rows_of_every_part(kv_heads):
+    torch.manual_seed(0)
+    groups = build_groups(SplitQkvNet(kv_heads).eval(), SHAPE, ("head",))
+    assert [g.name for g in groups] == [f"head attn[{h}]" for h in range(kv_heads)]
+    per = HEADS // kv_heads
+    q_rows = list(range(per * HEAD_DIM, 2 * per * HEAD_DIM))  # group 1's query heads
+    kv_rows = list(range(HEAD_DIM, 2 * HEAD_DIM))  # key/value head 1
+    k0, v0 = HEADS * HEAD_DIM, (HEADS + kv_heads) * HEAD_DIM
+    rows = tuple(sorted(q_rows + [k0 + r for r in kv_rows] + [v0 + r for r in kv_rows]))
+    assert {(s.param, s.axis, tuple(s.index)) for s in groups[1].slices} == {
+        ("attn.qkv.weight", "out", rows), ("attn.qkv.bias", "out", rows), ("attn.o.weight", "in", tuple(q_rows))}
+
+
+@pytest.mark.parametrize("kv_heads", [KV_HEADS, HEADS], ids=["grouped", "one-per-head"])
+@pytest.mark.parametrize("exporter", ["legacy17", "dynamo"])
+@torch.no_grad()
+def test_zero_groups_of_a_split_qkv_are_counted_as_the_export_cuts_them(kv_heads, exporter):
+    torch.manual_seed(0)
+    model = SplitQkvNet(kv_heads).eval()
+    groups = build_groups(model, SHAPE, ("head",))
+    zero_groups(model, [groups[0], groups[2]])
+    proto = exported(model, SHAPE, "dynamo") if exporter == "dynamo" else exported(model, SHAPE, opset=17)
+    assert_cut_as_counted(model, SHAPE, proto)
+
+
+def test_thinning_a_split_qkv_keeps_its_parts_in_step():
+    torch.manual_seed(0)
+    model = SplitQkvNet(KV_HEADS).eval()
+    groups = build_groups(model, SHAPE, ("head",))
+    zero_groups(model, [groups[1]])
+    assert_thinned_exactly(model, SHAPE)
+    assert (model.attn.num_heads, model.attn.num_key_value_heads) == (HEADS - COPIES, KV_HEADS - 1)
+    assert tuple(model.attn.qkv.weight.shape) == ((HEADS - COPIES + 2 * (KV_HEADS - 1)) * HEAD_DIM, DIM)

@@ -19,6 +19,10 @@ columns of the output projection. (F.scaled_dot_product_attention(..., enable_gq
 legacy exporter refuses it, and dynamo below opset 23 folds the heads into the batch axis, where the surgery
 does not cut them.)
 
+Written out with one Linear whose features are split into q, k and v parts of their own widths
+(qkv(x).split([heads * d, kv_heads * d, kv_heads * d], -1), as Phi-3 and GPT-BigCode write it), each part then
+viewed as above: a group owns its rows of each part.
+
 Written out with one packed qkv Linear (timm's form): qkv(x).reshape(batch, tokens, 3, heads, head_dim)
 .permute(2, 0, 3, 1, 4), then q, k and v taken out by unbind(0) or by indexing 0, 1 and 2 (q and k possibly
 rotated), and the same attention and projection as above. Head h owns rows p*dim + h*head_dim.. of qkv for each part p.
@@ -42,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .last_axis import matmul_macs
+from .last_axis import is_split, matmul_macs
 from .rotary import reads_size, rotated_from
 
 aten = torch.ops.aten
@@ -74,6 +78,7 @@ class Heads:
     keeps_heads: str = ""  # why thinning leaves the heads in place, masked ('' where it cuts them)
     kv_heads: int = 0  # grouped-query attention: key/value heads, each shared by num_heads // kv_heads query heads
     kv_attr: str = ""  # the owner's attribute holding kv_heads, which thinning rewrites too
+    qkv_rows: tuple[int, ...] = ()  # one Linear split into q, k and v parts of their own widths: where each starts
 
     @property
     def name(self) -> str:
@@ -105,8 +110,13 @@ class Heads:
         """Rows that these groups own of `of`, a row parameter or its Linear (the query rows without it),
         ascending: a key or value projection's rows of grouped-query attention are its key/value heads'."""
         linear = None if of is None else of.removesuffix(".weight").removesuffix(".bias")
+        kv = [g * self.head_dim + d for g in sorted(groups) for d in range(self.head_dim)] if self.kv_heads \
+            else self.cols(groups)
+        if self.qkv_rows and linear is not None:
+            q0, k0, v0 = self.qkv_rows
+            return sorted([q0 + r for r in self.cols(groups)] + [k0 + r for r in kv] + [v0 + r for r in kv])
         if self.kv_heads and linear in (self.k, self.v):
-            return [g * self.head_dim + d for g in sorted(groups) for d in range(self.head_dim)]
+            return kv
         return sorted(off + c for off in self.part_offsets for c in self.cols(groups))
 
 
@@ -172,18 +182,51 @@ def _is_reshape(node: fx.Node) -> bool:
     return _is_method_or_fn(node, ("view", "reshape"), {torch.reshape, aten.view.default, aten.reshape.default})
 
 
-def _split_heads(node: fx.Node, modules: dict, layers: dict, shape_of) -> tuple[str, int, int] | None:
-    """(Linear, heads, head_dim) when `node` is Linear(x).view(b, s, heads, head_dim).transpose(1, 2)."""
+def _split_heads(node: fx.Node, modules: dict, layers: dict, shape_of) -> tuple[str, int, int, int] | None:
+    """(Linear, heads, head_dim, first row) when `node` is Linear(x).view(b, s, heads, head_dim).transpose(1, 2),
+    or the same of one part of Linear(x).split(sizes, -1) (its rows from the first row on)."""
     if not isinstance(node, fx.Node) or not _swaps(node, 1, 2, 4):
         return None
     view = node.args[0]
     found = _viewed_linear(view, layers, shape_of)
+    found = (*found, 0) if found is not None else _viewed_part(view, layers, shape_of)
     if found is None or _only_user(view) is not node:
         return None
-    name, src, out = found
+    name, src, out, first = found
     if len(src) != 3 or len(out) != 4 or out[:2] != src[:2] or out[2] * out[3] != src[2]:
         return None
-    return name, out[2], out[3]
+    return name, out[2], out[3], first
+
+
+def _viewed_part(view, layers: dict, shape_of) -> tuple[str, tuple[int, ...], tuple[int, ...], int] | None:
+    """(Linear, the part's shape, the view's shape, the part's first row) when `view` reshapes one part of what
+    a Linear called once wrote, split along its features (split or chunk) and read by nothing else; every part
+    is read once, so the parts' widths give where each starts."""
+    if not isinstance(view, fx.Node) or not _is_reshape(view):
+        return None
+    part = view.args[0]
+    if not isinstance(part, fx.Node) or part.op != "call_function" or part.target is not operator.getitem or \
+            _only_user(part) is not view:
+        return None
+    split = part.args[0]
+    if not isinstance(split, fx.Node) or not is_split(split) or not isinstance(split.args[0], fx.Node):
+        return None
+    lin = split.args[0]
+    lay, src = layers.get(str(lin.target)), shape_of(lin)
+    if lin.op != "call_module" or _only_user(lin) is not split or lay is None or lay.kind != "linear" or \
+            lay.calls != 1 or src is None:
+        return None
+    parts = {}
+    for user in split.users:
+        shape = shape_of(user)
+        if user.op != "call_function" or user.target is not operator.getitem or not isinstance(user.args[1], int) \
+                or shape is None or len(shape) != len(src) or tuple(shape[:-1]) != tuple(src[:-1]):
+            return None
+        parts[user.args[1] % len(split.users)] = shape[-1]
+    if sorted(parts) != list(range(len(parts))) or sum(parts.values()) != src[-1]:
+        return None  # a part left unread, or a split along another axis
+    index = part.args[1] % len(parts)
+    return str(lin.target), tuple(shape_of(part)), shape_of(view), sum(parts[i] for i in range(index))
 
 
 def _viewed_linear(view, layers: dict, shape_of) -> tuple[str, tuple[int, ...], tuple[int, ...]] | None:
@@ -275,7 +318,7 @@ def _attention_before(proj: fx.Node, modules: dict, layers: dict, shape_of, batc
     found = _separate_heads(parts, modules, layers, shape_of) or _packed_heads(parts, layers, shape_of)
     if found is None:
         return None
-    (q, k, v), heads, dim, offsets, kv_heads = found
+    (q, k, v), heads, dim, offsets, kv_heads, qkv_rows = found
     merged_shape = shape_of(merged)
     if name in (q, k, v) or merged_shape is None or merged_shape[-1] != heads * dim or \
             layers[name].weight_shape[1] != heads * dim:
@@ -289,7 +332,8 @@ def _attention_before(proj: fx.Node, modules: dict, layers: dict, shape_of, batc
         "to rewrite" if kv_heads and not kv_attr else "")
     return Heads(q, k, v, name, heads, dim, owner, macs // (kv_heads or heads),
                  row_params=tuple(f"{lin}.{leaf}" for lin in linears for leaf in ("weight", "bias")),
-                 part_offsets=offsets, row_layers=linears, keeps_heads=why, kv_heads=kv_heads, kv_attr=kv_attr)
+                 part_offsets=offsets, row_layers=linears, keeps_heads=why, kv_heads=kv_heads, kv_attr=kv_attr,
+                 qkv_rows=qkv_rows)
 
 
 def _separate_heads(parts, modules: dict, layers: dict, shape_of):
@@ -301,10 +345,15 @@ def _separate_heads(parts, modules: dict, layers: dict, shape_of):
     split = [_split_heads(rotated_from(n, shape_of) or n, modules, layers, shape_of) for n in (q4, k4, v4)]
     if any(p is None for p in split):
         return None
-    (q, heads, dim), (k, hk, dk), (v, hv, dv) = split
-    if k_copies != v_copies or (hk * k_copies, dk) != (heads, dim) or (hv, dv) != (hk, dk) or len({q, k, v}) != 3:
+    (q, heads, dim, q0), (k, hk, dk, k0), (v, hv, dv, v0) = split
+    if k_copies != v_copies or (hk * k_copies, dk) != (heads, dim) or (hv, dv) != (hk, dk):
         return None
-    return (q, k, v), heads, dim, (0,), (hk if k_copies > 1 else 0)
+    kv_heads = hk if k_copies > 1 else 0
+    if len({q, k, v}) == 3:
+        return (q, k, v), heads, dim, (0,), kv_heads, ()
+    if len({q, k, v}) == 1 and len({q0, k0, v0}) == 3:
+        return (q, k, v), heads, dim, (0,), kv_heads, (q0, k0, v0)  # one Linear split into q, k and v
+    return None
 
 
 def _unrepeated(node: fx.Node, shape_of) -> tuple[fx.Node, int] | None:
@@ -391,7 +440,7 @@ def _packed_heads(parts, layers: dict, shape_of):
     if len(into) != 3 or len(out) != 5 or out[:3] != (*into[:2], 3) or 3 * out[3] * out[4] != into[2]:
         return None
     width = out[3] * out[4]
-    return (name,) * 3, out[3], out[4], (0, width, 2 * width), 0
+    return (name,) * 3, out[3], out[4], (0, width, 2 * width), 0, ()
 
 
 def _is_unbind(node: fx.Node) -> bool:
