@@ -3,11 +3,14 @@ refuses a NaN weight, and verification fails on a NaN or infinity in either mode
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from torch import nn
 
 from sslcompress.cli import main
 from sslcompress.config import FinetuneConfig, PretrainConfig, RunOptions, TrainOptions
@@ -149,3 +152,24 @@ def test_surgery_of_a_model_with_a_nan_weight_says_so_and_writes_nothing(tmp_pat
     res = CliRunner().invoke(main, ["surgery", str(src), "-o", str(out)])
     assert res.exit_code == 2 and not out.exists()
     assert "NaN or infinity at output 'y'" in res.output and "nothing written" in res.output
+
+
+def test_export_refuses_nan_buffers_and_infinite_norm_statistics_but_keeps_an_infinite_mask():
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)
+            self.register_buffer("mask", torch.zeros(4, 1, 1).masked_fill(torch.arange(4)[:, None, None] > 1, -math.inf))
+
+        def forward(self, x):
+            return (self.bn(self.conv(x)) + self.mask).softmax(1)
+
+    model = Masked().eval()
+    export_onnx(model, (1, 1, 8, 8))  # a -inf mask is a constant the model means
+    model.bn.running_var[0] = float("inf")
+    with pytest.raises(UnsupportedModelError, match="'bn.running_var' holds 1 NaN or infinite"):
+        export_onnx(model, (1, 1, 8, 8))
+    model.bn.running_var[0] = 1.0
+    model.mask[0] = float("nan")
+    with pytest.raises(UnsupportedModelError, match="'mask' holds 1 NaN value"):
+        export_onnx(model, (1, 1, 8, 8))

@@ -39,6 +39,7 @@ recognised, and its features stay pinned by the walls of structure.py.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -56,11 +57,13 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 _SOFTMAX = {F.softmax, torch.softmax, aten.softmax.int, aten._softmax.default}
 _SCALE = {operator.mul, operator.truediv, torch.mul, torch.div, aten.mul.Tensor, aten.div.Tensor}
 _DROPOUT = {F.dropout, aten.dropout.default}
+_MASKED_FILL = {torch.masked_fill, aten.masked_fill.Scalar}
+_ADD = {operator.add, torch.add, aten.add.Tensor}
 
 
 @dataclass(frozen=True)
 class Heads:
-    """One attention: its projections, its heads and the module whose `num_heads` its forward reads."""
+    """One attention: its projections, its heads and the module whose head count its forward reads."""
 
     # The Linears writing queries, keys and values: one Linear three times when packed, and for
     # nn.MultiheadAttention the module itself three times (its in_proj_weight holds all three).
@@ -79,6 +82,7 @@ class Heads:
     kv_heads: int = 0  # grouped-query attention: key/value heads, each shared by num_heads // kv_heads query heads
     kv_attr: str = ""  # the owner's attribute holding kv_heads, which thinning rewrites too
     qkv_rows: tuple[int, ...] = ()  # one Linear split into q, k and v parts of their own widths: where each starts
+    heads_attr: str = "num_heads"  # the owner's attribute holding num_heads, which thinning rewrites
 
     @property
     def name(self) -> str:
@@ -131,7 +135,7 @@ def is_zero(att: Heads, params: dict, h: int) -> bool:
 
 def find(gm: fx.GraphModule, modules: dict, layers: dict, shape_of, batch: int, owners: dict) -> list[Heads]:
     """Every attention of those forms; `owners` are the model's own modules (the traced graph keeps only those
-    it calls), where the one holding `num_heads` is looked up."""
+    it calls), where the one holding the head count is looked up."""
     found = []
     for node in gm.graph.nodes:
         if node.op != "call_module":
@@ -150,6 +154,12 @@ def find(gm: fx.GraphModule, modules: dict, layers: dict, shape_of, batch: int, 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _value_reader(node: fx.Node) -> fx.Node | None:
+    """The one reader of the node's values, beside any that read only its sizes (`k.size(-1)` for the scale)."""
+    readers = [u for u in node.users if not reads_size(u)]
+    return readers[0] if len(readers) == 1 else None
 
 
 def _is_method_or_fn(node: fx.Node, methods: tuple[str, ...], functions: set) -> bool:
@@ -245,11 +255,13 @@ def _viewed_linear(view, layers: dict, shape_of) -> tuple[str, tuple[int, ...], 
     return name, src, out
 
 
-def _scores_source(node: fx.Node, modules: dict) -> fx.Node | None:
-    """Back from what @ v reads, through dropout, softmax over the keys and scaling by a number: q @ k^T."""
+def _scores_source(node: fx.Node, modules: dict, shape_of) -> fx.Node | None:
+    """Back from what @ v reads, through dropout, softmax over the keys, scaling by a number and a mask the same
+    for every head (added, or by masked_fill with a number; a causal mask): q @ k^T."""
     at = node
     seen_softmax = False
     while isinstance(at, fx.Node):
+        nxt = at.args[0] if at.args else None
         if at.op == "call_module" and isinstance(modules.get(str(at.target)), nn.Dropout) or \
                 at.op == "call_function" and at.target in _DROPOUT:
             pass
@@ -259,17 +271,46 @@ def _scores_source(node: fx.Node, modules: dict) -> fx.Node | None:
                 return None
             seen_softmax = True
         elif _is_method_or_fn(at, ("mul", "div"), _SCALE):
-            if len(at.args) < 2 or not isinstance(at.args[1], (int, float)):
+            if len(at.args) < 2 or not (isinstance(at.args[1], (int, float)) or _from_sizes(at.args[1])):
                 return None
+        elif _is_method_or_fn(at, ("masked_fill",), _MASKED_FILL):
+            if len(at.args) != 3 or not isinstance(at.args[2], (int, float)) or \
+                    not _same_for_every_head(at.args[1], shape_of):
+                return None
+        elif _is_method_or_fn(at, ("add",), _ADD) and len(at.args) == 2 and not at.kwargs:
+            # scores + mask, either way round: the mask is the operand that broadcasts over the heads.
+            masks = [i for i, a in enumerate(at.args) if _same_for_every_head(a, shape_of)]
+            if len(masks) != 1:
+                return None
+            nxt = at.args[1 - masks[0]]
         elif _is_method_or_fn(at, ("matmul",), _MATMUL):
             return at if seen_softmax else None
         else:
             return None
-        nxt = at.args[0]
         if not isinstance(nxt, fx.Node) or _only_user(nxt) is not at:
             return None
         at = nxt
     return None
+
+
+def _same_for_every_head(node, shape_of) -> bool:
+    """A tensor of size 1 on the heads axis of (batch, heads, queries, keys), or of no such axis: a mask that
+    treats every head alike."""
+    shape = shape_of(node) if isinstance(node, fx.Node) else None
+    return shape is not None and (len(shape) < 3 or (len(shape) <= 4 and shape[-3] == 1))
+
+
+_SIZE_ARITHMETIC = {math.sqrt, operator.truediv, operator.mul, operator.floordiv, operator.pow, operator.getitem}
+
+
+def _from_sizes(node) -> bool:
+    """A number computed from tensors' sizes alone (1.0 / math.sqrt(k.size(-1))): one scale for every head."""
+    if not isinstance(node, fx.Node):
+        return isinstance(node, (int, float))
+    if reads_size(node):
+        return True
+    return node.op == "call_function" and node.target in _SIZE_ARITHMETIC and \
+        all(_from_sizes(a) for a in node.args)
 
 
 def _attention_before(proj: fx.Node, modules: dict, layers: dict, shape_of, batch: int,
@@ -282,7 +323,7 @@ def _attention_before(proj: fx.Node, modules: dict, layers: dict, shape_of, batc
     back = merged.args[0]
     if not isinstance(back, fx.Node) or _only_user(back) is not merged or _only_user(merged) is not proj:
         return None
-    if _is_method_or_fn(back, ("contiguous",), set()):
+    if _is_method_or_fn(back, ("contiguous",), {aten.contiguous.default}):
         back = back.args[0]
     if not isinstance(back, fx.Node) or not _swaps(back, 1, 2, 4):
         return None
@@ -302,7 +343,7 @@ def _attention_before(proj: fx.Node, modules: dict, layers: dict, shape_of, batc
         probs, v4 = out.args
         if not isinstance(probs, fx.Node) or _only_user(probs) is not out:
             return None  # attention weights read elsewhere too (returned, say) would change with the heads
-        scores = _scores_source(probs, modules)
+        scores = _scores_source(probs, modules, shape_of)
         if scores is None or len(scores.args) != 2:
             return None
         q4, kt = scores.args
@@ -313,7 +354,7 @@ def _attention_before(proj: fx.Node, modules: dict, layers: dict, shape_of, batc
     else:
         return None
     parts = (q4, k4, v4)
-    if not all(isinstance(n, fx.Node) and _only_user(n) is not None for n in parts):
+    if not all(isinstance(n, fx.Node) and _value_reader(n) is not None for n in parts):
         return None
     found = _separate_heads(parts, modules, layers, shape_of) or _packed_heads(parts, layers, shape_of)
     if found is None:
@@ -327,13 +368,14 @@ def _attention_before(proj: fx.Node, modules: dict, layers: dict, shape_of, batc
     linears = tuple(dict.fromkeys((q, k, v)))
     owner = _owner(owners, (*linears, name), heads)
     kv_attr = _kv_attr(owners.get(owner), kv_heads) if kv_heads and owner is not None else ""
+    count_attr = heads_attr(owners.get(owner), heads) if owner is not None else ""
     why = _why_kept(owner, heads, merged) or (
         f"no attribute of {owner} holds its {kv_heads} key/value heads ({', '.join(KV_HEAD_ATTRS)}) for thinning "
         "to rewrite" if kv_heads and not kv_attr else "")
     return Heads(q, k, v, name, heads, dim, owner, macs // (kv_heads or heads),
                  row_params=tuple(f"{lin}.{leaf}" for lin in linears for leaf in ("weight", "bias")),
                  part_offsets=offsets, row_layers=linears, keeps_heads=why, kv_heads=kv_heads, kv_attr=kv_attr,
-                 qkv_rows=qkv_rows)
+                 qkv_rows=qkv_rows, heads_attr=count_attr or "num_heads")
 
 
 def _separate_heads(parts, modules: dict, layers: dict, shape_of):
@@ -465,7 +507,13 @@ def _picked_part(node: fx.Node) -> tuple[fx.Node, int] | None:
 def _why_kept(owner: str | None, heads: int, merged: fx.Node) -> str:
     """Why thinning cannot cut this attention's heads ('' where it can)."""
     if owner is None:
-        return f"no module holding both projections has num_heads = {heads} for its forward to read"
+        return f"no module holding both projections has a head count of {heads} ({', '.join(HEAD_ATTRS)}) " \
+               "for its forward to read"
+    if isinstance(merged.target, torch._ops.OpOverload):
+        # torch.export records every size as a number: whether the forward computes the merged width from
+        # num_heads or reads it off a tensor (x.size(), which fewer heads would not fill) is lost.
+        return "its graph comes from torch.export, where the width the heads are merged back to is a number " \
+               "whose source (num_heads or a tensor's size) is not recorded"
     sizes = merged.args[1:]
     if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
         sizes = sizes[0]
@@ -518,7 +566,13 @@ def _multihead(node: fx.Node, mha: nn.MultiheadAttention, modules: dict, shape_o
                              "deletes them")
 
 
+HEAD_ATTRS = ("num_heads", "n_head", "n_heads", "num_attention_heads")  # torch, nanoGPT, LLaMA's reference, HF
 KV_HEAD_ATTRS = ("num_kv_heads", "n_kv_heads", "num_key_value_heads", "kv_heads")
+
+
+def heads_attr(module: nn.Module | None, heads: int) -> str:
+    """The attribute of `module` that holds its (query) head count ('' where none does)."""
+    return next((a for a in HEAD_ATTRS if getattr(module, a, None) == heads), "")
 
 
 def _kv_attr(module: nn.Module | None, kv_heads: int) -> str:
@@ -527,7 +581,7 @@ def _kv_attr(module: nn.Module | None, kv_heads: int) -> str:
 
 
 def _owner(modules: dict, names: tuple[str, ...], heads: int) -> str | None:
-    """The closest module above all four Linears whose `num_heads` is the head count."""
+    """The closest module above all four Linears that holds the head count (as one of HEAD_ATTRS)."""
     parts = [n.split(".") for n in names]
     common: list[str] = []
     for tokens in zip(*parts):
@@ -537,7 +591,7 @@ def _owner(modules: dict, names: tuple[str, ...], heads: int) -> str | None:
     while True:
         prefix = ".".join(common)
         mod = modules.get(prefix)
-        if mod is not None and not isinstance(mod, nn.MultiheadAttention) and getattr(mod, "num_heads", None) == heads:
+        if mod is not None and not isinstance(mod, nn.MultiheadAttention) and heads_attr(mod, heads):
             return prefix
         if not common:
             return None

@@ -32,7 +32,7 @@ from ..errors import CheckpointError, ConfigError, UnsupportedModelError
 from ..models import ModelSpec, build_model
 from . import grouped
 from .counting import Counter
-from .heads import KV_HEAD_ATTRS
+from .heads import HEAD_ATTRS, KV_HEAD_ATTRS
 from .structure import Layer, ModelStructure, analyze
 
 FORMAT = "sslcompress-thin-plan"
@@ -343,7 +343,8 @@ def _slice_heads(st: ModelStructure, dead_heads, params, slice_dim, modules, wid
         modules.setdefault(proj, {})["in_features"] = len(cols)
         ob, oa, ib, _ = widths.get(proj, (st.layers[proj].weight_shape[0],) * 2 + (st.layers[proj].weight_shape[1],) * 2)
         widths[proj] = (ob, oa, ib, len(cols))
-        modules[att.owner] = {"num_heads": len(att.query_heads(alive))} | ({att.kv_attr: len(alive)} if att.kv_heads else {})
+        counts = {att.heads_attr: len(att.query_heads(alive))}
+        modules[att.owner] = counts | ({att.kv_attr: len(alive)} if att.kv_heads else {})
     return kept_whole
 
 
@@ -408,8 +409,9 @@ def _allowed_attrs(module: nn.Module) -> tuple[str, ...]:
             return attrs
     # An attention written out (see heads.py) reads its head count in its forward; nn.MultiheadAttention's
     # weights are never cut (its inner width is its embed_dim, see Heads.keeps_heads), so its count stays.
-    if isinstance(getattr(module, "num_heads", None), int) and not isinstance(module, nn.MultiheadAttention):
-        return ("num_heads", *KV_HEAD_ATTRS)
+    if any(isinstance(getattr(module, a, None), int) for a in HEAD_ATTRS) and \
+            not isinstance(module, nn.MultiheadAttention):
+        return (*HEAD_ATTRS, *KV_HEAD_ATTRS)
     return ()
 
 

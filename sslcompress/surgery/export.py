@@ -70,13 +70,20 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def _check_finite(model: nn.Module) -> None:
-    """Refuse a model with a NaN or infinite weight or buffer: it computes nothing worth exporting."""
+    """Refuse a model with a NaN or infinite weight, or a NaN buffer: it computes nothing worth exporting. An
+    infinite buffer is a constant the model means (a causal mask of -inf added to attention scores), except in
+    a norm's running statistics, which training writes."""
+    stats = {f"{name}.{leaf}" for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+             for leaf in ("running_mean", "running_var")}
     for kind, named in (("weight", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, t in named:
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                bad = int((~torch.isfinite(t)).sum())
+            if not t.is_floating_point():
+                continue
+            bad_values = torch.isnan(t) if kind == "buffer" and name not in stats else ~torch.isfinite(t)
+            if bool(bad_values.any()):
+                what = "NaN" if kind == "buffer" and name not in stats else "NaN or infinite"
                 raise UnsupportedModelError(
-                    f"The model's {kind} {name!r} holds {bad} NaN or infinite value(s) of {t.numel()}; "
+                    f"The model's {kind} {name!r} holds {int(bad_values.sum())} {what} value(s) of {t.numel()}; "
                     "a model that is not finite cannot be exported (retrain it, e.g. with a lower learning rate).")
 
 
