@@ -53,3 +53,17 @@ def assert_thinned_exactly(model: torch.nn.Module, shape: tuple[int, ...]) -> No
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     after = count(model, shape)
     assert after.macs == after.macs_after == counted.macs_after < counted.macs
+
+
+def assert_groups_cut_as_counted(model: torch.nn.Module, shape: tuple[int, ...], kind: str, names: list[str],
+                                 zeroed: list[int], exporter: str = "legacy") -> None:
+    """`model`'s groups of `kind` are `names`; those at the positions `zeroed`, set to zero, are cut from its
+    export as the training counts them."""
+    from zeroing import zero_groups
+
+    from sslcompress.finetune.groups import build_groups
+
+    groups = build_groups(model, shape, (kind,))
+    assert [g.name for g in groups] == names
+    zero_groups(model, [groups[i] for i in zeroed])
+    assert_cut_as_counted(model, shape, exported(model, shape, exporter))

@@ -13,8 +13,10 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from counted_cut import assert_cut_as_counted, assert_thinned_exactly, exported
+from attention_nets import TwoBlocks
+from counted_cut import assert_cut_as_counted, assert_groups_cut_as_counted, assert_thinned_exactly, exported
 from torch import nn
+from untraceable import untraceable
 from zeroing import zero_groups
 
 from sslcompress.finetune.counting import count
@@ -84,19 +86,9 @@ class GroupedQueryAttention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
-class Net(nn.Module):
+class Net(TwoBlocks):
     def __init__(self, repeat: str, rotary: bool = False, kv_attr: str = "num_key_value_heads") -> None:
-        super().__init__()
-        self.embed = nn.Conv2d(1, DIM, 2, 2)
-        self.attn0 = GroupedQueryAttention(repeat, rotary, kv_attr)
-        self.attn1 = GroupedQueryAttention(repeat, rotary, kv_attr)
-        self.head = nn.Linear(DIM, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.embed(x).flatten(2).transpose(1, 2)
-        x = x + self.attn0(x)
-        x = x + self.attn1(x)
-        return self.head(x.mean(1))
+        super().__init__(DIM, lambda: GroupedQueryAttention(repeat, rotary, kv_attr))
 
 
 def _net(repeat: str, rotary: bool = False, kv_attr: str = "num_key_value_heads") -> Net:
@@ -225,25 +217,13 @@ def test_sdpa_with_enable_gqa_exported_as_onnx_attention_loses_zero_groups(dynam
     assert np.abs(outs[0] - outs[1]).max() <= 1e-5 * np.abs(outs[0]).max()
 
 
-class UntraceableNet(Net):
-    """Control flow on a size: fx cannot trace it, and the analysis reads torch.export's aten graph (aten's
-    unsqueeze, expand and reshape, or repeat_interleave.self_int)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] > 4:
-            x = x * 1.0
-        return super().forward(x)
-
-
 @pytest.mark.parametrize("repeat", ["repeat_kv", "interleave"])
 @torch.no_grad()
 def test_groups_are_found_in_a_torch_export_graph_too(repeat):
     torch.manual_seed(0)
-    model = UntraceableNet(repeat, rotary=True).eval()
-    groups = build_groups(model, SHAPE, ("head",))
-    assert [g.name for g in groups] == [f"head attn{a}[{h}]" for a in (0, 1) for h in range(KV_HEADS)]
-    zero_groups(model, [groups[2], groups[KV_HEADS]])
-    assert_cut_as_counted(model, SHAPE, exported(model, SHAPE))
+    # torch.export's aten graph repeats by unsqueeze, expand and reshape, or by repeat_interleave.self_int.
+    assert_groups_cut_as_counted(untraceable(Net)(repeat, rotary=True).eval(), SHAPE, "head",
+                                 [f"head attn{a}[{h}]" for a in (0, 1) for h in range(KV_HEADS)], [2, KV_HEADS])
 
 
 class SplitQkvAttention(nn.Module):

@@ -10,8 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from counted_cut import assert_cut_as_counted, assert_thinned_exactly, exported
+from attention_nets import TwoBlocks
+from counted_cut import assert_cut_as_counted, assert_groups_cut_as_counted, assert_thinned_exactly, exported
 from torch import nn
+from untraceable import untraceable
 from zeroing import zero_groups
 
 from sslcompress.finetune.groups import build_groups
@@ -72,20 +74,10 @@ class PackedRotaryAttention(RotaryAttention):
         return self.o(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
-class Net(nn.Module):
+class Net(TwoBlocks):
     def __init__(self, rotate_half, per_head_angles: bool = False, packed: bool = False) -> None:
-        super().__init__()
-        self.embed = nn.Conv2d(1, DIM, 2, 2)
         attention = PackedRotaryAttention if packed else RotaryAttention
-        self.attn0 = attention(rotate_half, per_head_angles)
-        self.attn1 = attention(rotate_half, per_head_angles)
-        self.head = nn.Linear(DIM, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.embed(x).flatten(2).transpose(1, 2)
-        x = x + self.attn0(x)
-        x = x + self.attn1(x)
-        return self.head(x.mean(1))
+        super().__init__(DIM, lambda: attention(rotate_half, per_head_angles))
 
 
 ROTATIONS = {"chunk": _rotate_half_chunk, "slice": _rotate_half_slice}
@@ -154,22 +146,11 @@ def test_thinning_zero_rotated_heads_keeps_the_outputs(rotation, packed):
     assert (model.attn0.num_heads, model.attn1.num_heads) == (HEADS - 2, HEADS - 1)
 
 
-class UntraceableNet(Net):
-    """The same net behind control flow on a size: fx cannot trace it, so the analysis reads torch.export's
-    aten graph, where scaled_dot_product_attention's defaults come positionally (q, k, v, None, 0.0, True)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] > 4:
-            x = x * 1.0
-        return super().forward(x)
-
-
 @pytest.mark.parametrize("packed", [False, True], ids=["qkv", "packed"])
 @torch.no_grad()
 def test_rotated_heads_are_found_in_a_torch_export_graph_too(packed):
     torch.manual_seed(0)
-    model = UntraceableNet(_rotate_half_chunk, packed=packed).eval()
-    heads = build_groups(model, SHAPE, ("head",))
-    assert [g.name for g in heads] == [f"head attn{a}[{h}]" for a in (0, 1) for h in range(HEADS)]
-    zero_groups(model, [heads[1], heads[HEADS]])
-    assert_cut_as_counted(model, SHAPE, exported(model, SHAPE))
+    # torch.export's aten call of scaled_dot_product_attention passes its defaults positionally (q, k, v, None,
+    # 0.0, True for the causal mask).
+    assert_groups_cut_as_counted(untraceable(Net)(_rotate_half_chunk, packed=packed).eval(), SHAPE, "head",
+                                 [f"head attn{a}[{h}]" for a in (0, 1) for h in range(HEADS)], [1, HEADS])
