@@ -137,7 +137,7 @@ class Block(nn.Module):
         super().__init__()
         norm = nn.RMSNorm if llama else nn.LayerNorm
         self.norm1 = norm(dim)
-        self.attn = LlamaAttention(dim, num_heads, kv_heads, tokens) if llama else Attention(dim, num_heads)
+        self.attn = LlamaAttention(dim, num_heads, kv_heads or num_heads, tokens) if llama else Attention(dim, num_heads)
         self.norm2 = norm(dim)
         self.mlp = GatedMlp(dim, gated_hidden(dim, mlp_ratio)) if llama else Mlp(dim, dim * mlp_ratio)
 
