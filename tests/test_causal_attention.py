@@ -31,7 +31,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(DIM, 3 * DIM)
         self.c_proj = nn.Linear(DIM, DIM)
         tril = torch.tril(torch.ones(TOKENS, TOKENS))
-        if mask == "per_head":  # each head masked its own way: not a mask the same for every head
+        if mask in ("per_head", "per_head_sdpa"):  # each head masked its own way: not the same for every head
             tril = tril.expand(HEADS, TOKENS, TOKENS) * torch.arange(1, HEADS + 1).float()[:, None, None]
         self.register_buffer("bias", tril.reshape(1, -1, TOKENS, TOKENS))
         self.register_buffer("additive", torch.zeros(1, 1, TOKENS, TOKENS).masked_fill(
@@ -46,16 +46,18 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, d).transpose(1, 2)
         q = q.view(B, T, self.n_head, d).transpose(1, 2)
         v = v.view(B, T, self.n_head, d).transpose(1, 2)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
         # nanoGPT slices its mask to the tokens: a slice by a traced size, which torch.fx cannot take (the
         # analysis then reads torch.export's graph); the whole mask, at the tokens it was built for, fx traces.
         additive, bias = (m[:, :, :T, :T] if self.sliced else m for m in (self.additive, self.bias))
-        if self.mask == "added":
-            att = att + additive
+        if self.mask in ("sdpa", "per_head_sdpa"):  # Hugging Face's sdpa path: the mask handed to the fused call
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=additive if self.mask == "sdpa" else bias)
         else:
-            att = att.masked_fill(bias == 0, float("-inf"))
-        att = F.softmax(att, dim=-1)
-        y = att @ v
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            if self.mask == "added":
+                att = att + additive
+            else:
+                att = att.masked_fill(bias == 0, float("-inf"))
+            y = F.softmax(att, dim=-1) @ v
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C if self.merge == "size" else width))
 
 
@@ -77,7 +79,7 @@ def _net(mask: str = "masked_fill", merge: str = "size", sliced: bool = True) ->
 
 
 @pytest.mark.parametrize("sliced", [True, False], ids=["export-graph", "fx-graph"])
-@pytest.mark.parametrize("mask", ["masked_fill", "added"])
+@pytest.mark.parametrize("mask", ["masked_fill", "added", "sdpa"])
 def test_each_head_owns_its_rows_of_every_part_of_c_attn(mask, sliced):
     groups = build_groups(_net(mask, sliced=sliced), SHAPE, ("head",))
     assert [g.name for g in groups] == [f"head attn[{h}]" for h in range(HEADS)]
@@ -87,12 +89,13 @@ def test_each_head_owns_its_rows_of_every_part_of_c_attn(mask, sliced):
         ("attn.c_attn.weight", "out", rows), ("attn.c_attn.bias", "out", rows), ("attn.c_proj.weight", "in", cols)}
 
 
+@pytest.mark.parametrize("mask", ["per_head", "per_head_sdpa"])
 @pytest.mark.parametrize("sliced", [True, False], ids=["export-graph", "fx-graph"])
-def test_a_mask_that_differs_per_head_keeps_the_heads(sliced):
-    assert build_groups(_net("per_head", sliced=sliced), SHAPE, ("head",)) == []
+def test_a_mask_that_differs_per_head_keeps_the_heads(sliced, mask):
+    assert build_groups(_net(mask, sliced=sliced), SHAPE, ("head",)) == []
 
 
-@pytest.mark.parametrize("mask", ["masked_fill", "added"])
+@pytest.mark.parametrize("mask", ["masked_fill", "added", "sdpa"])
 @pytest.mark.parametrize("exporter", ["legacy17", "dynamo"])
 @torch.no_grad()
 def test_zero_heads_are_counted_as_the_export_cuts_them(mask, exporter):

@@ -335,8 +335,10 @@ def _attention_before(proj: fx.Node, modules: dict, layers: dict, shape_of, batc
         if len(out.args) > len(_SDPA_ARGS) or set(out.kwargs) - set(_SDPA_ARGS):
             return None
         call = dict(zip(_SDPA_ARGS, out.args)) | dict(out.kwargs)
-        if any(a not in call for a in _SDPA_ARGS[:3]) or call.get("attn_mask") is not None or call.get("enable_gqa"):
-            return None
+        mask = call.get("attn_mask")
+        if any(a not in call for a in _SDPA_ARGS[:3]) or call.get("enable_gqa") or \
+                (mask is not None and not _same_for_every_head(mask, shape_of)):
+            return None  # a mask per head (or one the analysis cannot see) would tie it to its heads
         q4, k4, v4 = (call[a] for a in _SDPA_ARGS[:3])
         products = [out]
     elif _is_method_or_fn(out, ("matmul",), _MATMUL) and len(out.args) == 2:
