@@ -67,3 +67,37 @@ def test_a_channel_count_read_as_data_pins_the_channels():
     assert _dims(res.model)["w1"] == [6, 3, 1, 1]
     assert res.report["zeros_kept"] == {"Shape s (the channel count is read as data)": 2}
     _agree(model, res.model, (2, 3, 5, 5))
+
+
+def test_channels_stacked_with_rows_into_a_sequences_features_follow_them():
+    # A text recogniser's step from CNN to sequence: (N, C, H, W) -> (N, C * H, W), a Conv1d over W reading the
+    # C * H features. Channel c is features c * H ... c * H + H - 1: two zero filters take 2 * H of them.
+    import torch
+    from torch import nn
+
+    from sslcompress.surgery.export import export_onnx
+
+    class CnnToSequence(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.seq, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv1d(8 * 6, 4, 3), nn.Linear(32, 5)
+
+        def forward(self, x):
+            y = torch.relu(self.conv(x))
+            b, c, h, w = y.shape
+            return self.fc(self.seq(y.reshape(b, c * h, w)).flatten(1))
+
+    torch.manual_seed(0)
+    model = CnnToSequence().eval()
+    with torch.no_grad():
+        model.conv.weight[[1, 5]] = 0
+        model.conv.bias[[1, 5]] = 0
+    for dynamic in (False, True):
+        proto = export_onnx(model, (1, 3, 6, 10), dynamic_batch=dynamic).model
+        res = compress(proto)
+        assert res.verification.passed and res.report["blocked_by"] == {}
+        assert _dims(res.model)["seq.weight"][1] == 6 * 6  # 48 features less the two channels' 2 x 6 rows
+        x = np.random.default_rng(3).normal(size=(2 if dynamic else 1, 3, 6, 10)).astype(np.float32)
+        want, got = (ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"])
+                     .run(None, {"input": x})[0] for p in (proto, res.model))
+        assert np.max(np.abs(want - got)) <= 1e-5 * np.max(np.abs(want))

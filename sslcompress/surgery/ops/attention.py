@@ -109,8 +109,10 @@ def head_plan(node) -> HeadPlan | None:
         return HeadPlan("merge", n, xs[-1], 1, ry - 1, vec)
     copies = _size_of(x, a + 1) if 0 < a < rx - 2 else None
     if copies is not None and ry == rx - 1 and ys[a] == n * copies and _keeps_other_axes(vec, xs, ys, a):
-        # Grouped-query attention: (B, Hkv, R, S, Dh) -> (B, Hkv * R, S, Dh), each key/value head
-        # repeated for the R query heads that share it (an Unsqueeze and an Expand or Tile before).
+        # The channel axis merged with the one after it, each channel becoming R in a row: grouped-query
+        # attention's (B, Hkv, R, S, Dh) -> (B, Hkv * R, S, Dh), each key/value head repeated for the R query
+        # heads that share it (an Unsqueeze and an Expand or Tile before), or a CNN's (N, C, H, W) ->
+        # (N, C * H, W) before a sequence model.
         return HeadPlan("repeat", n, copies, 1, a, vec)
     return None
 
