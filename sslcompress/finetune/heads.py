@@ -76,12 +76,13 @@ class Heads:
     owner: str | None  # the module holding `num_heads` (None: thinning cannot rewrite the head count)
     product_macs: int  # multiply-accumulates per sample that go with each group (head) beyond its rows of the layers
     row_params: tuple[str, ...] = ()  # the parameters whose rows the heads own
-    part_offsets: tuple[int, ...] = (0,)  # where q, k and v start in them when packed (0, dim, 2 * dim)
+    # Where q, k and v start in a projection holding all three (timm's packed qkv and nn.MultiheadAttention:
+    # 0, dim, 2 * dim; a split one: 0, q width, q + k width); (0,) for three Linears.
+    part_offsets: tuple[int, ...] = (0,)
     row_layers: tuple[str, ...] = ()  # layers of the analysis those rows belong to (their MACs go with them)
     keeps_heads: str = ""  # why thinning leaves the heads in place, masked ('' where it cuts them)
     kv_heads: int = 0  # grouped-query attention: key/value heads, each shared by num_heads // kv_heads query heads
     kv_attr: str = ""  # the owner's attribute holding kv_heads, which thinning rewrites too
-    qkv_rows: tuple[int, ...] = ()  # one Linear split into q, k and v parts of their own widths: where each starts
     heads_attr: str = "num_heads"  # the owner's attribute holding num_heads, which thinning rewrites
 
     @property
@@ -110,18 +111,17 @@ class Heads:
         """Columns of the output projection that these groups' query heads own."""
         return [h * self.head_dim + d for h in self.query_heads(groups) for d in range(self.head_dim)]
 
-    def rows(self, groups, of: str | None = None) -> list[int]:
-        """Rows that these groups own of `of`, a row parameter or its Linear (the query rows without it),
-        ascending: a key or value projection's rows of grouped-query attention are its key/value heads'."""
-        linear = None if of is None else of.removesuffix(".weight").removesuffix(".bias")
-        kv = [g * self.head_dim + d for g in sorted(groups) for d in range(self.head_dim)] if self.kv_heads \
-            else self.cols(groups)
-        if self.qkv_rows and linear is not None:
-            q0, k0, v0 = self.qkv_rows
-            return sorted([q0 + r for r in self.cols(groups)] + [k0 + r for r in kv] + [v0 + r for r in kv])
-        if self.kv_heads and linear in (self.k, self.v):
-            return kv
-        return sorted(off + c for off in self.part_offsets for c in self.cols(groups))
+    def rows(self, groups, of: str) -> list[int]:
+        """Rows that these groups own of `of`, a row parameter or its Linear, ascending: the query heads' of q,
+        the key/value heads' of k and v (the same heads but in grouped-query attention), each part's of a
+        projection holding all three."""
+        linear = of.removesuffix(".weight").removesuffix(".bias")
+        q = self.cols(groups)
+        kv = [g * self.head_dim + d for g in sorted(groups) for d in range(self.head_dim)] if self.kv_heads else q
+        if len(self.part_offsets) == 3:
+            q0, k0, v0 = self.part_offsets
+            return sorted([q0 + r for r in q] + [k0 + r for r in kv] + [v0 + r for r in kv])
+        return kv if linear in (self.k, self.v) else q
 
 
 def is_zero(att: Heads, params: dict, h: int) -> bool:
@@ -275,11 +275,11 @@ def _scores_source(node: fx.Node, modules: dict, shape_of) -> fx.Node | None:
                 return None
         elif _is_method_or_fn(at, ("masked_fill",), _MASKED_FILL):
             if len(at.args) != 3 or not isinstance(at.args[2], (int, float)) or \
-                    not _same_for_every_head(at.args[1], shape_of):
+                    not _broadcasts_over_heads(at.args[1], shape_of):
                 return None
         elif _is_method_or_fn(at, ("add",), _ADD) and len(at.args) == 2 and not at.kwargs:
             # scores + mask, either way round: the mask is the operand that broadcasts over the heads.
-            masks = [i for i, a in enumerate(at.args) if _same_for_every_head(a, shape_of)]
+            masks = [i for i, a in enumerate(at.args) if _broadcasts_over_heads(a, shape_of)]
             if len(masks) != 1:
                 return None
             nxt = at.args[1 - masks[0]]
@@ -293,7 +293,7 @@ def _scores_source(node: fx.Node, modules: dict, shape_of) -> fx.Node | None:
     return None
 
 
-def _same_for_every_head(node, shape_of) -> bool:
+def _broadcasts_over_heads(node, shape_of) -> bool:
     """A tensor of size 1 on the heads axis of (batch, heads, queries, keys), or of no such axis: a mask that
     treats every head alike."""
     shape = shape_of(node) if isinstance(node, fx.Node) else None
@@ -337,7 +337,7 @@ def _attention_before(proj: fx.Node, modules: dict, layers: dict, shape_of, batc
         call = dict(zip(_SDPA_ARGS, out.args)) | dict(out.kwargs)
         mask = call.get("attn_mask")
         if any(a not in call for a in _SDPA_ARGS[:3]) or call.get("enable_gqa") or \
-                (mask is not None and not _same_for_every_head(mask, shape_of)):
+                (mask is not None and not _broadcasts_over_heads(mask, shape_of)):
             return None  # a mask per head (or one the analysis cannot see) would tie it to its heads
         q4, k4, v4 = (call[a] for a in _SDPA_ARGS[:3])
         products = [out]
@@ -361,7 +361,7 @@ def _attention_before(proj: fx.Node, modules: dict, layers: dict, shape_of, batc
     found = _separate_heads(parts, modules, layers, shape_of) or _packed_heads(parts, layers, shape_of)
     if found is None:
         return None
-    (q, k, v), heads, dim, offsets, kv_heads, qkv_rows = found
+    (q, k, v), heads, dim, offsets, kv_heads = found
     merged_shape = shape_of(merged)
     if name in (q, k, v) or merged_shape is None or merged_shape[-1] != heads * dim or \
             layers[name].weight_shape[1] != heads * dim:
@@ -369,20 +369,21 @@ def _attention_before(proj: fx.Node, modules: dict, layers: dict, shape_of, batc
     macs = sum(matmul_macs(p, shape_of, batch, modules) for p in products)
     linears = tuple(dict.fromkeys((q, k, v)))
     owner = _owner(owners, (*linears, name), heads)
-    kv_attr = _kv_attr(owners.get(owner), kv_heads) if kv_heads and owner is not None else ""
-    count_attr = heads_attr(owners.get(owner), heads) if owner is not None else ""
+    kv_attr = _attr_holding(owners.get(owner), KV_HEAD_ATTRS, kv_heads) if kv_heads and owner is not None else ""
+    count_attr = _attr_holding(owners.get(owner), HEAD_ATTRS, heads) if owner is not None else ""
     why = _why_kept(owner, heads, merged) or (
         f"no attribute of {owner} holds its {kv_heads} key/value heads ({', '.join(KV_HEAD_ATTRS)}) for thinning "
         "to rewrite" if kv_heads and not kv_attr else "")
     return Heads(q, k, v, name, heads, dim, owner, macs // (kv_heads or heads),
                  row_params=tuple(f"{lin}.{leaf}" for lin in linears for leaf in ("weight", "bias")),
                  part_offsets=offsets, row_layers=linears, keeps_heads=why, kv_heads=kv_heads, kv_attr=kv_attr,
-                 qkv_rows=qkv_rows, heads_attr=count_attr or "num_heads")
+                 heads_attr=count_attr or "num_heads")
 
 
 def _separate_heads(parts, modules: dict, layers: dict, shape_of):
-    """((q, k, v), heads, head_dim, part offsets, key/value heads or 0) when q, k and v are three Linears, each
-    split into heads, k and v possibly with fewer heads repeated for the query heads (grouped-query attention)."""
+    """((q, k, v), heads, head_dim, part offsets, key/value heads or 0) when q, k and v are three Linears (or
+    three parts of one Linear's features), each split into heads, k and v possibly with fewer heads repeated for
+    the query heads (grouped-query attention)."""
     q4, k4, v4 = parts
     (k4, k_copies), (v4, v_copies) = (_unrepeated(n, shape_of) or (n, 1) for n in (k4, v4))
     # Queries and keys may be rotated first (rotary position embeddings, rotary.py): the heads are the rotation's.
@@ -394,9 +395,9 @@ def _separate_heads(parts, modules: dict, layers: dict, shape_of):
         return None
     kv_heads = hk if k_copies > 1 else 0
     if len({q, k, v}) == 3:
-        return (q, k, v), heads, dim, (0,), kv_heads, ()
+        return (q, k, v), heads, dim, (0,), kv_heads
     if len({q, k, v}) == 1 and len({q0, k0, v0}) == 3:
-        return (q, k, v), heads, dim, (0,), kv_heads, (q0, k0, v0)  # one Linear split into q, k and v
+        return (q, k, v), heads, dim, (q0, k0, v0), kv_heads  # one Linear split into q, k and v
     return None
 
 
@@ -413,7 +414,7 @@ def _unrepeated(node: fx.Node, shape_of) -> tuple[fx.Node, int] | None:
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
         src = shape_of(x) if isinstance(x, fx.Node) else None
         if not isinstance(copies, int) or copies < 2 or dim not in (1, -3) or src is None or \
-                tuple(src) != (out[0], out[1] // copies, *out[2:]) or not _read_only_by(x, node):
+                tuple(src) != (out[0], out[1] // copies, *out[2:]) or _value_reader(x) is not node:
             return None
         return x, copies
     if not _is_reshape(node) and not _flattens_1_2(node):
@@ -428,14 +429,9 @@ def _unrepeated(node: fx.Node, shape_of) -> tuple[fx.Node, int] | None:
         return None
     x = _unsqueezed_at_2(one)
     if x is None or shape_of(x) is None or tuple(shape_of(x)) != (out[0], wide[1], *out[2:]) or \
-            not _read_only_by(x, one):
+            _value_reader(x) is not one:
         return None
     return x, wide[2]
-
-
-def _read_only_by(x: fx.Node, node: fx.Node) -> bool:
-    """Whether `node` is the one reader of x's values (its sizes read elsewhere aside, as repeat_kv does)."""
-    return node in x.users and all(u is node or reads_size(u) for u in x.users)
 
 
 def _flattens_1_2(node: fx.Node) -> bool:
@@ -484,7 +480,7 @@ def _packed_heads(parts, layers: dict, shape_of):
     if len(into) != 3 or len(out) != 5 or out[:3] != (*into[:2], 3) or 3 * out[3] * out[4] != into[2]:
         return None
     width = out[3] * out[4]
-    return (name,) * 3, out[3], out[4], (0, width, 2 * width), 0, ()
+    return (name,) * 3, out[3], out[4], (0, width, 2 * width), 0
 
 
 def _is_unbind(node: fx.Node) -> bool:
@@ -572,14 +568,10 @@ HEAD_ATTRS = ("num_heads", "n_head", "n_heads", "num_attention_heads")  # torch,
 KV_HEAD_ATTRS = ("num_kv_heads", "n_kv_heads", "num_key_value_heads", "kv_heads")
 
 
-def heads_attr(module: nn.Module | None, heads: int) -> str:
-    """The attribute of `module` that holds its (query) head count ('' where none does)."""
-    return next((a for a in HEAD_ATTRS if getattr(module, a, None) == heads), "")
-
-
-def _kv_attr(module: nn.Module | None, kv_heads: int) -> str:
-    """The attribute of `module` that holds its key/value head count ('' where none does)."""
-    return next((a for a in KV_HEAD_ATTRS if getattr(module, a, None) == kv_heads), "")
+def _attr_holding(module: nn.Module | None, names: tuple[str, ...], count: int) -> str:
+    """The first of `names` that `module` holds with the value `count` ('' where none does): where its forward
+    reads a head count that thinning must rewrite."""
+    return next((a for a in names if getattr(module, a, None) == count), "")
 
 
 def _owner(modules: dict, names: tuple[str, ...], heads: int) -> str | None:
@@ -593,7 +585,7 @@ def _owner(modules: dict, names: tuple[str, ...], heads: int) -> str | None:
     while True:
         prefix = ".".join(common)
         mod = modules.get(prefix)
-        if mod is not None and not isinstance(mod, nn.MultiheadAttention) and heads_attr(mod, heads):
+        if mod is not None and not isinstance(mod, nn.MultiheadAttention) and _attr_holding(mod, HEAD_ATTRS, heads):
             return prefix
         if not common:
             return None
