@@ -107,28 +107,14 @@ def head_plan(node) -> HeadPlan | None:
     if a == rx - 2 and isinstance(xs[-1], int) and ys[-1] == n * xs[-1] and (
             _same_prefix(vec, ys[:-1], xs[:a]) or _names_merged_width(vec[-1], n * xs[-1])):
         return HeadPlan("merge", n, xs[-1], 1, ry - 1, vec)
-    copies = _size_of(x, a + 1) if 0 < a < rx - 2 else None
-    if copies is not None and ry == rx - 1 and ys[a] == n * copies and _keeps_other_axes(vec, xs, ys, a):
+    copies = xs[a + 1] if 0 < a < rx - 2 else None
+    if isinstance(copies, int) and ry == rx - 1 and ys[a] == n * copies and _keeps_other_axes(vec, xs, ys, a):
         # The channel axis merged with the one after it, each channel becoming R in a row: grouped-query
         # attention's (B, Hkv, R, S, Dh) -> (B, Hkv * R, S, Dh), each key/value head repeated for the R query
         # heads that share it (an Unsqueeze and an Expand or Tile before), or a CNN's (N, C, H, W) ->
         # (N, C * H, W) before a sequence model.
         return HeadPlan("repeat", n, copies, 1, a, vec)
     return None
-
-
-def _size_of(value, axis: int) -> int | None:
-    """The size of an axis: static, or what the Expand that wrote it broadcasts it to (the legacy exporter's
-    Expand to a shape built at run time, which shape inference leaves unnamed)."""
-    size = value.shape[axis]
-    if isinstance(size, int):
-        return size
-    node = value.producer()
-    if node is None or node.op_type != "Expand":
-        return None
-    vec = target_of(node, 1)
-    entry = axis - (len(value.shape) - len(vec)) if vec is not None else -1
-    return vec[entry].value if entry >= 0 and vec[entry].value is not None and vec[entry].value > 1 else None
 
 
 def _keeps_other_axes(vec: list[Dim], xs: list, ys: list, a: int) -> bool:
