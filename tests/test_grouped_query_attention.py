@@ -21,6 +21,7 @@ from zeroing import zero_groups
 
 from sslcompress.finetune.counting import count
 from sslcompress.finetune.groups import build_groups
+from sslcompress.models.vit import repeat_kv, rotate_half  # Hugging Face's LLaMA writes them so
 from sslcompress.surgery.compress import compress
 from sslcompress.surgery.export import export_onnx
 
@@ -29,17 +30,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPE = (1, 1, 8, 8)  # 16 patch tokens of 2x2
 DIM, HEADS, KV_HEADS, HEAD_DIM, TOKENS = 48, 6, 3, 8, 16
 COPIES = HEADS // KV_HEADS
-
-
-def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """Hugging Face's: (batch, kv_heads, tokens, head_dim) -> (batch, kv_heads * n_rep, tokens, head_dim)."""
-    b, h, s, d = x.shape
-    return x[:, :, None, :, :].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 class GroupedQueryAttention(nn.Module):
@@ -65,11 +55,11 @@ class GroupedQueryAttention(nn.Module):
         k = self.k(x).view(b, t, kv, self.head_dim).transpose(1, 2)
         v = self.v(x).view(b, t, kv, self.head_dim).transpose(1, 2)
         if self.rotary:  # before the repeat, as Hugging Face's LLaMA does
-            q = q * self.cos + _rotate_half(q) * self.sin
-            k = k * self.cos + _rotate_half(k) * self.sin
+            q = q * self.cos + rotate_half(q) * self.sin
+            k = k * self.cos + rotate_half(k) * self.sin
         n_rep = self.num_heads // kv
         if self.repeat in ("repeat_kv", "repeat_kv_sdpa"):
-            k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
         elif self.repeat == "flatten":  # the copies merged by flatten(1, 2), with unsqueeze(2) before
             k, v = (t.unsqueeze(2).expand(b, kv, n_rep, t.shape[2], self.head_dim).flatten(1, 2) for t in (k, v))
         elif self.repeat == "interleave":
@@ -246,7 +236,7 @@ class SplitQkvAttention(nn.Module):
         k = k.view(b, t, kv, d).transpose(1, 2)
         v = v.view(b, t, kv, d).transpose(1, 2)
         if kv != h:
-            k, v = _repeat_kv(k, h // kv), _repeat_kv(v, h // kv)
+            k, v = repeat_kv(k, h // kv), repeat_kv(v, h // kv)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.o(out.transpose(1, 2).reshape(b, t, h * d))
 

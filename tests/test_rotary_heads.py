@@ -17,16 +17,12 @@ from untraceable import untraceable
 from zeroing import zero_groups
 
 from sslcompress.finetune.groups import build_groups
+from sslcompress.models.vit import rotate_half  # by chunk; the slicing form is below
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHAPE = (1, 1, 8, 8)  # 16 patch tokens of 2x2
 DIM, HEADS, HEAD_DIM, TOKENS = 24, 3, 8, 16
-
-
-def _rotate_half_chunk(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def _rotate_half_slice(x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +76,7 @@ class Net(TwoBlocks):
         super().__init__(DIM, lambda: attention(rotate_half, per_head_angles))
 
 
-ROTATIONS = {"chunk": _rotate_half_chunk, "slice": _rotate_half_slice}
+ROTATIONS = {"chunk": rotate_half, "slice": _rotate_half_slice}
 
 
 def _net(rotation: str, per_head_angles: bool = False, packed: bool = False) -> nn.Module:
@@ -113,13 +109,13 @@ def test_a_rotation_that_differs_per_head_or_is_read_elsewhere_keeps_the_heads()
             q = a.q(x).view(b, t, HEADS, HEAD_DIM).transpose(1, 2)
             k = a.k(x).view(b, t, HEADS, HEAD_DIM).transpose(1, 2)
             v = a.v(x).view(b, t, HEADS, HEAD_DIM).transpose(1, 2)
-            qr = q * a.cos + _rotate_half_chunk(q) * a.sin
+            qr = q * a.cos + rotate_half(q) * a.sin
             out = F.scaled_dot_product_attention(qr, k, v)
             y = a.o(out.transpose(1, 2).reshape(b, t, HEADS * HEAD_DIM))
             return self.head((x + y).mean(1) + q.mean((1, 2)).sum(-1, keepdim=True))  # q read outside too
 
     torch.manual_seed(0)
-    assert not [g for g in build_groups(ReadElsewhere(_rotate_half_chunk), SHAPE, ("head",))
+    assert not [g for g in build_groups(ReadElsewhere(rotate_half), SHAPE, ("head",))
                 if g.name.startswith("head attn0")]
 
 
@@ -152,5 +148,5 @@ def test_rotated_heads_are_found_in_a_torch_export_graph_too(packed):
     torch.manual_seed(0)
     # torch.export's aten call of scaled_dot_product_attention passes its defaults positionally (q, k, v, None,
     # 0.0, True for the causal mask).
-    assert_groups_cut_as_counted(untraceable(Net)(_rotate_half_chunk, packed=packed).eval(), SHAPE, "head",
+    assert_groups_cut_as_counted(untraceable(Net)(rotate_half, packed=packed).eval(), SHAPE, "head",
                                  [f"head attn{a}[{h}]" for a in (0, 1) for h in range(HEADS)], [1, HEADS])
