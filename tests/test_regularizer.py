@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conv1d_nets import SequenceNet, with_statistics
 from torch import nn
 
 from sslcompress.errors import ConfigError
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 LENET_SHAPE = (1, 1, 28, 28)
 R20_SHAPE = (1, 3, 32, 32)
+SEQUENCE_SHAPE = (1, 1, 8, 12)
 
 # ---------------------------------------------------------------- reference implementation
 
@@ -34,8 +36,8 @@ def ref_slice(p: torch.Tensor, s) -> torch.Tensor:
         return p.reshape(p.shape[0], -1)[:, idx]
     if s.axis == "row":
         return p[:, :, idx]
-    if s.axis == "col":
-        return p[:, :, :, idx]
+    if s.axis == "col":  # the last axis: a Conv1d's taps too
+        return p[..., idx]
     assert s.axis == "all"
     return p.clone()
 
@@ -52,7 +54,7 @@ def ref_scale_(p: torch.Tensor, s, scale: float) -> None:
     elif s.axis == "row":
         p[:, :, idx] = p[:, :, idx] * scale
     elif s.axis == "col":
-        p[:, :, :, idx] = p[:, :, :, idx] * scale
+        p[..., idx] = p[..., idx] * scale
     else:
         p.mul_(scale)
 
@@ -68,7 +70,7 @@ def ref_add_(p: torch.Tensor, s, value: float) -> None:
     elif s.axis == "row":
         p[:, :, idx] += value
     elif s.axis == "col":
-        p[:, :, :, idx] += value
+        p[..., idx] += value
     else:
         p += value
 
@@ -86,13 +88,13 @@ def ref_numel(params, g) -> int:
 
 
 def spatial_sizes(model, input_shape) -> dict[str, int]:
-    """Output H*W of every Conv2d (1 for Linear), measured with forward hooks."""
+    """Output H*W of every Conv2d, L of every Conv1d (1 for Linear), measured with forward hooks."""
     sizes: dict[str, int] = {}
     hooks = []
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Conv2d):
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
             hooks.append(mod.register_forward_hook(
-                lambda m, i, o, name=name: sizes.__setitem__(name, o.shape[2] * o.shape[3])))
+                lambda m, i, o, name=name: sizes.__setitem__(name, o[0, 0].numel())))
         elif isinstance(mod, nn.Linear):
             sizes[name] = 1
     was = model.training
@@ -159,6 +161,10 @@ def model_and_groups(name: str):
             m = build_model(ModelSpec("lenet5", 10, 1, (28, 28)))
             shape = LENET_SHAPE
             kinds = ("filter", "channel", "shape", "kernel_row", "kernel_col")
+        elif name == "sequence":  # Conv1d layers after a Conv2d stem
+            m = with_statistics(SequenceNet()).train()
+            shape = SEQUENCE_SHAPE
+            kinds = ("filter", "channel", "kernel_col")
         else:
             m = build_model(ModelSpec("resnet20", 10, 3, (32, 32)))
             # distinct BN scales so depth groups have distinct norms
@@ -181,13 +187,15 @@ def current(model) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- proximal step
 
 
-CASES = [(k, w) for k in ("filter", "channel", "shape", "kernel_row", "kernel_col") for w in ("none", "sqrt", "macs")]
-CASES += [("depth", w) for w in ("none", "sqrt", "macs")]
+CASES = [("lenet", k, w) for k in ("filter", "channel", "shape", "kernel_row", "kernel_col")
+         for w in ("none", "sqrt", "macs")]
+CASES += [("resnet20", "depth", w) for w in ("none", "sqrt", "macs")]
+CASES += [("sequence", k, w) for k in ("filter", "channel", "kernel_col") for w in ("sqrt", "macs")]
 
 
-@pytest.mark.parametrize("kind,weighting", CASES)
-def test_proximal_step_matches_closed_form(kind, weighting):
-    model, shape, all_groups = model_and_groups("resnet20" if kind == "depth" else "lenet")
+@pytest.mark.parametrize("net,kind,weighting", CASES)
+def test_proximal_step_matches_closed_form(net, kind, weighting):
+    model, shape, all_groups = model_and_groups(net)
     groups = [g for g in all_groups if g.kind == kind and g.removable]
     assert len(groups) >= 5
     weights = ref_weights(model, shape, groups, weighting)

@@ -295,8 +295,10 @@ class Counter:
                      cols_cut: set[int] = frozenset()) -> LayerCount:
         st = self.structure
         w = self.params[f"{lay.name}.weight"].detach()
+        if lay.one_dimensional:
+            w = w.unsqueeze(2)  # a Conv1d counts as a conv of one row: (out, in, 1, K)
         n_out, n_in = w.shape[0], w.shape[1]
-        kernel = (w.shape[2], w.shape[3]) if w.dim() == 4 else (1, 1)
+        kernel = lay.kernel
         params = w.numel() + (n_out if lay.has_bias else 0)
         hw = lay.macs_per_weight  # output positions over every call of the layer
         cols_total = w[0].numel()
@@ -336,6 +338,8 @@ class Counter:
         kh, kw = _kept_kernel(sub, kernel)
         columns = int((sub.reshape(sub.shape[0], -1).abs().sum(0) > 0).sum()) if sub.numel() else 0
         macs_after = len(keep_out) * len(keep_in) * kh * kw * hw
+        if lay.one_dimensional:
+            columns = len(keep_in) * kh * kw  # the export lowers 2-D convs only: a Conv1d stays a dense conv
         params_after = len(keep_out) * len(keep_in) * kh * kw + (len(keep_out) if lay.has_bias else 0)
         return LayerCount(lay.name, lay.kind, (len(keep_out), n_out), (len(keep_in), n_in), kernel, (kh, kw),
                           (columns, cols_total), lay.macs, macs_after, len(keep_out) * columns * hw,
@@ -369,7 +373,7 @@ class _SliceTable:
     round of the cascade) and is itself called after every zeroing the budget tries; this answers all of
     them with one gather per parameter and axis, so a count costs tensor work, not a Python loop per slice."""
 
-    _DIMS = {"out": 0, "in": 1, "row": 2, "col": 3}
+    _DIMS = {"out": 0, "in": 1, "row": 2}
 
     def __init__(self, groups: list[ParamGroup]):
         self.number: dict[Slice, int] = {}
@@ -405,7 +409,7 @@ class _SliceTable:
             if axis == "fiber":  # a column of the lowered weight: (in, kh, kw) flattened
                 along = nz.reshape(nz.shape[0], -1).any(0)
             else:
-                d = self._DIMS.get(axis, 3)
+                d = nz.dim() - 1 if axis == "col" else self._DIMS[axis]  # "col": a Conv1d's taps too
                 along = nz.movedim(d, 0).reshape(nz.shape[d], -1).any(1)
             out[numbers] = np.logical_or.reduceat(along.cpu().numpy()[positions], starts)
         return out

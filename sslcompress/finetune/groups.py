@@ -21,7 +21,8 @@ from ..group_kinds import KINDS, parse_kinds
 from .structure import ModelStructure, analyze
 
 # Axis names of a slice: "out" = dim 0, "in" = dim 1, "fiber" = a column of W.flatten(1)
-# (one W[:, c, m, k] of the lowered matrix), "row" = dim 2, "col" = dim 3, "all" = the tensor.
+# (one W[:, c, m, k] of the lowered matrix), "row" = dim 2 of a Conv2d, "col" = the last dim (a Conv2d's dim 3,
+# a Conv1d's taps), "all" = the tensor.
 AXES = ("out", "in", "fiber", "row", "col", "all")
 
 
@@ -98,8 +99,8 @@ def _slice_numel(params: dict, s: Slice) -> int:
     if s.axis == "all":
         return total
     axis_len = {"out": shape[0], "in": shape[1] if len(shape) > 1 else 1,
-                "fiber": total // shape[0], "row": shape[2] if len(shape) > 2 else 1,
-                "col": shape[3] if len(shape) > 3 else 1}[s.axis]
+                "fiber": total // shape[0], "row": shape[2] if len(shape) > 3 else 1,
+                "col": shape[-1] if len(shape) > 2 else 1}[s.axis]
     return total // axis_len * len(s.index)
 
 
@@ -188,7 +189,9 @@ def _channel_groups(structure: ModelStructure, params: dict) -> list[ParamGroup]
 def _shape_groups(structure: ModelStructure, params: dict) -> list[ParamGroup]:
     groups = []
     for lay in structure.layers.values():
-        if lay.kind != "conv" or lay.groups != 1:
+        # A Conv1d's shape columns are none: the export lowers 2-D convs only to a GEMM of their kept columns,
+        # so a zero column of a Conv1d would save nothing there (its zero outer taps are kernel_col groups).
+        if lay.kind != "conv" or lay.groups != 1 or lay.one_dimensional:
             continue
         _, cin, kh, kw = lay.weight_shape
         if kh * kw == 1:
@@ -207,14 +210,15 @@ def _kernel_line_groups(structure: ModelStructure, params: dict, kinds: tuple[st
     for lay in structure.layers.values():
         if lay.kind != "conv" or lay.groups != 1:
             continue
-        _, _, kh, kw = lay.weight_shape
+        kh, kw = lay.kernel
         if "kernel_row" in kinds and kh > 1:
             for m in range(kh):
                 groups.append(_group("kernel_row", f"kernel_row {lay.name}[:, :, {m}, :]",
                                      [(f"{lay.name}.weight", "row", m)], params, structure, True))
         if "kernel_col" in kinds and kw > 1:
             for k in range(kw):
-                groups.append(_group("kernel_col", f"kernel_col {lay.name}[:, :, :, {k}]",
+                where = f"[:, :, {k}]" if lay.one_dimensional else f"[:, :, :, {k}]"
+                groups.append(_group("kernel_col", f"kernel_col {lay.name}{where}",
                                      [(f"{lay.name}.weight", "col", k)], params, structure, True))
     return groups
 
@@ -257,7 +261,7 @@ def _common_prefix(names: list[str]) -> str:
 
 def _pointwise(lay) -> bool:
     """A layer that maps features to features one position at a time: a Linear or an ungrouped 1x1 conv."""
-    return lay.kind == "linear" or (lay.kind == "conv" and lay.groups == 1 and lay.weight_shape[2:] == (1, 1))
+    return lay.kind == "linear" or (lay.kind == "conv" and lay.groups == 1 and lay.kernel == (1, 1))
 
 
 def _neuron_groups(structure: ModelStructure, params: dict) -> list[ParamGroup]:

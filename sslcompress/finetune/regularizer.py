@@ -39,8 +39,8 @@ def _positions(p: torch.Tensor, axis: str) -> int:
         return p[0].numel()
     if axis == "row":
         return p.shape[2]
-    if axis == "col":
-        return p.shape[3]
+    if axis == "col":  # the last axis: a Conv2d's columns, a Conv1d's taps
+        return p.shape[-1]
     return 1
 
 
@@ -56,7 +56,7 @@ def _sq_along(p: torch.Tensor, axis: str) -> torch.Tensor:
     if axis == "row":
         return sq.sum((0, 1, 3))
     if axis == "col":
-        return sq.sum((0, 1, 2))
+        return sq.reshape(-1, p.shape[-1]).sum(0)
     return sq.sum().reshape(1)
 
 
@@ -72,7 +72,7 @@ def _scale_view(s: torch.Tensor, p: torch.Tensor, axis: str) -> tuple[torch.Tens
     if axis == "row":
         return p, s.view(1, 1, -1, 1)
     if axis == "col":
-        return p, s.view(1, 1, 1, -1)
+        return p, s.view(*([1] * (nd - 1)), -1)
     return p, s.view(*([1] * nd)) if nd else s.view(())
 
 

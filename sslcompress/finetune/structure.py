@@ -33,8 +33,9 @@ from . import last_axis
 _ZERO_PRESERVING_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Softsign, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink,
-    nn.Dropout, nn.Dropout2d, nn.AlphaDropout, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity,
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+    nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d,
     nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,  # each channel resampled alone; 0 stays 0
 )
 _ZERO_PRESERVING_FUNCTIONS = {
@@ -43,7 +44,8 @@ _ZERO_PRESERVING_FUNCTIONS = {
     torch.nn.functional.mish, torch.tanh, torch.nn.functional.hardtanh, torch.nn.functional.hardswish,
     torch.nn.functional.dropout, torch.nn.functional.max_pool2d, torch.nn.functional.avg_pool2d,
     torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.adaptive_max_pool2d,
-    torch.nn.functional.relu_, torch.relu_, operator.neg, torch.neg,
+    torch.nn.functional.max_pool1d, torch.nn.functional.avg_pool1d, torch.nn.functional.adaptive_avg_pool1d,
+    torch.nn.functional.adaptive_max_pool1d, torch.nn.functional.relu_, torch.relu_, operator.neg, torch.neg,
     torch.nn.functional.interpolate, torch.nn.functional.upsample,
 }
 _ZERO_PRESERVING_METHODS = {"relu", "relu_", "tanh", "contiguous", "clone", "neg", "detach"}
@@ -64,6 +66,7 @@ _ZERO_PRESERVING_FUNCTIONS |= {
     aten.elu.default, aten.selu.default, aten.gelu.default, aten.silu.default, aten.silu_.default,
     aten.mish.default, aten.tanh.default, aten.hardswish.default, aten.neg.default, aten.dropout.default,
     aten.clone.default, aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
+    aten.max_pool1d.default, aten.avg_pool1d.default, aten.adaptive_avg_pool1d.default,
     aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec,
 }
 _SUM_FUNCTIONS |= {aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.sub_.Tensor}
@@ -73,16 +76,21 @@ _CAT_FUNCTIONS |= {aten.cat.default}
 _MEAN_FUNCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
 
 
+# The convs the analysis reads: a Conv1d is a Conv2d of one row (its geometry is kept as 1 x K pairs), but its
+# weight keeps its own three axes, (out, in, K).
+CONVS = (nn.Conv1d, nn.Conv2d)
+
+
 @dataclass
 class Layer:
-    """A Conv2d or Linear layer and the channel ids it reads and writes."""
+    """A Conv1d, Conv2d or Linear layer and the channel ids it reads and writes."""
 
     name: str
     kind: str  # "conv" | "linear"
     weight_shape: tuple[int, ...]
     has_bias: bool
     groups: int
-    out_hw: tuple[int, int]  # output spatial size; (1, 1) for Linear
+    out_hw: tuple[int, int]  # output spatial size; (1, L) for a Conv1d, (1, 1) for Linear
     in_ids: list[int]  # per input channel (conv) or per input feature (linear)
     out_ids: list[int]  # per output channel / feature
     # Output sizes of further calls of the same module (weights shared, so the same channel ids): each call
@@ -98,6 +106,16 @@ class Layer:
     @property
     def calls(self) -> int:
         return 1 + len(self.more_hw)
+
+    @property
+    def kernel(self) -> tuple[int, int]:
+        """(rows, columns) of the kernel: (1, K) for a Conv1d, (1, 1) for a Linear."""
+        w = self.weight_shape
+        return (int(w[2]), int(w[3])) if len(w) == 4 else (1, int(w[2])) if len(w) == 3 else (1, 1)
+
+    @property
+    def one_dimensional(self) -> bool:
+        return self.kind == "conv" and len(self.weight_shape) == 3
 
     @property
     def carries_channels(self) -> bool:
@@ -315,11 +333,12 @@ def _exported_graph(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphM
 # aten overload -> the module type it computes, and the module attributes its arguments 1, 2, ... must be.
 _MODULE_OPS = {
     aten.conv2d.default: (nn.Conv2d, ("weight", "bias", "stride", "padding", "dilation", "groups")),
+    aten.conv1d.default: (nn.Conv1d, ("weight", "bias", "stride", "padding", "dilation", "groups")),
     aten.linear.default: (nn.Linear, ("weight", "bias")),
     aten.batch_norm.default: (nn.modules.batchnorm._BatchNorm,
                               ("weight", "bias", "running_mean", "running_var", None, None, "eps")),
 }
-_DEFAULTS = {"bias": None, "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 1}
+_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}  # per axis for the tuples
 
 
 def _module_called(node: fx.Node, model: nn.Module) -> str | None:
@@ -341,8 +360,11 @@ def _module_called(node: fx.Node, model: nn.Module) -> str | None:
     for k, attr in enumerate(attrs, start=1):
         if attr is None:
             continue
-        arg = node.args[k] if k < len(node.args) else node.kwargs.get(attr, _DEFAULTS.get(attr))
         want = getattr(mod, attr)
+        default = _DEFAULTS.get(attr)
+        if isinstance(want, tuple):
+            default = [default] * len(want)
+        arg = node.args[k] if k < len(node.args) else node.kwargs.get(attr, default)
         if isinstance(want, torch.Tensor) or want is None and attr in ("weight", "bias", "running_mean", "running_var"):
             got_name = arg.target if isinstance(arg, fx.Node) and arg.op == "get_attr" else arg
             if got_name != (f"{name}.{attr}" if want is not None else None):
@@ -467,12 +489,12 @@ def _glu_ids(b, node: fx.Node, dim, shape, tensor_ids, wall):
 
 def _module_ids(b, node, mod, x, shape, layers, norms, input_ids, wall):
     name = str(node.target)
-    if name in layers and isinstance(mod, (nn.Conv2d, nn.Linear)):
+    if name in layers and isinstance(mod, (*CONVS, nn.Linear)):
         return _called_again(b, node, layers[name], x, shape, wall)
-    if isinstance(mod, nn.Conv2d):
+    if isinstance(mod, CONVS):
         if x is None or shape is None:
             return wall(node, f"conv {name} with unknown input")
-        out_hw = (shape[2], shape[3])
+        out_hw = _spatial(shape)
         if mod.groups != 1 and mod.groups == mod.in_channels:
             # Depthwise (with or without a channel multiplier): the outputs of group g read input channel g
             # alone, so they are that channel carried on (one id). They are zero when it is and their biases
@@ -510,22 +532,31 @@ def _module_ids(b, node, mod, x, shape, layers, norms, input_ids, wall):
     return wall(node, f"{type(mod).__name__} {name} (channel mixing or f(0) != 0)")
 
 
-def _pair(v) -> tuple[int, int]:
-    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+def _pair(v, fill: int = 1) -> tuple[int, int]:
+    """A conv setting as (rows, columns): a Conv1d's one value is its columns' (its rows' is `fill`)."""
+    if isinstance(v, (tuple, list)):
+        return (int(v[0]), int(v[1])) if len(v) > 1 else (fill, int(v[0]))
+    return (int(v), int(v))
 
 
-def _conv_geometry(mod: nn.Conv2d, node: fx.Node) -> dict:
+def _spatial(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The spatial size of a conv's (N, C, H, W) or, as one row, a Conv1d's (N, C, L) value."""
+    return (int(shape[2]), int(shape[3])) if len(shape) == 4 else (1, int(shape[2])) if len(shape) == 3 else (1, 1)
+
+
+def _conv_geometry(mod: nn.Conv1d | nn.Conv2d, node: fx.Node) -> dict:
     """Stride, padding, dilation and input size of a conv call; padding 'same' as the (top, left) pad torch
-    uses (the extra pixel of an even total goes to the bottom and right), 'valid' as none."""
+    uses (the extra pixel of an even total goes to the bottom and right), 'valid' as none. A Conv1d's are those
+    of a conv of one row: no padding, stride and dilation 1 along the rows."""
     kernel, dilation = _pair(mod.kernel_size), _pair(mod.dilation)
     if mod.padding == "same":
         padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, kernel))
     elif mod.padding == "valid":
         padding = (0, 0)
     else:
-        padding = _pair(mod.padding)
+        padding = _pair(mod.padding, fill=0)
     src = _shape(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
-    in_hw = (src[2], src[3]) if src is not None and len(src) == 4 else (1, 1)
+    in_hw = _spatial(src) if src is not None and len(src) in (3, 4) else (1, 1)
     return {"stride": _pair(mod.stride), "padding": padding, "dilation": dilation, "in_hw": in_hw}
 
 
@@ -542,7 +573,7 @@ def _called_again(b, node, first: Layer, x, shape, wall):
         return wall(node, f"linear {first.name} called again on a tensor that is not (batch, features)")
     for a, c in zip(first.in_ids, x):
         b.union(a, c)
-    first.more_hw.append((shape[2], shape[3]) if first.kind == "conv" else (1, 1))
+    first.more_hw.append(_spatial(shape) if first.kind == "conv" else (1, 1))
     return list(first.out_ids)
 
 
@@ -615,6 +646,11 @@ def _flatten(b, node, x, shape, input_ids, wall):
             and all(d == 1 for d in (*shape[2:], *src_shape[2:]))):
         return list(x)  # (N, C) <-> (N, C, 1, 1): the same channels, size-1 dims added or dropped
     shuffle = _channel_group_view(src_shape, shape)
+    if shuffle == "merges two axes into channels" and len(x) == src_shape[1]:
+        # (N, C, H, W) -> (N, C*H, W), a CNN's rows stacked with its channels into a sequence's features (a
+        # text recogniser's step to its Conv1d or recurrent part): feature c*H + h is channel c's row h, so the
+        # H features of channel c are that channel, as the surgery follows them.
+        return [i for i in x for _ in range(src_shape[2])]
     if shuffle:
         # The surgery cannot cut it either (a Reshape that neither flattens nor keeps the channel axis is a
         # wall there), so the channels on both sides stay.
@@ -870,7 +906,7 @@ def _branch_op_ok(node: fx.Node, modules: dict, side: set[fx.Node] = frozenset()
             return mod.weight is not None and mod.bias is not None
         if isinstance(mod, last_axis.RMS_NORM_MODULES):
             return mod.weight is not None  # no shift: its scale zero, it writes zero
-        return isinstance(mod, (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.Flatten)) \
+        return isinstance(mod, (*CONVS, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.Flatten)) \
             or _is_channelwise(mod)
     if node.op == "call_function":
         return node.target in _ZERO_PRESERVING_FUNCTIONS or node.target in _FLATTEN_FUNCTIONS \

@@ -53,7 +53,7 @@ class UnstructuredResult:
 def layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The conv and Linear weights of a model, by parameter name: where non-structured zeros go."""
     return {f"{name}.weight": m.weight for name, m in model.named_modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and isinstance(getattr(m, "weight", None), torch.Tensor)}
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and isinstance(getattr(m, "weight", None), torch.Tensor)}
 
 
 def nonzero_targets(sparse_model: nn.Module, input_shape: tuple[int, ...], names: list[str]) -> dict[str, int]:

@@ -46,11 +46,14 @@ def relu_model(width: int) -> tuple[onnx.ModelProto, tuple[int, ...]]:
 def _conv(sig: Signature, cin: int, cout: int, batch: int, rng) -> tuple[onnx.ModelProto, tuple[int, ...]]:
     # A depthwise conv at width w is w groups of one channel; a grouped conv keeps its groups.
     groups = cin if sig.depthwise else sig.groups
-    x_shape = (batch, cin, *sig.in_hw)
-    inits = [_weights(rng, "w", (cout, cin // groups, *sig.kernel)), _weights(rng, "b", (cout,))]
-    pt, pl = sig.padding
-    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=list(sig.kernel), strides=list(sig.stride),
-                            pads=[pt, pl, pt, pl], dilations=list(sig.dilation), group=groups)
+    # A Conv1d's (1 x K) geometry loses its row axis: the op is the 1-D Conv the export writes.
+    axes = slice(1, 2) if sig.dims == 1 else slice(0, 2)
+    kernel, stride, pads, dilation, in_hw = (list(v[axes]) for v in (sig.kernel, sig.stride, sig.padding,
+                                                                      sig.dilation, sig.in_hw))
+    x_shape = (batch, cin, *in_hw)
+    inits = [_weights(rng, "w", (cout, cin // groups, *kernel)), _weights(rng, "b", (cout,))]
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=kernel, strides=stride, pads=pads + pads,
+                            dilations=dilation, group=groups)
     return _model([node], x_shape, inits), x_shape
 
 

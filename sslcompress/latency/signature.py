@@ -41,6 +41,9 @@ class Signature:
     groups: int = 1
     in_hw: tuple[int, int] = (1, 1)
     rows: int = 1  # rows per sample of a Linear (tokens); 1 for a Linear on (batch, features)
+    # 1 for a Conv1d: its geometry is a conv's of one row (kernel 1 x K, input 1 x L), measured as a Conv1d,
+    # which ORT runs without its blocked 2-D layout.
+    dims: int = 2
 
     @property
     def depthwise(self) -> bool:
@@ -55,6 +58,9 @@ class Signature:
         """The signature as one short string, the table's key for its entry."""
         if self.kind == "linear":
             return f"linear o{self.out_full} i{self.in_full} r{self.rows}"
+        if self.dims == 1:
+            return (f"conv1d o{self.out_full} i{self.in_full} k{self.kernel[1]} s{self.stride[1]} "
+                    f"p{self.padding[1]} d{self.dilation[1]} g{self.groups} l{self.in_hw[1]}")
         return (f"conv o{self.out_full} i{self.in_full} k{_xy(self.kernel)} s{_xy(self.stride)} "
                 f"p{_xy(self.padding)} d{_xy(self.dilation)} g{self.groups} hw{_xy(self.in_hw)}")
 
@@ -81,15 +87,16 @@ def signatures_of(layer: Layer) -> list[Signature]:
     w = layer.weight_shape
     if layer.kind == "linear":
         return [Signature("linear", w[0], w[1], rows=hw[0]) for hw in [layer.out_hw, *layer.more_hw]]
-    kernel = (w[2], w[3])
+    kernel = layer.kernel
     in_full = w[1] * layer.groups
+    dims = 1 if layer.one_dimensional else 2
     sigs = [Signature("conv", w[0], in_full, kernel, layer.stride, layer.padding, layer.dilation, layer.groups,
-                      layer.in_hw)]
+                      layer.in_hw, dims=dims)]
     for out_hw in layer.more_hw:
         in_hw = tuple(_input_size(o, s, p, d, k) for o, s, p, d, k in
                       zip(out_hw, layer.stride, layer.padding, layer.dilation, kernel))
         sigs.append(Signature("conv", w[0], in_full, kernel, layer.stride, layer.padding, layer.dilation,
-                              layer.groups, in_hw))
+                              layer.groups, in_hw, dims=dims))
     return sigs
 
 
@@ -130,7 +137,7 @@ def blocked(sig: Signature, in_width: int, out_width: int, block: int = CHANNEL_
     """Whether ORT runs this conv call in its blocked layout at these widths (its NCHWc transformer's rule:
     a plain conv by its input width; a depthwise one when its channels fill blocks; another grouped conv
     when its channels per group and its outputs per group fill blocks)."""
-    if sig.kind != "conv" or block <= 1:
+    if sig.kind != "conv" or sig.dims == 1 or block <= 1:  # the transformer takes 2-D convs only
         return False
     if sig.groups == 1:
         return on_block(in_width, block)

@@ -140,7 +140,7 @@ def _torch_export(model: nn.Module, input_shape: tuple[int, ...], opset: int, dy
             )
     except Exception as exc:
         raise UnsupportedModelError(
-            f"torch.onnx.export failed for {type(model).__name__} at opset {opset}: {exc}"
+            f"torch.onnx.export failed for {type(model).__name__} at opset {opset}: {first_line(exc)}"
         ) from exc
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

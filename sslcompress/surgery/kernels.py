@@ -3,7 +3,8 @@
 Dropping kernel row 0 of a Conv moves every tap one step down (one dilation step, in general),
 which one row less of top padding undoes exactly; where there is no padding left to give back,
 a Slice that crops the input's first row does the same. The last row likewise at the bottom.
-So a 3x3 kernel becomes 3x2, 2x2, 1x3 or 1x1 and computes the same output.
+So a 3x3 kernel becomes 3x2, 2x2, 1x3 or 1x1 and computes the same output. A 1-D Conv's taps are columns
+of one row: a kernel of 5 becomes 3 or 1 the same way.
 """
 
 from __future__ import annotations
@@ -38,10 +39,13 @@ def shrink_kernels(model: ir.Model) -> ShrinkResult:
         if node.attributes.get("auto_pad") is not None and node.attributes["auto_pad"].value not in ("NOTSET",):
             continue
         w = const_tensor(w_value)
-        if w is None or w.ndim != 4:
+        if w is None or w.ndim not in (3, 4):
             continue
-        pads = list(node.attributes["pads"].value) if "pads" in node.attributes else [0, 0, 0, 0]
-        dil = list(node.attributes["dilations"].value) if "dilations" in node.attributes else [1, 1]
+        one_row = w.ndim == 3  # a 1-D Conv: a 2-D one of one row, whose taps are its columns
+        pads = list(node.attributes["pads"].value) if "pads" in node.attributes else [0] * (2 * w.ndim - 4)
+        dil = list(node.attributes["dilations"].value) if "dilations" in node.attributes else [1] * (w.ndim - 2)
+        if one_row:
+            w, pads, dil = w[:, :, None, :], [0, pads[0], 0, pads[1]], [1, dil[0]]
         r0, r1, c0, c1 = 0, w.shape[2], 0, w.shape[3]
         rows = np.abs(w).sum((0, 1, 3)) > 0
         cols = np.abs(w).sum((0, 1, 2)) > 0
@@ -65,10 +69,15 @@ def shrink_kernels(model: ir.Model) -> ShrinkResult:
             dq = activation_dequantize(node.inputs[0])
             if dq is not None and splits_a_signed_pair(dq):
                 continue  # a Slice inside an int8 Q -> DQ pair would change how the runtime fuses it
-            _crop_input(model.graph, node, crops)
-        take_const(model.graph, node, 1, lambda a, k=(r0, r1, c0, c1): a[:, :, k[0]:k[1], k[2]:k[3]])
-        node.attributes["kernel_shape"] = ir.AttrInt64s("kernel_shape", [r1 - r0, c1 - c0])
-        node.attributes["pads"] = ir.AttrInt64s("pads", new_pads)
+            _crop_input(model.graph, node, crops, one_row)
+        if one_row:
+            take_const(model.graph, node, 1, lambda a, k=(c0, c1): a[:, :, k[0]:k[1]])
+            node.attributes["kernel_shape"] = ir.AttrInt64s("kernel_shape", [c1 - c0])
+            node.attributes["pads"] = ir.AttrInt64s("pads", [new_pads[1], new_pads[3]])
+        else:
+            take_const(model.graph, node, 1, lambda a, k=(r0, r1, c0, c1): a[:, :, k[0]:k[1], k[2]:k[3]])
+            node.attributes["kernel_shape"] = ir.AttrInt64s("kernel_shape", [r1 - r0, c1 - c0])
+            node.attributes["pads"] = ir.AttrInt64s("pads", new_pads)
         shrunk[node.name or node.outputs[0].name] = ((w.shape[2], w.shape[3]), (r1 - r0, c1 - c0))
     return ShrinkResult(shrunk)
 
@@ -76,14 +85,17 @@ def shrink_kernels(model: ir.Model) -> ShrinkResult:
 _BIG = np.iinfo(np.int64).max
 
 
-def _crop_input(graph: ir.Graph, node: ir.Node, crops: list[int]) -> None:
-    """Insert Slice(input)[:, :, top:-bottom, left:-right] in front of this Conv alone."""
+def _crop_input(graph: ir.Graph, node: ir.Node, crops: list[int], one_row: bool = False) -> None:
+    """Insert Slice(input)[:, :, top:-bottom, left:-right] in front of this Conv alone ([:, :, left:-right] for
+    a 1-D one)."""
     top, left, bottom, right = crops
     base = node.name or node.outputs[0].name
+    starts, ends = [top, left], [-bottom if bottom else _BIG, -right if right else _BIG]
+    axes = [2] if one_row else [2, 3]
     consts = {
-        "starts": np.array([top, left], np.int64),
-        "ends": np.array([-bottom if bottom else _BIG, -right if right else _BIG], np.int64),
-        "axes": np.array([2, 3], np.int64),
+        "starts": np.array(starts[-len(axes):], np.int64),
+        "ends": np.array(ends[-len(axes):], np.int64),
+        "axes": np.array(axes, np.int64),
     }
     values = []
     for key, arr in consts.items():
