@@ -1,6 +1,8 @@
-"""A text-recogniser-shaped classifier: a Conv2d stem, its rows stacked with its channels into a sequence's
-features, then Conv1d layers (one dilated in a residual block, one strided) over the columns. Also a model file
-for `sslcompress finetune --model tests/conv1d_nets.py:SequenceNet`."""
+"""Conv1d test models. A text-recogniser-shaped classifier: a Conv2d stem, its rows stacked with its channels into
+a sequence's features, then Conv1d layers (one dilated in a residual block, one strided) over the columns; also a
+model file for `sslcompress finetune --model tests/conv1d_nets.py:SequenceNet`. And a speech model's blocks:
+Conformer's convolution module (pointwise Conv1d, GLU over the channels, depthwise Conv1d, BatchNorm, SiLU,
+pointwise Conv1d) between transposes of a (batch, time, features) stream."""
 
 from __future__ import annotations
 
@@ -27,6 +29,37 @@ class SequenceNet(nn.Module):
         x = self.seq(x.reshape(n, c * h, w))
         x = torch.relu(x + self.block(x))
         return self.head(self.down(x).mean(-1))
+
+
+class ConformerConv(nn.Module):
+    def __init__(self, d: int, kernel: int = 7):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.pw1 = nn.Conv1d(d, 2 * d, 1)
+        self.glu = nn.GLU(dim=1)
+        self.dw = nn.Conv1d(d, d, kernel, padding=kernel // 2, groups=d)
+        self.bn = nn.BatchNorm1d(d)
+        self.pw2 = nn.Conv1d(d, d, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(x).transpose(1, 2)
+        y = self.pw2(nn.functional.silu(self.bn(self.dw(self.glu(self.pw1(y))))))
+        return x + y.transpose(1, 2)
+
+
+class ConformerConvNet(nn.Module):
+    """Image rows as time steps, embedded, two Conformer convolution modules, mean over time."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8, d: int = 16):
+        super().__init__()
+        self.embed = nn.Linear(width, d)
+        self.blocks = nn.Sequential(ConformerConv(d), ConformerConv(d))
+        self.head = nn.Linear(d, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        t = self.blocks(self.embed(x.reshape(n, h, w)))
+        return self.head(t.mean(1))
 
 
 def with_statistics(model: nn.Module, seed: int = 0) -> nn.Module:

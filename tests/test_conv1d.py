@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
-from conv1d_nets import ROWS, SequenceNet, with_statistics
+from conv1d_nets import ROWS, ConformerConvNet, SequenceNet, with_statistics
 from counted_cut import assert_cut_as_counted, assert_thinned_exactly, exported
 from onnx import TensorProto, helper, numpy_helper
 from untraceable import untraceable
@@ -94,6 +94,35 @@ def test_conv1d_model_thins_exactly():
     zero_groups(model, [groups[n] for n in chosen])
     assert_thinned_exactly(model, SHAPE)
     assert (model.seq[0].in_channels, model.block[0].out_channels, model.down[0].out_channels) == (7 * ROWS, 10, 19)
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_conformer_convolution_modules_are_cut_as_counted(exporter):
+    # GLU over a pointwise Conv1d's channels: unit c is its outputs c and d + c, carried on by the depthwise
+    # Conv1d and its BatchNorm, read by the last pointwise Conv1d. The (batch, time, features) stream is pinned
+    # by the LayerNorms; each module is a depth group.
+    shape = (1, 1, 8, 8)
+    model = _net(ConformerConvNet)
+    groups = build_groups(model, shape)
+    units = [g for g in groups if g.kind == "filter" and g.removable]
+    assert [g.name for g in units[:2]] == ["filter blocks.0.pw1[0] +2 coupled", "filter blocks.0.pw1[1] +2 coupled"]
+    assert {s.param: s.index for s in units[3].slices if s.param.endswith("weight")} == {
+        "blocks.0.pw1.weight": (3, 19), "blocks.0.dw.weight": (3,), "blocks.0.bn.weight": (3,)}
+    assert len(units) == 32 and sum(g.kind == "depth" for g in groups) == 2
+    zero_groups(model, units[2:6] + units[20:22])
+    assert_cut_as_counted(model, shape, exported(model, shape, exporter))
+    zero_groups(model, [g for g in groups if g.kind == "depth"][1:])
+    assert_cut_as_counted(model, shape, exported(model, shape, exporter))
+
+
+def test_conformer_convolution_modules_thin_exactly():
+    shape = (1, 1, 8, 8)
+    model = _net(ConformerConvNet)
+    units = [g for g in build_groups(model, shape, ("filter",)) if g.removable]
+    zero_groups(model, units[2:6] + units[20:22])
+    assert_thinned_exactly(model, shape)
+    block = model.blocks[0]
+    assert (block.pw1.out_channels, block.dw.groups, block.bn.num_features, block.pw2.in_channels) == (24, 12, 12, 12)
 
 
 def test_conv1d_latency_entries_are_one_dimensional_convs():
