@@ -130,7 +130,7 @@ def trunk_writers(model: nn.Module) -> list[list[tuple[str, nn.Conv2d, nn.BatchN
 def randomize_bn(model: nn.Module, gen: torch.Generator) -> None:
     """Trained-looking BN statistics: with unit var and zero mean, folding would be a no-op."""
     for bn in model.modules():
-        if isinstance(bn, nn.BatchNorm2d):
+        if isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)):
             n = bn.num_features
             bn.running_var.copy_(0.5 + torch.rand(n, generator=gen))
             bn.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
