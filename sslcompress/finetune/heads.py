@@ -59,6 +59,10 @@ _SCALE = {operator.mul, operator.truediv, torch.mul, torch.div, aten.mul.Tensor,
 _DROPOUT = {F.dropout, aten.dropout.default}
 _MASKED_FILL = {torch.masked_fill, aten.masked_fill.Scalar}
 _ADD = {operator.add, torch.add, aten.add.Tensor}
+_CASTS = {aten.to.dtype, aten._to_copy.default}
+# torch.export's checks of a value's dtype and device (Hugging Face's softmax(..., dtype=torch.float32).to(q.dtype)
+# leaves one): they read nothing a forward computes with.
+_CHECKS = {aten._assert_tensor_metadata.default}
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,8 @@ def find(gm: fx.GraphModule, modules: dict, layers: dict, shape_of, batch: int, 
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
-    return next(iter(node.users)) if len(node.users) == 1 else None
+    users = [u for u in node.users if not (u.op == "call_function" and u.target in _CHECKS)]
+    return users[0] if len(users) == 1 else None
 
 
 def _value_reader(node: fx.Node) -> fx.Node | None:
@@ -263,8 +268,8 @@ def _scores_source(node: fx.Node, modules: dict, shape_of) -> fx.Node | None:
     while isinstance(at, fx.Node):
         nxt = at.args[0] if at.args else None
         if at.op == "call_module" and isinstance(modules.get(str(at.target)), nn.Dropout) or \
-                at.op == "call_function" and at.target in _DROPOUT:
-            pass
+                at.op == "call_function" and at.target in _DROPOUT or _is_cast(at):
+            pass  # elementwise: each head's weights stay its own
         elif _is_method_or_fn(at, ("softmax",), _SOFTMAX):
             dim = at.args[1] if len(at.args) > 1 else at.kwargs.get("dim")
             if dim not in (-1, 3) or seen_softmax:
@@ -291,6 +296,17 @@ def _scores_source(node: fx.Node, modules: dict, shape_of) -> fx.Node | None:
             return None
         at = nxt
     return None
+
+
+def _is_cast(node: fx.Node) -> bool:
+    """A change of dtype (`.to(torch.float32)`, `.float()`), nothing else."""
+    if node.op == "call_method":
+        return node.target in ("float", "half", "bfloat16") or \
+            node.target == "to" and len(node.args) == 2 and isinstance(node.args[1], torch.dtype)
+    if node.op != "call_function" or node.target not in _CASTS:
+        return False
+    return set(node.kwargs) <= {"dtype", "copy", "non_blocking"} and node.kwargs.get("copy") in (None, False) and \
+        (node.target is aten._to_copy.default or len(node.args) == 2 and isinstance(node.args[1], torch.dtype))
 
 
 def _broadcasts_over_heads(node, shape_of) -> bool:
@@ -330,6 +346,9 @@ def _attention_before(proj: fx.Node, modules: dict, layers: dict, shape_of, batc
     out = back.args[0]
     if not isinstance(out, fx.Node) or _only_user(out) is not back:
         return None
+    if _is_reshape(out) and isinstance(out.args[0], fx.Node) and shape_of(out) == shape_of(out.args[0]) and \
+            _only_user(out.args[0]) is out:
+        out = out.args[0]  # a reshape to its own shape (Hugging Face's sdpa path writes one): nothing moves
     if out.op == "call_function" and out.target in _SDPA:
         # torch.export's aten call passes the defaults positionally: (q, k, v, None, 0.0, is_causal).
         if len(out.args) > len(_SDPA_ARGS) or set(out.kwargs) - set(_SDPA_ARGS):
@@ -507,14 +526,15 @@ def _why_kept(owner: str | None, heads: int, merged: fx.Node) -> str:
     if owner is None:
         return f"no module holding both projections has a head count of {heads} ({', '.join(HEAD_ATTRS)}) " \
                "for its forward to read"
-    if isinstance(merged.target, torch._ops.OpOverload):
-        # torch.export records every size as a number: whether the forward computes the merged width from
-        # num_heads or reads it off a tensor (x.size(), which fewer heads would not fill) is lost.
-        return "its graph comes from torch.export, where the width the heads are merged back to is a number " \
-               "whose source (num_heads or a tensor's size) is not recorded"
     sizes = merged.args[1:]
     if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
         sizes = sizes[0]
+    if isinstance(merged.target, torch._ops.OpOverload) and not (sizes and sizes[-1] == -1):
+        # torch.export records every size as a number: whether the forward computes the merged width from
+        # num_heads or reads it off a tensor (x.size(), which fewer heads would not fill) is lost. A -1 is
+        # the forward's own (Hugging Face's reshape(*input_shape, -1)): whatever heads are kept fill it.
+        return "its graph comes from torch.export, where the width the heads are merged back to is a number " \
+               "whose source (num_heads or a tensor's size) is not recorded"
     if sizes and isinstance(sizes[-1], fx.Node) and _reads_a_size(sizes[-1]):
         # timm's reshape(B, N, C) with C = x.shape[-1]: the heads a thinned attention keeps would not fill C.
         return "its forward reshapes the heads back to the input's width (reshape(B, N, C) with C read from a " \

@@ -82,6 +82,11 @@ _UNARY: dict[str, Callable[[np.ndarray, ir.Node], np.ndarray]] = {
     "Log": lambda v, n: np.log(v),
     "Reciprocal": lambda v, n: 1 / v,
     "Erf": lambda v, n: np.vectorize(__import__("math").erf)(v) if np.size(v) else v,
+    # Tests of a value (false, 0, for any number): dynamo's scaled_dot_product_attention zeroes the NaN rows of
+    # a fully masked softmax with Where(IsNaN(p), 0, p), head by head.
+    "IsNaN": lambda v, n: np.isnan(v).astype(np.float64),
+    "IsInf": lambda v, n: ((np.isposinf(v) & bool(attr_value(n, "detect_positive", 1)))
+                           | (np.isneginf(v) & bool(attr_value(n, "detect_negative", 1)))).astype(np.float64),
 }
 
 
