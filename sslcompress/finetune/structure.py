@@ -37,6 +37,7 @@ _ZERO_PRESERVING_MODULES: tuple[type[nn.Module], ...] = (
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
     nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d,
     nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,  # each channel resampled alone; 0 stays 0
+    nn.ZeroPad1d, nn.ZeroPad2d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d,
 )
 _ZERO_PRESERVING_FUNCTIONS = {
     torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6, torch.nn.functional.leaky_relu,
@@ -74,6 +75,23 @@ _SCALE_FUNCTIONS |= {aten.mul.Tensor, aten.div.Tensor}
 _FLATTEN_FUNCTIONS |= {aten.flatten.using_ints, aten.view.default, aten.reshape.default}
 _CAT_FUNCTIONS |= {aten.cat.default}
 _MEAN_FUNCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
+_ZERO_PRESERVING_FUNCTIONS |= {aten.dropout_.default}
+_PAD_FUNCTIONS = {torch.nn.functional.pad, aten.pad.default, aten.constant_pad_nd.default}
+
+
+def _pads_space_with_zeros(node: fx.Node, rank: int | None) -> bool:
+    """F.pad of the spatial axes alone (TF-style 'same' padding, Hugging Face's MobileNet), by zeros or by
+    reflecting or repeating the edge: a zero channel stays zero, each channel on its own."""
+    if node.op != "call_function" or node.target not in _PAD_FUNCTIONS or rank is None or len(node.args) < 2:
+        return False
+    pad = node.args[1]
+    if node.target is aten.constant_pad_nd.default:
+        mode, value = "constant", node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
+    else:
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
+    return isinstance(pad, (list, tuple)) and all(isinstance(p, int) for p in pad) and len(pad) % 2 == 0 \
+        and len(pad) // 2 <= rank - 2 and (mode != "constant" or value in (None, 0, 0.0))
 
 
 # The convs the analysis reads: a Conv1d is a Conv2d of one row (its geometry is kept as 1 x K pairs), but its
@@ -203,14 +221,24 @@ class ModelStructure:
 
 
 class _Tracer(fx.Tracer):
-    """Keeps modules that declare `channelwise = True` whole, so they read as one per-channel op."""
+    """Keeps modules that declare `channelwise = True` whole, so they read as one per-channel op, and so
+    subclasses of torch.nn's modules that keep their forward (Hugging Face's EfficientNetDepthwiseConv2d is an
+    nn.Conv2d with its own __init__ alone): they compute what their base computes, and read as it."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return bool(getattr(m, "channelwise", False)) or super().is_leaf_module(m, qualname)
+        return bool(getattr(m, "channelwise", False)) or super().is_leaf_module(m, qualname) or _torch_forward(m)
+
+
+def _torch_forward(m: nn.Module) -> bool:
+    """A torch.nn module's forward, inherited (fx keeps torch.nn's own modules whole, nn.Sequential aside)."""
+    forward = type(m).forward
+    return not isinstance(m, nn.Sequential) and forward is not nn.Module.forward \
+        and getattr(forward, "__module__", "").startswith("torch.nn.modules.")
 
 
 def _is_channelwise(mod: nn.Module) -> bool:
-    return isinstance(mod, _ZERO_PRESERVING_MODULES) or bool(getattr(mod, "channelwise", False))
+    return isinstance(mod, _ZERO_PRESERVING_MODULES) or bool(getattr(mod, "channelwise", False)) \
+        or isinstance(mod, (nn.ConstantPad1d, nn.ConstantPad2d)) and mod.value == 0
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -701,7 +729,8 @@ def _function_ids(b, node, shape, tensor_ids, input_ids, wall, sum_nodes):
         # Not a single tensor (a size, a Python number, or a tuple of tensors): carries no
         # channels, but an op we do not know that reads channels is a wall for them.
         return wall(node, f"unsupported op {_describe(node)}") if tensors else None
-    if (is_fn and target in _ZERO_PRESERVING_FUNCTIONS) or (not is_fn and target in _ZERO_PRESERVING_METHODS):
+    if (is_fn and target in _ZERO_PRESERVING_FUNCTIONS) or (not is_fn and target in _ZERO_PRESERVING_METHODS) \
+            or _pads_space_with_zeros(node, len(shape)):
         x = tensor_ids(args[0]) if args else None
         if x is not None and len(x) == (shape[1] if len(shape) > 1 else -1):
             return list(x)
@@ -909,8 +938,9 @@ def _branch_op_ok(node: fx.Node, modules: dict, side: set[fx.Node] = frozenset()
         return isinstance(mod, (*CONVS, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.Flatten)) \
             or _is_channelwise(mod)
     if node.op == "call_function":
+        shape = _shape(node)
         return node.target in _ZERO_PRESERVING_FUNCTIONS or node.target in _FLATTEN_FUNCTIONS \
-            or node.target in _LAYOUT_FUNCTIONS
+            or node.target in _LAYOUT_FUNCTIONS or _pads_space_with_zeros(node, len(shape) if shape else None)
     if node.op == "call_method":
         return node.target in _ZERO_PRESERVING_METHODS or node.target in _FLATTEN_METHODS \
             or node.target in _LAYOUT_METHODS

@@ -1,0 +1,64 @@
+"""Hugging Face transformers' own image classifiers, where transformers is installed: each one's groups found,
+three of every removable kind zeroed, and the export cut as the training counts it. Not a dependency: skipped
+without it."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+
+import pytest
+import torch
+from counted_cut import assert_cut_as_counted, exported
+from zeroing import zero_groups
+
+from sslcompress.finetune.groups import build_groups
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                 reason="transformers is not installed")]
+
+SHAPE = (1, 3, 32, 32)
+
+
+def _configs():
+    import transformers as T
+
+    return {
+        "resnet": lambda: T.ResNetForImageClassification(T.ResNetConfig(
+            embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="bottleneck", num_labels=10)),
+        "convnext": lambda: T.ConvNextForImageClassification(T.ConvNextConfig(
+            num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10)),
+        "mobilenet_v2": lambda: T.MobileNetV2ForImageClassification(T.MobileNetV2Config(
+            image_size=32, depth_multiplier=0.35, num_labels=10)),  # TF-style padding by F.pad
+        "efficientnet": lambda: T.EfficientNetForImageClassification(T.EfficientNetConfig(
+            image_size=32, width_coefficient=1.0, depth_coefficient=0.2, hidden_dim=1280, num_labels=10)),  # ZeroPad2d, a Conv2d subclass
+        "deit": lambda: T.DeiTForImageClassification(T.DeiTConfig(
+            image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=48, num_labels=10)),
+        "regnet": lambda: T.RegNetForImageClassification(T.RegNetConfig(
+            embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], groups_width=8, num_labels=10)),
+    }
+
+
+class Logits(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(pixel_values=x).logits
+
+
+@pytest.mark.parametrize("name", ["resnet", "convnext", "mobilenet_v2", "efficientnet", "deit", "regnet"])
+def test_transformers_classifier_is_cut_as_counted(name):
+    torch.manual_seed(0)
+    model = Logits(_configs()[name]()).eval()
+    groups = [g for g in build_groups(model, SHAPE, ("filter", "channel", "neuron", "head")) if g.removable]
+    kinds = sorted({g.kind for g in groups})
+    assert {"filter", "channel"} <= set(kinds)
+    if name == "deit":
+        assert "head" in kinds
+    rng = random.Random(0)
+    zero_groups(model, [g for k in kinds for g in rng.sample([g for g in groups if g.kind == k], 3)])
+    assert_cut_as_counted(model, SHAPE, exported(model, SHAPE))
