@@ -94,3 +94,24 @@ def test_padding_that_makes_a_zero_channel_nonzero_or_pads_channels_pins_them(pa
     st = analyze(Padded(pad, padded_channels).eval(), (1, 3, 6, 6))
     reasons = {st.pin_reason(i) for i in st.layers["a"].out_ids}
     assert len(reasons) == 1 and why in reasons.pop()
+
+
+class DoubledConv2d(nn.Conv2d):
+    """Overrides the helper nn.Conv2d's forward calls: not the conv its base computes."""
+
+    def _conv_forward(self, x, weight, bias):
+        return super()._conv_forward(x, 2 * weight, bias)
+
+
+def test_a_subclass_that_overrides_a_helper_of_its_forward_is_no_plain_layer():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = DoubledConv2d(3, 6, 1), nn.Conv2d(6, 4, 1)
+
+        def forward(self, x):
+            return self.b(F.relu(self.a(x)))
+
+    st = analyze(Net().eval(), (1, 3, 4, 4))
+    assert "a" not in st.layers
+    assert all(st.pin_reason(i) for i in st.layers["b"].in_ids)

@@ -230,10 +230,20 @@ class _Tracer(fx.Tracer):
 
 
 def _torch_forward(m: nn.Module) -> bool:
-    """A torch.nn module's forward, inherited (fx keeps torch.nn's own modules whole, nn.Sequential aside)."""
-    forward = type(m).forward
-    return not isinstance(m, nn.Sequential) and forward is not nn.Module.forward \
-        and getattr(forward, "__module__", "").startswith("torch.nn.modules.")
+    """A torch.nn module whose subclasses (fx keeps torch.nn's own modules whole, nn.Sequential aside) add no
+    method but __init__, extra_repr and reset_parameters: one that overrides a helper its forward calls
+    (`_conv_forward`, for a weight-standardised conv) computes something else."""
+    if isinstance(m, nn.Sequential):
+        return False
+    for cls in type(m).__mro__:
+        if cls.__module__.startswith("torch.nn.modules."):
+            return cls is not nn.Module
+        if any(callable(v) and k not in _HARMLESS_METHODS for k, v in vars(cls).items()):
+            return False
+    return False
+
+
+_HARMLESS_METHODS = {"__init__", "extra_repr", "reset_parameters"}
 
 
 def _is_channelwise(mod: nn.Module) -> bool:
