@@ -23,20 +23,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from sslcompress.bench.config import BenchConfig
-from sslcompress.bench.run import check_config
-from sslcompress.errors import SSLCompressError
-from sslcompress.surgery.compress import compress
-from sslcompress.surgery.export import export_onnx, save_onnx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_resnet import one_case, write_results  # noqa: E402  (the same timing and table)
+from bench_resnet import (  # noqa: E402  (the same export, timing and table)
+    add_timing_options,
+    export_and_cut,
+    run_cases,
+    timing_options_ok,
+)
 from surgery_resnet import randomize_bn  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -115,14 +113,7 @@ def sparse_model(name: str, keep: float, seed: int) -> tuple[nn.Module, dict]:
 def cut_case(name: str, keep: float, args, work: Path) -> tuple[Path, Path, dict, dict]:
     """bench_resnet.cut_case for these models: (dense path, structured path, the surgery's totals, zeroing)."""
     model, zeroing = sparse_model(name, keep, args.seed)
-    exported = export_onnx(model, (1, 1, args.length or LENGTHS[name]), dynamic_batch=True)
-    cut = compress(exported.model, shape_lowering="off")
-    if not cut.verification.passed:
-        raise SystemExit(f"error: verification failed for {name} keep {keep}: {cut.report['verification']}")
-    dense, structured = work / f"{name}_{keep:g}_dense.onnx", work / f"{name}_{keep:g}_structured.onnx"
-    save_onnx(exported.model, dense)
-    save_onnx(cut.model, structured)
-    return dense, structured, cut.report["totals"], zeroing
+    return (*export_and_cut(model, (1, 1, args.length or LENGTHS[name]), f"{name}_{keep:g}", work), zeroing)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,37 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="m5,tcn")
     p.add_argument("--keep", default="0.5,0.25", help="fractions of the zeroed convs' channels kept")
     p.add_argument("--length", type=int, default=None, help="samples per input (default: m5 16000, tcn 2000)")
-    p.add_argument("--batch", default="1,8")
-    p.add_argument("--threads", default="1,2")
-    p.add_argument("--repeat", type=int, default=15)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--provider", default="cpu", help="ORT execution providers timed (comma list of cpu, cuda)")
-    p.add_argument("--out", default=str(HERE / "results"))
-    p.add_argument("--work", default=str(HERE / "out" / "bench_conv1d"), help="folder of the models it writes")
-    p.add_argument("--name", default="bench_conv1d", help="stem of the .json and .md results")
+    add_timing_options(p, "bench_conv1d")
     args = p.parse_args(argv)
-    args.batch = [int(x) for x in args.batch.split(",")]
-    args.threads = [int(x) for x in args.threads.split(",")]
-    args.provider = [x.strip() for x in args.provider.split(",") if x.strip()]
     unknown = sorted(set(args.models.split(",")) - set(LENGTHS))
     if unknown:
         print(f"error: --models takes {', '.join(LENGTHS)}, not {', '.join(unknown)}", file=sys.stderr)
         return 2
-    try:
-        check_config(BenchConfig(dense="-", structured="-", providers=tuple(args.provider),
-                                 threads=tuple(args.threads), batches=tuple(args.batch)))
-    except SSLCompressError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    if not timing_options_ok(args):
         return 2
-    torch.set_num_threads(1)  # torch only builds the models here; ORT does the timed work
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    cases = [one_case(m, float(k), args, work, cut=cut_case) for m in args.models.split(",")
-             for k in args.keep.split(",")]
-    write_results(cases, args, argv, started, "bench_conv1d.py",
-                  title="Conv1d models: dense vs unstructured vs structured on ONNX Runtime")
+    run_cases(args, argv, "bench_conv1d.py", cut_case,
+              title="Conv1d models: dense vs unstructured vs structured on ONNX Runtime")
     return 0
 
 

@@ -54,14 +54,20 @@ def cut_case(name: str, keep: float, args, work: Path, scope: str = "blocks",
     """The zeroed ResNet exported with a dynamic batch and cut, verified, both models written to `work`:
     (dense path, structured path, the surgery's totals, what was zeroed)."""
     model, zeroing = sparse_resnet(name, keep, args.size, args.seed, scope, align)
-    exported = export_onnx(model, (1, 3, args.size, args.size), dynamic_batch=True)
+    return (*export_and_cut(model, (1, 3, args.size, args.size), f"{name}_{keep:g}", work), zeroing)
+
+
+def export_and_cut(model, input_shape: tuple[int, ...], stem: str, work: Path) -> tuple[Path, Path, dict]:
+    """`model` exported with a dynamic batch and cut, verified (or the script stops), both models written to
+    `work`: (dense path, structured path, the surgery's totals)."""
+    exported = export_onnx(model, input_shape, dynamic_batch=True)
     cut = compress(exported.model, shape_lowering="off")
     if not cut.verification.passed:
-        raise SystemExit(f"error: verification failed for {name} keep {keep}: {cut.report['verification']}")
-    dense, structured = work / f"{name}_{keep:g}_dense.onnx", work / f"{name}_{keep:g}_structured.onnx"
+        raise SystemExit(f"error: verification failed for {stem}: {cut.report['verification']}")
+    dense, structured = work / f"{stem}_dense.onnx", work / f"{stem}_structured.onnx"
     save_onnx(exported.model, dense)
     save_onnx(cut.model, structured)
-    return dense, structured, cut.report["totals"], zeroing
+    return dense, structured, cut.report["totals"]
 
 
 def one_case(name: str, keep: float, args, work: Path, cut=cut_case) -> dict:
@@ -120,34 +126,52 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="resnet18,resnet50")
     p.add_argument("--keep", default="0.5,0.25", help="fractions of block-internal channels kept")
-    p.add_argument("--batch", default="1,8")
-    p.add_argument("--threads", default="1,2")
-    p.add_argument("--repeat", type=int, default=15)
-    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--provider", default="cpu", help="ORT execution providers timed (comma list of cpu, cuda)")
-    p.add_argument("--out", default=str(HERE / "results"))
-    p.add_argument("--work", default=str(HERE / "out" / "bench_resnet"), help="folder of the models it writes")
-    p.add_argument("--name", default="bench_resnet", help="stem of the .json and .md results")
+    add_timing_options(p, "bench_resnet")
     args = p.parse_args(argv)
-    args.batch = [int(x) for x in args.batch.split(",")]
-    args.threads = [int(x) for x in args.threads.split(",")]
-    args.provider = [x.strip() for x in args.provider.split(",") if x.strip()]
-    try:
-        # One line, before any model is built, where a provider cannot run here (CUDA without onnxruntime-gpu).
-        check_config(BenchConfig(dense="-", structured="-", providers=tuple(args.provider),
-                                 threads=tuple(args.threads), batches=tuple(args.batch)))
-    except SSLCompressError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    if not timing_options_ok(args):
         return 2
+    run_cases(args, argv, "bench_resnet.py")
+    return 0
+
+
+def run_cases(args, argv: list[str] | None, script: str, cut=cut_case, **render_options) -> None:
+    """Every --models x --keep case cut by `cut` and timed (one_case), the results written (write_results)."""
     torch.set_num_threads(1)  # torch only builds the models here; ORT does the timed work
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    cases = [one_case(m, float(k), args, work) for m in args.models.split(",") for k in args.keep.split(",")]
-    write_results(cases, args, argv, started, "bench_resnet.py")
-    return 0
+    cases = [one_case(m, float(k), args, work, cut) for m in args.models.split(",") for k in args.keep.split(",")]
+    write_results(cases, args, argv, started, script, **render_options)
+
+
+def add_timing_options(p: argparse.ArgumentParser, name: str) -> None:
+    """The options of a script that times its cases with one_case: batches, threads, rounds, seed, providers,
+    and where the models and results go (`name`: the results' stem and the work folder's)."""
+    p.add_argument("--batch", default="1,8")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--repeat", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--provider", default="cpu", help="ORT execution providers timed (comma list of cpu, cuda)")
+    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--work", default=str(HERE / "out" / name), help="folder of the models it writes")
+    p.add_argument("--name", default=name, help="stem of the .json and .md results")
+
+
+def timing_options_ok(args) -> bool:
+    """The comma lists parsed in place; False, after one line on stderr, where a provider cannot run here (CUDA
+    without onnxruntime-gpu), before any model is built."""
+    args.batch = [int(x) for x in args.batch.split(",")]
+    args.threads = [int(x) for x in args.threads.split(",")]
+    args.provider = [x.strip() for x in args.provider.split(",") if x.strip()]
+    try:
+        check_config(BenchConfig(dense="-", structured="-", providers=tuple(args.provider),
+                                 threads=tuple(args.threads), batches=tuple(args.batch)))
+    except SSLCompressError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return False
+    return True
 
 
 def write_results(cases: list[dict], args, argv: list[str] | None, started: str, script: str, **render_options) -> None:
