@@ -24,9 +24,10 @@ def exported(model: torch.nn.Module, shape: tuple[int, ...], exporter: str = "le
                              verbose=False).model_proto
 
 
-def assert_cut_as_counted(model: torch.nn.Module, shape: tuple[int, ...], proto: onnx.ModelProto):
-    """The cut of `proto` (the export of `model`); returns it."""
-    counted = count(model, shape)
+def assert_cut_as_counted(model: torch.nn.Module, shape: tuple[int, ...], proto: onnx.ModelProto, counted=None):
+    """The cut of `proto` (the export of `model`), held to `counted` (`model`'s count, counted now where not
+    given); returns both."""
+    counted = counted or count(model, shape)
     result = compress(proto)
     assert result.verification.passed
     assert result.report["totals"]["macs_after"] == counted.macs_after < counted.macs

@@ -228,12 +228,14 @@ def export(checkpoint: str, out: str, uncut: str | None, opset: int, dynamic_bat
     shape = (1, *override) if override else ckpt.model.input_shape
     if override:
         _check_runs(model, shape, input_shape)
+    # The checkpoint's own count of what its zero groups remove, beside what surgery removes. Counted first:
+    # the analysis traces the model, and a TorchScript export before it can leave state that changes what
+    # torch.export records (Hugging Face's Swin then shows control flow on a tensor's values).
+    counted = count(model, shape)
     exported = export_onnx(model, shape, opset=opset, dynamic_batch=dynamic_batch)
     step = _resolve_align(align)
     result = compress(exported.model, inputs=_real_inputs(exported.model, data, data_limit),
                       shape_lowering=lowering, align=step)
-    # The checkpoint's own count of what its zero groups remove, beside what surgery removed.
-    counted = count(model, shape)
     predicted = counted.macs_after
     totals = result.report["totals"]
     extra = {"checkpoint": checkpoint, "input_shape": list(shape), "predicted_macs": counted.macs,

@@ -161,8 +161,9 @@ def _prod(dims) -> int:
     return total
 
 
-def ids(b, node: fx.Node, modules: dict, shape, tensor_ids, axis_of: dict, shape_of, layers: dict, layer_cls, wall):
-    """(channel ids, their axis) of a node that `applies`."""
+def ids(b, node: fx.Node, modules: dict, shape, tensor_ids, axis_of: dict, shape_of, layers: dict, layer_cls, wall,
+        batch: int = 1):
+    """(channel ids, their axis) of a node that `applies`; `batch` is the analysed input's."""
     args = node.args
     src = args[0] if args and isinstance(args[0], fx.Node) else None
     x = tensor_ids(src)
@@ -188,7 +189,7 @@ def ids(b, node: fx.Node, modules: dict, shape, tensor_ids, axis_of: dict, shape
         mod = modules[str(node.target)]
         name = str(node.target)
         if isinstance(mod, nn.Linear):
-            return _linear(b, node, name, mod, x, axis, shape, src_shape, layers, layer_cls, wall)
+            return _linear(b, node, name, mod, x, axis, shape, src_shape, layers, layer_cls, wall, batch)
         if isinstance(mod, _LAYER_NORM_MODULES):
             # The reason a residual stream keeps its width, whatever else pinned it first (a position
             # embedding added): deleting a channel changes what the norm computes for the others.
@@ -262,14 +263,14 @@ def _moved_axis(node: fx.Node, axis: int, rank: int) -> int | None:
     return dims.index(axis)
 
 
-def _linear(b, node, name, mod, x, axis, shape, src_shape, layers, layer_cls, wall):
+def _linear(b, node, name, mod, x, axis, shape, src_shape, layers, layer_cls, wall, batch: int = 1):
     """A Linear on the last axis: fresh output ids along it, its MACs counted once per row (token)."""
     if shape is None or src_shape is None:
         return wall(node, f"linear {name} on a tensor of unknown shape", 1), 1
     last = len(src_shape) - 1
-    rows = _prod(shape[1:-1])
+    rows = _rows(shape, batch)
     if name in layers:
-        return _called_again(b, node, layers[name], x, axis == last, shape, wall)
+        return _called_again(b, node, layers[name], x, axis == last, shape, wall, batch)
     if x is not None and axis == last and len(x) == mod.in_features:
         in_ids = list(x)
     else:
@@ -285,11 +286,18 @@ def _linear(b, node, name, mod, x, axis, shape, src_shape, layers, layer_cls, wa
     return out, len(shape) - 1
 
 
-def _called_again(b, node, first, x, on_last_axis: bool, shape: tuple[int, ...], wall):
+def _rows(shape: tuple[int, ...], batch: int) -> int:
+    """Rows per sample of a Linear's output: every axis but the features', over the input's batch. Windowed
+    attention (Swin) folds its windows into the batch axis, (batch x windows, tokens, features): those rows
+    are a sample's too."""
+    return max(1, _prod(shape[:-1]) // max(batch, 1))
+
+
+def _called_again(b, node, first, x, on_last_axis: bool, shape: tuple[int, ...], wall, batch: int = 1):
     """A Linear module called once more (shared weights): its MACs count at this call too. On features that
     line up with the first call's, its inputs are one channel with the first call's and its outputs the same
     ids; otherwise both calls' features stay, since a row or column cut for one call is cut for the other."""
-    first.more_hw.append((_prod(shape[1:-1]), 1))
+    first.more_hw.append((_rows(shape, batch), 1))
     last = len(shape) - 1
     if first.kind == "linear" and x is not None and on_last_axis and len(x) == len(first.in_ids):
         for i, j in zip(first.in_ids, x):

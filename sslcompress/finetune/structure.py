@@ -479,7 +479,7 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
                 axis_of[node] = axis_of[node.args[0]]
         elif last_axis.applies(node, modules, axis_of, _shape):
             ids_of[node], axis = last_axis.ids(b, node, modules, shape, tensor_ids, axis_of, _shape, layers, Layer,
-                                               wall)
+                                               wall, batch)
             if axis != 1 and isinstance(ids_of[node], list):
                 axis_of[node] = axis
             if _stream_sum(node, shape):
