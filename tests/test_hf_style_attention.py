@@ -58,6 +58,17 @@ def test_zero_heads_thin_exactly(vit):
     assert model.layers[0].attention.q_proj.out_features == 18
 
 
+def test_mlp_branches_are_depth_groups_in_torch_exports_graph(vit):
+    # torch.export writes LayerNorm as aten.layer_norm of the module's parameters: read as the module, so a
+    # pre-norm MLP branch holds its scale and shift and goes whole.
+    groups = build_groups(vit, SHAPE, ("depth",))
+    assert [g.name for g in groups] == ["depth layers.0[layernorm_after,fc1,fc2]",
+                                        "depth layers.1[layernorm_after,fc1,fc2]"]
+    zero_groups(vit, groups[1:])
+    result, counted = assert_cut_as_counted(vit, SHAPE, exported(vit, SHAPE))
+    assert counted.blocks_removed == ("layers.1[layernorm_after,fc1,fc2]",) and result.report["blocks_removed"]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_transformers_vit(attn):

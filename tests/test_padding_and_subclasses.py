@@ -115,3 +115,25 @@ def test_a_subclass_that_overrides_a_helper_of_its_forward_is_no_plain_layer():
     st = analyze(Net().eval(), (1, 3, 4, 4))
     assert "a" not in st.layers
     assert all(st.pin_reason(i) for i in st.layers["b"].in_ids)
+
+
+class ChannelsFirstLayerNorm(nn.LayerNorm):
+    """A LayerNorm over the channels of (N, C, H, W), as ConvNeXt's stems write one: its own forward."""
+
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
+
+
+def test_a_norm_subclass_with_its_own_forward_is_not_read_as_its_base_in_torch_exports_graph():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm, self.fc = nn.Conv2d(3, 8, 3), ChannelsFirstLayerNorm(8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(self.norm(self.conv(x)).mean((2, 3)))
+
+    st = analyze(untraceable(Net)().eval(), (1, 3, 6, 6))  # would fail to run were norm called on its input
+    reasons = {st.pin_reason(i) for i in st.layers["conv"].out_ids}
+    assert len(reasons) == 1 and "normalises over these channels" in reasons.pop()

@@ -59,13 +59,15 @@ class Logits(torch.nn.Module):
 def test_transformers_classifier_is_cut_as_counted(name):
     torch.manual_seed(0)
     model = Logits(_configs()[name]()).eval()
-    groups = [g for g in build_groups(model, SHAPE, ("filter", "channel", "neuron", "head")) if g.removable]
+    groups = [g for g in build_groups(model, SHAPE, ("filter", "channel", "neuron", "head", "depth")) if g.removable]
     kinds = sorted({g.kind for g in groups})
     assert {"filter", "channel"} <= set(kinds)
     if name == "deit":
         assert "head" in kinds
+    if name in ("resnet", "mobilenet_v2", "regnet", "deit", "swin"):
+        assert "depth" in kinds  # residual blocks, and a transformer's MLP branches (LayerNorm read as its module)
     rng = random.Random(0)
-    zero_groups(model, [g for k in kinds for g in rng.sample([g for g in groups if g.kind == k], 3)])
+    zero_groups(model, [g for k in kinds for g in rng.sample([g for g in groups if g.kind == k], 1 if k == "depth" else 3)])
     # Counted before the export, as `sslcompress export` does: after a TorchScript export in the same process,
     # torch.export of transformers' Swin stops at control flow on a tensor's values.
     counted = count(model, SHAPE)

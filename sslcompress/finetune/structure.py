@@ -341,8 +341,9 @@ def _exported_graph(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphM
     """The graph torch.export records for one input of `input_shape` (in eval mode), as a GraphModule of `model`.
 
     Its ops are aten overloads, which the analysis reads like their torch functions, and its parameters are
-    attributes of `model` by name; every Conv2d, Linear and BatchNorm call of a module's own parameters (and
-    hyperparameters) is put back as a call of that module, so layers are recognised as in a symbolic trace.
+    attributes of `model` by name; every conv, Linear, BatchNorm, LayerNorm and RMSNorm call of a module's own
+    parameters (and hyperparameters) is put back as a call of that module, so layers are recognised as in a
+    symbolic trace.
     """
     modes = {m: m.training for m in model.modules()}
     model.eval()
@@ -375,6 +376,10 @@ _MODULE_OPS = {
     aten.linear.default: (nn.Linear, ("weight", "bias")),
     aten.batch_norm.default: (nn.modules.batchnorm._BatchNorm,
                               ("weight", "bias", "running_mean", "running_var", None, None, "eps")),
+    # A norm read as its module holds its scale and shift: a branch that starts at one is a depth group, as in
+    # an fx graph (a transformer's MLP branch).
+    aten.layer_norm.default: (nn.LayerNorm, ("normalized_shape", "weight", "bias", "eps")),
+    aten.rms_norm.default: (nn.RMSNorm, ("normalized_shape", "weight", "eps")),
 }
 _DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}  # per axis for the tuples
 
@@ -393,8 +398,8 @@ def _module_called(node: fx.Node, model: nn.Module) -> str | None:
         mod = model.get_submodule(name)
     except AttributeError:
         return None
-    if not isinstance(mod, cls):
-        return None
+    if not isinstance(mod, cls) or not _torch_forward(mod):
+        return None  # a subclass with a forward of its own (a LayerNorm over channels first) computes more
     for k, attr in enumerate(attrs, start=1):
         if attr is None:
             continue
@@ -936,6 +941,8 @@ def _branch_op_ok(node: fx.Node, modules: dict, side: set[fx.Node] = frozenset()
         return True  # the parts of zero are zero
     if last_axis.glu_dim(node, modules) is not None:
         return True  # 0 * sigmoid(0) = 0
+    if node.op == "get_attr":
+        return True  # a parameter read outside a module (a layer scale): the ops that use it are checked
     if node.op == "call_module":
         mod = modules[str(node.target)]
         if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)) and not mod.affine and mod.track_running_stats:
