@@ -20,7 +20,7 @@ from torch import nn
 
 from . import grouped
 from . import heads as attention_heads
-from .groups import ParamGroup, Slice, build_groups
+from .groups import ParamGroup, Slice, axis_dim, build_groups
 from .structure import ModelStructure, analyze
 
 
@@ -373,8 +373,6 @@ class _SliceTable:
     round of the cascade) and is itself called after every zeroing the budget tries; this answers all of
     them with one gather per parameter and axis, so a count costs tensor work, not a Python loop per slice."""
 
-    _DIMS = {"out": 0, "in": 1, "row": 2}
-
     def __init__(self, groups: list[ParamGroup]):
         self.number: dict[Slice, int] = {}
         for g in groups:
@@ -409,7 +407,7 @@ class _SliceTable:
             if axis == "fiber":  # a column of the lowered weight: (in, kh, kw) flattened
                 along = nz.reshape(nz.shape[0], -1).any(0)
             else:
-                d = nz.dim() - 1 if axis == "col" else self._DIMS[axis]  # "col": a Conv1d's taps too
+                d = axis_dim(axis, nz.dim())
                 along = nz.movedim(d, 0).reshape(nz.shape[d], -1).any(1)
             out[numbers] = np.logical_or.reduceat(along.cpu().numpy()[positions], starts)
         return out

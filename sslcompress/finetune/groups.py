@@ -26,6 +26,20 @@ from .structure import ModelStructure, analyze
 AXES = ("out", "in", "fiber", "row", "col", "all")
 
 
+def axis_dim(axis: str, ndim: int) -> int | None:
+    """The dim of a tensor of `ndim` dims that slices along `axis` run on: None for "fiber" and "all" (no one
+    dim) and where the tensor has no such dim (a bias has no "in", a Conv1d weight no "row")."""
+    if axis == "out":
+        return 0 if ndim > 0 else None
+    if axis == "in":
+        return 1 if ndim > 1 else None
+    if axis == "row":
+        return 2 if ndim > 3 else None
+    if axis == "col":
+        return ndim - 1 if ndim > 2 else None
+    return None
+
+
 @dataclass(frozen=True)
 class Slice:
     """Positions `index` along `axis` of parameter `param`."""
@@ -98,10 +112,10 @@ def _slice_numel(params: dict, s: Slice) -> int:
         total *= d
     if s.axis == "all":
         return total
-    axis_len = {"out": shape[0], "in": shape[1] if len(shape) > 1 else 1,
-                "fiber": total // shape[0], "row": shape[2] if len(shape) > 3 else 1,
-                "col": shape[-1] if len(shape) > 2 else 1}[s.axis]
-    return total // axis_len * len(s.index)
+    if s.axis == "fiber":
+        return shape[0] * len(s.index)
+    d = axis_dim(s.axis, len(shape))
+    return total // (shape[d] if d is not None else 1) * len(s.index)
 
 
 def _group(kind: str, name: str, slices: list[tuple[str, str, int]] | tuple[Slice, ...], params: dict,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .groups import KINDS, ParamGroup
+from .groups import KINDS, ParamGroup, axis_dim
 
 WEIGHTINGS = ("none", "sqrt", "macs", "latency")
 
@@ -31,17 +31,10 @@ class _Member:
 
 
 def _positions(p: torch.Tensor, axis: str) -> int:
-    if axis == "out":
-        return p.shape[0]
-    if axis == "in":
-        return p.shape[1]
     if axis == "fiber":
         return p[0].numel()
-    if axis == "row":
-        return p.shape[2]
-    if axis == "col":  # the last axis: a Conv2d's columns, a Conv1d's taps
-        return p.shape[-1]
-    return 1
+    d = axis_dim(axis, p.dim())
+    return p.shape[d] if d is not None else 1
 
 
 def _sq_along(p: torch.Tensor, axis: str) -> torch.Tensor:

@@ -63,7 +63,7 @@ def _same_kind(sig: Signature, ins: list[int], width: float, block: int) -> list
     """The measured input widths of the kind `width` is (run in ORT's channel blocks or not; signature.py),
     where the table has any of that kind. A plain conv's kind is its input width's, a depthwise conv's its
     channels' (times its multiplier); another grouped conv's widths are all of one kind here."""
-    if sig.kind != "conv" or sig.dims == 1 or (sig.groups > 1 and not sig.depthwise):
+    if not sig.blockable or (sig.groups > 1 and not sig.depthwise):
         return ins
     m = sig.multiplier
 

@@ -74,7 +74,7 @@ def _axes(structure: ModelStructure, layer: Layer, sig: Signature, step: int | N
     """Input and output widths to measure for one call of a layer (a depthwise conv: input widths only)."""
     multiple = sig.groups if sig.kind == "conv" and not sig.depthwise else 1
     ins = [sig.in_full] if _pinned(structure, layer.in_ids) else width_grid(sig.in_full, step, multiple, block)
-    if sig.kind == "conv" and sig.dims == 2 and multiple == 1 and len(ins) > 1:
+    if sig.blockable and multiple == 1 and len(ins) > 1:
         ins = sorted({*ins, *off_block(ins, block)})  # the widths that leave ORT's blocked layout (signature.py)
     if sig.depthwise:
         return ins, []

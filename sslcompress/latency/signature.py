@@ -46,6 +46,11 @@ class Signature:
     dims: int = 2
 
     @property
+    def blockable(self) -> bool:
+        """A 2-D conv: what ORT's NCHWc transformer may take into its blocked layout (it leaves 1-D ones)."""
+        return self.kind == "conv" and self.dims == 2
+
+    @property
     def depthwise(self) -> bool:
         return self.kind == "conv" and self.groups > 1 and self.groups == self.in_full
 
@@ -137,7 +142,7 @@ def blocked(sig: Signature, in_width: int, out_width: int, block: int = CHANNEL_
     """Whether ORT runs this conv call in its blocked layout at these widths (its NCHWc transformer's rule:
     a plain conv by its input width; a depthwise one when its channels fill blocks; another grouped conv
     when its channels per group and its outputs per group fill blocks)."""
-    if sig.kind != "conv" or sig.dims == 1 or block <= 1:  # the transformer takes 2-D convs only
+    if not sig.blockable or block <= 1:
         return False
     if sig.groups == 1:
         return on_block(in_width, block)

@@ -51,7 +51,7 @@ def channel_step(table: LatencyTable) -> ChannelStep:
     offs, positions = [], []
     for entry in table.entries.values():
         sig = entry.signature
-        if sig.kind != "conv" or sig.groups != 1 or sig.dims == 1:  # ORT blocks 2-D convs only
+        if not sig.blockable or sig.groups != 1:
             continue
         t = {i: ms for (i, o), ms in entry.points.items() if o == sig.out_full}
         for w, ms in t.items():
