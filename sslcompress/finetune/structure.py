@@ -15,6 +15,7 @@ or packed q, k, v Linears, or an nn.MultiheadAttention) are found after the walk
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import operator
@@ -54,6 +55,7 @@ _SUM_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.sub, operator
 _SUM_METHODS = {"add", "add_", "sub", "sub_"}
 _SCALE_FUNCTIONS = {operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div}
 _SCALE_METHODS = {"mul", "mul_", "div", "div_"}
+_PRODUCT_FUNCTIONS = {operator.mul, operator.imul, torch.mul}  # a number may come first
 _FLATTEN_FUNCTIONS = {torch.flatten}
 _FLATTEN_METHODS = {"flatten", "view", "reshape"}
 _CAT_FUNCTIONS = {torch.cat, torch.concat}
@@ -72,6 +74,7 @@ _ZERO_PRESERVING_FUNCTIONS |= {
 }
 _SUM_FUNCTIONS |= {aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.sub_.Tensor}
 _SCALE_FUNCTIONS |= {aten.mul.Tensor, aten.div.Tensor}
+_PRODUCT_FUNCTIONS |= {aten.mul.Tensor}
 _FLATTEN_FUNCTIONS |= {aten.flatten.using_ints, aten.view.default, aten.reshape.default}
 _CAT_FUNCTIONS |= {aten.cat.default}
 _MEAN_FUNCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
@@ -271,7 +274,6 @@ def trace(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
     records it for this input shape instead, the branches taken for it resolved (_exported_graph)."""
     try:
         graph = _Tracer().trace(model)
-        gm = fx.GraphModule(model, graph, type(model).__name__)
     except Exception as fx_exc:  # fx raises many kinds of errors for untraceable code
         try:
             gm = _exported_graph(model, input_shape)
@@ -281,6 +283,8 @@ def trace(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
                 f"torch.export at {_exported_construct(export_exc)} (structured groups need a forward whose ops "
                 "do not depend on the values of its input)"
             ) from fx_exc
+    else:
+        gm = _with_module_calls(model, graph)
     modes = {m: m.training for m in model.modules()}  # restored one by one: a frozen BN stays in eval
     gm.eval()
     try:
@@ -358,15 +362,48 @@ def _exported_graph(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphM
     for node in exported.graph.nodes:
         if node.op == "call_module" and not node.users:
             continue  # torch.export's check of the input's shape: nothing to analyse
-        module = _module_called(node, model)
-        if module is not None:
-            env[node] = graph.call_module(module, (env[node.args[0]],))
-        else:
-            env[node] = graph.node_copy(node, lambda n: env[n])
-    gm = fx.GraphModule(model, graph, type(model).__name__)
-    gm.graph.eliminate_dead_code()  # the parameters the modules now read themselves
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    gm = _with_module_calls(model, graph)
+    gm.graph.eliminate_dead_code()  # a functional graph: what nothing reads computes nothing
     gm.recompile()
     return gm
+
+
+def _with_module_calls(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """`graph` as a GraphModule of `model`, each conv, Linear, norm call of a module's own parameters put back as
+    a call of that module, so layers and norms are recognised whoever called the function: torch.export's aten
+    ops, or the forward of a subclass that fx traces through (a LayerNorm over channels first calls
+    `F.layer_norm` between two permutes).
+
+    Such a subclass is called here as its torch.nn base sharing its parameters: the call computes the function
+    alone, and the permutes around it stay ops of the graph."""
+    own_forward: set[str] = set()
+    for node in list(graph.nodes):
+        name = _module_called(node, model)
+        if name is None:
+            continue
+        with graph.inserting_before(node):
+            call = graph.call_module(name, (node.args[0],))
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+        if not _torch_forward(model.get_submodule(name)):
+            own_forward.add(name)
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)  # a parameter the module now reads itself
+    gm = fx.GraphModule(model, graph, type(model).__name__)
+    for name in own_forward:
+        gm.set_submodule(name, _as_torch_base(model.get_submodule(name)))
+    gm.recompile()
+    return gm
+
+
+def _as_torch_base(mod: nn.Module) -> nn.Module:
+    """`mod` as the torch.nn class it derives from, its parameters and buffers the same tensors."""
+    base = next(c for c in type(mod).__mro__ if c.__module__.startswith("torch.nn.modules."))
+    shadow = copy.copy(mod)  # a new __dict__ holding the same parameter and buffer dicts
+    shadow.__class__ = base
+    return shadow
 
 
 # aten overload -> the module type it computes, and the module attributes its arguments 1, 2, ... must be.
@@ -381,16 +418,24 @@ _MODULE_OPS = {
     aten.layer_norm.default: (nn.LayerNorm, ("normalized_shape", "weight", "bias", "eps")),
     aten.rms_norm.default: (nn.RMSNorm, ("normalized_shape", "weight", "eps")),
 }
+# The functions fx records where a subclass's own forward calls them; their arguments come in the same order.
+_MODULE_OPS |= {fn: _MODULE_OPS[op] for fn, op in (
+    (torch.nn.functional.conv2d, aten.conv2d.default), (torch.nn.functional.conv1d, aten.conv1d.default),
+    (torch.nn.functional.linear, aten.linear.default), (torch.nn.functional.layer_norm, aten.layer_norm.default))}
+if hasattr(torch.nn.functional, "rms_norm"):
+    _MODULE_OPS[torch.nn.functional.rms_norm] = _MODULE_OPS[aten.rms_norm.default]
 _DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}  # per axis for the tuples
 
 
 def _module_called(node: fx.Node, model: nn.Module) -> str | None:
-    """The module whose forward this aten call is: the one whose parameters and settings it passes."""
+    """The module whose forward this call is (an aten op, or a torch.nn.functional one): the one whose parameters
+    and settings it passes."""
     kind = _MODULE_OPS.get(node.target) if node.op == "call_function" else None
     if kind is None:
         return None
     cls, attrs = kind
-    owners = {a.target.rsplit(".", 1)[0] for a in node.args[1:] if isinstance(a, fx.Node) and a.op == "get_attr"}
+    owners = {a.target.rsplit(".", 1)[0] for a in (*node.args[1:], *node.kwargs.values())
+              if isinstance(a, fx.Node) and a.op == "get_attr"}
     if len(owners) != 1:
         return None
     (name,) = owners
@@ -398,8 +443,8 @@ def _module_called(node: fx.Node, model: nn.Module) -> str | None:
         mod = model.get_submodule(name)
     except AttributeError:
         return None
-    if not isinstance(mod, cls) or not _torch_forward(mod):
-        return None  # a subclass with a forward of its own (a LayerNorm over channels first) computes more
+    if not isinstance(mod, cls):
+        return None
     for k, attr in enumerate(attrs, start=1):
         if attr is None:
             continue
@@ -761,6 +806,8 @@ def _function_ids(b, node, shape, tensor_ids, input_ids, wall, sum_nodes):
     if (is_fn and target in _SCALE_FUNCTIONS) or (not is_fn and target in _SCALE_METHODS):
         x = tensor_ids(args[0]) if args else None
         other = args[1] if len(args) > 1 else node.kwargs.get("other")  # torch.mul(x, other=2.0)
+        if is_fn and target in _PRODUCT_FUNCTIONS and len(args) > 1 and isinstance(args[0], (int, float)):
+            x, other = tensor_ids(args[1]), args[0]  # 3.0 * x
         if len(tensors) == 1 and x is not None and isinstance(other, (int, float)):
             return list(x)
         return wall(node, f"{_describe(node)} of two tensors")
