@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from counted_cut import assert_cut_as_counted, exported
+from counted_cut import assert_cut_as_counted, assert_thinned_exactly, exported
 from zeroing import zero_groups
 
 from sslcompress.finetune.counting import count
@@ -39,9 +39,10 @@ def _configs():
             intermediate_size=48, num_labels=10)),
         "regnet": lambda: T.RegNetForImageClassification(T.RegNetConfig(
             embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], groups_width=8, num_labels=10)),
-        # Windows folded into the batch axis; a relative position bias per head, so no head groups.
+        # Windows folded into the batch axis, a relative position bias per head (its table sliced with the
+        # heads), and in every second block shifted windows with a mask added to that bias.
         "swin": lambda: T.SwinForImageClassification(T.SwinConfig(
-            image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4,
+            image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
             num_labels=10)),
     }
 
@@ -62,13 +63,29 @@ def test_transformers_classifier_is_cut_as_counted(name):
     groups = [g for g in build_groups(model, SHAPE, ("filter", "channel", "neuron", "head", "depth")) if g.removable]
     kinds = sorted({g.kind for g in groups})
     assert {"filter", "channel"} <= set(kinds)
-    if name == "deit":
+    if name in ("deit", "swin"):
         assert "head" in kinds
-    if name in ("resnet", "mobilenet_v2", "regnet", "deit", "swin"):
-        assert "depth" in kinds  # residual blocks, and a transformer's MLP branches (LayerNorm read as its module)
+    # Residual blocks, and MLP branches (a LayerNorm read as its module; ConvNeXt's a subclass with its own forward).
+    assert "depth" in kinds or name == "efficientnet"
     rng = random.Random(0)
     zero_groups(model, [g for k in kinds for g in rng.sample([g for g in groups if g.kind == k], 1 if k == "depth" else 3)])
     # Counted before the export, as `sslcompress export` does: after a TorchScript export in the same process,
     # torch.export of transformers' Swin stops at control flow on a tensor's values.
     counted = count(model, SHAPE)
     assert_cut_as_counted(model, SHAPE, exported(model, SHAPE), counted)
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_transformers_swin_heads_thin_exactly(attention):
+    torch.manual_seed(0)
+    model = _configs()["swin"]()
+    model.config._attn_implementation = attention
+    model = Logits(model).eval()
+    heads = [g for g in build_groups(model, SHAPE, ("head",)) if g.removable]
+    assert len(heads) == 12  # 2 + 2 + 4 + 4
+    zero_groups(model, random.Random(0).sample(heads, 3))
+    assert_thinned_exactly(model, SHAPE)
+    attentions = [m for m in model.modules() if type(m).__name__ == "SwinAttention"]
+    counts = [(m.num_attention_heads, m.relative_position_bias.relative_position_bias_table.shape[1],
+               m.q_proj.out_features // m.head_dim) for m in attentions]
+    assert all(a == b == c for a, b, c in counts) and sum(a for a, _, _ in counts) == 9

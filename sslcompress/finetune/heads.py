@@ -88,6 +88,10 @@ class Heads:
     kv_heads: int = 0  # grouped-query attention: key/value heads, each shared by num_heads // kv_heads query heads
     kv_attr: str = ""  # the owner's attribute holding kv_heads, which thinning rewrites too
     heads_attr: str = "num_heads"  # the owner's attribute holding num_heads, which thinning rewrites
+    # Parameters holding a bias per query head that the scores add (Swin's relative position bias table), each
+    # with its heads axis: thinning slices the heads it cuts out of them.
+    tables: tuple[tuple[str, int], ...] = ()
+    width_attr: str = ""  # the owner's attribute holding heads * head_dim (transformers' all_head_size), if any
 
     @property
     def name(self) -> str:
@@ -163,7 +167,7 @@ def _only_user(node: fx.Node) -> fx.Node | None:
 
 def _value_reader(node: fx.Node) -> fx.Node | None:
     """The one reader of the node's values, beside any that read only its sizes (`k.size(-1)` for the scale)."""
-    readers = [u for u in node.users if not reads_size(u)]
+    readers = [u for u in node.users if not reads_size(u) and not (u.op == "call_function" and u.target in _CHECKS)]
     return readers[0] if len(readers) == 1 else None
 
 
@@ -250,7 +254,7 @@ def _viewed_linear(view, layers: dict, shape_of) -> tuple[str, tuple[int, ...], 
     if not isinstance(view, fx.Node) or not _is_reshape(view):
         return None
     lin = view.args[0]
-    if not isinstance(lin, fx.Node) or lin.op != "call_module" or _only_user(lin) is not view:
+    if not isinstance(lin, fx.Node) or lin.op != "call_module" or _value_reader(lin) is not view:
         return None
     name = str(lin.target)
     lay = layers.get(name)
@@ -260,16 +264,21 @@ def _viewed_linear(view, layers: dict, shape_of) -> tuple[str, tuple[int, ...], 
     return name, src, out
 
 
-def _scores_source(node: fx.Node, modules: dict, shape_of) -> fx.Node | None:
-    """Back from what @ v reads, through dropout, softmax over the keys, scaling by a number and a mask the same
-    for every head (added, or by masked_fill with a number; a causal mask): q @ k^T."""
+def _scores_source(node: fx.Node, modules: dict, shape_of) -> tuple[fx.Node, tuple[tuple[str, int], ...]] | None:
+    """Back from what @ v reads, through dropout, softmax over the keys, scaling by a number, a mask the same
+    for every head (added, or by masked_fill with a number; a causal mask) and a bias per head taken from a
+    parameter (Swin's relative position bias): q @ k^T, and each such parameter with its heads axis. Views that
+    regroup the axes before (heads, queries, keys) pass (Swin adds its mask per window in a 5-D view)."""
     at = node
     seen_softmax = False
+    tables: list[tuple[str, int]] = []
     while isinstance(at, fx.Node):
         nxt = at.args[0] if at.args else None
         if at.op == "call_module" and isinstance(modules.get(str(at.target)), nn.Dropout) or \
                 at.op == "call_function" and at.target in _DROPOUT or _is_cast(at):
             pass  # elementwise: each head's weights stay its own
+        elif _is_reshape(at) and _regroups_batch(at, shape_of):
+            pass
         elif _is_method_or_fn(at, ("softmax",), _SOFTMAX):
             dim = at.args[1] if len(at.args) > 1 else at.kwargs.get("dim")
             if dim not in (-1, 3) or seen_softmax:
@@ -283,13 +292,18 @@ def _scores_source(node: fx.Node, modules: dict, shape_of) -> fx.Node | None:
                     not _broadcasts_over_heads(at.args[1], shape_of):
                 return None
         elif _is_method_or_fn(at, ("add",), _ADD) and len(at.args) == 2 and not at.kwargs:
-            # scores + mask, either way round: the mask is the operand that broadcasts over the heads.
+            # scores + mask, either way round: the mask is the operand that broadcasts over the heads, or the
+            # bias whose heads are those of a parameter.
             masks = [i for i, a in enumerate(at.args) if _broadcasts_over_heads(a, shape_of)]
-            if len(masks) != 1:
+            found = [(i, t) for i, a in enumerate(at.args) if not masks and isinstance(a, fx.Node)
+                     for t in [_per_head_table(a, at, shape_of)] if t is not None]
+            if len(masks) + len(found) != 1:
                 return None
-            nxt = at.args[1 - masks[0]]
+            if found:
+                tables.append(found[0][1])
+            nxt = at.args[1 - (masks or [found[0][0]])[0]]
         elif _is_method_or_fn(at, ("matmul",), _MATMUL):
-            return at if seen_softmax else None
+            return (at, tuple(tables)) if seen_softmax else None
         else:
             return None
         if not isinstance(nxt, fx.Node) or _only_user(nxt) is not at:
@@ -310,10 +324,91 @@ def _is_cast(node: fx.Node) -> bool:
 
 
 def _broadcasts_over_heads(node, shape_of) -> bool:
-    """A tensor of size 1 on the heads axis of (batch, heads, queries, keys), or of no such axis: a mask that
+    """A tensor of size 1 on the heads axis of (..., heads, queries, keys), or of no such axis: a mask that
     treats every head alike."""
     shape = shape_of(node) if isinstance(node, fx.Node) else None
-    return shape is not None and (len(shape) < 3 or (len(shape) <= 4 and shape[-3] == 1))
+    return shape is not None and (len(shape) < 3 or shape[-3] == 1)
+
+
+def _regroups_batch(node: fx.Node, shape_of) -> bool:
+    """A view of scores that keeps (heads, queries, keys) and regroups the axes before them alone."""
+    src = node.args[0] if node.args else None
+    a, b = shape_of(node), shape_of(src) if isinstance(src, fx.Node) else None
+    return a is not None and b is not None and len(a) >= 3 and len(b) >= 3 and a[-3:] == b[-3:]
+
+
+_INDEX = {operator.getitem, aten.index.Tensor}
+_UNSQUEEZE = {torch.unsqueeze, aten.unsqueeze.default}
+_SAME_VALUES = {aten.clone.default, aten.contiguous.default, aten.alias.default}
+
+
+def _per_head_table(node: fx.Node, add: fx.Node, shape_of) -> tuple[str, int] | None:
+    """The parameter a bias added to the scores at `add` (or passed as sdpa's mask) is taken from, and the
+    parameter's axis that runs along the scores' heads: followed back through unsqueeze, permute, contiguous,
+    views that keep that axis whole, the sum with a mask the same for every head, and an index of the
+    parameter's first axis by a tensor (Swin's table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+    .unsqueeze(0)). Every value on the way has this one reader, and the parameter is read nowhere else, so
+    slicing its heads changes this bias alone."""
+    scores, shape = shape_of(add), shape_of(node)
+    if scores is None or shape is None or len(shape) < 3 or len(shape) > len(scores) or shape[-3] != scores[-3]:
+        return None
+    axis, at, reader = len(shape) - 3, node, add
+    while isinstance(at, fx.Node) and _only_user(at) is reader:
+        out = shape_of(at)
+        src = at.args[0] if at.args else None
+        if at.op == "get_attr":
+            owning = at.graph.owning_module
+            readers = [n for n in at.graph.nodes if n.op == "get_attr" and n.target == at.target]
+            try:
+                param = owning.get_parameter(str(at.target)) if owning is not None and len(readers) == 1 else None
+            except AttributeError:
+                return None  # a buffer (a per-head mask the model holds): no parameter the training would slice
+            return (str(at.target), axis) if param is not None and param.shape[axis] == scores[-3] else None
+        if not isinstance(src, fx.Node) or out is None:
+            return None
+        if _is_method_or_fn(at, ("contiguous", "clone"), _SAME_VALUES):
+            pass
+        elif _is_method_or_fn(at, ("add",), _ADD) and len(at.args) == 2 and not at.kwargs:
+            # bias + a mask the same for every head (transformers' Swin adds its window mask to the bias first)
+            per_head = [a for a in at.args if isinstance(a, fx.Node) and not _broadcasts_over_heads(a, shape_of)]
+            if len(per_head) != 1 or shape_of(per_head[0]) is None:
+                return None
+            src = per_head[0]
+            axis -= len(out) - len(shape_of(src))
+            if axis < 0 or shape_of(src)[axis] != out[axis + len(out) - len(shape_of(src))]:
+                return None
+        elif _is_method_or_fn(at, ("unsqueeze",), _UNSQUEEZE):
+            d = at.args[1] % len(out) if len(at.args) > 1 and isinstance(at.args[1], int) else None
+            if d is None or d == axis:
+                return None
+            axis -= d < axis
+        elif _permute_dims(at, len(out)) is not None:
+            axis = _permute_dims(at, len(out))[axis]
+        elif _is_reshape(at):
+            axis = _same_axis(shape_of(src), out, axis)
+        elif at.op == "call_function" and at.target in _INDEX and len(at.args) == 2:
+            index = at.args[1][0] if isinstance(at.args[1], (list, tuple)) and len(at.args[1]) == 1 else at.args[1]
+            picked = shape_of(index) if isinstance(index, fx.Node) else None
+            if picked is None or axis < len(picked):
+                return None  # the heads axis comes from the index, or the index is no tensor
+            axis = axis - len(picked) + 1
+        else:
+            return None
+        if axis is None:
+            return None
+        at, reader = src, at
+    return None
+
+
+def _same_axis(before: tuple[int, ...] | None, after: tuple[int, ...], axis: int) -> int | None:
+    """The axis of a view's input that its output's `axis` is, where the view keeps that axis whole."""
+    if before is None:
+        return None
+    lead = math.prod(after[:axis])
+    for j, size in enumerate(before):
+        if math.prod(before[:j]) == lead and size == after[axis]:
+            return j
+    return None
 
 
 _SIZE_ARITHMETIC = {math.sqrt, operator.truediv, operator.mul, operator.floordiv, operator.pow, operator.getitem}
@@ -337,7 +432,8 @@ def _attention_before(proj: fx.Node, modules: dict, layers: dict, shape_of, batc
     if lay is None or lay.calls != 1 or not isinstance(merged, fx.Node) or not _is_reshape(merged):
         return None
     back = merged.args[0]
-    if not isinstance(back, fx.Node) or _only_user(back) is not merged or _only_user(merged) is not proj:
+    # Sizes may be read (`context.view(context.size()[:-2] + (width,))`, as transformers writes the merge).
+    if not isinstance(back, fx.Node) or _value_reader(back) is not merged or _only_user(merged) is not proj:
         return None
     if _is_method_or_fn(back, ("contiguous",), {aten.contiguous.default}):
         back = back.args[0]
@@ -355,16 +451,18 @@ def _attention_before(proj: fx.Node, modules: dict, layers: dict, shape_of, batc
             return None
         call = dict(zip(_SDPA_ARGS, out.args)) | dict(out.kwargs)
         mask = call.get("attn_mask")
+        table = _per_head_table(mask, out, shape_of) if isinstance(mask, fx.Node) else None
         if any(a not in call for a in _SDPA_ARGS[:3]) or call.get("enable_gqa") or \
-                (mask is not None and not _broadcasts_over_heads(mask, shape_of)):
+                (mask is not None and not _broadcasts_over_heads(mask, shape_of) and table is None):
             return None  # a mask per head (or one the analysis cannot see) would tie it to its heads
         q4, k4, v4 = (call[a] for a in _SDPA_ARGS[:3])
-        products = [out]
+        products, tables = [out], (table,) if table is not None else ()
     elif _is_method_or_fn(out, ("matmul",), _MATMUL) and len(out.args) == 2:
         probs, v4 = out.args
         if not isinstance(probs, fx.Node) or _only_user(probs) is not out:
             return None  # attention weights read elsewhere too (returned, say) would change with the heads
-        scores = _scores_source(probs, modules, shape_of)
+        source = _scores_source(probs, modules, shape_of)
+        scores, tables = source or (None, ())
         if scores is None or len(scores.args) != 2:
             return None
         q4, kt = scores.args
@@ -390,13 +488,14 @@ def _attention_before(proj: fx.Node, modules: dict, layers: dict, shape_of, batc
     owner = _owner(owners, (*linears, name), heads)
     kv_attr = _attr_holding(owners.get(owner), KV_HEAD_ATTRS, kv_heads) if kv_heads and owner is not None else ""
     count_attr = _attr_holding(owners.get(owner), HEAD_ATTRS, heads) if owner is not None else ""
+    width_attr = _attr_holding(owners.get(owner), WIDTH_ATTRS, heads * dim) if owner is not None else ""
     why = _why_kept(owner, heads, merged) or (
         f"no attribute of {owner} holds its {kv_heads} key/value heads ({', '.join(KV_HEAD_ATTRS)}) for thinning "
         "to rewrite" if kv_heads and not kv_attr else "")
     return Heads(q, k, v, name, heads, dim, owner, macs // (kv_heads or heads),
                  row_params=tuple(f"{lin}.{leaf}" for lin in linears for leaf in ("weight", "bias")),
                  part_offsets=offsets, row_layers=linears, keeps_heads=why, kv_heads=kv_heads, kv_attr=kv_attr,
-                 heads_attr=count_attr or "num_heads")
+                 heads_attr=count_attr or "num_heads", tables=tables, width_attr=width_attr)
 
 
 def _separate_heads(parts, modules: dict, layers: dict, shape_of):
@@ -586,6 +685,8 @@ def _multihead(node: fx.Node, mha: nn.MultiheadAttention, modules: dict, shape_o
 
 HEAD_ATTRS = ("num_heads", "n_head", "n_heads", "num_attention_heads")  # torch, nanoGPT, LLaMA's reference, HF
 KV_HEAD_ATTRS = ("num_kv_heads", "n_kv_heads", "num_key_value_heads", "kv_heads")
+# The merged width, where a forward reshapes its heads back to it (transformers' view(... + (all_head_size,))).
+WIDTH_ATTRS = ("all_head_size",)
 
 
 def _attr_holding(module: nn.Module | None, names: tuple[str, ...], count: int) -> str:

@@ -32,7 +32,7 @@ from ..errors import CheckpointError, ConfigError, UnsupportedModelError
 from ..models import ModelSpec, build_model
 from . import grouped
 from .counting import Counter
-from .heads import HEAD_ATTRS, KV_HEAD_ATTRS
+from .heads import HEAD_ATTRS, KV_HEAD_ATTRS, WIDTH_ATTRS
 from .structure import Layer, ModelStructure, analyze
 
 FORMAT = "sslcompress-thin-plan"
@@ -343,7 +343,10 @@ def _slice_heads(st: ModelStructure, dead_heads, params, slice_dim, modules, wid
         modules.setdefault(proj, {})["in_features"] = len(cols)
         ob, oa, ib, _ = widths.get(proj, (st.layers[proj].weight_shape[0],) * 2 + (st.layers[proj].weight_shape[1],) * 2)
         widths[proj] = (ob, oa, ib, len(cols))
+        for table, axis in att.tables:
+            slice_dim(table, params, axis, att.query_heads(alive))
         counts = {att.heads_attr: len(att.query_heads(alive))}
+        counts |= {att.width_attr: len(cols)} if att.width_attr else {}
         modules[att.owner] = counts | ({att.kv_attr: len(alive)} if att.kv_heads else {})
     return kept_whole
 
@@ -411,7 +414,7 @@ def _allowed_attrs(module: nn.Module) -> tuple[str, ...]:
     # weights are never cut (its inner width is its embed_dim, see Heads.keeps_heads), so its count stays.
     if any(isinstance(getattr(module, a, None), int) for a in HEAD_ATTRS) and \
             not isinstance(module, nn.MultiheadAttention):
-        return (*HEAD_ATTRS, *KV_HEAD_ATTRS)
+        return (*HEAD_ATTRS, *KV_HEAD_ATTRS, *WIDTH_ATTRS)
     return ()
 
 

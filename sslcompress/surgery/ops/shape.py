@@ -83,7 +83,29 @@ class Reshape(Spread):
     the output's static sizes, never the names of symbolic dims."""
 
     def _plan(self, node) -> tuple[str, list[Dim]] | None:
-        return self._batch_plan(node) or self._rows_plan(node)
+        return self._batch_plan(node) or self._rows_plan(node) or self._regroup_plan(node)
+
+    def _regroup_plan(self, node) -> tuple[str, list[Dim]] | None:
+        """("regroup", target) for a Reshape that keeps the channel axis and every axis after it as they are and
+        regroups the axes before it alone: attention scores (B * W, H, N, N) viewed as (B, W, H, N, N) to add a
+        mask per window (Swin) and back. Each element keeps its place along the channels and after them, so
+        the channel entry of the target (a constant the rewrite changes, or -1) is all the cut touches."""
+        x, y = node.inputs[0], node.outputs[0]
+        vec = target_of(node, 1)
+        a, rank, n = channel_axis(x), rank_of(x), channel_count(x)
+        if vec is None or a is None or rank is None or n is None or y.shape is None or len(vec) != len(y.shape):
+            return None
+        kept = rank - a  # the channel axis and the axes after it
+        c = len(vec) - kept  # where the channel axis lands
+        tail = static_dims(x, a)
+        if c < 0 or tail is None or static_dims(y, c) != tail:
+            return None
+        if any(d.ref is not None or (d.value == 0 and not int(attr_value(node, "allowzero", 0)))
+               for d in vec[min(a, c):]):
+            return None  # a size copied or read at run time where the channels or the axes after them sit
+        if vec[c].value not in (n, -1) or any(d.value not in (size, -1) for d, size in zip(vec[c + 1:], tail[1:])):
+            return None
+        return "regroup", vec
 
     def _rows_plan(self, node) -> tuple[str, list[Dim]] | None:
         """("rows", target) for a Reshape that regroups the leading axes of a tensor whose channels run
@@ -136,15 +158,25 @@ class Reshape(Spread):
         return None if plan is None else plan[0]
 
     def in_axes(self, node):
-        if self._kind(node) == "rows":
+        kind = self._kind(node)
+        if kind == "rows":
             return [rank_of(node.inputs[0]) - 1, None]
+        if kind == "regroup":
+            return [channel_axis(node.inputs[0]), None]
         return super().in_axes(node)
 
     def out_axes(self, node):
         plan = self._plan(node)
         if plan is not None and plan[0] == "rows":
             return [len(plan[1]) - 1]
+        if plan is not None and plan[0] == "regroup":
+            return [self._regroup_entry(node, plan[1])]
         return super().out_axes(node)
+
+    @staticmethod
+    def _regroup_entry(node, vec: list[Dim]) -> int:
+        x = node.inputs[0]
+        return len(vec) - (rank_of(x) - channel_axis(x))
 
     def fill_shapes(self, node):
         x, y = node.inputs[0], node.outputs[0]
@@ -189,7 +221,7 @@ class Reshape(Spread):
 
     def forward(self, node, ins):
         kind = self._kind(node)
-        if kind in ("keep", "rows"):
+        if kind in ("keep", "rows", "regroup"):
             return [ins[0]]
         return super().forward(node, ins) if kind == "flatten" else [None]
 
@@ -202,18 +234,18 @@ class Reshape(Spread):
                 merge_refs(ctx, vec, None, None, why)
             return Decline("it neither flattens (batch, features) nor keeps the channel axis")
         kind, vec = plan
-        entry = {"keep": 1, "rows": len(vec) - 1}.get(kind)
-        fixed = vec[entry if kind == "rows" else 1]
+        entry = {"keep": 1, "rows": len(vec) - 1, "regroup": self._regroup_entry(node, vec)}.get(kind)
+        fixed = vec[entry if kind in ("rows", "regroup") else 1]
         if fixed.ref is None and fixed.value not in (0, -1) and fixed.site is None:
             merge_refs(ctx, vec, None, None, why)
             return Decline("its target names the channel count where it cannot be rewritten")
         merge_refs(ctx, vec, entry, ids[0], why)
-        if kind in ("keep", "rows"):
+        if kind in ("keep", "rows", "regroup"):
             return [list(ids[0])]
         return super().couple(node, ids, ctx)
 
     def backward(self, node, needed, ins):
-        if self._kind(node) in ("keep", "rows"):
+        if self._kind(node) in ("keep", "rows", "regroup"):
             return [needed[0], None]
         return super().backward(node, needed, ins)
 
@@ -222,7 +254,12 @@ class Reshape(Spread):
         if kin is None or plan is None:
             return False
         kind, vec = plan
-        d = vec[-1] if kind == "rows" else vec[1]
+        if kind == "rows":
+            d = vec[-1]
+        elif kind == "regroup":
+            d = vec[self._regroup_entry(node, vec)]
+        else:
+            d = vec[1]
         if d.ref is not None or d.value in (0, -1):
             return False  # read at run time, or inferred: fits any channel count
         count = int(kin.sum()) * (self.spatial(node) if kind == "flatten" else 1)
