@@ -151,3 +151,26 @@ def test_a_conv_subclass_that_scales_after_its_base_keeps_the_scale(traced):
     zero_groups(model, [groups["filter a[2]"]])
     assert_cut_as_counted(model, (1, 3, 8, 8), exported(model, (1, 3, 8, 8)))
     assert_thinned_exactly(model, (1, 3, 8, 8))
+
+
+def test_a_function_call_with_one_size_for_every_axis_reads_as_its_module():
+    """`F.conv2d(x, w, b, 2, 1)` in a subclass's forward: the module's (2, 2) stride and (1, 1) padding."""
+
+    class OwnForward(nn.Conv2d):
+        def forward(self, x):
+            return F.conv2d(x, self.weight, self.bias, 2, 1)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = OwnForward(3, 6, 3, stride=2, padding=1), nn.Conv2d(6, 4, 3)
+
+        def forward(self, x):
+            return self.b(F.relu(self.a(x))).mean((2, 3))
+
+    model = Net().eval()
+    st = analyze(model, (1, 3, 9, 9))
+    assert st.layers["a"].stride == (2, 2) and st.layers["a"].out_hw == (5, 5)
+    groups = {g.name: g for g in build_groups(model, (1, 3, 9, 9), ("filter",))}
+    zero_groups(model, [groups["filter a[4]"]])
+    assert_cut_as_counted(model, (1, 3, 9, 9), exported(model, (1, 3, 9, 9)))

@@ -457,6 +457,9 @@ def _module_called(node: fx.Node, model: nn.Module) -> str | None:
             got_name = arg.target if isinstance(arg, fx.Node) and arg.op == "get_attr" else arg
             if got_name != (f"{name}.{attr}" if want is not None else None):
                 return None
+        elif isinstance(want, tuple) and isinstance(arg, int) and not isinstance(arg, bool):
+            if list(want) != [arg] * len(want):  # F.conv2d(x, w, b, 2): one size for every axis
+                return None
         elif (list(want) if isinstance(want, tuple) else want) != (list(arg) if isinstance(arg, (tuple, list)) else arg):
             return None
     return name
