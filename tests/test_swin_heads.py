@@ -34,8 +34,8 @@ def test_heads_with_a_bias_table_are_found(traced):
     st = analyze(_model(traced), SHAPE)
     assert [(h.name, h.num_heads, h.tables) for h in st.heads] == [
         (f"blocks.{b}.attention", 4, ((f"blocks.{b}.attention.relative_position_bias_table", 1),)) for b in range(4)]
-    assert all(h.keeps_heads == "" for h in st.heads) if traced == "fx" else True
-    assert all(h.width_attr == "all_head_size" for h in st.heads)
+    # In torch.export's graph the merged width is a number; the owner's all_head_size is taken for its source.
+    assert all(h.keeps_heads == "" and h.width_attr == "all_head_size" for h in st.heads)
 
 
 @pytest.mark.parametrize("traced", ["fx", "torch.export"])
@@ -51,8 +51,9 @@ def test_swin_heads_are_cut_as_counted(traced, exporter):
     assert not result.report["blocked_by"] and not result.report["zeros_kept"]
 
 
-def test_swin_heads_thin_exactly():
-    model = _model("fx")
+@pytest.mark.parametrize("traced", ["fx", "torch.export"])
+def test_swin_heads_thin_exactly(traced):
+    model = _model(traced)
     groups = {g.name: g for g in build_groups(model, SHAPE, ("head",)) if g.removable}
     zero_groups(model, [groups[n] for n in ZEROED])
     assert_thinned_exactly(model, SHAPE)
@@ -95,3 +96,34 @@ class BiasFromInput(nn.Module):
 @pytest.mark.parametrize("net,shape", [(SharedTable, (1, 3, 32, 32)), (BiasFromInput, (1, 8, 4, 4))])
 def test_a_bias_that_is_not_a_table_of_its_own_hides_the_heads(net, shape):
     assert analyze(net().eval(), shape).heads == []
+
+
+class ReadsItsWidth(nn.Module):
+    """Holds all_head_size, but merges its heads back to the input's width read off a tensor: the thinned forward
+    fails, and thinning puts the model back as it was and says why."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention = WindowAttention(16, 4, 4)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        tokens = F.avg_pool2d(x, 2).flatten(2).transpose(1, 2).repeat(1, 1, 6)[..., :16].reshape(-1, 16, 16)
+        att = self.attention
+        q, k, v = (att._heads(f(tokens)) for f in (att.query, att.key, att.value))
+        p = F.softmax(q @ k.transpose(-1, -2), dim=-1)
+        return self.head(att.dense((p @ v).transpose(1, 2).reshape(tokens.shape)).mean(1))
+
+
+def test_a_width_read_off_a_tensor_in_torch_exports_graph_is_undone_by_thinnings_check():
+    from sslcompress.finetune.thin import thin
+
+    torch.manual_seed(0)
+    model = untraceable(ReadsItsWidth)().eval()
+    groups = [g for g in build_groups(model, SHAPE, ("head",)) if g.removable]
+    zero_groups(model, groups[:1])
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    result = thin(model, SHAPE)
+    assert not result.applied and "forward fails" in result.reason
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    assert model.attention.num_attention_heads == 4

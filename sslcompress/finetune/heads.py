@@ -489,7 +489,7 @@ def _attention_before(proj: fx.Node, modules: dict, layers: dict, shape_of, batc
     kv_attr = _attr_holding(owners.get(owner), KV_HEAD_ATTRS, kv_heads) if kv_heads and owner is not None else ""
     count_attr = _attr_holding(owners.get(owner), HEAD_ATTRS, heads) if owner is not None else ""
     width_attr = _attr_holding(owners.get(owner), WIDTH_ATTRS, heads * dim) if owner is not None else ""
-    why = _why_kept(owner, heads, merged) or (
+    why = _why_kept(owner, heads, merged, width_attr) or (
         f"no attribute of {owner} holds its {kv_heads} key/value heads ({', '.join(KV_HEAD_ATTRS)}) for thinning "
         "to rewrite" if kv_heads and not kv_attr else "")
     return Heads(q, k, v, name, heads, dim, owner, macs // (kv_heads or heads),
@@ -620,7 +620,7 @@ def _picked_part(node: fx.Node) -> tuple[fx.Node, int] | None:
     return None
 
 
-def _why_kept(owner: str | None, heads: int, merged: fx.Node) -> str:
+def _why_kept(owner: str | None, heads: int, merged: fx.Node, width_attr: str = "") -> str:
     """Why thinning cannot cut this attention's heads ('' where it can)."""
     if owner is None:
         return f"no module holding both projections has a head count of {heads} ({', '.join(HEAD_ATTRS)}) " \
@@ -628,10 +628,12 @@ def _why_kept(owner: str | None, heads: int, merged: fx.Node) -> str:
     sizes = merged.args[1:]
     if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
         sizes = sizes[0]
-    if isinstance(merged.target, torch._ops.OpOverload) and not (sizes and sizes[-1] == -1):
+    if isinstance(merged.target, torch._ops.OpOverload) and not (sizes and sizes[-1] == -1) and not width_attr:
         # torch.export records every size as a number: whether the forward computes the merged width from
         # num_heads or reads it off a tensor (x.size(), which fewer heads would not fill) is lost. A -1 is
-        # the forward's own (Hugging Face's reshape(*input_shape, -1)): whatever heads are kept fill it.
+        # the forward's own (Hugging Face's reshape(*input_shape, -1)): whatever heads are kept fill it. An
+        # owner holding the merged width (transformers 4.x's all_head_size, which thinning rewrites) is taken
+        # to be where the number comes from; thinning's check of the outputs undoes it where it is not.
         return "its graph comes from torch.export, where the width the heads are merged back to is a number " \
                "whose source (num_heads or a tensor's size) is not recorded"
     if sizes and isinstance(sizes[-1], fx.Node) and _reads_a_size(sizes[-1]):
