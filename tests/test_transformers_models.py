@@ -44,6 +44,11 @@ def _configs():
         "swin": lambda: T.SwinForImageClassification(T.SwinConfig(
             image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
             num_labels=10)),
+        # Post-norm blocks (a branch ends in its LayerNorm), a position bias MLP on a coordinate table (folded
+        # into a constant by every export, so no layer of the count), a learned logit scale per head.
+        "swinv2": lambda: T.Swinv2ForImageClassification(T.Swinv2Config(
+            image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
+            num_labels=10)),
     }
 
 
@@ -56,7 +61,8 @@ class Logits(torch.nn.Module):
         return self.model(pixel_values=x).logits
 
 
-@pytest.mark.parametrize("name", ["resnet", "convnext", "mobilenet_v2", "efficientnet", "deit", "regnet", "swin"])
+@pytest.mark.parametrize("name", ["resnet", "convnext", "mobilenet_v2", "efficientnet", "deit", "regnet", "swin",
+                                  "swinv2"])
 def test_transformers_classifier_is_cut_as_counted(name):
     torch.manual_seed(0)
     model = Logits(_configs()[name]()).eval()

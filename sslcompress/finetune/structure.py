@@ -501,8 +501,16 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
             return None
         return b.fresh(shape[axis], pinned=why)
 
+    variable: set[fx.Node] = set()  # what depends on the model's input
     for node in gm.graph.nodes:
         shape = _shape(node)
+        if node.op == "placeholder" or any(a in variable for a in node.all_input_nodes):
+            variable.add(node)
+        elif node.op in ("call_module", "call_function", "call_method"):
+            # Computed from parameters, buffers and constants alone (Swin V2's position bias MLP on a
+            # coordinate table): every export folds it into a constant, so it holds no layer, MAC or channel.
+            ids_of[node] = None
+            continue
         matmul_macs += last_axis.matmul_macs(node, _shape, batch, modules)
         if node.op == "placeholder":
             if shape is None or len(shape) < 2:
