@@ -4,6 +4,7 @@ without it."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import random
 
@@ -14,6 +15,7 @@ from zeroing import zero_groups
 
 from sslcompress.finetune.counting import count
 from sslcompress.finetune.groups import build_groups
+from sslcompress.surgery.compress import compress
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
@@ -49,6 +51,16 @@ def _configs():
         "swinv2": lambda: T.Swinv2ForImageClassification(T.Swinv2Config(
             image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
             num_labels=10)),
+        # A relative position bias per head built from tensors its forward makes (lifted by torch.export).
+        "beit": lambda: T.BeitForImageClassification(T.BeitConfig(
+            image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, use_relative_position_bias=True, num_labels=10)),
+        # Weight-standardised convs (their weights computed in the forward): walls, counted as exported.
+        "bit": lambda: T.BitForImageClassification(T.BitConfig(
+            embedding_size=32, hidden_sizes=[32, 64], depths=[1, 1], num_groups=8, num_labels=10)),
+        "dinov2": lambda: T.Dinov2ForImageClassification(T.Dinov2Config(
+            image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
+            use_swiglu_ffn=True, num_labels=10)),
     }
 
 
@@ -62,12 +74,18 @@ class Logits(torch.nn.Module):
 
 
 @pytest.mark.parametrize("name", ["resnet", "convnext", "mobilenet_v2", "efficientnet", "deit", "regnet", "swin",
-                                  "swinv2"])
+                                  "swinv2", "beit", "bit", "dinov2"])
 def test_transformers_classifier_is_cut_as_counted(name):
     torch.manual_seed(0)
     model = Logits(_configs()[name]()).eval()
     groups = [g for g in build_groups(model, SHAPE, ("filter", "channel", "neuron", "head", "depth")) if g.removable]
     kinds = sorted({g.kind for g in groups})
+    # The count is the export's before any zero too (a layer on constants, a computed weight).
+    dense, dense_macs = copy.deepcopy(model), count(model, SHAPE).macs
+    if name == "bit":  # every conv weight-standardised: no groups, but counted and exported as it computes
+        assert kinds == []
+        assert dense_macs == compress(exported(dense, SHAPE)).report["totals"]["macs"]
+        return
     assert {"filter", "channel"} <= set(kinds)
     if name in ("deit", "swin"):
         assert "head" in kinds
@@ -79,6 +97,7 @@ def test_transformers_classifier_is_cut_as_counted(name):
     # torch.export of transformers' Swin stops at control flow on a tensor's values.
     counted = count(model, SHAPE)
     assert_cut_as_counted(model, SHAPE, exported(model, SHAPE), counted)
+    assert dense_macs == compress(exported(dense, SHAPE)).report["totals"]["macs"]
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])

@@ -129,6 +129,11 @@ def matmul_macs(node: fx.Node, shape_of, batch: int, modules: dict) -> int:
         # q k^T: (..., L, E) x (..., E, S); p v: (..., L, S) x (..., S, Ev).
         lead = _prod(q[:-2])
         return (lead * q[-2] * k[-2] * q[-1] + _prod(out) * k[-2]) // max(batch, 1)
+    if node.op == "call_function" and node.target in _WEIGHTED_FUNCTIONS and out is not None and len(node.args) >= 2 \
+            and isinstance(node.args[1], fx.Node) and shape_of(node.args[1]) is not None:
+        # A conv or Linear whose weight the forward computes (a weight-standardised conv: no module holds
+        # it): a wall, but the export folds the weight and computes it, so its MACs count as a Conv's or Gemm's.
+        return _prod(out) * _prod(shape_of(node.args[1])[1:]) // max(batch, 1)
     is_matmul = (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS) or \
         (node.op == "call_method" and node.target in ("matmul", "bmm"))
     if not is_matmul or out is None or len(node.args) < 2 or not isinstance(node.args[0], fx.Node):
@@ -137,6 +142,9 @@ def matmul_macs(node: fx.Node, shape_of, batch: int, modules: dict) -> int:
     if a is None:
         return 0
     return _prod(out) * a[-1] // max(batch, 1)
+
+
+_WEIGHTED_FUNCTIONS = {F.conv1d, F.conv2d, F.linear, aten.conv1d.default, aten.conv2d.default, aten.linear.default}
 
 
 def _multihead_macs(node: fx.Node, mha: nn.MultiheadAttention, shape_of, batch: int) -> int:

@@ -363,20 +363,21 @@ def _exported_graph(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphM
         if node.op == "call_module" and not node.users:
             continue  # torch.export's check of the input's shape: nothing to analyse
         env[node] = graph.node_copy(node, lambda n: env[n])
-    gm = _with_module_calls(model, graph)
+    gm = _with_module_calls(model, graph, exported)
     gm.graph.eliminate_dead_code()  # a functional graph: what nothing reads computes nothing
     gm.recompile()
     return gm
 
 
-def _with_module_calls(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+def _with_module_calls(model: nn.Module, graph: fx.Graph, exported: nn.Module | None = None) -> fx.GraphModule:
     """`graph` as a GraphModule of `model`, each conv, Linear, norm call of a module's own parameters put back as
     a call of that module, so layers and norms are recognised whoever called the function: torch.export's aten
     ops, or the forward of a subclass that fx traces through (a LayerNorm over channels first calls
     `F.layer_norm` between two permutes).
 
     Such a subclass is called here as its torch.nn base sharing its parameters: the call computes the function
-    alone, and the permutes around it stay ops of the graph."""
+    alone, and the permutes around it stay ops of the graph. Attributes are the model's; tensors torch.export
+    lifted out of a forward (a constant it builds each call) come from `exported`."""
     own_forward: set[str] = set()
     for node in list(graph.nodes):
         name = _module_called(node, model)
@@ -391,11 +392,26 @@ def _with_module_calls(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)  # a parameter the module now reads itself
-    gm = fx.GraphModule(model, graph, type(model).__name__)
+    root = {str(n.target): _attribute(model, str(n.target), exported) for n in graph.nodes
+            if n.op in ("get_attr", "call_module")}
+    gm = fx.GraphModule(root, graph, type(model).__name__)
     for name in own_forward:
         gm.set_submodule(name, _as_torch_base(model.get_submodule(name)))
     gm.recompile()
     return gm
+
+
+def _attribute(model: nn.Module, target: str, exported: nn.Module | None):
+    """The model's attribute at a dotted path, else the exported module's (a tensor it lifted)."""
+    for owner in (model, exported):
+        obj = owner
+        try:
+            for part in target.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        return obj
+    raise AttributeError(f"{type(model).__name__} has no attribute {target}")
 
 
 def _as_torch_base(mod: nn.Module) -> nn.Module:
