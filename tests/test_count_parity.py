@@ -214,3 +214,31 @@ def test_a_subtracted_zero_branch_goes_in_foreign_exports(exporter):
     outs = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
             for p in (proto, result.model)]
     assert np.abs(outs[0] - outs[1]).max() <= 1e-5 * np.abs(outs[0]).max()
+
+
+class _TokensToNextStage(torch.nn.Module):
+    """SegFormer's and PVT's stage boundary: tokens (B, H*W, C), a LayerNorm, reshaped to (B, H, W, C) and
+    permuted to (B, C, H, W) for the next stage's patch-embedding conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 8, 4, 4)
+        self.norm = torch.nn.LayerNorm(8)
+        self.embed2 = torch.nn.Conv2d(8, 16, 3, 2, 1)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, c, h, w = x.shape
+        x = self.norm(x.flatten(2).transpose(1, 2))
+        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
+        return self.head(self.embed2(x).mean((2, 3)))
+
+
+def test_a_conv_on_tokens_reshaped_channels_last_and_permuted_is_counted():
+    torch.manual_seed(0)
+    model = _TokensToNextStage().eval()
+    counted = count(model, (1, 3, 32, 32))
+    assert "embed2" in [lay.name for lay in counted.layers]
+    report = compress(export_onnx(model, (1, 3, 32, 32), opset=17).model).report
+    assert report["totals"]["macs"] == counted.macs

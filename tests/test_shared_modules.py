@@ -95,7 +95,7 @@ USER_MODEL = textwrap.dedent("""
     import torch.nn.functional as F
 
     class Functional(nn.Module):
-        # A conv written with F.conv2d: ONNX computes it, the training's count does not see it.
+        # A conv written with F.conv2d on a parameter no conv module holds: a wall, counted as ONNX computes it.
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(1, 4, 3)
@@ -111,14 +111,36 @@ USER_MODEL = textwrap.dedent("""
 """)
 
 
-def test_export_refuses_a_count_the_onnx_model_disagrees_with(tmp_path):
+def _functional_checkpoint(tmp_path):
     (tmp_path / "user.py").write_text(USER_MODEL)
     spec = ModelSpec(f"{tmp_path / 'user.py'}:functional", 10, 1, (12, 12))
     torch.manual_seed(0)
     model = build_model(spec)
     save_checkpoint(tmp_path / "m.pt", Checkpoint("sparse", spec, model.state_dict()))
-    out = tmp_path / "c.onnx"
-    res = CliRunner().invoke(main, ["export", str(tmp_path / "m.pt"), "--onnx", str(out)])
+    return tmp_path / "m.pt"
+
+
+def test_a_conv_written_with_f_conv2d_is_counted_as_exported(tmp_path):
+    checkpoint, out = _functional_checkpoint(tmp_path), tmp_path / "c.onnx"
+    res = CliRunner().invoke(main, ["export", str(checkpoint), "--onnx", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "MACs after match the checkpoint's count" in res.output and out.exists()
+
+
+def test_export_refuses_a_count_the_onnx_model_disagrees_with(tmp_path, monkeypatch):
+    import dataclasses
+
+    import sslcompress.flops
+
+    real = sslcompress.flops.count
+
+    def missing_an_op(model, shape):  # as a count that misses an op the export computes would
+        counted = real(model, shape)
+        return dataclasses.replace(counted, macs=counted.macs - 1000, macs_after=counted.macs_after - 1000)
+
+    monkeypatch.setattr(sslcompress.flops, "count", missing_an_op)
+    checkpoint, out = _functional_checkpoint(tmp_path), tmp_path / "c.onnx"
+    res = CliRunner().invoke(main, ["export", str(checkpoint), "--onnx", str(out)])
     assert res.exit_code == 2, res.output
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and "the checkpoint's count says" in lines[0] and "--force" in lines[0]

@@ -61,6 +61,9 @@ def _configs():
         "dinov2": lambda: T.Dinov2ForImageClassification(T.Dinov2Config(
             image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
             use_swiglu_ffn=True, num_labels=10)),
+        # Convs after its attention's reshape to (B, H, W, C) (a wall, counted), a softmax over one value.
+        "swiftformer": lambda: T.SwiftFormerForImageClassification(T.SwiftFormerConfig(
+            depths=[1, 1, 1, 1], embed_dims=[16, 24, 32, 48], num_labels=10)),
     }
 
 
@@ -74,7 +77,7 @@ class Logits(torch.nn.Module):
 
 
 @pytest.mark.parametrize("name", ["resnet", "convnext", "mobilenet_v2", "efficientnet", "deit", "regnet", "swin",
-                                  "swinv2", "beit", "bit", "dinov2"])
+                                  "swinv2", "beit", "bit", "dinov2", "swiftformer"])
 def test_transformers_classifier_is_cut_as_counted(name):
     torch.manual_seed(0)
     model = Logits(_configs()[name]()).eval()

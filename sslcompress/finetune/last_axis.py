@@ -134,6 +134,10 @@ def matmul_macs(node: fx.Node, shape_of, batch: int, modules: dict) -> int:
         # A conv or Linear whose weight the forward computes (a weight-standardised conv: no module holds
         # it): a wall, but the export folds the weight and computes it, so its MACs count as a Conv's or Gemm's.
         return _prod(out) * _prod(shape_of(node.args[1])[1:]) // max(batch, 1)
+    if node.op == "call_module" and isinstance(modules.get(str(node.target)), _TRANSPOSED_CONVS) and node.args \
+            and isinstance(node.args[0], fx.Node) and shape_of(node.args[0]) is not None:
+        # A transposed conv (a decoder's upsampling): a wall, its MACs the export's, every weight per input pixel.
+        return modules[str(node.target)].weight.numel() * _prod(shape_of(node.args[0])[2:])
     is_matmul = (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS) or \
         (node.op == "call_method" and node.target in ("matmul", "bmm"))
     if not is_matmul or out is None or len(node.args) < 2 or not isinstance(node.args[0], fx.Node):
@@ -144,6 +148,7 @@ def matmul_macs(node: fx.Node, shape_of, batch: int, modules: dict) -> int:
     return _prod(out) * a[-1] // max(batch, 1)
 
 
+_TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d)
 _WEIGHTED_FUNCTIONS = {F.conv1d, F.conv2d, F.linear, aten.conv1d.default, aten.conv2d.default, aten.linear.default}
 
 
@@ -206,6 +211,8 @@ def ids(b, node: fx.Node, modules: dict, shape, tensor_ids, axis_of: dict, shape
             return list(x), axis
         return blocked(f"{type(mod).__name__} {name} on channels along axis {axis}")
     target, is_fn = node.target, node.op == "call_function"
+    if (is_fn and target is getattr) or (not is_fn and target in ("size", "dim")):
+        return None, 1  # x.shape, x.size(): sizes, no channels (PVT v2's Mix-FFN reads its tokens' shape)
     if is_fn and target in _LAYER_NORM_FUNCTIONS:
         return blocked(_layer_norm_reason(node.name, target in _RMS_NORM_FUNCTIONS), defining=True)
     if x is not None and shape == src_shape and (

@@ -18,6 +18,7 @@ import contextlib
 import copy
 import io
 import logging
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -517,6 +518,7 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
             return None
         return b.fresh(shape[axis], pinned=why)
 
+    unused = _unused_values(gm)
     variable: set[fx.Node] = set()  # what depends on the model's input
     for node in gm.graph.nodes:
         shape = _shape(node)
@@ -527,7 +529,8 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
             # coordinate table): every export folds it into a constant, so it holds no layer, MAC or channel.
             ids_of[node] = None
             continue
-        matmul_macs += last_axis.matmul_macs(node, _shape, batch, modules)
+        if node not in unused:
+            matmul_macs += last_axis.matmul_macs(node, _shape, batch, modules)
         if node.op == "placeholder":
             if shape is None or len(shape) < 2:
                 ids_of[node] = None
@@ -554,6 +557,13 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
             ids_of[node] = _part(node, ids_of, wall)
             if axis_of.get(node.args[0], 1) != 1:
                 axis_of[node] = axis_of[node.args[0]]
+        elif node.op == "call_module" and isinstance(modules.get(str(node.target)), CONVS) and node.args \
+                and axis_of.get(node.args[0], 1) != 1:
+            # A conv reads dim 1, and the channels followed here run along another axis (a wall's, after a
+            # reshape the analysis does not follow): those stay, but the conv is a layer all the same, its MACs
+            # counted as the export counts them.
+            ids_of[node] = _module_ids(b, node, modules[str(node.target)], None, shape, layers, norms, input_ids,
+                                       wall)
         elif last_axis.applies(node, modules, axis_of, _shape):
             ids_of[node], axis = last_axis.ids(b, node, modules, shape, tensor_ids, axis_of, _shape, layers, Layer,
                                                wall, batch)
@@ -582,12 +592,44 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
         else:
             ids_of[node] = wall(node, f"unsupported node {_describe(node)}")
 
+    # A layer whose every call is unused (a query read only by scores a softmax over one key turns into ones)
+    # is folded away by every export: it holds no MACs or groups.
+    live_calls = {str(n.target) for n in gm.graph.nodes if n.op == "call_module" and n not in unused}
+    layers = {name: lay for name, lay in layers.items() if name in live_calls}
     branches = _residual_branches(gm, sum_nodes, modules)
     return ModelStructure(
         layers=layers, norms=norms, branches=branches, parent=b.parent, pinned=b.pinned,
         input_ids=input_ids, splits=splits, matmul_macs=matmul_macs,
         heads=attention_heads.find(gm, modules, layers, _shape, batch, dict(model.named_modules())),
     )
+
+
+_SOFTMAX_FUNCTIONS = {torch.softmax, torch.nn.functional.softmax, aten.softmax.int, aten._softmax.default,
+                      torch.log_softmax, torch.nn.functional.log_softmax, aten.log_softmax.int,
+                      aten._log_softmax.default}
+
+
+def _constant_softmax(node: fx.Node) -> bool:
+    """A softmax (log-softmax) over an axis of size 1: ones (zeros) whatever it reads."""
+    if not ((node.op == "call_method" and node.target in ("softmax", "log_softmax"))
+            or (node.op == "call_function" and node.target in _SOFTMAX_FUNCTIONS)):
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    shape = _shape(node)
+    return isinstance(dim, int) and shape is not None and -len(shape) <= dim < len(shape) and shape[dim] == 1
+
+
+def _unused_values(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes whose value reaches the output only through a softmax over an axis of size 1 (SwiftFormer's
+    `(q @ w_g).softmax(-1)` of a (B, N, 1) value): the softmax is a constant, every export folds it, and what only
+    it reads is computed by no export, so it holds no MACs."""
+    unused: set[fx.Node] = set()
+    for node in reversed(gm.graph.nodes):
+        if node.op in ("output", "placeholder") or not node.users:
+            continue
+        if all(u in unused or _constant_softmax(u) for u in node.users):
+            unused.add(node)
+    return unused
 
 
 def _glu_ids(b, node: fx.Node, dim, shape, tensor_ids, wall):
@@ -607,9 +649,20 @@ def _module_ids(b, node, mod, x, shape, layers, norms, input_ids, wall):
     if name in layers and isinstance(mod, (*CONVS, nn.Linear)):
         return _called_again(b, node, layers[name], x, shape, wall)
     if isinstance(mod, CONVS):
-        if x is None or shape is None:
+        if shape is None:
             return wall(node, f"conv {name} with unknown input")
         out_hw = _spatial(shape)
+        if x is None:
+            # Input channels the analysis does not follow (behind a wall that gave them no ids, or along
+            # another axis): they stay, and so do its filters; the conv still computes, and counts, all of them.
+            why = f"conv {name} reads channels that are not followed"
+            out = wall(node, why)  # pins the ids its input carries; its outputs are fresh, pinned
+            x = b.fresh(mod.in_channels, pinned=why)
+            if mod.groups != 1 and mod.groups == mod.in_channels:
+                out = [i for i in x for _ in range(mod.out_channels // mod.groups)]  # carried on, as below
+            layers[name] = Layer(name, "conv", tuple(mod.weight.shape), mod.bias is not None, mod.groups,
+                                 out_hw, list(x), list(out), **_conv_geometry(mod, node))
+            return list(out)
         if mod.groups != 1 and mod.groups == mod.in_channels:
             # Depthwise (with or without a channel multiplier): the outputs of group g read input channel g
             # alone, so they are that channel carried on (one id). They are zero when it is and their biases
@@ -682,10 +735,19 @@ def _called_again(b, node, first: Layer, x, shape, wall):
     removes weight column j for both), so their ids are merged, and this call's outputs carry the first
     call's output ids. The call's MACs count beside the first's.
     """
+    why = ""
     if x is None or shape is None or len(x) != len(first.in_ids):
-        return wall(node, f"{first.kind} {first.name} called again on an input of another width")
-    if first.kind == "linear" and len(shape) != 2:
-        return wall(node, f"linear {first.name} called again on a tensor that is not (batch, features)")
+        why = f"{first.kind} {first.name} called again on an input whose channels are not followed"
+    elif first.kind == "linear" and len(shape) != 2:
+        why = f"linear {first.name} called again on a tensor that is not (batch, features)"
+    if why:
+        # Its weights are the first call's: this call's channels cannot be cut, so neither can the first's;
+        # it still computes, and counts.
+        b.pin(first.in_ids, why)
+        b.pin(first.out_ids, why)
+        if shape is not None and (first.kind == "conv" or len(shape) == 2):
+            first.more_hw.append(_spatial(shape) if first.kind == "conv" else (1, 1))
+        return wall(node, why)
     for a, c in zip(first.in_ids, x):
         b.union(a, c)
     first.more_hw.append(_spatial(shape) if first.kind == "conv" else (1, 1))
@@ -760,6 +822,11 @@ def _flatten(b, node, x, shape, input_ids, wall):
     if (len(shape) >= 2 and len(src_shape) >= 2 and shape[:2] == src_shape[:2]
             and all(d == 1 for d in (*shape[2:], *src_shape[2:]))):
         return list(x)  # (N, C) <-> (N, C, 1, 1): the same channels, size-1 dims added or dropped
+    if len(shape) >= 3 and len(src_shape) >= 3 and shape[:2] == src_shape[:2] \
+            and math.prod(shape[2:]) == math.prod(src_shape[2:]):
+        # (N, C, H*W) <-> (N, C, H, W): only the spatial axes regrouped, each channel's values stay its own (the
+        # surgery's Reshape "keep" plan); SegFormer's and PVT v2's Mix-FFN depthwise conv on its tokens.
+        return list(x)
     shuffle = _channel_group_view(src_shape, shape)
     if shuffle == "merges two axes into channels" and len(x) == src_shape[1]:
         # (N, C, H, W) -> (N, C*H, W), a CNN's rows stacked with its channels into a sequence's features (a
