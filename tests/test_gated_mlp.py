@@ -87,8 +87,11 @@ def test_a_gated_mlp_unit_is_one_neuron_of_gate_up_and_down(packed):
     else:
         assert third == {("blocks.0.mlp.gate.weight", "out", (2,)), ("blocks.0.mlp.up.weight", "out", (2,)),
                          ("blocks.0.mlp.down.weight", "in", (2,))}
-    # The MLP branch (its RMSNorm, the three Linears and the product) is a depth group; attention is not.
-    assert [g.name for g in groups if g.kind == "depth"] == ["depth blocks.0[norm2,mlp]", "depth blocks.1[norm2,mlp]"]
+    # The MLP branch (its RMSNorm, the three Linears and the product) is a depth group, and so is the attention
+    # branch (its output projection zero, it adds zero).
+    assert [g.name for g in groups if g.kind == "depth"] == [
+        "depth blocks.0[norm1,q,k,v,o]", "depth blocks.0[norm2,mlp]", "depth blocks.1[norm1,q,k,v,o]",
+        "depth blocks.1[norm2,mlp]"]
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["gate-up", "packed"])

@@ -58,15 +58,19 @@ def test_zero_heads_thin_exactly(vit):
     assert model.layers[0].attention.q_proj.out_features == 18
 
 
-def test_mlp_branches_are_depth_groups_in_torch_exports_graph(vit):
+def test_attention_and_mlp_branches_are_depth_groups_in_torch_exports_graph(vit):
     # torch.export writes LayerNorm as aten.layer_norm of the module's parameters: read as the module, so a
-    # pre-norm MLP branch holds its scale and shift and goes whole.
+    # pre-norm branch holds its scale and shift and goes whole. An attention branch is one too: its output
+    # projection zero, it adds zero whatever its softmax computed, and its products go with it.
     groups = build_groups(vit, SHAPE, ("depth",))
-    assert [g.name for g in groups] == ["depth layers.0[layernorm_after,fc1,fc2]",
+    assert [g.name for g in groups] == ["depth layers.0[layernorm_before,attention]",
+                                        "depth layers.0[layernorm_after,fc1,fc2]",
+                                        "depth layers.1[layernorm_before,attention]",
                                         "depth layers.1[layernorm_after,fc1,fc2]"]
-    zero_groups(vit, groups[1:])
+    zero_groups(vit, [groups[0], groups[3]])
     result, counted = assert_cut_as_counted(vit, SHAPE, exported(vit, SHAPE))
-    assert counted.blocks_removed == ("layers.1[layernorm_after,fc1,fc2]",) and result.report["blocks_removed"]
+    assert counted.blocks_removed == ("layers.0[layernorm_before,attention]", "layers.1[layernorm_after,fc1,fc2]")
+    assert len(result.report["blocks_removed"]) == 2
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")

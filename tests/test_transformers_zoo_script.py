@@ -46,7 +46,7 @@ def test_a_vit_is_counted_as_exported_cut_as_counted_and_thinned(script, tmp_pat
     doc = json.loads((tmp_path / "transformers_zoo.json").read_text())
     (row,) = doc["rows"]
     assert row["ok"] and row["verified"] and row["thinned"]
-    assert row["groups"]["head"] == 8 and row["groups"]["depth"] == 2  # 2 x 4 heads; the 2 MLP branches
+    assert row["groups"]["head"] == 8 and row["groups"]["depth"] == 4  # 2 x 4 heads; 2 attention and 2 MLP branches
     assert row["macs"] == row["macs_export"]
     assert row["macs_after_counted"] == row["macs_after_export"] < row["macs"]
     assert "| vit |" in (tmp_path / "transformers_zoo.md").read_text()

@@ -80,18 +80,21 @@ class Removal:
     heads: tuple[tuple[str, tuple[int, ...]], ...] = ()  # per attention (its output projection), heads deleted
 
     def head_cuts(self, structure: ModelStructure) -> tuple[dict[str, set[int]], dict[str, set[int]], int]:
-        """Rows cut from each q/k/v Linear, columns cut from each output projection, and the attention
-        products' MACs that go with the deleted heads."""
+        """Rows cut from each q/k/v Linear, columns cut from each output projection, and the MACs of the
+        products (ops that are no layers) that go with the deleted heads and the deleted residual branches."""
         rows: dict[str, set[int]] = {}
         cols: dict[str, set[int]] = {}
         saved = 0
         by_proj = {att.proj: att for att in structure.heads}
         for proj, gone in self.heads:
             att = by_proj[proj]
+            if proj in self.modules:
+                continue  # in a deleted branch: its products go with the branch (below)
             for lin in att.row_layers:
                 rows.setdefault(lin, set()).update(att.rows(gone, lin))
             cols.setdefault(proj, set()).update(att.cols(gone))
             saved += att.product_macs * len(gone)
+        saved += sum(br.product_macs for br in structure.branches if br.modules and set(br.modules) <= self.modules)
         return rows, cols, saved
 
 

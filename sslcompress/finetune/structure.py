@@ -181,6 +181,7 @@ class Branch:
     add_node: str
     modules: list[str]  # parametric modules inside the branch, in graph order
     shortcut: list[str] = field(default_factory=list)  # parametric modules only the other side runs (a projection)
+    product_macs: int = 0  # MACs of its ops that are no layers (an attention's products), which go with it
 
 
 @dataclass
@@ -519,6 +520,7 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
         return b.fresh(shape[axis], pinned=why)
 
     unused = _unused_values(gm)
+    product_macs: dict[fx.Node, int] = {}  # MACs of the ops that are no layers (an attention's products)
     variable: set[fx.Node] = set()  # what depends on the model's input
     for node in gm.graph.nodes:
         shape = _shape(node)
@@ -530,7 +532,8 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
             ids_of[node] = None
             continue
         if node not in unused:
-            matmul_macs += last_axis.matmul_macs(node, _shape, batch, modules)
+            product_macs[node] = last_axis.matmul_macs(node, _shape, batch, modules)
+            matmul_macs += product_macs[node]
         if node.op == "placeholder":
             if shape is None or len(shape) < 2:
                 ids_of[node] = None
@@ -596,7 +599,7 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
     # is folded away by every export: it holds no MACs or groups.
     live_calls = {str(n.target) for n in gm.graph.nodes if n.op == "call_module" and n not in unused}
     layers = {name: lay for name, lay in layers.items() if name in live_calls}
-    branches = _residual_branches(gm, sum_nodes, modules)
+    branches = _residual_branches(gm, sum_nodes, modules, product_macs)
     return ModelStructure(
         layers=layers, norms=norms, branches=branches, parent=b.parent, pinned=b.pinned,
         input_ids=input_ids, splits=splits, matmul_macs=matmul_macs,
@@ -997,7 +1000,8 @@ def _gated_product(b, node: fx.Node, shape, tensor_ids, gate_arg: fx.Node, wall)
     return list(x)
 
 
-def _residual_branches(gm: fx.GraphModule, sum_nodes: list[fx.Node], modules: dict) -> list[Branch]:
+def _residual_branches(gm: fx.GraphModule, sum_nodes: list[fx.Node], modules: dict,
+                       product_macs: dict[fx.Node, int]) -> list[Branch]:
     """For every residual sum, the side whose deletion leaves the other side as a shortcut."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     ancestors: dict[fx.Node, set[fx.Node]] = {}
@@ -1014,6 +1018,13 @@ def _residual_branches(gm: fx.GraphModule, sum_nodes: list[fx.Node], modules: di
     for n in gm.graph.nodes:  # fill in order to avoid deep recursion
         anc(n)
 
+    # What the input's values reach. The rest (parameters, a mask built from the input's shape that every
+    # layer's attention reads) stays when a branch goes, so it is no part of one.
+    valued: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or (not _reads_a_size(n) and any(a in valued for a in n.all_input_nodes)):
+            valued.add(n)
+
     def parametric(side: set[fx.Node]) -> list[str]:
         """The modules with parameters of their own that a side calls, in graph order."""
         mods = [str(n.target) for n in sorted(side, key=order.get) if n.op == "call_module"]
@@ -1022,30 +1033,40 @@ def _residual_branches(gm: fx.GraphModule, sum_nodes: list[fx.Node], modules: di
     branches: list[Branch] = []
     for node in sum_nodes:
         a, c = node.args[0], node.args[1]
-        side_a = (anc(a) | {a}) - (anc(c) | {c})
-        side_c = (anc(c) | {c}) - (anc(a) | {a})
+        side_a = ((anc(a) | {a}) - (anc(c) | {c})) & valued
+        side_c = ((anc(c) | {c}) - (anc(a) | {a})) & valued
         candidates = []
         # x - branch is x where the branch is zero; branch - x is -x, so a difference's first side is no branch.
-        sides = ((side_c, side_a),) if _is_difference(node) else ((side_a, side_c), (side_c, side_a))
-        for side, other in sides:
-            if not side or not _self_contained(side, node):
-                continue
+        sides = ((side_c, side_a, c),) if _is_difference(node) else ((side_a, side_c, a), (side_c, side_a, c))
+        for side, other, end in sides:
+            if not side or not _self_contained(side, node) or (a if end is c else c) not in valued:
+                continue  # (a sum with a constant, a position embedding, is no residual: no input passes it)
             params = parametric(side)
-            if not params or not all(_branch_op_ok(n, modules, side) for n in side):
+            if not params or not _zero_when_layers_are(end, side, modules) \
+                    or any(_may_blow_up(n) for n in side):
                 continue
             weights = sum(int(p.numel()) for m in params for p in modules[m].parameters(recurse=False))
-            candidates.append((len(params), weights, params, parametric(other)))
+            candidates.append((len(params), weights, params, parametric(other),
+                               sum(product_macs.get(n, 0) for n in side)))
         if candidates:
             # With a projection shortcut both sides hold weights: the branch is the side with more layers (a
             # projection is one conv and its norm), then the heavier. Not the heavier alone: a thinned branch
             # whose channels all died (one kept, since a conv cannot have none) weighs less than its projection.
             candidates.sort(key=lambda t: (-t[0], -t[1]))
-            _, _, params, shortcut = candidates[0]
-            branches.append(Branch(add_node=node.name, modules=params, shortcut=shortcut))
+            _, _, params, shortcut, macs = candidates[0]
+            branches.append(Branch(add_node=node.name, modules=params, shortcut=shortcut, product_macs=macs))
     return branches
 
 
 _DIFFERENCE_FUNCTIONS = {operator.sub, operator.isub, torch.sub, aten.sub.Tensor, aten.sub_.Tensor}
+
+
+def _reads_a_size(node: fx.Node) -> bool:
+    return (node.op == "call_function" and (node.target is getattr or node.target in _SIZE_FUNCTIONS)) or \
+        (node.op == "call_method" and node.target in ("size", "dim"))
+
+
+_SIZE_FUNCTIONS = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int}
 
 
 def _is_difference(node: fx.Node) -> bool:
@@ -1064,12 +1085,93 @@ def _stream_sum(node: fx.Node, shape) -> bool:
 
 
 def _self_contained(side: set[fx.Node], add: fx.Node) -> bool:
-    return all(user in side or user is add for n in side for user in n.users)
+    # A user that nothing reads (torch.export's _assert_tensor_metadata after a softmax's dtype cast) goes too.
+    return all(user in side or user is add or (not user.users and user.op != "output")
+               for n in side for user in n.users)
 
 
 # Ops that only move elements (a channels-last stretch of a ConvNeXt block): zero stays zero.
 _LAYOUT_FUNCTIONS = {torch.permute, torch.transpose, aten.permute.default, aten.transpose.int}
 _LAYOUT_METHODS = {"permute", "transpose"}
+
+
+# Layers that write zero whatever they read once their parameters are zero: what runs before one in a branch
+# (ConvNeXt V2's GRN before its second Linear) need only stay finite.
+_ZEROING_LAYERS = (*CONVS, nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+                   nn.InstanceNorm3d, nn.BatchNorm1d, nn.BatchNorm2d, *last_axis.RMS_NORM_MODULES)
+
+
+def _zero_when_layers_are(end: fx.Node, side: set[fx.Node], modules: dict) -> bool:
+    """Whether the branch's output `end` is exactly zero once every parameter of its layers is: walking back
+    from it, each op keeps zero zero (a sum of zeros, a product with a zero factor, an activation of zero)
+    until a layer that writes zero whatever it reads."""
+    memo: dict[fx.Node, bool] = {}
+
+    def zero(v) -> bool:
+        if not isinstance(v, fx.Node):
+            return isinstance(v, (int, float)) and v == 0
+        if v not in side:
+            return False  # the trunk, or a parameter read outside a layer (a layer scale): not zero
+        if v not in memo:
+            memo[v] = False  # no cycles in a graph; this only guards the recursion
+            memo[v] = _zero_node(v)
+        return memo[v]
+
+    def _zero_node(v: fx.Node) -> bool:
+        if v.op == "call_module":
+            mod = modules[str(v.target)]
+            if isinstance(mod, _ZEROING_LAYERS) and any(True for _ in mod.parameters(recurse=False)):
+                return _branch_op_ok(v, modules, side)  # a norm without scale and shift, or eval-mode BN: not
+            return _branch_op_ok(v, modules, side) and bool(v.args) and zero(v.args[0])
+        if last_axis.is_product(v):
+            return any(zero(a) for a in v.args[:2])
+        if (v.op == "call_function" and v.target in _SUM_FUNCTIONS) or \
+                (v.op == "call_method" and v.target in _SUM_METHODS):
+            return all(zero(a) for a in v.args[:2])
+        if v.op == "get_attr":
+            return False
+        return _branch_op_ok(v, modules, side) and bool(v.args) and zero(v.args[0])
+
+    return zero(end)
+
+
+_DIVISIONS = {operator.truediv, operator.itruediv, torch.div, torch.true_divide, aten.div.Tensor}
+_INVERSES = {torch.reciprocal, torch.rsqrt, torch.log, aten.reciprocal.default, aten.rsqrt.default,
+             aten.log.default, "reciprocal", "rsqrt", "log"}
+_POSITIVE = {torch.exp, torch.sigmoid, torch.nn.functional.softplus, aten.exp.default, aten.sigmoid.default,
+             "exp", "sigmoid"}
+_ROOTS = {torch.sqrt, aten.sqrt.default, "sqrt"}
+_CLAMPS = {torch.clamp, torch.clamp_min, aten.clamp.default, aten.clamp_min.default, "clamp", "clamp_min"}
+
+
+def _may_blow_up(node: fx.Node) -> bool:
+    """A division (or reciprocal, rsqrt, log) by a value that is not kept away from zero: zero layers before it
+    could make it infinite, and a zero layer after it then writes NaN, not zero. `x / (norm + eps)` is safe."""
+    target = node.target if node.op in ("call_function", "call_method") else None
+    if target in _DIVISIONS or (node.op == "call_method" and target in ("div", "div_", "true_divide")):
+        return len(node.args) > 1 and not _away_from_zero(node.args[1])
+    if target in _INVERSES:
+        return not _away_from_zero(node.args[0]) if node.args else True
+    return False
+
+
+def _away_from_zero(v, depth: int = 0) -> bool:
+    if not isinstance(v, fx.Node):
+        return isinstance(v, (int, float)) and v != 0
+    if depth > 8 or v.op not in ("call_function", "call_method"):
+        return False
+    if v.target in _POSITIVE:
+        return True
+    if v.target in _ROOTS:
+        return bool(v.args) and _away_from_zero(v.args[0], depth + 1)
+    if v.target in _CLAMPS:
+        low = v.args[1] if len(v.args) > 1 else v.kwargs.get("min")
+        return isinstance(low, (int, float)) and low > 0
+    if v.target in _SUM_FUNCTIONS or v.target in ("add", "add_"):
+        # x + eps: the norms, variances and means of norms a normalisation divides by are never negative
+        return v.target not in (operator.sub, operator.isub, torch.sub, aten.sub.Tensor, aten.sub_.Tensor) and \
+            any(isinstance(a, (int, float)) and a > 0 for a in v.args[:2])
+    return False
 
 
 def _branch_op_ok(node: fx.Node, modules: dict, side: set[fx.Node] = frozenset()) -> bool:
