@@ -53,6 +53,8 @@ class Block(nn.Module):
         h = F.gelu(h)
         if self.middle == "grn":
             h = self.grn(h)
+        elif self.middle == "normalize":
+            h = F.normalize(h, dim=-1)  # x / max(|x|, eps), as Swin V2's cosine attention normalises q and k
         elif self.middle == "unguarded":
             h = h / h.abs().sum(dim=-1, keepdim=True)  # 0 / 0 once fc1 is zero
         h = self.fc2(h)
@@ -81,10 +83,11 @@ def _depth_groups(model) -> dict:
     return {g.name: g for g in build_groups(model, SHAPE, ("depth",)) if g.removable and g.kind == "depth"}
 
 
+@pytest.mark.parametrize("middle", ["grn", "normalize"])
 @pytest.mark.parametrize("traced", ["fx", "torch.export"])
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
-def test_a_branch_with_a_grn_before_its_last_layer_is_a_depth_group_cut_as_counted(traced, exporter):
-    model = _model("grn", traced)
+def test_a_branch_with_a_grn_before_its_last_layer_is_a_depth_group_cut_as_counted(traced, exporter, middle):
+    model = _model(middle, traced)
     groups = _depth_groups(model)
     # The group names the branch's layers: the block also holds the GRN's scale and shift, which go with it.
     assert sorted(groups) == ["depth blocks.0[dwconv,norm,fc1,fc2]", "depth blocks.1[dwconv,norm,fc1,fc2]"]

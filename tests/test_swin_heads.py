@@ -127,3 +127,18 @@ def test_a_width_read_off_a_tensor_in_torch_exports_graph_is_undone_by_thinnings
     assert not result.applied and "forward fails" in result.reason
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
     assert model.attention.num_attention_heads == 4
+
+
+@pytest.mark.parametrize("traced", ["fx", "torch.export"])
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_attention_branches_rolled_back_are_depth_groups_cut_as_counted(traced, exporter):
+    """A shifted block rolls its windows back after the attention: the roll moves zeros, so the branch writes
+    zero once its layers are, and it goes whole with its products and its bias table."""
+    model = _model(traced)
+    groups = {g.name: g for g in build_groups(model, SHAPE, ("depth",)) if g.removable}
+    assert sorted(groups) == sorted(f"depth blocks.{b}[{part}]" for b in range(4)
+                                    for part in ("norm1,attention", "norm2,fc1,fc2"))
+    zero_groups(model, [groups["depth blocks.1[norm1,attention]"], groups["depth blocks.2[norm1,attention]"]])
+    result, counted = assert_cut_as_counted(model, SHAPE, exported(model, SHAPE, exporter))
+    assert counted.blocks_removed == ("blocks.1[norm1,attention]", "blocks.2[norm1,attention]")
+    assert len(result.report["blocks_removed"]) == 2

@@ -270,14 +270,38 @@ def test_convnext_branch_cut_by_the_export_is_counted_cut(emptied):
     assert all(lay.removed for lay in counted.layers if lay.name.startswith("stages.0.0."))
 
 
-def test_vit_mlp_branches_are_depth_groups_named_apart_from_the_attention():
+def test_vit_mlp_and_attention_branches_are_depth_groups_named_apart():
     # The residual stream's features are pinned (its LayerNorms), but the sum of a branch is still a sum: a
     # pre-norm MLP branch (its LayerNorm's scale and shift in the group) writes zero once its group is zero.
-    # The attention branch is not one: a softmax of zeros is not zero.
+    # So does the attention branch: a softmax of zeros is not zero, but the output projection after it is.
     groups = build_groups(_vit(), VIT_SHAPE, ("depth",))
-    assert [g.name for g in groups] == ["depth blocks.0[norm2,mlp]", "depth blocks.1[norm2,mlp]"]
-    assert {s.param.rsplit(".", 1)[0] for s in groups[1].slices} == {
+    assert [g.name for g in groups] == ["depth blocks.0[norm1,attn]", "depth blocks.0[norm2,mlp]",
+                                        "depth blocks.1[norm1,attn]", "depth blocks.1[norm2,mlp]"]
+    assert {s.param.rsplit(".", 1)[0] for s in groups[3].slices} == {
         "blocks.1.norm2", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"}
+    assert {s.param.rsplit(".", 1)[0] for s in groups[2].slices} == {
+        "blocks.1.norm1", "blocks.1.attn.q", "blocks.1.attn.k", "blocks.1.attn.v", "blocks.1.attn.proj"}
+
+
+@torch.no_grad()
+def test_a_zero_attention_branch_goes_with_its_products_as_counted():
+    from sslcompress.surgery.compress import compress
+    from sslcompress.surgery.export import export_onnx
+
+    model = _vit()
+    groups = {g.name: g for g in build_groups(model, VIT_SHAPE, ("depth",))}
+    params = dict(model.named_parameters())
+    for s in groups["depth blocks.1[norm1,attn]"].slices:
+        params[s.param].zero_()
+    counted = count(model, VIT_SHAPE)
+    dense = count(_vit(), VIT_SHAPE)
+    result = compress(export_onnx(model, VIT_SHAPE).model)
+    assert result.report["verification"]["passed"]
+    assert counted.blocks_removed == ("blocks.1[norm1,attn]",) and len(result.report["blocks_removed"]) == 1
+    assert result.report["totals"]["macs_after"] == counted.macs_after
+    # q k^T and the weighted sum of v are no layers' MACs: they go too.
+    layers_gone = sum(lay.macs for lay in counted.layers if lay.name.startswith("blocks.1.attn."))
+    assert dense.macs - counted.macs_after > layers_gone
 
 
 @torch.no_grad()
@@ -582,7 +606,7 @@ def test_rms_norm_mlp_branches_are_depth_groups_cut_and_counted():
     from sslcompress.surgery.export import export_onnx
 
     model = _rms_vit()
-    groups = build_groups(model, VIT_SHAPE, ("depth",))
+    groups = [g for g in build_groups(model, VIT_SHAPE, ("depth",)) if g.name.endswith("[norm2,mlp]")]
     assert [g.name for g in groups] == ["depth blocks.0[norm2,mlp]", "depth blocks.1[norm2,mlp]"]
     assert {s.param.rsplit(".", 1)[0] for s in groups[0].slices} == {
         "blocks.0.norm2", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"}

@@ -69,7 +69,7 @@ _ZERO_PRESERVING_FUNCTIONS |= {
     aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default, aten.leaky_relu.default,
     aten.elu.default, aten.selu.default, aten.gelu.default, aten.silu.default, aten.silu_.default,
     aten.mish.default, aten.tanh.default, aten.hardswish.default, aten.neg.default, aten.dropout.default,
-    aten.clone.default, aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
+    aten.clone.default, aten.contiguous.default, aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
     aten.max_pool1d.default, aten.avg_pool1d.default, aten.adaptive_avg_pool1d.default,
     aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec,
 }
@@ -1085,14 +1085,25 @@ def _stream_sum(node: fx.Node, shape) -> bool:
 
 
 def _self_contained(side: set[fx.Node], add: fx.Node) -> bool:
-    # A user that nothing reads (torch.export's _assert_tensor_metadata after a softmax's dtype cast) goes too.
-    return all(user in side or user is add or (not user.users and user.op != "output")
+    # A user that nothing reads (torch.export's _assert_tensor_metadata after a softmax's dtype cast) goes too,
+    # and a read of a size is no read of values (the branch's own views read the sizes of its tensors).
+    return all(user in side or user is add or (not user.users and user.op != "output") or _reads_a_size(user)
                for n in side for user in n.users)
 
 
 # Ops that only move elements (a channels-last stretch of a ConvNeXt block): zero stays zero.
-_LAYOUT_FUNCTIONS = {torch.permute, torch.transpose, aten.permute.default, aten.transpose.int}
-_LAYOUT_METHODS = {"permute", "transpose"}
+# and what selects or rolls them (a Swin block crops its padded windows and rolls its shifted ones back).
+_LAYOUT_FUNCTIONS = {torch.permute, torch.transpose, aten.permute.default, aten.transpose.int, torch.roll,
+                     aten.roll.default, aten.slice.Tensor, aten.select.int}
+_LAYOUT_METHODS = {"permute", "transpose", "roll"}
+
+
+def _slices_a_tensor(node: fx.Node) -> bool:
+    """x[:, :h, :w] (ints, slices, None, ...): a view of x's elements, zero where x is."""
+    if not (node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2):
+        return False
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    return all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in index)
 
 
 # Layers that write zero whatever they read once their parameters are zero: what runs before one in a branch
@@ -1141,6 +1152,8 @@ _INVERSES = {torch.reciprocal, torch.rsqrt, torch.log, aten.reciprocal.default, 
 _POSITIVE = {torch.exp, torch.sigmoid, torch.nn.functional.softplus, aten.exp.default, aten.sigmoid.default,
              "exp", "sigmoid"}
 _ROOTS = {torch.sqrt, aten.sqrt.default, "sqrt"}
+_BROADCASTS = {aten.expand.default, aten.expand_as.default, aten.view.default, aten.reshape.default, aten.unsqueeze.default, "expand",
+               "expand_as", "view", "reshape", "unsqueeze"}  # F.normalize's `x / norm.clamp_min(eps).expand_as(x)`
 _CLAMPS = {torch.clamp, torch.clamp_min, aten.clamp.default, aten.clamp_min.default, "clamp", "clamp_min"}
 
 
@@ -1162,7 +1175,7 @@ def _away_from_zero(v, depth: int = 0) -> bool:
         return False
     if v.target in _POSITIVE:
         return True
-    if v.target in _ROOTS:
+    if v.target in _ROOTS or v.target in _BROADCASTS:
         return bool(v.args) and _away_from_zero(v.args[0], depth + 1)
     if v.target in _CLAMPS:
         low = v.args[1] if len(v.args) > 1 else v.kwargs.get("min")
@@ -1200,7 +1213,8 @@ def _branch_op_ok(node: fx.Node, modules: dict, side: set[fx.Node] = frozenset()
     if node.op == "call_function":
         shape = _shape(node)
         return node.target in _ZERO_PRESERVING_FUNCTIONS or node.target in _FLATTEN_FUNCTIONS \
-            or node.target in _LAYOUT_FUNCTIONS or _pads_space_with_zeros(node, len(shape) if shape else None)
+            or node.target in _LAYOUT_FUNCTIONS or _pads_space_with_zeros(node, len(shape) if shape else None) \
+            or _slices_a_tensor(node)
     if node.op == "call_method":
         return node.target in _ZERO_PRESERVING_METHODS or node.target in _FLATTEN_METHODS \
             or node.target in _LAYOUT_METHODS
