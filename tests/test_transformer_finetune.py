@@ -298,6 +298,7 @@ def test_a_zero_attention_branch_goes_with_its_products_as_counted():
     result = compress(export_onnx(model, VIT_SHAPE).model)
     assert result.report["verification"]["passed"]
     assert counted.blocks_removed == ("blocks.1[norm1,attn]",) and len(result.report["blocks_removed"]) == 1
+    assert [kept for _, kept, _ in counted.heads] == [counted.heads[0][2], 0]
     assert result.report["totals"]["macs_after"] == counted.macs_after
     # q k^T and the weighted sum of v are no layers' MACs: they go too.
     layers_gone = sum(lay.macs for lay in counted.layers if lay.name.startswith("blocks.1.attn."))

@@ -156,7 +156,8 @@ class Counter:
 
     def _heads_kept(self, gone: Removal) -> tuple[tuple[str, int, int], ...]:
         deleted = dict(gone.heads)
-        return tuple((att.name, att.num_heads - att.per_group * len(deleted.get(att.proj, ())), att.num_heads)
+        return tuple((att.name, 0 if att.proj in gone.modules else  # in a deleted branch: no head is left
+                      att.num_heads - att.per_group * len(deleted.get(att.proj, ())), att.num_heads)
                      for att in self.structure.heads)
 
     def removal(self, *, equal_groups: bool = True) -> Removal:
