@@ -180,10 +180,11 @@ def one(name: str) -> dict:
 def render(rows: list[dict], meta: dict) -> str:
     lines = [f"# Hugging Face transformers' image classifiers through the analysis ({meta['date']})", "",
              f"transformers {meta['transformers']}, torch {meta['torch']}, inputs {SHAPE}, random weights; three "
-             "groups of each kind zeroed (one residual branch; never head 0 of an attention), seed 0. *Count = export*: the dense MAC count is "
-             "the export's; *cut as counted*: the surgery's MACs after are the count's and the cut model verifies "
+             "groups of each kind zeroed (one residual branch; never head 0 of an attention), seed 0. "
+             "*Count = export*: the dense MAC count is the export's; *cut as counted*: the surgery's MACs after are the count's and the cut model verifies "
              "against the uncut one in ONNX Runtime; *thinned*: the torch model sliced with the same outputs.", "",
-             "| model | groups | count = export (MACs) | cut as counted (MACs after) | thinned | walls the surgery reports |",
+             "| model | groups | count = export (MACs) | cut as counted (MACs after) | thinned "
+             "| walls the surgery reports |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:

@@ -69,7 +69,8 @@ _ZERO_PRESERVING_FUNCTIONS |= {
     aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default, aten.leaky_relu.default,
     aten.elu.default, aten.selu.default, aten.gelu.default, aten.silu.default, aten.silu_.default,
     aten.mish.default, aten.tanh.default, aten.hardswish.default, aten.neg.default, aten.dropout.default,
-    aten.clone.default, aten.contiguous.default, aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
+    aten.clone.default, aten.contiguous.default, aten.max_pool2d.default, aten.avg_pool2d.default,
+    aten.adaptive_avg_pool2d.default,
     aten.max_pool1d.default, aten.avg_pool1d.default, aten.adaptive_avg_pool1d.default,
     aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec,
 }
@@ -1125,14 +1126,15 @@ def _zero_when_layers_are(end: fx.Node, side: set[fx.Node], modules: dict) -> bo
             return False  # the trunk, or a parameter read outside a layer (a layer scale): not zero
         if v not in memo:
             memo[v] = False  # no cycles in a graph; this only guards the recursion
-            memo[v] = _zero_node(v)
+            memo[v] = zero_of_op(v)
         return memo[v]
 
-    def _zero_node(v: fx.Node) -> bool:
+    def zero_of_op(v: fx.Node) -> bool:
         if v.op == "call_module":
             mod = modules[str(v.target)]
             if isinstance(mod, _ZEROING_LAYERS) and any(True for _ in mod.parameters(recurse=False)):
-                return _branch_op_ok(v, modules, side)  # a norm without scale and shift, or eval-mode BN: not
+                # zero whatever it reads, unless a norm lacks a scale or shift (or is eval-mode BN without)
+                return _branch_op_ok(v, modules, side)
             return _branch_op_ok(v, modules, side) and bool(v.args) and zero(v.args[0])
         if last_axis.is_product(v):
             return any(zero(a) for a in v.args[:2])
@@ -1152,8 +1154,9 @@ _INVERSES = {torch.reciprocal, torch.rsqrt, torch.log, aten.reciprocal.default, 
 _POSITIVE = {torch.exp, torch.sigmoid, torch.nn.functional.softplus, aten.exp.default, aten.sigmoid.default,
              "exp", "sigmoid"}
 _ROOTS = {torch.sqrt, aten.sqrt.default, "sqrt"}
-_BROADCASTS = {aten.expand.default, aten.expand_as.default, aten.view.default, aten.reshape.default, aten.unsqueeze.default, "expand",
-               "expand_as", "view", "reshape", "unsqueeze"}  # F.normalize's `x / norm.clamp_min(eps).expand_as(x)`
+# Views of a divisor keep it away from zero (F.normalize's `x / norm.clamp_min(eps).expand_as(x)`).
+_BROADCASTS = {aten.expand.default, aten.expand_as.default, aten.view.default, aten.reshape.default,
+               aten.unsqueeze.default, "expand", "expand_as", "view", "reshape", "unsqueeze"}
 _CLAMPS = {torch.clamp, torch.clamp_min, aten.clamp.default, aten.clamp_min.default, "clamp", "clamp_min"}
 
 
