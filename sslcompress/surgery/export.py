@@ -20,7 +20,7 @@ import onnx
 import onnxsim
 import torch
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper
+from onnx import external_data_helper, numpy_helper
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError, VerificationError, first_line
@@ -148,6 +148,31 @@ def _torch_export(model: nn.Module, input_shape: tuple[int, ...], opset: int, dy
     return buf.getvalue()
 
 
+def _zero_initializers_apart(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Each reader of an all-zero initializer gets its own copy. torch's exporter merges initializers of equal
+    values, and a sparse model's zero weights are equal: the k and v projections of a zeroed attention branch
+    then read one weight, onnxsim merges the two MatMuls as a common subexpression, and the export computes
+    fewer MACs than the model it was exported from (whose count steered the budget). Apart, they stay two
+    layers, and the surgery deletes both."""
+    graph = model.graph
+    zero = {init.name: init for init in graph.initializer
+            if init.data_location != onnx.TensorProto.EXTERNAL
+            and not numpy_helper.to_array(init).any()}
+    seen: dict[str, int] = {}
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name not in zero:
+                continue
+            seen[name] = seen.get(name, 0) + 1
+            if seen[name] > 1:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(zero[name])
+                copy.name = f"{name}__reader{seen[name]}"
+                graph.initializer.append(copy)
+                node.input[k] = copy.name
+    return model
+
+
 def _simplify(model: onnx.ModelProto, dynamic_batch: bool) -> onnx.ModelProto:
     """onnxsim with its own numeric check off (it prints); callers verify in ORT themselves. Its constant folding
     writes a line to file descriptor 2 for each node it cannot fold (a causal mask's Where), from C++: noise to
@@ -185,7 +210,7 @@ def export_onnx(
     _check_finite(model)
     raw = onnx.load_from_string(_torch_export(model, tuple(input_shape), opset, dynamic_batch))
     before = len(raw.graph.node)
-    out = _simplify(raw, dynamic_batch) if simplify else raw
+    out = _simplify(_zero_initializers_apart(raw), dynamic_batch) if simplify else raw
     return ExportResult(
         model=out,
         opset=opset,
