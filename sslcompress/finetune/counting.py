@@ -80,8 +80,8 @@ class Removal:
     heads: tuple[tuple[str, tuple[int, ...]], ...] = ()  # per attention (its output projection), heads deleted
 
     def head_cuts(self, structure: ModelStructure) -> tuple[dict[str, set[int]], dict[str, set[int]], int]:
-        """Rows cut from each q/k/v Linear, columns cut from each output projection, and the MACs of the
-        products (ops that are no layers) that go with the deleted heads and the deleted residual branches."""
+        """Rows cut from each q/k/v Linear, columns cut from each output projection, and the attention
+        products' MACs that go with the deleted heads."""
         rows: dict[str, set[int]] = {}
         cols: dict[str, set[int]] = {}
         saved = 0
@@ -94,8 +94,11 @@ class Removal:
                 rows.setdefault(lin, set()).update(att.rows(gone, lin))
             cols.setdefault(proj, set()).update(att.cols(gone))
             saved += att.product_macs * len(gone)
-        saved += sum(br.product_macs for br in structure.branches if br.modules and set(br.modules) <= self.modules)
         return rows, cols, saved
+
+    def branch_products(self, structure: ModelStructure) -> int:
+        """The MACs of the ops that are no layers (an attention's products) inside the deleted branches."""
+        return sum(br.product_macs for br in structure.branches if br.modules and set(br.modules) <= self.modules)
 
 
 class Counter:
@@ -136,6 +139,7 @@ class Counter:
         gone = self.removal()
         dead, removed_layers, blocks_removed, removed_modules = gone.channels, gone.layers, gone.blocks, gone.modules
         rows, cols, products_saved = gone.head_cuts(st)
+        products_saved += gone.branch_products(st)
         layer_counts = [self._count_layer(lay, dead, removed_layers, rows.get(lay.name, set()),
                                           cols.get(lay.name, set())) for lay in st.layers.values()]
         params_total = sum(p.numel() for p in self.params.values())

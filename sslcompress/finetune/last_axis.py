@@ -85,6 +85,15 @@ def glu_units(b, x: list[int]) -> list[int]:
     return list(x[:half])
 
 
+_SIZE_FUNCTIONS = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int}
+
+
+def reads_a_size(node: fx.Node) -> bool:
+    """x.shape, x.size(), x.dim() and torch.export's symbolic sizes: a read of sizes, not of values."""
+    return (node.op == "call_function" and (node.target is getattr or node.target in _SIZE_FUNCTIONS)) or \
+        (node.op == "call_method" and node.target in ("size", "dim"))
+
+
 def is_product(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in _PRODUCT_FUNCTIONS) or \
         (node.op == "call_method" and node.target in ("mul", "mul_"))
@@ -211,7 +220,7 @@ def ids(b, node: fx.Node, modules: dict, shape, tensor_ids, axis_of: dict, shape
             return list(x), axis
         return blocked(f"{type(mod).__name__} {name} on channels along axis {axis}")
     target, is_fn = node.target, node.op == "call_function"
-    if (is_fn and target is getattr) or (not is_fn and target in ("size", "dim")):
+    if reads_a_size(node):
         return None, 1  # x.shape, x.size(): sizes, no channels (PVT v2's Mix-FFN reads its tokens' shape)
     if is_fn and target in _LAYER_NORM_FUNCTIONS:
         return blocked(_layer_norm_reason(node.name, target in _RMS_NORM_FUNCTIONS), defining=True)

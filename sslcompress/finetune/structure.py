@@ -1023,7 +1023,7 @@ def _residual_branches(gm: fx.GraphModule, sum_nodes: list[fx.Node], modules: di
     # layer's attention reads) stays when a branch goes, so it is no part of one.
     valued: set[fx.Node] = set()
     for n in gm.graph.nodes:
-        if n.op == "placeholder" or (not _reads_a_size(n) and any(a in valued for a in n.all_input_nodes)):
+        if n.op == "placeholder" or (not last_axis.reads_a_size(n) and any(a in valued for a in n.all_input_nodes)):
             valued.add(n)
 
     def parametric(side: set[fx.Node]) -> list[str]:
@@ -1062,14 +1062,6 @@ def _residual_branches(gm: fx.GraphModule, sum_nodes: list[fx.Node], modules: di
 _DIFFERENCE_FUNCTIONS = {operator.sub, operator.isub, torch.sub, aten.sub.Tensor, aten.sub_.Tensor}
 
 
-def _reads_a_size(node: fx.Node) -> bool:
-    return (node.op == "call_function" and (node.target is getattr or node.target in _SIZE_FUNCTIONS)) or \
-        (node.op == "call_method" and node.target in ("size", "dim"))
-
-
-_SIZE_FUNCTIONS = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int}
-
-
 def _is_difference(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in _DIFFERENCE_FUNCTIONS) \
         or (node.op == "call_method" and node.target in ("sub", "sub_"))
@@ -1088,7 +1080,7 @@ def _stream_sum(node: fx.Node, shape) -> bool:
 def _self_contained(side: set[fx.Node], add: fx.Node) -> bool:
     # A user that nothing reads (torch.export's _assert_tensor_metadata after a softmax's dtype cast) goes too,
     # and a read of a size is no read of values (the branch's own views read the sizes of its tensors).
-    return all(user in side or user is add or (not user.users and user.op != "output") or _reads_a_size(user)
+    return all(user in side or user is add or (not user.users and user.op != "output") or last_axis.reads_a_size(user)
                for n in side for user in n.users)
 
 
@@ -1125,7 +1117,6 @@ def _zero_when_layers_are(end: fx.Node, side: set[fx.Node], modules: dict) -> bo
         if v not in side:
             return False  # the trunk, or a parameter read outside a layer (a layer scale): not zero
         if v not in memo:
-            memo[v] = False  # no cycles in a graph; this only guards the recursion
             memo[v] = zero_of_op(v)
         return memo[v]
 
@@ -1185,8 +1176,7 @@ def _away_from_zero(v, depth: int = 0) -> bool:
         return isinstance(low, (int, float)) and low > 0
     if v.target in _SUM_FUNCTIONS or v.target in ("add", "add_"):
         # x + eps: the norms, variances and means of norms a normalisation divides by are never negative
-        return v.target not in (operator.sub, operator.isub, torch.sub, aten.sub.Tensor, aten.sub_.Tensor) and \
-            any(isinstance(a, (int, float)) and a > 0 for a in v.args[:2])
+        return not _is_difference(v) and any(isinstance(a, (int, float)) and a > 0 for a in v.args[:2])
     return False
 
 
