@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sslcompress.latency import current_key
-from sslcompress.latency.block import _blocked, nchwc_block
+from sslcompress.latency.block import _blocked, nchwc_block, nchwc_input_alignment
 from sslcompress.latency.signature import Signature, blocked, off_block, on_block, padded
 
 
@@ -29,11 +29,28 @@ def _conv(cin: int, cout: int, groups: int = 1) -> Signature:
     return Signature("conv", cout, cin, (3, 3), groups=groups, in_hw=(8, 8))
 
 
-@pytest.mark.parametrize(("width", "block", "expected"), [
-    (24, 8, True), (24, 16, False), (12, 16, True), (17, 16, False), (32, 16, True)])
-def test_a_plain_conv_is_blocked_by_its_input_width(width, block, expected):
-    assert on_block(width, block) is expected
+@pytest.mark.parametrize(("width", "block", "align", "expected"), [
+    (24, 8, 8, True), (24, 16, 16, False), (24, 16, 4, True), (22, 16, 4, False), (12, 16, 16, True),
+    (17, 16, 4, False), (32, 16, 16, True), (20, 8, 4, True), (20, 8, 8, False)])
+def test_a_plain_conv_is_blocked_by_its_input_width(monkeypatch, width, block, align, expected):
+    """Narrower than a block, or a multiple of ORT's input alignment: the block in older onnxruntimes, 4 in
+    1.32 (its ReorderInput pads to whole blocks)."""
+    from sslcompress.latency import block as block_module
+
+    monkeypatch.setattr(block_module, "nchwc_input_alignment", lambda provider="cpu": align)
+    assert on_block(width, block, align) is expected
+    assert on_block(width, block) is expected  # the alignment ORT reports, by default
     assert blocked(_conv(64, 64), width, 40, block) is expected  # the output width does not decide
+
+
+def test_the_input_alignment_is_what_this_onnxruntime_does():
+    """on_block with the alignment ORT reports agrees with ORT's own rewrite of a plain conv, width by width."""
+    block = nchwc_block()
+    if block <= 1:
+        pytest.skip("this CPU has no blocked conv layout in onnxruntime")
+    assert nchwc_input_alignment() in (1, 2, 4, 8, block)
+    for width in range(1, 2 * block + 9):
+        assert on_block(width, block) is _blocked(width), width
 
 
 def test_without_blocks_every_width_is_one_kind_and_none_runs_blocked():

@@ -101,9 +101,16 @@ def test_each_point_keeps_the_median_of_its_passes_over_the_grid(monkeypatch):
     def fake_time_op(sig, cin, cout, key, rounds, floor, share=1.0):
         shares.append(share)
         n = passes_seen[(sig, cin, cout)] = passes_seen.get((sig, cin, cout), 0) + 1
-        return [1.0, 9.0, 2.0][n - 1]
+        return [1.0, 9.0, 2.0][n - 1], [0.1, 0.9, 0.2][n - 1], [0.3, 0.1, 0.2][n - 1]
 
-    monkeypatch.setattr(profile, "time_op", fake_time_op)
+    curve_seen = {}
+
+    def fake_time_reorder(hw, width, key, rounds, floor, share=1.0):
+        n = curve_seen[(hw, width)] = curve_seen.get((hw, width), 0) + 1
+        return [0.5, 5.0, 0.4][n - 1]
+
+    monkeypatch.setattr(profile, "time_op_parts", fake_time_op)
+    monkeypatch.setattr(profile, "time_reorder", fake_time_reorder)
     monkeypatch.setattr(profile, "profiler_floor_ms", lambda threads: 0.0)
     monkeypatch.setattr(profile, "time_sessions", lambda models, *a, **k: {n: 3.0 for n in models})
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
@@ -112,4 +119,9 @@ def test_each_point_keeps_the_median_of_its_passes_over_the_grid(monkeypatch):
     table = profile.profile_model(model, (1, 3, 8, 8), key, LatencyTable(key), step=8, rounds=3)
     values = [v for e in table.entries.values() for v in e.points.values()]
     assert values and set(values) == {2.0}
+    # the reorders around each op, each its own median of the passes
+    assert {r for e in table.entries.values() for r in e.reorders.values()} == {(0.2, 0.2)}
+    if key.block > 1:  # a curve of the ReorderOutput per conv output size, the same way
+        assert set(table.reorder_curves) == {"8x8"} and set(table.reorder_curves["8x8"].values()) == {0.5}
+        assert sorted(table.reorder_curves["8x8"]) == list(range(1, key.block + 2))
     assert set(passes_seen.values()) == {3} and shares == pytest.approx([1 / 3] * len(shares))

@@ -6,6 +6,10 @@ optimiser shows it: a conv it rewrote to the blocked layout lands in the `com.mi
 plain conv (group 1) ORT takes an input width w in blocks where w % block == 0 or w < block (the input is then
 read in place), so a probe of w = b + 1 input channels is blocked exactly while b + 1 < block: the first b
 of 2, 4, ..., 64 whose probe is not blocked is the block.
+
+Above one block, onnxruntime 1.32 also takes an input width that is a multiple of 4 (its ReorderInput pads it
+with zero channels to whole blocks, and the conv computes the padded width: 20, 24 and 28 inputs cost what 32
+do), where older versions took whole blocks only. `nchwc_input_alignment` asks ORT which.
 """
 
 from __future__ import annotations
@@ -54,3 +58,13 @@ def nchwc_block(provider: str = "cpu") -> int:
     if provider != "cpu" or not _blocked(4 * PROBES[-1]):
         return 1
     return next((b for b in PROBES if not _blocked(b + 1)), 1)
+
+
+@functools.cache
+def nchwc_input_alignment(provider: str = "cpu") -> int:
+    """The step of the input widths above one block that ORT's blocked convs take (padding them to whole blocks):
+    4 in onnxruntime 1.32, the block itself where ORT takes whole blocks only; 1 without blocks."""
+    block = nchwc_block(provider)
+    if block <= 1:
+        return 1
+    return next((a for a in (1, 2, 4, 8) if a < block and _blocked(block + a)), block)

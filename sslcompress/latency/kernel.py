@@ -14,6 +14,10 @@ over the middle half of the runs (a mean, not a median: a run of a few microseco
 microseconds, and the mean of many readings resolves below one), less the profiler's own cost per node (what
 it reads for a Relu of one element, `profiler_floor_ms`): 4-8 us, a third of a narrow ResNet-20 conv's
 reading at batch 1.
+
+The reorders are read too, apart (`kernel_parts`): a whole graph pays a ReorderInput or ReorderOutput only where
+a blocked conv meets an op that reads the plain layout (layout.py says where), and then it pays what the op
+alone paid around its conv.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import math
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +41,24 @@ MIN_RUNS = 8  # a large op (tens of ms) is read this many times, as a session ca
 MAX_RUNS = 4000
 
 
+@dataclass(frozen=True)
+class KernelTimes:
+    """Mean ms per run of a model's compute nodes, and of its ReorderInput and ReorderOutput nodes."""
+
+    compute: float
+    reorder_in: float = 0.0
+    reorder_out: float = 0.0
+
+
 def kernel_ms(model, x_shape: tuple[int, ...], threads: int, seconds: float, warmup: int = 3) -> float:
     """Mean ms per run of the model's compute nodes (the middle half of the runs), over about `seconds` of
     runs on a random input of `x_shape`, on the CPU with `threads` intra-op threads."""
+    return kernel_parts(model, x_shape, threads, seconds, warmup).compute
+
+
+def kernel_parts(model, x_shape: tuple[int, ...], threads: int, seconds: float, warmup: int = 3) -> KernelTimes:
+    """kernel_ms, and beside it the mean ms per run of the model's ReorderInput and ReorderOutput nodes (the
+    middle half of the runs each; 0 where ORT put none)."""
     from ..runtime.sessions import create_session
 
     folder = Path(tempfile.mkdtemp(prefix="sslcompress-profile-"))
@@ -60,7 +80,8 @@ def kernel_ms(model, x_shape: tuple[int, ...], threads: int, seconds: float, war
     per_run = compute_per_run(events)[warmup + 1:]
     if not per_run:
         raise ConfigError("ONNX Runtime's profile of an op held no node timings")
-    return trimmed_mean(per_run) / 1e3
+    ins, outs = zip(*reorders_per_run(events)[warmup + 1:], strict=True)
+    return KernelTimes(trimmed_mean(per_run) / 1e3, trimmed_mean(list(ins)) / 1e3, trimmed_mean(list(outs)) / 1e3)
 
 
 def profiler_floor_ms(threads: int, seconds: float = 0.05, repeats: int = 3) -> float:
@@ -92,6 +113,21 @@ def compute_per_run(events: list[dict]) -> list[float]:
         elif (e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")
               and e.get("args", {}).get("op_name") not in REORDERS):
             current += float(e.get("dur", 0))
+    return totals
+
+
+def reorders_per_run(events: list[dict]) -> list[tuple[float, float]]:
+    """Microseconds of (ReorderInput, ReorderOutput) nodes per run, in run order (as compute_per_run)."""
+    totals: list[tuple[float, float]] = []
+    current = [0.0, 0.0]
+    for e in events:
+        if e.get("cat") == "Session" and e.get("name") == "model_run":
+            totals.append((current[0], current[1]))
+            current = [0.0, 0.0]
+        elif e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name")
+            if op in REORDERS:
+                current[op == "ReorderOutput"] += float(e.get("dur", 0))
     return totals
 
 

@@ -21,10 +21,10 @@ from torch import nn
 
 from ..errors import ConfigError, SSLCompressError
 from ..finetune.structure import Layer, ModelStructure, analyze
-from .kernel import kernel_ms, net_ms, profiler_floor_ms
+from .kernel import kernel_ms, kernel_parts, net_ms, profiler_floor_ms
 from .key import TableKey
 from .ops import op_model
-from .predict import fingerprint, layers_parts
+from .predict import curve_key, fingerprint, layers_parts, reorders_ms
 from .signature import CHANNEL_BLOCK, Signature, off_block, signatures_of, width_grid
 from .table import LatencyTable, ModelTiming, StaleTableError, WholeRun, load_table
 
@@ -135,6 +135,38 @@ def time_op(sig: Signature, in_width: int, out_width: int, key: TableKey, rounds
     if key.provider == "cpu":
         return net_ms(kernel_ms(model, x_shape, key.threads, rounds * SAMPLE_S * share, WARMUP), floor)
     return time_session(model, x_shape, key, rounds)
+
+
+def time_op_parts(sig: Signature, in_width: int, out_width: int, key: TableKey, rounds: int = ROUNDS,
+                  floor: float = 0.0, share: float = 1.0) -> tuple[float, float, float]:
+    """time_op, and the ms of the ReorderInput and ReorderOutput ORT put around the op (each less the
+    profiler's `floor`; 0 where there was none, and on a provider without blocks)."""
+    if key.provider != "cpu":
+        return time_op(sig, in_width, out_width, key, rounds, floor, share), 0.0, 0.0
+    model, x_shape = op_model(sig, in_width, out_width, key.batch)
+    got = kernel_parts(model, x_shape, key.threads, rounds * SAMPLE_S * share, WARMUP)
+    return (net_ms(got.compute, floor),
+            *(net_ms(r, floor) if r > 0 else 0.0 for r in (got.reorder_in, got.reorder_out)))
+
+
+def missing_curves(table: LatencyTable, structure: ModelStructure) -> list[str]:
+    """The output sizes of the model's 2-D convs that the table has no reorder curve for (CPU blocks only)."""
+    if table.key.provider != "cpu" or table.key.block <= 1:
+        return []
+    sizes = {curve_key(lay.out_hw) for lay in structure.layers.values()
+             if lay.kind == "conv" and not lay.one_dimensional}
+    return sorted(sizes - set(table.reorder_curves))
+
+
+def time_reorder(hw: str, width: int, key: TableKey, rounds: int = ROUNDS, floor: float = 0.0,
+                 share: float = 1.0) -> float:
+    """ms of the ReorderOutput of `width` channels of size `hw` ("32x32"), less the profiler's `floor`: read
+    after a 1x1 conv of 8 inputs (narrower than any block, so ORT runs it blocked on its plain input)."""
+    h, w = (int(v) for v in hw.split("x"))
+    sig = Signature("conv", width, 8, in_hw=(h, w))
+    model, x_shape = op_model(sig, 8, width, key.batch)
+    got = kernel_parts(model, x_shape, key.threads, rounds * SAMPLE_S * share, WARMUP)
+    return net_ms(got.reorder_out, floor) if got.reorder_out > 0 else 0.0
 
 
 def _exported(model: nn.Module, input_shape: tuple[int, ...]):
@@ -254,7 +286,8 @@ def time_whole_models(model: nn.Module, input_shape: tuple[int, ...], key: Table
     runs = []
     for label, variant in variants.items():
         count = None if label == "dense" else Counter(variant, input_shape, structure).count()
-        runs.append(WholeRun(label, totals[label], *layers_parts(table, structure, count)))
+        runs.append(WholeRun(label, totals[label], *layers_parts(table, structure, count),
+                             reorders_ms(table, structure, count)))
     return ModelTiming(name, runs)
 
 
@@ -280,24 +313,37 @@ def profile_model(model: nn.Module, input_shape: tuple[int, ...], key: TableKey,
     fp = fingerprint(structure)
     whole = fp not in table.models
     passes = PASSES if key.provider == "cpu" else 1
-    total = passes * sum(len(points) for points in plan.values()) + whole
+    curves = missing_curves(table, structure)
+    curve_readings: dict[tuple[str, int], list[float]] = {}
+    total = passes * (sum(len(points) for points in plan.values()) + len(curves) * (key.block + 1)) + whole
     done = 0
-    floor = profiler_floor_ms(key.threads) if plan and key.provider == "cpu" else 0.0
+    floor = profiler_floor_ms(key.threads) if (plan or curves) and key.provider == "cpu" else 0.0
     # Each point is read in `passes` passes over the whole grid, a share of its time in each, and the median
     # kept: on a shared machine one window of a few ms can run 2-3x slow (a neighbour's memory traffic), and
     # a point read in one window alone took that into the table (two profiles one minute apart differed by
     # a median 20% per point, 2-3x at the tenth worst, where the whole models agreed within 2%).
-    readings: dict[tuple[Signature, int, int], list[float]] = {}
+    readings: dict[tuple[Signature, int, int], list[tuple[float, float, float]]] = {}
     for _ in range(passes):
         for sig, points in plan.items():
             for cin, cout in points:
                 readings.setdefault((sig, cin, cout), []).append(
-                    time_op(sig, cin, cout, key, rounds, floor, share=1 / passes))
+                    time_op_parts(sig, cin, cout, key, rounds, floor, share=1 / passes))
                 done += 1
                 if on_progress is not None:
                     on_progress(ProfileEvent("layers", f"{sig.ident()} at {cin} -> {cout}", done, total))
+    for hw in curves:
+        for w in range(1, key.block + 2):
+            for _ in range(passes):
+                curve_readings.setdefault((hw, w), []).append(time_reorder(hw, w, key, rounds, floor, 1 / passes))
+                done += 1
+                if on_progress is not None:
+                    on_progress(ProfileEvent("layers", f"a reorder of {w} channels at {hw}", done, total))
+    for (hw, w), values in curve_readings.items():
+        table.reorder_curves.setdefault(hw, {})[w] = statistics.median(values)
     for (sig, cin, cout), values in readings.items():
-        table.entry(sig).points[(cin, cout)] = statistics.median(values)
+        ms, reorder_in, reorder_out = (statistics.median(v) for v in zip(*values, strict=True))
+        table.entry(sig).points[(cin, cout)] = ms
+        table.entry(sig).reorders[(cin, cout)] = (reorder_in, reorder_out)
     if whole:
         table.models[fp] = time_whole_models(model, input_shape, key, table, structure,
                                              name or type(model).__name__, rounds)

@@ -115,10 +115,19 @@ def default_step(full: int, block: int = CHANNEL_BLOCK) -> int:
     return step
 
 
-def on_block(width: float, block: int = CHANNEL_BLOCK) -> bool:
-    """Whether ORT takes a plain conv of this input width in its blocked layout: whole blocks, or fewer
-    channels than one block (read in place). Every width where there are no blocks (block 1)."""
-    return block <= 1 or width < block or width % block == 0
+def on_block(width: float, block: int = CHANNEL_BLOCK, align: int | None = None) -> bool:
+    """Whether ORT takes a plain conv of this input width in its blocked layout: fewer channels than one block
+    (read in place), or a multiple of `align` (ORT pads it to whole blocks; block.nchwc_input_alignment, this
+    onnxruntime's step, by default: 4 in 1.32, the block in older ones). Every width where there are no
+    blocks (block 1)."""
+    if block <= 1:
+        return True
+    if align is None:
+        from .block import nchwc_input_alignment
+
+        align = nchwc_input_alignment()
+    align = min(align, block)
+    return width < block or width % align == 0
 
 
 def off_block(widths: list[int], block: int = CHANNEL_BLOCK) -> list[int]:

@@ -20,7 +20,8 @@ from .signature import Signature
 FORMAT = "sslcompress-latency-table"
 MAX_CONDITION = 1e3  # a calibration system worse conditioned than this amplifies timing noise beyond use
 VERSION = 3  # 2: the key holds the channel block, and whole-model runs include random variants; 3: a CPU op's
-#               figure is its compute time in ORT's profiler (kernel.py), not a session call's wall time
+#               figure is its compute time in ORT's profiler (kernel.py), not a session call's wall time; 4: each point holds the
+#               layout reorders ORT put around the op, and each whole-model run the reorders its layout needs
 
 
 class StaleTableError(ConfigError):
@@ -33,6 +34,9 @@ class Entry:
 
     signature: Signature
     points: dict[tuple[int, int], float] = field(default_factory=dict)
+    # Per point, the ms of the ReorderInput and ReorderOutput ORT put around the op when it ran it blocked (0
+    # where it put none): what a whole graph pays where this op meets one of the other layout (layout.py).
+    reorders: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
 
     def ins(self) -> list[int]:
         return sorted({i for i, _ in self.points})
@@ -50,6 +54,7 @@ class WholeRun:
     total_ms: float
     blocked_ms: float
     plain_ms: float
+    reorder_ms: float = 0.0  # the layout reorders this model's widths need (layout.py), at their table figures
 
     @property
     def layers_ms(self) -> float:
@@ -90,7 +95,10 @@ class ModelTiming:
         call per op in a table of wall times), so it may be negative. Of the forms that count, the one whose fit predicts each run best from the others
         (leave-one-out, mean relative error) is taken, where every one has runs enough to leave one out; else
         the richest. Without any: one factor, the dense total over its layers' sum."""
-        runs = [(r.total_ms, r.blocked_ms, r.plain_ms) for r in self.runs]
+        # The reorders are measured ops, paid as measured: the forms fit what is left beside them.
+        runs = [(r.total_ms - r.reorder_ms, r.blocked_ms, r.plain_ms) for r in self.runs]
+        if any(total <= 0 for total, _, _ in runs):
+            runs = [(r.total_ms, r.blocked_ms, r.plain_ms) for r in self.runs]
         forms = [lambda b, p: (1.0, b, p), lambda b, p: (b, p), lambda b, p: (b + p,)]
         fits = []
         for form in forms:
@@ -101,7 +109,8 @@ class ModelTiming:
             scored = all(f[0] is not None for f in fits)
             _, form, x = min(fits, key=lambda f: f[0]) if scored else fits[0]
             return _as_calibration(form, x)
-        ratio = self.total_ms / self.layers_ms if self.layers_ms > 0 else 1.0
+        dense = self.runs[0]
+        ratio = max(dense.total_ms - dense.reorder_ms, 0.0) / dense.layers_ms if dense.layers_ms > 0 else 1.0
         return 0.0, ratio, ratio
 
 
@@ -147,6 +156,9 @@ class LatencyTable:
     key: TableKey
     entries: dict[str, Entry] = field(default_factory=dict)  # by Signature.ident()
     models: dict[str, ModelTiming] = field(default_factory=dict)  # by the model's fingerprint
+    # Per spatial size ("32x32"), ms of a ReorderOutput of 1, 2, ..., block + 1 channels: a part block costs
+    # more than a whole one (predict.reorder_out_ms), which a grid of the convs' widths does not show.
+    reorder_curves: dict[str, dict[int, float]] = field(default_factory=dict)
 
     def entry(self, sig: Signature) -> Entry:
         """The signature's entry, made empty where the table has none."""
@@ -156,9 +168,11 @@ class LatencyTable:
         return {
             "format": FORMAT, "version": VERSION, "key": self.key.to_dict(),
             "entries": [{"signature": e.signature.to_dict(),
-                         "points": [[i, o, ms] for (i, o), ms in sorted(e.points.items())]}
+                         "points": [[i, o, ms, *e.reorders.get((i, o), (0.0, 0.0))]
+                                    for (i, o), ms in sorted(e.points.items())]}
                         for e in self.entries.values()],
             "models": {fp: {"name": m.name, "runs": [asdict(r) for r in m.runs]} for fp, m in self.models.items()},
+            "reorder_curves": {hw: [[w, ms] for w, ms in sorted(c.items())] for hw, c in self.reorder_curves.items()},
         }
 
     @classmethod
@@ -171,14 +185,18 @@ class LatencyTable:
         table = cls(TableKey.from_dict(d["key"]))
         for raw in d.get("entries", []):
             entry = table.entry(Signature.from_dict(raw["signature"]))
-            entry.points = {(int(i), int(o)): float(ms) for i, o, ms in raw["points"]}
+            entry.points = {(int(i), int(o)): float(ms) for i, o, ms, *_ in raw["points"]}
+            entry.reorders = {(int(i), int(o)): (float(rest[0]), float(rest[1]))
+                              for i, o, _, *rest in raw["points"] if len(rest) == 2}
         table.models = {fp: _model_timing(m) for fp, m in d.get("models", {}).items()}
+        table.reorder_curves = {str(hw): {int(w): float(ms) for w, ms in c}
+                                for hw, c in d.get("reorder_curves", {}).items()}
         return table
 
 
 def _model_timing(d: dict[str, Any]) -> ModelTiming:
-    runs = [WholeRun(str(r["label"]), float(r["total_ms"]), float(r["blocked_ms"]), float(r["plain_ms"]))
-            for r in d["runs"]]
+    runs = [WholeRun(str(r["label"]), float(r["total_ms"]), float(r["blocked_ms"]), float(r["plain_ms"]),
+                     float(r.get("reorder_ms", 0.0))) for r in d["runs"]]
     if not runs:
         raise ValueError("a model timing without runs")
     return ModelTiming(str(d["name"]), runs)
