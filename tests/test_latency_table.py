@@ -131,23 +131,25 @@ def test_a_file_that_is_not_a_table_is_refused(tmp_path):
         load_table(path)
 
 
-def _stale_table(path):
-    """An empty table of this machine's key as format version 2 wrote it: what an older sslcompress left."""
+def _stale_table(path, version: int = 2):
+    """An empty table of this machine's key as an older format version wrote it: what an older sslcompress left."""
     save_table(LatencyTable(current_key()), path)
     raw = json.loads(path.read_text())
-    raw["version"] = 2
+    raw["version"] = version
     path.write_text(json.dumps(raw))
     return path
 
 
-def test_a_table_of_another_version_is_profiled_afresh_not_refused(tmp_path):
+# 3: a table without the layout reorders around its ops, which every prediction now adds
+@pytest.mark.parametrize("version", [2, 3])
+def test_a_table_of_another_version_is_profiled_afresh_not_refused(tmp_path, version):
     # A cache an older sslcompress wrote: reading it for a prediction says to profile again, and profiling
     # starts a new table in its place (it used to refuse the very command its message named).
     from sslcompress.latency.profile import load_or_new
     from sslcompress.latency.table import StaleTableError
 
-    path = _stale_table(tmp_path / "t.json")
-    with pytest.raises(StaleTableError, match="version 2.*profile the model again"):
+    path = _stale_table(tmp_path / "t.json", version)
+    with pytest.raises(StaleTableError, match=f"version {version}.*profile the model again"):
         load_table(path, current_key())
     heard = []
     table = load_or_new(path, current_key(), on_stale=heard.append)
