@@ -8,7 +8,15 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from sslcompress.latency.kernel import compute_per_run, kernel_ms, net_ms, profiler_floor_ms, trimmed_mean
+from sslcompress.latency.kernel import (
+    KernelTimes,
+    compute_per_run,
+    kernel_ms,
+    net_ms,
+    nodes_per_run,
+    profiler_floor_ms,
+    trimmed_mean,
+)
 from sslcompress.latency.ops import op_model
 from sslcompress.latency.signature import Signature
 
@@ -28,6 +36,7 @@ def test_each_run_sums_its_compute_nodes_without_the_layout_reorders():
               _node("ReorderInput", 5), _node("Conv", 40), _node("ReorderOutput", 7), _run(80),
               _node("Gemm", 3), _node("Add", 1), _run(20)]
     assert compute_per_run(events) == [40.0, 4.0]
+    assert nodes_per_run(events) == [(40.0, 5.0, 7.0), (4.0, 0.0, 0.0)]  # the reorders apart, in and out
 
 
 def test_trimmed_mean_drops_the_outer_quarters():
@@ -68,10 +77,12 @@ def test_the_table_times_cpu_ops_by_their_kernels(monkeypatch):
     from sslcompress.latency.key import current_key
 
     seen = []
-    monkeypatch.setattr(profile, "kernel_ms", lambda *a, **k: seen.append(a) or 0.5)
+    monkeypatch.setattr(profile, "kernel_parts", lambda *a, **k: seen.append(a) or KernelTimes(0.5, 0.0, 0.04))
     assert profile.time_op(CONV, 16, 16, current_key("cpu", 1, 1)) == 0.5
     assert seen and seen[0][1] == (1, 16, 16, 16)
     assert profile.time_op(CONV, 16, 16, current_key("cpu", 1, 1), floor=0.2) == pytest.approx(0.3)
+    # the reorders beside it, each less the floor; none stays none
+    assert profile.time_op_parts(CONV, 16, 16, current_key("cpu", 1, 1), floor=0.01) == pytest.approx((0.49, 0.0, 0.03))
 
 
 def test_the_profilers_floor_is_taken_off_each_op_but_never_all_of_it():

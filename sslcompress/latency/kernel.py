@@ -77,11 +77,10 @@ def kernel_parts(model, x_shape: tuple[int, ...], threads: int, seconds: float, 
         events = json.loads(Path(sess.end_profiling()).read_text())
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    per_run = compute_per_run(events)[warmup + 1:]
+    per_run = nodes_per_run(events)[warmup + 1:]
     if not per_run:
         raise ConfigError("ONNX Runtime's profile of an op held no node timings")
-    ins, outs = zip(*reorders_per_run(events)[warmup + 1:], strict=True)
-    return KernelTimes(trimmed_mean(per_run) / 1e3, trimmed_mean(list(ins)) / 1e3, trimmed_mean(list(outs)) / 1e3)
+    return KernelTimes(*(trimmed_mean(list(part)) / 1e3 for part in zip(*per_run, strict=True)))
 
 
 def profiler_floor_ms(threads: int, seconds: float = 0.05, repeats: int = 3) -> float:
@@ -101,34 +100,24 @@ def net_ms(kernel: float, floor: float) -> float:
     return max(kernel - floor, 0.1 * kernel)
 
 
-def compute_per_run(events: list[dict]) -> list[float]:
-    """Microseconds of compute nodes (all but layout reorders) per run, in run order. A run's node events come
-    before its own "model_run" event in the profile (each is written when it ends)."""
-    totals: list[float] = []
-    current = 0.0
+def nodes_per_run(events: list[dict]) -> list[tuple[float, float, float]]:
+    """Microseconds of (compute nodes, ReorderInput nodes, ReorderOutput nodes) per run, in run order. A run's
+    node events come before its own "model_run" event in the profile (each is written when it ends)."""
+    totals: list[tuple[float, float, float]] = []
+    current = [0.0, 0.0, 0.0]
     for e in events:
         if e.get("cat") == "Session" and e.get("name") == "model_run":
-            totals.append(current)
-            current = 0.0
-        elif (e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")
-              and e.get("args", {}).get("op_name") not in REORDERS):
-            current += float(e.get("dur", 0))
-    return totals
-
-
-def reorders_per_run(events: list[dict]) -> list[tuple[float, float]]:
-    """Microseconds of (ReorderInput, ReorderOutput) nodes per run, in run order (as compute_per_run)."""
-    totals: list[tuple[float, float]] = []
-    current = [0.0, 0.0]
-    for e in events:
-        if e.get("cat") == "Session" and e.get("name") == "model_run":
-            totals.append((current[0], current[1]))
-            current = [0.0, 0.0]
+            totals.append((current[0], current[1], current[2]))
+            current = [0.0, 0.0, 0.0]
         elif e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time"):
             op = e.get("args", {}).get("op_name")
-            if op in REORDERS:
-                current[op == "ReorderOutput"] += float(e.get("dur", 0))
+            current[0 if op not in REORDERS else 1 if op == "ReorderInput" else 2] += float(e.get("dur", 0))
     return totals
+
+
+def compute_per_run(events: list[dict]) -> list[float]:
+    """Microseconds of compute nodes (all but layout reorders) per run, in run order."""
+    return [compute for compute, _, _ in nodes_per_run(events)]
 
 
 def trimmed_mean(values: list[float]) -> float:

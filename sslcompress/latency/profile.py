@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import ConfigError, SSLCompressError
 from ..finetune.structure import Layer, ModelStructure, analyze
-from .kernel import kernel_ms, kernel_parts, net_ms, profiler_floor_ms
+from .kernel import kernel_parts, net_ms, profiler_floor_ms
 from .key import TableKey
 from .ops import op_model
 from .predict import curve_key, fingerprint, layers_parts, reorders_ms
@@ -131,19 +131,16 @@ def time_op(sig: Signature, in_width: int, out_width: int, key: TableKey, rounds
     """ms of the op at these widths: on the CPU its compute time inside a model (kernel.py, the profiler's
     node times less its `floor`, profiler_floor_ms), read over `share` of `rounds` x SAMPLE_S seconds;
     elsewhere one session call of it alone."""
-    model, x_shape = op_model(sig, in_width, out_width, key.batch)
-    if key.provider == "cpu":
-        return net_ms(kernel_ms(model, x_shape, key.threads, rounds * SAMPLE_S * share, WARMUP), floor)
-    return time_session(model, x_shape, key, rounds)
+    return time_op_parts(sig, in_width, out_width, key, rounds, floor, share)[0]
 
 
 def time_op_parts(sig: Signature, in_width: int, out_width: int, key: TableKey, rounds: int = ROUNDS,
                   floor: float = 0.0, share: float = 1.0) -> tuple[float, float, float]:
     """time_op, and the ms of the ReorderInput and ReorderOutput ORT put around the op (each less the
     profiler's `floor`; 0 where there was none, and on a provider without blocks)."""
-    if key.provider != "cpu":
-        return time_op(sig, in_width, out_width, key, rounds, floor, share), 0.0, 0.0
     model, x_shape = op_model(sig, in_width, out_width, key.batch)
+    if key.provider != "cpu":
+        return time_session(model, x_shape, key, rounds), 0.0, 0.0
     got = kernel_parts(model, x_shape, key.threads, rounds * SAMPLE_S * share, WARMUP)
     return (net_ms(got.compute, floor),
             *(net_ms(r, floor) if r > 0 else 0.0 for r in (got.reorder_in, got.reorder_out)))
@@ -163,10 +160,7 @@ def time_reorder(hw: str, width: int, key: TableKey, rounds: int = ROUNDS, floor
     """ms of the ReorderOutput of `width` channels of size `hw` ("32x32"), less the profiler's `floor`: read
     after a 1x1 conv of 8 inputs (narrower than any block, so ORT runs it blocked on its plain input)."""
     h, w = (int(v) for v in hw.split("x"))
-    sig = Signature("conv", width, 8, in_hw=(h, w))
-    model, x_shape = op_model(sig, 8, width, key.batch)
-    got = kernel_parts(model, x_shape, key.threads, rounds * SAMPLE_S * share, WARMUP)
-    return net_ms(got.reorder_out, floor) if got.reorder_out > 0 else 0.0
+    return time_op_parts(Signature("conv", width, 8, in_hw=(h, w)), 8, width, key, rounds, floor, share)[2]
 
 
 def _exported(model: nn.Module, input_shape: tuple[int, ...]):
