@@ -27,6 +27,7 @@ from ..errors import ConfigError, UnsupportedModelError, VerificationError, firs
 from ..finetune.checkpoint import load_checkpoint
 from ..io import atomic_write_bytes
 from .rms_norm_export import rms_norm_exportable
+from .softmax_over_one import fold_softmax_over_one
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
@@ -210,7 +211,8 @@ def export_onnx(
     _check_finite(model)
     raw = onnx.load_from_string(_torch_export(model, tuple(input_shape), opset, dynamic_batch))
     before = len(raw.graph.node)
-    out = _simplify(_zero_initializers_apart(raw), dynamic_batch) if simplify else raw
+    # A softmax over one element folded first: onnxsim could pack what only it reads with live layers.
+    out = _simplify(_zero_initializers_apart(fold_softmax_over_one(raw)), dynamic_batch) if simplify else raw
     return ExportResult(
         model=out,
         opset=opset,

@@ -98,9 +98,10 @@ def dead_channels(model: ir.Model, analysis: Analysis | None = None, align: int 
     alive = wanted | pinned
     settled: dict[int, str] = {}  # root -> why a rule's settle kept it
     # Never empty a value (ONNX has no zero-channel conv): a wholly dead one keeps one channel.
-    # A dead residual branch is depth's business; elsewhere a dead value means a cut network.
+    # A dead residual branch is depth's business; elsewhere a dead value means a cut network. A part of a
+    # Split that nothing reads is the exception: its size goes to 0, and its channels with it.
     while True:
-        emptied = [v for v in c.ids if not np.isin(c.roots_of(v), list(alive)).any()]
+        emptied = [v for v in c.ids if not np.isin(c.roots_of(v), list(alive)).any() and not _unread_part(v)]
         if emptied:
             alive.add(int(c.roots_of(emptied[0])[0]))
             continue
@@ -117,6 +118,15 @@ def dead_channels(model: ir.Model, analysis: Analysis | None = None, align: int 
     dead = all_roots - alive
     keep = {v: ~np.isin(c.roots_of(v), list(dead)) for v in c.ids}
     return DeadChannels(keep, len(dead), blocked, _zeros_kept(states, c, keep, settled))
+
+
+def _unread_part(v: ir.Value) -> bool:
+    """An output of a Split that nothing reads (the query and key parts of a packed projection whose
+    attention runs over one key, a chunk the forward drops). ONNX allows parts of size 0, so it may be
+    emptied: the layer that writes it then loses all of its channels, as the count removes them."""
+    node = v.producer()
+    return node is not None and node.op_type == "Split" and node.domain in ("", "ai.onnx") and not v.uses() \
+        and not v.is_graph_output()
 
 
 def _settle(model: ir.Model, c: Coupling, alive: set[int]) -> dict[int, str]:

@@ -83,7 +83,12 @@ class Reshape(Spread):
     the output's static sizes, never the names of symbolic dims."""
 
     def _plan(self, node) -> tuple[str, list[Dim]] | None:
-        return self._batch_plan(node) or self._rows_plan(node) or self._regroup_plan(node)
+        if channel_axis(node.inputs[0]) in (None, 1):
+            return self._batch_plan(node) or self._rows_plan(node) or self._regroup_plan(node)
+        # The batch plans read the channels on axis 1. Tokens of one position each, (B, 1, D) -> (B, D) with the
+        # channels on the last axis, also read as a flatten of (batch, 1 x D); the plans that read the channels
+        # where they run come first.
+        return self._rows_plan(node) or self._regroup_plan(node) or self._batch_plan(node)
 
     def _regroup_plan(self, node) -> tuple[str, list[Dim]] | None:
         """("regroup", target) for a Reshape that keeps the channel axis and every axis after it as they are and
