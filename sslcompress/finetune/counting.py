@@ -121,6 +121,10 @@ class Counter:
         # deletes them, since no output needs them.
         st = self.structure
         read = {st.root(i) for lay in st.layers.values() if not lay.carries_channels for i in lay.in_ids}
+        # A mean over the channels reads them as a layer does (a nonzero channel changes it), and no weight of
+        # its own can stop it reading one.
+        self._mean_read = frozenset(st.mean_reads())
+        read |= self._mean_read
         self._unread = frozenset(r for r in st.roots() if r not in read and r not in st.pinned)
         # Channel ids are fixed once traced: each layer's output and input roots, looked up once.
         self._out_roots = {n: tuple(st.root(i) for i in lay.out_ids) for n, lay in st.layers.items()}
@@ -258,6 +262,8 @@ class Counter:
         """Whether a layer still there reads channel `r` through a nonzero weight fibre (`nz`: per slice
         number, whether it holds a nonzero)."""
         params, st = self.params, self.structure
+        if r in self._mean_read:
+            return True
         if any(module not in removed_layers and nz[k] for module, k in self._fibres.get(r, ())):
             return True
         return any(lay.name not in removed_layers
@@ -297,6 +303,14 @@ class Counter:
                 n += 2 * len(norm.ids)
             else:
                 n += 2 * sum(1 for i in norm.ids if self.structure.root(i) in dead)
+        for cp in self.structure.channel_params:
+            if cp.param not in self.params:
+                continue
+            per_entry = self.params[cp.param].numel() // len(cp.ids)
+            if cp.param.rsplit(".", 1)[0] in removed_modules:
+                n += per_entry * len(cp.ids)
+            else:
+                n += per_entry * sum(1 for i in cp.ids if self.structure.root(i) in dead)
         return n
 
     def _count_layer(self, lay, dead: set[int], removed_layers: set[str], rows_cut: set[int] = frozenset(),

@@ -144,7 +144,21 @@ def _producers(structure: ModelStructure, params: dict) -> dict[int, list[tuple[
             r = structure.root(i)
             prod[r].append((f"{norm.name}.weight", "out", c))
             prod[r].append((f"{norm.name}.bias", "out", c))
+    for cp in structure.channel_params:
+        # GRN's scale and shift: entry c goes with channel c (a zero shift keeps a zero channel zero).
+        axis = _param_axis(cp.dim, params[cp.param].dim()) if cp.param in params else None
+        for c, i in enumerate(cp.ids):
+            if axis is not None:
+                prod[structure.root(i)].append((cp.param, axis, c))
     return {r: [s for s in v if s[0] in params] for r, v in prod.items()}
+
+
+def _param_axis(dim: int, ndim: int) -> str | None:
+    """The axis name of a slice along `dim` of a tensor of `ndim` dims (the inverse of axis_dim)."""
+    for axis in ("out", "in", "row", "col"):
+        if axis_dim(axis, ndim) == dim:
+            return axis
+    return None
 
 
 def _consumers(structure: ModelStructure) -> dict[int, list[tuple[str, str, int]]]:
@@ -184,10 +198,15 @@ def _channel_groups(structure: ModelStructure, params: dict) -> list[ParamGroup]
     # channel it reads too stays while it does, whatever this group's norm.
     grouped_reader = {structure.root(i): lay.name for lay in structure.layers.values() if lay.grouped
                       for i in lay.in_ids}
+    # A mean over the channels reads them too, and a nonzero channel changes it: only a zero filter group frees
+    # such a channel, never its readers' columns alone.
+    mean_reader = structure.mean_reads()
     for r, slices in sorted(_consumers(structure).items()):
         reason = structure.pinned.get(r, "")
         if not reason and r in grouped_reader:
             reason = f"also read by grouped convolution {grouped_reader[r]}"
+        if not reason and r in mean_reader:
+            reason = f"also read by a mean over the channels in {mean_reader[r]} (which a nonzero channel changes)"
         if reason == "model input":
             continue  # image channels of a conv input: nothing to gain, nothing an export deletes
         layer = slices[0][0].rsplit(".", 1)[0]

@@ -54,7 +54,12 @@ def compose(first: ThinPlan, second: ThinPlan) -> ThinPlan:
     for n, (_, oa, _, ia) in second.widths.items():
         ob, _, ib, _ = first.widths.get(n, second.widths[n])
         widths[n] = (ob, oa, ib, ia)
-    return ThinPlan(keep=keep, shapes=shapes, modules=modules, widths=widths)
+    means = dict(first.means)
+    for m, kept in second.means.items():
+        # A count kept already is the model's own; the second plan's read it back (thin._averaged).
+        had = {(k.dims, k.rank) for k in means.get(m, ())}
+        means[m] = (*means.get(m, ()), *(k for k in kept if (k.dims, k.rank) not in had))
+    return ThinPlan(keep=keep, shapes=shapes, modules=modules, widths=widths, means=means)
 
 
 def mac_saving(structure: ModelStructure, plan: ThinPlan) -> float:

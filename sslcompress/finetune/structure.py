@@ -28,8 +28,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..channel_ids import ChannelIds
 from ..errors import UnsupportedModelError, first_line
+from . import channel_stats, last_axis
 from . import heads as attention_heads
-from . import last_axis
 
 # Modules whose output channel c depends only on input channel c and maps 0 to 0.
 _ZERO_PRESERVING_MODULES: tuple[type[nn.Module], ...] = (
@@ -212,6 +212,14 @@ class ModelStructure:
     # their own, so nothing thins them, but the MACs an export keeps include them.
     matmul_macs: int = 0
     heads: list[attention_heads.Heads] = field(default_factory=list)  # attentions whose heads can go
+    # Parameters with one entry per channel read outside a layer (GRN's scale and shift), and means over the
+    # channels, which a channel leaves only once it is zero (see channel_stats.py).
+    channel_params: list[channel_stats.ChannelParam] = field(default_factory=list)
+    means: list[channel_stats.MeanRead] = field(default_factory=list)
+
+    def mean_reads(self) -> dict[int, str]:
+        """Root id -> the mean over the channels that reads it (the module whose forward takes it, or the node)."""
+        return {self.root(i): m.module or m.node for m in self.means for i in m.ids}
 
     root = ChannelIds.root  # the same union-find the analysis built
 
@@ -499,6 +507,8 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
     axis_of: dict[fx.Node, int] = {}  # the axis a node's channel ids run along, where it is not dim 1
     matmul_macs = 0
     batch = input_shape[0] if input_shape else 1
+    stats = channel_stats.Follower(b, {n for n, _ in model.named_parameters()}, ids_of, axis_of, _shape,
+                                   _away_from_zero)
 
     def tensor_ids(arg: object) -> list[int] | None:
         if isinstance(arg, fx.Node):
@@ -548,6 +558,10 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
             for arg in node.all_input_nodes:
                 for ids in channel_lists(arg):
                     b.pin(ids, "model output")
+        elif (got := stats.read(node)) is not None:
+            ids_of[node], axis = got
+            if axis != 1 and isinstance(ids_of[node], list):
+                axis_of[node] = axis
         elif last_axis.is_split(node):
             # Along the channels, or along the features of a (batch, tokens, features) value (a packed
             # gate-and-up projection chunked in two: a gated MLP's w12(x).chunk(2, -1)).
@@ -605,6 +619,7 @@ def analyze(model: nn.Module, input_shape: tuple[int, ...]) -> ModelStructure:
         layers=layers, norms=norms, branches=branches, parent=b.parent, pinned=b.pinned,
         input_ids=input_ids, splits=splits, matmul_macs=matmul_macs,
         heads=attention_heads.find(gm, modules, layers, _shape, batch, dict(model.named_modules())),
+        channel_params=stats.channel_params, means=stats.means,
     )
 
 

@@ -14,6 +14,9 @@ than a width. A layer always keeps at least one channel and an attention one hea
 width zero appears. Zero heads of an nn.MultiheadAttention, or of an attention whose forward reshapes its
 heads back to the input's width, stay in place, masked (the export deletes them); the result's reason says so.
 
+A mean over the channels in a forward (ConvNeXt V2's GRN) would divide by fewer channels once sliced: the plan
+records its count, and the module whose forward takes it gets hooks that keep dividing by it (kept_count.py).
+
 Equivalence holds while the zeros stay zero (their masks are carried along with `slice_tensors`);
 element-wise dropout draws its random numbers over fewer elements, so it matches in distribution, not
 bit for bit.
@@ -30,7 +33,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
 from ..models import ModelSpec, build_model
-from . import grouped
+from . import grouped, kept_count
 from .counting import Counter
 from .heads import HEAD_ATTRS, KV_HEAD_ATTRS, WIDTH_ATTRS
 from .structure import Layer, ModelStructure, analyze
@@ -67,6 +70,12 @@ class ThinPlan:
     # Attentions with zero heads that stay in place, masked, and why (nn.MultiheadAttention, say). A note of the
     # planning, not of the cut: to_dict leaves it out, as applying a plan never needs it.
     heads_kept: dict[str, str] = field(default_factory=dict, compare=False)
+    # Per module whose forward averages over channels the plan cuts, the means that keep their count (hooks,
+    # see kept_count.py); '' is the model's own forward.
+    means: dict[str, tuple[kept_count.KeptMean, ...]] = field(default_factory=dict)
+    # Modules whose forward averages over channels thinning would cut but cannot keep the count of, and why
+    # those channels stay (masked). A note of the planning, as heads_kept is.
+    means_kept: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def empty(self) -> bool:
@@ -99,7 +108,8 @@ class ThinPlan:
             "shapes": {n: [int(s) for s in shape] for n, shape in self.shapes.items()},
             "modules": {m: {a: int(v) for a, v in attrs.items()} for m, attrs in self.modules.items()},
             "widths": {n: [int(v) for v in w] for n, w in self.widths.items()},
-        }
+        } | ({"means": {m: [[int(k.rank), int(k.count), *map(int, k.dims)] for k in kept]
+                        for m, kept in self.means.items()}} if self.means else {})
 
     @classmethod
     def from_dict(cls, d: Any) -> ThinPlan:
@@ -114,6 +124,8 @@ class ThinPlan:
             shapes = {str(n): tuple(_int(s) for s in shape) for n, shape in d["shapes"].items()}
             modules = {str(m): {str(a): _int(v) for a, v in attrs.items()} for m, attrs in d["modules"].items()}
             widths = {str(n): tuple(_int(v) for v in w) for n, w in d.get("widths", {}).items()}
+            means = {str(m): tuple(kept_count.KeptMean(tuple(_int(v) for v in k[2:]), _int(k[0]), _int(k[1]))
+                                   for k in kept) for m, kept in d.get("means", {}).items()}
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise CheckpointError(f"a damaged thinning plan ({type(exc).__name__}: {exc}).") from exc
         for n, dims in keep.items():
@@ -126,7 +138,9 @@ class ThinPlan:
                     raise CheckpointError(f"the thinning plan keeps invalid indices of {n} along dim {dim}.")
         if any(len(w) != 4 for w in widths.values()):
             raise CheckpointError("the thinning plan's widths must be four integers per layer.")
-        return cls(keep=keep, shapes=shapes, modules=modules, widths=widths)
+        if any(not k.dims or k.count < 1 or k.rank < 1 for kept in means.values() for k in kept):
+            raise CheckpointError("the thinning plan's means must each name dims, a rank and a count.")
+        return cls(keep=keep, shapes=shapes, modules=modules, widths=widths, means=means)
 
 
 def _int(v: Any) -> int:
@@ -165,6 +179,52 @@ def _removable_ids(model: nn.Module, input_shape: tuple[int, ...], st: ModelStru
     return {r for r in dead if r not in st.pinned and r not in sourced and r not in split}
 
 
+# Means over the channels whose count no hook can keep; a sliced forward would divide by the channels left.
+_TWO_MEANS = ("its forward averages over the channels twice, with the same dims but different widths, and a "
+              "sliced forward would divide by the channels left (the export keeps the counts and deletes them)")
+_NO_OWNER = ("no hook can find its mean over the channels (no module of the model by the name its forward runs "
+             "under, or dims not written as numbers), and a sliced forward would divide by the channels left (the "
+             "export keeps the count and deletes them)")
+
+
+def _averaged(model: nn.Module, st: ModelStructure, cut: set[int]
+              ) -> tuple[set[int], dict[str, tuple[kept_count.KeptMean, ...]], dict[str, str]]:
+    """For the means over the channels that lose some of `cut`: per module, the means that keep their count once
+    sliced (a count kept already stays); the roots of `cut` whose mean cannot keep its count (they stay, zero
+    under their masks), and per such module, why. A sum over the channels needs no count: its dead channels
+    added zero."""
+    wanted: dict[str, dict[tuple, set[int]]] = {}
+    roots_of: dict[tuple, set[int]] = {}
+    for m in st.means:
+        roots = {st.root(i) for i in m.ids}
+        if not m.divides or not roots & cut:
+            continue
+        owner = _submodule(model, m.module)
+        key = (m.dims if owner is not None else None, m.rank)
+        had = kept_count.kept(owner).get(key) if owner is not None and m.dims else None
+        wanted.setdefault(m.module, {}).setdefault(key, set()).add(had or len(m.ids))
+        roots_of.setdefault((m.module, *key), set()).update(roots & cut)
+    kept: set[int] = set()
+    means: dict[str, tuple[kept_count.KeptMean, ...]] = {}
+    why: dict[str, str] = {}
+    for module, by_key in wanted.items():
+        for (dims, rank), counts in by_key.items():
+            if dims is None or len(counts) > 1:
+                kept |= roots_of[(module, dims, rank)]
+                why[module or "the model's forward"] = _TWO_MEANS if dims is not None else _NO_OWNER
+            else:
+                means[module] = (*means.get(module, ()), kept_count.KeptMean(dims, rank, counts.pop()))
+    return kept, means, why
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    """The module whose forward the analysis found a node in, where the model has it by that name."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def _equal_chunks(st: ModelStructure, cut: set[int]) -> set[int]:
     """Roots of `cut` a torch.chunk keeps so that each of its parts keeps as many channels (then the thinned
     forward's chunk of the same count splits them where the model did)."""
@@ -199,17 +259,20 @@ def _align_grouped(st: ModelStructure, cut: set[int]) -> set[int]:
 
 
 def _cut(model: nn.Module, input_shape: tuple[int, ...], st: ModelStructure, params: dict,
-         counter: Counter | None = None) -> set[int]:
-    """The roots thinning deletes: what the counter removes, less what keeps every layer non-empty, every
-    grouped conv sliceable and every chunk's parts equal (each keeps channels that may unbalance another,
-    so they run until none asks)."""
+         counter: Counter | None = None) -> tuple[set[int], dict[str, str]]:
+    """The roots thinning deletes: what the counter removes, less what a mean over the channels that cannot keep
+    its count reads, what keeps every layer non-empty, every grouped conv sliceable and every chunk's parts equal
+    (each keeps channels that may unbalance another, so they run until none asks); and per module whose mean
+    kept channels so, why."""
     cut = _removable_ids(model, input_shape, st, counter)
+    averaged, _, why = _averaged(model, st, cut)
+    cut -= averaged
     strength = _strength(st, params)
     while True:
         cut = _keep_one_per_layer(st, cut, strength)
         kept = _align_grouped(st, cut) | _equal_chunks(st, cut)
         if not kept:
-            return cut
+            return cut, why
         cut -= kept
 
 
@@ -231,6 +294,9 @@ def _strength(st: ModelStructure, params: dict[str, torch.Tensor]) -> dict[int, 
     for norm in st.norms.values():
         add(norm.ids, params.get(f"{norm.name}.weight"))
         add(norm.ids, params.get(f"{norm.name}.bias"))
+    for cp in st.channel_params:
+        p = params.get(cp.param)
+        add(cp.ids, None if p is None else p.movedim(cp.dim, 0))
     return out
 
 
@@ -264,7 +330,8 @@ def plan_thinning(model: nn.Module, input_shape: tuple[int, ...],
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     counter = counter or Counter(model, tuple(input_shape), st)
-    cut = _cut(model, tuple(input_shape), st, params, counter)
+    cut, means_kept = _cut(model, tuple(input_shape), st, params, counter)
+    means = _averaged(model, st, cut)[1]
 
     keep: dict[str, dict[int, list[int]]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -314,7 +381,11 @@ def plan_thinning(model: nn.Module, input_shape: tuple[int, ...],
         for leaf in ("running_mean", "running_var"):
             slice_dim(f"{norm.name}.{leaf}", buffers, 0, kept)
         modules[norm.name] = {"num_features": len(kept)}
-    return ThinPlan(keep=keep, shapes=shapes, modules=modules, widths=widths, heads_kept=heads_kept)
+    for cp in st.channel_params:
+        # A parameter with one entry per channel read outside a layer (a per-channel scale or shift).
+        slice_dim(cp.param, params, cp.dim, [c for c, i in enumerate(cp.ids) if st.root(i) not in cut])
+    return ThinPlan(keep=keep, shapes=shapes, modules=modules, widths=widths, heads_kept=heads_kept,
+                    means=means if keep else {}, means_kept=means_kept)
 
 
 def _slice_heads(st: ModelStructure, dead_heads, params, slice_dim, modules, widths) -> dict[str, str]:
@@ -398,8 +469,11 @@ class _Undo:
 
     tensors: list[tuple[nn.Module, str, str, Any]] = field(default_factory=list)  # module, dict, leaf, old
     attrs: list[tuple[nn.Module, str, Any]] = field(default_factory=list)
+    hooks: list[Any] = field(default_factory=list)  # handles of the hooks that keep means' counts
 
     def __call__(self) -> None:
+        for handle in self.hooks:
+            handle.remove()
         for module, where, leaf, old in reversed(self.tensors):
             getattr(module, where)[leaf] = old
         for module, attr, old in reversed(self.attrs):
@@ -453,6 +527,12 @@ def _apply(model: nn.Module, plan: ThinPlan) -> _Undo:
         if bad:
             raise ConfigError(f"the thinning plan sets {bad[0]} of {mname} ({type(module).__name__}), "
                               "not a width it may change.")
+    for mname in plan.means:
+        try:
+            model.get_submodule(mname)
+        except AttributeError as exc:
+            raise ConfigError(f"the thinning plan keeps a mean's count in module {mname}, which the model lacks."
+                              ) from exc
     sliced = {name: _slice(named[name], dims) for name, dims in plan.keep.items()}
     bindings = _bindings(model)
     try:
@@ -470,6 +550,12 @@ def _apply(model: nn.Module, plan: ThinPlan) -> _Undo:
             for attr, value in attrs.items():
                 undo.attrs.append((module, attr, getattr(module, attr)))
                 setattr(module, attr, value)
+        for mname, means in plan.means.items():
+            module = model.get_submodule(mname)
+            had = kept_count.kept(module)
+            new_means = tuple(m for m in means if (m.dims, m.rank) not in had)
+            if new_means:
+                undo.hooks += kept_count.install(module, new_means)
     except BaseException:
         undo()
         raise
@@ -616,14 +702,19 @@ def thin(model: nn.Module, input_shape: tuple[int, ...], *, check: bool = True,
 
 
 def _with_heads_kept(reason: str, plan: ThinPlan) -> str:
-    """The reason, and the zero heads thinning left in place (masked, as the export deletes them) and why."""
-    by_reason: dict[str, list[str]] = {}
-    for name, why in plan.heads_kept.items():
-        by_reason.setdefault(why, []).append(name)
-    kept = "; ".join(f"{', '.join(names)}: {why}" for why, names in by_reason.items())
-    if not kept:
+    """The reason, and the zero heads and channels thinning left in place (masked, as the export deletes them)
+    and why."""
+    notes = []
+    for what, found in (("heads", plan.heads_kept), ("channels", plan.means_kept)):
+        by_reason: dict[str, list[str]] = {}
+        for name, why in found.items():
+            by_reason.setdefault(why, []).append(name)
+        kept = "; ".join(f"{', '.join(names)}: {why}" for why, names in by_reason.items())
+        if kept:
+            notes.append(f"zero {what} kept in {kept}")
+    if not notes:
         return reason
-    note = f"zero heads kept in {kept}"
+    note = "; ".join(notes)
     return f"{reason} ({note})" if reason else note
 
 
