@@ -1,6 +1,6 @@
-"""Latency-targeted against MAC-targeted SSL at equal measured latency: ResNet-20 on CIFAR-10, ORT CPU.
+"""Latency-targeted against MAC-targeted SSL at equal measured latency: a CIFAR ResNet on CIFAR-10, ORT CPU.
 
-One pretrained ResNet-20, two SSL runs through the library (run_finetune): the first asks for a share of the
+One pretrained CIFAR ResNet (ResNet-20 by default; the model is the checkpoint's own, e.g. resnet56), two SSL runs through the library (run_finetune): the first asks for a share of the
 MACs (`--target-flops`), the second for the latency the first one's compact model measured
 (`--target-latency`, predicted by the per-layer table of `sslcompress profile`; the measured milliseconds are
 first put on the table's scale by the dense model's predicted over measured, timed in the same rounds). Both
@@ -9,6 +9,8 @@ models are timed in one interleaved run. The question: at the same measured late
 accuracy?
 
     python benchmarks/latency_vs_macs.py --pretrained benchmarks/out/cifar_resnet20_b/pretrained.pt
+    python benchmarks/latency_vs_macs.py --pretrained benchmarks/out/cifar_resnet56/pretrained.pt --align auto \
+        --name latency_vs_macs_resnet56
     python benchmarks/latency_vs_macs.py --quick           # smoke run: 2000 / 1000 images, 1 epoch a phase
 
 Results: benchmarks/results/latency_vs_macs.json and .md (benchmarks/out/ with --quick).
@@ -32,8 +34,6 @@ from sslcompress.latency import current_key, default_path
 from sslcompress.latency.profile import load_or_new, profile_model, time_sessions
 from sslcompress.latency.table import save_table
 
-MODEL = "resnet20"
-
 
 def settings(args, weighting: str = "none", **target) -> dict:
     return {"structures": ("filter", "channel"), "lambdas": {"filter": args.strength, "channel": args.strength},
@@ -43,13 +43,13 @@ def settings(args, weighting: str = "none", **target) -> dict:
 
 
 def table_for(args, weights: Path) -> Path:
-    """The latency table of this machine for ResNet-20 at batch 1, 1 thread, profiled where missing."""
+    """The latency table of this machine for the checkpoint's model at batch 1, 1 thread, profiled where missing."""
     key = current_key("cpu", 1, 1)
     path = default_path(key, REPO / "benchmarks" / "out" / "latency")
     table = load_or_new(path, key, on_stale=log)
     ckpt = load_checkpoint(weights)
-    log(f"profiling {MODEL} into {path} (only what the table lacks)")
-    profile_model(ckpt.build().eval(), ckpt.model.input_shape, key, table, name=MODEL)
+    log(f"profiling {args.model} into {path} (only what the table lacks)")
+    profile_model(ckpt.build().eval(), ckpt.model.input_shape, key, table, name=args.model)
     save_table(table, path)
     return path
 
@@ -122,7 +122,7 @@ def trained(args, weights: Path, folder: Path, run_settings: dict) -> tuple[dict
     """One SSL run, exported and cut: (its report, its training seconds, the surgery report). With --reuse, a
     run folder that already holds them from the same settings is read instead of trained again."""
     def train() -> tuple[dict, float, dict]:
-        report, secs = finetune(args, MODEL, weights, folder, run_settings)
+        report, secs = finetune(args, args.model, weights, folder, run_settings)
         return report, secs, export_compact(args, folder / "sparse.pt", folder)
 
     return reuse_or_train(folder, run_settings, args.reuse, train)
@@ -166,9 +166,13 @@ def _row(r: dict) -> dict:
     return out
 
 
+_MODEL_NAMES = {"resnet20": "ResNet-20", "resnet32": "ResNet-32", "resnet56": "ResNet-56"}
+
+
 def render_md(doc: dict) -> str:
     res = doc["result"]
-    md = ["# Latency-targeted against MAC-targeted SSL (ResNet-20, CIFAR-10, ORT CPU, 1 thread)", "",
+    md = [f"# Latency-targeted against MAC-targeted SSL ({_MODEL_NAMES.get(doc.get('model'), doc.get('model', 'resnet20'))}"
+          ", CIFAR-10, ORT CPU, 1 thread)", "",
           f"Date {doc['date_utc']}. Command: `{doc['command']}`.", "",
           "| run | top-1 (test) | MACs kept | " + " | ".join(f"measured ms, batch {b}" for b in res["timed_ms"])
           + " |", "|---|---|---|" + "---|" * len(res["timed_ms"])]
@@ -227,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = REPO / "benchmarks" / "out" / (f"{args.name}_quick" if args.quick else args.name)
     out.mkdir(parents=True, exist_ok=True)
+    args.model = load_checkpoint(args.pretrained).model.name
     doc = {"benchmark": "latency_vs_macs", "date_utc": now(), "command": " ".join(["python", *sys.argv]),
+           "model": args.model,
            "target_flops": args.target_flops, "align": args.align, "match": args.match,
            "latency_weighting": args.latency_weighting, "result": run(args, out), "machine": machine()}
     print(write_results(args, doc, render_md))

@@ -45,7 +45,7 @@ def ready(args: argparse.Namespace) -> str | None:
         args.limit_train, args.limit_test = args.limit_train or 2000, args.limit_test or 1000
         args.sparsify_epochs, args.finetune_epochs, args.rounds = 1, 1, 5
     if not Path(args.pretrained).is_file():
-        return f"no pretrained ResNet-20 at {args.pretrained}"
+        return f"no pretrained checkpoint at {args.pretrained}"
     torch.set_num_threads(args.threads)
     args.data_spec = f"cifar10:{Path(args.data).resolve()}"
     return None

@@ -66,7 +66,7 @@ def test_reuse_reads_a_finished_run_of_the_same_settings_only(L, tmp_path, monke
     calls = []
     monkeypatch.setattr(L, "finetune", lambda *a: calls.append("finetune") or ({"accuracy": 2}, 1.0))
     monkeypatch.setattr(L, "export_compact", lambda *a: calls.append("export") or {"totals": {"new": 1}})
-    args = SimpleNamespace(reuse=True)
+    args = SimpleNamespace(reuse=True, model="resnet20")
     assert L.trained(args, Path("w.pt"), tmp_path, settings) == ({"accuracy": 1}, 12.0, {"totals": {}})
     assert calls == []
     other = {**settings, "target_latency": 0.6}
@@ -74,7 +74,7 @@ def test_reuse_reads_a_finished_run_of_the_same_settings_only(L, tmp_path, monke
     assert calls == ["finetune", "export"]
     assert json.loads((tmp_path / "settings.json").read_text())["settings"]["target_latency"] == 0.6
     calls.clear()
-    assert L.trained(SimpleNamespace(reuse=False), Path("w.pt"), tmp_path, other)[0] == {"accuracy": 2}
+    assert L.trained(SimpleNamespace(reuse=False, model="resnet20"), Path("w.pt"), tmp_path, other)[0] == {"accuracy": 2}
     assert calls == ["finetune", "export"]
 
 
