@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from counted_cut import assert_cut_as_counted, assert_thinned_exactly, exported
 from onnx import numpy_helper
+from test_branches_behind_a_layer import GRN as HFGRN
 from torch import nn
 from untraceable import untraceable
 from zeroing import zero_groups
@@ -43,21 +44,6 @@ class OfficialGRN(nn.Module):
         return self.gamma * (x * nx) + self.beta + x
 
 
-class HFGRN(nn.Module):
-    """GRN as Hugging Face's ConvNextV2GRN writes it: `torch.linalg.vector_norm` and weight, bias (its ONNX is the
-    official form's, ReduceL2 then ReduceMean over the last axis)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(0.1 * torch.randn(1, 1, 1, dim))
-        self.bias = nn.Parameter(0.1 * torch.randn(1, 1, 1, dim))
-
-    def forward(self, x):
-        g = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
-        n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
-        return self.weight * (x * n) + self.bias + x
-
-
 class ChannelsFirstGRN(nn.Module):
     """GRN on (N, C, H, W), between 1x1 convs: the channel axis is dim 1."""
 
@@ -72,6 +58,7 @@ class ChannelsFirstGRN(nn.Module):
         return self.weight * (x * n) + self.bias + x
 
 
+# Hugging Face's ConvNextV2GRN form (`torch.linalg.vector_norm`, weight and bias): the depth tests' GRN.
 FORMS = {"official": OfficialGRN, "hf": HFGRN, "channels first": ChannelsFirstGRN}
 SHIFT = {"official": "beta", "hf": "bias", "channels first": "bias"}
 
