@@ -92,16 +92,19 @@ def calibration_images(spec: str, shape: tuple[int | None, ...], count: int, see
 
 
 def quantize_model(proto: onnx.ModelProto, data: str, *, calibration: int = 256, test_images: int = 1000,
-                   method: str = "minmax", per_channel: bool = True, seed: int = 0) -> QuantizeResult:
+                   method: str = "minmax", per_channel: bool = True, seed: int = 0,
+                   space_to_depth: bool | None = None) -> QuantizeResult:
     """The QDQ INT8 model of `proto` and its report: top-1 before and after on up to `test_images` test
-    images of `data`, calibration on `calibration` of its training images."""
+    images of `data`, calibration on `calibration` of its training images. `space_to_depth`: as
+    `quantize_qdq`."""
     _check_method(method)
     _, shape = check_quantizable(proto)
     fixed_batch = shape[0]
     calib = calibration_images(data, shape, calibration, seed)
     test = _test_images(data, shape, test_images, seed)
     t0 = time.perf_counter()
-    quantized, notes = quantize_qdq(proto, calib, method=method, per_channel=per_channel)
+    quantized, notes = quantize_qdq(proto, calib, method=method, per_channel=per_channel,
+                                    space_to_depth=space_to_depth)
     seconds = time.perf_counter() - t0
     before, after = (_top1(m, test, fixed_batch) for m in (proto, quantized))
     ops = {}
@@ -120,18 +123,29 @@ def quantize_model(proto: onnx.ModelProto, data: str, *, calibration: int = 256,
 
 
 def quantize_qdq(proto: onnx.ModelProto, calibration: np.ndarray, *, method: str = "minmax",
-                 per_channel: bool = True) -> tuple[onnx.ModelProto, list[str]]:
+                 per_channel: bool = True, space_to_depth: bool | None = None) -> tuple[onnx.ModelProto, list[str]]:
     """The QDQ INT8 model of `proto`, activation ranges calibrated on the given images (normalised as in
-    training, e.g. from `calibration_images`), and notes on what was skipped; nothing scored. Callers that
-    quantize several models of one shape (the bench's dense and structured) calibrate them on one array."""
+    training, e.g. from `calibration_images`), and notes on what was skipped or rewritten; nothing scored.
+    Callers that quantize several models of one shape (the bench's dense and structured) calibrate them on
+    one array. `space_to_depth`: fold the stride of convolutions over a few channels (the stem) into the
+    channels first (`space_to_depth.py`: the same sums, a faster integer kernel on x86); None folds on x86
+    CPUs only, where it was measured."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from .space_to_depth import strided_convs_as_space_to_depth
 
     _check_method(method)
     name, shape = check_quantizable(proto)
+    if space_to_depth is None:
+        space_to_depth = _x86()
     with tempfile.TemporaryDirectory(prefix="sslcompress-quantize-") as tmp, _quiet_logging():
         src, pre, out = (Path(tmp) / f for f in ("float.onnx", "pre.onnx", "int8.onnx"))
-        onnx.save(shifts_as_adds(proto), src)
-        notes = []
+        float_model, notes = shifts_as_adds(proto), []
+        if space_to_depth:
+            float_model, folded = strided_convs_as_space_to_depth(float_model)
+            notes += [f"{f.conv}: stride {f.block} folded into the channels (SpaceToDepth), a stride-1 "
+                      f"{f.kernel[0]}x{f.kernel[1]} conv over {f.channels} channels" for f in folded]
+        onnx.save(float_model, src)
         try:
             from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -206,18 +220,20 @@ def _ranks(proto: onnx.ModelProto) -> dict[str, int]:
             if v.type.tensor_type.HasField("shape")}
 
 
+def _x86() -> bool:
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
 def reduced_range() -> bool:
     """Whether weights keep 7 bits: uint8 activations times int8 weights (U8S8, what ORT's x86 kernels run
     fastest: on ResNet-18 every conv and residual Add becomes an integer kernel, where int8 activations left
     11 of 20 convs in float between QDQ pairs) can saturate the 16-bit sums of AVX2/AVX-512 without VNNI,
     so there the weights lose a bit, as ORT advises; VNNI and other CPUs keep all 8."""
-    import platform
-
     from .runtime.cpu import has_vnni
 
-    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
-        return False
-    return not has_vnni()
+    return _x86() and not has_vnni()
 
 
 def _check_method(method: str) -> None:

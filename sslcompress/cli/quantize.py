@@ -23,12 +23,15 @@ from . import EPILOG_DATA, main
 @click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
               show_default=True, help="How the activation ranges are calibrated.")
 @click.option("--per-tensor", is_flag=True, help="One scale per weight tensor instead of one per output channel.")
+@click.option("--space-to-depth/--no-space-to-depth", "space_to_depth", default=None,
+              help="Fold the stride of convolutions over at most 4 channels (the stem) into the channels before "
+                   "quantizing: the same sums, a faster integer kernel. Default: on x86 CPUs.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the report as JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of lines.")
 def quantize(model: str, out: str, data: str, calibration: int, data_limit: int, method: str, per_tensor: bool,
-             seed: int, report_path: str | None, as_json: bool) -> None:
+             space_to_depth: bool | None, seed: int, report_path: str | None, as_json: bool) -> None:
     """Static INT8 quantization of an ONNX image model in ONNX Runtime (QDQ, per-channel weights)."""
     from ..console import print_quantize_report
     from ..io import atomic_write_group, check_distinct_paths
@@ -37,7 +40,8 @@ def quantize(model: str, out: str, data: str, calibration: int, data_limit: int,
 
     check_distinct_paths([("-o/--output", out), ("--report", report_path)], [("MODEL", model)])
     result = quantize_model(load_onnx(model), data, calibration=calibration, test_images=data_limit,
-                            method=method, per_channel=not per_tensor, seed=seed)
+                            method=method, per_channel=not per_tensor, seed=seed,
+                            space_to_depth=space_to_depth)
     report = {"model": model, "output": out, **result.report}
     outputs = [(out, result.model.SerializeToString())]
     if report_path:
