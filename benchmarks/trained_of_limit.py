@@ -1,0 +1,111 @@
+"""How close trained compact models come to their MAC-reduction limit in ORT, at 1 and 2 threads, batch 1 and 8.
+
+Reads what one run of `latency_vs_macs.py` left: its dense model (`dense.onnx`) and the two compact models
+(`macs/compact.onnx`, `latency/compact.onnx`) in its output folder, and their MAC fractions from its results
+JSON. Times the three in the same interleaved rounds (`time_sessions`) at every setting and reports, per
+compact model, the speed-up over dense and that speed-up times the MAC fraction: 1.0 is the MAC-reduction
+limit, the issue's target for aligned widths >= 0.9. Nothing is trained; run it with nothing else on the host.
+
+    python benchmarks/trained_of_limit.py --run latency_vs_macs_resnet20_avx512
+    python benchmarks/trained_of_limit.py --run latency_vs_macs_resnet56 --rounds 30
+
+Results: benchmarks/results/<run>_threads.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import onnx
+from bench_log import csv, log
+from paper_cifar10 import machine, now
+
+from sslcompress.io import atomic_write_bytes, atomic_write_json
+from sslcompress.latency import current_key
+from sslcompress.latency.profile import time_sessions
+
+HERE = Path(__file__).resolve().parent
+MODELS = {"dense": "dense.onnx", "macs": "macs/compact.onnx", "latency": "latency/compact.onnx"}
+TARGET = 0.9
+
+
+def mac_fractions(results: dict) -> dict[str, float]:
+    rows = results["result"]["rows"]
+    return {"dense": 1.0, **{name: float(rows[name]["macs_fraction"]) for name in ("macs", "latency")}}
+
+
+def input_shape(model: onnx.ModelProto, batch: int) -> tuple[int, ...]:
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    return (batch, *(d.dim_value for d in dims[1:]))
+
+
+def measure(models: dict, macs: dict[str, float], threads: list[int], batches: list[int], rounds: int) -> dict:
+    out = {}
+    for t in threads:
+        for b in batches:
+            ms = time_sessions(models, input_shape(models["dense"], b), current_key("cpu", t, b), rounds=rounds)
+            out[f"t{t}_b{b}"] = {n: {"ms": ms[n], "speedup": ms["dense"] / ms[n],
+                                     "of_limit": ms["dense"] / ms[n] * macs[n]} for n in ms}
+            log(f"threads {t}, batch {b}: " + ", ".join(
+                f"{n} {r['ms']:.3f} ms ({r['speedup']:.2f}x, {r['of_limit']:.2f} of the limit)"
+                for n, r in out[f"t{t}_b{b}"].items()))
+    return out
+
+
+def render(doc: dict) -> str:
+    macs = doc["mac_fractions"]
+    lines = [f"# Trained compact models against their MAC-reduction limit ({doc['model']}, ORT CPU)", "",
+             f"{doc['date_utc']}, `{doc['command']}`. The dense, MAC-targeted and latency-targeted models of "
+             f"`{doc['run']}` timed in the same interleaved rounds ({doc['rounds']}) at each setting; *of limit* "
+             "is the speed-up over dense times the model's MAC fraction (1.0: as fast as its MACs allow; target "
+             f">= {TARGET}).", "",
+             f"| threads, batch | dense ms | MAC-targeted ({macs['macs']:.1%} of the MACs) | of limit "
+             f"| latency-targeted ({macs['latency']:.1%}) | of limit |", "|---|---|---|---|---|---|"]
+    for setting, row in doc["timings"].items():
+        t, b = setting[1:].split("_b")
+        lines.append(f"| {t}, {b} | {row['dense']['ms']:.3f} | {row['macs']['speedup']:.2f}x "
+                     f"| {row['macs']['of_limit']:.2f} | {row['latency']['speedup']:.2f}x "
+                     f"| {row['latency']['of_limit']:.2f} |")
+    met = sum(row[n]["of_limit"] >= TARGET for row in doc["timings"].values() for n in ("macs", "latency"))
+    total = 2 * len(doc["timings"])
+    m = doc["machine"]
+    lines += ["", f"At least {TARGET} of the limit: **{met} of {total}**.", "",
+              f"Machine: {m.get('cpu', 'CPU')} ({', '.join(m.get('cpu_isa', [])) or 'no AVX2'}), nproc "
+              f"{m['nproc']}, load average at end {', '.join(f'{x:.2f}' for x in m['load_average_at_end'])}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="the --name of a finished latency_vs_macs.py run")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--work", default=str(HERE / "out"), help="where the run's output folder lies")
+    args = p.parse_args(argv)
+    folder, results = Path(args.work) / args.run, Path(args.out) / f"{args.run}.json"
+    missing = [str(folder / f) for f in MODELS.values() if not (folder / f).is_file()]
+    if missing or not results.is_file():
+        print(f"error: {args.run} is not a finished latency_vs_macs.py run here (missing "
+              f"{', '.join(missing or [str(results)])})", file=sys.stderr)
+        return 2
+    done = json.loads(results.read_text())
+    macs = mac_fractions(done)
+    models = {n: onnx.load(folder / f) for n, f in MODELS.items()}
+    timings = measure(models, macs, csv(args.threads, int), csv(args.batches, int), args.rounds)
+    doc = {"benchmark": "trained_of_limit", "date_utc": now(), "command": " ".join(["python", *sys.argv]),
+           "run": args.run, "model": done.get("model", "resnet20"), "rounds": args.rounds, "mac_fractions": macs,
+           "timings": timings, "machine": machine()}
+    out = Path(args.out)
+    atomic_write_json(doc, out / f"{args.run}_threads.json")
+    atomic_write_bytes(render(doc).encode(), out / f"{args.run}_threads.md")
+    print(render(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

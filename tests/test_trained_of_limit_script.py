@@ -1,0 +1,57 @@
+"""benchmarks/trained_of_limit.py end to end on a stand-in run folder: tiny models, two rounds, no timing
+asserted; what it reads, how it scores (speed-up times the MAC fraction), and one clear line for a folder that
+is not a finished run."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+from benchmark_script import benchmark_script
+
+from sslcompress.surgery.export import export_onnx
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def T():
+    with benchmark_script("trained_of_limit") as mod:
+        yield mod
+
+
+def _net(width: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv2d(width, 8, 3, padding=1)).eval()
+
+
+def test_it_times_the_three_models_and_scores_against_the_limit(T, tmp_path, capsys):
+    run, results = tmp_path / "out" / "run1", tmp_path / "results"
+    for sub, width in (("", 16), ("macs", 8), ("latency", 12)):
+        (run / sub).mkdir(parents=True, exist_ok=True)
+        name = "dense.onnx" if not sub else "compact.onnx"
+        onnx.save(export_onnx(_net(width), (1, 3, 8, 8), dynamic_batch=True).model, run / sub / name)
+    results.mkdir()
+    fractions = {"macs": 0.5, "latency": 0.75}
+    (results / "run1.json").write_text(json.dumps(
+        {"model": "tiny", "result": {"rows": {n: {"macs_fraction": f} for n, f in fractions.items()}}}))
+    assert T.main(["--run", "run1", "--work", str(tmp_path / "out"), "--out", str(results), "--rounds", "2",
+                   "--threads", "1", "--batches", "1,2"]) == 0
+    doc = json.loads((results / "run1_threads.json").read_text())
+    assert list(doc["timings"]) == ["t1_b1", "t1_b2"] and doc["mac_fractions"] == {"dense": 1.0, **fractions}
+    for row in doc["timings"].values():
+        assert row["dense"]["speedup"] == 1.0 and row["dense"]["of_limit"] == 1.0
+        for n, f in fractions.items():
+            assert row[n]["speedup"] == pytest.approx(row["dense"]["ms"] / row[n]["ms"])
+            assert row[n]["of_limit"] == pytest.approx(row[n]["speedup"] * f)
+    md = (results / "run1_threads.md").read_text()
+    assert "| 1, 2 |" in md and "MAC-targeted (50.0% of the MACs)" in md and "of 4**" in md
+
+
+def test_a_folder_that_is_not_a_finished_run_is_one_line(T, tmp_path, capsys):
+    assert T.main(["--run", "nothing", "--work", str(tmp_path), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: nothing is not a finished latency_vs_macs.py run")
