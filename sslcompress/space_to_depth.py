@@ -58,7 +58,7 @@ def strided_convs_as_space_to_depth(proto: onnx.ModelProto,
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     graph = out.graph
-    taken = {n for node in graph.node for n in (*node.input, *node.output)} | set(inits)
+    taken = {n for node in graph.node for n in (*node.input, *node.output, node.name)} | set(inits)
     nodes, folded = [], []
     for i, node in enumerate(proto.graph.node):
         if i not in plans:
