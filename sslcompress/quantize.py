@@ -132,7 +132,7 @@ def quantize_qdq(proto: onnx.ModelProto, calibration: np.ndarray, *, method: str
     CPUs only, where it was measured."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from .space_to_depth import strided_convs_as_space_to_depth
+    from .space_to_depth import quantize_before_space_to_depth, strided_convs_as_space_to_depth
 
     _check_method(method)
     name, shape = check_quantizable(proto)
@@ -163,7 +163,11 @@ def quantize_qdq(proto: onnx.ModelProto, calibration: np.ndarray, *, method: str
         except Exception as exc:  # noqa: BLE001 - one sentence for whatever ORT's quantizer raises
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UnsupportedModelError(f"ONNX Runtime could not quantize the model: {first[:300]}") from exc
-        return onnx.load(str(out)), notes
+        quantized = onnx.load(str(out))
+        if space_to_depth:
+            quantized, moved = quantize_before_space_to_depth(quantized)
+            notes += ["SpaceToDepth moved behind the quantization it fed: it shuffles uint8"] * bool(moved)
+        return quantized, notes
 
 
 def shifts_as_adds(proto: onnx.ModelProto) -> onnx.ModelProto:

@@ -173,3 +173,42 @@ def test_the_cli_folds_by_default_on_x86_and_not_when_told(tmp_path, monkeypatch
     result = CliRunner().invoke(main, ["quantize", str(path), "-o", str(out), "--data", "digits", "--calibration",
                                        "32", "--data-limit", "64", "--json"])
     assert result.exit_code == 0 and not any("SpaceToDepth" in n for n in json.loads(result.output)["notes"])
+
+
+def test_the_fold_moves_behind_the_input_quantization_bit_for_bit(stem_model, monkeypatch):
+    from sslcompress import space_to_depth as s2d
+
+    name = stem_model.graph.input[0].name
+    calib = np.random.default_rng(3).standard_normal((16, 3, 32, 32)).astype(np.float32)
+    x = np.random.default_rng(4).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    monkeypatch.setattr(s2d, "quantize_before_space_to_depth", lambda proto: (proto, 0))
+    unmoved, _ = quantize_qdq(stem_model, calib, space_to_depth=True)
+    monkeypatch.undo()
+    if not s2d._uint8_space_to_depth():
+        assert s2d.quantize_before_space_to_depth(unmoved)[0] is unmoved
+        pytest.skip("this ONNX Runtime has no uint8 SpaceToDepth: the fold stays in float (checked above)")
+    moved, count = s2d.quantize_before_space_to_depth(unmoved)
+    assert count == 1
+    producers = {o: n.op_type for n in moved.graph.node for o in n.output}
+    fold = next(n for n in moved.graph.node if n.op_type == "SpaceToDepth")
+    assert fold.input[0] != name and producers[fold.input[0]] == "QuantizeLinear"
+    onnx.checker.check_model(moved)
+    ys = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
+          for m in (unmoved, moved)]
+    np.testing.assert_array_equal(ys[1], ys[0])
+    _, notes = quantize_qdq(stem_model, calib, space_to_depth=True)
+    assert any("uint8" in n for n in notes)
+
+
+def test_a_per_channel_quantization_after_the_fold_stays_after_it():
+    from sslcompress.space_to_depth import quantize_before_space_to_depth
+
+    inits = [numpy_helper.from_array(np.full(12, 0.1, np.float32), "scale"),
+             numpy_helper.from_array(np.zeros(12, np.uint8), "zero")]
+    nodes = [helper.make_node("SpaceToDepth", ["x"], ["s"], blocksize=2),
+             helper.make_node("QuantizeLinear", ["s", "scale", "zero"], ["q"], axis=1),
+             helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["y"], axis=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 12, 2, 2])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert quantize_before_space_to_depth(proto) == (proto, 0)
