@@ -215,13 +215,9 @@ def shifts_as_adds(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 def _ranks(proto: onnx.ModelProto) -> dict[str, int]:
     """The rank of every value shape inference can tell (graph inputs and outputs included)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto)
-    except Exception:  # noqa: BLE001 - a model inference cannot read keeps its normalisations as they are
-        return {}
-    g = inferred.graph
-    return {v.name: len(v.type.tensor_type.shape.dim) for v in (*g.input, *g.value_info, *g.output)
-            if v.type.tensor_type.HasField("shape")}
+    from .onnx_names import value_shapes
+
+    return {name: len(shape) for name, shape in value_shapes(proto).items()}
 
 
 def _x86() -> bool:

@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .onnx_names import fresh_name, value_shapes
+
 # Input channels up to which the byte gather dominates ORT's integer kernel (measured on AVX-512 VNNI: the
 # 3-channel 7x7/2 stem at 224x224 runs 1.3-1.6x faster folded, 32 or 64 filters).
 MAX_INPUT_CHANNELS = 4
@@ -48,7 +50,7 @@ def strided_convs_as_space_to_depth(proto: onnx.ModelProto,
     # An initializer that is also a graph input is a default the caller may replace: not a constant weight.
     inputs = {i.name for i in proto.graph.input}
     inits = {t.name: t for t in proto.graph.initializer if t.name not in inputs}
-    shapes = _shapes(proto)
+    shapes = value_shapes(proto)
     plans = {}
     for i, node in enumerate(proto.graph.node):
         plan = _plan(node, inits, shapes, max_channels)
@@ -67,10 +69,10 @@ def strided_convs_as_space_to_depth(proto: onnx.ModelProto,
             continue
         plan = plans[i]
         label = node.name or node.output[0]
-        moved, weight = _unique(f"{label}.space_to_depth", taken), _unique(f"{label}.folded_weight", taken)
+        moved, weight = fresh_name(f"{label}.space_to_depth", taken), fresh_name(f"{label}.folded_weight", taken)
         graph.initializer.append(numpy_helper.from_array(plan.weight, weight))
         nodes.append(helper.make_node("SpaceToDepth", [node.input[0]], [moved], blocksize=plan.block,
-                                      name=_unique(f"{label}/SpaceToDepth", taken)))
+                                      name=fresh_name(f"{label}/SpaceToDepth", taken)))
         nodes.append(helper.make_node("Conv", [moved, weight, *node.input[2:]], list(node.output), name=node.name,
                                       kernel_shape=list(plan.weight.shape[2:]), strides=[1, 1],
                                       pads=list(plan.pads)))
@@ -157,29 +159,6 @@ def _pads(attrs: dict, sizes, kernel, s: int) -> tuple[int, int, int, int] | Non
     return None
 
 
-def _shapes(proto: onnx.ModelProto) -> dict[str, tuple]:
-    """Every value's shape shape inference can tell: ints where known, None for symbolic sizes."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto)
-    except Exception:  # noqa: BLE001 - a model inference cannot read is left as it is
-        return {}
-    g = inferred.graph
-    out = {}
-    for v in (*g.input, *g.value_info, *g.output):
-        t = v.type.tensor_type
-        if t.HasField("shape"):
-            out[v.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
-    return out
-
-
-def _unique(name: str, taken: set[str]) -> str:
-    candidate, i = name, 1
-    while candidate in taken:
-        candidate, i = f"{name}.{i}", i + 1
-    taken.add(candidate)
-    return candidate
-
-
 def quantize_before_space_to_depth(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """A copy of a quantized model in which every SpaceToDepth read by one per-tensor QuantizeLinear and nothing
     else moves behind it: QuantizeLinear(SpaceToDepth(x)) == SpaceToDepth(QuantizeLinear(x)) element for
@@ -219,7 +198,7 @@ def quantize_before_space_to_depth(proto: onnx.ModelProto) -> tuple[onnx.ModelPr
         fold, quantize = by_name[s2d.output[0]], by_name[q.output[0]]
         x, quantized = fold.input[0], quantize.output[0]
         stale.add(fold.output[0])
-        moved = _unique(f"{x}.quantized", taken)
+        moved = fresh_name(f"{x}.quantized", taken)
         quantize.input[0], quantize.output[0] = x, moved
         fold.input[0], fold.output[0] = moved, quantized
         i, j = order.index(fold), order.index(quantize)

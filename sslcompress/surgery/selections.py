@@ -35,6 +35,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import UnsupportedModelError, VerificationError
+from ..onnx_names import fresh_name
 from .inputs import Feed
 from .verify import VerifyResult, _output_difference, _run, _session, _Tally, output_rtol
 
@@ -90,14 +91,6 @@ def exposing(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     return copy
 
 
-def _fresh(base: str, taken: set[str]) -> str:
-    name, k = base, 1
-    while name in taken:
-        name, k = f"{base}_{k}", k + 1
-    taken.add(name)
-    return name
-
-
 def pin_outputs(model: onnx.ModelProto, pinned: Sequence[str], examples: Mapping[str, np.ndarray],
                 expose: Sequence[str] = ()) -> tuple[onnx.ModelProto, dict[str, str]]:
     """A copy of ``model`` in which the values ``pinned`` are graph inputs, to be fed from outside.
@@ -117,14 +110,14 @@ def pin_outputs(model: onnx.ModelProto, pinned: Sequence[str], examples: Mapping
     for node in g.node:
         for k, o in enumerate(node.output):
             if o in pinned_set:
-                own[o] = _fresh(f"{o}/own", taken)
+                own[o] = fresh_name(f"{o}/own", taken)
                 node.output[k] = own[o]
     kept = [v for v in g.value_info if v.name not in pinned_set]
     del g.value_info[:]
     g.value_info.extend(kept)
     for j, o in enumerate(sorted(own)):
         example = np.asarray(examples[o])
-        dims = [_fresh(f"pinned_{j}_{i}", taken) for i in range(example.ndim)]
+        dims = [fresh_name(f"pinned_{j}_{i}", taken) for i in range(example.ndim)]
         g.input.append(helper.make_tensor_value_info(o, helper.np_dtype_to_tensor_dtype(example.dtype), dims))
     for out in g.output:
         if out.name in own:
