@@ -26,6 +26,7 @@ from paper_cifar10 import machine, now
 from sslcompress.io import atomic_write_bytes, atomic_write_json
 from sslcompress.latency import current_key
 from sslcompress.latency.profile import time_sessions
+from sslcompress.surgery.inputs import declared_shape
 
 HERE = Path(__file__).resolve().parent
 MODELS = {"dense": "dense.onnx", "macs": "macs/compact.onnx", "latency": "latency/compact.onnx"}
@@ -38,8 +39,7 @@ def mac_fractions(results: dict) -> dict[str, float]:
 
 
 def input_shape(model: onnx.ModelProto, batch: int) -> tuple[int, ...]:
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    return (batch, *(d.dim_value for d in dims[1:]))
+    return (batch, *declared_shape(model)[1:])
 
 
 def measure(models: dict, macs: dict[str, float], threads: list[int], batches: list[int], rounds: int) -> dict:
