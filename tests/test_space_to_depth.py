@@ -212,3 +212,27 @@ def test_a_per_channel_quantization_after_the_fold_stays_after_it():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 12, 2, 2])], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     assert quantize_before_space_to_depth(proto) == (proto, 0)
+
+
+@pytest.mark.parametrize("how", ["legacy-opset11-raw", "dynamo"])
+def test_the_fold_is_exact_on_torch_exports_as_others_write_them(how, tmp_path):
+    """torch's own exports, not ours: the legacy exporter unsimplified (BatchNorm still a node) at opset 11, and
+    the dynamo exporter; the folded model against ORT on the export as it came."""
+    import io
+
+    torch.manual_seed(0)
+    model = _Stem().eval()
+    x = torch.randn(2, 3, 32, 32)
+    if how == "dynamo":
+        proto = torch.onnx.export(model, (x,), dynamo=True, input_names=["x"], output_names=["y"],
+                                  verbose=False).model_proto
+    else:
+        buf = io.BytesIO()
+        torch.onnx.export(model, (x,), buf, opset_version=11, dynamo=False, input_names=["x"], output_names=["y"],
+                          do_constant_folding=False)
+        proto = onnx.load_from_string(buf.getvalue())
+    folded, done = strided_convs_as_space_to_depth(proto)
+    assert len(done) == 1 and done[0].block == 2 and done[0].channels == 12
+    xs = np.random.default_rng(5).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    want, got = _run(proto, xs), _run(folded, xs)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
