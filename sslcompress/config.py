@@ -177,6 +177,11 @@ class FinetuneConfig:
     # Widths kept are multiples of this (None or 1: any width); "auto": the channel step the latency table
     # of the latency_* session shows (resolved when the run starts, see finetune/latency_budget.py).
     align: int | str | None = None
+    # Each width that carries the network (zeroing it whole leaves a constant output: a residual trunk, a layer
+    # of a plain stack) keeps at least this fraction of its channels, its strongest: group Lasso never thins
+    # those, nor does the ranking that lands a budget. Widths a residual branch bypasses may still empty (the
+    # branch goes). 0: only connectivity is kept (a trunk may fall to one channel).
+    min_keep: float = 0.1
     # At most this many milliseconds per run, as the latency table of `sslcompress profile` predicts it for
     # the session below (provider, intra-op threads, batch); `latency_table` None: the default cache file.
     target_latency: float | None = None
@@ -225,6 +230,7 @@ class FinetuneConfig:
         check_number("target_params", self.target_params, 0.0, 1.0, low_open=True, optional=True)
         if self.align != "auto":
             check_int("align", self.align, 1, 4096, optional=True)
+        check_number("min_keep", self.min_keep, 0.0, 1.0)
         check_number("target_latency", self.target_latency, low_open=True, optional=True)
         check_text("latency_provider", self.latency_provider, ("cpu", "cuda"))
         check_int("latency_threads", self.latency_threads, 1)
@@ -339,6 +345,7 @@ FLAGS = {
     "structures": "-s/--structures", "lambdas": "--lambda", "strength": "--strength", "solver": "--solver",
     "threshold": "--threshold", "weighting": "--weighting", "target_flops": "--target-flops",
     "target_params": "--target-params", "align": "--align", "budget_every": "--budget-every",
+    "min_keep": "--min-keep",
     "target_latency": "--target-latency", "latency_provider": "--latency-provider",
     "latency_threads": "--latency-threads", "latency_batch": "--latency-batch", "latency_table": "--latency-table",
     "thin": "--thin/--no-thin", "pace": "--pace/--no-pace",

@@ -85,9 +85,10 @@ def _assert_connected(path, shape):
 
 
 def test_a_lambda_that_goes_through_the_budget_in_one_epoch_is_stopped_within_it(tmp_path):
-    # -s depth,filter at a lambda that, unchecked, removes the whole network in its first epoch.
+    # -s depth,filter at a lambda that, unchecked and without a floor under the trunks, removes the whole
+    # network in its first epoch.
     with pytest.raises(TrainingError, match="cut the network"):
-        run_finetune(_resnet_run(tmp_path / "unchecked", strength=6.0))
+        run_finetune(_resnet_run(tmp_path / "unchecked", strength=6.0, min_keep=0.0))
     events = []
     res = run_finetune(_resnet_run(tmp_path / "checked", strength=6.0, target_flops=0.6), events.append)
     _assert_landed(res.report)

@@ -65,7 +65,8 @@ def test_ssl_cuts_macs_and_keeps_accuracy(pretrained, tmp_path):
     assert not (tmp_path / "state.pt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     ckpt = load_checkpoint(res.checkpoint)
-    assert ckpt.kind == "sparse" and ckpt.masks
+    # Thinned: the zero channels are sliced out; masks hold what zero groups the thinned model still has.
+    assert ckpt.kind == "sparse" and ckpt.thin
     # Masks held through fine-tuning: every masked weight is exactly zero in the final weights.
     for name, keep in ckpt.masks.items():
         w = ckpt.state_dict[name]
@@ -103,9 +104,9 @@ def test_forced_target_never_cuts_the_network(pretrained, tmp_path):
 def test_target_below_the_smallest_connected_model_is_refused_up_front(pretrained, tmp_path):
     # One conv1 filter alone costs 14,400 of LeNet's 2,293,000 MACs (0.6%). The floor counts the channel each
     # remaining layer must still read (as the export keeps it), so the smallest connected LeNet is the floor,
-    # and a target under it is refused before any training.
+    # and a target under it is refused before any training (--min-keep 0: no floor under the widths).
     with pytest.raises(UnreachableBudgetError, match=r"impossible: .* at most 99\.3% of the MACs"):
-        run_finetune(_cfg(tmp_path, pretrained.checkpoint, strength=0.001, target_flops=0.001,
+        run_finetune(_cfg(tmp_path, pretrained.checkpoint, strength=0.001, target_flops=0.001, min_keep=0.0,
                           sparsify=_opts(1, 0.02, weight_decay=0.0),
                           finetune=_opts(1, 0.01, weight_decay=0.0)))
     assert not (tmp_path / "sparse.pt").exists()
@@ -113,7 +114,7 @@ def test_target_below_the_smallest_connected_model_is_refused_up_front(pretraine
 
 def test_sparsify_that_cuts_the_network_is_an_error(pretrained, tmp_path):
     with pytest.raises(TrainingError, match="cut the network"):
-        run_finetune(_cfg(tmp_path, pretrained.checkpoint, strength=50.0,
+        run_finetune(_cfg(tmp_path, pretrained.checkpoint, strength=50.0, min_keep=0.0,
                           sparsify=_opts(1, 0.02, weight_decay=0.0)))
 
 

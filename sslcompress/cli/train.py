@@ -174,6 +174,10 @@ def _parse_lambdas(items: tuple[str, ...]) -> dict[str, float] | None:
               help="Keep every prunable width (channels a layer writes) a multiple of N; pinned widths and "
                    "widths below N stay as they are. auto: the channel step the latency table of the "
                    "--latency-* session shows (profile the model first).")
+@click.option("--min-keep", default=None, type=float, metavar="FRACTION",
+              help="Each width that carries the network (a residual trunk, a layer of a plain stack) keeps at "
+                   "least this fraction of its channels (default 0.1; 0: as few as one). "
+                   "Widths a residual branch bypasses may still empty.")
 @click.option("--thin/--no-thin", "thin", default=None,
               help="Fine-tune the thinned model: zero channels sliced out of the torch model after sparsify "
                    "(the same function, faster steps; default on).")
@@ -209,7 +213,8 @@ def finetune(**kw: Any) -> None:
         "structures": kw["structures"], "lambdas": _parse_lambdas(kw["lambdas"]), "strength": kw["strength"],
         "method": kw["method"], "solver": kw["solver"], "threshold": kw["threshold"],
         "weighting": kw["weighting"], "target_flops": kw["target_flops"], "target_params": kw["target_params"],
-        "align": kw["align"], "budget_every": kw["budget_every"], "thin": kw["thin"], "pace": kw["pace"],
+        "align": kw["align"], "min_keep": kw["min_keep"], "budget_every": kw["budget_every"], "thin": kw["thin"],
+        "pace": kw["pace"],
         "target_latency": kw["target_latency"], "latency_provider": kw["latency_provider"],
         "latency_threads": kw["latency_threads"], "latency_batch": kw["latency_batch"],
         "latency_table": kw["latency_table"],

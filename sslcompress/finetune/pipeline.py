@@ -524,9 +524,10 @@ def _rethin(r: _FinetuneRun) -> None:
     """A resumed sparsify whose model was thinned: the full model (loaded by _start) cut to the plan again and
     the resumed weights loaded into it, with a sparsifier of the thinned model."""
     lambdas = r.sp.lambdas
+    floors = r.sp.min_widths  # found on the full model, before thinning changes it under that sparsifier
     apply_plan(r.model, r.plan)
     load_weights(r.model, r.resume["model_state"], source=str(r.out / STATE))
-    r.sp = Sparsifier(r.model, r.spec, r.cfg, reference=r.dense_totals, latency=r.latency)
+    r.sp = Sparsifier(r.model, r.spec, r.cfg, reference=r.dense_totals, latency=r.latency, min_widths=floors)
     r.sp.lambdas = lambdas
 
 
@@ -546,9 +547,11 @@ def _budget(r: _FinetuneRun) -> tuple[Budget | None, dict[str, BudgetController]
     for metric, target in budget.targets.items():
         if target < floors[metric]:
             asked, what = names[metric]
+            kept = (f" and each width that carries the network kept at --min-keep {cfg.min_keep:g}"
+                    if sp.min_widths else "")
             raise UnreachableBudgetError(f"target {asked} {target:.3f} is impossible: with structures "
-                              f"{', '.join(cfg.structures)} at most {1 - floors[metric]:.1%} of the {what} "
-                              "can be removed")
+                              f"{', '.join(cfg.structures)}{kept} at most {1 - floors[metric]:.1%} of the "
+                              f"{what} can be removed")
         controllers[metric] = BudgetController(target, cfg.sparsify.epochs, start=dict(sp.lambdas))
     return budget, controllers
 
@@ -562,7 +565,8 @@ def _one_shot(r: _FinetuneRun) -> None:
     the landing at the end of sparsify, the same ranking on the trained weights, finds none either."""
     probe = copy.deepcopy(r.model)
     try:
-        Sparsifier(probe, r.spec, r.cfg, latency=r.latency).enforce(r.budget, r.cfg.align)
+        Sparsifier(probe, r.spec, r.cfg, latency=r.latency, min_widths=r.sp.min_widths).enforce(r.budget,
+                                                                                                 r.cfg.align)
     except TrainingError as exc:
         step = f", with widths in steps of {r.cfg.align} (--align)" if (r.cfg.align or 1) > 1 else ""
         raise UnreachableBudgetError(f"{exc}{step}; refused before sparsify: ask for a looser target"
@@ -608,6 +612,18 @@ def _thin_phase(r: _FinetuneRun) -> dict[str, torch.Tensor]:
     return masks
 
 
+def _min_width_rows(sp: Sparsifier) -> list[dict[str, Any]] | None:
+    """The widths that carry the network, with their floor (--min-keep) and what each kept."""
+    if sp.lasso is None:
+        return None
+    layers = {lc.name: lc for lc in sp.counter.count().layers}
+    rows = []
+    for names, floor in sp.min_widths.items():
+        kept = max((layers[n].filters[0] for n in names if n in layers), default=0)
+        rows.append({"layers": list(names), "min": floor, "kept": kept})
+    return rows
+
+
 def _full_sparsifier(r: _FinetuneRun) -> Sparsifier:
     """A sparsifier over the model in its own architecture holding the thinned model's weights (zeros where
     thinning cut), for the counts and the report."""
@@ -615,7 +631,7 @@ def _full_sparsifier(r: _FinetuneRun) -> Sparsifier:
         full = build_model(r.spec)
     full = full.to(next(r.model.parameters()).device)
     load_weights(full, expand_tensors(r.model.state_dict(), r.plan), source="the thinned model")
-    sp = Sparsifier(full, r.spec, r.cfg, latency=r.latency)
+    sp = Sparsifier(full, r.spec, r.cfg, latency=r.latency, min_widths=r.sp.min_widths)
     sp.lambdas = dict(r.sp.lambdas)
     return sp
 
@@ -668,7 +684,8 @@ def _finish(r: _FinetuneRun, mask_set: MaskSet) -> RunResult:
         method=cfg.method, groups=sp.lasso,
         extra={"structures": list(cfg.structures), "lambdas": dict(sp.lambdas), "solver": cfg.solver,
                "weighting": cfg.weighting, "target_flops": cfg.target_flops, "target_params": cfg.target_params,
-               "budget": budget_row, "align": cfg.align, "widths": r.widths, "thinned": metrics.get("thinned"),
+               "budget": budget_row, "align": cfg.align, "widths": r.widths,
+               "min_keep": cfg.min_keep if cfg.method == "ssl" else None, "min_widths": _min_width_rows(sp), "thinned": metrics.get("thinned"),
                "latency": _latency_row(r),
                "forced_groups": metrics.get("forced_groups", 0), "masked_weights": mask_set.zeros,
                "wall_time_s": r.timings, "world_size": env.world_size, "ranks_in_sync": in_sync,

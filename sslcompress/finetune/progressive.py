@@ -116,12 +116,14 @@ class ProgressiveThinner:
         """Thin `sp.model` in place (its optimizer remapped); the sparsifier of the thinned model, lambdas
         carried over, or None when thinning was refused (the reason is kept in `failed`)."""
         model: nn.Module = sp.model
+        floors = sp.min_widths  # found on the model as it is, before thinning changes it under `sp`
         result = thin(model, self.spec.input_shape, optimizer=optimizer, counter=sp.counter)
         if not result.applied:
             self.failed = result.reason
             return None
         self.plan = compose(self.plan, result.plan)
         self.count += 1
-        new = Sparsifier(model, self.spec, self.cfg, reference=self.reference, latency=self.latency)
+        new = Sparsifier(model, self.spec, self.cfg, reference=self.reference, latency=self.latency,
+                         min_widths=floors)
         new.lambdas = dict(sp.lambdas)
         return Thinned(new, result.params_before, result.params_after, result.plan.summary())

@@ -211,8 +211,9 @@ class GroupLasso:
         with torch.no_grad():
             return {k: ix.sq_norms()[: ix.n] == 0 for k, ix in self.kinds.items()}
 
-    def penalty(self, lambdas: dict[str, float]) -> torch.Tensor:
-        """sum_k lambda_k * sum_g w_g ||W_g||_2, differentiable (subgradient 0 at a zero group)."""
+    def penalty(self, lambdas: dict[str, float], spared: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """sum_k lambda_k * sum_g w_g ||W_g||_2, differentiable (subgradient 0 at a zero group); groups marked
+        in `spared` (a boolean vector per kind) are left out of the sum."""
         lambdas = _check_lambdas(lambdas)
         total = None
         for k, ix in self.kinds.items():
@@ -220,16 +221,19 @@ class GroupLasso:
             if lam == 0:
                 continue
             sq = ix.sq_norms()[: ix.n]
+            weight = ix.weight if spared is None or k not in spared else ix.weight * (~spared[k]).to(ix.weight)
             # clamp: the gradient of sqrt at 0 is infinite; a zero group's subgradient is taken as 0.
-            term = lam * (ix.weight * sq.clamp_min(1e-30).sqrt()).sum()
+            term = lam * (weight * sq.clamp_min(1e-30).sqrt()).sum()
             total = term if total is None else total + term
         if total is None:
             return torch.zeros(())
         return total
 
     @torch.no_grad()
-    def proximal_step(self, lr: float, lambdas: dict[str, float]) -> None:
-        """Group soft-thresholding W_g <- max(0, 1 - lr*lambda*w_g/||W_g||) W_g, kind by kind."""
+    def proximal_step(self, lr: float, lambdas: dict[str, float],
+                      spared: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Group soft-thresholding W_g <- max(0, 1 - lr*lambda*w_g/||W_g||) W_g, kind by kind; groups marked in
+        `spared` (a boolean vector per kind) are not shrunk."""
         lr = _check_number("the learning rate", lr)
         lambdas = _check_lambdas(lambdas)
         for k, ix in self.kinds.items():
@@ -239,6 +243,8 @@ class GroupLasso:
             norm = ix.sq_norms()[: ix.n].sqrt()
             thresh = lr * lam * ix.weight
             scale = torch.where(norm > thresh, 1 - thresh / norm.clamp_min(1e-30), torch.zeros_like(norm))
+            if spared is not None and k in spared:
+                scale = torch.where(spared[k], torch.ones_like(scale), scale)
             ix.scale_(scale)
 
     @torch.no_grad()
