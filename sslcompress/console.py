@@ -139,6 +139,10 @@ def print_report(report: dict[str, Any]) -> None:
                      f"(asked {latency['asked_ms']:.3g} ms; table {latency['table']})")
     if report.get("widths"):
         lines.append(_widths_line(report["widths"], report.get("align")))
+    at_floor = [w for w in report.get("min_widths") or [] if w["kept"] <= w["min"]]
+    if at_floor:
+        lines.append(f"at the floor (--min-keep {report['min_keep']:g}; a lower value lets them thin further): "
+                     + ", ".join(f"{_unit_name(w['layers'])} {w['kept']}" for w in at_floor))
     if report.get("forced_groups"):
         lines.append(f"{report['forced_groups']} groups zeroed by rank (weakest first) to land on the budget or "
                      "the alignment")
@@ -164,11 +168,16 @@ def _budget_line(budget: dict[str, Any]) -> str:
     return "budget: " + ", ".join(parts) + where
 
 
+def _unit_name(layers: list[str]) -> str:
+    """A width by the first of the layers that write it: `layer3.0.conv2 +3`."""
+    return layers[0] + (f" +{len(layers) - 1}" if len(layers) > 1 else "")
+
+
 def _widths_line(widths: list[dict[str, Any]], align: Any) -> str:
     """Every width kept (a unit of coupled layers named by its first), and the ones alignment leaves as they are."""
     shown = []
     for w in widths:
-        name = w["layers"][0] + (f" +{len(w['layers']) - 1}" if len(w["layers"]) > 1 else "")
+        name = _unit_name(w["layers"])
         mark = "" if w.get("aligned") in (True, None) else " (not a multiple)"
         if w.get("exempt") and not w["exempt"].startswith("pinned"):
             mark = f" ({w['exempt']})"

@@ -147,3 +147,13 @@ def test_the_cli_takes_min_keep_and_refuses_a_fraction_outside_0_1(tmp_path):
     assert res.exit_code != 0
     assert "(--min-keep) must be a number in [0, 1], got 1.5" in res.output
     assert not (tmp_path / "x").exists()
+
+
+def test_the_cli_names_the_widths_left_at_their_floor(tmp_path):
+    # Strength 50 on LeNet cuts the network without the floor (test_pipeline.py); with it every width stops there.
+    res = CliRunner().invoke(main, ["finetune", "--model", "lenet5", "--pretrain-epochs", "1", "--sparsify-epochs",
+                                    "1", "--finetune-epochs", "0", "--strength", "50", "--limit-train", "256",
+                                    "--limit-test", "64", "--threads", "1", "-q", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert "at the floor (--min-keep 0.1; a lower value lets them thin further): conv1 2, conv2 5, fc1 50" \
+        in res.output
