@@ -612,18 +612,6 @@ def _thin_phase(r: _FinetuneRun) -> dict[str, torch.Tensor]:
     return masks
 
 
-def _min_width_rows(sp: Sparsifier) -> list[dict[str, Any]] | None:
-    """The widths that carry the network, with their floor (--min-keep) and what each kept."""
-    if sp.lasso is None:
-        return None
-    layers = {lc.name: lc for lc in sp.counter.count().layers}
-    rows = []
-    for names, floor in sp.min_widths.items():
-        kept = max((layers[n].filters[0] for n in names if n in layers), default=0)
-        rows.append({"layers": list(names), "min": floor, "kept": kept})
-    return rows
-
-
 def _full_sparsifier(r: _FinetuneRun) -> Sparsifier:
     """A sparsifier over the model in its own architecture holding the thinned model's weights (zeros where
     thinning cut), for the counts and the report."""
@@ -685,7 +673,7 @@ def _finish(r: _FinetuneRun, mask_set: MaskSet) -> RunResult:
         extra={"structures": list(cfg.structures), "lambdas": dict(sp.lambdas), "solver": cfg.solver,
                "weighting": cfg.weighting, "target_flops": cfg.target_flops, "target_params": cfg.target_params,
                "budget": budget_row, "align": cfg.align, "widths": r.widths, "thinned": metrics.get("thinned"),
-               "min_keep": cfg.min_keep if cfg.method == "ssl" else None, "min_widths": _min_width_rows(sp),
+               "min_keep": cfg.min_keep if cfg.method == "ssl" else None, "min_widths": sp.floor_widths() if sp.lasso is not None else None,
                "latency": _latency_row(r),
                "forced_groups": metrics.get("forced_groups", 0), "masked_weights": mask_set.zeros,
                "wall_time_s": r.timings, "world_size": env.world_size, "ranks_in_sync": in_sync,

@@ -201,10 +201,10 @@ class GroupLasso:
         self.kinds = {k: _KindIndex(k, gs, params, weighting, cost_of[k] if costs is not None else None)
                       for k, gs in by_kind.items()}
 
-    def norms(self) -> dict[str, torch.Tensor]:
-        """L2 norm of each group, per kind, detached."""
+    def norms(self, kinds: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """L2 norm of each group, per kind (of `kinds` only, where given), detached."""
         with torch.no_grad():
-            return {k: ix.sq_norms()[: ix.n].sqrt() for k, ix in self.kinds.items()}
+            return {k: ix.sq_norms()[: ix.n].sqrt() for k, ix in self.kinds.items() if kinds is None or k in kinds}
 
     def zero_groups(self) -> dict[str, torch.Tensor]:
         """Boolean vector per kind: which groups are exactly zero."""

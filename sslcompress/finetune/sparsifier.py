@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -323,7 +324,7 @@ class Sparsifier:
         if self.lasso is None or not self.min_widths:
             return set()
         if norms is None:
-            norms = self._channel_norms()
+            norms = self.lasso.norms(_CHANNEL_KINDS)
         kept: set[int] = set()
         for parts, roots, n in self._floor_parts():
             if n >= len(roots):
@@ -332,10 +333,6 @@ class Sparsifier:
             strength = torch.cat([norms[k][idx] for k, idx in parts])
             kept.update(roots[strength.topk(n).indices.cpu()].tolist())
         return kept
-
-    def _channel_norms(self) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            return {k: ix.sq_norms()[: ix.n].sqrt() for k, ix in self.lasso.kinds.items() if k in _CHANNEL_KINDS}
 
     def spared(self) -> dict[str, torch.Tensor] | None:
         """Per channel kind, the groups the regulariser leaves alone now (those of the channels floor_kept
@@ -385,18 +382,31 @@ class Sparsifier:
             zeroed += len(refs)
         return zeroed
 
+    def _counted_widths(self) -> Callable[[Iterable[str]], tuple[int, int]]:
+        """Kept and total width of the channels some layers write, as the counter sees them now."""
+        layers = {lc.name: lc for lc in self.counter.count().layers}
+
+        def width(names: Iterable[str]) -> tuple[int, int]:
+            counts = [layers[n].filters for n in names if n in layers]
+            return max((k for k, _ in counts), default=0), max((t for _, t in counts), default=0)
+        return width
+
     def widths(self, align: int) -> list[dict]:
         """Kept and total width of every unit, as the counter sees them, and whether each is a multiple of `align`."""
-        layers = {lc.name: lc for lc in self.counter.count().layers}
+        width = self._counted_widths()
         rows = []
         for unit in self.units(align):
-            counts = [layers[n].filters for n in unit.layers if n in layers]
-            kept = max((k for k, _ in counts), default=0)
-            total = max((t for _, t in counts), default=0)
+            kept, total = width(unit.layers)
             exempt = unit.exempt or (f"fewer than {align} left" if 0 < kept < align else "")
             rows.append({"layers": list(unit.layers), "kept": kept, "total": total,
                          "aligned": kept % align == 0 if not exempt else None, "exempt": exempt})
         return rows
+
+    def floor_widths(self) -> list[dict]:
+        """Every width with a floor (min_widths): its layers, the floor and what it keeps, as the counter sees it."""
+        width = self._counted_widths()
+        return [{"layers": list(names), "min": floor, "kept": width(names)[0]}
+                for names, floor in self.min_widths.items()]
 
     # --- the final ranking ----------------------------------------------------------------------------------
 
