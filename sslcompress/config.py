@@ -31,6 +31,7 @@ SCHEDULES = ("cosine", "step", "constant")
 METHODS = ("ssl", "l1")
 SOLVERS = ("proximal", "subgradient")
 WEIGHTINGS = ("none", "sqrt", "macs", "latency")
+IMPORTANCES = ("norm", "taylor")
 # Every float option ends up in float32 arithmetic (lr * gradient, lr * lambda): a larger value overflows there.
 FLOAT32_MAX = 3.4028234663852886e38
 SEED_MAX = 2**32 - 1  # numpy's seeding takes 32 bits
@@ -182,6 +183,10 @@ class FinetuneConfig:
     # those, nor does the ranking that lands a budget. Widths a residual branch bypasses may still empty (the
     # branch goes). 0: only connectivity is kept (a trunk may fall to one channel).
     min_keep: float = 0.1
+    # How the ranking that lands a budget scores a group: "norm", its L2 norm over the mean of the groups it
+    # competes with (its own width); "taylor", the loss its removal costs to first order, (gradient . weight)^2
+    # averaged over the recent steps, one scale for the whole network. See Sparsifier._ranked.
+    importance: str = "norm"
     # At most this many milliseconds per run, as the latency table of `sslcompress profile` predicts it for
     # the session below (provider, intra-op threads, batch); `latency_table` None: the default cache file.
     target_latency: float | None = None
@@ -231,6 +236,7 @@ class FinetuneConfig:
         if self.align != "auto":
             check_int("align", self.align, 1, 4096, optional=True)
         check_number("min_keep", self.min_keep, 0.0, 1.0)
+        check_text("importance", self.importance, IMPORTANCES)
         check_number("target_latency", self.target_latency, low_open=True, optional=True)
         check_text("latency_provider", self.latency_provider, ("cpu", "cuda"))
         check_int("latency_threads", self.latency_threads, 1)
@@ -345,7 +351,7 @@ FLAGS = {
     "structures": "-s/--structures", "lambdas": "--lambda", "strength": "--strength", "solver": "--solver",
     "threshold": "--threshold", "weighting": "--weighting", "target_flops": "--target-flops",
     "target_params": "--target-params", "align": "--align", "budget_every": "--budget-every",
-    "min_keep": "--min-keep",
+    "min_keep": "--min-keep", "importance": "--importance",
     "target_latency": "--target-latency", "latency_provider": "--latency-provider",
     "latency_threads": "--latency-threads", "latency_batch": "--latency-batch", "latency_table": "--latency-table",
     "thin": "--thin/--no-thin", "pace": "--pace/--no-pace",
@@ -359,6 +365,9 @@ FLAGS = {
 # Options that may change between an interrupted run and its --resume: where it runs and how fast,
 # never what it computes.
 RESUME_FREE = ("resume", "run.out", "run.device", "run.threads", "run.eval_batch_size")
+# Options added after resume states were first written, with the value a run from before computed as: a state
+# that does not record one continues when the run gives that value.
+RESUME_ADDED = {"importance": "norm"}
 
 
 def resume_fingerprint(cfg: FinetuneConfig | PretrainConfig) -> dict[str, Any]:
@@ -394,7 +403,7 @@ def check_resume_fingerprint(stored: Any, current: dict[str, Any], where: str) -
         raise ConfigError(f"--resume: {where} does not record the options of its run (written by an older "
                           "sslcompress); start over without --resume")
     for key in sorted(set(stored) | set(current)):
-        old, new = stored.get(key), current.get(key)
+        old, new = stored.get(key, RESUME_ADDED.get(key)), current.get(key)
         if old != new:
             flag = FLAGS.get(key, f"the recipe key {key}")
             raise ConfigError(f"--resume: the interrupted run used {flag} {_shown(old)}, this one gives "

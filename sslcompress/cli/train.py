@@ -178,6 +178,10 @@ def _parse_lambdas(items: tuple[str, ...]) -> dict[str, float] | None:
               help="Each width that carries the network (a residual trunk, a layer of a plain stack) keeps at "
                    "least this fraction of its channels (default 0.1; 0: as few as one). "
                    "Widths a residual branch bypasses may still empty.")
+@click.option("--importance", type=click.Choice(["norm", "taylor"]), default=None,
+              help="How the ranking that lands a budget scores each group: norm (its L2 norm over its width's "
+                   "mean; default) or taylor (the loss its removal costs to first order, from the recent "
+                   "steps' gradients, one scale for the whole network).")
 @click.option("--thin/--no-thin", "thin", default=None,
               help="Fine-tune the thinned model: zero channels sliced out of the torch model after sparsify "
                    "(the same function, faster steps; default on).")
@@ -213,7 +217,7 @@ def finetune(**kw: Any) -> None:
         "structures": kw["structures"], "lambdas": _parse_lambdas(kw["lambdas"]), "strength": kw["strength"],
         "method": kw["method"], "solver": kw["solver"], "threshold": kw["threshold"],
         "weighting": kw["weighting"], "target_flops": kw["target_flops"], "target_params": kw["target_params"],
-        "align": kw["align"], "min_keep": kw["min_keep"], "budget_every": kw["budget_every"], "thin": kw["thin"],
+        "align": kw["align"], "min_keep": kw["min_keep"], "importance": kw["importance"], "budget_every": kw["budget_every"], "thin": kw["thin"],
         "pace": kw["pace"],
         "target_latency": kw["target_latency"], "latency_provider": kw["latency_provider"],
         "latency_threads": kw["latency_threads"], "latency_batch": kw["latency_batch"],

@@ -39,18 +39,22 @@ def _positions(p: torch.Tensor, axis: str) -> int:
 
 def _sq_along(p: torch.Tensor, axis: str) -> torch.Tensor:
     """Sum of squares of each slice along `axis`."""
-    sq = p.pow(2)
+    return _sum_along(p.pow(2), axis)
+
+
+def _sum_along(t: torch.Tensor, axis: str) -> torch.Tensor:
+    """Sum of each slice of `t` along `axis`."""
     if axis == "out":
-        return sq.reshape(p.shape[0], -1).sum(1)
+        return t.reshape(t.shape[0], -1).sum(1)
     if axis == "in":
-        return sq.transpose(0, 1).reshape(p.shape[1], -1).sum(1)
+        return t.transpose(0, 1).reshape(t.shape[1], -1).sum(1)
     if axis == "fiber":
-        return sq.reshape(p.shape[0], -1).sum(0)
+        return t.reshape(t.shape[0], -1).sum(0)
     if axis == "row":
-        return sq.sum((0, 1, 3))
+        return t.sum((0, 1, 3))
     if axis == "col":
-        return sq.reshape(-1, p.shape[-1]).sum(0)
-    return sq.sum().reshape(1)
+        return t.reshape(-1, t.shape[-1]).sum(0)
+    return t.sum().reshape(1)
 
 
 def _scale_view(s: torch.Tensor, p: torch.Tensor, axis: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,6 +103,17 @@ class _KindIndex:
         for m in self.members:
             acc = acc.index_add(0, m.gid, _sq_along(m.param, m.axis).to(dtype))
         return acc
+
+    @torch.no_grad()
+    def first_order(self) -> torch.Tensor:
+        """Per group, the sum of gradient times weight over its slices (length n): minus the first-order change
+        of the loss when the group is zeroed. Parameters without a gradient contribute nothing."""
+        device = self.weight.device
+        acc = torch.zeros(self.n + 1, device=device, dtype=torch.float32)
+        for m in self.members:
+            if m.param.grad is not None:
+                acc = acc.index_add(0, m.gid, _sum_along(m.param.grad * m.param, m.axis).float())
+        return acc[: self.n]
 
     @torch.no_grad()
     def scale_(self, scale: torch.Tensor) -> None:
@@ -205,6 +220,10 @@ class GroupLasso:
         """L2 norm of each group, per kind (of `kinds` only, where given), detached."""
         with torch.no_grad():
             return {k: ix.sq_norms()[: ix.n].sqrt() for k, ix in self.kinds.items() if kinds is None or k in kinds}
+
+    def first_order(self) -> dict[str, torch.Tensor]:
+        """Per kind, each group's sum of gradient times weight (see _KindIndex.first_order)."""
+        return {k: ix.first_order() for k, ix in self.kinds.items()}
 
     def zero_groups(self) -> dict[str, torch.Tensor]:
         """Boolean vector per kind: which groups are exactly zero."""
