@@ -144,3 +144,26 @@ def test_importance_is_checked_and_an_older_resume_state_continues_only_as_norm(
     with pytest.raises(ConfigError, match="--importance"):
         check_resume_fingerprint(older, resume_fingerprint(build_config(FinetuneConfig, None,
                                                                         {"importance": "taylor"})), "state.pt")
+
+
+def test_the_one_shot_baseline_of_a_taylor_run_scores_from_training_gradients_and_leaves_the_model_as_it_was():
+    from types import SimpleNamespace
+
+    from sslcompress.data import load_data
+    from sslcompress.finetune import pipeline
+
+    cfg = build_config(FinetuneConfig, None, {"importance": "taylor", "data": "digits"})
+    sp, model, spec = _sparsifier("lenet5", importance="taylor")
+    model.eval()
+    weights = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    r = SimpleNamespace(cfg=cfg, data=load_data("digits", image_size=spec.input_size))
+    pipeline._observe_taylor(model, sp, r)
+    # The bundled digits hold fewer training batches than the one-shot asks for: all of them are read.
+    assert sp._taylor_steps == min(pipeline.ONE_SHOT_TAYLOR_BATCHES,
+                                   r.data.num_batches("train", cfg.sparsify.batch_size, drop_last=True)) > 1
+    assert not model.training
+    assert all(p.grad is None for p in model.parameters())
+    for n, t in model.state_dict().items():
+        assert torch.equal(t, weights[n]), n
+    scores, global_scale = sp.importance(sp.lasso.norms())
+    assert global_scale and all(bool((v > 0).any()) for v in scores.values())

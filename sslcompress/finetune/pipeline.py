@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import (
@@ -67,6 +68,9 @@ SPARSE = "sparse.pt"
 REPORT = "report.json"
 STATE = "state.pt"
 DEFAULT_MODEL = "lenet5"
+# --importance taylor: the training batches whose gradients score the groups for the one-shot pruning that
+# sparsify is compared with (a few seconds on a CIFAR ResNet; sparsify's own steps score its ranking).
+ONE_SHOT_TAYLOR_BATCHES = 32
 
 
 @dataclass(frozen=True)
@@ -557,21 +561,44 @@ def _budget(r: _FinetuneRun) -> tuple[Budget | None, dict[str, BudgetController]
 
 
 def _one_shot(r: _FinetuneRun) -> None:
-    """What pruning the starting weights to the same budget in one shot gives (the weakest groups by norm per
-    cost zeroed, no training): the accuracy sparsify has to beat, recorded beside its own.
+    """What pruning the starting weights to the same budget in one shot gives (the weakest groups as the ranking
+    scores them zeroed, no training; with --importance taylor, scored from a few training batches' gradients):
+    the accuracy sparsify has to beat, recorded beside its own.
 
     It is also the budget's reachability, found before any training: the ranking tries every removable group
     and keeps each that leaves the network connected, so where it finds no connected model inside the budget
     the landing at the end of sparsify, the same ranking on the trained weights, finds none either."""
     probe = copy.deepcopy(r.model)
     try:
-        Sparsifier(probe, r.spec, r.cfg, latency=r.latency, min_widths=r.sp.min_widths).enforce(r.budget,
-                                                                                                 r.cfg.align)
+        probe_sp = Sparsifier(probe, r.spec, r.cfg, latency=r.latency, min_widths=r.sp.min_widths)
+        if r.cfg.importance == "taylor" and probe_sp.lasso is not None:
+            _observe_taylor(probe, probe_sp, r)
+        probe_sp.enforce(r.budget, r.cfg.align)
     except TrainingError as exc:
         step = f", with widths in steps of {r.cfg.align} (--align)" if (r.cfg.align or 1) > 1 else ""
         raise UnreachableBudgetError(f"{exc}{step}; refused before sparsify: ask for a looser target"
                           + (" or a smaller --align" if step else "")) from exc
     r.metrics["one_shot"] = evaluate(probe, r.data, r.cfg.run.eval_batch_size, r.cfg.run.device)
+
+
+def _observe_taylor(model: nn.Module, sp: Sparsifier, r: _FinetuneRun) -> None:
+    """Taylor scores for a one-shot ranking: the gradients of ONE_SHOT_TAYLOR_BATCHES training batches (the
+    same on every rank) folded in as sparsify's steps fold theirs, the weights and batch-norm statistics left
+    as they were."""
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    was = model.training
+    model.train()
+    device = r.cfg.run.device
+    batches = r.data.batches("train", r.cfg.sparsify.batch_size, shuffle=True, seed=r.cfg.run.seed, drop_last=True)
+    for _, (x, y) in zip(range(ONE_SHOT_TAYLOR_BATCHES), batches):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+        sp.observe()
+    model.zero_grad(set_to_none=True)
+    model.train(was)
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            b.copy_(buffers[n])
 
 
 def _land(r: _FinetuneRun) -> None:
