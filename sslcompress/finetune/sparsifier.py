@@ -157,6 +157,9 @@ class Sparsifier:
             prev = self._taylor.get(kind)
             self._taylor[kind] = sq * (1 - TAYLOR_DECAY) if prev is None else prev * TAYLOR_DECAY + sq * (1 - TAYLOR_DECAY)
 
+    def forget_taylor(self) -> None:
+        self._taylor, self._taylor_steps = {}, 0
+
     def importance(self, norms: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
         """Per kind, each group's score for the ranking, and whether scores are comparable across the whole
         network (Taylor: a loss) rather than only within a pool (norms). Taylor needs observed steps; before
@@ -689,8 +692,8 @@ class BudgetWatch:
     back its trained value: so the weights of the last check above the budget are kept, and a check that
     finds the budget overshot by more than its tolerance goes back to them and zeroes the weakest groups
     from there instead, which lands on the budget. Checks close in as the fraction nears the target.
-    Each epoch starts afresh (its first check `interval` steps in, a copy of its first weights), so a run
-    resumed at an epoch boundary checks where the uninterrupted run did.
+    Each epoch starts afresh (its first check `interval` steps in, a copy of its first weights, no Taylor
+    scores), so a run resumed at an epoch boundary checks, and ranks, where the uninterrupted run did.
     """
 
     def __init__(self, sp: Sparsifier, budget: Budget, controllers: dict[str, BudgetController], *,
@@ -714,6 +717,7 @@ class BudgetWatch:
         self.epoch, self.step = epoch, 0
         if self.held is not None:
             return
+        self.sp.forget_taylor()  # as a run resumed here starts: its state holds no Taylor scores
         self.last_step = 0
         self.last_slack = self.budget.slack(self.sp.fractions(self.align))
         self.copy = self.sp.snapshot()
