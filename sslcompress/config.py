@@ -186,7 +186,7 @@ class FinetuneConfig:
     # How the ranking that lands a budget scores a group: "norm", its L2 norm over the mean of the groups it
     # competes with (its own width); "taylor", the loss its removal costs to first order, (gradient . weight)^2
     # averaged over the recent steps, one scale for the whole network. See Sparsifier._ranked.
-    importance: str = "norm"
+    importance: str = "taylor"
     # At most this many milliseconds per run, as the latency table of `sslcompress profile` predicts it for
     # the session below (provider, intra-op threads, batch); `latency_table` None: the default cache file.
     target_latency: float | None = None

@@ -315,3 +315,41 @@ def test_a_sigmoid_read_elsewhere_stays_a_wall():
 
     model = Leaky(False).eval()
     assert not [g for g in build_groups(model, SHAPE, ("filter",)) if g.removable and g.name.startswith("filter conv[")]
+
+
+def test_export_of_emptied_swiglu_mlps_whose_equal_zero_weights_the_exporter_shares(tmp_path):
+    """Two blocks' SwiGLU MLPs zeroed whole: the exporter shares one initializer among the equal (zero) gate,
+    up and down weights and the simplifier computes gate and up once, so the uncut export computes less
+    than the dense count, by less than the checkpoint removes. That is accepted, and the cut verifies."""
+    import onnx
+
+    spec = ModelSpec("llama_vit_tiny", 10, 1, (28, 28))
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+
+    def matmuls(m: onnx.ModelProto) -> int:
+        return sum(n.op_type in ("MatMul", "Gemm") for n in m.graph.node)
+
+    dense = matmuls(export_onnx(model, spec.input_shape).model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(name.startswith(f"blocks.{b}.mlp.") or name == f"blocks.{b}.norm2.weight" for b in (4, 5)):
+                p.zero_()
+    save_checkpoint(tmp_path / "m.pt", Checkpoint("sparse", spec, model.state_dict()))
+    out, uncut = tmp_path / "c.onnx", tmp_path / "u.onnx"
+    res = CliRunner().invoke(main, ["export", str(tmp_path / "m.pt"), "--onnx", str(out), "--uncut", str(uncut)])
+    assert res.exit_code == 0, res.output
+    assert "MACs after match the checkpoint's count" in res.output
+    # The case this test is about: the uncut export computes fewer products than the dense model's.
+    assert matmuls(onnx.load(str(uncut))) < dense
+
+
+def test_the_dense_count_may_exceed_the_export_only_by_what_the_checkpoint_removes_whole():
+    from sslcompress.cli.cut import _check_prediction
+    from sslcompress.errors import VerificationError
+
+    _check_prediction(1000, 500, {"macs": 900, "macs_after": 500}, False, removed=100)
+    with pytest.raises(VerificationError, match="checkpoint's count says 1000"):
+        _check_prediction(1000, 500, {"macs": 900, "macs_after": 500}, False, removed=99)
+    with pytest.raises(VerificationError, match="checkpoint's count says 1000"):
+        _check_prediction(1000, 500, {"macs": 1001, "macs_after": 500}, False, removed=500)

@@ -84,7 +84,7 @@ def test_observe_keeps_a_running_mean_of_the_squared_first_order_terms():
 
 
 def test_norm_importance_and_a_taylor_run_before_any_step_rank_by_the_norms_within_each_width():
-    norm_sp, _, _ = _sparsifier("lenet5")
+    norm_sp, _, _ = _sparsifier("lenet5", importance="norm")
     taylor_sp, _, _ = _sparsifier("lenet5", importance="taylor")
     norms = norm_sp.lasso.norms()
     assert norm_sp.importance(norms) == (norms, False)
@@ -134,16 +134,19 @@ def test_a_taylor_run_lands_its_budget_and_reports_its_importance(tmp_path):
 
 
 def test_importance_is_checked_and_an_older_resume_state_continues_only_as_norm():
+    """A resume state from before --importance ranked by norm: it continues with --importance norm, and the
+    default (taylor) is refused naming the option."""
     with pytest.raises(ConfigError, match="importance"):
         build_config(FinetuneConfig, None, {"importance": "magnitude"})
     res = CliRunner().invoke(main, ["finetune", "--importance", "magnitude"])
     assert res.exit_code != 0 and "magnitude" in res.output
-    older = resume_fingerprint(build_config(FinetuneConfig, None, {}))
+    assert FinetuneConfig().importance == "taylor"
+    older = resume_fingerprint(build_config(FinetuneConfig, None, {"importance": "norm"}))
     del older["importance"]
-    check_resume_fingerprint(older, resume_fingerprint(build_config(FinetuneConfig, None, {})), "state.pt")
-    with pytest.raises(ConfigError, match="--importance"):
-        check_resume_fingerprint(older, resume_fingerprint(build_config(FinetuneConfig, None,
-                                                                        {"importance": "taylor"})), "state.pt")
+    check_resume_fingerprint(older, resume_fingerprint(build_config(FinetuneConfig, None,
+                                                                    {"importance": "norm"})), "state.pt")
+    with pytest.raises(ConfigError, match="--importance norm, this one gives taylor"):
+        check_resume_fingerprint(older, resume_fingerprint(build_config(FinetuneConfig, None, {})), "state.pt")
 
 
 def test_the_one_shot_baseline_of_a_taylor_run_scores_from_training_gradients_and_leaves_the_model_as_it_was():

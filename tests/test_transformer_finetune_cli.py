@@ -41,8 +41,12 @@ def test_vit_finetuned_to_a_budget_and_cut_by_the_export(tmp_path, model, struct
         cut = json.loads(export_report.read_text())
         assert cut["verification"]["passed"]
         macs, macs_after = cut["totals"]["macs"], cut["totals"]["macs_after"]
-        assert macs_after <= target * macs
-        assert report["totals"]["macs"] == macs and report["totals"]["macs_after"] == macs_after, flags
+        assert macs_after <= target * report["totals"]["macs"]
+        # The uncut export computes the dense count, or less where MLPs emptied whole share one zero
+        # initializer and their gate and up products are computed once (export's check, cli/cut.py).
+        emptied = sum(lay["macs"] for lay in report["layers"] if lay["macs_after"] == 0)
+        assert 0 <= report["totals"]["macs"] - macs <= emptied, flags
+        assert report["totals"]["macs_after"] == macs_after, flags
         assert cut["macs_after_matches_prediction"]
 
         # The compact model holds fewer weights (the MLP's or the attention's) and computes what the uncut

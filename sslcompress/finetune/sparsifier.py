@@ -112,6 +112,9 @@ class Sparsifier:
         # --importance taylor: per kind, a running mean of each group's (gradient . weight)^2 (see observe).
         self._taylor: dict[str, torch.Tensor] = {}
         self._taylor_steps = 0
+        # Only a budget ranks groups: without one the scores would never be read.
+        self._observing = (cfg.importance == "taylor" and self.lasso is not None
+                           and bool(cfg.targets() or cfg.target_latency is not None))
 
     def extra_loss(self):
         if self.cfg.solver != "subgradient":
@@ -126,7 +129,7 @@ class Sparsifier:
 
         @torch.no_grad()
         def step():
-            if self.cfg.importance == "taylor":
+            if self._observing:
                 self.observe()
             if self.cfg.solver == "proximal":
                 lr = current_lr(opt)
