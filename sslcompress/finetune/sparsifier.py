@@ -393,17 +393,19 @@ class Sparsifier:
 
     def rounding(self, align: int) -> list[Ref]:
         """The groups to zero so that every aligned width falls to the multiple of `align` below it,
-        the weakest channels of each going; a width below `align` stays."""
+        the weakest channels of each going (weakest as the ranking scores them: its blocks leave out the same
+        ones); a width below `align` stays."""
         if self.lasso is None or align <= 1:
             return []
         norms = self.lasso.norms()
         dead = self._dead(norms)
+        scores, _ = self.importance(norms)
         floors = self.min_widths
         out: list[Ref] = []
         for unit in self.units(align):
             if unit.exempt:
                 continue
-            live = self._live(unit, norms, dead)
+            live = self._live(unit, scores, dead)
             extra = len(live) % align
             # A width its floor holds above the multiple below stays as it is (weights that came this thin).
             if len(live) >= align and extra and len(live) - extra >= floors.get(_unit_key(unit.layers), 0):
