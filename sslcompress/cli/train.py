@@ -179,9 +179,9 @@ def _parse_lambdas(items: tuple[str, ...]) -> dict[str, float] | None:
                    "least this fraction of its channels (default 0.1; 0: as few as one). "
                    "Widths a residual branch bypasses may still empty.")
 @click.option("--importance", type=click.Choice(["norm", "taylor"]), default=None,
-              help="How the ranking that lands a budget scores each group: norm (its L2 norm over its width's "
-                   "mean; default) or taylor (the loss its removal costs to first order, from the recent "
-                   "steps' gradients, one scale for the whole network).")
+              help="How the ranking that lands a budget scores each group: taylor (default; the loss its "
+                   "removal costs to first order, from the recent steps' gradients, per unit of what it saves, "
+                   "one scale for the whole network) or norm (its L2 norm over its width's mean).")
 @click.option("--thin/--no-thin", "thin", default=None,
               help="Fine-tune the thinned model: zero channels sliced out of the torch model after sparsify "
                    "(the same function, faster steps; default on).")
@@ -217,8 +217,8 @@ def finetune(**kw: Any) -> None:
         "structures": kw["structures"], "lambdas": _parse_lambdas(kw["lambdas"]), "strength": kw["strength"],
         "method": kw["method"], "solver": kw["solver"], "threshold": kw["threshold"],
         "weighting": kw["weighting"], "target_flops": kw["target_flops"], "target_params": kw["target_params"],
-        "align": kw["align"], "min_keep": kw["min_keep"], "importance": kw["importance"], "budget_every": kw["budget_every"], "thin": kw["thin"],
-        "pace": kw["pace"],
+        "align": kw["align"], "min_keep": kw["min_keep"], "importance": kw["importance"],
+        "budget_every": kw["budget_every"], "thin": kw["thin"], "pace": kw["pace"],
         "target_latency": kw["target_latency"], "latency_provider": kw["latency_provider"],
         "latency_threads": kw["latency_threads"], "latency_batch": kw["latency_batch"],
         "latency_table": kw["latency_table"],

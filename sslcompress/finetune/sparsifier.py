@@ -156,9 +156,8 @@ class Sparsifier:
             return
         self._taylor_steps += 1
         for kind, fo in self.lasso.first_order().items():
-            sq = fo.pow(2)
-            prev = self._taylor.get(kind)
-            self._taylor[kind] = sq * (1 - TAYLOR_DECAY) if prev is None else prev * TAYLOR_DECAY + sq * (1 - TAYLOR_DECAY)
+            prev = self._taylor.get(kind, torch.zeros_like(fo))
+            self._taylor[kind] = prev * TAYLOR_DECAY + fo.pow(2) * (1 - TAYLOR_DECAY)
 
     def forget_taylor(self) -> None:
         self._taylor, self._taylor_steps = {}, 0
