@@ -11,6 +11,8 @@ accuracy?
     python benchmarks/latency_vs_macs.py --pretrained benchmarks/out/cifar_resnet20_b/pretrained.pt
     python benchmarks/latency_vs_macs.py --pretrained benchmarks/out/cifar_resnet56/pretrained.pt --align auto \
         --name latency_vs_macs_resnet56
+    python benchmarks/latency_vs_macs.py --pretrained benchmarks/out/cifar_resnet20/pretrained.pt --align auto \
+        --latency-align 8 --name latency_vs_macs_resnet20_align8   # another channel step at the same latency
     python benchmarks/latency_vs_macs.py --quick           # smoke run: 2000 / 1000 images, 1 epoch a phase
 
 Results: benchmarks/results/latency_vs_macs.json and .md (benchmarks/out/ with --quick).
@@ -35,9 +37,10 @@ from sslcompress.latency.profile import load_or_new, profile_model, time_session
 from sslcompress.latency.table import save_table
 
 
-def settings(args, weighting: str = "none", **target) -> dict:
+def settings(args, weighting: str = "none", align=..., **target) -> dict:
+    """One run's finetune options; `align` other than --align's where given (None: no alignment)."""
     return {"structures": ("filter", "channel"), "lambdas": {"filter": args.strength, "channel": args.strength},
-            "solver": "proximal", "weighting": weighting, "align": args.align,
+            "solver": "proximal", "weighting": weighting, "align": args.align if align is ... else align,
             "sparsify": phase(args.sparsify_epochs, args.lr, args.batch_size, 0.0, "constant"),
             "finetune": phase(args.finetune_epochs, args.finetune_lr, args.batch_size, 5e-4, "cosine"), **target}
 
@@ -81,8 +84,9 @@ def run(args, out: Path) -> dict:
         folder = out / ("latency" if attempt == 1 else f"latency_{attempt}")
         try:
             report, secs, surgery = trained(args, weights, folder,
-                                            settings(args, args.latency_weighting, target_flops=None,
-                                                     target_latency=target_ms, latency_table=str(table)))
+                                            settings(args, args.latency_weighting, args.latency_align,
+                                                     target_flops=None, target_latency=target_ms,
+                                                     latency_table=str(table)))
         except (UnreachableBudgetError, TrainingError) as exc:
             # A target below what the widths' step allows (refused before sparsify, or at its end): the
             # attempts end here.
@@ -177,8 +181,10 @@ def render_md(doc: dict) -> str:
           "| run | top-1 (test) | MACs kept | " + " | ".join(f"measured ms, batch {b}" for b in res["timed_ms"])
           + " |", "|---|---|---|" + "---|" * len(res["timed_ms"])]
     align = f" --align {doc['align']}" if doc.get("align") else ""
+    latency_align = doc.get("latency_align", doc.get("align"))
+    latency_align = f" --align {latency_align}" if latency_align else ""
     names = {"macs": f"--target-flops {doc['target_flops']}{align}",
-             "latency": f"--target-latency (the first's latency){align} --weighting "
+             "latency": f"--target-latency (the first's latency){latency_align} --weighting "
                         f"{doc.get('latency_weighting', 'none')}"}
     dense_cells = " | ".join(f"{t['dense']:.3f}" for t in res["timed_ms"].values())
     md.append(f"| dense | {res['rows']['macs']['accuracy']['before']:.2%} | 100% | {dense_cells} |")
@@ -213,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(ap)
     ap.add_argument("--align", default=None, help="--align of both runs: N or auto (the table's channel step)")
+    ap.add_argument("--latency-align", default=None,
+                    help="--align of the latency-targeted runs when it differs from --align's: N, auto, or 1 for "
+                         "none (which channel step buys more accuracy at the MAC-targeted model's latency)")
     ap.add_argument("--name", default="latency_vs_macs", help="stem of the results and output folder")
     ap.add_argument("--latency-weighting", default="latency", choices=["none", "macs", "latency"],
                     help="--weighting of the latency-targeted run (its default with --target-latency: latency)")
@@ -225,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.align not in (None, "auto"):
         args.align = int(args.align)
+    if args.latency_align is None:
+        args.latency_align = args.align
+    elif args.latency_align != "auto":
+        args.latency_align = int(args.latency_align) if int(args.latency_align) > 1 else None
     error = ready(args)
     if error:
         print(f"error: {error}", file=sys.stderr)
@@ -234,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     args.model = load_checkpoint(args.pretrained).model.name
     doc = {"benchmark": "latency_vs_macs", "date_utc": now(), "command": " ".join(["python", *sys.argv]),
            "model": args.model,
-           "target_flops": args.target_flops, "align": args.align, "match": args.match,
+           "target_flops": args.target_flops, "align": args.align, "latency_align": args.latency_align,
+           "match": args.match,
            "latency_weighting": args.latency_weighting, "result": run(args, out), "machine": machine()}
     print(write_results(args, doc, render_md))
     return 0

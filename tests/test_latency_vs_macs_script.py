@@ -90,3 +90,20 @@ def test_unreachable_attempts_are_left_out_of_the_next_target_and_shown(L):
                       "attempts": [{**tried[0], "predicted_ms": 0.79, "accuracy": 0.8}, tried[1]]}}
     md = L.render_md(doc)
     assert "| 2 | 0.500 | not reachable at this channel step | - | - |" in md
+
+
+def test_latency_runs_take_their_own_channel_step(L):
+    args = SimpleNamespace(strength=0.005, align="auto", sparsify_epochs=1, finetune_epochs=2, lr=0.02,
+                           finetune_lr=0.01, batch_size=128)
+    assert L.settings(args, target_flops=0.5)["align"] == "auto"
+    assert L.settings(args, "latency", 8, target_latency=0.4)["align"] == 8
+    assert L.settings(args, "latency", None, target_latency=0.4)["align"] is None  # --latency-align 1: none
+
+
+def test_parsed_latency_align(L, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(L, "ready", lambda args: seen.setdefault("args", args) and "stop here")
+    for given, want in ((None, "auto"), ("8", 8), ("1", None), ("auto", "auto")):
+        argv = ["--align", "auto"] + (["--latency-align", given] if given else [])
+        assert L.main(argv) == 2
+        assert seen.pop("args").latency_align == want
