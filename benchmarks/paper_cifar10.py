@@ -57,6 +57,7 @@ from bench_log import csv, log, on_event  # beside this script: the progress lin
 from sslcompress.bench.config import BenchConfig
 from sslcompress.bench.run import run_bench
 from sslcompress.config import FinetuneConfig, PretrainConfig, build_config
+from sslcompress.errors import VerificationError
 from sslcompress.finetune.checkpoint import load_checkpoint
 from sslcompress.finetune.groups import build_groups
 from sslcompress.finetune.pipeline import run_finetune, run_pretrain
@@ -64,7 +65,7 @@ from sslcompress.flops import count
 from sslcompress.io import atomic_write_bytes, atomic_write_json
 from sslcompress.models import ModelSpec, build_model
 from sslcompress.surgery.compress import compress
-from sslcompress.surgery.export import export_onnx
+from sslcompress.surgery.export import check_export_counts, export_onnx
 from sslcompress.surgery.inputs import real_inputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,14 +155,12 @@ def export_compact(args, sparse: Path, run_dir: Path) -> dict:
     report["predicted"] = {"macs": counted.macs, "macs_after": counted.macs_after}
     if not report["verification"]["passed"]:
         raise SystemExit(f"error: the compact model of {sparse} fails verification: {report['verification']}")
-    # The same two checks as the export command: the ONNX model is the model the budget counted, and the
-    # surgery removed at least what the training counted as removed.
-    # As `sslcompress export` checks (cli/cut.py's _check_prediction): the uncut export may compute less than
-    # the dense count only by layers the checkpoint empties whole (equal zero weights shared by the exporter).
-    emptied = sum(lay.macs for lay in counted.layers if lay.macs_after == 0)
-    if not counted.macs - emptied <= totals["macs"] <= counted.macs or totals["macs_after"] > counted.macs_after:
-        raise SystemExit(f"error: {sparse}: ONNX MACs {totals['macs']} -> {totals['macs_after']}, the "
-                         f"checkpoint counts {counted.macs} -> {counted.macs_after}")
+    # The export command's check: the ONNX model is the model the budget counted, and the surgery removed at
+    # least what the training counted as removed.
+    try:
+        check_export_counts(counted.macs, counted.macs_after, totals, removed=counted.macs_emptied)
+    except VerificationError as exc:
+        raise SystemExit(f"error: {sparse}: {exc}") from None
     atomic_write_bytes(exported.model.SerializeToString(), run_dir / "uncut.onnx")
     atomic_write_bytes(result.model.SerializeToString(), run_dir / "compact.onnx")
     atomic_write_json(report, run_dir / "surgery.json")

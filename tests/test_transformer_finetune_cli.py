@@ -43,7 +43,7 @@ def test_vit_finetuned_to_a_budget_and_cut_by_the_export(tmp_path, model, struct
         macs, macs_after = cut["totals"]["macs"], cut["totals"]["macs_after"]
         assert macs_after <= target * report["totals"]["macs"]
         # The uncut export computes the dense count, or less where MLPs emptied whole share one zero
-        # initializer and their gate and up products are computed once (export's check, cli/cut.py).
+        # initializer and their gate and up products are computed once (check_export_counts, surgery/export.py).
         emptied = sum(lay["macs"] for lay in report["layers"] if lay["macs_after"] == 0)
         assert 0 <= report["totals"]["macs"] - macs <= emptied, flags
         assert report["totals"]["macs_after"] == macs_after, flags

@@ -111,28 +111,16 @@ def _write_compact(result, out: str, report_path: str | None, force: bool, as_js
 
 def _check_prediction(dense: int, after: int, totals: dict[str, Any], force: bool, aligned: bool = False,
                       removed: int = 0) -> None:
-    """The MACs the training counted (and a --target-flops steered) must be the ONNX model's: the same dense
-    count, and no more after the cut (unless --align kept zero channels on purpose). Fewer after the cut is
-    what folding constant channels adds.
-
-    `removed`: the MACs of the layers the checkpoint zeroes whole. The uncut export may compute up to that
-    much less than the dense count: the exporter shares one initializer between equal weights, all-zero
-    ones included, and the simplifier then computes two layers that read the same input with them once (the
-    gate and up projections of an emptied SwiGLU MLP)."""
+    """The export's count check (surgery/export.py's check_export_counts), skipped with --force."""
     from ..errors import VerificationError
+    from ..surgery.export import check_export_counts
 
     if force:
         return
-    if not dense - removed <= totals["macs"] <= dense:
-        raise VerificationError(
-            f"the exported model computes {totals['macs']} MACs, the checkpoint's count says {dense}: the "
-            "training counted another model than the one exported (an op its count misses), so its budget "
-            "steered the wrong number; nothing written (--force writes it anyway)")
-    if totals["macs_after"] > after and not aligned:
-        raise VerificationError(
-            f"the compact model keeps {totals['macs_after']} MACs, the checkpoint predicted {after}: the "
-            "surgery kept channels the training counted as removed (see the report's blocked_by); nothing "
-            "written (--force writes it anyway)")
+    try:
+        check_export_counts(dense, after, totals, aligned=aligned, removed=removed)
+    except VerificationError as exc:
+        raise VerificationError(f"{exc}; nothing written (--force writes it anyway)") from None
 
 
 def _lowering(shape_lowering: str | None, plan_path: str | None):
@@ -249,7 +237,7 @@ def export(checkpoint: str, out: str, uncut: str | None, opset: int, dynamic_bat
     if data:
         extra["data"] = data
     _check_prediction(counted.macs, predicted, totals, force, aligned=(step or 1) > 1,
-                      removed=sum(lay.macs for lay in counted.layers if lay.macs_after == 0))
+                      removed=counted.macs_emptied)
     latency = _latency_check(ckpt, exported.model, result, shape, override is not None)
     if latency and "measured_ms" in latency and totals["macs_after"] != predicted and (step or 1) > 1:
         # The table predicted the checkpoint's widths; the alignment kept channels past them.

@@ -62,6 +62,11 @@ class ModelCount:
     def macs_gemm_fraction(self) -> float:
         return self.macs_gemm_after / self.macs if self.macs else 1.0
 
+    @property
+    def macs_emptied(self) -> int:
+        """The MACs of the layers the count removes whole (every weight zero, or nothing they write read)."""
+        return sum(lay.macs for lay in self.layers if lay.macs_after == 0)
+
     def layer(self, name: str) -> LayerCount:
         for lay in self.layers:
             if lay.name == name:

@@ -352,3 +352,23 @@ def _checked_external_data(model: onnx.ModelProto, path: Path) -> int:
 
 def _opsets(model: onnx.ModelProto) -> str:
     return ", ".join(f"{o.domain or 'ai.onnx'}={o.version}" for o in model.opset_import) or "none"
+
+
+def check_export_counts(dense: int, after: int, totals: dict, aligned: bool = False, removed: int = 0) -> None:
+    """VerificationError unless the MACs a checkpoint's count gives (`dense`, `after`) are the ONNX model's
+    (`totals` of the surgery report): the same dense count, and no more after the cut (unless --align kept
+    zero channels on purpose). Fewer after the cut is what folding constant channels adds.
+
+    `removed`: the MACs of the layers the checkpoint zeroes whole (ModelCount.macs_emptied). The uncut export
+    may compute up to that much less than the dense count: the exporter shares one initializer between equal
+    weights, all-zero ones included, and the simplifier then computes two layers that read the same input with
+    them once (the gate and up projections of an emptied SwiGLU MLP)."""
+    if not dense - removed <= totals["macs"] <= dense:
+        raise VerificationError(
+            f"the exported model computes {totals['macs']} MACs, the checkpoint's count says {dense}: the "
+            "training counted another model than the one exported (an op its count misses), so its budget "
+            "steered the wrong number")
+    if totals["macs_after"] > after and not aligned:
+        raise VerificationError(
+            f"the compact model keeps {totals['macs_after']} MACs, the checkpoint predicted {after}: the "
+            "surgery kept channels the training counted as removed (see the report's blocked_by)")
