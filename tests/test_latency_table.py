@@ -41,6 +41,7 @@ from sslcompress.latency.predict import (
     layers_parts,
 )
 from sslcompress.latency.profile import PASSES, half_variant, missing_points, off_block_variant
+from sslcompress.latency.signature import below_block, input_kind
 from sslcompress.latency.table import ModelTiming, WholeRun
 from sslcompress.models import ModelSpec, build_model
 
@@ -177,9 +178,10 @@ def test_profile_grid_holds_step_multiples_and_pins_fixed_widths():
     by_layer = {name: signatures_of(lay)[0] for name, lay in structure.layers.items()}
     stage1 = plan[by_layer["layer1.0.conv1"]]
     # input widths: the grid and one below each multiple of the block (8 here) where ORT leaves its blocked
-    # convs, and the narrowest such width (9); 7 is not one: ORT reads fewer channels than a block in place
-    assert sorted({i for i, _ in stage1}) == [8, 9, 15, 16] and sorted({o for _, o in stage1}) == [8, 16]
-    assert len(stage1) == 8
+    # convs, and the narrowest such width (9); and 7, the widest of the fewer channels than a block that ORT
+    # reads in place, a kind of its own (signature.input_kind)
+    assert sorted({i for i, _ in stage1}) == [7, 8, 9, 15, 16] and sorted({o for _, o in stage1}) == [8, 16]
+    assert len(stage1) == 10
     assert {i for i, _ in plan[by_layer["conv1"]]} == {3}  # the model's input channels never change
     assert {o for _, o in plan[by_layer["fc"]]} == {10}  # nor do its outputs
     assert {i for i, _ in plan[by_layer["fc"]]} == set(range(8, 65, 8))
@@ -306,10 +308,27 @@ def test_input_widths_off_the_channel_blocks_interpolate_among_their_kind():
     for sig, points in missing_points(table, structure, 8).items():
         table.entry(sig).points = {(i, o): 1.0 if i % 8 == 0 or i < 8 else 2.0 for i, o in points}
     entry = table.entries[signatures_of(structure.layers["layer3.1.conv1"])[0].ident()]
-    assert entry.ins() == [8, 9, 15, 16, 23, 24, 31, 32, 39, 40, 47, 48, 55, 56, 63, 64]
+    assert entry.ins() == [7, 8, 9, 15, 16, 23, 24, 31, 32, 39, 40, 47, 48, 55, 56, 63, 64]
     assert entry_latency(entry, 45, 64, 8) == 2.0 and entry_latency(entry, 46, 37, 8) == 2.0
     assert entry_latency(entry, 40, 64, 8) == 1.0 and entry_latency(entry, 48, 37, 8) == 1.0
     assert entry_latency(entry, 3, 64, 8) == 1.0  # fewer than a block: read in place, blocked
+
+
+def test_widths_below_one_block_read_on_their_own_line_not_toward_the_block():
+    """ORT reads fewer input channels than a block in place, at a higher cost per channel than its blocked
+    kernel (AVX-512, block 16, 32x32 at batch 8: 8 channels 0.24 ms, 12 0.39, 15 0.45, 16 0.39). The grid
+    holds 15 beside its multiples of 8, and 12 reads between 8 and 15, not half way from 8 to 16."""
+    structure = analyze(_resnet20(), RESNET)
+    table = LatencyTable(dataclasses.replace(current_key(), block=16))
+    for sig, points in missing_points(table, structure, 8).items():
+        table.entry(sig).points = {(i, o): 0.03 * i if i < 16 else 0.39 for i, o in points}
+    entry = table.entries[signatures_of(structure.layers["layer1.0.conv1"])[0].ident()]
+    assert entry.ins() == [8, 15, 16]
+    assert entry_latency(entry, 12, 16, 16) == pytest.approx(0.36)
+    assert entry_latency(entry, 16, 16, 16) == 0.39 and entry_latency(entry, 8, 8, 16) == pytest.approx(0.24)
+    assert input_kind(12, 16) == "narrow" and input_kind(16, 16) == "blocked" and input_kind(12, 16, 8) == "narrow"
+    assert input_kind(17, 16, 16) == "plain" and input_kind(20, 16, 4) == "blocked" and input_kind(3, 1) == "blocked"
+    assert below_block([8, 16], 16) == [15] and below_block([8], 16) == [] and below_block([8, 15, 16], 16) == []
 
 
 def test_narrow_plain_widths_read_between_one_above_a_block_and_two_blocks_less_one():

@@ -1,9 +1,9 @@
 """Latency of a model from the table: the sum of its layers' ops at the widths a count keeps, calibrated.
 
 Each layer costs its signature's table figure at its kept widths, interpolated bilinearly between grid
-points (exact at them), along the input axis among the measured widths of the same kind only (those ORT's
-blocked convs take, whole blocks of the CPU's 8 or 16 channels, or the others, which run slower; see
-signature.py), along the output axis at the width a blocked conv computes (padded to whole blocks); below the
+points (exact at them), along the input axis among the measured widths of the same kind only (fewer than
+one block of the CPU's 8 or 16 channels, which ORT reads in place at a higher cost per channel; those its
+blocked convs take, whole blocks; or the others, which run slower; see signature.input_kind), along the output axis at the width a blocked conv computes (padded to whole blocks); below the
 smallest measured width the smallest one's figure stands (ORT pads channels to its blocks, so a narrower op is
 hardly faster), and a depthwise conv interpolates along its one width. A layer the count removes costs 0, and a shrunk kernel (kernel_after) is not modelled:
 the table is measured at the full kernel.
@@ -39,7 +39,7 @@ from ..errors import ConfigError
 from ..finetune.counting import LayerCount, ModelCount
 from ..finetune.structure import Layer, ModelStructure
 from .layout import reorders
-from .signature import Signature, on_block, padded, signatures_of
+from .signature import Signature, input_kind, padded, signatures_of
 from .signature import blocked as runs_blocked
 from .table import Entry, LatencyTable
 
@@ -66,15 +66,16 @@ def _bracket(xs: list[int], v: float) -> tuple[int, int, float]:
 
 
 def _same_kind(sig: Signature, ins: list[int], width: float, block: int) -> list[int]:
-    """The measured input widths of the kind `width` is (run in ORT's channel blocks or not; signature.py),
-    where the table has any of that kind. A plain conv's kind is its input width's, a depthwise conv's its
-    channels' (times its multiplier); another grouped conv's widths are all of one kind here."""
+    """The measured input widths of the kind `width` is (read in place below one block, run in ORT's channel
+    blocks, or plain; signature.input_kind), where the table has any of that kind. A plain conv's kind is its
+    input width's, a depthwise conv's its channels' (times its multiplier); another grouped conv's widths are
+    all of one kind here."""
     if not sig.blockable or (sig.groups > 1 and not sig.depthwise):
         return ins
     m = sig.multiplier
 
-    def kind(w: float) -> bool:
-        return on_block(w, block) if sig.groups == 1 else runs_blocked(sig, int(w), int(w) * m, block)
+    def kind(w: float) -> str | bool:
+        return input_kind(w, block) if sig.groups == 1 else runs_blocked(sig, int(w), int(w) * m, block)
 
     same = [i for i in ins if kind(i) == kind(width)]
     return same or ins
@@ -82,7 +83,7 @@ def _same_kind(sig: Signature, ins: list[int], width: float, block: int) -> list
 
 def entry_latency(entry: Entry, in_width: float, out_width: float, block: int = 1) -> float:
     """The entry's ms at these widths: bilinear between grid points (one axis for a depthwise conv). With the
-    CPU's channel `block`, an input width is read among the measured ones of its kind (signature.on_block)
+    CPU's channel `block`, an input width is read among the measured ones of its kind (signature.input_kind)
     and a blocked conv's output width where ORT pads it, at whole blocks."""
     if not entry.points:
         raise ConfigError(f"the latency table has no figures for {entry.signature.ident()}")

@@ -25,7 +25,7 @@ from .kernel import kernel_parts, net_ms, profiler_floor_ms
 from .key import TableKey
 from .ops import op_model
 from .predict import curve_key, fingerprint, layers_parts, reorders_ms
-from .signature import CHANNEL_BLOCK, Signature, off_block, signatures_of, width_grid
+from .signature import CHANNEL_BLOCK, Signature, below_block, off_block, signatures_of, width_grid
 from .table import LatencyTable, ModelTiming, StaleTableError, WholeRun, load_table
 
 ROUNDS = 5  # samples per op; the median is kept
@@ -75,7 +75,8 @@ def _axes(structure: ModelStructure, layer: Layer, sig: Signature, step: int | N
     multiple = sig.groups if sig.kind == "conv" and not sig.depthwise else 1
     ins = [sig.in_full] if _pinned(structure, layer.in_ids) else width_grid(sig.in_full, step, multiple, block)
     if sig.blockable and multiple == 1 and len(ins) > 1:
-        ins = sorted({*ins, *off_block(ins, block)})  # the widths that leave ORT's blocked layout (signature.py)
+        # the widths that leave ORT's blocked layout, and the widest read in place below one block (signature.py)
+        ins = sorted({*ins, *off_block(ins, block), *(below_block(ins, block) if sig.groups == 1 else [])})
     if sig.depthwise:
         return ins, []
     outs = [sig.out_full] if _pinned(structure, layer.out_ids) else width_grid(sig.out_full, step, multiple, block)

@@ -130,6 +130,26 @@ def on_block(width: float, block: int = CHANNEL_BLOCK, align: int | None = None)
     return width < block or width % align == 0
 
 
+def input_kind(width: float, block: int = CHANNEL_BLOCK, align: int | None = None) -> str:
+    """How ORT's CPU convs read a plain conv's input of this width, three kinds whose costs lie on different
+    lines: "narrow", fewer channels than one block, read in place (no reorder) by a kernel that costs more per
+    channel than the blocked one (at 32x32 and batch 8 on an AVX-512 EPYC, 15 channels took 0.45 ms where 16
+    took 0.39 and 8 took 0.24); "blocked", whole blocks or a multiple of the input alignment (on_block);
+    "plain", the rest. Every width is "blocked" where there are no blocks (block 1)."""
+    if block > 1 and width < block:
+        return "narrow"
+    return "blocked" if on_block(width, block, align) else "plain"
+
+
+def below_block(widths: list[int], block: int = CHANNEL_BLOCK) -> list[int]:
+    """The widest narrow input width (block - 1) where `widths` reach a whole block and lack it: a narrow
+    input costs more per channel than a blocked one, so below the block a grid of multiples of 8 alone read
+    12 channels at half way between 8 and 16 where they cost what 16 do (input_kind)."""
+    if block <= 2 or not widths or max(widths) < block or block - 1 in widths:
+        return []
+    return [block - 1]
+
+
 def off_block(widths: list[int], block: int = CHANNEL_BLOCK) -> list[int]:
     """One below each multiple of the block among `widths`, where that leaves ORT's blocked convs, and the
     narrowest width that does (one above a block) where `widths` reach two blocks: a plain conv is not padded,

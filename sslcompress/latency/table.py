@@ -19,10 +19,11 @@ from .signature import Signature
 
 FORMAT = "sslcompress-latency-table"
 MAX_CONDITION = 1e3  # a calibration system worse conditioned than this amplifies timing noise beyond use
-VERSION = 4  # 2: the key holds the channel block, and whole-model runs include random variants; 3: a CPU op's
+VERSION = 5  # 2: the key holds the channel block, and whole-model runs include random variants; 3: a CPU op's
 #               figure is its compute time in ORT's profiler (kernel.py), not a session call's wall time; 4: each
 #               point holds the layout reorders ORT put around the op, each whole-model run the reorders its
-#               widths need, and the table a reorder curve per conv output size
+#               widths need, and the table a reorder curve per conv output size; 5: input widths below one
+#               block are their own kind, and block - 1 is on the grid (signature.input_kind)
 
 
 class StaleTableError(ConfigError):
