@@ -3,10 +3,11 @@
 Each layer costs its signature's table figure at its kept widths, interpolated bilinearly between grid
 points (exact at them), along the input axis among the measured widths of the same kind only (fewer than
 one block of the CPU's 8 or 16 channels, which ORT reads in place at a higher cost per channel; those its
-blocked convs take, whole blocks; or the others, which run slower; see signature.input_kind), along the output axis at the width a blocked conv computes (padded to whole blocks); below the
-smallest measured width the smallest one's figure stands (ORT pads channels to its blocks, so a narrower op is
-hardly faster), and a depthwise conv interpolates along its one width. A layer the count removes costs 0, and a shrunk kernel (kernel_after) is not modelled:
-the table is measured at the full kernel.
+blocked convs take, whole blocks; or the others, which run slower; see signature.input_kind), along the
+output axis at the width a blocked conv computes (padded to whole blocks); below the smallest measured width
+of its kind the smallest one's figure stands (ORT pads channels to its blocks, so a narrower op is hardly
+faster), and a depthwise conv interpolates along its one width. A layer the count removes costs 0, and a
+shrunk kernel (kernel_after) is not modelled: the table is measured at the full kernel.
 
 Calibration. The ops' figures are not the model. On the CPU they are the ops' compute times (kernel.py): the
 whole model also pays the session call, pooling and the adds ORT does not fuse into a conv, and a layout
