@@ -172,11 +172,7 @@ def render(doc: dict) -> str:
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--widths", default="8,16,24,32,48,64", help="conv widths (comma list)")
-    ap.add_argument("--batch", default="1,8", help="batch sizes (comma list)")
-    ap.add_argument("--threads", default="1", help="ORT intra-op thread counts (comma list)")
-    ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--sample-s", type=float, default=0.05, help="length of one sample of back-to-back calls")
+    add_timing_options(ap, rounds=20, warmup=5)
     ap.add_argument("--name", default="conv_width_throughput", help="results file stem")
     ap.add_argument("--quick", action="store_true", help="smoke run: batch 1, widths 8 and 16, 3 rounds")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; benchmarks/out with --quick)")
@@ -186,9 +182,22 @@ def parse_args(argv):
     args.widths, args.batch, args.threads = csv(args.widths, int), csv(args.batch, int), csv(args.threads, int)
     if not all(xs and min(xs) >= 1 for xs in (args.widths, args.batch, args.threads)):
         ap.error("--widths, --batch and --threads must be positive")
+    check_timing_options(ap, args)
+    return args
+
+
+def add_timing_options(ap: argparse.ArgumentParser, rounds: int, warmup: int) -> None:
+    """The batch, thread and interleaved-rounds options of the conv-chain benchmarks (this one, int8_width.py)."""
+    ap.add_argument("--batch", default="1,8", help="batch sizes (comma list)")
+    ap.add_argument("--threads", default="1", help="ORT intra-op thread counts (comma list)")
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--warmup", type=int, default=warmup)
+    ap.add_argument("--sample-s", type=float, default=0.05, help="length of one sample of back-to-back calls")
+
+
+def check_timing_options(ap: argparse.ArgumentParser, args) -> None:
     if args.rounds < 1 or args.warmup < 0 or args.sample_s <= 0:
         ap.error("--rounds >= 1, --warmup >= 0 and --sample-s > 0 are required")
-    return args
 
 
 def main(argv: list[str] | None = None) -> int:

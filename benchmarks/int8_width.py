@@ -37,7 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_log import csv, log  # noqa: E402
-from conv_width_throughput import LAYERS, chain_macs, conv_chain  # noqa: E402
+from conv_width_throughput import (  # noqa: E402
+    LAYERS,
+    add_timing_options,
+    chain_macs,
+    check_timing_options,
+    conv_chain,
+)
 from paper_cifar10 import machine, now  # noqa: E402
 from surgery_resnet import kept_count  # noqa: E402
 
@@ -183,11 +189,7 @@ def render(doc: dict) -> str:
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", default="1,8", help="batch sizes (comma list)")
-    ap.add_argument("--threads", default="1", help="ORT intra-op thread counts (comma list)")
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--sample-s", type=float, default=0.05, help="length of one sample of back-to-back calls")
+    add_timing_options(ap, rounds=15, warmup=3)
     ap.add_argument("--name", default="int8_width", help="results file stem")
     ap.add_argument("--quick", action="store_true", help="smoke run: batch 1, sizes 14 and 7, two widths, 3 rounds")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; benchmarks/out with --quick)")
@@ -199,8 +201,7 @@ def parse_args(argv):
     args.batch, args.threads = csv(args.batch, int), csv(args.threads, int)
     if not all(xs and min(xs) >= 1 for xs in (args.batch, args.threads)):
         ap.error("--batch and --threads must be positive")
-    if args.rounds < 1 or args.warmup < 0 or args.sample_s <= 0:
-        ap.error("--rounds >= 1, --warmup >= 0 and --sample-s > 0 are required")
+    check_timing_options(ap, args)
     return args
 
 
