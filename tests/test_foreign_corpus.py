@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 import pytest
 from corpus import Entry, feeds, layer_problems, run, weighted_layers, with_outputs
+from corpus import detector as D
 from corpus import handwritten as H
 from corpus import torch_models as T
 
@@ -60,6 +61,12 @@ def _cases() -> list:
         _add("fp16-converted", lambda _t: T.fp16_converted()),
         _add("dedup-legacy-fold1", lambda _t: T.dedup_legacy(True)),
         _add("dedup-legacy-fold0", lambda _t: T.dedup_legacy(False)),
+    ]
+    cases += [
+        _add("detector-legacy", lambda _t: D.detector_legacy()),
+        _add("detector-dynamo-dynamic-batch", lambda _t: D.detector_dynamo_dynamic_batch()),
+        _add("detector-legacy-nms", lambda _t: D.detector_legacy_nms()),
+        _add("detector-qdq", D.detector_qdq),
     ]
     for build in H.ALL:
         cases.append(_add(build.__name__.replace("_", "-"), lambda _t, b=build: b()))
@@ -220,3 +227,23 @@ def test_every_export_of_one_net_reports_its_macs(name, tmp):
     reference = compressed("legacy-opset17-fold1", tmp).report["totals"]
     totals = compressed(name, tmp).report["totals"]
     assert (totals["macs"], totals["macs_after"]) == (reference["macs"], reference["macs_after"])
+
+
+DETECTORS = [p.values[0] for p in CASES if p.values[0].startswith("detector")]
+
+
+@pytest.mark.parametrize("name", DETECTORS)
+def test_a_shared_head_keeps_one_weight(name, tmp):
+    # One head conv runs on every pyramid level: one weight, one Conv node per level. Every level loses the
+    # same channels, so the compact model keeps one (smaller) weight per head conv, not a copy per level.
+    e, result = entry(name, tmp), compressed(name, tmp)
+    n = len(weighted_layers(e.model))
+
+    def sources(m):
+        return [D.lay_weight(m, i) for i in range(n)]
+
+    before, after = sources(e.model), sources(result.model)
+    assert len(before) - len(set(before)) == 3  # tower, cls and box, read twice each
+    assert len(set(after)) == len(set(before)), (before, after)
+    totals = result.report["totals"]
+    assert totals["params_after"] < totals["params"]

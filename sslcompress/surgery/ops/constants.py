@@ -24,19 +24,44 @@ def attr_value(node: ir.Node, name: str, default):
     return default if a is None else a.value
 
 
+_COPIES = "sslcompress.copies"  # meta of a shared constant: the copies set_const made of it for its readers
+
+
 def set_const(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> None:
-    """Replace a constant input; an initializer shared with other nodes is copied, not changed."""
+    """Replace a constant input; an initializer shared with other nodes is copied, not changed. Readers of one
+    shared constant that are given equal values share one copy: a detector's head, one conv applied to every
+    pyramid level, keeps one weight when every level loses the same channels."""
     old = node.inputs[index]
     dtype = const_tensor(old).dtype
     array = np.ascontiguousarray(np.asarray(array).astype(dtype))
+    twin = _equal_copy(graph, old, array)
     if old.is_initializer() and len(old.uses()) == 1 and not old.is_graph_output():
         old.const_value = ir.tensor(array, name=old.name)
         old.shape = ir.Shape(array.shape)
+        if twin is not None:  # the other readers' equal copy goes: all read the constant by its own name
+            twin.replace_all_uses_with(old)
+            del graph.initializers[twin.name]
         return
-    value = add_initializer(graph, f"{old.name}.{node.name or node.op_type}.{index}", array)
-    node.replace_input_with(index, value)
+    if twin is not None:
+        node.replace_input_with(index, twin)
+    else:
+        twin = add_initializer(graph, f"{old.name}.{node.name or node.op_type}.{index}", array)
+        node.replace_input_with(index, twin)
+        old.meta.setdefault(_COPIES, []).append(twin)
     if old.const_value is None:  # a dequantized constant, now written as its float values
         _drop_unread_qdq(graph, old)
+
+
+def _equal_copy(graph: ir.Graph, old: ir.Value, array: np.ndarray) -> ir.Value | None:
+    """A copy set_const made of `old` for another reader that still holds exactly `array` (it may have been
+    changed in place since, or dropped)."""
+    for copy in old.meta.get(_COPIES, ()):
+        if graph.initializers.get(copy.name) is not copy or copy.const_value is None:
+            continue
+        have = copy.const_value.numpy()
+        if have.dtype == array.dtype and have.shape == array.shape and np.array_equal(have, array):
+            return copy
+    return None
 
 
 def drop_unused_constants(graph: ir.Graph) -> None:
