@@ -8,7 +8,8 @@ in forward order, so a layer is known by its index here; in the compact model it
 node name where the surgery kept the name, else by order among the layers that must survive.
 
 Builders live in `tests/corpus/torch_models.py` (our own torch nets through every exporter and
-export option) and `tests/corpus/handwritten.py` (graphs written with onnx.helper).
+export option), `tests/corpus/detector.py` (a one-stage detector: feature pyramid, a head shared by the
+levels, NMS, QDQ) and `tests/corpus/handwritten.py` (graphs written with onnx.helper).
 """
 
 from __future__ import annotations
