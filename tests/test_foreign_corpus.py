@@ -67,6 +67,8 @@ def _cases() -> list:
         _add("detector-dynamo-dynamic-batch", lambda _t: D.detector_dynamo_dynamic_batch()),
         _add("detector-legacy-nms", lambda _t: D.detector_legacy_nms()),
         _add("detector-qdq", D.detector_qdq),
+        _add("yolo-legacy", lambda _t: D.yolo_legacy()),
+        _add("yolo-dynamo-dynamic-batch", lambda _t: D.yolo_dynamo_dynamic_batch()),
     ]
     for build in H.ALL:
         cases.append(_add(build.__name__.replace("_", "-"), lambda _t, b=build: b()))

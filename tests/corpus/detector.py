@@ -3,7 +3,7 @@ backbone, a feature pyramid (1x1 laterals, a nearest upsample added top-down, 3x
 shared by every level (the same conv weights read by one Conv node per level), per-level predictions
 flattened to (N, anchors, C) and concatenated, two outputs; optionally NonMaxSuppression in the graph.
 
-Weighted layers, in the order the exporters list them (`DETECTOR_LAYERS`):
+Weighted layers, in the order the exporters list them (`DETECTOR_PLANTED` and `DETECTOR_EXPECT` record them):
 
     0 stem       conv 3->8 /2 + BN + ReLU
     1 c3         conv 8->16 /2 + BN + ReLU    planted: filters 4, 11
@@ -18,10 +18,23 @@ Weighted layers, in the order the exporters list them (`DETECTOR_LAYERS`):
 
 Scores leave through a Sigmoid, boxes as corners around each cell's centre (a constant anchor grid plus the
 ReLU of the regressed extents). Every zero is a planted one: BN statistics, gammas and betas are random.
+
+`TinyYolo` is written as YOLO code is: SiLU convs, CSP blocks (`chunk` in two, a residual bottleneck on one
+half, everything concatenated), SPPF (three chained 5x5 max pools concatenated), a top-down path that
+upsamples and concatenates, and per-level 1x1 detection convs whose outputs are viewed as (N, 3 anchors,
+5 + classes, H, W), permuted, concatenated and split into xy, wh, and confidences (`YOLO_*` records):
+
+    0 stem    3->16 /2          1 d1      16->32 /2, planted 3, 7      2 c1.cv1  32->32 (reads d1: 30)
+    3 c1.m1   16->16            4 c1.m2   16->16, planted 1, 5: its sum with the chunk stays live, kept
+    5 c1.cv2  48->32            6 d2      32->64 /2                    7 c2.cv1  64->64
+    8 c2.m1   32->32            9 c2.m2   32->32                      10 c2.cv2  96->64, planted 0, 9, 40
+   11 sppf.cv1 64->32 (in 61), planted 2, 6                          12 sppf.cv2 128->64 (in 4 x 30)
+   13 up      96->32 (upsampled 64 + c1's 32), planted 4, 8          14 det3 32->24 (in 30)   15 det4 64->24
 """
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
@@ -109,8 +122,6 @@ def _example(batch: int) -> tuple[torch.Tensor]:
 
 
 def _legacy(model: nn.Module, dynamic_batch: bool) -> onnx.ModelProto:
-    import io
-
     axes = {"input": {0: "batch"}, "scores": {0: "batch"}, "boxes": {0: "batch"}} if dynamic_batch else None
     buf = io.BytesIO()
     with _quiet():
@@ -227,3 +238,97 @@ def detector_dynamo_dynamic_batch() -> Entry:
 
 def detector_legacy_nms() -> Entry:
     return _entry("detector-legacy-nms", _with_nms(_legacy(detector(), dynamic_batch=True)))
+
+
+class CBS(nn.Module):
+    """Conv, BN, SiLU: YOLO's basic conv."""
+
+    def __init__(self, cin: int, cout: int, k: int = 1, stride: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, k // 2, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return F.silu(self.bn(self.conv(x)))
+
+
+class CSP(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.cv1, self.m1, self.m2 = CBS(c, c), CBS(c // 2, c // 2, 3), CBS(c // 2, c // 2, 3)
+        self.cv2 = CBS(c + c // 2, c)
+
+    def forward(self, x):
+        a, b = self.cv1(x).chunk(2, 1)
+        return self.cv2(torch.cat([a, b, b + self.m2(self.m1(b))], 1))
+
+
+class SPPF(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.cv1, self.cv2 = CBS(c, c // 2), CBS(c * 2, c)
+
+    def forward(self, x):
+        x = self.cv1(x)
+        y1 = F.max_pool2d(x, 5, 1, 2)
+        y2 = F.max_pool2d(y1, 5, 1, 2)
+        return self.cv2(torch.cat([x, y1, y2, F.max_pool2d(y2, 5, 1, 2)], 1))
+
+
+class TinyYolo(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.d1, self.c1 = CBS(3, 16, 3, 2), CBS(16, 32, 3, 2), CSP(32)
+        self.d2, self.c2, self.sppf = CBS(32, 64, 3, 2), CSP(64), SPPF(64)
+        self.up = CBS(64 + 32, 32)
+        self.det3, self.det4 = nn.Conv2d(32, 3 * (5 + CLASSES), 1), nn.Conv2d(64, 3 * (5 + CLASSES), 1)
+
+    def forward(self, x):
+        p3 = self.c1(self.d1(self.stem(x)))
+        p4 = self.sppf(self.c2(self.d2(p3)))
+        f3 = self.up(torch.cat([F.interpolate(p4, scale_factor=2.0, mode="nearest"), p3], 1))
+        outs = []
+        for f, det in ((f3, self.det3), (p4, self.det4)):
+            y = det(f)
+            n, _, h, w = y.shape
+            outs.append(y.view(n, 3, 5 + CLASSES, h, w).permute(0, 1, 3, 4, 2).reshape(n, -1, 5 + CLASSES))
+        xy, wh, conf = torch.cat(outs, 1).split((2, 2, 1 + CLASSES), -1)
+        return torch.cat([xy.sigmoid(), wh.exp(), conf.sigmoid()], -1)
+
+
+YOLO_SIDE = 64
+YOLO_PLANTED = {1: (3, 7), 4: (1, 5), 10: (0, 9, 40), 11: (2, 6), 13: (4, 8)}
+YOLO_EXPECT = {0: 16, 1: 30, 2: 32, 3: 16, 4: 16, 5: 32, 6: 64, 7: 64, 8: 32, 9: 32, 10: 61, 11: 30, 12: 64, 13: 30,
+               14: 24, 15: 24}
+YOLO_EXPECT_IN = {0: 3, 1: 16, 2: 30, 3: 16, 4: 16, 5: 48, 6: 32, 7: 64, 8: 32, 9: 32, 10: 96, 11: 61, 12: 120,
+                  13: 96, 14: 30, 15: 64}
+
+
+def tiny_yolo(seed: int = 5) -> TinyYolo:
+    torch.manual_seed(seed)
+    m = TinyYolo().eval()
+    _randomize(m, np.random.default_rng(seed))
+    for cbs, i in ((m.d1, 1), (m.c1.m2, 4), (m.c2.cv2, 10), (m.sppf.cv1, 11), (m.up, 13)):
+        _zero_filters(cbs.conv, cbs.bn, YOLO_PLANTED[i])
+    return m
+
+
+def _yolo_entry(name: str, proto: onnx.ModelProto) -> Entry:
+    return Entry(name, proto, dict(YOLO_PLANTED), dict(YOLO_EXPECT), dict(YOLO_EXPECT_IN))
+
+
+def yolo_legacy() -> Entry:
+    x = torch.randn(1, 3, YOLO_SIDE, YOLO_SIDE, generator=torch.Generator().manual_seed(0))
+    buf = io.BytesIO()
+    with _quiet():
+        torch.onnx.export(tiny_yolo(), (x,), buf, dynamo=False, opset_version=17, input_names=["input"],
+                          output_names=["pred"])
+    return _yolo_entry("yolo-legacy", onnx.load_from_string(buf.getvalue()))
+
+
+def yolo_dynamo_dynamic_batch() -> Entry:
+    x = torch.randn(2, 3, YOLO_SIDE, YOLO_SIDE, generator=torch.Generator().manual_seed(0))
+    with _quiet():
+        prog = torch.onnx.export(tiny_yolo(), (x,), dynamo=True, input_names=["input"], output_names=["pred"],
+                                 dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=64)}}, verbose=False)
+    return _yolo_entry("yolo-dynamo-dynamic-batch", prog.model_proto)
