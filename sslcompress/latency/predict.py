@@ -267,5 +267,6 @@ def predict(table: LatencyTable, structure: ModelStructure, count: ModelCount | 
 
 
 def predict_dense(table: LatencyTable, structure: ModelStructure) -> float:
-    """Predicted ms of the dense model: its measured total where profile timed it."""
+    """Predicted ms of the dense model: the calibrated sum at full widths (the calibration's fit runs through
+    the whole-model timings of the profile, the dense model's among them, not exactly through it)."""
     return predict(table, structure, None)
