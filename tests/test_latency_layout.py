@@ -57,8 +57,12 @@ def test_the_reorders_counted_are_the_ones_ort_puts_in(variant):
                 "random": lambda: random_variant(model, RESNET, structure, seed=0, block=block)}[variant]()
     cut = _cut(narrowed, RESNET)
     assert cut is not None
-    counted = reorders(structure, kept_widths(structure, Counter(narrowed, RESNET, structure).count()), block)
-    assert counted  # every one of these leaves a width below a block or off the blocks
+    widths = kept_widths(structure, Counter(narrowed, RESNET, structure).count())
+    counted = reorders(structure, widths, block)
+    # A conv writing a part block leaves ORT's blocked layout there: then some reorder is counted, else none
+    # (half of ResNet-20's widths fill blocks of 8 but not of 16; aligned ones fill the block they are made for).
+    off_blocks = any(cout % block for name, (_, cout) in widths.items() if structure.layers[name].kind == "conv")
+    assert bool(counted) == off_blocks
     seen = _ort_reorders(cut)
     if variant in ("half", "off-block"):
         assert len(counted) == seen
