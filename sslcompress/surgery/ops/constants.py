@@ -42,12 +42,10 @@ def set_const(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> 
             twin.replace_all_uses_with(old)
             del graph.initializers[twin.name]
         return
-    if twin is not None:
-        node.replace_input_with(index, twin)
-    else:
+    if twin is None:
         twin = add_initializer(graph, f"{old.name}.{node.name or node.op_type}.{index}", array)
-        node.replace_input_with(index, twin)
         old.meta.setdefault(_COPIES, []).append(twin)
+    node.replace_input_with(index, twin)
     if old.const_value is None:  # a dequantized constant, now written as its float values
         _drop_unread_qdq(graph, old)
 
