@@ -61,8 +61,6 @@ def _cases() -> list:
         _add("fp16-converted", lambda _t: T.fp16_converted()),
         _add("dedup-legacy-fold1", lambda _t: T.dedup_legacy(True)),
         _add("dedup-legacy-fold0", lambda _t: T.dedup_legacy(False)),
-    ]
-    cases += [
         _add("detector-legacy", lambda _t: D.detector_legacy()),
         _add("detector-dynamo-dynamic-batch", lambda _t: D.detector_dynamo_dynamic_batch()),
         _add("detector-legacy-nms", lambda _t: D.detector_legacy_nms()),

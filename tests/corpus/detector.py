@@ -34,7 +34,6 @@ upsamples and concatenates, and per-level 1x1 detection convs whose outputs are 
 
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 
@@ -46,7 +45,7 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from . import Entry, weighted_layers
-from .torch_models import ConvBN, _quiet, _randomize, _zero_filters
+from .torch_models import ConvBN, _randomize, _zero_filters, dynamo, legacy
 
 DETECTOR_SIDE = 32
 CLASSES = 3
@@ -117,25 +116,12 @@ def detector(seed: int = 4) -> TinyDetector:
     return m
 
 
-def _example(batch: int) -> tuple[torch.Tensor]:
-    return (torch.randn(batch, 3, DETECTOR_SIDE, DETECTOR_SIDE, generator=torch.Generator().manual_seed(0)),)
-
-
 def _legacy(model: nn.Module, dynamic_batch: bool) -> onnx.ModelProto:
-    axes = {"input": {0: "batch"}, "scores": {0: "batch"}, "boxes": {0: "batch"}} if dynamic_batch else None
-    buf = io.BytesIO()
-    with _quiet():
-        torch.onnx.export(model, _example(1), buf, dynamo=False, opset_version=17, input_names=["input"],
-                          output_names=["scores", "boxes"], dynamic_axes=axes)
-    return onnx.load_from_string(buf.getvalue())
+    return legacy(model, side=DETECTOR_SIDE, outputs=("scores", "boxes"), dynamic=(0,) if dynamic_batch else ())
 
 
 def _dynamo(model: nn.Module) -> onnx.ModelProto:
-    shapes = {"x": {0: torch.export.Dim("batch", min=1, max=64)}}
-    with _quiet():
-        prog = torch.onnx.export(model, _example(2), dynamo=True, input_names=["input"],
-                                 output_names=["scores", "boxes"], dynamic_shapes=shapes, verbose=False)
-    return prog.model_proto
+    return dynamo(model, side=DETECTOR_SIDE, outputs=("scores", "boxes"), dynamic=(0,))
 
 
 def _with_nms(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -318,17 +304,9 @@ def _yolo_entry(name: str, proto: onnx.ModelProto) -> Entry:
 
 
 def yolo_legacy() -> Entry:
-    x = torch.randn(1, 3, YOLO_SIDE, YOLO_SIDE, generator=torch.Generator().manual_seed(0))
-    buf = io.BytesIO()
-    with _quiet():
-        torch.onnx.export(tiny_yolo(), (x,), buf, dynamo=False, opset_version=17, input_names=["input"],
-                          output_names=["pred"])
-    return _yolo_entry("yolo-legacy", onnx.load_from_string(buf.getvalue()))
+    return _yolo_entry("yolo-legacy", legacy(tiny_yolo(), side=YOLO_SIDE, outputs=("pred",)))
 
 
 def yolo_dynamo_dynamic_batch() -> Entry:
-    x = torch.randn(2, 3, YOLO_SIDE, YOLO_SIDE, generator=torch.Generator().manual_seed(0))
-    with _quiet():
-        prog = torch.onnx.export(tiny_yolo(), (x,), dynamo=True, input_names=["input"], output_names=["pred"],
-                                 dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=64)}}, verbose=False)
-    return _yolo_entry("yolo-dynamo-dynamic-batch", prog.model_proto)
+    return _yolo_entry("yolo-dynamo-dynamic-batch", dynamo(tiny_yolo(), side=YOLO_SIDE, outputs=("pred",),
+                                                           dynamic=(0,)))

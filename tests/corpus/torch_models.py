@@ -216,28 +216,33 @@ def _quiet():
 
 
 def legacy(model: nn.Module, *, opset: int = 17, fold: bool = True, batch: int = 1, dynamic: tuple[int, ...] = (),
-           keep_initializers_as_inputs: bool = False, dtype: torch.dtype = torch.float32) -> onnx.ModelProto:
-    """torch.onnx.export(dynamo=False); `dynamic` names the input dims exported as symbols."""
-    x = torch.randn(batch, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(0)).to(dtype)
+           keep_initializers_as_inputs: bool = False, dtype: torch.dtype = torch.float32, side: int = SIDE,
+           outputs: tuple[str, ...] = ("output",)) -> onnx.ModelProto:
+    """torch.onnx.export(dynamo=False) on a `side` x `side` image; `dynamic` names the input dims exported as
+    symbols (a dynamic batch is every output's too)."""
+    x = torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(0)).to(dtype)
     names = {0: "batch", 2: "height", 3: "width"}
-    axes = {"input": {d: names[d] for d in dynamic}, "output": {0: "batch"} if 0 in dynamic else {}} if dynamic else None
+    axes = ({"input": {d: names[d] for d in dynamic}, **{o: {0: "batch"} if 0 in dynamic else {} for o in outputs}}
+            if dynamic else None)
     buf = io.BytesIO()
     with _quiet():
         torch.onnx.export(model.to(dtype), (x,), buf, dynamo=False, opset_version=opset, do_constant_folding=fold,
-                          export_params=True, input_names=["input"], output_names=["output"], dynamic_axes=axes,
+                          export_params=True, input_names=["input"], output_names=list(outputs), dynamic_axes=axes,
                           keep_initializers_as_inputs=keep_initializers_as_inputs)
     model.float()
     return onnx.load_from_string(buf.getvalue())
 
 
-def dynamo(model: nn.Module, *, dynamic: tuple[int, ...] = ()) -> onnx.ModelProto:
-    """torch.onnx.export(dynamo=True) at its default opset; `dynamic` dims as torch.export Dims."""
-    x = torch.randn(2, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(0))
+def dynamo(model: nn.Module, *, dynamic: tuple[int, ...] = (), side: int = SIDE,
+           outputs: tuple[str, ...] = ("output",)) -> onnx.ModelProto:
+    """torch.onnx.export(dynamo=True) at its default opset on a `side` x `side` image; `dynamic` dims as
+    torch.export Dims."""
+    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0))
     dims = {0: torch.export.Dim("batch", min=1, max=64), 2: torch.export.Dim("height", min=8, max=64),
             3: torch.export.Dim("width", min=8, max=64)}
     shapes = {"x": {d: dims[d] for d in dynamic}} if dynamic else None
     with _quiet():
-        prog = torch.onnx.export(model, (x,), dynamo=True, input_names=["input"], output_names=["output"],
+        prog = torch.onnx.export(model, (x,), dynamo=True, input_names=["input"], output_names=list(outputs),
                                  dynamic_shapes=shapes, verbose=False)
     return prog.model_proto
 
