@@ -54,4 +54,34 @@ def test_it_times_the_three_models_and_scores_against_the_limit(T, tmp_path, cap
 def test_a_folder_that_is_not_a_finished_run_is_one_line(T, tmp_path, capsys):
     assert T.main(["--run", "nothing", "--work", str(tmp_path), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: nothing is not a finished latency_vs_macs.py run")
+    assert len(err) == 1 and err[0].startswith(
+        "error: nothing is not a finished latency_vs_macs.py or depth_vs_width.py run")
+
+
+def test_a_depth_vs_width_run_is_read_from_its_own_folder(T, tmp_path, capsys):
+    """depth_vs_width.py keeps its models in out/depth_vs_width/<variant>_<budget>/ whatever its --name; the
+    budgets come from its results, and a model missing there is named in the one line."""
+    work, results = tmp_path / "out", tmp_path / "results"
+    folder = work / "depth_vs_width"
+    folder.mkdir(parents=True)
+    onnx.save(export_onnx(_net(16), (1, 3, 8, 8), dynamic_batch=True).model, folder / "dense.onnx")
+    for sub, width in (("width_0.5", 8), ("depth_0.62", 12)):
+        (folder / sub).mkdir()
+        onnx.save(export_onnx(_net(width), (1, 3, 8, 8), dynamic_batch=True).model, folder / sub / "compact.onnx")
+    results.mkdir()
+    rows = {"width": {"macs_fraction": 0.5, "target_flops": 0.5}, "depth": {"macs_fraction": 0.6, "target_flops": 0.62}}
+    (results / "dvw.json").write_text(json.dumps({"benchmark": "depth_vs_width", "align": 8, "result": {"rows": rows}}))
+    args = ["--run", "dvw", "--work", str(work), "--out", str(results), "--rounds", "2", "--threads", "1",
+            "--batches", "1"]
+    assert T.main(args) == 0
+    doc = json.loads((results / "dvw_threads.json").read_text())
+    assert doc["mac_fractions"] == {"dense": 1.0, "width": 0.5, "depth": 0.6}
+    row = doc["timings"]["t1_b1"]
+    assert row["depth"]["of_limit"] == pytest.approx(row["dense"]["ms"] / row["depth"]["ms"] * 0.6)
+    md = (results / "dvw_threads.md").read_text()
+    assert "filter,channel --align 8 (50.0% of the MACs)" in md and "| depth (60.0%) |" in md and "of 2**" in md
+    (folder / "depth_0.62" / "compact.onnx").unlink()
+    capsys.readouterr()
+    assert T.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "depth_0.62" in err[0] and "width_0.5" not in err[0]
