@@ -41,6 +41,16 @@ MODEL = "resnet20"
 VARIANTS = {"width": ("filter", "channel"), "depth": ("depth",)}
 
 
+def work_folder(base: Path = REPO / "benchmarks" / "out", quick: bool = False) -> Path:
+    """Where every run of this benchmark keeps its models, whatever its --name (what --reuse reads back)."""
+    return base / ("depth_vs_width_quick" if quick else "depth_vs_width")
+
+
+def variant_folder(out: Path, variant: str, target_flops: float) -> Path:
+    """One SSL run's folder in the work folder: one per structure and MAC budget."""
+    return out / f"{variant}_{target_flops:g}"
+
+
 def settings(args, variant: str) -> dict:
     structures = VARIANTS[variant]
     flops = args.depth_flops if variant == "depth" and args.depth_flops is not None else args.target_flops
@@ -80,10 +90,10 @@ def run(args, out: Path) -> dict:
     rows, models = {}, {"dense": onnx.load(str(dense))}
     for variant in VARIANTS:
         run_settings = settings(args, variant)
-        report, secs, surgery = trained(args, weights, out / f"{variant}_{run_settings['target_flops']:g}",
-                                        run_settings)
+        folder = variant_folder(out, variant, run_settings["target_flops"])
+        report, secs, surgery = trained(args, weights, folder, run_settings)
         rows[variant] = {**row(report, surgery, secs), "target_flops": run_settings["target_flops"]}
-        models[variant] = onnx.load(str(out / f"{variant}_{run_settings['target_flops']:g}" / "compact.onnx"))
+        models[variant] = onnx.load(str(folder / "compact.onnx"))
         log(f"{variant}: top-1 {report['accuracy']['after_finetune']:.2%}, MACs {rows[variant]['macs_fraction']:.1%}")
     timed = {}
     for batch in args.batches:
@@ -133,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    out = REPO / "benchmarks" / "out" / ("depth_vs_width_quick" if args.quick else "depth_vs_width")
+    out = work_folder(quick=args.quick)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": "depth_vs_width", "date_utc": now(), "command": " ".join(["python", *sys.argv]),
            "target_flops": args.target_flops, "align": args.align, "result": run(args, out), "machine": machine()}

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import onnx
 from bench_log import csv, log
+from depth_vs_width import variant_folder, work_folder
 from paper_cifar10 import machine, now
 
 from sslcompress.io import atomic_write_bytes, atomic_write_json
@@ -39,11 +40,10 @@ def compact_models(results: dict, work: Path, run: str) -> tuple[Path, dict[str,
     """Where a finished run's models lie: (its folder, file per model name, label per compact model). The kind of
     run is read from its results: depth_vs_width.py names its own, latency_vs_macs.py's have no such key."""
     if results.get("benchmark") == "depth_vs_width":
-        rows = results["result"]["rows"]
-        files = {"dense": "dense.onnx",
-                 **{n: f"{n}_{rows[n]['target_flops']:g}/compact.onnx" for n in ("width", "depth")}}
-        return work / "depth_vs_width", files, {"width": f"filter,channel --align {results.get('align', 8)}",
-                                                 "depth": "depth"}
+        folder, rows = work_folder(work), results["result"]["rows"]
+        files = {"dense": "dense.onnx", **{n: str(variant_folder(Path(), n, rows[n]["target_flops"]) / "compact.onnx")
+                                           for n in ("width", "depth")}}
+        return folder, files, {"width": f"filter,channel --align {results['align']}", "depth": "depth"}
     return (work / run, {"dense": "dense.onnx", "macs": "macs/compact.onnx", "latency": "latency/compact.onnx"},
             {"macs": "MAC-targeted", "latency": "latency-targeted"})
 
@@ -104,13 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=str(HERE / "out"), help="where the run's output folder lies")
     args = p.parse_args(argv)
     results = Path(args.out) / f"{args.run}.json"
-    if not results.is_file():
-        print(f"error: {args.run} is not a finished latency_vs_macs.py or depth_vs_width.py run here (missing "
-              f"{results})", file=sys.stderr)
-        return 2
-    done = json.loads(results.read_text())
-    folder, files, labels = compact_models(done, Path(args.work), args.run)
-    missing = [str(folder / f) for f in files.values() if not (folder / f).is_file()]
+    missing = [str(results)]
+    if results.is_file():
+        done = json.loads(results.read_text())
+        folder, files, labels = compact_models(done, Path(args.work), args.run)
+        missing = [str(folder / f) for f in files.values() if not (folder / f).is_file()]
     if missing:
         print(f"error: {args.run} is not a finished latency_vs_macs.py or depth_vs_width.py run here (missing "
               f"{', '.join(missing)})", file=sys.stderr)
