@@ -37,6 +37,27 @@ from sslcompress.latency.profile import load_or_new, profile_model, time_session
 from sslcompress.latency.table import save_table
 
 
+def run_folder(base: Path, name: str, quick: bool = False) -> Path:
+    """Where a run of this benchmark keeps its models: one folder per --name."""
+    return base / (f"{name}_quick" if quick else name)
+
+
+MACS_FOLDER = "macs"
+
+
+def latency_folder(out: Path, attempt: int) -> Path:
+    """One latency-targeted attempt's folder: `latency` for the first, then `latency_2`, `latency_3`, ..."""
+    return out / ("latency" if attempt == 1 else f"latency_{attempt}")
+
+
+def compared_models(results: dict) -> dict[str, str]:
+    """The files, relative to the run folder, of the three models a finished run compared: the dense one, the
+    MAC-targeted one and the latency-targeted attempt that measured nearest it (its folder is in the results;
+    runs that predate the field made one attempt)."""
+    chosen = results["result"]["rows"]["latency"].get("folder", latency_folder(Path(), 1).name)
+    return {"dense": "dense.onnx", "macs": f"{MACS_FOLDER}/compact.onnx", "latency": f"{chosen}/compact.onnx"}
+
+
 def settings(args, weighting: str = "none", align=..., **target) -> dict:
     """One run's finetune options; `align` other than --align's where given (None: no alignment)."""
     return {"structures": ("filter", "channel"), "lambdas": {"filter": args.strength, "channel": args.strength},
@@ -63,10 +84,10 @@ def run(args, out: Path) -> dict:
     dense = out / "dense.onnx"
     export_dense(weights, dense)
     rows = {}
-    report, secs, surgery = trained(args, weights, out / "macs",
+    report, secs, surgery = trained(args, weights, out / MACS_FOLDER,
                                     settings(args, target_flops=args.target_flops, latency_table=str(table)))
 
-    timed = time_sessions({"dense": onnx.load(str(dense)), "macs": onnx.load(str(out / "macs" / "compact.onnx"))},
+    timed = time_sessions({"dense": onnx.load(str(dense)), "macs": onnx.load(str(out / MACS_FOLDER / "compact.onnx"))},
                           (1, 3, 32, 32), current_key("cpu", 1, 1), rounds=args.rounds)
     rows["macs"] = {"report": report, "surgery_totals": surgery["totals"], "train_s": secs}
     # The table's milliseconds for the MAC-targeted model's measured latency: the dense model's prediction
@@ -81,7 +102,7 @@ def run(args, out: Path) -> dict:
     # the match give a secant step, which does not overshoot back and forth as the ratio alone can.
     attempts, candidates = [], []
     for attempt in range(1, args.attempts + 1):
-        folder = out / ("latency" if attempt == 1 else f"latency_{attempt}")
+        folder = latency_folder(out, attempt)
         try:
             report, secs, surgery = trained(args, weights, folder,
                                             settings(args, args.latency_weighting, args.latency_align,
@@ -93,7 +114,7 @@ def run(args, out: Path) -> dict:
             log(f"latency-targeted attempt {attempt}: asked {target_ms:.3f} ms, not reachable: {exc}")
             attempts.append({"asked_ms": target_ms, "unreachable": str(exc), "folder": folder.name})
             break
-        pair = time_sessions({"macs": onnx.load(str(out / "macs" / "compact.onnx")),
+        pair = time_sessions({"macs": onnx.load(str(out / MACS_FOLDER / "compact.onnx")),
                               "latency": onnx.load(str(folder / "compact.onnx"))},
                              (1, 3, 32, 32), current_key("cpu", 1, 1), rounds=args.rounds)
         ratio = pair["latency"] / pair["macs"]
@@ -112,7 +133,7 @@ def run(args, out: Path) -> dict:
         raise SystemExit(f"error: no latency-targeted run could be trained: {attempts[-1]['unreachable']}")
     best = min(candidates, key=lambda c: abs(c["ratio"] - 1))
     rows["latency"] = {k: v for k, v in best.items() if k != "ratio"}
-    models = {n: onnx.load(str(p)) for n, p in (("dense", dense), ("macs", out / "macs" / "compact.onnx"),
+    models = {n: onnx.load(str(p)) for n, p in (("dense", dense), ("macs", out / MACS_FOLDER / "compact.onnx"),
                                                 ("latency", rows["latency"]["folder"] / "compact.onnx"))}
     final = {}
     for batch in args.batches:
@@ -242,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    out = REPO / "benchmarks" / "out" / (f"{args.name}_quick" if args.quick else args.name)
+    out = run_folder(REPO / "benchmarks" / "out", args.name, args.quick)
     out.mkdir(parents=True, exist_ok=True)
     args.model = load_checkpoint(args.pretrained).model.name
     doc = {"benchmark": "latency_vs_macs", "date_utc": now(), "command": " ".join(["python", *sys.argv]),

@@ -1,8 +1,9 @@
 """How close trained compact models come to their MAC-reduction limit in ORT, at 1 and 2 threads, batch 1 and 8.
 
 Reads what one finished run left: its dense model (`dense.onnx`), its two compact models and their MAC fractions
-(from its results JSON). A `latency_vs_macs.py` run leaves `macs/compact.onnx` and `latency/compact.onnx` in
-`out/<run>/`; a `depth_vs_width.py` run leaves `width_<F>/compact.onnx` and `depth_<F>/compact.onnx` in
+(from its results JSON). A `latency_vs_macs.py` run leaves `macs/compact.onnx` and one `compact.onnx` per
+latency-targeted attempt (`latency/`, `latency_2/`, ...) in `out/<run>/`, and the one it compared (its results
+name the folder) is read; a `depth_vs_width.py` run leaves `width_<F>/compact.onnx` and `depth_<F>/compact.onnx` in
 `out/depth_vs_width/` (F its MAC budgets). Times the three in the same interleaved rounds (`time_sessions`) at
 every setting and reports, per compact model, the speed-up over dense and that speed-up times the MAC fraction:
 1.0 is the MAC-reduction limit, the issue's target for aligned widths >= 0.9. Nothing is trained; run it with
@@ -25,6 +26,7 @@ from pathlib import Path
 import onnx
 from bench_log import csv, log
 from depth_vs_width import variant_folder, work_folder
+from latency_vs_macs import compared_models, run_folder
 from paper_cifar10 import machine, now
 
 from sslcompress.io import atomic_write_bytes, atomic_write_json
@@ -44,8 +46,7 @@ def compact_models(results: dict, work: Path, run: str) -> tuple[Path, dict[str,
         files = {"dense": "dense.onnx", **{n: str(variant_folder(Path(), n, rows[n]["target_flops"]) / "compact.onnx")
                                            for n in ("width", "depth")}}
         return folder, files, {"width": f"filter,channel --align {results['align']}", "depth": "depth"}
-    return (work / run, {"dense": "dense.onnx", "macs": "macs/compact.onnx", "latency": "latency/compact.onnx"},
-            {"macs": "MAC-targeted", "latency": "latency-targeted"})
+    return run_folder(work, run), compared_models(results), {"macs": "MAC-targeted", "latency": "latency-targeted"}
 
 
 def mac_fractions(results: dict, names) -> dict[str, float]:

@@ -85,3 +85,29 @@ def test_a_depth_vs_width_run_is_read_from_its_own_folder(T, tmp_path, capsys):
     assert T.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "depth_0.62" in err[0] and "width_0.5" not in err[0]
+
+
+def test_the_latency_targeted_attempt_the_run_compared_is_the_one_timed(T, tmp_path, capsys):
+    """latency_vs_macs.py may train several latency-targeted attempts (latency/, latency_2/, ...) and compares
+    the one whose latency measured nearest the MAC-targeted model's; its results name that folder, and the MAC
+    fraction in them is that attempt's. The first attempt's folder here holds no model at all: reading it fails."""
+    run, results = tmp_path / "out" / "run2", tmp_path / "results"
+    for sub, width in (("", 16), ("macs", 8), ("latency_2", 12)):
+        (run / sub).mkdir(parents=True, exist_ok=True)
+        name = "dense.onnx" if not sub else "compact.onnx"
+        onnx.save(export_onnx(_net(width), (1, 3, 8, 8), dynamic_batch=True).model, run / sub / name)
+    (run / "latency").mkdir()
+    (run / "latency" / "compact.onnx").write_bytes(b"not a model")
+    results.mkdir()
+    rows = {"macs": {"macs_fraction": 0.5}, "latency": {"macs_fraction": 0.75, "folder": "latency_2"}}
+    (results / "run2.json").write_text(json.dumps({"model": "tiny", "result": {"rows": rows}}))
+    args = ["--run", "run2", "--work", str(tmp_path / "out"), "--out", str(results), "--rounds", "2",
+            "--threads", "1", "--batches", "1"]
+    assert T.main(args) == 0
+    doc = json.loads((results / "run2_threads.json").read_text())
+    assert doc["mac_fractions"]["latency"] == 0.75 and set(doc["timings"]["t1_b1"]) == {"dense", "macs", "latency"}
+    (run / "latency_2" / "compact.onnx").unlink()
+    capsys.readouterr()
+    assert T.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "latency_2" in err[0]
