@@ -30,8 +30,9 @@ from bench_log import log
 from paper_cifar10 import REPO, export_compact, export_dense, finetune, machine, now, phase
 from resnet20_runs import add_training_args, ready, reuse_or_train, write_results
 
-from sslcompress.errors import TrainingError, UnreachableBudgetError
+from sslcompress.errors import ConfigError, TrainingError, UnreachableBudgetError
 from sslcompress.finetune.checkpoint import load_checkpoint
+from sslcompress.group_kinds import parse_kinds
 from sslcompress.latency import current_key, default_path
 from sslcompress.latency.profile import load_or_new, profile_model, time_sessions
 from sslcompress.latency.table import save_table
@@ -60,7 +61,7 @@ def compared_models(results: dict) -> dict[str, str]:
 
 def settings(args, weighting: str = "none", align=..., **target) -> dict:
     """One run's finetune options; `align` other than --align's where given (None: no alignment)."""
-    return {"structures": ("filter", "channel"), "lambdas": {"filter": args.strength, "channel": args.strength},
+    return {"structures": args.structures, "lambdas": {kind: args.strength for kind in args.structures},
             "solver": "proximal", "weighting": weighting, "align": args.align if align is ... else align,
             "sparsify": phase(args.sparsify_epochs, args.lr, args.batch_size, 0.0, "constant"),
             "finetune": phase(args.finetune_epochs, args.finetune_lr, args.batch_size, 5e-4, "cosine"), **target}
@@ -204,8 +205,11 @@ def render_md(doc: dict) -> str:
     align = f" --align {doc['align']}" if doc.get("align") else ""
     latency_align = doc.get("latency_align", doc.get("align"))
     latency_align = f" --align {latency_align}" if latency_align else ""
-    names = {"macs": f"--target-flops {doc['target_flops']}{align}",
-             "latency": f"--target-latency (the first's latency){latency_align} --weighting "
+    # Runs before --structures existed, and runs at its default, read as they always did.
+    structures = doc.get("structures", ["filter", "channel"])
+    kinds = f" -s {','.join(structures)}" if structures != ["filter", "channel"] else ""
+    names = {"macs": f"--target-flops {doc['target_flops']}{align}{kinds}",
+             "latency": f"--target-latency (the first's latency){latency_align}{kinds} --weighting "
                         f"{doc.get('latency_weighting', 'none')}"}
     dense_cells = " | ".join(f"{t['dense']:.3f}" for t in res["timed_ms"].values())
     md.append(f"| dense | {res['rows']['macs']['accuracy']['before']:.2%} | 100% | {dense_cells} |")
@@ -243,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-align", default=None,
                     help="--align of the latency-targeted runs when it differs from --align's: N, auto, or 1 for "
                          "none (which channel step buys more accuracy at the MAC-targeted model's latency)")
+    ap.add_argument("--structures", default="filter,channel",
+                    help="SSL structures of both runs (e.g. filter,channel,depth: whole residual blocks may go too)")
     ap.add_argument("--name", default="latency_vs_macs", help="stem of the results and output folder")
     ap.add_argument("--latency-weighting", default="latency", choices=["none", "macs", "latency"],
                     help="--weighting of the latency-targeted run (its default with --target-latency: latency)")
@@ -253,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--match", type=float, default=0.05,
                     help="how close (relative) the two compact models' measured latencies must come")
     args = ap.parse_args(argv)
+    try:
+        args.structures = parse_kinds(args.structures)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.align not in (None, "auto"):
         args.align = int(args.align)
     if args.latency_align is None:
@@ -267,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     args.model = load_checkpoint(args.pretrained).model.name
     doc = {"benchmark": "latency_vs_macs", "date_utc": now(), "command": " ".join(["python", *sys.argv]),
-           "model": args.model,
+           "model": args.model, "structures": list(args.structures),
            "target_flops": args.target_flops, "align": args.align, "latency_align": args.latency_align,
            "match": args.match,
            "latency_weighting": args.latency_weighting, "result": run(args, out), "machine": machine()}

@@ -94,7 +94,7 @@ def test_unreachable_attempts_are_left_out_of_the_next_target_and_shown(L):
 
 def test_latency_runs_take_their_own_channel_step(L):
     args = SimpleNamespace(strength=0.005, align="auto", sparsify_epochs=1, finetune_epochs=2, lr=0.02,
-                           finetune_lr=0.01, batch_size=128)
+                           finetune_lr=0.01, batch_size=128, structures=("filter", "channel"))
     assert L.settings(args, target_flops=0.5)["align"] == "auto"
     assert L.settings(args, "latency", 8, target_latency=0.4)["align"] == 8
     assert L.settings(args, "latency", None, target_latency=0.4)["align"] is None  # --latency-align 1: none
@@ -107,3 +107,32 @@ def test_parsed_latency_align(L, monkeypatch):
         argv = ["--align", "auto"] + (["--latency-align", given] if given else [])
         assert L.main(argv) == 2
         assert seen.pop("args").latency_align == want
+
+
+def test_structures_reach_both_runs_and_a_wrong_one_is_one_line(L, monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr(L, "ready", lambda args: seen.setdefault("args", args) and "stop here")
+    assert L.main(["--structures", "filter,channel,depth"]) == 2
+    args = seen.pop("args")
+    assert args.structures == ("filter", "channel", "depth")
+    for run in (L.settings(args, target_flops=0.5), L.settings(args, "latency", 8, target_latency=0.4)):
+        assert run["structures"] == ("filter", "channel", "depth")
+        assert run["lambdas"] == {"filter": args.strength, "channel": args.strength, "depth": args.strength}
+    capsys.readouterr()
+    assert L.main(["--structures", "filter,rows"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: unknown group kind(s) rows") and "args" not in seen
+
+
+def test_the_results_name_structures_other_than_the_default(L):
+    doc = {"date_utc": "d", "command": "c", "target_flops": 0.5, "align": 8, "match": 0.05,
+           "machine": {"nproc": 2, "load_average_at_end": [1.0, 1.0, 1.0]},
+           "result": {"timed_ms": {"1": {"dense": 1.0, "macs": 0.6, "latency": 0.62}}, "dense_predicted_ms": 1.0,
+                      "rows": {n: {"accuracy": {"before": 0.9, "after_finetune": 0.8}, "macs_fraction": 0.5,
+                                   "widths": [[8, 16]], "latency": {"predicted_ms": 0.6}, "asked_ms": 0.6}
+                               for n in ("macs", "latency")}}}
+    assert "| --target-flops 0.5 --align 8 |" in L.render_md(doc)  # a run from before the option
+    md = L.render_md({**doc, "structures": ["filter", "channel", "depth"]})
+    assert "| --target-flops 0.5 --align 8 -s filter,channel,depth |" in md
+    assert "--align 8 -s filter,channel,depth --weighting latency" not in md  # no latency_weighting in doc
+    assert "-s filter,channel,depth --weighting none" in md
