@@ -13,6 +13,8 @@ accuracy?
         --name latency_vs_macs_resnet56
     python benchmarks/latency_vs_macs.py --pretrained benchmarks/out/cifar_resnet20/pretrained.pt --align auto \
         --latency-align 8 --name latency_vs_macs_resnet20_align8   # another channel step at the same latency
+    python benchmarks/latency_vs_macs.py --pretrained benchmarks/out/cifar_resnet20/pretrained.pt --align auto \
+        --structures filter,channel,depth --name latency_vs_macs_resnet20_depth   # whole blocks may go too
     python benchmarks/latency_vs_macs.py --quick           # smoke run: 2000 / 1000 images, 1 epoch a phase
 
 Results: benchmarks/results/latency_vs_macs.json and .md (benchmarks/out/ with --quick).
