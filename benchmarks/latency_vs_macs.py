@@ -39,13 +39,12 @@ from sslcompress.latency import current_key, default_path
 from sslcompress.latency.profile import load_or_new, profile_model, time_sessions
 from sslcompress.latency.table import save_table
 
+MACS_FOLDER = "macs"  # the MAC-targeted run's folder in a run folder
+
 
 def run_folder(base: Path, name: str, quick: bool = False) -> Path:
     """Where a run of this benchmark keeps its models: one folder per --name."""
     return base / (f"{name}_quick" if quick else name)
-
-
-MACS_FOLDER = "macs"
 
 
 def latency_folder(out: Path, attempt: int) -> Path:
