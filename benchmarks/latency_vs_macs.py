@@ -23,6 +23,7 @@ Results: benchmarks/results/latency_vs_macs.json and .md (benchmarks/out/ with -
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -102,14 +103,20 @@ def run(args, out: Path) -> dict:
     # MAC-targeted one, the target moves and the run is repeated, so that the two compare at one measured
     # latency. The first correction is by the measured ratio; from the second on, the two attempts nearest
     # the match give a secant step, which does not overshoot back and forth as the ratio alone can.
+    def latency_settings(target: float) -> dict:
+        return settings(args, args.latency_weighting, args.latency_align, target_flops=None, target_latency=target,
+                        latency_table=str(table))
+
     attempts, candidates = [], []
     for attempt in range(1, args.attempts + 1):
         folder = latency_folder(out, attempt)
+        earlier = earlier_target(folder, latency_settings(target_ms)) if args.reuse else None
+        if earlier is not None:
+            log(f"latency-targeted attempt {attempt}: reading back the finished one in {folder}, asked "
+                f"{earlier:.3f} ms (this run would ask {target_ms:.3f})")
+            target_ms = earlier
         try:
-            report, secs, surgery = trained(args, weights, folder,
-                                            settings(args, args.latency_weighting, args.latency_align,
-                                                     target_flops=None, target_latency=target_ms,
-                                                     latency_table=str(table)))
+            report, secs, surgery = trained(args, weights, folder, latency_settings(target_ms))
         except (UnreachableBudgetError, TrainingError) as exc:
             # A target below what the widths' step allows (refused before sparsify, or at its end): the
             # attempts end here.
@@ -153,6 +160,23 @@ def trained(args, weights: Path, folder: Path, run_settings: dict) -> tuple[dict
         return report, secs, export_compact(args, folder / "sparse.pt", folder)
 
     return reuse_or_train(folder, run_settings, args.reuse, train)
+
+
+def earlier_target(folder: Path, run_settings: dict) -> float | None:
+    """The target a finished latency-targeted attempt in `folder` was asked for, where every other setting is
+    `run_settings`'s; else None. The asked target comes from the MAC-targeted model's latency timed afresh in
+    every run, so it moves with the machine's noise; without this `--reuse` would train every attempt again."""
+    path = folder / "settings.json"
+    if not path.is_file():
+        return None
+    kept = json.loads(path.read_text())["settings"]
+    wanted = json.loads(json.dumps(run_settings))  # as it reads back (tuples become lists)
+
+    def others(d: dict) -> dict:
+        return {k: v for k, v in d.items() if k != "target_latency"}
+    if others(kept) != others(wanted) or not isinstance(kept.get("target_latency"), (int, float)):
+        return None
+    return float(kept["target_latency"])
 
 
 def next_target(attempts: list[dict]) -> float:
@@ -256,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attempts", type=int, default=3,
                     help="latency-targeted runs at most, the target corrected after each (by the ratio, then by secant)")
     ap.add_argument("--reuse", action="store_true",
-                    help="read finished runs of the same settings from the output folder instead of training again")
+                    help="read finished runs of the same settings from the output folder instead of training again "
+                         "(latency-targeted attempts at the targets they were asked)")
     ap.add_argument("--match", type=float, default=0.05,
                     help="how close (relative) the two compact models' measured latencies must come")
     args = ap.parse_args(argv)

@@ -136,3 +136,18 @@ def test_the_results_name_structures_other_than_the_default(L):
     assert "| --target-flops 0.5 --align 8 -s filter,channel,depth |" in md
     assert "--align 8 -s filter,channel,depth --weighting latency" not in md  # no latency_weighting in doc
     assert "-s filter,channel,depth --weighting none" in md
+
+
+def test_reuse_reads_back_the_target_a_finished_attempt_was_asked(L, tmp_path):
+    """The asked target follows a fresh timing of the MAC-targeted model, so it moves a little in every run: a
+    finished attempt whose other settings match is read back at its own target, one that differs is not."""
+    settings = {"structures": ["filter", "channel"], "align": 8, "target_latency": 0.6061, "latency_table": "t.json"}
+    assert L.earlier_target(tmp_path, settings) is None  # nothing there
+    (tmp_path / "settings.json").write_text(json.dumps({"settings": settings, "train_s": 3.0}))
+    asked_now = {**settings, "structures": ("filter", "channel"), "target_latency": 0.6058}
+    assert L.earlier_target(tmp_path, asked_now) == 0.6061
+    assert L.earlier_target(tmp_path, {**asked_now, "align": 16}) is None
+    assert L.earlier_target(tmp_path, {**asked_now, "structures": ("filter", "channel", "depth")}) is None
+    (tmp_path / "settings.json").write_text(json.dumps({"settings": {**settings, "target_latency": None},
+                                                         "train_s": 3.0}))
+    assert L.earlier_target(tmp_path, asked_now) is None  # a MAC-targeted run's folder
