@@ -23,7 +23,6 @@ Results: benchmarks/results/latency_vs_macs.json and .md (benchmarks/out/ with -
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -31,7 +30,14 @@ from pathlib import Path
 import onnx
 from bench_log import log
 from paper_cifar10 import REPO, export_compact, export_dense, finetune, machine, now, phase
-from resnet20_runs import add_training_args, ready, reuse_or_train, write_results
+from resnet20_runs import (
+    add_training_args,
+    as_recorded,
+    finished_settings,
+    ready,
+    reuse_or_train,
+    write_results,
+)
 
 from sslcompress.errors import ConfigError, TrainingError, UnreachableBudgetError
 from sslcompress.finetune.checkpoint import load_checkpoint
@@ -166,17 +172,11 @@ def earlier_target(folder: Path, run_settings: dict) -> float | None:
     """The target a finished latency-targeted attempt in `folder` was asked for, where every other setting is
     `run_settings`'s; else None. The asked target comes from the MAC-targeted model's latency timed afresh in
     every run, so it moves with the machine's noise; without this `--reuse` would train every attempt again."""
-    path = folder / "settings.json"
-    if not path.is_file():
+    kept = finished_settings(folder)
+    if kept is None or not isinstance(kept.get("target_latency"), (int, float)):
         return None
-    kept = json.loads(path.read_text())["settings"]
-    wanted = json.loads(json.dumps(run_settings))  # as it reads back (tuples become lists)
-
-    def others(d: dict) -> dict:
-        return {k: v for k, v in d.items() if k != "target_latency"}
-    if others(kept) != others(wanted) or not isinstance(kept.get("target_latency"), (int, float)):
-        return None
-    return float(kept["target_latency"])
+    same_otherwise = {**kept, "target_latency": None} == {**as_recorded(run_settings), "target_latency": None}
+    return float(kept["target_latency"]) if same_otherwise else None
 
 
 def next_target(attempts: list[dict]) -> float:

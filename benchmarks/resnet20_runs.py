@@ -51,17 +51,31 @@ def ready(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _run_files(folder: Path) -> tuple[Path, Path, Path, Path]:
+    return folder / "report.json", folder / "surgery.json", folder / "compact.onnx", folder / "settings.json"
+
+
+def as_recorded(key: dict) -> dict:
+    """A run's settings as they read back from its record (tuples become lists)."""
+    return json.loads(json.dumps(key))
+
+
+def finished_settings(folder: Path) -> dict | None:
+    """The settings a finished run in `folder` was recorded under; None where no finished run is there."""
+    done = _run_files(folder)
+    return json.loads(done[3].read_text())["settings"] if all(p.is_file() for p in done) else None
+
+
 def reuse_or_train(folder: Path, key: dict, reuse: bool, train: Callable[[], tuple[dict, float, dict]]
                    ) -> tuple[dict, float, dict]:
     """(report, training seconds, surgery report) of one SSL run, exported and cut into `folder`: read back where
     `reuse` finds a finished run there recorded under the same `key`, else `train()`'s, then recorded under it."""
-    done = folder / "report.json", folder / "surgery.json", folder / "compact.onnx", folder / "settings.json"
-    key = json.loads(json.dumps(key))  # as it reads back (tuples become lists)
-    if reuse and all(p.is_file() for p in done):
+    done = _run_files(folder)
+    key = as_recorded(key)
+    if reuse and finished_settings(folder) == key:
+        log(f"reusing the finished run in {folder}")
         kept = json.loads(done[3].read_text())
-        if kept["settings"] == key:
-            log(f"reusing the finished run in {folder}")
-            return json.loads(done[0].read_text()), kept["train_s"], json.loads(done[1].read_text())
+        return json.loads(done[0].read_text()), kept["train_s"], json.loads(done[1].read_text())
     report, secs, surgery = train()
     atomic_write_json({"settings": key, "train_s": secs}, done[3])
     return report, secs, surgery

@@ -144,6 +144,9 @@ def test_reuse_reads_back_the_target_a_finished_attempt_was_asked(L, tmp_path):
     settings = {"structures": ["filter", "channel"], "align": 8, "target_latency": 0.6061, "latency_table": "t.json"}
     assert L.earlier_target(tmp_path, settings) is None  # nothing there
     (tmp_path / "settings.json").write_text(json.dumps({"settings": settings, "train_s": 3.0}))
+    assert L.earlier_target(tmp_path, settings) is None  # recorded, but its models are not all there
+    for name in ("report.json", "surgery.json", "compact.onnx"):
+        (tmp_path / name).write_text("{}")
     asked_now = {**settings, "structures": ("filter", "channel"), "target_latency": 0.6058}
     assert L.earlier_target(tmp_path, asked_now) == 0.6061
     assert L.earlier_target(tmp_path, {**asked_now, "align": 16}) is None
