@@ -1,4 +1,4 @@
-"""How close does the latency table predict a compact model's latency in ONNX Runtime (CPU EP, 1 thread)?
+"""How close does the latency table predict a compact model's latency in ONNX Runtime (CPU EP, 1 thread; or CUDA)?
 
 For each model (resnet20 at 32x32, the builtin ImageNet resnet18 at 224x224; random weights from --seed,
 random BatchNorm statistics so the export's folding is not a no-op) and each batch size (1 and 8):
@@ -29,8 +29,11 @@ Usage (from the repository root):
 
     python benchmarks/latency_prediction.py            # resnet20 + resnet18, batch 1 and 8 (several minutes)
     python benchmarks/latency_prediction.py --quick    # smoke run: resnet20, batch 1, one target, coarse grid
+    python benchmarks/latency_prediction.py --provider cuda --out "$OUT"   # the same on the CUDA provider
 
-Results: benchmarks/results/latency_prediction.{json,md} (benchmarks/out/ with --quick).
+Results: benchmarks/results/latency_prediction.{json,md} (benchmarks/out/ with --quick; --out DIR for another
+folder). On CUDA the table has no channel blocks (`--align auto` reads a step of 1 there), so the aligned
+prunings are left out, and "1 thread" is the CPU side's setting only.
 """
 
 from __future__ import annotations
@@ -165,10 +168,10 @@ def compact_onnx(model: nn.Module, shape) -> tuple[bytes, dict]:
 
 
 def measure_samples(onnx_bytes: bytes, shape, batch: int, rounds: int, args) -> list[float]:
-    """Timed samples (s) of the model alone at this batch, 1 thread."""
-    session = create_session(onnx_bytes, threads=1)
+    """Timed samples (s) of the model alone at this batch, 1 thread (on CUDA: through bound device buffers)."""
+    session = create_session(onnx_bytes, provider=args.provider, threads=1)
     x = np.random.default_rng(args.seed).standard_normal((batch, *shape[1:])).astype(np.float32)
-    (_, samples), = interleaved({"model": runner(session, x, "cpu")}, repeat=rounds, warmup=args.warmup,
+    (_, samples), = interleaved({"model": runner(session, x, args.provider)}, repeat=rounds, warmup=args.warmup,
                                 sample_time=args.sample_s).values()
     return list(samples)
 
@@ -177,7 +180,8 @@ def measure_pair_ms(dense_bytes: bytes, onnx_bytes: bytes, shape, batch: int, ro
     """Median ms of the dense and the compact model timed in the same rounds: their ratio is immune to the
     machine's drift between the profile and this measurement, which on a shared machine dwarfs the error."""
     x = np.random.default_rng(args.seed).standard_normal((batch, *shape[1:])).astype(np.float32)
-    runs = {n: runner(create_session(b, threads=1), x, "cpu") for n, b in (("dense", dense_bytes), ("compact", onnx_bytes))}
+    runs = {n: runner(create_session(b, provider=args.provider, threads=1), x, args.provider)
+            for n, b in (("dense", dense_bytes), ("compact", onnx_bytes))}
     raw = interleaved(runs, repeat=rounds, warmup=args.warmup, sample_time=args.sample_s)
     return tuple(1e3 * statistics.median(raw[n][1]) for n in ("dense", "compact"))
 
@@ -220,7 +224,7 @@ def run_model(name: str, args, cases: list[dict], tables: dict) -> None:
         log(f"{name}: pruning to {target:.0%} of the MACs zeroed {zeroed} filter groups "
             f"[{time.perf_counter() - t0:.0f} s]")
         if not args.no_aligned:
-            block = current_key("cpu").block
+            block = current_key(args.provider).block
             prunings.append((f"aligned ~{target:.0%}", target,
                              aligned_pruning(model, shape, structure, target, args.seed + k, block), None))
     compacts = []
@@ -232,7 +236,7 @@ def run_model(name: str, args, cases: list[dict], tables: dict) -> None:
         log(f"{name} {label}: MACs {count.macs_fraction:.3f} of dense (ONNX {totals['macs_fraction']:.3f}) "
             f"[{time.perf_counter() - t0:.0f} s]")
     for batch in args.batch:
-        key = current_key("cpu", threads=1, batch=batch)
+        key = current_key(args.provider, threads=1, batch=batch)
         path = default_path(key, args.table_dir)
         table = load_or_new(path, key, on_stale=log)
         t0 = time.perf_counter()
@@ -280,14 +284,24 @@ def summary(cases: list[dict]) -> dict:
             if pruned else None}
 
 
+def _provider_words(doc: dict) -> str:
+    if doc["args"].get("provider", "cpu") == "cuda":
+        return f"CUDA EP on {doc['machine'].get('cuda_device') or 'a GPU'} (bound device buffers, each call synchronised)"
+    return "CPU EP, 1 thread, no pinning"
+
+
+def _provider_flag(doc: dict) -> str:
+    return " --provider cuda" if doc["args"].get("provider", "cpu") == "cuda" else ""
+
+
 def render_markdown(doc: dict) -> str:
     s = doc["summary"]
     lines = [
         "# Latency prediction: the per-layer table against measured compact models",
         "",
         f"{doc['date']}, {doc['machine']['cpu']} ({doc['machine']['cpus']} CPUs, shared), onnxruntime "
-        f"{doc['machine']['onnxruntime']}, CPU EP, 1 thread, no pinning. `python benchmarks/latency_prediction.py"
-        f"{' --quick' if doc['args']['quick'] else ''}` ({doc['seconds']:.0f} s).",
+        f"{doc['machine']['onnxruntime']}, {_provider_words(doc)}. `python benchmarks/latency_prediction.py"
+        f"{' --quick' if doc['args']['quick'] else ''}{_provider_flag(doc)}` ({doc['seconds']:.0f} s).",
         "",
         "Random structured prunings (*random*: random filter groups zeroed to the MAC target; *aligned*: every "
         "width keeping a random share of about the root of the target, rounded to ORT's channel block, as "
@@ -328,7 +342,7 @@ def render_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="resnet20,resnet18")
     ap.add_argument("--batch", default="1,8")
@@ -346,9 +360,21 @@ def main() -> None:
     ap.add_argument("--no-aligned", action="store_true",
                     help="only the random prunings, not the random ones aligned to ORT's channel block")
     ap.add_argument("--quick", action="store_true", help="resnet20, batch 1, target 0.5, step 16, 5 rounds")
+    ap.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
+                    help="ONNX Runtime provider of the table and the timings (cuda needs onnxruntime-gpu)")
     ap.add_argument("--name", default="latency_prediction",
                     help="results file stem under benchmarks/results (default latency_prediction)")
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, default=None,
+                    help="folder of the results (default benchmarks/results; benchmarks/out with --quick)")
+    args = ap.parse_args(argv)
+    if args.provider == "cuda":
+        from sslcompress.runtime import probe_cuda
+
+        try:
+            probe_cuda()  # a missing GPU package is one line before any model is built
+        except Exception as exc:
+            raise SystemExit(f"error: {exc}") from None
+        args.no_aligned = True  # no channel blocks on CUDA: an "aligned" pruning would be a random one again
     if args.quick:
         args.models, args.batch, args.targets, args.step, args.rounds, args.passes = "resnet20", "1", "0.5", 16, 6, 2
     args.models, args.batch, args.targets = csv(args.models), csv(args.batch, int), csv(args.targets, float)
@@ -358,16 +384,18 @@ def main() -> None:
     tables: dict = {}
     for name in args.models:
         run_model(name, args, cases, tables)
-    key = current_key()
+    key = current_key(args.provider)
     doc = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": {"cpu": key.machine, "cpus": key.cpus, "onnxruntime": key.ort_version,
-                    "python": platform.python_version(), "torch": torch.__version__},
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "args": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}},
         "seconds": time.perf_counter() - t0,
         "summary": summary(cases), "cases": cases, "tables": tables,
     }
-    stem = (OUT / "latency_prediction_quick") if args.quick else (RESULTS / args.name)
+    folder = args.out if args.out is not None else (OUT if args.quick else RESULTS)
+    stem = folder / ("latency_prediction_quick" if args.quick and args.out is None else args.name)
     atomic_write_json(doc, stem.with_suffix(".json"))
     atomic_write_bytes(render_markdown(doc).encode(), stem.with_suffix(".md"))
     log(f"wrote {stem}.json and .md ({doc['seconds']:.0f} s)")
