@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .errors import ConfigError, DataError, UnsupportedModelError
+from .errors import ConfigError, UnsupportedModelError
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 # Ops whose presence means the model is quantized already (QDQ pairs or QOperator kernels).
@@ -51,7 +51,8 @@ def check_quantizable(proto: onnx.ModelProto) -> tuple[str, tuple[int | None, ..
                                     f"{onnx.TensorProto.DataType.Name(elem).lower()}")
     shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in x.type.tensor_type.shape.dim)
     if len(shape) != 4 or any(d is None for d in shape[1:]):
-        raise UnsupportedModelError(f"quantize takes images (batch, C, H, W) of a fixed size; input {x.name!r} "
+        raise UnsupportedModelError(f"quantize takes images (batch, C, H, W) or (batch, H, W, C) of a fixed size; "
+                                    f"input {x.name!r} "
                                     f"has shape {['?' if d is None else d for d in shape]}")
     done = sorted({n.op_type for n in proto.graph.node} & _QUANTIZED_OPS)
     if done:
@@ -78,17 +79,16 @@ class _Images:
 
 
 def calibration_images(spec: str, shape: tuple[int | None, ...], count: int, seed: int = 0) -> np.ndarray:
-    """`count` training images of the data set, normalised as in training, not augmented."""
+    """`count` training images of the data set, normalised as in training, not augmented, in the model's
+    input layout (channels last for a (batch, H, W, C) input)."""
     from .data import load_data
+    from .data.layout import in_input_layout
 
     if count < 1:
         raise ConfigError(f"--calibration must be a positive number of images, got {count}")
     data = load_data(spec, limit_train=count, limit_test=1, seed=seed)
     x = np.concatenate([b.numpy() for b, _ in data.batches("train", 64, augment=False)]).astype(np.float32)
-    if tuple(x.shape[1:]) != tuple(shape[1:]):
-        raise DataError(f"data set {data.name} has {'x'.join(map(str, x.shape[1:]))} images but the model takes "
-                        f"{'x'.join(map(str, shape[1:]))} (CxHxW)")
-    return x[:count]
+    return in_input_layout(x[:count], shape, data.name)
 
 
 def quantize_model(proto: onnx.ModelProto, data: str, *, calibration: int = 256, test_images: int = 1000,

@@ -145,3 +145,50 @@ def test_a_pure_shift_is_quantized_as_an_integer_add():
     # A normalisation that scales, or has an epsilon, is left as it is.
     for other in (_shift_model(scale=2.0), _shift_model(eps=1e-5)):
         assert shifts_as_adds(other) is other
+
+
+def _channels_last(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The model behind a Transpose from (N, H, W, C), as TensorFlow's exporters write an image input."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    x = out.graph.input[0]
+    n, c, h, w = (d for d in x.type.tensor_type.shape.dim)
+    nhwc = helper.make_tensor_value_info("x_nhwc", TensorProto.FLOAT,
+                                         [n.dim_param or n.dim_value, h.dim_value, w.dim_value, c.dim_value])
+    out.graph.node.insert(0, helper.make_node("Transpose", ["x_nhwc"], [x.name], perm=[0, 3, 1, 2]))
+    del out.graph.input[:]
+    out.graph.input.append(nhwc)
+    onnx.checker.check_model(out)
+    return out
+
+
+def test_a_channels_last_model_gets_its_images_channels_last(tmp_path, trained_lenet):
+    """A (batch, H, W, C) input is calibrated and scored on the same images, transposed: the same top-1 as the
+    channels-first model before and after INT8, and the bench scores it too."""
+    nhwc = _channels_last(trained_lenet)
+    first = quantize_model(trained_lenet, "digits", calibration=32, test_images=120).report["accuracy"]
+    last = quantize_model(nhwc, "digits", calibration=32, test_images=120).report["accuracy"]
+    assert last["float32"] == first["float32"] > 0.8
+    assert abs(last["int8"] - first["int8"]) <= 2 / 120  # the same ranges; a rounding may differ
+    src = tmp_path / "nhwc.onnx"
+    onnx.save(nhwc, src)
+    report = tmp_path / "b.json"
+    res = CliRunner().invoke(main, ["bench", str(src), "--data", "digits", "--data-limit", "64", "--threads", "1",
+                                    "--batch", "1", "--repeat", "1", "--warmup", "0", "-q", "--out", str(report)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(report.read_text())
+    scored = {v["name"]: v["accuracy"] for v in doc["variants"]}
+    assert scored["dense"] > 0.8 and scored["structured"] == scored["dense"], scored
+
+
+def test_images_that_fit_neither_layout_are_one_sentence():
+    import numpy as np
+
+    from sslcompress.data.layout import in_input_layout
+    from sslcompress.errors import DataError
+
+    x = np.zeros((2, 1, 28, 28), np.float32)
+    assert in_input_layout(x, (None, 1, 28, 28), "d") is x
+    assert in_input_layout(x, (None, 28, 28, 1), "d").shape == (2, 28, 28, 1)
+    with pytest.raises(DataError, match=r"1x28x28 images but the model takes 28x1x28 \(CxHxW, or HxWxC"):
+        in_input_layout(x, (None, 28, 1, 28), "d")

@@ -122,6 +122,25 @@ def test_real_inputs_refuse_a_shape_mismatch(dense):
         real_inputs(dense, "nope", limit=4)
 
 
+def test_real_inputs_come_channels_last_to_a_channels_last_input(sparse):
+    """A (batch, H, W, C) input, as TensorFlow's exporters write it, gets the same images moved channels last."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 28, 28, 1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 28, 28, 1])
+    nhwc = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+                             opset_imports=[helper.make_opsetid("", 17)])
+    last = real_inputs(nhwc, "digits", limit=20)
+    first = real_inputs(sparse, "digits", limit=20)
+    assert [b.shape for b in last] == [(16, 28, 28, 1), (4, 28, 28, 1)]
+    for a, b in zip(first, last, strict=True):
+        np.testing.assert_array_equal(np.moveaxis(a, 1, -1), b)
+    x.type.tensor_type.shape.dim[1].dim_value = 27  # neither layout: one sentence that names both
+    nhwc.graph.input[0].CopyFrom(x)
+    with pytest.raises(DataError, match=r"is 27x28x1 \(CxHxW, or HxWxC channels last\)"):
+        real_inputs(nhwc, "digits", limit=4)
+
+
 def test_real_inputs_need_a_full_static_batch(one_thread):
     eight = export_onnx(_lenet(False), (8, 1, 28, 28)).model
     with pytest.raises(DataError, match="exactly 8 images"):

@@ -17,13 +17,14 @@ class TestImages:
     """Normalized test images (as in training) and their labels."""
 
     name: str
-    x: np.ndarray  # (N, C, H, W) float32
+    x: np.ndarray  # (N, C, H, W) float32, or (N, H, W, C) for a channels-last model
     y: np.ndarray  # (N,) int64
 
 
 def load_test_images(spec: str, shape: Sequence[int | None], *, limit: int, seed: int = 0) -> TestImages:
-    """Up to `limit` test images of `spec`; they must have the model's (C, H, W)."""
+    """Up to `limit` test images of `spec` in the model's input layout; they must have its (C, H, W)."""
     from ..data import load_data
+    from ..data.layout import in_input_layout
 
     if limit < 1:
         raise DataError(f"the number of test images must be positive, got {limit}")
@@ -31,11 +32,7 @@ def load_test_images(spec: str, shape: Sequence[int | None], *, limit: int, seed
     xs, ys = zip(*data.batches("test", BATCH), strict=True)
     x = np.concatenate([b.numpy() for b in xs]).astype(np.float32, copy=False)
     y = np.concatenate([b.numpy() for b in ys]).astype(np.int64, copy=False)
-    want = tuple(shape[1:])
-    if tuple(x.shape[1:]) != want:
-        raise DataError(f"data set {data.name} has {'x'.join(map(str, x.shape[1:]))} images but the models take"
-                        f" {'x'.join('?' if d is None else str(d) for d in want)} (CxHxW)")
-    return TestImages(data.name, x, y)
+    return TestImages(data.name, in_input_layout(x, shape, data.name), y)
 
 
 def top1(sess, images: TestImages, static_batch: int | None = None) -> tuple[int, int]:

@@ -329,8 +329,9 @@ def real_inputs(model: onnx.ModelProto, spec: str, *, limit: int = 64, seed: int
 
     The model must take exactly one float image input (DataError otherwise); images come in its
     dtype. A static batch dimension B gives batches of exactly B images (a short remainder is
-    dropped); a dynamic one gives batches of up to REAL_BATCH. Images of another shape than the
-    model's input raise DataError: verification compares functions, it does not resize.
+    dropped); a dynamic one gives batches of up to REAL_BATCH. An input of (batch, H, W, C) gets
+    them channels last. Images of another shape than the model's input raise DataError:
+    verification compares functions, it does not resize.
     """
     from ..data import load_data
 
@@ -342,11 +343,16 @@ def real_inputs(model: onnx.ModelProto, spec: str, *, limit: int = 64, seed: int
     name = image.name
     data = load_data(spec, limit_test=limit, seed=seed)
     images = tuple(int(d) for d in data.x_test.shape[1:])
+    channels_last = False
     if any(want is not None and want != got for want, got in zip(shape[1:], images)):
-        raise DataError(
-            f"Data set {data.name} has {_fmt(images)} images but the model's input {name!r} is "
-            f"{_fmt(shape[1:])} (CxHxW); give images of the model's input shape."
-        )
+        # A (batch, H, W, C) input, as TensorFlow's exporters write it, takes the same images channels last.
+        channels_last = len(images) == 3 and len(shape) == 4 and all(
+            want is None or want == got for want, got in zip(shape[1:], (*images[1:], images[0])))
+        if not channels_last:
+            raise DataError(
+                f"Data set {data.name} has {_fmt(images)} images but the model's input {name!r} is "
+                f"{_fmt(shape[1:])} (CxHxW, or HxWxC channels last); give images of the model's input shape."
+            )
     n = int(data.x_test.shape[0])
     static_batch = shape[0]
     if static_batch is not None and n < static_batch:
@@ -355,5 +361,7 @@ def real_inputs(model: onnx.ModelProto, spec: str, *, limit: int = 64, seed: int
             f"from {data.name}; raise the limit or export with a dynamic batch."
         )
     size = static_batch if static_batch is not None else min(REAL_BATCH, n)
-    return [x.numpy().astype(image.dtype, copy=False)
-            for x, _ in data.batches("test", size, drop_last=static_batch is not None)]
+    batches = [x.numpy() for x, _ in data.batches("test", size, drop_last=static_batch is not None)]
+    if channels_last:
+        batches = [np.ascontiguousarray(np.moveaxis(x, 1, -1)) for x in batches]
+    return [x.astype(image.dtype, copy=False) for x in batches]
