@@ -43,9 +43,11 @@ def top1(sess, images: TestImages, static_batch: int | None = None) -> tuple[int
     if n == 0:
         raise DataError(f"the model takes batches of exactly {static_batch} images, more than the"
                         f" {len(images.x)} test images loaded")
+    from ..runtime.binding import as_input
+
     correct = 0
     for i in range(0, n, size):
-        logits = sess.run(None, {name: images.x[i:i + size]})[0]
+        logits = sess.run(None, {name: as_input(sess, images.x[i:i + size])})[0]
         correct += int((np.asarray(logits).reshape(len(logits), -1).argmax(axis=1) == images.y[i:i + size]).sum())
     return correct, n
 

@@ -333,6 +333,9 @@ def _notes(config: BenchConfig, variants: VariantSet, infos: dict[str, VariantIn
         f"Speed-up: dense median / variant median; [lo, hi] is a {CI_LEVEL:.0%} percentile bootstrap interval"
         f" over paired rounds (seed {config.seed}).",
     ]
+    if variants.dense.model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
+        notes.append("The models take float16 inputs: the seeded random input and any test images are fed in half"
+                     " precision (the same values, rounded).")
     if config.memory:
         notes.append("Memory: peak RSS growth of a fresh process while it creates the CPU session and runs it 3"
                      " times (over its RSS after importing onnxruntime and making the input); host memory only.")

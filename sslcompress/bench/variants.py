@@ -396,11 +396,16 @@ def check_compatible(models: dict[str, Variant]) -> None:
                                         f" ({'x'.join('?' if d is None else str(d) for d in shape)}); the bench"
                                         " times models of one static image size (export them at one size)")
         shapes[name] = shape
+    kinds = {}
     for name, v in models.items():
         kind = v.model.graph.input[0].type.tensor_type.elem_type if v.model.graph.input else None
-        if kind != onnx.TensorProto.FLOAT:
-            raise UnsupportedModelError(f"the {name} model's input is not float32; the bench times models that"
-                                        " take float32 images")
+        if kind not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            raise UnsupportedModelError(f"the {name} model's input is not float32 or float16; the bench times models"
+                                        " that take float images")
+        kinds[name] = "float32" if kind == onnx.TensorProto.FLOAT else "float16"
+    if len(set(kinds.values())) > 1:
+        raise ConfigError("the variants take inputs of different types: "
+                          + ", ".join(f"{n} {k}" for n, k in kinds.items()) + "; compare models of one precision")
     outputs = {name: tuple(tuple(d.dim_value if d.HasField("dim_value") else None
                                  for d in o.type.tensor_type.shape.dim)[1:] for o in v.model.graph.output)
                for name, v in models.items()}

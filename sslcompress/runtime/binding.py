@@ -32,9 +32,21 @@ def io_of(sess: ort.InferenceSession) -> Io:
     return Io(inputs[0].name, sess.get_outputs()[0].name, shape)
 
 
+# ORT's names of the floating-point input types a bench or a profile feeds, and their numpy types.
+FLOAT_INPUTS = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def as_input(sess: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
+    """x in the float type of the session's input (an fp16 model takes the same values in half precision)."""
+    want = FLOAT_INPUTS.get(sess.get_inputs()[0].type)
+    return x if want is None or x.dtype == want else x.astype(want)
+
+
 def runner(sess: ort.InferenceSession, x: np.ndarray, provider: str) -> Callable[[], None]:
-    """One synchronous inference on input x per call, its first output kept where the provider put it."""
+    """One synchronous inference on input x (in the input's float type) per call, its first output kept where the
+    provider put it."""
     io = io_of(sess)
+    x = as_input(sess, x)
     if provider == "cpu":
         feed = {io.input: x}
         outputs = [io.output]
