@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -543,3 +544,39 @@ def test_float16_models_are_timed_and_scored_in_half_precision(result, tmp_path)
     res = CliRunner().invoke(main, ["bench", "--dense", result.variant("dense").path, "--structured",
                                     str(paths["structured"]), *FAST])
     assert "inputs of different types: dense float32, structured float16" in _one_line_error(res)
+
+
+def _dynamic_size(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The model as exported with a dynamic height and width (dynamic_axes {2: 'h', 3: 'w'})."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    dims = out.graph.input[0].type.tensor_type.shape.dim
+    for d, name in ((dims[2], "h"), (dims[3], "w")):
+        d.Clear()
+        d.dim_param = name
+    del out.graph.value_info[:]
+    return out
+
+
+def test_a_dynamic_size_model_is_benched_at_the_input_shape_given(result, tmp_path):
+    dynamic = tmp_path / "dyn.onnx"  # the sparse model with its zeros, uncut, as a user's dynamic-size export
+    onnx.save(_dynamic_size(build_variants(Path(result.config.target) / "sparse.pt").dense.model), str(dynamic))
+    res = CliRunner().invoke(main, ["bench", str(dynamic), *FAST])
+    assert "dynamic size (?x1x?x?); give --input-shape" in _one_line_error(res)
+    for bad, words in (("3,28,28", "does not fit input"), ("28,28", "gives 2 sizes"), ("1,0,28", "positive")):
+        res = CliRunner().invoke(main, ["bench", str(dynamic), "--input-shape", bad, *FAST])
+        assert words in _one_line_error(res), bad
+    report = tmp_path / "r.json"
+    res = CliRunner().invoke(main, ["bench", str(dynamic), "--input-shape", "1x28x28", "--data", "digits",
+                                    "--data-limit", "40", "--out", str(report), *FAST])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(report.read_text())
+    assert doc["config"]["input_size"] == [1, 28, 28]
+    by_name = {v["name"]: v for v in doc["variants"]}
+    for name in ("dense", "structured"):  # the same models as the static export, at its size
+        assert by_name[name]["input_shape"] == [None, 1, 28, 28]
+        assert by_name[name]["macs"] == result.variant(name).macs
+    assert by_name["structured"]["accuracy"] == by_name["dense"]["accuracy"] == result.variant("structured").accuracy
+    # A checkpoint is exported at the size given; one its model cannot take is one line.
+    res = CliRunner().invoke(main, ["bench", str(result.config.target), "--input-shape", "1,32,32", *FAST])
+    assert "cannot run at --input-shape 1x32x32" in _one_line_error(res)

@@ -37,6 +37,7 @@ class BenchConfig:
     seed: int = 0
     int8: bool = False  # also dense-int8 and structured-int8, calibrated on `data`'s training images
     calibration: int = 256  # training images that calibrate the INT8 activation ranges
+    input_size: tuple[int, ...] | None = None  # sizes after the batch (the model's order) for dynamic-size models
 
     def __post_init__(self) -> None:
         if self.repeat is not None and self.min_time is not None:
@@ -57,6 +58,9 @@ class BenchConfig:
         if self.int8 and self.data is None:
             raise ConfigError("--int8 needs --data SPEC: the INT8 variants are calibrated on that data set's"
                               " training images (e.g. --data digits)")
+        if self.input_size is not None and (not self.input_size or any(
+                isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in self.input_size)):
+            raise ConfigError(f"--input-shape wants positive sizes such as 3,224,224, got {self.input_size!r}")
         if self.calibration < 1:
             raise ConfigError(f"--calibration must be a positive number of images, got {self.calibration}")
         if self.target is None and self.paper_table is None and (self.dense is None or self.structured is None):
@@ -84,12 +88,16 @@ class BenchConfig:
             d[k] = list(d[k]) if d[k] is not None else None
         if not self.int8:  # a bench without --int8 writes the keys it always wrote
             del d["int8"], d["calibration"]
+        if self.input_size is None:
+            del d["input_size"]
+        else:
+            d["input_size"] = list(self.input_size)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BenchConfig:
         kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
-        for k in ("providers", "threads", "batches"):
+        for k in ("providers", "threads", "batches", "input_size"):
             if kw.get(k) is not None:
                 kw[k] = tuple(kw[k])
         return cls(**kw)

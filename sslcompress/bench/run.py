@@ -151,7 +151,7 @@ def _bench_models(config: BenchConfig, emit: Listener, tmp: Path
         emit(BenchEvent("build", message))
 
     variants = build_variants(config.target, dense=config.dense, unstructured=config.unstructured,
-                              structured=config.structured, say=say)
+                              structured=config.structured, say=say, input_size=config.input_size)
     variants, int8_notes = _with_int8(config, variants, say)
     batches = _batches(config, variants)
     files: dict[str, Path] = {}

@@ -281,12 +281,33 @@ def find_sources(target: str | Path | None) -> Sources:
     return Sources(p, None, None)
 
 
-def _export(path: Path):
+def _export_at(path: Path, input_size: tuple[int, ...] | None = None):
+    """The checkpoint's model in ONNX, at its own input size or at `input_size` (C,H,W)."""
     from ..finetune.checkpoint import load_checkpoint
     from ..surgery.export import export_onnx
 
     ckpt = load_checkpoint(path)
-    return export_onnx(ckpt.build(), ckpt.model.input_shape, dynamic_batch=True).model, ckpt
+    model = ckpt.build()
+    if not input_size:
+        return export_onnx(model, ckpt.model.input_shape, dynamic_batch=True).model, ckpt
+    import torch
+
+    try:  # one forward pass first: a size the model cannot take is one sentence, not an exporter's trace
+        with torch.no_grad():
+            model.eval()(torch.zeros((1, *input_size)))
+    except Exception as exc:  # noqa: BLE001 - whatever the model's forward raises at that size
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ConfigError(f"the model of {path} cannot run at --input-shape {'x'.join(map(str, input_size))}: "
+                          f"{first}") from exc
+    return export_onnx(model, (1, *input_size), dynamic_batch=True).model, ckpt
+
+
+def _check_static_size(model: onnx.ModelProto, what: str) -> None:
+    """The surgery verifies its cut on random inputs, which need every size but the batch."""
+    shape = input_shape(model)
+    if any(d is None for d in shape[1:]):
+        raise ConfigError(f"{what} takes inputs of a dynamic size ({'x'.join('?' if d is None else str(d) for d in shape)}"
+                          "); give --input-shape with the size to bench it at (e.g. 3,224,224, in the model's order)")
 
 
 def _cut(uncut: onnx.ModelProto, what: str) -> onnx.ModelProto:
@@ -315,17 +336,30 @@ def load_override(path: str | Path, flag: str | None = None) -> onnx.ModelProto:
 
 def build_variants(target: str | Path | None = None, *, dense: str | Path | None = None,
                    unstructured: str | Path | None = None, structured: str | Path | None = None,
-                   say=None) -> VariantSet:
+                   say=None, input_size: tuple[int, ...] | None = None) -> VariantSet:
     """The three variants of every bench; an override path wins over what the target would give.
 
-    `say(message)` is told each step that takes a while (exports, the surgery).
+    `say(message)` is told each step that takes a while (exports, the surgery). `input_size`: the sizes after
+    the batch dimension (the model's order) every variant is fixed at, for models of a dynamic size;
+    checkpoints are exported at it.
     """
+    from ..surgery.inputs import with_input_size
+
     say = say or (lambda _msg: None)
+
+    def sized(proto: onnx.ModelProto, flag: str | None = None) -> onnx.ModelProto:
+        if input_size is None:
+            return proto
+        try:
+            return with_input_size(proto, input_size)
+        except ConfigError as exc:
+            raise ConfigError(f"{flag}: {exc}" if flag else str(exc)) from exc
+
     given = {DENSE: dense, UNSTRUCTURED: unstructured, STRUCTURED: structured}
     models: dict[str, Variant] = {}
     for name, path in given.items():
         if path is not None:
-            models[name] = Variant(name, load_override(path, f"--{name}"), f"given: {path}")
+            models[name] = Variant(name, sized(load_override(path, f"--{name}"), f"--{name}"), f"given: {path}")
     src = find_sources(target)
     need_cut = STRUCTURED not in models
     need_uncut = need_cut or (DENSE not in models and src.pretrained is None)
@@ -333,10 +367,11 @@ def build_variants(target: str | Path | None = None, *, dense: str | Path | None
     uncut_what = ""
     if need_uncut:
         if src.onnx is not None:
-            uncut, uncut_what = load_override(src.onnx), f"{src.onnx}"
+            uncut, uncut_what = sized(load_override(src.onnx)), f"{src.onnx}"
+            _check_static_size(uncut, uncut_what)
         elif src.sparse is not None:
             say(f"exporting {src.sparse}")
-            uncut, ckpt = _export(src.sparse)
+            uncut, ckpt = _export_at(src.sparse, input_size)
             uncut_what = f"{src.sparse} ({ckpt.kind} checkpoint of {ckpt.model.name})"
         else:
             raise ConfigError("give a run folder, a checkpoint or an ONNX model to bench, or all of --dense"
@@ -348,7 +383,7 @@ def build_variants(target: str | Path | None = None, *, dense: str | Path | None
     if DENSE not in models:
         if src.pretrained is not None:
             say(f"exporting {src.pretrained}")
-            proto, _ = _export(src.pretrained)
+            proto, _ = _export_at(src.pretrained, input_size)
             models[DENSE] = Variant(DENSE, proto, f"{src.pretrained} exported")
         else:
             assert uncut is not None
@@ -358,7 +393,7 @@ def build_variants(target: str | Path | None = None, *, dense: str | Path | None
     unmatched: tuple[str, ...] = ()
     if UNSTRUCTURED not in models and src.unstructured is not None:
         say(f"exporting {src.unstructured}")
-        proto, _ = _export(src.unstructured)
+        proto, _ = _export_at(src.unstructured, input_size)
         models[UNSTRUCTURED] = Variant(UNSTRUCTURED, lift_constants(proto),
                                        f"{src.unstructured}: the structured nonzeros per layer, placed by magnitude,"
                                        " then fine-tuned")
@@ -394,7 +429,7 @@ def check_compatible(models: dict[str, Variant]) -> None:
         if any(d is None for d in shape[1:]):
             raise UnsupportedModelError(f"the {name} model's input has a dynamic size"
                                         f" ({'x'.join('?' if d is None else str(d) for d in shape)}); the bench"
-                                        " times models of one static image size (export them at one size)")
+                                        " times models of one image size: give --input-shape (e.g. 3,224,224)")
         shapes[name] = shape
     kinds = {}
     for name, v in models.items():

@@ -10,8 +10,9 @@ import click
 from . import main
 
 
-def _int_list(text: str, flag: str, allow_all: bool = False) -> tuple[int, ...]:
-    """'1,2' (and 'all' = the CPUs this process may use) as positive ints, in order, without repeats."""
+def _int_list(text: str, flag: str, allow_all: bool = False, keep_repeats: bool = False) -> tuple[int, ...]:
+    """'1,2' (and 'all' = the CPUs this process may use) as positive ints, in order, without repeats (with
+    `keep_repeats`, as given: sizes such as 224,224)."""
     from ..bench.paper import cpus
     from ..errors import ConfigError
 
@@ -24,7 +25,7 @@ def _int_list(text: str, flag: str, allow_all: bool = False) -> tuple[int, ...]:
         if n < 1:
             raise ConfigError(f"{flag} wants positive integers separated by commas"
                               + (" (or 'all')" if allow_all else "") + f", got {text!r}")
-        if n not in out:
+        if keep_repeats or n not in out:
             out.append(n)
     if not out:
         raise ConfigError(f"{flag} is empty")
@@ -87,6 +88,9 @@ def _plot_bytes(result) -> bytes:
                    "e.g. digits or cifar10:PATH).")
 @click.option("--data-limit", default=1000, show_default=True, type=click.IntRange(min=1),
               help="At most this many test images for --data.")
+@click.option("--input-shape", default=None, metavar="C,H,W",
+              help="Bench models of a dynamic input size at this one: the sizes after the batch, in the model's "
+                   "order (3,224,224; 224,224,3 for a channels-last input). Checkpoints are exported at it.")
 @click.option("--int8", is_flag=True,
               help="Also dense-int8 and structured-int8: the dense and the structured model after ONNX Runtime's "
                    "static INT8 quantization (QDQ, as `quantize`), calibrated on --data's training images.")
@@ -110,7 +114,8 @@ def _plot_bytes(result) -> bytes:
 @click.option("--quiet", "-q", is_flag=True, help="No progress.")
 def bench(target: str | None, dense: str | None, unstructured: str | None, structured: str | None,
           providers: tuple[str, ...], threads: str, batches: str | None, warmup: int, repeat: int | None,
-          min_time: float | None, data: str | None, data_limit: int, int8: bool, calibration: int,
+          min_time: float | None, data: str | None, data_limit: int, input_shape: str | None, int8: bool,
+          calibration: int,
           layer_study: bool, paper_table: str | None, as_json: bool, out: str | None, markdown: str | None, plot: str | None, models_dir: str | None,
           no_pin: bool, seed: int, quiet: bool) -> None:
     """Time the dense, unstructured-sparse and structured-sparse model side by side in ONNX Runtime
@@ -136,7 +141,8 @@ def bench(target: str | None, dense: str | None, unstructured: str | None, struc
         batches=_int_list(batches, "--batch") if batches is not None else None,
         warmup=warmup, repeat=repeat, min_time=min_time, data=data, data_limit=data_limit, int8=int8,
         calibration=calibration, layers=layer_study, paper_table=paper_table, models_dir=models_dir, pin=not no_pin,
-        seed=seed)
+        seed=seed, input_size=_int_list(input_shape.replace("x", ","), "--input-shape", keep_repeats=True)
+        if input_shape else None)
     if plot:
         require_matplotlib()
     with BenchProgress(enabled=not (quiet or as_json)) as progress:

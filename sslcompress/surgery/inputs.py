@@ -324,6 +324,30 @@ def declared_shape(model: onnx.ModelProto) -> tuple[int | None, ...]:
     return specs[0].shape if specs[0].shape is not None else ()
 
 
+def with_input_size(model: onnx.ModelProto, dims: Sequence[int], flag: str = "--input-shape") -> onnx.ModelProto:
+    """A copy of the model whose single input has `dims` after its batch dimension (in the model's own order:
+    C,H,W, or H,W,C for a channels-last input): a model exported with a dynamic height and width, fixed at one
+    size. A declared size it contradicts, or a rank it lacks, is one sentence (ConfigError)."""
+    from ..errors import ConfigError
+
+    shape = declared_shape(model)
+    name = describe_inputs(model)[0].name
+    shown = "x".join("?" if d is None else str(d) for d in shape[1:])
+    if len(shape) != len(dims) + 1:
+        raise ConfigError(f"{flag} {'x'.join(map(str, dims))} gives {len(dims)} sizes, but input {name!r} has "
+                          f"{max(len(shape) - 1, 0)} after its batch ({shown or 'no shape'})")
+    if any(have is not None and have != want for have, want in zip(shape[1:], dims, strict=True)):
+        raise ConfigError(f"{flag} {'x'.join(map(str, dims))} does not fit input {name!r}, which is {shown}")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    value = next(v for v in out.graph.input if v.name == name)
+    for d, want in zip(list(value.type.tensor_type.shape.dim)[1:], dims, strict=True):
+        d.Clear()
+        d.dim_value = int(want)
+    del out.graph.value_info[:]  # intermediate shapes of the dynamic model: inferred again from the fixed input
+    return out
+
+
 def real_inputs(model: onnx.ModelProto, spec: str, *, limit: int = 64, seed: int = 0) -> list[np.ndarray]:
     """Up to ``limit`` test images of data set ``spec``, normalized as in training, in batches the model takes.
 
