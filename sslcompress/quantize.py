@@ -50,9 +50,8 @@ def check_quantizable(proto: onnx.ModelProto) -> tuple[str, tuple[int | None, ..
         raise UnsupportedModelError(f"quantize takes a float32 model; input {x.name!r} is "
                                     f"{onnx.TensorProto.DataType.Name(elem).lower()}")
     shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in x.type.tensor_type.shape.dim)
-    if len(shape) != 4 or any(d is None for d in shape[1:]):
-        raise UnsupportedModelError(f"quantize takes images (batch, C, H, W) or (batch, H, W, C) of a fixed size; "
-                                    f"input {x.name!r} "
+    if len(shape) != 4:
+        raise UnsupportedModelError(f"quantize takes images (batch, C, H, W) or (batch, H, W, C); input {x.name!r} "
                                     f"has shape {['?' if d is None else d for d in shape]}")
     done = sorted({n.op_type for n in proto.graph.node} & _QUANTIZED_OPS)
     if done:

@@ -82,7 +82,6 @@ def _graph(elem: int, shape: list) -> onnx.ModelProto:
 @pytest.mark.parametrize(("proto", "says"), [
     (_graph(TensorProto.FLOAT16, [1, 1, 8, 8]), "float32"),
     (_graph(TensorProto.FLOAT, [1, 64]), "images"),
-    (_graph(TensorProto.FLOAT, [1, 1, "h", "w"]), "fixed size"),
 ])
 def test_what_cannot_be_quantized_is_named(proto, says):
     from sslcompress.errors import UnsupportedModelError
@@ -192,3 +191,26 @@ def test_images_that_fit_neither_layout_are_one_sentence():
     assert in_input_layout(x, (None, 28, 28, 1), "d").shape == (2, 28, 28, 1)
     with pytest.raises(DataError, match=r"1x28x28 images but the model takes 28x1x28 \(CxHxW, or HxWxC"):
         in_input_layout(x, (None, 28, 1, 28), "d")
+
+
+def test_a_dynamic_size_model_is_calibrated_on_the_data_and_stays_dynamic(trained_lenet):
+    """Height and width left free at export: the data's images fit them, and the INT8 model keeps them free."""
+    import numpy as np
+    import onnxruntime as ort
+
+    dynamic = onnx.ModelProto()
+    dynamic.CopyFrom(trained_lenet)
+    dims = dynamic.graph.input[0].type.tensor_type.shape.dim
+    for d, name in ((dims[2], "h"), (dims[3], "w")):
+        d.Clear()
+        d.dim_param = name
+    del dynamic.graph.value_info[:]
+    fixed = quantize_model(trained_lenet, "digits", calibration=32, test_images=120).report["accuracy"]
+    result = quantize_model(dynamic, "digits", calibration=32, test_images=120)
+    assert result.report["accuracy"]["float32"] == fixed["float32"]
+    assert abs(result.report["accuracy"]["int8"] - fixed["int8"]) <= 2 / 120
+    q_dims = result.model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in q_dims[2:]] == ["h", "w"]
+    sess = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    assert sess.run(None, {sess.get_inputs()[0].name: x})[0].shape == (2, 10)
