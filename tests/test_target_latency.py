@@ -81,10 +81,12 @@ def test_the_run_lands_on_the_predicted_latency(tmp_path):
 
 
 def test_no_table_is_one_line_naming_the_profile_command(tmp_path):
-    _, res = short_finetune(tmp_path, "--target-latency", "0.1", "--latency-table", str(tmp_path / "none.json"))
+    out, res = short_finetune(tmp_path, "--target-latency", "0.1", "--latency-table", str(tmp_path / "none.json"))
     assert res.exit_code == 2
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and "sslcompress profile --model lenet5" in lines[0], res.output
+    # Said before any training: no baseline was pretrained (none was given) and nothing was written.
+    assert "baseline" not in lines[0] and not (out / "pretrained.pt").exists()
 
 
 def test_a_table_of_another_session_is_refused(tmp_path):

@@ -366,6 +366,9 @@ def _start(cfg: FinetuneConfig, env: D.DistEnv, on_event: EventSink | None, owns
     resume, fingerprint = _resume_state(cfg, "finetune")
     data, spec, model, _, state = _prepare(cfg.run, env.world_size, phases)
     r = _FinetuneRun(cfg, env, on_event, owns_state, fingerprint, resume, data, spec, model, state is not None)
+    # The latency table is read for the dense architecture, which pretraining does not change: a missing or
+    # foreign table is one sentence before any training, not after the baseline.
+    r.latency = latency_budget(cfg, model, spec.input_shape, spec.name)
     if resume is not None:
         if resume["model"] != spec.to_dict():
             raise CheckpointError(f"--resume: {r.out / STATE} belongs to another model or data set")
@@ -418,7 +421,6 @@ def _setup_sparsify(r: _FinetuneRun) -> None:
     """The sparsifier over the model in its own architecture, the budget and its controllers, one-shot
     pruning beside it, and the lambdas a resumed run had reached."""
     run = r.cfg.run
-    r.latency = latency_budget(r.cfg, r.model, r.spec.input_shape, r.spec.name)
     r.sp = Sparsifier(r.model, r.spec, r.cfg, latency=r.latency)
     r.dense_totals = r.sp.dense_totals()
     if r.resume is None and not r.sp.connected():  # no strength is to blame here: the weights came that way
