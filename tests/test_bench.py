@@ -580,3 +580,72 @@ def test_a_dynamic_size_model_is_benched_at_the_input_shape_given(result, tmp_pa
     # A checkpoint is exported at the size given; one its model cannot take is one line.
     res = CliRunner().invoke(main, ["bench", str(result.config.target), "--input-shape", "1,32,32", *FAST])
     assert "cannot run at --input-shape 1x32x32" in _one_line_error(res)
+
+
+def _text_model(path, hidden_zero: bool = True, seq: int | str = 16) -> None:
+    """A small text model of two inputs (token ids and a float mask), its MLP's second half of hidden neurons
+    exactly zero: what a user brings from a transformer export, not an image model."""
+    rng = np.random.default_rng(0)
+    vocab, d, h = 32, 24, 48
+    w1, b1 = rng.standard_normal((d, h)).astype(np.float32), rng.standard_normal(h).astype(np.float32)
+    if hidden_zero:
+        w1[:, h // 2:], b1[h // 2:] = 0, 0
+    inits = [numpy_helper.from_array(a, n) for n, a in (
+        ("emb", rng.standard_normal((vocab, d)).astype(np.float32)), ("w1", w1), ("b1", b1),
+        ("w2", rng.standard_normal((h, d)).astype(np.float32)), ("wo", rng.standard_normal((d, 5)).astype(np.float32)),
+        ("seq_axis", np.array([1], np.int64)), ("last_axis", np.array([2], np.int64)))]
+    nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["e"], axis=0),
+             helper.make_node("Unsqueeze", ["attention_mask", "last_axis"], ["m"]),
+             helper.make_node("Mul", ["e", "m"], ["x"]),
+             helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+             helper.make_node("Add", ["h0", "b1"], ["h1"]),
+             helper.make_node("Relu", ["h1"], ["hr"]),
+             helper.make_node("MatMul", ["hr", "w2"], ["y0"], name="fc2"),
+             helper.make_node("Add", ["x", "y0"], ["y"]),
+             helper.make_node("ReduceMean", ["y", "seq_axis"], ["p"], keepdims=0),
+             helper.make_node("MatMul", ["p", "wo"], ["logits"], name="head")]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", seq]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.FLOAT, ["batch", seq])]
+    graph = helper.make_graph(nodes, "text", inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                                                    ["batch", 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def test_a_model_of_several_inputs_is_fed_every_input(tmp_path):
+    """Token ids and a mask: each fed a seeded random value in its declared type, the cut timed and measured like an
+    image model's; what needs one image input (--data, --int8) says so in one line."""
+    src = tmp_path / "text.onnx"
+    _text_model(src)
+    r = run_bench(BenchConfig(target=str(src), threads=(1,), batches=(1, 4), repeat=2, warmup=0))
+    dense, _, structured = r.variants
+    assert structured.macs < dense.macs and structured.memory is not None and dense.memory.growth_bytes >= 0
+    assert {(t.variant, t.batch) for t in r.timings} == {(v, b) for v in ("dense", "unstructured", "structured")
+                                                         for b in (1, 4)}
+    assert any(n.startswith("Inputs: 'input_ids' (int64, ?x16), 'attention_mask' (float32, ?x16)") for n in r.notes)
+    for extra, words in ((["--data", "digits"], "--data scores models that take one image input"),
+                         (["--int8", "--data", "digits"], "--int8 quantizes models that take one image input")):
+        res = CliRunner().invoke(main, ["bench", str(src), *extra, *FAST])
+        assert words in _one_line_error(res)
+    # A sequence length left dynamic cannot be drawn at random: one line, not the surgery's advice.
+    free = tmp_path / "free.onnx"
+    _text_model(free, seq="seq")
+    res = CliRunner().invoke(main, ["bench", str(free), *FAST])
+    assert "dynamic dimension 1 ('seq')" in _one_line_error(res)
+
+
+def test_the_feed_reaches_every_input_on_every_provider_path():
+    from sslcompress.runtime.binding import runner
+
+    sess = ort.InferenceSession(_add_model().SerializeToString(), providers=["CPUExecutionProvider"])
+    runner(sess, {"a": np.ones((2, 3), np.float32), "b": np.ones((2, 3), np.float32)}, "cpu")()
+    with pytest.raises(ConfigError, match="the feed gives a; the model takes a, b"):
+        runner(sess, {"a": np.ones((2, 3), np.float32)}, "cpu")
+
+
+def _add_model() -> onnx.ModelProto:
+    a, b = (helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 3]) for n in "ab")
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])
+    return helper.make_model(helper.make_graph([helper.make_node("Add", ["a", "b"], ["y"])], "g", [a, b], [y]),
+                             opset_imports=[helper.make_opsetid("", 17)])

@@ -47,7 +47,8 @@ class MemoryUse:
 
 def measure(model_path: str | Path, shape: tuple[int, ...], *, threads: int, runs: int = 3,
             timeout: float = 300) -> MemoryUse:
-    """Run the probe on one ONNX file in a new Python process, for an input of `shape` (batch first)."""
+    """Run the probe on one ONNX file in a new Python process, for an input of `shape` (batch first; just the
+    batch for a model that is not one image input: a seeded value of each of its inputs)."""
     cmd = [sys.executable, "-m", "sslcompress.bench.memory", str(model_path), "x".join(map(str, shape)),
            str(threads), str(runs)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
@@ -103,7 +104,14 @@ def _probe(path: str, shape: tuple[int, ...], threads: int, runs: int) -> dict[s
     from ..runtime.binding import runner
     from ..runtime.sessions import create_session
 
-    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    if len(shape) == 1:  # a model that is not one image input: a seeded value of every input at this batch
+        import onnx
+
+        from .variants import random_feed
+
+        x = random_feed(onnx.load(path), shape[0], 0)
+    else:
+        x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
     hwm = _reset_peak() and _status_kib("VmHWM") is not None
     baseline = (_status_kib("VmRSS") or 0) * 1024
     sess = create_session(path, threads=threads)
@@ -119,6 +127,6 @@ def _probe(path: str, shape: tuple[int, ...], threads: int, runs: int) -> dict[s
             "threads": threads, "batch": shape[0], "runs": runs, "method": method}
 
 
-if __name__ == "__main__":  # python -m sslcompress.bench.memory MODEL BxCxHxW THREADS RUNS
+if __name__ == "__main__":  # python -m sslcompress.bench.memory MODEL BxCxHxW|B THREADS RUNS
     dims = tuple(int(d) for d in sys.argv[2].split("x"))
     print(json.dumps(_probe(sys.argv[1], dims, int(sys.argv[3]), int(sys.argv[4]))))

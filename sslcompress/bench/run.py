@@ -20,7 +20,16 @@ from ..runtime.sessions import SESSION_CONFIG
 from ..runtime.timing import CI_LEVEL, Timing, interleaved, timings
 from .config import DEFAULT_BATCHES, BenchConfig
 from .results import UNSTRUCTURED_NOTE, BenchResult, VariantInfo
-from .variants import Variant, VariantSet, build_variants, input_shape, layer_nonzeros, nonzero_weights
+from .variants import (
+    Variant,
+    VariantSet,
+    build_variants,
+    image_input,
+    input_shape,
+    layer_nonzeros,
+    nonzero_weights,
+    random_feed,
+)
 
 
 @dataclass(frozen=True)
@@ -67,7 +76,7 @@ def _env() -> dict[str, Any]:
 
 
 def _batches(config: BenchConfig, variants: VariantSet) -> tuple[int, ...]:
-    static = {v.name: input_shape(v.model)[0] for v in variants}
+    static = {v.name: (input_shape(v.model) or (None,))[0] for v in variants}
     fixed = {n: b for n, b in static.items() if b is not None}
     if config.batches is None:
         if not fixed:
@@ -165,6 +174,12 @@ def _bench_models(config: BenchConfig, emit: Listener, tmp: Path
     if config.data:  # before any long work: a bad spec or shape is an error at once
         from .accuracy import load_test_images
 
+        if not image_input(variants.dense.model):
+            from ..surgery.inputs import describe_inputs
+
+            raise ConfigError("--data scores models that take one image input; these take "
+                              + ", ".join(s.describe() for s in describe_inputs(variants.dense.model)))
+
         emit(BenchEvent("accuracy", f"loading {config.data}"))
         images = load_test_images(config.data, shape, limit=config.data_limit, seed=config.seed)
 
@@ -174,7 +189,8 @@ def _bench_models(config: BenchConfig, emit: Listener, tmp: Path
             from .memory import measure
 
             emit(BenchEvent("memory", f"peak memory of {v.name} (a process of its own)", i, len(variants)))
-            mem = measure(files[v.name], (batch, *shape[1:]), threads=threads)
+            mem = measure(files[v.name], (batch, *shape[1:]) if image_input(v.model) else (batch,),
+                          threads=threads)
             infos[v.name] = replace(infos[v.name], memory=mem)
         emit(BenchEvent("memory", "peak memory", len(variants), len(variants)))
 
@@ -192,7 +208,7 @@ def _bench_models(config: BenchConfig, emit: Listener, tmp: Path
             infos[v.name] = replace(infos[v.name], accuracy=correct / n, accuracy_images=n)
         emit(BenchEvent("accuracy", "top-1", len(variants), len(variants)))
 
-    timed = tuple(_time(config, files, shape, batches, emit))
+    timed = tuple(_time(config, files, _timing_inputs(config, variants.dense.model, shape, batches), emit))
     result_kw: dict[str, Any] = {"matching": variants.matching, "unmatched": variants.unmatched, "timings": timed}
     if config.int8:
         from .int8 import compounding, compounding_note
@@ -235,11 +251,19 @@ def _plan(config: BenchConfig) -> list[tuple[str, int]]:
     return out
 
 
-def _time(config: BenchConfig, files: dict[str, Path], shape: tuple[int | None, ...], batches: tuple[int, ...],
-          emit: Listener) -> list[Timing]:
-    plan = [(p, t, b) for p, t in _plan(config) for b in batches]
+def _timing_inputs(config: BenchConfig, dense: onnx.ModelProto, shape: tuple[int | None, ...],
+                   batches: tuple[int, ...]) -> dict[int, np.ndarray | dict[str, np.ndarray]]:
+    """The one seeded input every variant is timed on, per batch: a standard normal array for an image model
+    (in the input's float type when run), else a seeded value of every input in its declared type."""
+    if not image_input(dense):
+        return {b: random_feed(dense, b, config.seed) for b in batches}
     rng = np.random.default_rng(config.seed)
-    inputs = {b: rng.standard_normal((b, *shape[1:]), dtype=np.float32) for b in batches}
+    return {b: rng.standard_normal((b, *shape[1:]), dtype=np.float32) for b in batches}
+
+
+def _time(config: BenchConfig, files: dict[str, Path], inputs: dict[int, np.ndarray | dict[str, np.ndarray]],
+          emit: Listener) -> list[Timing]:
+    plan = [(p, t, b) for p, t in _plan(config) for b in inputs]
     out: list[Timing] = []
     for provider, threads in _plan(config):
         out += _time_sessions(config, files, provider, threads, inputs, plan, emit)
@@ -247,7 +271,8 @@ def _time(config: BenchConfig, files: dict[str, Path], shape: tuple[int | None, 
 
 
 def _time_sessions(config: BenchConfig, files: dict[str, Path], provider: str, threads: int,
-                   inputs: dict[int, np.ndarray], plan: list[tuple[str, int, int]], emit: Listener) -> list[Timing]:
+                   inputs: dict[int, np.ndarray | dict[str, np.ndarray]], plan: list[tuple[str, int, int]],
+                   emit: Listener) -> list[Timing]:
     """One session per variant at this (provider, threads), timed at every batch; they end with this call."""
     from ..runtime.binding import runner
     from ..runtime.pinning import calling_thread_on, placement
@@ -333,7 +358,13 @@ def _notes(config: BenchConfig, variants: VariantSet, infos: dict[str, VariantIn
         f"Speed-up: dense median / variant median; [lo, hi] is a {CI_LEVEL:.0%} percentile bootstrap interval"
         f" over paired rounds (seed {config.seed}).",
     ]
-    if variants.dense.model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
+    if not image_input(variants.dense.model):
+        from ..surgery.inputs import INT_HIGH, describe_inputs
+
+        notes.append("Inputs: " + ", ".join(s.describe() for s in describe_inputs(variants.dense.model))
+                     + "; every call feeds one seeded random value of each, in its declared type (floats standard"
+                     f" normal, integers in [0, {INT_HIGH}), booleans by coin flips), its batch as in the table.")
+    elif variants.dense.model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
         notes.append("The models take float16 inputs: the seeded random input and any test images are fed in half"
                      " precision (the same values, rounded).")
     if config.memory:

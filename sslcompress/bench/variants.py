@@ -304,6 +304,9 @@ def _export_at(path: Path, input_size: tuple[int, ...] | None = None):
 
 def _check_static_size(model: onnx.ModelProto, what: str) -> None:
     """The surgery verifies its cut on random inputs, which need every size but the batch."""
+    if not image_input(model):
+        _check_feedable(what, model)
+        return
     shape = input_shape(model)
     if any(d is None for d in shape[1:]):
         raise ConfigError(f"{what} takes inputs of a dynamic size ({'x'.join('?' if d is None else str(d) for d in shape)}"
@@ -413,31 +416,68 @@ def build_variants(target: str | Path | None = None, *, dense: str | Path | None
 
 
 def input_shape(proto: onnx.ModelProto) -> tuple[int | None, ...]:
-    from ..surgery.inputs import declared_shape
+    """The declared shape of the model's first input (the only one of an image model; () where undeclared). Every
+    input of a model with several carries the batch first."""
+    from ..surgery.inputs import describe_inputs
 
-    return declared_shape(proto)
+    specs = describe_inputs(proto)
+    if not specs:
+        raise UnsupportedModelError("the model takes no input")
+    return specs[0].shape or ()
+
+
+def image_input(proto: onnx.ModelProto) -> bool:
+    """Whether the model takes one float input (images): the bench feeds it one seeded standard normal array,
+    and only it can be scored on a data set; any other model gets a feed of every input (random_feed)."""
+    from ..surgery.inputs import describe_inputs
+
+    specs = describe_inputs(proto)
+    return len(specs) == 1 and specs[0].dtype.kind == "f"
+
+
+def random_feed(proto: onnx.ModelProto, batch: int, seed: int) -> dict[str, np.ndarray]:
+    """One seeded random value of every input, in its declared type (the surgery's verification rules: floats
+    standard normal, integers in [0, 8), booleans by coin flips), at this batch."""
+    from ..surgery.inputs import random_batches
+
+    return random_batches(proto, n_random=1, batch=batch, seed=seed)[0]
+
+
+def _check_feedable(who: str, proto: onnx.ModelProto) -> None:
+    """A model with several inputs, or one that is not a float: every size but the batch must be known."""
+    try:
+        random_feed(proto, 1, 0)
+    except UnsupportedModelError as exc:
+        what = str(exc).split(", so no random inputs")[0]
+        raise UnsupportedModelError(f"{who}: {what}; the bench feeds random inputs of one size, so export it with "
+                                    "that dimension fixed") from exc
 
 
 def check_compatible(models: dict[str, Variant]) -> None:
-    """One input each, of one static per-image shape, and the same number of outputs."""
-    shapes = {}
+    """Inputs of one static size per sample (but the batch), the same inputs and outputs for every variant: one
+    float input (images, float32 or float16), or any inputs the surgery's verification can feed."""
+    from ..surgery.inputs import describe_inputs
+
+    shapes, kinds, signatures = {}, {}, {}
     for name, v in models.items():
         try:
-            shape = input_shape(v.model)
+            specs = describe_inputs(v.model)
         except UnsupportedModelError as exc:
             raise UnsupportedModelError(f"the {name} model: {exc}") from exc
-        if any(d is None for d in shape[1:]):
+        signatures[name] = specs
+        if not image_input(v.model):
+            _check_feedable(f"the {name} model", v.model)
+            continue
+        shape = specs[0].shape or ()
+        if any(d is None for d in shape[1:]) or not shape:
             raise UnsupportedModelError(f"the {name} model's input has a dynamic size"
                                         f" ({'x'.join('?' if d is None else str(d) for d in shape)}); the bench"
                                         " times models of one image size: give --input-shape (e.g. 3,224,224)")
         shapes[name] = shape
-    kinds = {}
-    for name, v in models.items():
-        kind = v.model.graph.input[0].type.tensor_type.elem_type if v.model.graph.input else None
-        if kind not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+        if specs[0].dtype not in (np.float32, np.float16):
             raise UnsupportedModelError(f"the {name} model's input is not float32 or float16; the bench times models"
                                         " that take float images")
-        kinds[name] = "float32" if kind == onnx.TensorProto.FLOAT else "float16"
+        kinds[name] = specs[0].dtype.name
     if len(set(kinds.values())) > 1:
         raise ConfigError("the variants take inputs of different types: "
                           + ", ".join(f"{n} {k}" for n, k in kinds.items()) + "; compare models of one precision")
@@ -452,3 +492,8 @@ def check_compatible(models: dict[str, Variant]) -> None:
     if len(set(per_image.values())) > 1:
         raise ConfigError("the variants take inputs of different shapes: "
                           + ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in per_image.items()))
+    per_sample = {name: tuple((s.name, s.dtype.name, None if s.shape is None else s.shape[1:]) for s in specs)
+                  for name, specs in signatures.items()}
+    if len(set(per_sample.values())) > 1:
+        raise ConfigError("the variants take different inputs: "
+                          + "; ".join(f"{n} {', '.join(s.describe() for s in specs)}" for n, specs in signatures.items()))

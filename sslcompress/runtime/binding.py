@@ -1,12 +1,12 @@
 """One callable per (session, input) that runs one synchronous inference: what a timing sample calls.
 
-CUDA: the input is copied to the device once and bound with I/O binding, the output is bound on the device
+CUDA: the inputs are copied to the device once and bound with I/O binding, the output is bound on the device
 too (no copy back per call), and each call ends with a synchronisation of the outputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,28 +42,36 @@ def as_input(sess: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
     return x if want is None or x.dtype == want else x.astype(want)
 
 
-def runner(sess: ort.InferenceSession, x: np.ndarray, provider: str) -> Callable[[], None]:
-    """One synchronous inference on input x (in the input's float type) per call, its first output kept where the
-    provider put it."""
-    io = io_of(sess)
-    x = as_input(sess, x)
+def runner(sess: ort.InferenceSession, x: np.ndarray | Mapping[str, np.ndarray], provider: str
+           ) -> Callable[[], None]:
+    """One synchronous inference per call on input x (in the input's float type), or on a feed {name: array} of
+    every input of a model with several; its first output kept where the provider put it."""
+    if isinstance(x, Mapping):
+        names = [i.name for i in sess.get_inputs()]
+        if sorted(x) != sorted(names):
+            raise ConfigError(f"the feed gives {', '.join(sorted(x))}; the model takes {', '.join(names)}")
+        feed = dict(x)
+    else:
+        io = io_of(sess)
+        feed = {io.input: as_input(sess, x)}
+    output = sess.get_outputs()[0].name
     if provider == "cpu":
-        feed = {io.input: x}
-        outputs = [io.output]
+        outputs = [output]
 
         def run_cpu() -> None:
             sess.run(outputs, feed)
 
         return run_cpu
     binding = sess.io_binding()
-    x_dev = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)  # copied to the GPU once, outside the timing
-    binding.bind_ortvalue_input(io.input, x_dev)
-    binding.bind_output(io.output, "cuda")
+    on_device = {n: ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0) for n, a in feed.items()}  # copied once
+    for n, value in on_device.items():
+        binding.bind_ortvalue_input(n, value)
+    binding.bind_output(output, "cuda")
     binding.synchronize_inputs()
 
     def run_cuda() -> None:
         sess.run_with_iobinding(binding)
         binding.synchronize_outputs()  # the call is over when its outputs are ready on the device
 
-    run_cuda.keep_alive = (x_dev, binding)  # type: ignore[attr-defined]
+    run_cuda.keep_alive = (on_device, binding)  # type: ignore[attr-defined]
     return run_cuda
