@@ -153,3 +153,38 @@ def test_align_auto_aligns_to_the_tables_step(tmp_path, monkeypatch):
     assert report["widths"] and all(w["kept"] % block == 0 or not w["aligned"] for w in report["widths"]), \
         report["widths"]
     assert any(w["aligned"] and w["kept"] < w["total"] for w in report["widths"])
+
+
+def test_export_measures_where_it_can_and_says_what_it_compares(tmp_path):
+    """The export times the compact model where it runs: a table of another host is said beside the figures
+    (they are two machines'), and a provider this onnxruntime lacks is a note, not a failed export."""
+    import onnxruntime as ort
+
+    from sslcompress.finetune.checkpoint import load_checkpoint, save_checkpoint
+
+    table = tmp_path / "table.json"
+    dense_ms = _synthetic_table(table)
+    out, res = short_finetune(tmp_path, "--target-latency", f"{0.5 * dense_ms:.6f}", "--latency-table", str(table))
+    assert res.exit_code == 0, res.output
+    ckpt = load_checkpoint(out / "sparse.pt")
+    row = ckpt.report["latency"]
+    assert row["table_key"] == current_key().to_dict()
+
+    def export(name: str, latency: dict) -> tuple[dict, object]:
+        path = tmp_path / f"{name}.pt"
+        save_checkpoint(path, dataclasses.replace(ckpt, report={**ckpt.report, "latency": latency}))
+        report = tmp_path / f"{name}.json"
+        res = CliRunner().invoke(main, ["export", str(path), "--onnx", str(tmp_path / f"{name}.onnx"),
+                                        "--report", str(report)])
+        assert res.exit_code == 0, res.output
+        return json.loads(report.read_text())["latency"], res
+
+    key = {**row["table_key"], "machine": "Another CPU", "cpus": 64}
+    other, res = export("other", {**row, "table_key": key})
+    assert other["measured_ms"] > 0 and "relative_predicted_over_measured" in other
+    assert other["note"].startswith("the table was profiled on another host (CPU Another CPU there, ")
+    assert "cores 64 there" in other["note"] and "two machines'" in res.output
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        cuda, res = export("cuda", {**row, "provider": "cuda"})
+        assert "measured_ms" not in cuda and (tmp_path / "cuda.onnx").is_file()
+        assert cuda["note"].startswith("not measured: --provider cuda needs onnxruntime-gpu"), cuda["note"]

@@ -241,8 +241,8 @@ def export(checkpoint: str, out: str, uncut: str | None, opset: int, dynamic_bat
     latency = _latency_check(ckpt, exported.model, result, shape, override is not None)
     if latency and "measured_ms" in latency and totals["macs_after"] != predicted and (step or 1) > 1:
         # The table predicted the checkpoint's widths; the alignment kept channels past them.
-        latency["note"] = (f"predicted for the checkpoint's widths; --align {step} kept "
-                           f"{totals['macs_after'] / predicted:.2f}x their MACs")
+        aligned = f"predicted for the checkpoint's widths; --align {step} kept {totals['macs_after'] / predicted:.2f}x their MACs"
+        latency["note"] = f"{latency['note']}; {aligned}" if latency.get("note") else aligned
     if latency:
         extra["latency"] = latency
     _write_compact(result, out, report_path, force, as_json, extra,

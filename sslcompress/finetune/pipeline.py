@@ -728,7 +728,7 @@ def _latency_row(r: _FinetuneRun) -> dict[str, Any] | None:
     cfg = r.cfg
     return {"asked_ms": cfg.target_latency, "dense_ms": r.latency.dense_ms, "predicted_ms": r.latency.ms(r.counted),
             "table": r.latency.path, "provider": cfg.latency_provider, "threads": cfg.latency_threads,
-            "batch": cfg.latency_batch}
+            "batch": cfg.latency_batch, "table_key": r.latency.table.key.to_dict()}
 
 
 def _thin(r: _FinetuneRun, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
