@@ -649,3 +649,39 @@ def _add_model() -> onnx.ModelProto:
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])
     return helper.make_model(helper.make_graph([helper.make_node("Add", ["a", "b"], ["y"])], "g", [a, b], [y]),
                              opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_more_variants_are_timed_and_scored_beside_the_others(result, tmp_path):
+    """--variant NAME=ONNX: another tool's model (here the structured one again) in the same interleaved rounds,
+    scored, listed, written and read back like the built ones; one that does not fit is one line."""
+    other, models, report, md = (tmp_path / n for n in ("other.onnx", "models", "r.json", "r.md"))
+    onnx.save(onnx.load(result.variant("structured").path), str(other))
+    res = CliRunner().invoke(main, ["bench", str(result.config.target), "--variant", f"tp-50={other}",
+                                    "--data", "digits", "--data-limit", "40", "--models-dir", str(models),
+                                    "--out", str(report), "--markdown", str(md), *FAST])
+    assert res.exit_code == 0, res.output
+    back = BenchResult.from_json(report.read_text())
+    assert back.config.extra == (("tp-50", str(other)),)
+    added = back.variant("tp-50")
+    assert added.source == f"given: {other}" and added.macs == back.variant("structured").macs
+    assert added.accuracy == back.variant("structured").accuracy  # the same model, the same images
+    assert {t.variant for t in back.timings} >= {"dense", "structured", "tp-50"}
+    assert (models / "tp-50.onnx").is_file() and "tp-50" in md.read_text()
+    half = tmp_path / "half.onnx"
+    onnx.save(_half(onnx.load(result.variant("structured").path)), str(half))
+    for extra, words in (([f"dense={other}"], "other than dense"), ([f"a={other}", f"a={other}"], "must differ"),
+                         (["noequals"], "NAME=MODEL.onnx"), ([f"x={tmp_path / 'none.onnx'}"], "not found"),
+                         ([f"x={half}"], "inputs of different types")):
+        args = [a for e in extra for a in ("--variant", e)]
+        res = CliRunner().invoke(main, ["bench", str(result.config.target), *args, *FAST])
+        assert words in _one_line_error(res), (extra, res.output)
+
+
+def test_added_variants_wear_colours_of_their_own():
+    from sslcompress.bench.plot import COLORS, variant_colors
+
+    names = ["dense", "unstructured", "structured", "tp-50", "nni", "dense-int8"]
+    colors = variant_colors(names)
+    assert [colors[n] for n in ("dense", "structured", "dense-int8")] == [COLORS[n] for n in ("dense", "structured",
+                                                                                            "dense-int8")]
+    assert len(set(colors.values())) == len(names)  # no added model drawn in a built one's colour

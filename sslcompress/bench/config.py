@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -9,6 +10,9 @@ from ..errors import ConfigError
 
 DEFAULT_BATCHES = (1, 8)
 DEFAULT_REPEAT = 20
+EXTRA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# The variants a bench builds itself: an added one takes another name.
+RESERVED_NAMES = ("dense", "unstructured", "structured", "dense-int8", "structured-int8")
 MAX_MIN_TIME = 3600.0  # seconds per setting: an hour of rounds is already far past any stable median
 
 
@@ -38,6 +42,7 @@ class BenchConfig:
     int8: bool = False  # also dense-int8 and structured-int8, calibrated on `data`'s training images
     calibration: int = 256  # training images that calibrate the INT8 activation ranges
     input_size: tuple[int, ...] | None = None  # sizes after the batch (the model's order) for dynamic-size models
+    extra: tuple[tuple[str, str], ...] = ()  # (name, ONNX path) of more variants timed beside the others
 
     def __post_init__(self) -> None:
         if self.repeat is not None and self.min_time is not None:
@@ -61,6 +66,16 @@ class BenchConfig:
         if self.input_size is not None and (not self.input_size or any(
                 isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in self.input_size)):
             raise ConfigError(f"--input-shape wants positive sizes such as 3,224,224, got {self.input_size!r}")
+        names = [n for n, _ in self.extra]
+        for name in names:
+            if not EXTRA_NAME.fullmatch(name) or name in RESERVED_NAMES:
+                raise ConfigError(f"--variant wants NAME=MODEL.onnx with a name of letters, digits, '.', '_' or '-'"
+                                  f" other than {', '.join(RESERVED_NAMES)}; got {name!r}")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"--variant names must differ, got {', '.join(names)}")
+        if self.extra and not self.benches_models:
+            raise ConfigError("--variant adds models to a bench of a model: give a run folder, a checkpoint or an"
+                              " ONNX model too")
         if self.calibration < 1:
             raise ConfigError(f"--calibration must be a positive number of images, got {self.calibration}")
         if self.target is None and self.paper_table is None and (self.dense is None or self.structured is None):
@@ -88,6 +103,10 @@ class BenchConfig:
             d[k] = list(d[k]) if d[k] is not None else None
         if not self.int8:  # a bench without --int8 writes the keys it always wrote
             del d["int8"], d["calibration"]
+        if self.extra:
+            d["extra"] = [list(e) for e in self.extra]
+        else:
+            del d["extra"]
         if self.input_size is None:
             del d["input_size"]
         else:
@@ -100,4 +119,5 @@ class BenchConfig:
         for k in ("providers", "threads", "batches", "input_size"):
             if kw.get(k) is not None:
                 kw[k] = tuple(kw[k])
+        kw["extra"] = tuple(tuple(e) for e in kw.get("extra") or ())
         return cls(**kw)

@@ -14,6 +14,15 @@ from .results import BenchResult
 PLOT_INSTALL = "pip install sslcompress[plot]"
 COLORS = {"dense": "#7f7f7f", "unstructured": "#ff7f0e", "structured": "#1f77b4", "dense-int8": "#bcbcbc",
           "structured-int8": "#2ca02c"}
+# Variants added with --variant, in the order they come: colours none of the built ones wears.
+MORE_COLORS = ("#9467bd", "#d62728", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
+
+
+def variant_colors(names: list[str]) -> dict[str, str]:
+    """A colour per variant: the built ones' own, then the added ones' in turn (cycling past six)."""
+    added = [n for n in names if n not in COLORS]
+    return {**{n: COLORS[n] for n in names if n in COLORS},
+            **{n: MORE_COLORS[i % len(MORE_COLORS)] for i, n in enumerate(added)}}
 
 
 class PlotUnavailableError(SSLCompressError):
@@ -50,6 +59,7 @@ def plot(result: BenchResult, path: str | Path) -> None:
     fig, axes = plt.subplots(panels, 1, figsize=(8, 3.2 * panels), squeeze=False)
     ax_iter = iter(axes[:, 0])
     names = result.variant_order()
+    colors = variant_colors(list(names))
     for provider, threads in groups:
         ax = next(ax_iter)
         batches = [b for p, t, b in result.settings() if (p, t) == (provider, threads)]
@@ -59,7 +69,7 @@ def plot(result: BenchResult, path: str | Path) -> None:
             med = [t.median_s * 1e3 for t in ts]
             err = [[m - t.q1_s * 1e3 for m, t in zip(med, ts)], [t.q3_s * 1e3 - m for m, t in zip(med, ts)]]
             xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(batches))]
-            bars = ax.bar(xs, med, width, yerr=err, capsize=3, label=name, color=COLORS.get(name))
+            bars = ax.bar(xs, med, width, yerr=err, capsize=3, label=name, color=colors[name])
             for bar, t in zip(bars, ts):
                 if name != "dense":  # above the whisker
                     ax.annotate(f"{t.speedup:.2f}x", (bar.get_x() + bar.get_width() / 2, t.q3_s * 1e3),

@@ -43,13 +43,28 @@ def _bench_inputs(target: str | None, dense: str | None, unstructured: str | Non
     return inputs
 
 
+def _extra_variants(given: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """Each --variant NAME=ONNX as (name, path); the names are checked with the rest of the options."""
+    from ..errors import ConfigError
+
+    out = []
+    for text in given:
+        name, sep, path = text.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ConfigError(f"--variant wants NAME=MODEL.onnx, got {text!r}")
+        out.append((name.strip(), path.strip()))
+    return tuple(out)
+
+
 def _bench_outputs(out: str | None, markdown: str | None, plot: str | None,
-                   models_dir: str | None, int8: bool = False) -> list[tuple[str, str | None]]:
+                   models_dir: str | None, int8: bool = False, extra: list[str] | None = None
+                   ) -> list[tuple[str, str | None]]:
     from ..bench.variants import DENSE_INT8, STRUCTURED_INT8, VARIANTS
 
     outputs: list[tuple[str, str | None]] = [("--out", out), ("--markdown", markdown), ("--plot", plot)]
     if models_dir:
         names = (*VARIANTS, DENSE_INT8, STRUCTURED_INT8) if int8 else VARIANTS
+        names = (*names, *(extra or ()))
         outputs += [(f"--models-dir ({name}.onnx)", str(Path(models_dir) / f"{name}.onnx")) for name in names]
     return outputs
 
@@ -88,6 +103,9 @@ def _plot_bytes(result) -> bytes:
                    "e.g. digits or cifar10:PATH).")
 @click.option("--data-limit", default=1000, show_default=True, type=click.IntRange(min=1),
               help="At most this many test images for --data.")
+@click.option("--variant", "extra", multiple=True, metavar="NAME=ONNX",
+              help="Also time this ONNX model under NAME beside the others (repeatable): another tool's pruned "
+                   "model, another export. It must take the dense model's inputs and give its outputs.")
 @click.option("--input-shape", default=None, metavar="C,H,W",
               help="Bench models of a dynamic input size at this one: the sizes after the batch, in the model's "
                    "order (3,224,224; 224,224,3 for a channels-last input). Checkpoints are exported at it.")
@@ -113,6 +131,7 @@ def _plot_bytes(result) -> bytes:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the input and the bootstrap.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress.")
 def bench(target: str | None, dense: str | None, unstructured: str | None, structured: str | None,
+          extra: tuple[str, ...],
           providers: tuple[str, ...], threads: str, batches: str | None, warmup: int, repeat: int | None,
           min_time: float | None, data: str | None, data_limit: int, input_shape: str | None, int8: bool,
           calibration: int,
@@ -131,8 +150,10 @@ def bench(target: str | None, dense: str | None, unstructured: str | None, struc
     from ..console import BenchProgress, print_bench
     from ..io import atomic_write_group, check_distinct_paths
 
-    check_distinct_paths(_bench_outputs(out, markdown, plot, models_dir, int8),
-                         _bench_inputs(target, dense, unstructured, structured))
+    extras = _extra_variants(extra)
+    check_distinct_paths(_bench_outputs(out, markdown, plot, models_dir, int8, [n for n, _ in extras]),
+                         _bench_inputs(target, dense, unstructured, structured)
+                         + [(f"--variant {n}", p) for n, p in extras])
     config = BenchConfig(
         target=target, dense=dense, unstructured=unstructured, structured=structured,
         providers=tuple(dict.fromkeys(p.strip().lower() for v in (providers or ("cpu",)) for p in v.split(",")
@@ -141,7 +162,7 @@ def bench(target: str | None, dense: str | None, unstructured: str | None, struc
         batches=_int_list(batches, "--batch") if batches is not None else None,
         warmup=warmup, repeat=repeat, min_time=min_time, data=data, data_limit=data_limit, int8=int8,
         calibration=calibration, layers=layer_study, paper_table=paper_table, models_dir=models_dir, pin=not no_pin,
-        seed=seed, input_size=_int_list(input_shape.replace("x", ","), "--input-shape", keep_repeats=True)
+        seed=seed, extra=extras, input_size=_int_list(input_shape.replace("x", ","), "--input-shape", keep_repeats=True)
         if input_shape else None)
     if plot:
         require_matplotlib()
