@@ -154,6 +154,25 @@ def test_dynamic_spatial_model_verifies_with_data(lenet_onnx, tmp_path):
     assert v["passed"] and v["real_images"] == 3 and v["inputs"] == 4 + 3
 
 
+def test_dynamic_spatial_model_verifies_at_an_input_shape(lenet_onnx, tmp_path):
+    """No data of the model's size at hand (a detector's 640x640): random inputs of the size given verify it, and
+    the compact model keeps its free height and width."""
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    src.write_bytes(_bad_model("dynamic", lenet_onnx))
+    res = CliRunner().invoke(main, ["surgery", str(src), "-o", str(out)])
+    assert "or give random ones a size (--input-shape C,H,W" in _one_line_error(res)
+    res = CliRunner().invoke(main, ["surgery", str(src), "-o", str(out), "--input-shape", "1,28,28", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert report["verification"]["passed"] and report["verification"]["inputs"] == 4
+    assert report["input_sizes"] == {"height": 28, "width": 28}
+    dims = onnx.load(out).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims[2:]] == ["height", "width"]
+    for shape, words in (("3,28,28", "does not fit input"), ("28,28", "gives 2 sizes"), ("1,a,28", "positive sizes")):
+        res = CliRunner().invoke(main, ["surgery", str(src), "-o", str(out), "--input-shape", shape])
+        assert words in _one_line_error(res), shape
+
+
 def test_surgery_with_real_data(lenet_onnx, tmp_path):
     src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
     src.write_bytes(lenet_onnx.SerializeToString())

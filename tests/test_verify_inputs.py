@@ -112,6 +112,30 @@ def test_symbolic_dims_are_shared_by_name():
     feed = random_batches(model, [real], n_random=1, batch=2)[0]
     assert {k: v.shape for k, v in feed.items()} == {"a": (2, 3), "b": (3, 2), "c": (1, 7)}
     assert compare(model, model, [real], batch=2).passed
+    # Or the size is given by name, for random feeds without any real one.
+    assert check_verifiable(model, sizes={"seq": 5})[2].symbols == (None, "seq")
+    feed = random_batches(model, n_random=1, batch=3, sizes={"seq": 5})[0]
+    assert {k: v.shape for k, v in feed.items()} == {"a": (3, 3), "b": (3, 3), "c": (1, 5)}
+
+
+def test_compress_sizes_the_random_inputs_it_is_given():
+    from sslcompress.errors import ConfigError
+    from sslcompress.surgery.compress import compress
+
+    w = np.ones((4, 6), np.float32)
+    w[:, 3:] = 0  # three zero output columns: the cut deletes them
+    model = _model([h.make_node("MatMul", ["x", "w"], ["m"], name="fc"), h.make_node("Relu", ["m"], ["r"]),
+                    h.make_node("MatMul", ["r", "v"], ["y"], name="out")],
+                   [_vi("x", T.FLOAT, ["batch", "seq", 4])], [_vi("y", T.FLOAT, ["batch", "seq", 2])],
+                   [("w", w), ("v", np.ones((6, 2), np.float32))])
+    with pytest.raises(UnsupportedModelError, match=r"compress\(sizes=\{name: size\}\)"):
+        compress(model)
+    result = compress(model, sizes={"seq": 7})
+    assert result.verification.passed and result.report["totals"]["macs_after"] < result.report["totals"]["macs"]
+    assert [d.dim_param for d in result.model.graph.input[0].type.tensor_type.shape.dim][:2] == ["batch", "seq"]
+    for bad in ({"seq": 0}, {"seq": True}, ["seq"]):
+        with pytest.raises(ConfigError, match="sizes must map dimension names"):
+            compress(model, sizes=bad)
 
 
 FP16_W = (np.random.default_rng(1).standard_normal((16, 8)) / 4).astype(np.float16)

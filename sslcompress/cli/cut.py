@@ -146,20 +146,43 @@ def _real_inputs(proto, data: str | None, limit: int):
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
               help="Where the compact ONNX model goes.")
 @_surgery_options
+@click.option("--input-shape", default=None, metavar="C,H,W",
+              help="Verify a model of a dynamic height and width on random inputs of this size (the sizes after the "
+                   "batch, in the model's order); the compact model keeps its sizes dynamic. Without it, such a model "
+                   "needs --data.")
 def surgery(model: str, out: str, data: str | None, data_limit: int, report_path: str | None, force: bool,
-            shape_lowering: str | None, lowering_plan: str | None, align: int | str | None, as_json: bool) -> None:
+            shape_lowering: str | None, lowering_plan: str | None, align: int | str | None, as_json: bool,
+            input_shape: str | None) -> None:
     """Delete exactly-zero channels from any ONNX model, verified against it in ONNX Runtime."""
     from ..io import check_distinct_paths
     from ..surgery.compress import compress
     from ..surgery.export import load_onnx
+    from ..surgery.inputs import input_size_symbols
 
     check_distinct_paths([("-o/--output", out), ("--report", report_path)],
                          [("MODEL", model), ("--lowering-plan", lowering_plan)])
     lowering = _lowering(shape_lowering, lowering_plan)
     proto = load_onnx(model)
+    sizes = input_size_symbols(proto, _parse_sizes(input_shape)) if input_shape else None
     result = compress(proto, inputs=_real_inputs(proto, data, data_limit), shape_lowering=lowering,
-                      align=_resolve_align(align))
-    _write_compact(result, out, report_path, force, as_json, {"data": data} if data else None)
+                      align=_resolve_align(align), sizes=sizes)
+    extra = {"data": data} if data else {}
+    if sizes:
+        extra["input_sizes"] = sizes
+    _write_compact(result, out, report_path, force, as_json, extra or None)
+
+
+def _parse_sizes(text: str) -> tuple[int, ...]:
+    """Sizes after the batch, e.g. 3,640,640 or 3x640x640, as positive ints; anything else is one clear error."""
+    from ..errors import ConfigError
+
+    try:
+        values = tuple(int(p.strip()) for p in text.replace("x", ",").split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise ConfigError(f"--input-shape wants positive sizes such as 3,640,640, got {text!r}")
+    return values
 
 
 def _parse_input_shape(text: str) -> tuple[int, int, int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from .prepare import InferShapesPass
 from .verify import VerifyResult, compare
 
 
-def _check_arguments(model: Any, inputs: Any, rtol_of_max: Any, align: Any = None) -> None:
+def _check_arguments(model: Any, inputs: Any, rtol_of_max: Any, align: Any = None, sizes: Any = None) -> None:
     """The package's own errors for arguments of the wrong type or range, before any work."""
     if not isinstance(model, (onnx.ModelProto, str, Path)):
         hint = " (pass its .model)" if isinstance(getattr(model, "model", None), onnx.ModelProto) else ""
@@ -35,6 +35,9 @@ def _check_arguments(model: Any, inputs: Any, rtol_of_max: Any, align: Any = Non
         raise ConfigError(f"rtol_of_max must be a finite number > 0, got {rtol_of_max}.")
     if align is not None and (isinstance(align, bool) or not isinstance(align, int) or align < 1):
         raise ConfigError(f"align must be a whole number >= 1 (channels), got {align!r}.")
+    if sizes is not None and (not isinstance(sizes, Mapping) or any(
+            not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int) or v < 1 for k, v in sizes.items())):
+        raise ConfigError(f"sizes must map dimension names to positive sizes, got {sizes!r}.")
     if inputs is not None and (isinstance(inputs, (str, bytes, dict)) or not isinstance(inputs, Sequence)):
         raise DataError(f"inputs must be a list of batches (arrays or name -> array dicts), got {type(inputs).__name__}.")
 
@@ -48,7 +51,8 @@ class CompressResult:
 
 def compress(model: onnx.ModelProto | str | Path, *, inputs: Sequence[FeedLike] | None = None,
              rtol_of_max: float = 1e-4, shape_lowering: str = "predict",
-             lowering_plan: Any = None, align: int | None = None) -> CompressResult:
+             lowering_plan: Any = None, align: int | None = None,
+             sizes: Mapping[str, int] | None = None) -> CompressResult:
     """The compact model and its report; `verification.passed` says whether it may be written.
 
     The model is read into onnx_ir once, every pass changes it in place (passes.py), and it is
@@ -57,14 +61,16 @@ def compress(model: onnx.ModelProto | str | Path, *, inputs: Sequence[FeedLike] 
     replays the plan of an earlier report. ``align`` leaves every conv's and matmul's input and output
     width at a multiple of it (or whole) by keeping some dead channels, still exactly: the widths the
     runtime's blocked kernels run fastest (ORT's NCHWc block on CPUs: `sslcompress.latency.block.nchwc_block`).
+    ``sizes`` (symbol -> size) sizes the random inputs' dynamic dimensions other than the batch, where no real
+    input does (a detector exported with a free height and width); the compact model keeps them dynamic.
     """
-    _check_arguments(model, inputs, rtol_of_max, align)
+    _check_arguments(model, inputs, rtol_of_max, align, sizes)
     t0 = time.perf_counter()
     proto = load_onnx(model) if isinstance(model, (str, Path)) else model
     # What verification will feed, settled before any pass: a model it cannot run is refused first.
-    check_verifiable(proto, inputs)
+    check_verifiable(proto, inputs, sizes=sizes)
     real_batches = as_feeds(proto, list(inputs or []))
-    random = random_batches(proto, real_batches)
+    random = random_batches(proto, real_batches, sizes=sizes)
     work = ir.serde.deserialize_model(proto)
     surgery = Surgery(align)
     surgery.prepare(work)

@@ -198,19 +198,22 @@ def _dynamic(spec: InputSpec, i: int | None, specs: Sequence[InputSpec]) -> Unsu
     what = "has no declared shape" if i is None else (
         f"has a dynamic dimension {i}" + (f" ({spec.symbols[i]!r})" if spec.symbols[i] else ""))
     if len(specs) == 1 and spec.dtype.kind == "f" and (spec.shape is None or len(spec.shape) == 4):
-        how = "verify it on real inputs (--data SPEC on the command line)"
+        how = ("verify it on real inputs (--data SPEC) or give random ones a size (--input-shape C,H,W; "
+               "compress(sizes={name: size}) from Python)")
     else:
-        how = ("give real feeds {name: array} for it (--data feeds only a model with one float image input, "
-               "which this is not)")
+        how = ("give real feeds {name: array} for it, or its size (compress(sizes={name: size}) from Python; "
+               "--data feeds only a model with one float image input, which this is not)")
     return UnsupportedModelError(f"Input {spec.name!r} {what}, so no random inputs can be made for it; {how}.")
 
 
-def _shapes(specs: Sequence[InputSpec], real: Feed | None, batch: int) -> dict[str, tuple[int, ...]]:
+def _shapes(specs: Sequence[InputSpec], real: Feed | None, batch: int,
+            given: Mapping[str, int] | None = None) -> dict[str, tuple[int, ...]]:
     """Each input's concrete shape for random feeds: fixed dims as declared, leading dims and their
-    names ``batch``, other dynamic dims from the first real feed (by name across inputs)."""
-    sizes: dict[str, int] = {}
+    names ``batch``, other dynamic dims from ``given`` (symbol -> size), else from the first real feed (by
+    name across inputs)."""
+    sizes: dict[str, int] = dict(given or {})
     for s in specs:
-        if s.shape and s.shape[0] is None and s.symbols[0]:
+        if s.shape and s.shape[0] is None and s.symbols[0] and s.symbols[0] not in sizes:
             sizes[s.symbols[0]] = batch
     for s in specs:
         x = real.get(s.name) if real else None
@@ -250,7 +253,7 @@ def _shapes(specs: Sequence[InputSpec], real: Feed | None, batch: int) -> dict[s
 
 
 def check_verifiable(model: onnx.ModelProto, real: Sequence[FeedLike] | None = None,
-                     *, batch: int = 2) -> tuple[InputSpec, ...]:
+                     *, batch: int = 2, sizes: Mapping[str, int] | None = None) -> tuple[InputSpec, ...]:
     """Refuse, before any surgery pass runs, a model whose verification could not run.
 
     UnsupportedModelError for an input or output type that cannot be fed or read, or a dynamic
@@ -260,7 +263,7 @@ def check_verifiable(model: onnx.ModelProto, real: Sequence[FeedLike] | None = N
     specs = describe_inputs(model)
     _check_outputs(model)
     feeds = as_feeds(specs, real)
-    _shapes(specs, feeds[0] if feeds else None, batch)
+    _shapes(specs, feeds[0] if feeds else None, batch, sizes)
     return specs
 
 
@@ -282,18 +285,20 @@ def random_batches(
     n_random: int = 4,
     batch: int = 2,
     seed: int = 0,
+    sizes: Mapping[str, int] | None = None,
 ) -> list[Feed]:
     """``n_random`` seeded random feeds, every input in its declared dtype and shape (module docstring).
 
-    A symbolic batch dimension becomes ``batch``; any other symbolic dimension is taken from the
-    first real input, and without one the model cannot be verified (UnsupportedModelError).
+    A symbolic batch dimension becomes ``batch``; any other symbolic dimension is taken from ``sizes``
+    (symbol -> size), else from the first real input, and without either the model cannot be verified
+    (UnsupportedModelError).
     The stream is the one :func:`sslcompress.surgery.verify.compare` draws.
     """
     if n_random <= 0:
         return []
     specs = describe_inputs(model)
     given = as_feeds(specs, real)
-    shapes = _shapes(specs, given[0] if given else None, batch)
+    shapes = _shapes(specs, given[0] if given else None, batch, sizes)
     rng = np.random.default_rng(seed)
     return [{s.name: random_array(rng, s.dtype, shapes[s.name]) for s in specs} for _ in range(n_random)]
 
@@ -345,6 +350,27 @@ def with_input_size(model: onnx.ModelProto, dims: Sequence[int], flag: str = "--
         d.Clear()
         d.dim_value = int(want)
     del out.graph.value_info[:]  # intermediate shapes of the dynamic model: inferred again from the fixed input
+    return out
+
+
+def input_size_symbols(model: onnx.ModelProto, dims: Sequence[int], flag: str = "--input-shape") -> dict[str, int]:
+    """The sizes `dims` (after the batch, in the model's order) give the single input's symbolic dimensions, for
+    random inputs of that size while the model keeps them dynamic; a declared size they contradict, or a rank
+    they lack, is one sentence (ConfigError)."""
+    from ..errors import ConfigError
+
+    with_input_size(model, dims, flag)  # the same checks of the rank and of the declared sizes
+    spec = describe_inputs(model)[0]
+    out = {}
+    for sym, d, want in zip(spec.symbols[1:], (spec.shape or ())[1:], dims, strict=True):
+        if d is not None:
+            continue
+        if not sym:
+            raise ConfigError(f"{flag}: input {spec.name!r} has an unnamed dynamic size, which random inputs cannot "
+                              "be given; verify it on real inputs (--data)")
+        if out.get(sym, want) != want:
+            raise ConfigError(f"{flag} gives {sym!r} two sizes ({out[sym]} and {want})")
+        out[sym] = int(want)
     return out
 
 
