@@ -667,6 +667,14 @@ def test_more_variants_are_timed_and_scored_beside_the_others(result, tmp_path):
     assert added.accuracy == back.variant("structured").accuracy  # the same model, the same images
     assert {t.variant for t in back.timings} >= {"dense", "structured", "tp-50"}
     assert (models / "tp-50.onnx").is_file() and "tp-50" in md.read_text()
+    renamed = onnx.load(result.variant("structured").path)  # an image model's input may have any name
+    old, renamed.graph.input[0].name = renamed.graph.input[0].name, "images"
+    for node in renamed.graph.node:
+        node.input[:] = ["images" if i == old else i for i in node.input]
+    onnx.save(renamed, str(tmp_path / "renamed.onnx"))
+    res = CliRunner().invoke(main, ["bench", str(result.config.target), "--variant", f"r={tmp_path / 'renamed.onnx'}",
+                                    *FAST])
+    assert res.exit_code == 0, res.output
     half = tmp_path / "half.onnx"
     onnx.save(_half(onnx.load(result.variant("structured").path)), str(half))
     for extra, words in (([f"dense={other}"], "other than dense"), ([f"a={other}", f"a={other}"], "must differ"),

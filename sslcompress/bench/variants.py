@@ -492,7 +492,10 @@ def check_compatible(models: dict[str, Variant]) -> None:
     if len(set(per_image.values())) > 1:
         raise ConfigError("the variants take inputs of different shapes: "
                           + ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in per_image.items()))
-    per_sample = {name: tuple((s.name, s.dtype.name, None if s.shape is None else s.shape[1:]) for s in specs)
+    # An image model's single input may be named anything (each session is fed by its own input's name); a model of
+    # several inputs is fed by name, so the names must agree too.
+    per_sample = {name: ("image",) if name in shapes else
+                  tuple((s.name, s.dtype.name, None if s.shape is None else s.shape[1:]) for s in specs)
                   for name, specs in signatures.items()}
     if len(set(per_sample.values())) > 1:
         raise ConfigError("the variants take different inputs: "
