@@ -380,13 +380,14 @@ def _notes(config: BenchConfig, variants: VariantSet, infos: dict[str, VariantIn
         f"Speed-up: dense median / variant median; [lo, hi] is a {CI_LEVEL:.0%} percentile bootstrap interval"
         f" over paired rounds (seed {config.seed}).",
     ]
-    if not image_input(variants.dense.model):
-        from ..surgery.inputs import INT_HIGH, describe_inputs
+    from ..surgery.inputs import INT_HIGH, describe_inputs
 
-        notes.append("Inputs: " + ", ".join(s.describe() for s in describe_inputs(variants.dense.model))
+    specs = describe_inputs(variants.dense.model)
+    if not image_input(variants.dense.model):
+        notes.append("Inputs: " + ", ".join(s.describe() for s in specs)
                      + "; every call feeds one seeded random value of each, in its declared type (floats standard"
                      f" normal, integers in [0, {INT_HIGH}), booleans by coin flips), its batch as in the table.")
-    elif variants.dense.model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
+    elif specs[0].dtype == np.float16:
         notes.append("The models take float16 inputs: the seeded random input and any test images are fed in half"
                      " precision (the same values, rounded).")
     if config.memory:
