@@ -335,6 +335,8 @@ def _layers(config: BenchConfig, variants: VariantSet, batch: int, emit: Listene
                                 repeat=min(config.rounds or 10, 10), warmup=min(config.warmup, 2),
                                 seed=config.seed, say=lambda m: emit(BenchEvent("layers", m)))
     notes += _thread_warnings(rows)
+    if not rows and not skipped:
+        notes.append("--layers: the per-layer study times convolutions (group 1) as GEMMs; this model has none.")
     return {"layers": tuple(rows), "layers_skipped": skipped}
 
 
