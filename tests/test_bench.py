@@ -694,3 +694,31 @@ def test_added_variants_wear_colours_of_their_own():
     assert [colors[n] for n in ("dense", "structured", "dense-int8")] == [COLORS[n] for n in ("dense", "structured",
                                                                                             "dense-int8")]
     assert len(set(colors.values())) == len(names)  # no added model drawn in a built one's colour
+
+
+def test_the_cuda_plan_runs_with_the_cpu_standing_in(run_dir, monkeypatch):
+    """The bench's CUDA branches (its providers checked and probed, one thread count, no pinning, rows named cuda),
+    run with the CPU provider in CUDA's place: only the sessions' provider and the runner's binding differ."""
+    import sslcompress.bench.run as run_mod
+    import sslcompress.runtime.binding as binding
+    import sslcompress.runtime.sessions as sessions
+
+    real_check, real_runner = sessions.check_provider, binding.runner
+    asked: list[str] = []
+
+    def check(provider: str) -> str:
+        asked.append(provider)
+        return real_check("cpu" if provider == "cuda" else provider)
+
+    monkeypatch.setattr(sessions, "check_provider", check)
+    monkeypatch.setattr(run_mod, "check_provider", check)
+    monkeypatch.setattr(run_mod, "probe_cuda", lambda: asked.append("probe"))
+    monkeypatch.setattr(binding, "runner", lambda s, x, p: real_runner(s, x, "cpu" if p == "cuda" else p))
+    threads = (1, 2) if len(runtime.usable_cpus()) >= 2 else (1,)
+    r = run_bench(BenchConfig(target=str(run_dir), providers=("cpu", "cuda"), threads=threads, batches=(1, 2),
+                              repeat=2, warmup=0, memory=False))
+    assert "probe" in asked and "cuda" in asked
+    settings = {(t.provider, t.threads, t.batch) for t in r.timings}
+    # The CPU at every thread count; CUDA once, at the largest (CPU threads only launch its work).
+    assert settings == {("cpu", t, b) for t in threads for b in (1, 2)} | {("cuda", max(threads), b) for b in (1, 2)}
+    assert {t.variant for t in r.timings if t.provider == "cuda"} == {"dense", "unstructured", "structured"}
