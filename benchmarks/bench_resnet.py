@@ -14,6 +14,10 @@ hidden). Writes results/bench_resnet.json (every BenchResult) and results/bench_
 
     python benchmarks/bench_resnet.py [--models resnet18,resnet50] [--keep 0.5,0.25] [--repeat 15]
     python benchmarks/bench_resnet.py --provider cuda --batch 1,8,64 --threads 1 --name bench_resnet_cuda
+    python benchmarks/bench_resnet.py --provider cuda --half ...     # both models in float16, as GPUs deploy them
+
+With `--half` the dense and the structured model are converted to float16 after the (float32) cut is verified
+(ONNX Runtime's float16 converter, inputs and outputs float16 too) and the bench times them in half precision.
 """
 
 from __future__ import annotations
@@ -54,20 +58,30 @@ def cut_case(name: str, keep: float, args, work: Path, scope: str = "blocks",
     """The zeroed ResNet exported with a dynamic batch and cut, verified, both models written to `work`:
     (dense path, structured path, the surgery's totals, what was zeroed)."""
     model, zeroing = sparse_resnet(name, keep, args.size, args.seed, scope, align)
-    return (*export_and_cut(model, (1, 3, args.size, args.size), f"{name}_{keep:g}", work), zeroing)
+    return (*export_and_cut(model, (1, 3, args.size, args.size), f"{name}_{keep:g}", work,
+                            half=getattr(args, "half", False)), zeroing)
 
 
-def export_and_cut(model, input_shape: tuple[int, ...], stem: str, work: Path) -> tuple[Path, Path, dict]:
+def export_and_cut(model, input_shape: tuple[int, ...], stem: str, work: Path, half: bool = False
+                   ) -> tuple[Path, Path, dict]:
     """`model` exported with a dynamic batch and cut, verified (or the script stops), both models written to
-    `work`: (dense path, structured path, the surgery's totals)."""
+    `work` (in float16 with `half`): (dense path, structured path, the surgery's totals)."""
     exported = export_onnx(model, input_shape, dynamic_batch=True)
     cut = compress(exported.model, shape_lowering="off")
     if not cut.verification.passed:
         raise SystemExit(f"error: verification failed for {stem}: {cut.report['verification']}")
-    dense, structured = work / f"{stem}_dense.onnx", work / f"{stem}_structured.onnx"
-    save_onnx(exported.model, dense)
-    save_onnx(cut.model, structured)
+    suffix = "_fp16" if half else ""
+    dense, structured = work / f"{stem}_dense{suffix}.onnx", work / f"{stem}_structured{suffix}.onnx"
+    save_onnx(as_half(exported.model) if half else exported.model, dense)
+    save_onnx(as_half(cut.model) if half else cut.model, structured)
     return dense, structured, cut.report["totals"]
+
+
+def as_half(proto):
+    """The model in float16, inputs and outputs too (ONNX Runtime's converter, as a GPU deployment makes it)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(proto, keep_io_types=False)
 
 
 def one_case(name: str, keep: float, args, work: Path, cut=cut_case) -> dict:
@@ -127,11 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="resnet18,resnet50")
     p.add_argument("--keep", default="0.5,0.25", help="fractions of block-internal channels kept")
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--half", action="store_true",
+                   help="time the dense and the structured model in float16 (converted after the float32 cut)")
     add_timing_options(p, "bench_resnet")
     args = p.parse_args(argv)
     if not timing_options_ok(args):
         return 2
-    run_cases(args, argv, "bench_resnet.py")
+    half = {"title": "Dense vs unstructured vs structured on ONNX Runtime, float16"} if args.half else {}
+    run_cases(args, argv, "bench_resnet.py", **half)
     return 0
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA execution provider measured end to end (issue 12): ResNet-18/50 dense, unstructured and structured
 # through `bench`'s CUDA path (I/O binding, each call synchronised) at batch 1, 8 and 64, on a lent GPU machine;
-# then the latency table on CUDA, predicted against measured (benchmarks/latency_prediction.py --provider cuda).
+# then both models in float16 (--half), and the latency table on CUDA, predicted against measured
+# (benchmarks/latency_prediction.py --provider cuda). At most about 8 minutes in all.
 #
 # Here, once, from the repository root:
 #   bash ../shared/tools/ortgpu-parts.sh     # onnxruntime-gpu in parts under .ortgpu/ (ignored)
@@ -32,17 +33,24 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 python3 benchmarks/bench_resnet.py --provider "${PROVIDER:-cuda}" --batch "${BATCH:-1,8,64}" --threads 1 \
   --repeat "${REPEAT:-15}" --out "$OUT" --name "bench_resnet_${PROVIDER:-cuda}" 2>&1 | tee "$OUT/bench_resnet_${PROVIDER:-cuda}.log"
 
+# Then the same models in float16, as GPUs deploy them (HALF=0 leaves it out), under its own timeout.
+set +e
+if [ "${HALF:-1}" = 1 ]; then
+  timeout "${HALF_SECONDS:-150}" python3 benchmarks/bench_resnet.py --provider "${PROVIDER:-cuda}" --half \
+    --batch "${BATCH:-1,8,64}" --threads 1 --repeat "${REPEAT:-15}" --out "$OUT" \
+    --name "bench_resnet_${PROVIDER:-cuda}_fp16" 2>&1 | tee "$OUT/bench_resnet_${PROVIDER:-cuda}_fp16.log"
+fi
+
 # Then, in what time the call has left, the latency table on the same provider (`--latency-provider cuda`):
 # ResNet-20 profiled and its random prunings predicted against measured, batch 1 then batch 8, and with
 # LP_RESNET18=1 ResNet-18 at batch 1 (some 1500 grid points: minutes on CUDA). Each part writes its own results
 # under its own timeout, so one cut short costs only itself.
-set +e
 P=${PROVIDER:-cuda}
 parts="resnet20:1 resnet20:8"
 [ "${LP_RESNET18:-0}" = 1 ] && parts="$parts resnet18:1"
 for part in $parts; do
   model=${part%%:*}; batch=${part##*:}; name="latency_prediction_${P}_${model}_b${batch}"
-  timeout "${LP_SECONDS:-150}" python3 benchmarks/latency_prediction.py --provider "$P" --models "$model" \
+  timeout "${LP_SECONDS:-100}" python3 benchmarks/latency_prediction.py --provider "$P" --models "$model" \
     --batch "$batch" --step 16 --step-resnet18 64 --out "$OUT" --table-dir "$OUT/tables" --name "$name" 2>&1 \
     | tee "$OUT/$name.log"
 done

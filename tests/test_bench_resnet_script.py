@@ -41,3 +41,19 @@ def test_a_cpu_run_names_its_provider_and_host(script, tmp_path):
     assert md.startswith("# Dense vs unstructured vs structured on ONNX Runtime (CPU)")
     assert "--provider cpu" in md and f"ORT {ort.__version__}" in md
     assert "| resnet18 | 50% |" in md and "| cpu | 1 | 1 |" in md
+
+
+def test_half_times_both_models_in_float16(script, tmp_path):
+    import onnx
+
+    work = tmp_path / "work"
+    assert script.main([*SMALL, "--half", "--out", str(tmp_path), "--work", str(work), "--name", "half"]) == 0
+    for path in sorted(work.glob("*.onnx")):
+        assert path.stem.endswith("_fp16")
+        assert onnx.load(str(path)).graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert len(list(work.glob("*.onnx"))) == 2
+    doc = json.loads((tmp_path / "half.json").read_text())
+    (case,) = doc["cases"]
+    assert any("float16 inputs" in n for n in case["bench"]["notes"])
+    assert (tmp_path / "half.md").read_text().startswith("# Dense vs unstructured vs structured on ONNX Runtime, "
+                                                         "float16 (CPU)")
