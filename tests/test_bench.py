@@ -202,7 +202,7 @@ def test_markdown(result):
     md = render_markdown(result)
     assert md.startswith("# sslcompress bench: ")
     for part in ("## variants", "## latency: cpu, 1 thread(s)", "| unstructured |", "dense kernels", "## Notes",
-                 "speed-up [95% CI]"):
+                 "speed-up [95% CI]", "images/s", "MACs/image"):
         assert part in md, part
 
 
@@ -625,6 +625,8 @@ def test_a_model_of_several_inputs_is_fed_every_input(tmp_path):
     assert {(t.variant, t.batch) for t in r.timings} == {(v, b) for v in ("dense", "unstructured", "structured")
                                                          for b in (1, 4)}
     assert any(n.startswith("Inputs: 'input_ids' (int64, ?x16), 'attention_mask' (float32, ?x16)") for n in r.notes)
+    md = render_markdown(r)  # a row of a batch is a sample here, not an image
+    assert "samples/s" in md and "MACs/sample" in md and "images/s" not in md
     for extra, words in ((["--data", "digits"], "--data scores models that take one image input"),
                          (["--int8", "--data", "digits"], "--int8 quantizes models that take one image input")):
         res = CliRunner().invoke(main, ["bench", str(src), *extra, *FAST])

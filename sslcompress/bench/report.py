@@ -54,8 +54,14 @@ def variants_table(r: BenchResult) -> TableData:
         footer.append("heads: attention heads the graph computes; MLP neurons: hidden units between an MLP's two "
                       "layers; kept of the dense model's")
     units_header = ("heads", "MLP neurons") if transformer else ()
-    return TableData("variants", ("variant", "MACs/image", "params", "nonzero weights", *units_header, "file",
+    return TableData("variants", ("variant", f"MACs/{_unit(r)}", "params", "nonzero weights", *units_header, "file",
                                   "peak memory", "top-1", "source"), tuple(rows), tuple(footer))
+
+
+def _unit(r: BenchResult) -> str:
+    """What one row of a batch is: an image for a model of (batch, C, H, W) images, else a sample (a waveform, a
+    sequence of token ids, several inputs)."""
+    return "image" if len(r.variant("dense").input_shape) == 4 else "sample"
 
 
 def _units_cells(v, dense) -> tuple[str, str]:
@@ -81,7 +87,7 @@ def timing_tables(r: BenchResult) -> list[TableData]:
                 rows.append((str(b), name, ms(x.median_s), ms(x.p90_s), ms(x.iqr_s), f"{x.throughput:,.0f}", sp,
                              str(len(x.samples_s))))
         out.append(TableData(f"latency: {provider}, {threads} thread(s)",
-                             ("batch", "variant", "median ms", "p90 ms", "IQR ms", "images/s", "speed-up [95% CI]",
+                             ("batch", "variant", "median ms", "p90 ms", "IQR ms", f"{_unit(r)}s/s", "speed-up [95% CI]",
                               "rounds"), tuple(rows)))
     return out
 
