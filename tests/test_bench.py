@@ -631,11 +631,25 @@ def test_a_model_of_several_inputs_is_fed_every_input(tmp_path):
                          (["--int8", "--data", "digits"], "--int8 quantizes models that take one image input")):
         res = CliRunner().invoke(main, ["bench", str(src), *extra, *FAST])
         assert words in _one_line_error(res)
-    # A sequence length left dynamic cannot be drawn at random: one line, not the surgery's advice.
+    # A sequence length left dynamic needs its size: one line asking for --dim, then --dim gives it.
     free = tmp_path / "free.onnx"
     _text_model(free, seq="seq")
     res = CliRunner().invoke(main, ["bench", str(free), *FAST])
-    assert "dynamic dimension 1 ('seq')" in _one_line_error(res)
+    line = _one_line_error(res)
+    assert "dynamic dimension 1 ('seq')" in line and "--dim NAME=SIZE" in line
+    res = CliRunner().invoke(main, ["bench", str(free), "--dim", "sek=16", *FAST])
+    assert "--dim sek: no input has a dimension of that name" in _one_line_error(res)
+    report = tmp_path / "free.json"
+    res = CliRunner().invoke(main, ["bench", str(free), "--dim", "seq=16", "--out", str(report), *FAST])
+    assert res.exit_code == 0, res.output
+    back = BenchResult.from_json(report.read_text())
+    assert back.config.dims == (("seq", 16),) and back.variant("structured").macs == structured.macs
+    # The surgery verifies it at that size and keeps the sequence dynamic in the compact model.
+    cut = tmp_path / "free_cut.onnx"
+    res = CliRunner().invoke(main, ["surgery", str(free), "-o", str(cut), "--dim", "seq=16"])
+    assert res.exit_code == 0, res.output
+    assert [[d.dim_param for d in i.type.tensor_type.shape.dim] for i in onnx.load(cut).graph.input] == \
+        [["batch", "seq"], ["batch", "seq"]]
 
 
 def test_the_feed_reaches_every_input_on_every_provider_path():

@@ -43,6 +43,7 @@ class BenchConfig:
     calibration: int = 256  # training images that calibrate the INT8 activation ranges
     input_size: tuple[int, ...] | None = None  # sizes after the batch (the model's order) for dynamic-size models
     extra: tuple[tuple[str, str], ...] = ()  # (name, ONNX path) of more variants timed beside the others
+    dims: tuple[tuple[str, int], ...] = ()  # named input dimensions fixed at a size (a sequence length)
 
     def __post_init__(self) -> None:
         if self.repeat is not None and self.min_time is not None:
@@ -66,6 +67,9 @@ class BenchConfig:
         if self.input_size is not None and (not self.input_size or any(
                 isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in self.input_size)):
             raise ConfigError(f"--input-shape wants positive sizes such as 3,224,224, got {self.input_size!r}")
+        for name, size in self.dims:
+            if not name or isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ConfigError(f"--dim wants NAME=SIZE with a positive size, got {name}={size!r}")
         names = [n for n, _ in self.extra]
         for name in names:
             if not EXTRA_NAME.fullmatch(name) or name in RESERVED_NAMES:
@@ -103,10 +107,11 @@ class BenchConfig:
             d[k] = list(d[k]) if d[k] is not None else None
         if not self.int8:  # a bench without --int8 writes the keys it always wrote
             del d["int8"], d["calibration"]
-        if self.extra:
-            d["extra"] = [list(e) for e in self.extra]
-        else:
-            del d["extra"]
+        for k in ("extra", "dims"):  # written only when given, as the files before them were
+            if getattr(self, k):
+                d[k] = [list(e) for e in getattr(self, k)]
+            else:
+                del d[k]
         if self.input_size is None:
             del d["input_size"]
         else:
@@ -120,4 +125,5 @@ class BenchConfig:
             if kw.get(k) is not None:
                 kw[k] = tuple(kw[k])
         kw["extra"] = tuple(tuple(e) for e in kw.get("extra") or ())
+        kw["dims"] = tuple((str(n), int(v)) for n, v in kw.get("dims") or ())
         return cls(**kw)

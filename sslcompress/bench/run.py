@@ -160,7 +160,8 @@ def _bench_models(config: BenchConfig, emit: Listener, tmp: Path
         emit(BenchEvent("build", message))
 
     variants = build_variants(config.target, dense=config.dense, unstructured=config.unstructured,
-                              structured=config.structured, say=say, input_size=config.input_size)
+                              structured=config.structured, say=say, input_size=config.input_size,
+                              dims=dict(config.dims) or None)
     variants, int8_notes = _with_int8(config, variants, say)
     variants = _with_extra(config, variants)
     batches = _batches(config, variants)
@@ -230,18 +231,12 @@ def _bench_models(config: BenchConfig, emit: Listener, tmp: Path
 def _with_extra(config: BenchConfig, variants: VariantSet) -> VariantSet:
     """The set with each --variant NAME=MODEL.onnx after the others: another tool's pruned model, another export,
     timed in the same rounds; it must take the dense model's inputs and give its outputs."""
-    from ..surgery.inputs import with_input_size
-    from .variants import check_compatible, lift_constants, load_override
+    from .variants import check_compatible, fixed_sizes, lift_constants, load_override
 
     added = []
     for name, path in config.extra:
         flag = f"--variant {name}"
-        proto = load_override(path, flag)
-        if config.input_size is not None:
-            try:
-                proto = with_input_size(proto, config.input_size)
-            except ConfigError as exc:
-                raise ConfigError(f"{flag}: {exc}") from exc
+        proto = fixed_sizes(load_override(path, flag), config.input_size, dict(config.dims) or None, flag)
         extra = Variant(name, lift_constants(proto), f"given: {path}")
         check_compatible({"dense": variants.dense, name: extra})
         added.append(extra)

@@ -302,6 +302,22 @@ def _export_at(path: Path, input_size: tuple[int, ...] | None = None):
     return export_onnx(model, (1, *input_size), dynamic_batch=True).model, ckpt
 
 
+def fixed_sizes(proto: onnx.ModelProto, input_size: tuple[int, ...] | None, dims: dict[str, int] | None,
+                flag: str | None = None) -> onnx.ModelProto:
+    """The model with its input's sizes after the batch (`input_size`) and the named dimensions (`dims`) fixed, as
+    --input-shape and --dim ask; a size that does not fit is one sentence naming `flag`'s model."""
+    from ..surgery.inputs import with_input_size, with_named_sizes
+
+    try:
+        if dims:
+            proto = with_named_sizes(proto, dims)
+        if input_size is not None:
+            proto = with_input_size(proto, input_size)
+    except ConfigError as exc:
+        raise ConfigError(f"{flag}: {exc}" if flag else str(exc)) from exc
+    return proto
+
+
 def _check_static_size(model: onnx.ModelProto, what: str) -> None:
     """The surgery verifies its cut on random inputs, which need every size but the batch."""
     if not image_input(model):
@@ -339,24 +355,18 @@ def load_override(path: str | Path, flag: str | None = None) -> onnx.ModelProto:
 
 def build_variants(target: str | Path | None = None, *, dense: str | Path | None = None,
                    unstructured: str | Path | None = None, structured: str | Path | None = None,
-                   say=None, input_size: tuple[int, ...] | None = None) -> VariantSet:
+                   say=None, input_size: tuple[int, ...] | None = None,
+                   dims: dict[str, int] | None = None) -> VariantSet:
     """The three variants of every bench; an override path wins over what the target would give.
 
     `say(message)` is told each step that takes a while (exports, the surgery). `input_size`: the sizes after
     the batch dimension (the model's order) every variant is fixed at, for models of a dynamic size;
-    checkpoints are exported at it.
+    checkpoints are exported at it. `dims`: named input dimensions (a sequence length) fixed at a size likewise.
     """
-    from ..surgery.inputs import with_input_size
-
     say = say or (lambda _msg: None)
 
     def sized(proto: onnx.ModelProto, flag: str | None = None) -> onnx.ModelProto:
-        if input_size is None:
-            return proto
-        try:
-            return with_input_size(proto, input_size)
-        except ConfigError as exc:
-            raise ConfigError(f"{flag}: {exc}" if flag else str(exc)) from exc
+        return fixed_sizes(proto, input_size, dims, flag)
 
     given = {DENSE: dense, UNSTRUCTURED: unstructured, STRUCTURED: structured}
     models: dict[str, Variant] = {}
@@ -449,8 +459,8 @@ def _check_feedable(who: str, proto: onnx.ModelProto) -> None:
         random_feed(proto, 1, 0)
     except UnsupportedModelError as exc:
         what = str(exc).split(", so no random inputs")[0]
-        raise UnsupportedModelError(f"{who}: {what}; the bench feeds random inputs of one size, so export it with "
-                                    "that dimension fixed") from exc
+        raise UnsupportedModelError(f"{who}: {what}; the bench feeds random inputs of one size: give it with "
+                                    "--dim NAME=SIZE") from exc
 
 
 def check_compatible(models: dict[str, Variant]) -> None:

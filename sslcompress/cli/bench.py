@@ -43,6 +43,23 @@ def _bench_inputs(target: str | None, dense: str | None, unstructured: str | Non
     return inputs
 
 
+def named_sizes(given: tuple[str, ...], flag: str = "--dim") -> tuple[tuple[str, int], ...]:
+    """Each NAME=SIZE as (name, size); anything else is one clear error."""
+    from ..errors import ConfigError
+
+    out = []
+    for text in given:
+        name, _, size = text.partition("=")
+        try:
+            value = int(size)
+        except ValueError:
+            value = 0
+        if not name.strip() or value < 1:
+            raise ConfigError(f"{flag} wants NAME=SIZE with a positive size, got {text!r}")
+        out.append((name.strip(), value))
+    return tuple(out)
+
+
 def _extra_variants(given: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     """Each --variant NAME=ONNX as (name, path); the names are checked with the rest of the options."""
     from ..errors import ConfigError
@@ -106,6 +123,9 @@ def _plot_bytes(result) -> bytes:
 @click.option("--variant", "extra", multiple=True, metavar="NAME=ONNX",
               help="Also time this ONNX model under NAME beside the others (repeatable): another tool's pruned "
                    "model, another export. It must take the dense model's inputs and give its outputs.")
+@click.option("--dim", "dims", multiple=True, metavar="NAME=SIZE",
+              help="Fix a named input dimension at a size for every variant (repeatable), e.g. sequence=128 for a "
+                   "transformer exported with a dynamic sequence length.")
 @click.option("--input-shape", default=None, metavar="C,H,W",
               help="Bench models of a dynamic input size at this one: the sizes after the batch, in the model's "
                    "order (3,224,224; 224,224,3 for a channels-last input). Checkpoints are exported at it.")
@@ -131,7 +151,7 @@ def _plot_bytes(result) -> bytes:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the input and the bootstrap.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress.")
 def bench(target: str | None, dense: str | None, unstructured: str | None, structured: str | None,
-          extra: tuple[str, ...],
+          extra: tuple[str, ...], dims: tuple[str, ...],
           providers: tuple[str, ...], threads: str, batches: str | None, warmup: int, repeat: int | None,
           min_time: float | None, data: str | None, data_limit: int, input_shape: str | None, int8: bool,
           calibration: int,
@@ -162,7 +182,7 @@ def bench(target: str | None, dense: str | None, unstructured: str | None, struc
         batches=_int_list(batches, "--batch") if batches is not None else None,
         warmup=warmup, repeat=repeat, min_time=min_time, data=data, data_limit=data_limit, int8=int8,
         calibration=calibration, layers=layer_study, paper_table=paper_table, models_dir=models_dir, pin=not no_pin,
-        seed=seed, extra=extras, input_size=_int_list(input_shape.replace("x", ","), "--input-shape", keep_repeats=True)
+        seed=seed, extra=extras, dims=named_sizes(dims), input_size=_int_list(input_shape.replace("x", ","), "--input-shape", keep_repeats=True)
         if input_shape else None)
     if plot:
         require_matplotlib()

@@ -150,22 +150,33 @@ def _real_inputs(proto, data: str | None, limit: int):
               help="Verify a model of a dynamic height and width on random inputs of this size (the sizes after the "
                    "batch, in the model's order); the compact model keeps its sizes dynamic. Without it, such a model "
                    "needs --data.")
+@click.option("--dim", "dims", multiple=True, metavar="NAME=SIZE",
+              help="Verify on random inputs whose dimension NAME has this size (repeatable), e.g. sequence=128 for a "
+                   "transformer exported with a dynamic sequence length; the compact model keeps it dynamic.")
 def surgery(model: str, out: str, data: str | None, data_limit: int, report_path: str | None, force: bool,
             shape_lowering: str | None, lowering_plan: str | None, align: int | str | None, as_json: bool,
-            input_shape: str | None) -> None:
+            input_shape: str | None, dims: tuple[str, ...]) -> None:
     """Delete exactly-zero channels from any ONNX model, verified against it in ONNX Runtime."""
+    from ..errors import ConfigError
     from ..io import check_distinct_paths
     from ..surgery.compress import compress
     from ..surgery.export import load_onnx
-    from ..surgery.inputs import input_size_symbols
+    from ..surgery.inputs import input_size_symbols, with_named_sizes
+    from .bench import named_sizes
 
     check_distinct_paths([("-o/--output", out), ("--report", report_path)],
                          [("MODEL", model), ("--lowering-plan", lowering_plan)])
     lowering = _lowering(shape_lowering, lowering_plan)
     proto = load_onnx(model)
-    sizes = input_size_symbols(proto, _parse_sizes(input_shape)) if input_shape else None
+    sizes = input_size_symbols(proto, _parse_sizes(input_shape)) if input_shape else {}
+    for name, size in named_sizes(dims):
+        if sizes.get(name, size) != size:
+            raise ConfigError(f"--dim {name}={size} and --input-shape give {name!r} two sizes ({sizes[name]} and {size})")
+        sizes[name] = size
+    if dims:
+        with_named_sizes(proto, dict(named_sizes(dims)))  # a name no input has is one sentence
     result = compress(proto, inputs=_real_inputs(proto, data, data_limit), shape_lowering=lowering,
-                      align=_resolve_align(align), sizes=sizes)
+                      align=_resolve_align(align), sizes=sizes or None)
     extra = {"data": data} if data else {}
     if sizes:
         extra["input_sizes"] = sizes

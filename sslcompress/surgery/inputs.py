@@ -198,11 +198,11 @@ def _dynamic(spec: InputSpec, i: int | None, specs: Sequence[InputSpec]) -> Unsu
     what = "has no declared shape" if i is None else (
         f"has a dynamic dimension {i}" + (f" ({spec.symbols[i]!r})" if spec.symbols[i] else ""))
     if len(specs) == 1 and spec.dtype.kind == "f" and (spec.shape is None or len(spec.shape) == 4):
-        how = ("verify it on real inputs (--data SPEC) or give random ones a size (--input-shape C,H,W; "
-               "compress(sizes={name: size}) from Python)")
+        how = ("verify it on real inputs (--data SPEC) or give random ones a size (--input-shape C,H,W or --dim "
+               "NAME=SIZE; compress(sizes={name: size}) from Python)")
     else:
-        how = ("give real feeds {name: array} for it, or its size (compress(sizes={name: size}) from Python; "
-               "--data feeds only a model with one float image input, which this is not)")
+        how = ("give its size (--dim NAME=SIZE; compress(sizes={name: size}) from Python), or real feeds "
+               "{name: array} from Python (--data feeds only a model with one float image input, which this is not)")
     return UnsupportedModelError(f"Input {spec.name!r} {what}, so no random inputs can be made for it; {how}.")
 
 
@@ -350,6 +350,31 @@ def with_input_size(model: onnx.ModelProto, dims: Sequence[int], flag: str = "--
         d.Clear()
         d.dim_value = int(want)
     del out.graph.value_info[:]  # intermediate shapes of the dynamic model: inferred again from the fixed input
+    return out
+
+
+def with_named_sizes(model: onnx.ModelProto, sizes: Mapping[str, int], flag: str = "--dim") -> onnx.ModelProto:
+    """A copy of the model whose inputs have the dimensions named in `sizes` fixed at those sizes (a transformer's
+    sequence length, a detector's height and width), wherever they appear. A name no input has is one sentence
+    (ConfigError)."""
+    from ..errors import ConfigError
+
+    specs = describe_inputs(model)
+    named = {sym for s in specs for sym in s.symbols if sym}
+    unknown = [n for n in sizes if n not in named]
+    if unknown:
+        raise ConfigError(f"{flag} {unknown[0]}: no input has a dimension of that name (the model's inputs: "
+                          + ", ".join(f"{s.name!r} [{', '.join(sym or ('?' if d is None else str(d)) for sym, d in zip(s.symbols, s.shape or ()))}]"
+                                      for s in specs) + ")")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for value in out.graph.input:
+        for d in value.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param in sizes:
+                size = int(sizes[d.dim_param])
+                d.Clear()
+                d.dim_value = size
+    del out.graph.value_info[:]  # intermediate shapes of the dynamic model: inferred again from the fixed inputs
     return out
 
 
