@@ -409,6 +409,7 @@ def real_inputs(model: onnx.ModelProto, spec: str, *, limit: int = 64, seed: int
     verification compares functions, it does not resize.
     """
     from ..data import load_data
+    from ..data.layout import image_layout, to_layout
 
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise DataError(f"The number of real images must be a positive integer, got {limit!r}.")
@@ -418,16 +419,12 @@ def real_inputs(model: onnx.ModelProto, spec: str, *, limit: int = 64, seed: int
     name = image.name
     data = load_data(spec, limit_test=limit, seed=seed)
     images = tuple(int(d) for d in data.x_test.shape[1:])
-    channels_last = False
-    if any(want is not None and want != got for want, got in zip(shape[1:], images)):
-        # A (batch, H, W, C) input, as TensorFlow's exporters write it, takes the same images channels last.
-        channels_last = len(images) == 3 and len(shape) == 4 and all(
-            want is None or want == got for want, got in zip(shape[1:], (*images[1:], images[0])))
-        if not channels_last:
-            raise DataError(
-                f"Data set {data.name} has {_fmt(images)} images but the model's input {name!r} is "
-                f"{_fmt(shape[1:])} (CxHxW, or HxWxC channels last); give images of the model's input shape."
-            )
+    layout = image_layout(images, shape[1:])
+    if layout is None:
+        raise DataError(
+            f"Data set {data.name} has {_fmt(images)} images but the model's input {name!r} is "
+            f"{_fmt(shape[1:])} (CxHxW, or HxWxC channels last); give images of the model's input shape."
+        )
     n = int(data.x_test.shape[0])
     static_batch = shape[0]
     if static_batch is not None and n < static_batch:
@@ -436,7 +433,5 @@ def real_inputs(model: onnx.ModelProto, spec: str, *, limit: int = 64, seed: int
             f"from {data.name}; raise the limit or export with a dynamic batch."
         )
     size = static_batch if static_batch is not None else min(REAL_BATCH, n)
-    batches = [x.numpy() for x, _ in data.batches("test", size, drop_last=static_batch is not None)]
-    if channels_last:
-        batches = [np.ascontiguousarray(np.moveaxis(x, 1, -1)) for x in batches]
-    return [x.astype(image.dtype, copy=False) for x in batches]
+    return [to_layout(x.numpy(), layout).astype(image.dtype, copy=False)
+            for x, _ in data.batches("test", size, drop_last=static_batch is not None)]
