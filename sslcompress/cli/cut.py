@@ -161,7 +161,7 @@ def surgery(model: str, out: str, data: str | None, data_limit: int, report_path
     from ..io import check_distinct_paths
     from ..surgery.compress import compress
     from ..surgery.export import load_onnx
-    from ..surgery.inputs import input_size_symbols, with_named_sizes
+    from ..surgery.inputs import check_dim_names, input_size_symbols
     from .bench import named_sizes
 
     check_distinct_paths([("-o/--output", out), ("--report", report_path)],
@@ -173,8 +173,7 @@ def surgery(model: str, out: str, data: str | None, data_limit: int, report_path
         if sizes.get(name, size) != size:
             raise ConfigError(f"--dim {name}={size} and --input-shape give {name!r} two sizes ({sizes[name]} and {size})")
         sizes[name] = size
-    if dims:
-        with_named_sizes(proto, dict(named_sizes(dims)))  # a name no input has is one sentence
+    check_dim_names(proto, [name for name, _ in named_sizes(dims)])
     result = compress(proto, inputs=_real_inputs(proto, data, data_limit), shape_lowering=lowering,
                       align=_resolve_align(align), sizes=sizes or None)
     extra = {"data": data} if data else {}

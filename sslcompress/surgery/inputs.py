@@ -353,28 +353,41 @@ def with_input_size(model: onnx.ModelProto, dims: Sequence[int], flag: str = "--
     return out
 
 
-def with_named_sizes(model: onnx.ModelProto, sizes: Mapping[str, int], flag: str = "--dim") -> onnx.ModelProto:
-    """A copy of the model whose inputs have the dimensions named in `sizes` fixed at those sizes (a transformer's
-    sequence length, a detector's height and width), wherever they appear. A name no input has is one sentence
-    (ConfigError)."""
+def set_symbol_sizes(model: onnx.ModelProto, sizes: Mapping[str, int]) -> bool:
+    """Give the inputs' dimensions named in `sizes` those sizes, in place, and drop the intermediate shapes
+    inferred for the dynamic model where any changed (to be inferred again); whether any did."""
+    touched = False
+    for value in model.graph.input:
+        for d in value.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param in sizes:
+                d.dim_value = int(sizes[d.dim_param])  # the oneof drops the name
+                touched = True
+    if touched:
+        del model.graph.value_info[:]
+    return touched
+
+
+def check_dim_names(model: onnx.ModelProto, names: Sequence[str], flag: str = "--dim") -> None:
+    """One sentence (ConfigError) for a name no input's dimension has, listing the inputs' dimensions."""
     from ..errors import ConfigError
 
     specs = describe_inputs(model)
     named = {sym for s in specs for sym in s.symbols if sym}
-    unknown = [n for n in sizes if n not in named]
+    unknown = [n for n in names if n not in named]
     if unknown:
-        raise ConfigError(f"{flag} {unknown[0]}: no input has a dimension of that name (the model's inputs: "
-                          + ", ".join(f"{s.name!r} [{', '.join(sym or ('?' if d is None else str(d)) for sym, d in zip(s.symbols, s.shape or ()))}]"
-                                      for s in specs) + ")")
+        dims = ", ".join(f"{s.name!r} [{', '.join(sym or ('?' if d is None else str(d)) for sym, d in zip(s.symbols, s.shape or ()))}]"
+                         for s in specs)
+        raise ConfigError(f"{flag} {unknown[0]}: no input has a dimension of that name (the model's inputs: {dims})")
+
+
+def with_named_sizes(model: onnx.ModelProto, sizes: Mapping[str, int], flag: str = "--dim") -> onnx.ModelProto:
+    """A copy of the model whose inputs have the dimensions named in `sizes` fixed at those sizes (a transformer's
+    sequence length, a detector's height and width), wherever they appear; a name no input has is one sentence
+    (ConfigError)."""
+    check_dim_names(model, list(sizes), flag)
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    for value in out.graph.input:
-        for d in value.type.tensor_type.shape.dim:
-            if d.HasField("dim_param") and d.dim_param in sizes:
-                size = int(sizes[d.dim_param])
-                d.Clear()
-                d.dim_value = size
-    del out.graph.value_info[:]  # intermediate shapes of the dynamic model: inferred again from the fixed inputs
+    set_symbol_sizes(out, sizes)
     return out
 
 

@@ -175,16 +175,11 @@ def symbol_sizes(model: onnx.ModelProto, feed: dict | None) -> dict[str, int]:
 def _at_sizes(model: ir.Model, sizes: dict[str, int]) -> ir.Model:
     """A copy of the model whose inputs have ``sizes`` for their symbolic dims, shapes inferred anew
     (the model itself is left as it is)."""
+    from .inputs import set_symbol_sizes
+
     proto = ir.serde.serialize_model(model)
-    touched = False
-    for v in proto.graph.input:
-        for d in v.type.tensor_type.shape.dim:
-            if d.HasField("dim_param") and d.dim_param in sizes:
-                d.dim_value = int(sizes[d.dim_param])
-                touched = True
-    if not touched:
+    if not set_symbol_sizes(proto, sizes):
         return model
-    del proto.graph.value_info[:]
     for v in proto.graph.output:
         v.type.tensor_type.ClearField("shape")
     try:
