@@ -10,9 +10,8 @@ import click
 from . import main
 
 
-def _int_list(text: str, flag: str, allow_all: bool = False, keep_repeats: bool = False) -> tuple[int, ...]:
-    """'1,2' (and 'all' = the CPUs this process may use) as positive ints, in order, without repeats (with
-    `keep_repeats`, as given: sizes such as 224,224)."""
+def _int_list(text: str, flag: str, allow_all: bool = False) -> tuple[int, ...]:
+    """'1,2' (and 'all' = the CPUs this process may use) as positive ints, in order, without repeats."""
     from ..bench.paper import cpus
     from ..errors import ConfigError
 
@@ -25,7 +24,7 @@ def _int_list(text: str, flag: str, allow_all: bool = False, keep_repeats: bool 
         if n < 1:
             raise ConfigError(f"{flag} wants positive integers separated by commas"
                               + (" (or 'all')" if allow_all else "") + f", got {text!r}")
-        if keep_repeats or n not in out:
+        if n not in out:
             out.append(n)
     if not out:
         raise ConfigError(f"{flag} is empty")
@@ -41,23 +40,6 @@ def _bench_inputs(target: str | None, dense: str | None, unstructured: str | Non
 
         inputs += [(f"RUN_DIR_OR_CHECKPOINT ({name})", str(Path(target) / name)) for name in (SPARSE, PRETRAINED)]
     return inputs
-
-
-def named_sizes(given: tuple[str, ...], flag: str = "--dim") -> tuple[tuple[str, int], ...]:
-    """Each NAME=SIZE as (name, size); anything else is one clear error."""
-    from ..errors import ConfigError
-
-    out = []
-    for text in given:
-        name, _, size = text.partition("=")
-        try:
-            value = int(size)
-        except ValueError:
-            value = 0
-        if not name.strip() or value < 1:
-            raise ConfigError(f"{flag} wants NAME=SIZE with a positive size, got {text!r}")
-        out.append((name.strip(), value))
-    return tuple(out)
 
 
 def _extra_variants(given: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
@@ -169,6 +151,7 @@ def bench(target: str | None, dense: str | None, unstructured: str | None, struc
     from ..bench.run import model_files, run_bench
     from ..console import BenchProgress, print_bench
     from ..io import atomic_write_group, check_distinct_paths
+    from .sizes import named_sizes, parse_sizes
 
     extras = _extra_variants(extra)
     check_distinct_paths(_bench_outputs(out, markdown, plot, models_dir, int8, [n for n, _ in extras]),
@@ -182,8 +165,7 @@ def bench(target: str | None, dense: str | None, unstructured: str | None, struc
         batches=_int_list(batches, "--batch") if batches is not None else None,
         warmup=warmup, repeat=repeat, min_time=min_time, data=data, data_limit=data_limit, int8=int8,
         calibration=calibration, layers=layer_study, paper_table=paper_table, models_dir=models_dir, pin=not no_pin,
-        seed=seed, extra=extras, dims=named_sizes(dims), input_size=_int_list(input_shape.replace("x", ","), "--input-shape", keep_repeats=True)
-        if input_shape else None)
+        seed=seed, extra=extras, dims=named_sizes(dims), input_size=parse_sizes(input_shape) if input_shape else None)
     if plot:
         require_matplotlib()
     with BenchProgress(enabled=not (quiet or as_json)) as progress:

@@ -162,13 +162,13 @@ def surgery(model: str, out: str, data: str | None, data_limit: int, report_path
     from ..surgery.compress import compress
     from ..surgery.export import load_onnx
     from ..surgery.inputs import check_dim_names, input_size_symbols
-    from .bench import named_sizes
+    from .sizes import named_sizes, parse_sizes
 
     check_distinct_paths([("-o/--output", out), ("--report", report_path)],
                          [("MODEL", model), ("--lowering-plan", lowering_plan)])
     lowering = _lowering(shape_lowering, lowering_plan)
     proto = load_onnx(model)
-    sizes = input_size_symbols(proto, _parse_sizes(input_shape)) if input_shape else {}
+    sizes = input_size_symbols(proto, parse_sizes(input_shape)) if input_shape else {}
     for name, size in named_sizes(dims):
         if sizes.get(name, size) != size:
             raise ConfigError(f"--dim {name}={size} and --input-shape give {name!r} two sizes ({sizes[name]} and {size})")
@@ -180,33 +180,6 @@ def surgery(model: str, out: str, data: str | None, data_limit: int, report_path
     if sizes:
         extra["input_sizes"] = sizes
     _write_compact(result, out, report_path, force, as_json, extra or None)
-
-
-def _parse_sizes(text: str) -> tuple[int, ...]:
-    """Sizes after the batch, e.g. 3,640,640 or 3x640x640, as positive ints; anything else is one clear error."""
-    from ..errors import ConfigError
-
-    try:
-        values = tuple(int(p.strip()) for p in text.replace("x", ",").split(","))
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        raise ConfigError(f"--input-shape wants positive sizes such as 3,640,640, got {text!r}")
-    return values
-
-
-def _parse_input_shape(text: str) -> tuple[int, int, int]:
-    """C,H,W (or CxHxW) as three positive ints; anything else is one clear error."""
-    from ..errors import ConfigError
-
-    parts = [p.strip() for p in text.replace("x", ",").split(",")]
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 3 or min(values) < 1:
-        raise ConfigError(f"--input-shape wants three positive integers C,H,W such as 3,32,32, got {text!r}")
-    return values  # type: ignore[return-value]
 
 
 def _check_runs(model, shape: tuple[int, ...], given: str) -> None:
@@ -245,10 +218,11 @@ def export(checkpoint: str, out: str, uncut: str | None, opset: int, dynamic_bat
     from ..io import check_distinct_paths
     from ..surgery.compress import compress
     from ..surgery.export import export_onnx
+    from .sizes import parse_sizes
 
     check_distinct_paths([("--onnx", out), ("--uncut", uncut), ("--report", report_path)],
                          [("CHECKPOINT", checkpoint), ("--lowering-plan", lowering_plan)])
-    override = _parse_input_shape(input_shape) if input_shape is not None else None
+    override = parse_sizes(input_shape, 3) if input_shape is not None else None
     lowering = _lowering(shape_lowering, lowering_plan)
     ckpt = load_checkpoint(checkpoint)
     model = ckpt.build()

@@ -10,24 +10,13 @@ import click
 from . import main
 
 
-def _input_shape(text: str) -> tuple[int, int, int]:
-    from ..errors import ConfigError
-
-    try:
-        dims = tuple(int(p) for p in text.replace("x", ",").split(","))
-    except ValueError:
-        dims = ()
-    if len(dims) != 3 or min(dims) < 1:
-        raise ConfigError(f"--input-shape wants three positive integers C,H,W such as 3,32,32, got {text!r}")
-    return dims  # type: ignore[return-value]
-
-
 def _model(name: str | None, weights: str | None, input_shape: str | None, num_classes: int | None):
     """The model --model / --weights name (a checkpoint's own spec where it has one), weights loaded, and the
     (1, C, H, W) shape it is profiled at."""
     from ..errors import CheckpointError, ConfigError
     from ..finetune.checkpoint import load_weights, read_weights
     from ..models import ModelSpec, build_model, natural_input
+    from .sizes import parse_sizes
 
     state, ckpt = read_weights(weights) if weights else (None, None)
     if ckpt is not None and name and name != ckpt.model.name:
@@ -36,7 +25,7 @@ def _model(name: str | None, weights: str | None, input_shape: str | None, num_c
     if name is None:
         raise ConfigError("give --model NAME (or --weights with an sslcompress checkpoint)")
     if input_shape:
-        channels, *size = _input_shape(input_shape)
+        channels, *size = parse_sizes(input_shape, 3)
     elif ckpt is not None:
         channels, size = ckpt.model.in_channels, ckpt.model.input_size
     else:
