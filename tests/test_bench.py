@@ -14,6 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
+from onnx_edits import free_height_and_width
 
 from sslcompress import runtime
 from sslcompress.bench import layers as L
@@ -546,21 +547,9 @@ def test_float16_models_are_timed_and_scored_in_half_precision(result, tmp_path)
     assert "inputs of different types: dense float32, structured float16" in _one_line_error(res)
 
 
-def _dynamic_size(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """The model as exported with a dynamic height and width (dynamic_axes {2: 'h', 3: 'w'})."""
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    dims = out.graph.input[0].type.tensor_type.shape.dim
-    for d, name in ((dims[2], "h"), (dims[3], "w")):
-        d.Clear()
-        d.dim_param = name
-    del out.graph.value_info[:]
-    return out
-
-
 def test_a_dynamic_size_model_is_benched_at_the_input_shape_given(result, tmp_path):
     dynamic = tmp_path / "dyn.onnx"  # the sparse model with its zeros, uncut, as a user's dynamic-size export
-    onnx.save(_dynamic_size(build_variants(Path(result.config.target) / "sparse.pt").dense.model), str(dynamic))
+    onnx.save(free_height_and_width(build_variants(Path(result.config.target) / "sparse.pt").dense.model), str(dynamic))
     res = CliRunner().invoke(main, ["bench", str(dynamic), *FAST])
     assert "dynamic size (?x1x?x?); give --input-shape" in _one_line_error(res)
     for bad, words in (("3,28,28", "does not fit input"), ("28,28", "gives 2 sizes"), ("1,0,28", "positive")):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper
+from onnx_edits import free_height_and_width
 
 from sslcompress.cli import main
 from sslcompress.models import ModelSpec, build_model
@@ -198,13 +199,7 @@ def test_a_dynamic_size_model_is_calibrated_on_the_data_and_stays_dynamic(traine
     import numpy as np
     import onnxruntime as ort
 
-    dynamic = onnx.ModelProto()
-    dynamic.CopyFrom(trained_lenet)
-    dims = dynamic.graph.input[0].type.tensor_type.shape.dim
-    for d, name in ((dims[2], "h"), (dims[3], "w")):
-        d.Clear()
-        d.dim_param = name
-    del dynamic.graph.value_info[:]
+    dynamic = free_height_and_width(trained_lenet)
     fixed = quantize_model(trained_lenet, "digits", calibration=32, test_images=120).report["accuracy"]
     result = quantize_model(dynamic, "digits", calibration=32, test_images=120)
     assert result.report["accuracy"]["float32"] == fixed["float32"]
