@@ -455,11 +455,12 @@ def random_feed(proto: onnx.ModelProto, batch: int, seed: int) -> dict[str, np.n
 
 def _check_feedable(who: str, proto: onnx.ModelProto) -> None:
     """A model with several inputs, or one that is not a float: every size but the batch must be known."""
+    from ..surgery.inputs import UnsizedInputError
+
     try:
         random_feed(proto, 1, 0)
-    except UnsupportedModelError as exc:
-        what = str(exc).split(", so no random inputs")[0]
-        raise UnsupportedModelError(f"{who}: {what}; the bench feeds random inputs of one size: give it with "
+    except UnsizedInputError as exc:
+        raise UnsupportedModelError(f"{who}: {exc.which}; the bench feeds random inputs of one size: give it with "
                                     "--dim NAME=SIZE") from exc
 
 

@@ -194,7 +194,16 @@ def as_feeds(model_or_specs: onnx.ModelProto | Sequence[InputSpec], inputs: Sequ
     return [as_feed(specs, x) for x in (inputs or [])]
 
 
-def _dynamic(spec: InputSpec, i: int | None, specs: Sequence[InputSpec]) -> UnsupportedModelError:
+class UnsizedInputError(UnsupportedModelError):
+    """An input dimension random feeds cannot be given a size for; `which` names it ("Input 'x' has a dynamic
+    dimension 2 ('h')"), for callers that advise otherwise than the surgery does."""
+
+    def __init__(self, which: str, how: str) -> None:
+        super().__init__(f"{which}, so no random inputs can be made for it; {how}.")
+        self.which = which
+
+
+def _dynamic(spec: InputSpec, i: int | None, specs: Sequence[InputSpec]) -> UnsizedInputError:
     what = "has no declared shape" if i is None else (
         f"has a dynamic dimension {i}" + (f" ({spec.symbols[i]!r})" if spec.symbols[i] else ""))
     if len(specs) == 1 and spec.dtype.kind == "f" and (spec.shape is None or len(spec.shape) == 4):
@@ -203,7 +212,7 @@ def _dynamic(spec: InputSpec, i: int | None, specs: Sequence[InputSpec]) -> Unsu
     else:
         how = ("give its size (--dim NAME=SIZE; compress(sizes={name: size}) from Python), or real feeds "
                "{name: array} from Python (--data feeds only a model with one float image input, which this is not)")
-    return UnsupportedModelError(f"Input {spec.name!r} {what}, so no random inputs can be made for it; {how}.")
+    return UnsizedInputError(f"Input {spec.name!r} {what}", how)
 
 
 def _shapes(specs: Sequence[InputSpec], real: Feed | None, batch: int,
