@@ -569,6 +569,9 @@ def test_a_dynamic_size_model_is_benched_at_the_input_shape_given(result, tmp_pa
     # A checkpoint is exported at the size given; one its model cannot take is one line.
     res = CliRunner().invoke(main, ["bench", str(result.config.target), "--input-shape", "1,32,32", *FAST])
     assert "cannot run at --input-shape 1x32x32" in _one_line_error(res)
+    # Models given as --dense and --structured are refused in the same words, naming which.
+    res = CliRunner().invoke(main, ["bench", "--dense", str(dynamic), "--structured", str(dynamic), *FAST])
+    assert "the dense model takes inputs of a dynamic size (?x1x?x?); give --input-shape" in _one_line_error(res)
 
 
 def _text_model(path, hidden_zero: bool = True, seq: int | str = 16) -> None:

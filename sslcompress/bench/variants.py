@@ -323,8 +323,13 @@ def _check_static_size(model: onnx.ModelProto, what: str) -> None:
     if not image_input(model):
         _check_feedable(what, model)
         return
-    shape = input_shape(model)
-    if any(d is None for d in shape[1:]):
+    _refuse_dynamic_size(what, input_shape(model))
+
+
+def _refuse_dynamic_size(what: str, shape: tuple[int | None, ...]) -> None:
+    """One image size per variant: the surgery verifies its cut on random inputs of it, and every variant is
+    timed at it."""
+    if not shape or any(d is None for d in shape[1:]):
         raise ConfigError(f"{what} takes inputs of a dynamic size ({'x'.join('?' if d is None else str(d) for d in shape)}"
                           "); give --input-shape with the size to bench it at (e.g. 3,224,224, in the model's order)")
 
@@ -480,10 +485,7 @@ def check_compatible(models: dict[str, Variant]) -> None:
             _check_feedable(f"the {name} model", v.model)
             continue
         shape = specs[0].shape or ()
-        if any(d is None for d in shape[1:]) or not shape:
-            raise UnsupportedModelError(f"the {name} model's input has a dynamic size"
-                                        f" ({'x'.join('?' if d is None else str(d) for d in shape)}); the bench"
-                                        " times models of one image size: give --input-shape (e.g. 3,224,224)")
+        _refuse_dynamic_size(f"the {name} model", shape)
         shapes[name] = shape
         if specs[0].dtype not in (np.float32, np.float16):
             raise UnsupportedModelError(f"the {name} model's input is not float32 or float16; the bench times models"
