@@ -22,8 +22,8 @@ from .variants import (
     STRUCTURED_INT8,
     Variant,
     VariantSet,
-    image_input,
     input_shape,
+    require_image_input,
 )
 
 COMPOUNDING_HEAD = "INT8 on top of structure:"  # how the compounding note starts (the terminal shows it bold)
@@ -52,11 +52,7 @@ def add_int8(variants: VariantSet, data: str, calibration: int, *, seed: int = 0
     from ..quantize import calibration_images, quantize_qdq
 
     say = say or (lambda _msg: None)
-    if not image_input(variants.dense.model):
-        from ..surgery.inputs import describe_inputs
-
-        raise UnsupportedModelError("--int8 quantizes models that take one image input; these take "
-                                    + ", ".join(s.describe() for s in describe_inputs(variants.dense.model)))
+    require_image_input(variants.dense.model, "--int8 quantizes")
     say(f"loading {calibration} calibration images of {data}")
     images = calibration_images(data, input_shape(variants.dense.model), calibration, seed)
     added, notes = [], []

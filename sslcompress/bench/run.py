@@ -29,6 +29,7 @@ from .variants import (
     layer_nonzeros,
     nonzero_weights,
     random_feed,
+    require_image_input,
 )
 
 
@@ -176,12 +177,7 @@ def _bench_models(config: BenchConfig, emit: Listener, tmp: Path
     if config.data:  # before any long work: a bad spec or shape is an error at once
         from .accuracy import load_test_images
 
-        if not image_input(variants.dense.model):
-            from ..surgery.inputs import describe_inputs
-
-            raise ConfigError("--data scores models that take one image input; these take "
-                              + ", ".join(s.describe() for s in describe_inputs(variants.dense.model)))
-
+        require_image_input(variants.dense.model, "--data scores")
         emit(BenchEvent("accuracy", f"loading {config.data}"))
         images = load_test_images(config.data, shape, limit=config.data_limit, seed=config.seed)
 

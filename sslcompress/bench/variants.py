@@ -450,6 +450,17 @@ def image_input(proto: onnx.ModelProto) -> bool:
     return len(specs) == 1 and specs[0].dtype.kind == "f"
 
 
+def require_image_input(proto: onnx.ModelProto, needs: str) -> None:
+    """What `needs` says (an option's work: "--data scores") is done on models of one image input only: for any
+    other model, one sentence naming its inputs."""
+    if image_input(proto):
+        return
+    from ..surgery.inputs import describe_inputs
+
+    raise UnsupportedModelError(f"{needs} models that take one image input; these take "
+                                + ", ".join(s.describe() for s in describe_inputs(proto)))
+
+
 def random_feed(proto: onnx.ModelProto, batch: int, seed: int) -> dict[str, np.ndarray]:
     """One seeded random value of every input, in its declared type (the surgery's verification rules: floats
     standard normal, integers in [0, 8), booleans by coin flips), at this batch."""
