@@ -342,6 +342,20 @@ def with_input_size(model: onnx.ModelProto, dims: Sequence[int], flag: str = "--
     """A copy of the model whose single input has `dims` after its batch dimension (in the model's own order:
     C,H,W, or H,W,C for a channels-last input): a model exported with a dynamic height and width, fixed at one
     size. A declared size it contradicts, or a rank it lacks, is one sentence (ConfigError)."""
+    name = _check_input_size(model, dims, flag)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    value = next(v for v in out.graph.input if v.name == name)
+    for d, want in zip(list(value.type.tensor_type.shape.dim)[1:], dims, strict=True):
+        d.Clear()
+        d.dim_value = int(want)
+    del out.graph.value_info[:]  # intermediate shapes of the dynamic model: inferred again from the fixed input
+    return out
+
+
+def _check_input_size(model: onnx.ModelProto, dims: Sequence[int], flag: str) -> str:
+    """The single input's name, where `dims` fit its rank and declared sizes after the batch; one sentence
+    (ConfigError) where they do not."""
     from ..errors import ConfigError
 
     shape = declared_shape(model)
@@ -352,14 +366,7 @@ def with_input_size(model: onnx.ModelProto, dims: Sequence[int], flag: str = "--
                           f"{max(len(shape) - 1, 0)} after its batch ({shown or 'no shape'})")
     if any(have is not None and have != want for have, want in zip(shape[1:], dims, strict=True)):
         raise ConfigError(f"{flag} {'x'.join(map(str, dims))} does not fit input {name!r}, which is {shown}")
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    value = next(v for v in out.graph.input if v.name == name)
-    for d, want in zip(list(value.type.tensor_type.shape.dim)[1:], dims, strict=True):
-        d.Clear()
-        d.dim_value = int(want)
-    del out.graph.value_info[:]  # intermediate shapes of the dynamic model: inferred again from the fixed input
-    return out
+    return name
 
 
 def set_symbol_sizes(model: onnx.ModelProto, sizes: Mapping[str, int]) -> bool:
@@ -406,7 +413,7 @@ def input_size_symbols(model: onnx.ModelProto, dims: Sequence[int], flag: str = 
     they lack, is one sentence (ConfigError)."""
     from ..errors import ConfigError
 
-    with_input_size(model, dims, flag)  # the same checks of the rank and of the declared sizes
+    _check_input_size(model, dims, flag)
     spec = describe_inputs(model)[0]
     out = {}
     for sym, d, want in zip(spec.symbols[1:], (spec.shape or ())[1:], dims, strict=True):
